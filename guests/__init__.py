@@ -1,0 +1,1 @@
+"""Guest image recipes: each builds a bootable guest offline (see guests/README.md)."""

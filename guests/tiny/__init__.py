@@ -1,0 +1,1 @@
+"""The tiny guest: Debian's kernel plus a busybox initramfs, built offline in seconds."""

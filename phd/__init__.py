@@ -1,0 +1,37 @@
+"""phd: a PHD-style integration test framework for a VMM server and Crucible-style storage.
+
+The public API is what a test author touches; everything else is private to its module.
+"""
+
+from phd.client import InstanceState
+from phd.crucible import CrucibleDisk
+from phd.errors import (
+    ArtifactUnavailable,
+    HarnessError,
+    PhdError,
+    ServerError,
+    SutError,
+    WaitTimeout,
+)
+from phd.factory import DiskFactory, VmFactory
+from phd.guest import CommandResult, GuestCommandError
+from phd.vm import TestVm, VmConfig
+from phd.wait import wait_until
+
+__all__ = [
+    "ArtifactUnavailable",
+    "CommandResult",
+    "CrucibleDisk",
+    "DiskFactory",
+    "GuestCommandError",
+    "HarnessError",
+    "InstanceState",
+    "PhdError",
+    "ServerError",
+    "SutError",
+    "TestVm",
+    "VmConfig",
+    "VmFactory",
+    "WaitTimeout",
+    "wait_until",
+]

@@ -1,0 +1,91 @@
+"""A typed client of the server API (the CONTRACT paths of Propolis).
+
+Only transport and status mapping live here; what a test means by "launch" or
+"wait for Running" lives in `phd.vm`.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from typing import Any
+
+import httpx
+
+from phd.errors import ServerError
+
+__all__ = ["InstanceState", "ServerClient"]
+
+
+class InstanceState(enum.StrEnum):
+    CREATING = "Creating"
+    STARTING = "Starting"
+    RUNNING = "Running"
+    STOPPING = "Stopping"
+    STOPPED = "Stopped"
+    REBOOTING = "Rebooting"
+    MIGRATING = "Migrating"
+    REPAIRING = "Repairing"
+    FAILED = "Failed"
+    DESTROYED = "Destroyed"
+
+
+class ServerClient:
+    def __init__(self, base_url: str, timeout_s: float = 10.0) -> None:
+        self.base_url = base_url
+        self._http = httpx.Client(base_url=base_url, timeout=timeout_s)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def request(self, method: str, path: str, *, expect: tuple[int, ...], json_body: Any = None,
+                params: dict[str, Any] | None = None, timeout_s: float | None = None) -> httpx.Response:
+        kwargs: dict[str, Any] = {}
+        if timeout_s is not None:
+            kwargs["timeout"] = timeout_s
+        resp = self._http.request(method, path, json=json_body, params=params, **kwargs)
+        if resp.status_code not in expect:
+            raise ServerError(method, path, resp.status_code, resp.text)
+        return resp
+
+    # --- instance ---------------------------------------------------------------------
+    def ensure(self, properties: dict[str, Any], spec: dict[str, Any]) -> None:
+        self.request("PUT", "/instance", expect=(201,),
+                     json_body={"properties": properties, "spec": spec})
+
+    def get(self) -> dict[str, Any]:
+        body: dict[str, Any] = self.request("GET", "/instance", expect=(200,)).json()["instance"]
+        return body
+
+    def state(self) -> tuple[InstanceState, int]:
+        inst = self.get()
+        return InstanceState(inst["state"]), int(inst["gen"])
+
+    def put_state(self, requested: str) -> None:
+        self.request("PUT", "/instance/state", expect=(204,), json_body=requested)
+
+    def state_monitor(self, gen: int, timeout_s: float) -> tuple[InstanceState, int]:
+        """Long-poll until the state generation reaches `gen` (or the HTTP timeout)."""
+        body = self.request("GET", "/instance/state-monitor", expect=(200,),
+                            params={"gen": gen}, timeout_s=timeout_s).json()
+        return InstanceState(body["state"]), int(body["gen"])
+
+    # --- disks ------------------------------------------------------------------------
+    def replace_vcr(self, backend_id: str, vcr: dict[str, Any], timeout_s: float) -> str:
+        resp = self.request("PUT", f"/instance/disk/{backend_id}/vcr", expect=(200,),
+                            json_body={"vcr_json": json.dumps(vcr)}, timeout_s=timeout_s)
+        result: str = resp.json()["result"]
+        return result
+
+    def disk_status(self, backend_id: str) -> dict[str, Any]:
+        body: dict[str, Any] = self.request(
+            "GET", f"/instance/disk/{backend_id}/status", expect=(200,)).json()
+        return body
+
+    # --- serial -----------------------------------------------------------------------
+    def serial_history(self, from_start: int = 0, max_bytes: int = 1 << 20) -> bytes:
+        return self.request("GET", "/instance/serial/history", expect=(200,),
+                            params={"from_start": from_start, "max_bytes": max_bytes}).content
+
+    def serial_ws_url(self, from_start: int = 0) -> str:
+        return self.base_url.replace("http://", "ws://", 1) + f"/instance/serial?from_start={from_start}"

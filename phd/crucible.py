@@ -1,0 +1,93 @@
+"""Crucible disks: three downstairs, the VCR that names them, and fault injection.
+
+The disk owns its downstairs and the black hole; the VCR is generated on demand from the
+current generation and black-hole switch, exactly as PHD does, so a test reads as
+`disk.set_generation(2); vm.replace_crucible_vcr(disk)`.
+"""
+
+from __future__ import annotations
+
+import uuid as uuidlib
+from collections.abc import Sequence
+from typing import Any
+
+from phd.downstairs import Downstairs
+from phd.errors import HarnessError
+from phd.ports import BlackHole
+
+__all__ = ["CrucibleDisk"]
+
+MIB = 1 << 20
+
+
+class CrucibleDisk:
+    def __init__(self, name: str, size_bytes: int, block_size: int, extent_bytes: int,
+                 downstairs: Sequence[Downstairs], black_hole: BlackHole,
+                 disk_id: str | None = None) -> None:
+        if len(downstairs) != 3:
+            raise HarnessError(f"a Crucible region needs exactly 3 downstairs, got {len(downstairs)}")
+        if extent_bytes % block_size or size_bytes % extent_bytes:
+            raise HarnessError(f"disk {name}: size {size_bytes} must be a multiple of the extent "
+                               f"size {extent_bytes}, itself a multiple of the block size {block_size}")
+        self.name = name
+        self.id = disk_id or str(uuidlib.uuid4())
+        self.size_bytes = size_bytes
+        self.block_size = block_size
+        self.blocks_per_extent = extent_bytes // block_size
+        self.extent_count = size_bytes // extent_bytes
+        self.downstairs = list(downstairs)
+        self._black_hole = black_hole
+        self._black_hole_on = False
+        self.generation = 1
+
+    # --- generation and faults ------------------------------------------------------
+    def set_generation(self, gen: int) -> None:
+        if gen < 1:
+            raise HarnessError(f"generation must be >= 1, got {gen}")
+        self.generation = gen
+
+    def enable_vcr_black_hole(self) -> None:
+        """The next VCRs name an unreachable loopback address for the FIRST downstairs only
+        (a replacement may change only one target, so the corrected VCR stays valid)."""
+        self._black_hole_on = True
+
+    def disable_vcr_black_hole(self) -> None:
+        self._black_hole_on = False
+
+    @property
+    def black_hole_address(self) -> str:
+        return self._black_hole.address
+
+    def targets(self) -> list[str]:
+        targets = [ds.address for ds in self.downstairs]
+        if self._black_hole_on:
+            targets[0] = self._black_hole.address
+        return targets
+
+    # --- the VCR ----------------------------------------------------------------------
+    def vcr(self) -> dict[str, Any]:
+        region = {
+            "type": "region",
+            "block_size": self.block_size,
+            "blocks_per_extent": self.blocks_per_extent,
+            "extent_count": self.extent_count,
+            "gen": self.generation,
+            "opts": {
+                "id": self.id, "target": self.targets(), "lossy": False, "flush_timeout": None,
+                "key": None, "cert_pem": None, "key_pem": None, "root_cert_pem": None,
+                "control": None, "read_only": False,
+            },
+        }
+        return {"type": "volume", "id": self.id, "block_size": self.block_size,
+                "sub_volumes": [region], "read_only_parent": None}
+
+    def destroy(self) -> None:
+        errors: list[BaseException] = []
+        for ds in self.downstairs:
+            try:
+                ds.destroy()
+            except Exception as exc:  # noqa: BLE001 - teardown never stops at the first error
+                errors.append(exc)
+        self._black_hole.close()
+        if errors:
+            raise HarnessError(f"tearing down disk {self.name}: {errors}")

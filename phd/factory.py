@@ -1,0 +1,117 @@
+"""Factories that tests call to get VMs and disks; each owns and tears down what it built.
+
+Teardown runs every finalizer and raises the errors together (pytest's own habit), VMs
+first (their servers hold the disks' connections), then disks.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid as uuidlib
+from pathlib import Path
+
+from phd.crucible import CrucibleDisk
+from phd.downstairs import DockerDownstairs, Downstairs, ProcessDownstairs
+from phd.errors import HarnessError
+from phd.framework import Framework
+from phd.server import ServerProcess
+from phd.vm import TestVm, VmConfig
+
+__all__ = ["DiskFactory", "VmFactory"]
+
+GIB = 1 << 30
+MIB = 1 << 20
+_NAME_OK = re.compile(r"^[a-z0-9][a-z0-9-]{0,40}$")
+
+
+def _teardown_all(items: list[object], what: str) -> None:
+    errors: list[BaseException] = []
+    while items:
+        item = items.pop()
+        try:
+            item.close() if hasattr(item, "close") else item.destroy()  # type: ignore[attr-defined]
+        except Exception as exc:  # noqa: BLE001 - collected, raised together below
+            errors.append(exc)
+    if errors:
+        raise HarnessError(f"{len(errors)} error(s) tearing down {what}: {errors}")
+
+
+class VmFactory:
+    def __init__(self, framework: Framework, node_id: str, test_dir: Path) -> None:
+        self.fw = framework
+        self.node_id = node_id
+        self.test_dir = test_dir
+        self._vms: list[object] = []
+        self._ports: list[int] = []
+
+    def new_vm(self, name: str, *, guest: str | None = None, cpus: int = 2,
+               memory_mib: int = 512) -> TestVm:
+        if not _NAME_OK.match(name):
+            raise HarnessError(f"VM name {name!r} must match {_NAME_OK.pattern}")
+        cfg = self.fw.config
+        artifact = self.fw.artifacts.guest(guest or cfg.default_guest)
+        port = self.fw.ports.allocate()
+        self._ports.append(port)
+        log = None if cfg.output_mode == "null" else self.test_dir / f"{name}.server.log"
+        server = ServerProcess(list(cfg.server_cmd), port, self.test_dir / f"{name}.server-data",
+                               log, regressions=cfg.regressions)
+        vm = TestVm(VmConfig(name, cpus, memory_mib), server, artifact, self.test_dir)
+        self._vms.append(vm)
+        return vm
+
+    def close(self) -> None:
+        try:
+            _teardown_all(self._vms, "VMs")
+        finally:
+            for port in self._ports:
+                self.fw.ports.release(port)
+
+
+class DiskFactory:
+    def __init__(self, framework: Framework, node_id: str, test_dir: Path) -> None:
+        self.fw = framework
+        self.node_id = node_id
+        self.test_dir = test_dir
+        self._disks: list[object] = []
+        self._ports: list[int] = []
+
+    def create_crucible_disk(self, name: str = "data", *, size_gib: int = 1,
+                             block_size: int = 512, extent_mib: int = 64) -> CrucibleDisk:
+        """A blank Crucible disk: three fresh regions, each served by its own downstairs."""
+        disk_id = str(uuidlib.uuid4())
+        size, extent = size_gib * GIB, extent_mib * MIB
+        prefix = f"phd-{self.fw.session_id}-{uuidlib.uuid4().hex[:6]}-{name}"
+        downstairs: list[Downstairs] = []
+        black_hole = self.fw.ports.black_hole()
+        try:
+            for i in range(3):
+                port = self.fw.ports.allocate()
+                self._ports.append(port)
+                downstairs.append(self._downstairs(f"{prefix}-ds{i}", port))
+                downstairs[-1].create_region(disk_id, block_size, extent // block_size,
+                                             size // extent)
+                downstairs[-1].start()
+        except BaseException:
+            for ds in downstairs:
+                ds.destroy()
+            black_hole.close()
+            raise
+        disk = CrucibleDisk(name, size, block_size, extent, downstairs, black_hole, disk_id)
+        self._disks.append(disk)
+        return disk
+
+    def _downstairs(self, name: str, port: int) -> Downstairs:
+        cfg = self.fw.config
+        log = None if cfg.output_mode == "null" else self.test_dir / f"{name}.log"
+        if cfg.downstairs == "docker":
+            return DockerDownstairs(self.fw.docker(), self.fw.downstairs_image(), name, port,
+                                    self.fw.labels(self.node_id), log)
+        return ProcessDownstairs(list(cfg.downstairs_cmd), name, port,
+                                 self.test_dir / f"{name}-region", log)
+
+    def close(self) -> None:
+        try:
+            _teardown_all(self._disks, "disks")
+        finally:
+            for port in self._ports:
+                self.fw.ports.release(port)

@@ -1,0 +1,103 @@
+"""The session-wide framework object: configuration, ports, artifacts, Docker.
+
+Created once per pytest process (each xdist worker has its own); factories borrow from
+it. Expensive shared things (the downstairs image, guest builds) are resolved lazily and
+memoised, and the recipes/image builder hold file locks so workers never build twice.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from phd.artifacts import ArtifactStore
+from phd.errors import ArtifactUnavailable, HarnessError
+from phd.ports import PortAllocator
+
+__all__ = ["Framework", "PhdConfig"]
+
+
+@dataclass(frozen=True)
+class PhdConfig:
+    server_cmd: tuple[str, ...]
+    manifest: Path
+    artifact_dir: Path
+    tmp_dir: Path
+    default_guest: str
+    guests: tuple[str, ...]
+    downstairs: str  # "docker" | "process"
+    downstairs_cmd: tuple[str, ...]
+    output_mode: str  # "file" | "stdio" | "null"
+    keep_on_failure: bool
+    accel: str
+    regressions: tuple[str, ...]
+    repo_root: Path
+
+
+class Framework:
+    def __init__(self, config: PhdConfig, session_id: str) -> None:
+        self.config = config
+        self.session_id = session_id
+        self.ports = PortAllocator()
+        self.artifacts = ArtifactStore(config.manifest, config.artifact_dir, config.repo_root)
+        self._docker: Any = None
+        self._image: str | None = None
+        self._lock = threading.Lock()
+
+    def labels(self, node_id: str) -> dict[str, str]:
+        """CONTRACT labels, plus the owner pid/host so a sweeper can tell dead sessions."""
+        return {"phd.session": self.session_id, "phd.test": node_id[:250],
+                "phd.pid": str(os.getpid()), "phd.host": os.uname().nodename}
+
+    def docker(self) -> Any:
+        with self._lock:
+            if self._docker is None:
+                try:
+                    import docker
+
+                    client = docker.from_env(timeout=120)
+                    client.ping()
+                except Exception as exc:  # noqa: BLE001 - any failure means "no engine here"
+                    raise ArtifactUnavailable(
+                        "the Docker engine",
+                        f"it does not answer ({exc}); start dockerd, or run with "
+                        "--phd-downstairs process") from None
+                self._docker = client
+            return self._docker
+
+    def downstairs_image(self) -> str:
+        """Build (once, under a file lock inside the builder) the downstairs image; its tag."""
+        with self._lock:
+            if self._image is None:
+                argv = [sys.executable, "-m", "sut.storage.image", "ensure"]
+                proc = subprocess.run(argv, cwd=self.config.repo_root,  # noqa: S603
+                                      stdin=subprocess.DEVNULL, capture_output=True,
+                                      text=True, check=False)
+                lines = proc.stdout.strip().splitlines()
+                if proc.returncode != 0 or not lines:
+                    raise ArtifactUnavailable(
+                        "the downstairs container image",
+                        f"`{shlex.join(argv)}` exited {proc.returncode}; it builds from Debian "
+                        f"packages with mmdebstrap (run ci/bootstrap); output:\n{proc.stderr[-1500:]}")
+                self._image = lines[-1].strip()
+            return self._image
+
+    def close(self) -> None:
+        if self._docker is not None:
+            self._docker.close()
+
+    def test_dir(self, node_id: str) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_.[]" else "_" for c in node_id)[-180:]
+        path = self.config.tmp_dir / self.session_id / safe
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def check_regressions_supported(self) -> None:
+        if self.config.regressions and not self.config.server_cmd:
+            raise HarnessError("--phd-regression needs a server command")

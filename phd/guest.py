@@ -1,0 +1,89 @@
+"""Guest OS adapters: how to log in on the serial console and run a framed command.
+
+A command is framed by markers that the guest prints with `printf`, so the typed echo
+(which contains `%s`, not the number) can never be mistaken for output, and the exit
+status travels with the end marker. No prompt regex is needed to find the output.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+
+from phd.errors import SutError
+from phd.serial import SerialConsole
+
+__all__ = ["CommandResult", "GuestAdapter", "GuestCommandError", "TinyGuest", "adapter_for"]
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    command: str
+    status: int
+    output: str
+
+
+class GuestCommandError(SutError):
+    def __init__(self, result: CommandResult, expected: str) -> None:
+        super().__init__(f"guest command {result.command!r} exited {result.status} "
+                         f"(expected {expected}); output:\n{result.output[-2000:]}")
+        self.result = result
+
+
+class GuestAdapter:
+    """Base adapter: subclasses give the prompts and the login sequence."""
+
+    name = "generic"
+    login_prompt = "login: "
+    user = "root"
+    shell_prompt = "# "
+    boot_timeout_s = 300.0  # PHD's cap for the whole login sequence
+
+    def __init__(self, console: SerialConsole) -> None:
+        self.console = console
+        self._seq = itertools.count(1)
+
+    def login(self, timeout_s: float | None = None) -> None:
+        timeout = self.boot_timeout_s if timeout_s is None else timeout_s
+        self.console.wait_for(self.login_prompt, timeout)
+        self.console.send(self.user + "\n")
+        self.console.wait_for(self.shell_prompt, 60.0)
+        # A wide terminal keeps long commands from wrapping into the output.
+        self.run("stty cols 9999 2>/dev/null; true")
+
+    def run(self, command: str, *, timeout_s: float = 60.0, check: str = "ok") -> CommandResult:
+        """Run `command` in the guest shell. check: "ok" (status 0), "err" (non-zero), "ignore"."""
+        n = next(self._seq)
+        framed = (f"printf 'PHD_BEGIN_%s\\n' {n}; {command}\n"
+                  f"printf 'PHD_END_%s_%s\\n' {n} $?\n")
+        self.console.send(framed)
+        self.console.wait_for(re.compile(rf"PHD_BEGIN_{n}\n"), timeout_s)
+        end = self.console.wait_for(re.compile(rf"(?s)(.*?)PHD_END_{n}_(\d+)\n"), timeout_s)
+        output, status = end.group(1), int(end.group(2))
+        self.console.wait_for(self.shell_prompt, timeout_s)
+        result = CommandResult(command, status, output.replace("\r", "").rstrip("\n"))
+        if check == "ok" and status != 0:
+            raise GuestCommandError(result, "0")
+        if check == "err" and status == 0:
+            raise GuestCommandError(result, "non-zero")
+        return result
+
+
+class TinyGuest(GuestAdapter):
+    """The busybox initramfs guest of `guests/tiny`."""
+
+    name = "tiny"
+    login_prompt = "tiny login: "
+    shell_prompt = "root@tiny:~# "
+    boot_timeout_s = 120.0
+
+
+_ADAPTERS: dict[str, type[GuestAdapter]] = {"tiny": TinyGuest}
+
+
+def adapter_for(guest: str) -> type[GuestAdapter]:
+    try:
+        return _ADAPTERS[guest]
+    except KeyError:
+        raise SutError(f"no guest adapter for {guest!r}; known: {sorted(_ADAPTERS)}") from None

@@ -1,0 +1,173 @@
+"""The pytest plugin (entry point `phd`): options, fixtures, per-test results, cleanup.
+
+Every option can also come from an environment variable (`--phd-guest` <- PHD_GUEST), so
+CI and nightly jobs configure the suite without editing command lines.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import uuid as uuidlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from phd.downstairs import default_process_cmd, sweep_leftovers
+from phd.errors import ArtifactUnavailable
+from phd.factory import DiskFactory, VmFactory
+from phd.framework import Framework, PhdConfig
+
+_OPTIONS: list[tuple[str, dict[str, Any], str]] = [
+    ("--phd-server-cmd", {}, "server under test, as a command line (default: the reference server)"),
+    ("--phd-manifest", {}, "artifact manifest (default: artifacts/artifacts.toml)"),
+    ("--phd-artifact-dir", {}, "artifact cache directory (default: ~/.cache/phd/artifacts)"),
+    ("--phd-tmp-dir", {}, "per-test results/run directories (default: $TMPDIR/phd)"),
+    ("--phd-guest", {}, "default guest (default: tiny)"),
+    ("--phd-guests", {}, "comma-separated guest matrix (default: the default guest)"),
+    ("--phd-downstairs", {"choices": ["docker", "process"]}, "where downstairs run (default docker)"),
+    ("--phd-downstairs-cmd", {}, "downstairs command for process mode (default: the reference one)"),
+    ("--phd-output-mode", {"choices": ["file", "stdio", "null"]},
+     "where server/downstairs output goes (default file)"),
+    ("--phd-keep-on-failure", {"action": "store_true", "default": None},
+     "keep failed tests' result directories (always kept now; VMs kept alive later)"),
+    ("--phd-accel", {"choices": ["tcg", "kvm"]}, "QEMU accelerator (default tcg)"),
+    ("--phd-regression", {"action": "append"},
+     "re-create a historical bug in the reference server (repeatable)"),
+]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("phd", "PHD framework (each option also reads PHD_<NAME>)")
+    for flag, extra, help_text in _OPTIONS:
+        group.addoption(flag, dest=_dest(flag), help=help_text, **extra)
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _opt(config: pytest.Config, flag: str, default: str) -> str:
+    value = config.getoption(_dest(flag))
+    if value is None:
+        env = "PHD_" + flag.removeprefix("--phd-").replace("-", "_").upper()
+        value = os.environ.get(env, default)
+    return str(value)
+
+
+def _build_config(config: pytest.Config) -> PhdConfig:
+    root = Path(str(config.rootpath))
+    regressions = config.getoption("phd_regression") or [
+        r for r in os.environ.get("PHD_REGRESSION", "").split(",") if r]
+    keep = config.getoption("phd_keep_on_failure") or os.environ.get("PHD_KEEP_ON_FAILURE") == "1"
+    default_guest = _opt(config, "--phd-guest", "tiny")
+    return PhdConfig(
+        server_cmd=tuple(shlex.split(_opt(config, "--phd-server-cmd",
+                                          shlex.join([sys.executable, "-m", "sut.server"])))),
+        manifest=Path(_opt(config, "--phd-manifest", str(root / "artifacts" / "artifacts.toml"))),
+        artifact_dir=Path(_opt(config, "--phd-artifact-dir",
+                               str(Path.home() / ".cache" / "phd" / "artifacts"))),
+        tmp_dir=Path(_opt(config, "--phd-tmp-dir", str(Path(tempfile.gettempdir()) / "phd"))),
+        default_guest=default_guest,
+        guests=tuple(g for g in _opt(config, "--phd-guests", default_guest).split(",") if g),
+        downstairs=_opt(config, "--phd-downstairs", "docker"),
+        downstairs_cmd=tuple(shlex.split(_opt(config, "--phd-downstairs-cmd",
+                                              shlex.join(default_process_cmd())))),
+        output_mode=_opt(config, "--phd-output-mode", "file"),
+        keep_on_failure=bool(keep),
+        accel=_opt(config, "--phd-accel", "tcg"),
+        regressions=tuple(regressions),
+        repo_root=root,
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    workerinput = getattr(config, "workerinput", None)
+    config._phd_session = (workerinput or {}).get("phd_session") or uuidlib.uuid4().hex[:8]  # type: ignore[attr-defined]
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_XdistHooks(), "phd-xdist")
+
+
+class _XdistHooks:
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node: Any) -> None:
+        node.workerinput["phd_session"] = node.config._phd_session
+
+
+
+@pytest.fixture(scope="session")
+def phd_config(pytestconfig: pytest.Config) -> PhdConfig:
+    return _build_config(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def phd_framework(pytestconfig: pytest.Config, phd_config: PhdConfig) -> Iterator[Framework]:
+    os.environ.setdefault("PHD_ACCEL", phd_config.accel)
+    fw = Framework(phd_config, pytestconfig._phd_session)  # type: ignore[attr-defined]
+    yield fw
+    fw.close()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[Any]:
+    report = yield
+    item.stash.setdefault(_REPORTS, {})[report.when] = report
+    return report
+
+
+_REPORTS = pytest.StashKey[dict[str, Any]]()
+
+
+@pytest.fixture
+def phd_test_dir(request: pytest.FixtureRequest, phd_framework: Framework) -> Iterator[Path]:
+    """Per-test results directory named after the node id; kept when the test fails."""
+    path = phd_framework.test_dir(request.node.nodeid)
+    yield path
+    reports = request.node.stash.get(_REPORTS, {})
+    failed = any(r.failed for r in reports.values())
+    if failed or phd_framework.config.keep_on_failure:
+        sys.stderr.write(f"\nphd: results of {request.node.nodeid} kept in {path}\n")
+        return
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def vm_factory(request: pytest.FixtureRequest, phd_framework: Framework,
+               phd_test_dir: Path) -> Iterator[VmFactory]:
+    factory = VmFactory(phd_framework, request.node.nodeid, phd_test_dir)
+    yield factory
+    factory.close()
+
+
+@pytest.fixture(scope="session")
+def _phd_docker_swept(phd_framework: Framework) -> bool:
+    """Once per session: remove containers/volumes left by killed phd runs."""
+    if phd_framework.config.downstairs == "docker":
+        try:
+            removed = sweep_leftovers(phd_framework.docker(), phd_framework.session_id)
+        except ArtifactUnavailable as exc:
+            pytest.skip(f"Crucible disks need downstairs: {exc}")
+        if removed:
+            sys.stderr.write(f"\nphd: swept leftovers of dead sessions: {removed}\n")
+    return True
+
+
+@pytest.fixture
+def disk_factory(request: pytest.FixtureRequest, phd_framework: Framework, phd_test_dir: Path,
+                 _phd_docker_swept: bool) -> Iterator[DiskFactory]:
+    factory = DiskFactory(phd_framework, request.node.nodeid, phd_test_dir)
+    yield factory
+    factory.close()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Iterator[Any]:
+    try:
+        return (yield)
+    except ArtifactUnavailable as exc:
+        pytest.skip(str(exc))

@@ -1,0 +1,100 @@
+"""Per-worker loopback port allocation.
+
+Every pytest-xdist worker owns a disjoint range derived from its worker id, so parallel
+workers never hand out the same port; within a range a port is only handed out after a
+bind probe shows it free (another program may hold it). `PHD_PORT_BASE` moves the whole
+block, which lets a nested pytest run (the regression checks) stay clear of its parent.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+from phd.errors import HarnessError
+
+__all__ = ["PortAllocator", "worker_id", "worker_index"]
+
+DEFAULT_BASE = 42000
+PORTS_PER_WORKER = 400
+LOOPBACK = "127.0.0.1"
+
+
+def worker_id() -> str:
+    """`gw0`, `gw1`, ... under pytest-xdist, `master` otherwise (xdist's own convention)."""
+    return os.environ.get("PYTEST_XDIST_WORKER", "master")
+
+
+def worker_index() -> int:
+    wid = worker_id()
+    return int(wid[2:]) if wid.startswith("gw") and wid[2:].isdigit() else 0
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
+
+
+class PortAllocator:
+    """Hands out free loopback ports from this worker's range, round robin."""
+
+    def __init__(self, base: int | None = None, index: int | None = None,
+                 size: int = PORTS_PER_WORKER) -> None:
+        if base is None:
+            base = int(os.environ.get("PHD_PORT_BASE", DEFAULT_BASE))
+        if index is None:
+            index = worker_index()
+        self.start = base + index * size
+        self.end = self.start + size
+        if self.end > 65535:
+            raise HarnessError(f"port range {self.start}..{self.end} exceeds 65535: lower PHD_PORT_BASE")
+        self._next = self.start
+        self._given: set[int] = set()
+        self._lock = threading.Lock()
+
+    def allocate(self) -> int:
+        with self._lock:
+            for _ in range(self.end - self.start):
+                port = self._next
+                self._next = self.start + (self._next + 1 - self.start) % (self.end - self.start)
+                if port in self._given or not _port_is_free(port):
+                    continue
+                self._given.add(port)
+                return port
+        raise HarnessError(
+            f"no free loopback port in {self.start}..{self.end - 1}; release ports or set PHD_PORT_BASE"
+        )
+
+    def release(self, port: int) -> None:
+        with self._lock:
+            self._given.discard(port)
+
+    def black_hole(self) -> BlackHole:
+        """A loopback address where nothing answers: connects are refused."""
+        return BlackHole(self)
+
+
+class BlackHole:
+    """Holds a port bound but never listening, so a connect there is refused at once
+    and no other process can start answering on it while the test runs."""
+
+    def __init__(self, allocator: PortAllocator) -> None:
+        self._allocator = allocator
+        self.port = allocator.allocate()
+        self._sock: socket.socket | None = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.bind((LOOPBACK, self.port))
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            self._allocator.release(self.port)

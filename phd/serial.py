@@ -1,0 +1,130 @@
+"""Serial console client over the server's websocket.
+
+A reader thread appends every byte the guest prints to one buffer (and a transcript file);
+waits match against the text after a cursor, so a wait never matches output that an
+earlier step already consumed (PHD matches the LAST occurrence for the same reason).
+Failure patterns (kernel panic, oops) end a wait at once with the last console lines.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from pathlib import Path
+
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection, connect
+
+from phd.errors import HarnessError, SutError, WaitTimeout
+
+__all__ = ["GuestPanic", "SerialConsole"]
+
+# CSI / OSC escape sequences and stray carriage returns, so prompts match as printed text.
+_ESCAPES = re.compile(rb"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\x1b[()][A-Za-z0-9]|\r")
+
+DEFAULT_FAILURE_PATTERNS = (
+    re.compile(r"Kernel panic - not syncing"),
+    re.compile(r"\bOops: "),
+    re.compile(r"You are in emergency mode"),
+)
+
+
+class GuestPanic(SutError):
+    """A failure pattern appeared on the console."""
+
+
+class SerialConsole:
+    def __init__(self, ws_url: str, transcript: Path | None = None) -> None:
+        self.ws_url = ws_url
+        self.transcript_path = transcript
+        self._raw = bytearray()
+        self._text = ""  # escape-stripped, decoded view of _raw
+        self._cursor = 0  # offset into _text before which waits do not look
+        self._cond = threading.Condition()
+        self._ws: ClientConnection | None = None
+        self._thread: threading.Thread | None = None
+        self._closed_reason: str | None = None
+        self._transcript = transcript.open("ab") if transcript else None
+
+    def connect(self) -> None:
+        try:
+            self._ws = connect(self.ws_url, open_timeout=10, max_size=None)
+        except Exception as exc:
+            raise HarnessError(f"cannot open serial console {self.ws_url}: {exc}") from exc
+        self._thread = threading.Thread(target=self._reader, name="phd-serial", daemon=True)
+        self._thread.start()
+
+    def _reader(self) -> None:
+        assert self._ws is not None
+        reason = "closed by server"
+        try:
+            for msg in self._ws:
+                data = msg.encode() if isinstance(msg, str) else bytes(msg)
+                if self._transcript:
+                    self._transcript.write(data)
+                    self._transcript.flush()
+                with self._cond:
+                    self._raw += data
+                    self._text = _ESCAPES.sub(b"", bytes(self._raw)).decode("utf-8", "replace")
+                    self._cond.notify_all()
+        except ConnectionClosed as exc:
+            reason = f"closed: {exc}"
+        except Exception as exc:  # noqa: BLE001 - reported to whoever waits next
+            reason = f"reader failed: {exc!r}"
+        with self._cond:
+            self._closed_reason = reason
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        if self._ws is not None:
+            self._ws.close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._transcript is not None:
+            self._transcript.close()
+            self._transcript = None
+
+    # --- reading --------------------------------------------------------------------
+    @property
+    def text(self) -> str:
+        with self._cond:
+            return self._text
+
+    def tail(self, lines: int = 20) -> str:
+        return "\n".join(self.text.splitlines()[-lines:])
+
+    def wait_for(self, pattern: str | re.Pattern[str], timeout_s: float, *,
+                 failure_patterns: tuple[re.Pattern[str], ...] = DEFAULT_FAILURE_PATTERNS,
+                 consume: bool = True) -> re.Match[str]:
+        """Wait until `pattern` appears after the cursor; move the cursor past it."""
+        rx = re.compile(re.escape(pattern)) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                window = self._text[self._cursor:]
+                for bad in failure_patterns:
+                    if bad.search(window):
+                        raise GuestPanic(f"console shows {bad.pattern!r}; last lines:\n{self._tail_locked()}")
+                match = rx.search(window)
+                if match:
+                    if consume:
+                        self._cursor += match.end()
+                    return match  # positions are relative to the window
+                if self._closed_reason is not None:
+                    raise SutError(f"serial console {self._closed_reason} while waiting for "
+                                   f"{rx.pattern!r}; last lines:\n{self._tail_locked()}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise WaitTimeout(f"console text {rx.pattern!r}", timeout_s, self._tail_locked())
+                self._cond.wait(remaining)
+
+    def _tail_locked(self, lines: int = 20) -> str:
+        return "\n".join(self._text.splitlines()[-lines:])
+
+    # --- writing --------------------------------------------------------------------
+    def send(self, text: str) -> None:
+        if self._ws is None:
+            raise HarnessError("serial console is not connected")
+        self._ws.send(text.encode())
+

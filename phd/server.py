@@ -1,0 +1,108 @@
+"""One server-under-test process per VM.
+
+The process is started from an argv list (the configurable `--phd-server-cmd` plus the
+CONTRACT flags), in its own session so a Ctrl-C at the terminal reaches only the harness,
+which then stops it in order: SIGTERM (graceful: the server stops its VM), then SIGKILL.
+`stop()` is idempotent and always leaves the log file for the failure bundle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import signal
+import subprocess
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+from phd.errors import HarnessError, PhdError
+from phd.wait import wait_until
+
+__all__ = ["ServerProcess"]
+
+
+class ServerProcess:
+    def __init__(self, server_cmd: list[str], port: int, data_dir: Path, log_path: Path | None,
+                 regressions: tuple[str, ...] = (), ready_timeout_s: float = 30.0) -> None:
+        self.port = port
+        self.data_dir = data_dir
+        self.log_path = log_path
+        self.argv = [*server_cmd, "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir)]
+        for name in regressions:
+            self.argv += ["--regression", name]
+        self.ready_timeout_s = ready_timeout_s
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: object | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self._log = out
+        try:
+            self._proc = subprocess.Popen(  # noqa: S603 - argv list, no shell
+                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+        except OSError as exc:
+            self._close_log()
+            raise HarnessError(f"cannot start server {shlex.join(self.argv)}: {exc}; "
+                               "check --phd-server-cmd") from exc
+        try:
+            wait_until(self._probe, lambda ok: ok, what=f"server on port {self.port} to answer",
+                       timeout_s=self.ready_timeout_s, interval_s=0.05)
+        except PhdError:
+            self.stop()
+            raise HarnessError(
+                f"server did not come up: {shlex.join(self.argv)}; exit code "
+                f"{self._proc.returncode if self._proc else None}; last log lines:\n"
+                f"{self.log_tail()}") from None
+
+    def _probe(self) -> bool:
+        assert self._proc is not None
+        if self._proc.poll() is not None:
+            raise HarnessError(f"server exited with {self._proc.returncode}")
+        try:
+            httpx.get(self.base_url + "/instance", timeout=1.0)
+        except httpx.TransportError:
+            return False
+        return True
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM (graceful), then SIGKILL; returns the exit code. Safe to call twice."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._close_log()
+        return proc.returncode if proc is not None else None
+
+    def _close_log(self) -> None:
+        log, self._log = self._log, None
+        if log is not None and hasattr(log, "close"):
+            with contextlib.suppress(OSError):
+                log.close()
+
+    def log_tail(self, lines: int = 30) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return "<no server log (output mode null)>"
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def __enter__(self) -> ServerProcess:
+        self.start()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()

@@ -1,0 +1,118 @@
+"""Block backends as the state driver sees them.
+
+Only Crucible disks have a live backend object (an upstairs that must activate
+before vCPUs run); file disks are plain QEMU ``raw`` blockdevs. The storage
+engineer's facade ``sut.storage.backend.CrucibleBackend`` is imported lazily so
+the server (and its unit tests) work before or without that package, and its
+exceptions are translated here into the server's own two error types.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from typing import Any, Protocol
+
+# Replacement results the storage facade may return (CONTRACT values).
+REPLACE_RESULTS = frozenset({"Started", "StartedAlready", "CompletedAlready", "VcrMatches", "Missing"})
+
+
+class BackendError(Exception):
+    """Root of the server-side block backend errors."""
+
+
+class ReplacementRejectedError(BackendError):
+    """The new VCR breaks a replacement rule (answered 400 with the rule)."""
+
+    def __init__(self, message: str, rule: str | None = None) -> None:
+        self.rule = rule
+        super().__init__(message)
+
+
+class ActivationFatalError(BackendError):
+    """The backend can never activate (the instance goes to Failed)."""
+
+
+class BlockBackend(Protocol):
+    """What the driver needs from a replicated block backend (the storage facade)."""
+
+    @property
+    def backend_id(self) -> str: ...
+
+    async def start_export(self) -> None: ...
+
+    async def activate(self) -> None: ...
+
+    async def replace(self, new_vcr_json: str) -> str: ...
+
+    def status(self) -> dict[str, object]: ...
+
+    async def close(self) -> None: ...
+
+
+class CrucibleDisk:
+    """Adapter over ``sut.storage.backend.CrucibleBackend`` that owns error translation."""
+
+    def __init__(
+        self,
+        backend_id: str,
+        vcr_json: str,
+        socket_path: Path,
+        *,
+        read_only: bool,
+        regressions: frozenset[str],
+        logger: logging.Logger,
+    ) -> None:
+        storage = _storage_module()
+        self._storage = storage
+        try:
+            self._inner: Any = storage.CrucibleBackend(
+                backend_id,
+                vcr_json,
+                socket_path,
+                read_only=read_only,
+                regressions=regressions,
+                logger=logger,
+            )
+        except storage.VcrError as exc:
+            raise ReplacementRejectedError(f"invalid VCR for {backend_id}: {exc}") from exc
+        self._backend_id = backend_id
+
+    @property
+    def backend_id(self) -> str:
+        return self._backend_id
+
+    async def start_export(self) -> None:
+        await self._inner.start_export()
+
+    async def activate(self) -> None:
+        try:
+            await self._inner.activate()
+        except self._storage.StorageFatalError as exc:
+            raise ActivationFatalError(f"{self._backend_id}: {exc}") from exc
+
+    async def replace(self, new_vcr_json: str) -> str:
+        try:
+            result = await self._inner.replace(new_vcr_json)
+        except self._storage.VcrError as exc:
+            raise ReplacementRejectedError(str(exc), getattr(exc, "rule", None)) from exc
+        except self._storage.StorageError as exc:
+            raise ReplacementRejectedError(str(exc)) from exc
+        return str(result)
+
+    def status(self) -> dict[str, object]:
+        return dict(self._inner.status())
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def _storage_module() -> Any:
+    try:
+        return importlib.import_module("sut.storage.backend")
+    except ImportError as exc:
+        raise BackendError(
+            "crucible disks need sut.storage.backend, which is not importable here "
+            f"({exc}); use a file backend or install the storage package"
+        ) from exc

@@ -1,0 +1,180 @@
+"""Pydantic models of the instance SPEC (architecture.md, CONTRACT: server HTTP API).
+
+Validation happens here so a bad request is answered 400 with the field that
+is wrong, instead of failing later inside QEMU with an obscure message.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+from uuid import UUID
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
+
+# Device names end up in QEMU ids, node names and unix socket file names.
+_DEVICE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+
+
+def _existing_file(value: Path) -> Path:
+    if not value.is_absolute():
+        raise ValueError(f"path must be absolute, got {str(value)!r}")
+    if not value.is_file():
+        raise ValueError(f"file does not exist: {value} (create it or fix the path)")
+    return value
+
+
+class _Model(BaseModel):
+    # Unknown keys are typos far more often than extensions: reject them.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Board(_Model):
+    cpus: int = Field(default=2, ge=1, le=32)
+    memory_mib: int = Field(default=512, ge=32, le=65536)
+
+
+class KernelBoot(_Model):
+    kernel: Path
+    initrd: Path | None = None
+    cmdline: str = "console=ttyS0"
+
+    @field_validator("kernel", "initrd")
+    @classmethod
+    def _exists(cls, value: Path | None) -> Path | None:
+        return None if value is None else _existing_file(value)
+
+
+class FirmwareBoot(_Model):
+    firmware: Literal["bios"]
+    order: list[str] = Field(default_factory=list)
+
+
+class FileBackend(_Model):
+    type: Literal["file"]
+    path: Path
+    readonly: bool = False
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, value: Path) -> Path:
+        return _existing_file(value)
+
+
+class CrucibleBackendSpec(_Model):
+    type: Literal["crucible"]
+    request_json: str = Field(min_length=2)
+    readonly: bool = False
+
+
+def _boot_kind(value: object) -> str:
+    # Pick the variant from its keys so an error names the field of the
+    # variant the caller meant instead of listing every union member.
+    if isinstance(value, dict):
+        return "firmware" if "firmware" in value else "kernel"
+    return "firmware" if isinstance(value, FirmwareBoot) else "kernel"
+
+
+Boot = Annotated[
+    Annotated[KernelBoot, Tag("kernel")] | Annotated[FirmwareBoot, Tag("firmware")],
+    Discriminator(_boot_kind),
+]
+
+DiskBackend = Annotated[FileBackend | CrucibleBackendSpec, Field(discriminator="type")]
+
+
+class Disk(_Model):
+    interface: Literal["virtio", "nvme"]
+    backend: DiskBackend
+
+
+class Forward(_Model):
+    host: str
+    guest_port: int = Field(ge=1, le=65535)
+
+    @field_validator("host")
+    @classmethod
+    def _loopback(cls, value: str) -> str:
+        addr, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected '127.0.0.1:PORT', got {value!r}")
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError as exc:
+            raise ValueError(f"expected '127.0.0.1:PORT', got {value!r}") from exc
+        if not (ip.version == 4 and ip.is_loopback):
+            # Network rule: forwards are only ever published on loopback.
+            raise ValueError(f"host forwards must bind a 127.0.0.0/8 address, got {addr}")
+        return value
+
+    @property
+    def host_addr(self) -> str:
+        return self.host.rpartition(":")[0]
+
+    @property
+    def host_port(self) -> int:
+        return int(self.host.rpartition(":")[2])
+
+
+class Nic(_Model):
+    type: Literal["user"]
+    forwards: list[Forward] = Field(default_factory=list)
+
+
+class InstanceSpec(_Model):
+    board: Board = Field(default_factory=Board)
+    boot: Boot
+    disks: dict[str, Disk] = Field(default_factory=dict)
+    nics: dict[str, Nic] = Field(default_factory=dict)
+
+    @field_validator("disks", "nics")
+    @classmethod
+    def _names(cls, value: dict[str, object]) -> dict[str, object]:
+        for name in value:
+            if not _DEVICE_NAME.match(name):
+                raise ValueError(
+                    f"invalid device name {name!r}: use a letter then up to 31 of "
+                    "[A-Za-z0-9_-]"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _boot_order(self) -> InstanceSpec:
+        if isinstance(self.boot, FirmwareBoot):
+            unknown = [name for name in self.boot.order if name not in self.disks]
+            if unknown:
+                raise ValueError(f"boot.order names unknown disks {unknown}; known: "
+                                 f"{sorted(self.disks)}")
+        return self
+
+
+class InstanceProperties(BaseModel):
+    # Propolis carries more descriptive fields; accept and echo them back.
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    id: UUID
+    name: str = Field(min_length=1, max_length=63)
+
+
+class InstanceEnsureRequest(_Model):
+    properties: InstanceProperties
+    spec: InstanceSpec
+
+
+class VcrReplaceRequest(_Model):
+    vcr_json: str = Field(min_length=2)
+
+
+def backend_id(device: str) -> str:
+    """The backend id of a disk device (CONTRACT: ``<device>-backend``)."""
+    return f"{device}-backend"

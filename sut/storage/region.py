@@ -1,0 +1,290 @@
+"""A downstairs region on disk: ``region.json`` plus one sparse data file per extent.
+
+Each extent keeps metadata ``{gen, flush, dirty, written}`` in ``NNNNN.meta`` (JSON), where
+``written`` is a per-block bitmap (hex) so reads can fall through to a read-only parent.
+Durability rules (Crucible's): the first write to a clean extent marks it dirty on disk
+BEFORE the write is acknowledged; a flush fsyncs dirty extent data, then stamps gen + flush
+number and clears dirty. Metadata is replaced atomically (temp file, fsync, rename).
+The written bitmap is persisted with the dirty mark and at flush; unflushed writes carry no
+durability promise, exactly like Crucible. Stdlib only (runs inside the downstairs image).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid as uuid_mod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sut.storage.errors import StorageError
+
+__all__ = ["ExtentMeta", "Region", "RegionError", "RegionInfo"]
+
+_REGION_FILE = "region.json"
+_FORMAT_VERSION = 1
+
+
+class RegionError(StorageError):
+    """A region cannot be created, opened or accessed as asked."""
+
+
+@dataclass(frozen=True)
+class RegionInfo:
+    uuid: str
+    block_size: int
+    extent_size: int  # blocks per extent
+    extent_count: int
+    encrypted: bool
+
+    @property
+    def extent_bytes(self) -> int:
+        return self.block_size * self.extent_size
+
+    @property
+    def total_blocks(self) -> int:
+        return self.extent_size * self.extent_count
+
+
+@dataclass
+class ExtentMeta:
+    gen: int
+    flush: int
+    dirty: bool
+    written: bytearray  # one bit per block
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "gen": self.gen,
+            "flush": self.flush,
+            "dirty": self.dirty,
+            "written": self.written.hex(),
+        }
+
+    def is_written(self, block: int) -> bool:
+        return bool(self.written[block >> 3] & (1 << (block & 7)))
+
+    def mark_written(self, block: int) -> None:
+        self.written[block >> 3] |= 1 << (block & 7)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    # the rename itself must be durable too, or a crash could resurrect the old metadata
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class Region:
+    """An opened region. Not thread safe: one downstairs event loop owns it."""
+
+    def __init__(self, directory: Path, info: RegionInfo) -> None:
+        self.directory = directory
+        self.info = info
+        self._fds: list[int] = []
+        self._meta: list[ExtentMeta] = []
+        for eid in range(info.extent_count):
+            self._fds.append(os.open(self._data_path(eid), os.O_RDWR))
+            self._meta.append(self._load_meta(eid))
+
+    # -- lifecycle -------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        directory: Path,
+        *,
+        region_uuid: str,
+        block_size: int,
+        extent_size: int,
+        extent_count: int,
+        encrypted: bool = False,
+    ) -> Region:
+        if (directory / _REGION_FILE).exists():
+            raise RegionError(
+                f"a region already exists in {directory}; use `run -d {directory}` to serve it "
+                "or choose an empty directory"
+            )
+        if block_size < 512 or block_size & (block_size - 1):
+            raise RegionError(f"--block-size must be a power of two >= 512, got {block_size}")
+        if extent_size <= 0 or extent_count <= 0:
+            raise RegionError("--extent-size and --extent-count must be positive")
+        try:
+            canonical = str(uuid_mod.UUID(region_uuid))
+        except ValueError:
+            raise RegionError(f"-u/--uuid: {region_uuid!r} is not a UUID") from None
+        info = RegionInfo(canonical, block_size, extent_size, extent_count, encrypted)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "extents").mkdir(exist_ok=True)
+        blank = ExtentMeta(0, 0, False, bytearray((extent_size + 7) // 8))
+        for eid in range(extent_count):
+            with open(cls._data_path_in(directory, eid), "wb") as f:
+                f.truncate(info.extent_bytes)  # sparse: no blocks allocated until written
+            _write_atomic(cls._meta_path_in(directory, eid), json.dumps(blank.to_json()).encode())
+        # region.json last: its presence marks a completely created region
+        record = {"format": _FORMAT_VERSION, **info.__dict__}
+        _write_atomic(directory / _REGION_FILE, json.dumps(record, indent=1).encode())
+        return cls(directory, info)
+
+    @classmethod
+    def open(cls, directory: Path) -> Region:
+        path = directory / _REGION_FILE
+        try:
+            record = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise RegionError(
+                f"no region in {directory} ({_REGION_FILE} missing); run `create` first"
+            ) from None
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RegionError(f"cannot read {path}: {exc}") from None
+        try:
+            info = RegionInfo(
+                uuid=str(record["uuid"]),
+                block_size=int(record["block_size"]),
+                extent_size=int(record["extent_size"]),
+                extent_count=int(record["extent_count"]),
+                encrypted=bool(record["encrypted"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RegionError(f"{path} is malformed: {exc!r}") from None
+        return cls(directory, info)
+
+    def close(self) -> None:
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
+
+    # -- paths -----------------------------------------------------------------------------
+    @staticmethod
+    def _data_path_in(directory: Path, eid: int) -> Path:
+        return directory / "extents" / f"{eid:05d}.dat"
+
+    @staticmethod
+    def _meta_path_in(directory: Path, eid: int) -> Path:
+        return directory / "extents" / f"{eid:05d}.meta"
+
+    def _data_path(self, eid: int) -> Path:
+        return self._data_path_in(self.directory, eid)
+
+    def _load_meta(self, eid: int) -> ExtentMeta:
+        path = self._meta_path_in(self.directory, eid)
+        try:
+            raw = json.loads(path.read_text())
+            return ExtentMeta(
+                int(raw["gen"]), int(raw["flush"]), bool(raw["dirty"]),
+                bytearray.fromhex(raw["written"]),
+            )
+        except (OSError, KeyError, TypeError, ValueError) as exc:
+            raise RegionError(f"extent metadata {path} is unreadable: {exc!r}") from None
+
+    def _save_meta(self, eid: int) -> None:
+        data = json.dumps(self._meta[eid].to_json()).encode()
+        _write_atomic(self._meta_path_in(self.directory, eid), data)
+
+    # -- metadata --------------------------------------------------------------------------
+    def meta(self, eid: int) -> ExtentMeta:
+        return self._meta[eid]
+
+    def versions(self) -> tuple[list[int], list[int], list[bool]]:
+        return (
+            [m.gen for m in self._meta],
+            [m.flush for m in self._meta],
+            [m.dirty for m in self._meta],
+        )
+
+    # -- I/O -------------------------------------------------------------------------------
+    def _check_range(self, block: int, count: int) -> None:
+        if block < 0 or count < 0 or block + count > self.info.total_blocks:
+            raise RegionError(
+                f"blocks {block}..{block + count} outside the region (0..{self.info.total_blocks})"
+            )
+
+    def _spans(self, block: int, count: int) -> list[tuple[int, int, int]]:
+        """Split a block range into (extent, first block in extent, block count) pieces."""
+        spans = []
+        size = self.info.extent_size
+        while count > 0:
+            eid, offset = divmod(block, size)
+            n = min(count, size - offset)
+            spans.append((eid, offset, n))
+            block += n
+            count -= n
+        return spans
+
+    def read(self, block: int, count: int) -> tuple[bytes, list[bool]]:
+        """Return the data and, per block, whether it was ever written."""
+        self._check_range(block, count)
+        bs = self.info.block_size
+        chunks: list[bytes] = []
+        written: list[bool] = []
+        for eid, offset, n in self._spans(block, count):
+            data = os.pread(self._fds[eid], n * bs, offset * bs)
+            chunks.append(data.ljust(n * bs, b"\0"))
+            meta = self._meta[eid]
+            written.extend(meta.is_written(offset + i) for i in range(n))
+        return b"".join(chunks), written
+
+    def write(self, block: int, data: bytes, *, only_unwritten: bool = False) -> None:
+        bs = self.info.block_size
+        if len(data) % bs:
+            raise RegionError(f"write of {len(data)} bytes is not a multiple of {bs}")
+        count = len(data) // bs
+        self._check_range(block, count)
+        pos = 0
+        for eid, offset, n in self._spans(block, count):
+            meta = self._meta[eid]
+            if not meta.dirty:
+                meta.dirty = True
+                self._save_meta(eid)  # durable dirty mark before the write can be acked
+            fd = self._fds[eid]
+            if only_unwritten:
+                for i in range(n):
+                    piece = data[pos + i * bs : pos + (i + 1) * bs]
+                    if not meta.is_written(offset + i):
+                        os.pwrite(fd, piece, (offset + i) * bs)
+                        meta.mark_written(offset + i)
+            else:
+                os.pwrite(fd, data[pos : pos + n * bs], offset * bs)
+                for i in range(n):
+                    meta.mark_written(offset + i)
+            pos += n * bs
+
+    def flush(self, flush_number: int, gen: int) -> None:
+        for eid, meta in enumerate(self._meta):
+            if meta.dirty:
+                os.fsync(self._fds[eid])
+                meta.gen, meta.flush, meta.dirty = gen, flush_number, False
+                self._save_meta(eid)
+
+    def extent_data(self, eid: int) -> bytes:
+        self._check_extent(eid)
+        return os.pread(self._fds[eid], self.info.extent_bytes, 0).ljust(
+            self.info.extent_bytes, b"\0"
+        )
+
+    def put_extent(self, eid: int, data: bytes, *, gen: int, flush: int, written: bytes) -> None:
+        """Replace a whole extent (reconciliation / repair) and make it durable at once."""
+        self._check_extent(eid)
+        if len(data) != self.info.extent_bytes:
+            raise RegionError(f"extent {eid}: got {len(data)} bytes, need {self.info.extent_bytes}")
+        if len(written) != len(self._meta[eid].written):
+            raise RegionError(f"extent {eid}: written bitmap has the wrong length")
+        fd = self._fds[eid]
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+        self._meta[eid] = ExtentMeta(gen, flush, False, bytearray(written))
+        self._save_meta(eid)
+
+    def _check_extent(self, eid: int) -> None:
+        if not 0 <= eid < self.info.extent_count:
+            raise RegionError(f"extent {eid} does not exist (0..{self.info.extent_count - 1})")
