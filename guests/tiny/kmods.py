@@ -104,7 +104,9 @@ def load_order(
                 "check the module name or the kernel package"
             )
         path, dep_paths = entry
-        for dep_path in dep_paths:
+        # depmod lists a module's dependencies so that the LAST one loads first
+        # (modprobe walks the list backwards); keep that order for insmod.
+        for dep_path in reversed(dep_paths):
             visit(module_name(dep_path), (*chain, name))
         done.add(name)
         order.append(ModuleFile(name=name, relpath=path))

@@ -57,3 +57,6 @@ class Regressions:
     def storage(self) -> frozenset[str]:
         """The switches the storage backend must implement."""
         return self.names & STORAGE_REGRESSIONS
+
+
+NO_REGRESSIONS = Regressions()

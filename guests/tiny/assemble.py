@@ -1,0 +1,151 @@
+"""Assemble the tiny guest from Debian packages: kernel, modules, busybox, rootfs.
+
+Pure mechanics with no caching: ``build.py`` decides whether to call this and
+moves the result into place.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from guests.tiny import debian, kmods
+from guests.tiny.cpio import Archive
+
+__all__ = ["ROOTFS_DIR", "WANTED_MODULES", "Assembled", "assemble", "add_rootfs"]
+
+ROOTFS_DIR = Path(__file__).resolve().parent / "rootfs"
+
+# virtio_pci is the transport the others sit on and no driver depends on it,
+# so it must be named explicitly. virtio_net is cheap (three small modules).
+WANTED_MODULES = ("virtio_pci", "virtio_blk", "nvme", "virtio_net")
+
+# Files that must not be world-readable/executable defaults.
+_MODES = {"init": 0o755, "etc/shadow": 0o600}
+
+Log = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(f"tiny: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Assembled:
+    """What one assembly produced, for guest.json."""
+
+    kernel_version: str
+    modules: tuple[str, ...]
+    busybox_applets: int
+
+
+def add_rootfs(archive: Archive, rootfs: Path = ROOTFS_DIR) -> None:
+    """Copy the recipe's rootfs files (``/init``, ``/etc/*``) into the archive."""
+    for path in sorted(rootfs.rglob("*")):
+        rel = path.relative_to(rootfs).as_posix()
+        if path.is_dir():
+            archive.add_dir("/" + rel)
+        else:
+            archive.add_file("/" + rel, path.read_bytes(), _MODES.get(rel, 0o644))
+    for directory in ("/dev", "/proc", "/sys", "/tmp", "/run", "/root"):
+        archive.add_dir(directory, 0o1777 if directory == "/tmp" else 0o755)
+    # The kernel opens /dev/console for /init before devtmpfs is mounted.
+    archive.add_chardev("/dev/console", 5, 1)
+
+
+def _busybox_binary(package: debian.Package, work: Path, log: Log) -> Path:
+    """The busybox-static binary: the host's copy if it is that version, else a download."""
+    if debian.installed_version(package.name) == package.version:
+        owned = debian.owned_path(package.name, "/bin/busybox")
+        if owned is not None:
+            log(f"using installed {package} (/bin/busybox)")
+            return owned
+    log(f"downloading {package}")
+    deb = debian.download(package, work)
+    root = work / "busybox-root"
+    debian.unpack(deb, root)
+    binary = root / "bin" / "busybox"
+    if not binary.is_file():
+        raise debian.DebianError(f"{deb} has no bin/busybox: is it busybox-static?")
+    return binary
+
+
+def _add_busybox(archive: Archive, binary: Path) -> int:
+    """Install busybox and one symlink per applet (what ``busybox --install -s`` does)."""
+    archive.add_file("/bin/busybox", binary.read_bytes(), 0o755)
+    # busybox-static runs on the build host, so ask it for its own applet list.
+    listing = debian.run_tool([str(binary), "--list-full"], hint="busybox binary is broken")
+    count = 0
+    for applet in listing.split():
+        target = "/" + applet
+        if target != "/bin/busybox" and target not in archive:
+            archive.add_symlink(target, "/bin/busybox")
+            count += 1
+    return count
+
+
+def _kernel_version(root: Path) -> str:
+    kernels = sorted((root / "boot").glob("vmlinuz-*"))
+    if len(kernels) != 1:
+        raise debian.DebianError(
+            f"expected one boot/vmlinuz-* in the kernel package, found {len(kernels)}"
+        )
+    return kernels[0].name.removeprefix("vmlinuz-")
+
+
+def _modules_dep(moddir: Path, version: str, root: Path) -> str:
+    """``modules.dep`` of the unpacked kernel, generated with depmod when the package lacks it.
+
+    Debian generates modules.dep at install time (postinst), so a package that was
+    only unpacked has none.
+    """
+    dep = moddir / "modules.dep"
+    if not dep.exists():
+        debian.run_tool(
+            ["depmod", "-b", str(root), version],
+            hint="depmod comes from the 'kmod' package: run ci/bootstrap",
+        )
+    return dep.read_text()
+
+
+def assemble(
+    kernel: debian.Package,
+    busybox: debian.Package,
+    work: Path,
+    staging: Path,
+    *,
+    cmdline: str,
+    log: Log = _stderr,
+) -> Assembled:
+    """Write ``vmlinuz``, ``initrd.img`` and ``cmdline`` into ``staging``."""
+    log(f"downloading {kernel}")
+    deb = debian.download(kernel, work)
+    root = work / "kernel-root"
+    log(f"unpacking {deb.name}")
+    debian.unpack(deb, root)
+    version = _kernel_version(root)
+    shutil.copyfile(root / "boot" / f"vmlinuz-{version}", staging / "vmlinuz")
+
+    moddir = root / "lib" / "modules" / version
+    deps = kmods.parse_modules_dep(_modules_dep(moddir, version, root))
+    builtin_file = moddir / "modules.builtin"
+    builtin = kmods.parse_builtin(builtin_file.read_text()) if builtin_file.exists() else set()
+    order = kmods.load_order(deps, WANTED_MODULES, builtin)
+    log(f"modules in load order: {' '.join(m.name for m in order)}")
+
+    archive = Archive()
+    add_rootfs(archive)
+    for module in order:
+        archive.add_file(f"/lib/modules/{module.name}.ko", kmods.read_module(moddir / module.relpath))
+    archive.add_file("/etc/phd-modules", "".join(f"{m.name}\n" for m in order).encode())
+    applets = _add_busybox(archive, _busybox_binary(busybox, work, log))
+
+    log(f"writing initramfs ({len(archive)} entries)")
+    (staging / "initrd.img").write_bytes(archive.to_gzip())
+    (staging / "cmdline").write_text(cmdline + "\n")
+    return Assembled(
+        kernel_version=version, modules=tuple(m.name for m in order), busybox_applets=applets
+    )

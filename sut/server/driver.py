@@ -1,0 +1,359 @@
+"""The per-instance state driver (asyncio task), after Propolis PR 873.
+
+The driver is the only code that changes the instance: HTTP handlers put
+requests on the :class:`RequestQueue` and the driver serves them. During
+startup it waits on BOTH "block backends activated" and "next request", so a
+VCR replacement can unblock a stuck activation and a stop can abort it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from sut.server import regressions as reg
+from sut.server.backends import BlockBackend, ReplacementRejectedError
+from sut.server.request_queue import (
+    QueuedRequest,
+    QueueRegressions,
+    RequestDeniedError,
+    RequestKind,
+    RequestQueue,
+)
+from sut.server.states import InstanceState, StateMonitor, StateSnapshot
+
+__all__ = [
+    "InstanceGoneError",
+    "NoSuchBackendError",
+    "RequestDeniedError",
+    "StateDriver",
+    "Vm",
+]
+
+
+class Vm(Protocol):
+    """What the driver needs from a VM process (``QemuVm``, or a fake in unit tests)."""
+
+    async def launch(self) -> None: ...
+
+    async def cont(self) -> None: ...
+
+    async def reset(self) -> None: ...
+
+    async def wait_exit(self) -> int: ...
+
+    async def shutdown(self) -> None: ...
+
+
+class InstanceGoneError(Exception):
+    """The VM was destroyed before the request was handled (HTTP 410)."""
+
+
+class NoSuchBackendError(KeyError):
+    """No disk has this backend id (HTTP 404)."""
+
+
+@dataclass
+class _Replacement:
+    backend_id: str
+    vcr_json: str
+    answer: asyncio.Future[str]
+
+
+class _StartupAborted(Exception):
+    """A stop was served during startup; the instance is already torn down."""
+
+
+class StateDriver:
+    def __init__(
+        self,
+        *,
+        backends: dict[str, BlockBackend],
+        vm_factory: Callable[[], Vm],
+        regressions: reg.Regressions = reg.NO_REGRESSIONS,
+        logger: logging.Logger | None = None,
+        on_destroyed: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self._backends = backends
+        self._vm_factory = vm_factory
+        self._vm: Vm | None = None
+        self._regressions = regressions
+        self._log = logger or logging.getLogger(__name__)
+        self._on_destroyed = on_destroyed
+        self.monitor = StateMonitor()
+        self._queue: RequestQueue[_Replacement] = RequestQueue(
+            QueueRegressions(
+                vcr_denied_while_starting=regressions.enabled(reg.VCR_DENIED_WHILE_STARTING),
+                vcr_denied_after_stop=regressions.enabled(reg.VCR_DENIED_AFTER_STOP),
+            )
+        )
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # -- API side -------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="state-driver")
+
+    @property
+    def state(self) -> StateSnapshot:
+        return self.monitor.current
+
+    @property
+    def destroyed(self) -> bool:
+        return self.monitor.current.state is InstanceState.DESTROYED
+
+    def request_state(self, kind: RequestKind) -> None:
+        """Queue Start/Stop/Reboot; raises RequestDeniedError (403) when denied."""
+        if not kind.is_state_change:
+            raise ValueError(f"{kind} is not a state change")
+        self._queue.try_queue(kind)
+        self._wakeup.set()
+
+    async def replace_vcr(self, backend_id: str, vcr_json: str) -> str:
+        """Queue a VCR replacement and wait for the driver to apply it."""
+        if backend_id not in self._backends:
+            raise NoSuchBackendError(backend_id)
+        if self._queue.state.terminal:
+            raise InstanceGoneError("the instance has stopped; nothing to replace")
+        answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._queue.try_queue(RequestKind.REPLACE, _Replacement(backend_id, vcr_json, answer))
+        self._wakeup.set()
+        return await answer
+
+    def backend_status(self, backend_id: str) -> dict[str, object]:
+        backend = self._backends.get(backend_id)
+        if backend is None:
+            raise NoSuchBackendError(backend_id)
+        return backend.status()
+
+    async def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Server shutdown: stop the instance through the queue, then force it."""
+        if self._task is None or self._task.done():
+            await self.monitor.release_waiters()
+            return
+        with contextlib.suppress(RequestDeniedError):
+            self.request_state(RequestKind.STOP)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+        except TimeoutError:
+            # blocking-start never reads the stop: cancelling still cleans up.
+            self._log.warning("state driver did not stop in time; cancelling it")
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.monitor.release_waiters()
+
+    # -- driver task ------------------------------------------------------------
+
+    async def _publish(self, state: InstanceState) -> None:
+        snapshot = await self.monitor.publish(state)
+        self._log.info("instance state", extra={"state": str(state), "gen": snapshot.gen})
+
+    async def _ready(self, *, state_changes: bool = True) -> None:
+        # Only waits; the caller pops synchronously afterwards, so cancelling
+        # this wait can never lose a request.
+        while not self._queue.has_ready(state_changes=state_changes):
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    async def _run(self) -> None:
+        final = InstanceState.DESTROYED
+        try:
+            final = await self._serve()
+        except asyncio.CancelledError:
+            self._log.warning("state driver cancelled; tearing the instance down")
+            raise
+        except Exception as exc:  # noqa: BLE001 - any driver error means the VM failed
+            self._log.exception("instance failed", extra={"error": repr(exc)})
+            final = InstanceState.FAILED
+        finally:
+            await self._teardown(final)
+
+    async def _serve(self) -> InstanceState:
+        # Creating: nothing runs until a Start (or a Stop) arrives.
+        while True:
+            await self._ready()
+            request = self._queue.pop()
+            assert request is not None
+            if request.kind is RequestKind.STOP:
+                return InstanceState.DESTROYED  # no QEMU was ever launched
+            if request.kind is RequestKind.START:
+                break
+            await self._apply(request)
+        try:
+            await self._startup()
+        except _StartupAborted:
+            return InstanceState.DESTROYED
+        return await self._serve_running()
+
+    async def _startup(self) -> None:
+        await self._publish(InstanceState.STARTING)
+        for backend in self._backends.values():
+            await backend.start_export()
+        self._vm = self._vm_factory()
+        await self._vm.launch()
+        activation = asyncio.create_task(self._activate_all(), name="activate-backends")
+        try:
+            if self._regressions.enabled(reg.BLOCKING_START):
+                # REGRESSION blocking-start (Propolis issue 841): the driver
+                # awaited "start block backends" before reading its queue, so
+                # a corrected VCR or a stop queued behind an activation that
+                # can never finish was never read: a livelock.
+                await activation
+            else:
+                await self._serve_during_activation(activation)
+            activation.result()  # re-raises ActivationFatalError -> Failed
+        finally:
+            if not activation.done():
+                activation.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await activation
+        await self._vm.cont()
+        self._queue.notify_running()
+        await self._publish(InstanceState.RUNNING)
+
+    async def _serve_during_activation(self, activation: asyncio.Task[None]) -> None:
+        assert self._vm is not None
+        # REGRESSION stop-ignored-while-starting: stops stay queued until
+        # startup ends (the pre-873 behaviour); replacements are still served.
+        serve_stops = not self._regressions.enabled(reg.STOP_IGNORED_WHILE_STARTING)
+        exited = asyncio.create_task(self._vm.wait_exit(), name="qemu-exit")
+        try:
+            while not activation.done():
+                ready = asyncio.create_task(self._ready(state_changes=serve_stops))
+                try:
+                    await asyncio.wait({activation, ready, exited}, return_when="FIRST_COMPLETED")
+                finally:
+                    ready.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await ready
+                if activation.done():
+                    return
+                if exited.done():
+                    raise RuntimeError(f"QEMU exited during startup (code {exited.result()})")
+                request = self._queue.pop(state_changes=serve_stops)
+                if request is None:
+                    continue
+                if request.kind is RequestKind.STOP:
+                    self._log.info("stop requested during startup; aborting activation")
+                    activation.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await activation
+                    await self._stop_vm()
+                    raise _StartupAborted
+                await self._apply(request)
+        finally:
+            exited.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await exited
+
+    async def _activate_all(self) -> None:
+        # A TaskGroup cancels the other activations when one fails fatally.
+        async with asyncio.TaskGroup() as group:
+            for backend in self._backends.values():
+                group.create_task(backend.activate(), name=f"activate-{backend.backend_id}")
+
+    async def _serve_running(self) -> InstanceState:
+        assert self._vm is not None
+        exited = asyncio.create_task(self._vm.wait_exit(), name="qemu-exit")
+        try:
+            while True:
+                ready = asyncio.create_task(self._ready())
+                try:
+                    await asyncio.wait({ready, exited}, return_when="FIRST_COMPLETED")
+                finally:
+                    ready.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await ready
+                if exited.done():
+                    self._log.error("QEMU exited unexpectedly", extra={"exit_code": exited.result()})
+                    return InstanceState.FAILED
+                request = self._queue.pop()
+                if request is None:
+                    continue
+                if request.kind is RequestKind.STOP:
+                    exited.cancel()
+                    await self._publish(InstanceState.STOPPING)
+                    await self._stop_vm()
+                    return InstanceState.DESTROYED
+                if request.kind is RequestKind.REBOOT:
+                    await self._publish(InstanceState.REBOOTING)
+                    await self._vm.reset()
+                    self._queue.notify_running()
+                    await self._publish(InstanceState.RUNNING)
+                    continue
+                await self._apply(request)
+        finally:
+            exited.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await exited
+
+    async def _apply(self, request: QueuedRequest[_Replacement]) -> None:
+        replacement = request.payload
+        if request.kind is not RequestKind.REPLACE or replacement is None:
+            return  # a duplicate Start: the queue ignores these, nothing to do
+        if replacement.answer.done():
+            return  # the HTTP caller went away
+        backend = self._backends[replacement.backend_id]
+        self._log.info("applying VCR replacement", extra={"backend_id": backend.backend_id})
+        try:
+            result = await backend.replace(replacement.vcr_json)
+        except ReplacementRejectedError as exc:
+            replacement.answer.set_exception(exc)
+        except Exception as exc:  # noqa: BLE001 - handed to the HTTP caller, not lost
+            self._log.exception("VCR replacement failed", extra={"error": repr(exc)})
+            replacement.answer.set_exception(exc)
+        else:
+            self._log.info("VCR replacement applied", extra={"result": result})
+            replacement.answer.set_result(result)
+
+    async def _stop_vm(self) -> None:
+        """Quit QEMU and close backends; publishes Stopped (Destroyed comes last)."""
+        if self._vm is not None:
+            await self._vm.shutdown()
+        await self._close_backends()
+        for leftover in self._queue.notify_stopped():
+            _answer_gone(leftover)
+        await self._publish(InstanceState.STOPPED)
+
+    async def _close_backends(self) -> None:
+        for backend in self._backends.values():
+            try:
+                await backend.close()
+            except Exception as exc:  # noqa: BLE001 - teardown goes on past one failure
+                self._log.exception("closing backend failed", extra={"error": repr(exc)})
+
+    async def _teardown(self, final: InstanceState) -> None:
+        # Runs on success, failure and cancellation; every step is idempotent.
+        try:
+            if self._vm is not None:
+                await self._vm.shutdown()
+            await self._close_backends()
+        finally:
+            leftovers = (
+                self._queue.notify_failed()
+                if final is InstanceState.FAILED
+                else self._queue.notify_stopped()
+            )
+            for leftover in leftovers:
+                _answer_gone(leftover)
+            if self.monitor.current.state is not final:
+                if final is InstanceState.DESTROYED and (
+                    self.monitor.current.state is not InstanceState.STOPPED
+                ):
+                    await self._publish(InstanceState.STOPPED)
+                await self._publish(final)
+            if self._on_destroyed is not None:
+                await self._on_destroyed()
+
+
+def _answer_gone(request: QueuedRequest[_Replacement]) -> None:
+    if request.payload is not None and not request.payload.answer.done():
+        request.payload.answer.set_exception(
+            InstanceGoneError("the VM was destroyed before this request was handled")
+        )

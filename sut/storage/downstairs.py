@@ -1,0 +1,328 @@
+"""The downstairs: serves one region over TCP to (at most one active) upstairs.
+
+CONTRACT command line (flags follow crucible-downstairs):
+  python -m sut.storage.downstairs create -u UUID -d DIR --block-size B --extent-size BLOCKS
+                                          --extent-count N [--encrypted]
+  python -m sut.storage.downstairs run -d DIR -a ADDR -p PORT [--mode rw|ro] [--lossy]
+                                       [--read-errors] [--write-errors] [--flush-errors]
+
+Generation arbitration at a read-write downstairs: one active upstairs. A lower generation is
+refused; an equal generation only for the same session; a higher generation takes over and
+the old upstairs is told ``YouAreNoLongerActive`` and disconnected.
+Logs are JSON lines on stderr. SIGTERM/SIGINT stop the server cleanly (exit 0).
+STDLIB ONLY: this runs in a minimal container with Debian's python3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sut.storage.errors import ProtocolError
+from sut.storage.protocol import PROTOCOL_VERSION, Message, encode, read_message
+from sut.storage.region import Region, RegionError
+
+__all__ = ["Downstairs", "FaultConfig", "main"]
+
+# Probability of an injected failure per operation when an --*-errors flag is on. Small
+# enough that an upstairs with three copies keeps working, large enough to show up quickly.
+_ERROR_RATE = 0.05
+_LOSSY_MAX_DELAY_S = 0.02
+
+
+def log(event: str, **fields: Any) -> None:
+    record = {"ts": round(time.time(), 3), "component": "downstairs", "event": event, **fields}
+    print(json.dumps(record, default=str), file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    lossy: bool = False
+    read_errors: bool = False
+    write_errors: bool = False
+    flush_errors: bool = False
+
+
+@dataclass
+class _Session:
+    upstairs_id: str
+    session_id: str
+    gen: int
+    writer: asyncio.StreamWriter
+
+
+class Downstairs:
+    """Serve ``region``; one instance per process (owns its listening socket)."""
+
+    def __init__(self, region: Region, *, read_only: bool, faults: FaultConfig) -> None:
+        self.region = region
+        self.read_only = read_only
+        self.faults = faults
+        self._active: _Session | None = None
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._rng = random.Random()
+
+    async def start(self, address: str, port: int) -> int:
+        self._server = await asyncio.start_server(self._handle, address, port)
+        bound = int(self._server.sockets[0].getsockname()[1])
+        log("listening", address=address, port=bound, uuid=self.region.info.uuid,
+            mode="ro" if self.read_only else "rw")
+        return bound
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+        self.region.close()
+
+    # -- connection handling ---------------------------------------------------------------
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        self._writers.add(writer)
+        session: _Session | None = None
+        try:
+            session = await self._negotiate(reader, writer, peer)
+            if session is not None:
+                await self._serve(reader, writer, session)
+        except ProtocolError as exc:
+            log("protocol_error", peer=peer, reason=str(exc))
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            log("connection_lost", peer=peer, reason=repr(exc))
+        finally:
+            if session is not None and self._active is session:
+                self._active = None
+                log("deactivated", upstairs_id=session.upstairs_id, reason="disconnected")
+            self._writers.discard(writer)
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def _send(self, writer: asyncio.StreamWriter, msg: Message) -> None:
+        writer.write(encode(msg))
+        await writer.drain()
+
+    async def _expect(self, reader: asyncio.StreamReader, kind: str) -> Message:
+        msg = await read_message(reader)
+        if msg is None:
+            raise ConnectionError(f"peer closed while we waited for {kind}")
+        if msg.kind != kind:
+            raise ProtocolError(f"expected {kind}, got {msg.kind}")
+        return msg
+
+    async def _negotiate(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: object
+    ) -> _Session | None:
+        hello = await self._expect(reader, "HereIAm")
+        info = self.region.info
+        if hello["version"] != PROTOCOL_VERSION:
+            await self._send(writer, Message("VersionMismatch", {"version": PROTOCOL_VERSION}))
+            log("refused", peer=peer, reason=f"version {hello['version']}")
+            return None
+        if bool(hello["read_only"]) != self.read_only:
+            await self._send(writer, Message("ReadOnlyMismatch", {"expected": self.read_only}))
+            log("refused", peer=peer, reason="read-only mismatch")
+            return None
+        if bool(hello["encrypted"]) != info.encrypted:
+            await self._send(writer, Message("EncryptedMismatch", {"expected": info.encrypted}))
+            log("refused", peer=peer, reason="encryption mismatch")
+            return None
+        await self._send(writer, Message("YesItsMe", {"version": PROTOCOL_VERSION}))
+        promote = await self._expect(reader, "PromoteToActive")
+        session = _Session(
+            str(promote["upstairs_id"]), str(promote["session_id"]), int(promote["gen"]), writer
+        )
+        refusal = self._arbitrate(session)
+        if refusal is not None:
+            await self._send(writer, Message("PromoteRefused", {"reason": refusal}))
+            log("promote_refused", peer=peer, gen=session.gen, reason=refusal)
+            return None
+        await self._send(
+            writer,
+            Message("YouAreNowActive", {"upstairs_id": session.upstairs_id,
+                                        "session_id": session.session_id, "gen": session.gen}),
+        )
+        log("active", peer=peer, upstairs_id=session.upstairs_id, gen=session.gen)
+        return session
+
+    def _arbitrate(self, new: _Session) -> str | None:
+        """Decide whether ``new`` may become active; evict the old session on takeover."""
+        if self.read_only:
+            return None  # any number of read-only upstairs may read
+        old = self._active
+        if old is not None:
+            if new.gen < old.gen:
+                return f"generation {new.gen} is lower than the active generation {old.gen}"
+            if new.gen == old.gen and (new.upstairs_id, new.session_id) != (
+                old.upstairs_id, old.session_id
+            ):
+                return f"generation {new.gen} is already active for another session"
+            # takeover: tell the old upstairs, then drop its connection
+            with contextlib.suppress(ConnectionError, ProtocolError):
+                old.writer.write(encode(Message("YouAreNoLongerActive", {
+                    "new_upstairs_id": new.upstairs_id, "new_session_id": new.session_id,
+                    "new_gen": new.gen})))
+            old.writer.close()
+            log("taken_over", old_gen=old.gen, new_gen=new.gen)
+        self._active = new
+        return None
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, session: _Session
+    ) -> None:
+        while True:
+            msg = await read_message(reader)
+            if msg is None:
+                return
+            if not self.read_only and self._active is not session:
+                return  # taken over: this connection may do no more I/O
+            reply = await self._dispatch(msg)
+            if reply is not None:
+                await self._send(writer, reply)
+
+    async def _dispatch(self, msg: Message) -> Message | None:
+        if self.faults.lossy:
+            await asyncio.sleep(self._rng.uniform(0, _LOSSY_MAX_DELAY_S))  # injected latency
+        kind = msg.kind
+        info = self.region.info
+        if kind == "Ruok":
+            return Message("Imok")
+        if kind == "RegionInfoPlease":
+            return Message("RegionInfo", {
+                "block_size": info.block_size, "extent_size": info.extent_size,
+                "extent_count": info.extent_count, "uuid": info.uuid,
+                "encrypted": info.encrypted})
+        if kind == "ExtentVersionsPlease":
+            gens, flushes, dirty = self.region.versions()
+            return Message("ExtentVersions", {"gen": gens, "flush": flushes, "dirty": dirty})
+        job = msg.get("job_id")
+        try:
+            return self._io(msg, job)
+        except (RegionError, OSError, KeyError, TypeError, ValueError) as exc:
+            log("io_error", kind=kind, job_id=job, error=str(exc))
+            reply_kind = {"Read": "ReadResponse", "Flush": "FlushAck",
+                          "ExtentFetch": "ExtentData", "ExtentPut": "ExtentPutAck"}.get(
+                              kind, "WriteAck")
+            fields: dict[str, Any] = {"job_id": job, "error": str(exc)}
+            if reply_kind == "ReadResponse":
+                fields["written"] = ""
+            if reply_kind == "ExtentData":
+                fields.update(eid=msg.get("eid"), gen=0, flush=0, dirty=False, written="")
+            return Message(reply_kind, fields)
+
+    def _inject(self, enabled: bool, what: str) -> None:
+        if enabled and self._rng.random() < _ERROR_RATE:
+            raise RegionError(f"injected {what} error")
+
+    def _io(self, msg: Message, job: object) -> Message:
+        kind = msg.kind
+        if kind == "Read":
+            self._inject(self.faults.read_errors, "read")
+            data, written = self.region.read(int(msg["block"]), int(msg["count"]))
+            bits = "".join("1" if w else "0" for w in written)
+            return Message("ReadResponse", {"job_id": job, "error": None, "written": bits}, data)
+        if kind in ("Write", "WriteUnwritten"):
+            if self.read_only:
+                raise RegionError("this downstairs is read-only")
+            self._inject(self.faults.write_errors, "write")
+            self.region.write(int(msg["block"]), msg.payload,
+                              only_unwritten=kind == "WriteUnwritten")
+            return Message("WriteAck", {"job_id": job, "error": None})
+        if kind == "Flush":
+            self._inject(self.faults.flush_errors, "flush")
+            if not self.read_only:
+                self.region.flush(int(msg["flush_number"]), int(msg["gen"]))
+            return Message("FlushAck", {"job_id": job, "error": None})
+        if kind == "ExtentFetch":
+            eid = int(msg["eid"])
+            meta = self.region.meta(eid)
+            return Message("ExtentData", {
+                "job_id": job, "error": None, "eid": eid, "gen": meta.gen, "flush": meta.flush,
+                "dirty": meta.dirty, "written": meta.written.hex()}, self.region.extent_data(eid))
+        if kind == "ExtentPut":
+            if self.read_only:
+                raise RegionError("this downstairs is read-only")
+            self.region.put_extent(int(msg["eid"]), msg.payload, gen=int(msg["gen"]),
+                                   flush=int(msg["flush"]), written=bytes.fromhex(msg["written"]))
+            return Message("ExtentPutAck", {"job_id": job, "error": None})
+        raise ProtocolError(f"unexpected message {kind} on an active connection")
+
+
+# -- command line ----------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sut.storage.downstairs",
+                                     description="Crucible-style downstairs (reference SUT)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    create = sub.add_parser("create", help="create a new region in an empty directory")
+    create.add_argument("-u", "--uuid", required=True)
+    create.add_argument("-d", "--data", required=True, type=Path)
+    create.add_argument("--block-size", type=int, default=512)
+    create.add_argument("--extent-size", type=int, required=True, help="blocks per extent")
+    create.add_argument("--extent-count", type=int, required=True)
+    create.add_argument("--encrypted", action="store_true")
+    run = sub.add_parser("run", help="serve an existing region")
+    run.add_argument("-d", "--data", required=True, type=Path)
+    run.add_argument("-a", "--address", default="127.0.0.1")
+    run.add_argument("-p", "--port", type=int, required=True, help="TCP port (0 = any free)")
+    run.add_argument("--mode", choices=("rw", "ro"), default="rw")
+    run.add_argument("--lossy", action="store_true")
+    run.add_argument("--read-errors", action="store_true")
+    run.add_argument("--write-errors", action="store_true")
+    run.add_argument("--flush-errors", action="store_true")
+    return parser
+
+
+async def _run(args: argparse.Namespace) -> None:
+    region = Region.open(args.data)
+    faults = FaultConfig(args.lossy, args.read_errors, args.write_errors, args.flush_errors)
+    ds = Downstairs(region, read_only=args.mode == "ro", faults=faults)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await ds.start(args.address, args.port)
+        await stop.wait()
+        log("stopping", reason="signal")
+    finally:
+        await ds.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "create":
+            region = Region.create(
+                args.data, region_uuid=args.uuid, block_size=args.block_size,
+                extent_size=args.extent_size, extent_count=args.extent_count,
+                encrypted=args.encrypted)
+            log("created", dir=str(args.data), uuid=region.info.uuid)
+            region.close()
+            return 0
+        asyncio.run(_run(args))
+        return 0
+    except RegionError as exc:
+        log("error", error=str(exc))
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        log("error", error=str(exc))
+        print(f"error: {exc} (is the address/port free and the directory writable?)",
+              file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

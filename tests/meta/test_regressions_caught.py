@@ -1,0 +1,79 @@
+"""Proof that the suite catches the seed's historical bug.
+
+Runs the two seed tests in a nested pytest against the reference server with
+`--regression blocking-start` (the livelock of Propolis issue 841) and asserts that BOTH
+fail, each with a message that names the broken behaviour - a suite that stays green
+against a known bug proves nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from phd.framework import PhdConfig
+
+pytestmark = [pytest.mark.vm, pytest.mark.crucible]
+
+SEED_TESTS = {
+    "tests/suite/test_crucible.py::test_vcr_replace_during_start":
+        "VCR replacement during a blocked start was never applied",
+    "tests/suite/test_server_state_machine.py::test_stop_while_blocked_on_start":
+        "a stop during a blocked start did not abort the start",
+}
+
+
+def _run_nested(regression: str, phd_config: PhdConfig, tmp_path: Path) -> dict[str, str]:
+    junit = tmp_path / "junit.xml"
+    env = dict(os.environ)
+    env.pop("PYTEST_XDIST_WORKER", None)
+    # A port block of its own, clear of every worker of the outer run.
+    env["PHD_PORT_BASE"] = str(52000 + 2000 * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0))
+    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q",
+            f"--junitxml={junit}", f"--phd-regression={regression}",
+            f"--phd-downstairs={phd_config.downstairs}", f"--phd-artifact-dir={phd_config.artifact_dir}",
+            f"--phd-tmp-dir={tmp_path / 'phd'}", *SEED_TESTS]
+    proc = subprocess.run(argv, cwd=phd_config.repo_root, env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=900, check=False)
+    if not junit.exists():
+        pytest.fail(f"nested pytest wrote no report (exit {proc.returncode}):\n{proc.stdout[-3000:]}"
+                    f"\n{proc.stderr[-3000:]}")
+    outcomes: dict[str, str] = {}
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        node = f"{case.get('file') or ''}::{case.get('name')}"
+        failure = case.find("failure")
+        error = case.find("error")
+        skipped = case.find("skipped")
+        if failure is not None:
+            outcomes[node] = "failed: " + (failure.get("message") or "") + (failure.text or "")
+        elif error is not None:
+            outcomes[node] = "error: " + (error.get("message") or "")
+        elif skipped is not None:
+            outcomes[node] = "skipped: " + (skipped.get("message") or "")
+        else:
+            outcomes[node] = "passed"
+    return outcomes
+
+
+def _find(outcomes: dict[str, str], test_id: str) -> str:
+    name = test_id.split("::")[-1]
+    for node, outcome in outcomes.items():
+        if node.endswith(name):
+            return outcome
+    return "<not run>"
+
+
+def test_blocking_start_regression_is_caught(phd_config: PhdConfig, tmp_path: Path) -> None:
+    outcomes = _run_nested("blocking-start", phd_config, tmp_path)
+    for test_id, expected in SEED_TESTS.items():
+        outcome = _find(outcomes, test_id)
+        if outcome.startswith("skipped"):
+            pytest.skip(f"{test_id} skipped in the nested run: {outcome}")
+        assert outcome.startswith("failed"), (
+            f"{test_id} did not fail against --regression blocking-start: {outcome}")
+        assert expected in outcome, f"{test_id} failed for another reason: {outcome[:2000]}"
