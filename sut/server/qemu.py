@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -160,7 +159,7 @@ class QemuVm:
         """Start QEMU paused, finish the QMP handshake, attach the serial console."""
         self.run_dir.path.mkdir(parents=True, exist_ok=True)
         await self._qmp.start_server(str(self.run_dir.qmp_socket))
-        self._log.info("launching qemu", extra={"argv": self.argv, "argv_json": json.dumps(self.argv)})
+        self._log.info("launching qemu", extra={"argv": self.argv})
         with self.run_dir.log_file.open("ab") as log:
             self._proc = await asyncio.create_subprocess_exec(
                 *self.argv,

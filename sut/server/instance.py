@@ -1,0 +1,101 @@
+"""One instance: builds the backends, QEMU command line and driver from a SPEC."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from sut.server.backends import BlockBackend, CrucibleDisk
+from sut.server.driver import NoSuchBackendError, StateDriver
+from sut.server.qemu import QemuVm, RunDir, build_argv
+from sut.server.regressions import Regressions
+from sut.server.serial import SerialConsole
+from sut.server.spec import CrucibleBackendSpec, FileBackend, InstanceEnsureRequest, backend_id
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    """Server-wide settings that shape every VM."""
+
+    data_dir: Path
+    regressions: Regressions = Regressions()
+    accel: str = "tcg"
+    qemu_binary: str = "qemu-system-x86_64"
+
+
+class Instance:
+    def __init__(
+        self,
+        request: InstanceEnsureRequest,
+        run_dir: RunDir,
+        backends: dict[str, BlockBackend],
+        config: VmConfig,
+        logger: logging.Logger,
+    ) -> None:
+        self.request = request
+        self.run_dir = run_dir
+        self.serial = SerialConsole(logger=logger)
+        argv = build_argv(request.spec, run_dir, accel=config.accel, binary=config.qemu_binary)
+        self.driver = StateDriver(
+            backends=backends,
+            vm_factory=lambda: QemuVm(argv, run_dir, self.serial, logger),
+            regressions=config.regressions,
+            logger=logger,
+            on_destroyed=self.serial.close,
+        )
+
+    @classmethod
+    async def create(
+        cls, request: InstanceEnsureRequest, config: VmConfig, logger: logging.Logger
+    ) -> Instance:
+        """Validate what the SPEC alone cannot (socket paths, VCRs) and start the driver.
+
+        Raises ``QemuError`` / ``BackendError`` with a message naming the fix.
+        """
+        spec = request.spec
+        run_dir = RunDir(config.data_dir / f"vm-{request.properties.id.hex[:12]}")
+        run_dir.check_socket_paths(list(spec.disks))
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        backends: dict[str, BlockBackend] = {}
+        try:
+            for device, disk in spec.disks.items():
+                if isinstance(disk.backend, CrucibleBackendSpec):
+                    bid = backend_id(device)
+                    backends[bid] = CrucibleDisk(
+                        bid,
+                        disk.backend.request_json,
+                        run_dir.disk_socket(device),
+                        read_only=disk.backend.readonly,
+                        regressions=config.regressions.storage,
+                        logger=logger.getChild(bid),
+                    )
+        except BaseException:
+            for backend in backends.values():
+                await backend.close()
+            raise
+        instance = cls(request, run_dir, backends, config, logger)
+        instance.driver.start()
+        return instance
+
+    def describe(self) -> dict[str, object]:
+        snapshot = self.driver.state
+        return {
+            "properties": self.request.properties.model_dump(mode="json"),
+            "state": str(snapshot.state),
+            "gen": snapshot.gen,
+        }
+
+    def disk_status(self, bid: str) -> dict[str, object]:
+        snapshot = self.driver.state
+        vm = {"vm_state": str(snapshot.state), "vm_gen": snapshot.gen, "backend_id": bid}
+        for device, disk in self.request.spec.disks.items():
+            if backend_id(device) == bid and isinstance(disk.backend, FileBackend):
+                return {"type": "file", "path": str(disk.backend.path), **vm}
+        return {"type": "crucible", **self.driver.backend_status(bid), **vm}
+
+    def known_backends(self) -> list[str]:
+        return sorted(backend_id(device) for device in self.request.spec.disks)
+
+
+__all__ = ["Instance", "NoSuchBackendError", "VmConfig"]

@@ -1,0 +1,5 @@
+"""Container image of the downstairs: ``python -m sut.storage.image ensure`` prints its tag."""
+
+from sut.storage.image.build import IMAGE_LABEL, ImageBuildError, ensure_image, image_tag
+
+__all__ = ["IMAGE_LABEL", "ImageBuildError", "ensure_image", "image_tag"]

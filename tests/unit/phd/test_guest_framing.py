@@ -1,0 +1,51 @@
+"""The guest adapter's framing, against a scripted console (the real path is the suite)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from phd.guest import GuestCommandError, TinyGuest
+
+
+class ScriptedConsole:
+    """Answers each framed command like a shell would: echo, output, end marker, prompt."""
+
+    def __init__(self, outputs: list[tuple[str, int]]) -> None:
+        self.outputs = outputs
+        self.buffer = ""
+        self.sent: list[str] = []
+
+    def send(self, text: str) -> None:
+        self.sent.append(text)
+        n = re.search(r"PHD_BEGIN_%s\\n' (\d+);", text)
+        if n:
+            out, status = self.outputs.pop(0)
+            # the echo of the typed line contains the format string, never the real marker
+            self.buffer += text.replace("\n", "\r\n")
+            self.buffer += f"PHD_BEGIN_{n.group(1)}\n{out}PHD_END_{n.group(1)}_{status}\nroot@tiny:~# "
+
+    def wait_for(self, pattern: object, timeout_s: float) -> re.Match[str]:
+        rx = re.compile(re.escape(pattern)) if isinstance(pattern, str) else pattern
+        assert isinstance(rx, re.Pattern)
+        m = rx.search(self.buffer)
+        assert m, f"{rx.pattern!r} not in {self.buffer!r}"
+        self.buffer = self.buffer[m.end():]
+        return m
+
+
+def test_output_and_status_are_exact() -> None:
+    guest = TinyGuest(ScriptedConsole([("hello\nworld\n", 0)]))  # type: ignore[arg-type]
+    result = guest.run("echo hello; echo world")
+    assert result.output == "hello\nworld"
+    assert result.status == 0
+
+
+def test_non_zero_status_fails_by_default_and_can_be_expected() -> None:
+    guest = TinyGuest(ScriptedConsole([("", 3), ("", 3), ("", 0)]))  # type: ignore[arg-type]
+    with pytest.raises(GuestCommandError, match="exited 3"):
+        guest.run("false")
+    assert guest.run("false", check="err").status == 3
+    with pytest.raises(GuestCommandError, match="expected non-zero"):
+        guest.run("true", check="err")

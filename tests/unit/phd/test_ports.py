@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from phd.errors import HarnessError
+from phd.ports import PortAllocator
+
+
+def test_workers_get_disjoint_ranges() -> None:
+    a = PortAllocator(base=30000, index=0, size=50)
+    b = PortAllocator(base=30000, index=1, size=50)
+    assert a.end <= b.start
+
+
+def test_skips_ports_in_use_and_never_repeats() -> None:
+    alloc = PortAllocator(base=31000, index=0, size=20)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", alloc.start))
+        ports = [alloc.allocate() for _ in range(5)]
+    assert alloc.start not in ports
+    assert len(set(ports)) == 5
+
+
+def test_exhaustion_is_a_clear_error() -> None:
+    alloc = PortAllocator(base=31100, index=0, size=3)
+    for _ in range(3):
+        alloc.allocate()
+    with pytest.raises(HarnessError, match="no free loopback port"):
+        alloc.allocate()
+
+
+def test_black_hole_refuses_connections() -> None:
+    alloc = PortAllocator(base=31200, index=0, size=10)
+    hole = alloc.black_hole()
+    try:
+        assert hole.address.startswith("127.0.0.1:")
+        with socket.socket() as s, pytest.raises(ConnectionRefusedError):
+            s.connect(("127.0.0.1", hole.port))
+    finally:
+        hole.close()
