@@ -15,7 +15,7 @@ from pathlib import Path
 from guests.tiny import debian, kmods
 from guests.tiny.cpio import Archive
 
-__all__ = ["ROOTFS_DIR", "WANTED_MODULES", "Assembled", "assemble", "add_rootfs"]
+__all__ = ["ROOTFS_DIR", "WANTED_MODULES", "Assembled", "add_rootfs", "assemble"]
 
 ROOTFS_DIR = Path(__file__).resolve().parent / "rootfs"
 
@@ -90,9 +90,7 @@ def _add_busybox(archive: Archive, binary: Path) -> int:
 def _kernel_version(root: Path) -> str:
     kernels = sorted((root / "boot").glob("vmlinuz-*"))
     if len(kernels) != 1:
-        raise debian.DebianError(
-            f"expected one boot/vmlinuz-* in the kernel package, found {len(kernels)}"
-        )
+        raise debian.DebianError(f"expected one boot/vmlinuz-* in the kernel package, found {len(kernels)}")
     return kernels[0].name.removeprefix("vmlinuz-")
 
 
@@ -146,6 +144,4 @@ def assemble(
     log(f"writing initramfs ({len(archive)} entries)")
     (staging / "initrd.img").write_bytes(archive.to_gzip())
     (staging / "cmdline").write_text(cmdline + "\n")
-    return Assembled(
-        kernel_version=version, modules=tuple(m.name for m in order), busybox_applets=applets
-    )
+    return Assembled(kernel_version=version, modules=tuple(m.name for m in order), busybox_applets=applets)

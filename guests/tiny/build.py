@@ -112,12 +112,8 @@ def input_hash(inputs: Inputs, recipe: str) -> str:
 def resolve_inputs() -> Inputs:
     """Pin the kernel and busybox-static versions apt would use right now."""
     busybox_name = "busybox-static"
-    busybox_version = debian.installed_version(busybox_name) or debian.candidate_version(
-        busybox_name
-    )
-    return Inputs(
-        kernel=debian.kernel_package(), busybox=debian.Package(busybox_name, busybox_version)
-    )
+    busybox_version = debian.installed_version(busybox_name) or debian.candidate_version(busybox_name)
+    return Inputs(kernel=debian.kernel_package(), busybox=debian.Package(busybox_name, busybox_version))
 
 
 def read_metadata(out: Path) -> dict[str, Any] | None:

@@ -19,10 +19,10 @@ from pathlib import Path
 __all__ = [
     "ModuleError",
     "ModuleFile",
-    "module_name",
-    "parse_modules_dep",
-    "parse_builtin",
     "load_order",
+    "module_name",
+    "parse_builtin",
+    "parse_modules_dep",
     "read_module",
 ]
 

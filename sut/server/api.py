@@ -25,10 +25,13 @@ from sut.server.spec import InstanceEnsureRequest, VcrReplaceRequest
 class ApiError(Exception):
     """An error answered as ``{"error": code, "message": message}``."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, extra: dict[str, object] | None = None
+    ) -> None:
         self.status = status
         self.code = code
         self.message = message
+        self.extra = extra or {}
         super().__init__(message)
 
 
@@ -98,7 +101,8 @@ def create_app(controller: ServerController) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"error": exc.code, "message": exc.message}, status_code=exc.status)
+        body = {"error": exc.code, "message": exc.message, **exc.extra}
+        return JSONResponse(body, status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -177,8 +181,7 @@ def create_app(controller: ServerController) -> FastAPI:
                 raise ApiError(410, "InstanceGone", str(exc)) from exc
             raise ApiError(403, "RequestDenied", str(exc)) from exc
         except ReplacementRejectedError as exc:
-            body_out = {"error": "ReplacementRejected", "message": str(exc), "rule": exc.rule}
-            return _raise_json(400, body_out)
+            raise ApiError(400, "ReplacementRejected", str(exc), {"rule": exc.rule}) from exc
         return {"result": result}
 
     @app.get("/instance/disk/{backend_id}/status")
@@ -193,21 +196,6 @@ def create_app(controller: ServerController) -> FastAPI:
             ) from exc
 
     return app
-
-
-class _JsonAnswer(Exception):
-    def __init__(self, status: int, body: dict[str, object]) -> None:
-        self.status = status
-        self.body = body
-
-
-def _raise_json(status: int, body: dict[str, object]) -> dict[str, object]:
-    raise ApiError(status, str(body["error"]), str(body["message"]) + _rule_suffix(body))
-
-
-def _rule_suffix(body: dict[str, object]) -> str:
-    rule = body.get("rule")
-    return f" (rule: {rule})" if rule else ""
 
 
 async def _serial_session(controller: ServerController, ws: WebSocket) -> None:

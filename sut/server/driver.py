@@ -131,7 +131,7 @@ class StateDriver:
             raise NoSuchBackendError(backend_id)
         return backend.status()
 
-    async def shutdown(self, timeout_s: float = 30.0) -> None:
+    async def shutdown(self, timeout_s: float = 10.0) -> None:
         """Server shutdown: stop the instance through the queue, then force it."""
         if self._task is None or self._task.done():
             await self.monitor.release_waiters()

@@ -9,7 +9,7 @@ from pathlib import Path
 from sut.server.backends import BlockBackend, CrucibleDisk
 from sut.server.driver import NoSuchBackendError, StateDriver
 from sut.server.qemu import QemuVm, RunDir, build_argv
-from sut.server.regressions import Regressions
+from sut.server.regressions import NO_REGRESSIONS, Regressions
 from sut.server.serial import SerialConsole
 from sut.server.spec import CrucibleBackendSpec, FileBackend, InstanceEnsureRequest, backend_id
 
@@ -19,7 +19,7 @@ class VmConfig:
     """Server-wide settings that shape every VM."""
 
     data_dir: Path
-    regressions: Regressions = Regressions()
+    regressions: Regressions = NO_REGRESSIONS
     accel: str = "tcg"
     qemu_binary: str = "qemu-system-x86_64"
 

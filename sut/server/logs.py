@@ -8,7 +8,11 @@ import sys
 import time
 
 # Attributes every LogRecord has; anything else came in through ``extra=``.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "color_message",  # uvicorn duplicates msg with ANSI colours
+}
 
 
 class JsonFormatter(logging.Formatter):
@@ -39,4 +43,6 @@ def configure(level: int = logging.INFO) -> logging.Logger:
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+    # qemu.qmp narrates every connection step at INFO; keep its warnings only.
+    logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
     return logging.getLogger("sut.server")

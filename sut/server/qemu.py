@@ -86,7 +86,8 @@ def build_argv(
         "-display", "none",
         "-S",  # paused: vCPUs start only after block backends are active
         "-accel", accel,
-        "-machine", "q35",
+        # graphics=off: SeaBIOS then prints to the serial port (no VGA here).
+        "-machine", "q35,graphics=off",
         "-smp", str(spec.board.cpus),
         "-m", str(spec.board.memory_mib),
         # QEMU connects to our QMP listener (no poll for a socket to appear).
@@ -149,7 +150,7 @@ class QemuVm:
         self._log = logger
         self._qmp = QMPClient("phd-server")
         self._proc: asyncio.subprocess.Process | None = None
-        self._shutdown_started = False
+        self._shutdown_done = False
 
     @property
     def pid(self) -> int | None:
@@ -210,13 +211,12 @@ class QemuVm:
     async def shutdown(self) -> None:
         """quit -> SIGTERM -> SIGKILL, then remove sockets; idempotent."""
         proc = self._proc
-        first = not self._shutdown_started
-        self._shutdown_started = True
+        if self._shutdown_done:
+            return
         try:
             if proc is not None and proc.returncode is None:
-                if first:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(self._qmp.execute("quit"), QMP_TIMEOUT_S)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._qmp.execute("quit"), QMP_TIMEOUT_S)
                 if not await _exited(proc, QUIT_GRACE_S):
                     self._log.warning("qemu ignored quit; sending SIGTERM", extra={"pid": proc.pid})
                     _signal(proc, signal.SIGTERM)
@@ -227,6 +227,7 @@ class QemuVm:
             if proc is not None:
                 self._log.info("qemu exited", extra={"pid": proc.pid, "exit_code": proc.returncode})
         finally:
+            self._shutdown_done = proc is None or proc.returncode is not None
             with contextlib.suppress(Exception):
                 await self._qmp.disconnect()
             for path in (self.run_dir.qmp_socket, self.run_dir.serial_socket):

@@ -36,6 +36,9 @@ class StateMonitor:
 
     def __init__(self) -> None:
         self._snapshot = StateSnapshot(InstanceState.CREATING, 1)
+        # Every published state, for logs and tests; an instance publishes a
+        # handful of states per lifecycle, so this stays small.
+        self.history: list[StateSnapshot] = [self._snapshot]
         self._changed = asyncio.Condition()
         self._closing = False
 
@@ -46,6 +49,7 @@ class StateMonitor:
     async def publish(self, state: InstanceState) -> StateSnapshot:
         async with self._changed:
             self._snapshot = StateSnapshot(state, self._snapshot.gen + 1)
+            self.history.append(self._snapshot)
             self._changed.notify_all()
         return self._snapshot
 

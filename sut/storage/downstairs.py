@@ -75,8 +75,13 @@ class Downstairs:
     async def start(self, address: str, port: int) -> int:
         self._server = await asyncio.start_server(self._handle, address, port)
         bound = int(self._server.sockets[0].getsockname()[1])
-        log("listening", address=address, port=bound, uuid=self.region.info.uuid,
-            mode="ro" if self.read_only else "rw")
+        log(
+            "listening",
+            address=address,
+            port=bound,
+            uuid=self.region.info.uuid,
+            mode="ro" if self.read_only else "rw",
+        )
         return bound
 
     async def stop(self) -> None:
@@ -151,8 +156,10 @@ class Downstairs:
             return None
         await self._send(
             writer,
-            Message("YouAreNowActive", {"upstairs_id": session.upstairs_id,
-                                        "session_id": session.session_id, "gen": session.gen}),
+            Message(
+                "YouAreNowActive",
+                {"upstairs_id": session.upstairs_id, "session_id": session.session_id, "gen": session.gen},
+            ),
         )
         log("active", peer=peer, upstairs_id=session.upstairs_id, gen=session.gen)
         return session
@@ -165,15 +172,22 @@ class Downstairs:
         if old is not None:
             if new.gen < old.gen:
                 return f"generation {new.gen} is lower than the active generation {old.gen}"
-            if new.gen == old.gen and (new.upstairs_id, new.session_id) != (
-                old.upstairs_id, old.session_id
-            ):
+            if new.gen == old.gen and (new.upstairs_id, new.session_id) != (old.upstairs_id, old.session_id):
                 return f"generation {new.gen} is already active for another session"
             # takeover: tell the old upstairs, then drop its connection
             with contextlib.suppress(ConnectionError, ProtocolError):
-                old.writer.write(encode(Message("YouAreNoLongerActive", {
-                    "new_upstairs_id": new.upstairs_id, "new_session_id": new.session_id,
-                    "new_gen": new.gen})))
+                old.writer.write(
+                    encode(
+                        Message(
+                            "YouAreNoLongerActive",
+                            {
+                                "new_upstairs_id": new.upstairs_id,
+                                "new_session_id": new.session_id,
+                                "new_gen": new.gen,
+                            },
+                        )
+                    )
+                )
             old.writer.close()
             log("taken_over", old_gen=old.gen, new_gen=new.gen)
         self._active = new
@@ -200,10 +214,16 @@ class Downstairs:
         if kind == "Ruok":
             return Message("Imok")
         if kind == "RegionInfoPlease":
-            return Message("RegionInfo", {
-                "block_size": info.block_size, "extent_size": info.extent_size,
-                "extent_count": info.extent_count, "uuid": info.uuid,
-                "encrypted": info.encrypted})
+            return Message(
+                "RegionInfo",
+                {
+                    "block_size": info.block_size,
+                    "extent_size": info.extent_size,
+                    "extent_count": info.extent_count,
+                    "uuid": info.uuid,
+                    "encrypted": info.encrypted,
+                },
+            )
         if kind == "ExtentVersionsPlease":
             gens, flushes, dirty = self.region.versions()
             return Message("ExtentVersions", {"gen": gens, "flush": flushes, "dirty": dirty})
@@ -212,9 +232,12 @@ class Downstairs:
             return self._io(msg, job)
         except (RegionError, OSError, KeyError, TypeError, ValueError) as exc:
             log("io_error", kind=kind, job_id=job, error=str(exc))
-            reply_kind = {"Read": "ReadResponse", "Flush": "FlushAck",
-                          "ExtentFetch": "ExtentData", "ExtentPut": "ExtentPutAck"}.get(
-                              kind, "WriteAck")
+            reply_kind = {
+                "Read": "ReadResponse",
+                "Flush": "FlushAck",
+                "ExtentFetch": "ExtentData",
+                "ExtentPut": "ExtentPutAck",
+            }.get(kind, "WriteAck")
             fields: dict[str, Any] = {"job_id": job, "error": str(exc)}
             if reply_kind == "ReadResponse":
                 fields["written"] = ""
@@ -237,8 +260,7 @@ class Downstairs:
             if self.read_only:
                 raise RegionError("this downstairs is read-only")
             self._inject(self.faults.write_errors, "write")
-            self.region.write(int(msg["block"]), msg.payload,
-                              only_unwritten=kind == "WriteUnwritten")
+            self.region.write(int(msg["block"]), msg.payload, only_unwritten=kind == "WriteUnwritten")
             return Message("WriteAck", {"job_id": job, "error": None})
         if kind == "Flush":
             self._inject(self.faults.flush_errors, "flush")
@@ -248,22 +270,38 @@ class Downstairs:
         if kind == "ExtentFetch":
             eid = int(msg["eid"])
             meta = self.region.meta(eid)
-            return Message("ExtentData", {
-                "job_id": job, "error": None, "eid": eid, "gen": meta.gen, "flush": meta.flush,
-                "dirty": meta.dirty, "written": meta.written.hex()}, self.region.extent_data(eid))
+            return Message(
+                "ExtentData",
+                {
+                    "job_id": job,
+                    "error": None,
+                    "eid": eid,
+                    "gen": meta.gen,
+                    "flush": meta.flush,
+                    "dirty": meta.dirty,
+                    "written": meta.written.hex(),
+                },
+                self.region.extent_data(eid),
+            )
         if kind == "ExtentPut":
             if self.read_only:
                 raise RegionError("this downstairs is read-only")
-            self.region.put_extent(int(msg["eid"]), msg.payload, gen=int(msg["gen"]),
-                                   flush=int(msg["flush"]), written=bytes.fromhex(msg["written"]))
+            self.region.put_extent(
+                int(msg["eid"]),
+                msg.payload,
+                gen=int(msg["gen"]),
+                flush=int(msg["flush"]),
+                written=bytes.fromhex(msg["written"]),
+            )
             return Message("ExtentPutAck", {"job_id": job, "error": None})
         raise ProtocolError(f"unexpected message {kind} on an active connection")
 
 
 # -- command line ----------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sut.storage.downstairs",
-                                     description="Crucible-style downstairs (reference SUT)")
+    parser = argparse.ArgumentParser(
+        prog="python -m sut.storage.downstairs", description="Crucible-style downstairs (reference SUT)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     create = sub.add_parser("create", help="create a new region in an empty directory")
     create.add_argument("-u", "--uuid", required=True)
@@ -305,9 +343,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "create":
             region = Region.create(
-                args.data, region_uuid=args.uuid, block_size=args.block_size,
-                extent_size=args.extent_size, extent_count=args.extent_count,
-                encrypted=args.encrypted)
+                args.data,
+                region_uuid=args.uuid,
+                block_size=args.block_size,
+                extent_size=args.extent_size,
+                extent_count=args.extent_count,
+                encrypted=args.encrypted,
+            )
             log("created", dir=str(args.data), uuid=region.info.uuid)
             region.close()
             return 0
@@ -319,8 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as exc:
         log("error", error=str(exc))
-        print(f"error: {exc} (is the address/port free and the directory writable?)",
-              file=sys.stderr)
+        print(f"error: {exc} (is the address/port free and the directory writable?)", file=sys.stderr)
         return 2
 
 

@@ -181,7 +181,9 @@ class Region:
         try:
             raw = json.loads(path.read_text())
             return ExtentMeta(
-                int(raw["gen"]), int(raw["flush"]), bool(raw["dirty"]),
+                int(raw["gen"]),
+                int(raw["flush"]),
+                bool(raw["dirty"]),
                 bytearray.fromhex(raw["written"]),
             )
         except (OSError, KeyError, TypeError, ValueError) as exc:
@@ -268,9 +270,7 @@ class Region:
 
     def extent_data(self, eid: int) -> bytes:
         self._check_extent(eid)
-        return os.pread(self._fds[eid], self.info.extent_bytes, 0).ljust(
-            self.info.extent_bytes, b"\0"
-        )
+        return os.pread(self._fds[eid], self.info.extent_bytes, 0).ljust(self.info.extent_bytes, b"\0")
 
     def put_extent(self, eid: int, data: bytes, *, gen: int, flush: int, written: bytes) -> None:
         """Replace a whole extent (reconciliation / repair) and make it durable at once."""

@@ -156,8 +156,10 @@ def _path(loc: tuple[int | str, ...]) -> str:
     out = ""
     previous: int | str | None = None
     for part in loc:
-        if isinstance(part, str) and part in _TAGS and (
-            previous is None or isinstance(previous, int) or previous == "read_only_parent"
+        if (
+            isinstance(part, str)
+            and part in _TAGS
+            and (previous is None or isinstance(previous, int) or previous == "read_only_parent")
         ):
             previous = part
             continue
@@ -252,9 +254,7 @@ def _opts_without_target(opts: RegionOpts) -> dict[str, Any]:
     return data
 
 
-def compare(
-    old: VolumeVcr, new: VolumeVcr, *, allow_multiple_targets: bool = False
-) -> ReplaceOutcome:
+def compare(old: VolumeVcr, new: VolumeVcr, *, allow_multiple_targets: bool = False) -> ReplaceOutcome:
     """Check that ``new`` is a valid replacement for ``old`` (Crucible's rules).
 
     ``allow_multiple_targets`` exists only for the ``multi-target-replace`` regression.
@@ -271,9 +271,7 @@ def compare(
             f"sub_volumes count changed {len(old.sub_volumes)} -> {len(new.sub_volumes)}",
         )
     if old.read_only_parent is None and new.read_only_parent is not None:
-        raise ReplaceRuleError(
-            "read-only-parent-added", "a read_only_parent may be dropped but not added"
-        )
+        raise ReplaceRuleError("read-only-parent-added", "a read_only_parent may be dropped but not added")
     if (
         old.read_only_parent is not None
         and new.read_only_parent is not None
@@ -297,9 +295,7 @@ def compare(
                     f"{where}.{field} changed {getattr(o, field)} -> {getattr(n, field)}",
                 )
         if n.gen < o.gen:
-            raise ReplaceRuleError(
-                "generation-lower", f"{where}.gen went backwards {o.gen} -> {n.gen}"
-            )
+            raise ReplaceRuleError("generation-lower", f"{where}.gen went backwards {o.gen} -> {n.gen}")
         gen_changed = gen_changed or n.gen != o.gen
         old_opts, new_opts = _opts_without_target(o.opts), _opts_without_target(n.opts)
         for key in sorted(set(old_opts) | set(new_opts)):

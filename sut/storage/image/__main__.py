@@ -17,8 +17,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sut.storage.image")
     sub = parser.add_subparsers(dest="command", required=True)
     ensure = sub.add_parser("ensure", help="build the image when missing and print its tag")
-    ensure.add_argument("--lock-dir", type=Path, default=None,
-                        help="directory for the cross-process build lock (default: $TMPDIR)")
+    ensure.add_argument(
+        "--lock-dir",
+        type=Path,
+        default=None,
+        help="directory for the cross-process build lock (default: $TMPDIR)",
+    )
     sub.add_parser("tag", help="print the tag the current sources would produce")
     args = parser.parse_args(argv)
     if args.command == "tag":

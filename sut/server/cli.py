@@ -1,0 +1,150 @@
+"""``python -m sut.server``: argument parsing, signals, uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import os
+import signal
+import sys
+from collections.abc import Generator
+from pathlib import Path
+
+import uvicorn
+
+from sut.server import logs
+from sut.server.api import ServerController, create_app
+from sut.server.instance import VmConfig
+from sut.server.regressions import ALL_REGRESSIONS, Regressions, UnknownRegressionError
+
+ACCEL_ENV = "SUT_SERVER_ACCEL"
+QEMU_ENV = "SUT_SERVER_QEMU"
+
+
+def _listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    try:
+        ipaddress.ip_address(host)
+        number = int(port)
+    except ValueError:
+        number = -1
+    if not sep or not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"expected IP:PORT such as 127.0.0.1:9000, got {value!r}")
+    return host, number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sut.server", description=__doc__)
+    parser.add_argument(
+        "--listen",
+        type=_listen,
+        default=("127.0.0.1", 0),
+        help="IP:PORT to serve HTTP on (default 127.0.0.1:0, an ephemeral loopback port)",
+    )
+    parser.add_argument("--data-dir", type=Path, required=True, help="run directories go here")
+    parser.add_argument(
+        "--regression",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=f"re-create a historical bug; one of: {', '.join(sorted(ALL_REGRESSIONS))}",
+    )
+    parser.add_argument(
+        "--accel",
+        choices=["tcg", "kvm"],
+        default=os.environ.get(ACCEL_ENV, "tcg"),
+        help=f"QEMU accelerator (default tcg, or ${ACCEL_ENV})",
+    )
+    parser.add_argument(
+        "--qemu",
+        default=os.environ.get(QEMU_ENV, "qemu-system-x86_64"),
+        help=f"QEMU binary (default qemu-system-x86_64, or ${QEMU_ENV})",
+    )
+    return parser
+
+
+class _Server(uvicorn.Server):
+    """uvicorn with the signal policy of propolis-server under PHD.
+
+    SIGINT is ignored so a Ctrl-C in the harness's terminal does not kill the
+    server before the harness stops it cleanly; SIGTERM stops the VM first,
+    then the HTTP server, and the process exits 0.
+    """
+
+    def __init__(self, config: uvicorn.Config, controller: ServerController) -> None:
+        super().__init__(config)
+        self._controller = controller
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        previous = {
+            signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+            signal.SIGTERM: signal.signal(signal.SIGTERM, self._on_sigterm),
+        }
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        self.should_exit = True
+
+    async def startup(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
+        await super().startup(sockets)  # type: ignore[arg-type]
+        for server in self.servers:
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                self._controller.log.info("listening", extra={"host": host, "port": port})
+
+    async def shutdown(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
+        # Stop the VM before draining connections: that ends long-polls and
+        # serial websockets, which would otherwise hold the drain open.
+        await self._controller.shutdown()
+        await super().shutdown(sockets)  # type: ignore[arg-type]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        regressions = Regressions.parse(args.regression)
+    except UnknownRegressionError as exc:
+        parser.error(str(exc))  # exits 2 with the usage line
+    try:
+        args.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"cannot create --data-dir {args.data_dir}: {exc}")
+    log = logs.configure()
+    host, port = args.listen
+    config = VmConfig(
+        data_dir=args.data_dir.resolve(),
+        regressions=regressions,
+        accel=args.accel,
+        qemu_binary=args.qemu,
+    )
+    controller = ServerController(config, log)
+    log.info(
+        "server starting",
+        extra={"listen": f"{host}:{port}", "data_dir": str(config.data_dir),
+               "regressions": sorted(regressions.names), "accel": args.accel},
+    )
+    uv_config = uvicorn.Config(
+        create_app(controller),
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        lifespan="off",
+    )
+    server = _Server(uv_config, controller)
+    asyncio.run(server.serve())
+    log.info("server stopped")
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,396 @@
+"""The upstairs of one region: three downstairs clients, activation, replication, replacement.
+
+Activation (read-write): every client must reach ``wait_quorum``; then collate (the requested
+generation must exceed every stored extent generation, else :class:`StorageFatalError`),
+reconcile extents that are dirty or differ by copying the highest ``(gen, flush, dirty)``
+copy to the others, then go active. Writes go to every active downstairs, reads to one,
+flushes to all.
+
+A downstairs that joins while the region is active (a replacement, or a faulted one that
+reconnected) is repaired by copying every extent from an active copy while new I/O is held
+at a gate. Holding I/O is simpler than Crucible's per-extent live repair and is correct
+because jobs already submitted precede the copy in every downstairs' queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import uuid
+from collections.abc import Sequence
+
+from sut.storage.client import ClientState, DownstairsClient, RetryPolicy, SessionInfo
+from sut.storage.errors import ReplaceRuleError, StorageError, StorageFatalError
+from sut.storage.protocol import Message
+from sut.storage.vcr import RegionVcr
+
+__all__ = ["Activation", "Upstairs"]
+
+
+class Activation(enum.Enum):
+    INACTIVE = "inactive"
+    ACTIVATING = "activating"
+    ACTIVE = "active"
+    FAILED = "failed"
+    CLOSED = "closed"
+
+
+# States in which a downstairs is not a consistent, serving member ("in flux").
+_IN_FLUX = frozenset(
+    {
+        ClientState.CONNECTING,
+        ClientState.NEGOTIATING,
+        ClientState.WAIT_QUORUM,
+        ClientState.REPAIRING,
+        ClientState.OFFLINE,
+        ClientState.NEW,
+    }
+)
+
+
+class Upstairs:
+    def __init__(
+        self,
+        region: RegionVcr,
+        *,
+        read_only: bool,
+        retry: RetryPolicy,
+        generation_fence: bool = True,
+        logger: logging.Logger,
+    ) -> None:
+        self.region = region
+        self.read_only = read_only or region.opts.read_only
+        self.retry = retry
+        self.generation_fence = generation_fence
+        self.log = logger
+        self.state = Activation.INACTIVE
+        self.failure: StorageFatalError | None = None
+        self.targets: list[str] = list(region.opts.target)
+        self._gen = region.gen
+        self._session_id = str(uuid.uuid4())
+        self._clients: dict[str, DownstairsClient] = {}
+        self._changed = asyncio.Event()
+        self._io_open = asyncio.Event()  # set while I/O may be submitted
+        self._activating = False
+        self._flush_number = 0
+        self._repairs: dict[str, asyncio.Task[None]] = {}
+        self._read_cursor = 0
+
+    # -- clients ---------------------------------------------------------------------------
+    def _session(self) -> SessionInfo:
+        r = self.region
+        return SessionInfo(
+            r.opts.id,
+            self._session_id,
+            self._gen,
+            self.read_only,
+            r.opts.key is not None,
+            r.block_size,
+            r.blocks_per_extent,
+            r.extent_count,
+        )
+
+    def _new_client(self, target: str) -> DownstairsClient:
+        client = DownstairsClient(target, self._session(), self.retry, self._client_changed, self.log)
+        self._clients[target] = client
+        client.start()
+        return client
+
+    def _client_changed(self, client: DownstairsClient) -> None:
+        self._changed.set()
+        if self._clients.get(client.target) is not client:
+            return
+        if client.taken_over and self.state is Activation.ACTIVE:
+            # Another upstairs with a higher generation owns the region now: disable
+            # ourselves rather than write to the two copies that are still ours.
+            self._fail(StorageFatalError(f"deactivated: {client.last_error}"))
+        if self.state is Activation.ACTIVE and client.state is ClientState.WAIT_QUORUM:
+            self._start_repair(client)
+
+    def _fail(self, exc: StorageFatalError) -> None:
+        if self.failure is None:
+            self.failure = exc
+            self.log.error("upstairs %s failed: %s", self.region.opts.id, exc)
+        self.state = Activation.FAILED
+        self._io_open.set()  # held I/O must wake up and see the failure
+
+    def clients(self) -> list[DownstairsClient]:
+        return [self._clients[t] for t in self.targets if t in self._clients]
+
+    def status(self) -> list[dict[str, object]]:
+        out: list[dict[str, object]] = []
+        for target in self.targets:
+            client = self._clients.get(target)
+            if client is None:
+                out.append(
+                    {
+                        "target": target,
+                        "state": "new",
+                        "connect_attempts": 0,
+                        "failed_attempts": 0,
+                        "last_error": None,
+                    }
+                )
+            else:
+                out.append(client.status())
+        return out
+
+    # -- activation ------------------------------------------------------------------------
+    async def activate(self) -> None:
+        if self._activating:
+            raise StorageError(
+                "activate in progress: another activation of this region is pending; wait for it or cancel it"
+            )
+        if self.state is Activation.ACTIVE:
+            return
+        if self.state in (Activation.FAILED, Activation.CLOSED):
+            raise StorageFatalError(f"region upstairs is {self.state.value}: {self.failure}")
+        self._activating = True
+        self.state = Activation.ACTIVATING
+        try:
+            for target in self.targets:
+                if target not in self._clients:
+                    self._new_client(target)
+            while True:
+                await self._wait_quorum()
+                try:
+                    await self._collate_and_reconcile()
+                    break
+                except StorageFatalError:
+                    raise
+                except StorageError as exc:
+                    # a downstairs dropped or failed mid-reconcile: it reconnects on its own,
+                    # so wait for quorum again rather than failing an activation that the
+                    # caller expects to retry forever
+                    self.log.warning("reconciliation interrupted, retrying: %s", exc)
+                    await asyncio.sleep(self.retry.reconnect_delay_s)
+            for c in self.clients():
+                c.set_state(ClientState.ACTIVE)
+            self.state = Activation.ACTIVE
+            self._io_open.set()
+            self.log.info("region %s active at generation %s", self.region.opts.id, self._gen)
+        except StorageFatalError as exc:
+            self._fail(exc)
+            await self._stop_clients()
+            raise
+        except BaseException:
+            # cancelled (or a bug): leave nothing behind, a later activate() starts afresh
+            await self._stop_clients()
+            if self.state is Activation.ACTIVATING:
+                self.state = Activation.INACTIVE
+            raise
+        finally:
+            self._activating = False
+
+    def _quorum_reached(self) -> bool:
+        clients = self.clients()
+        ready = [c for c in clients if c.state is ClientState.WAIT_QUORUM]
+        if self.read_only:
+            return len(ready) >= 1
+        return len(clients) == len(self.targets) and len(ready) == len(self.targets)
+
+    async def _wait_quorum(self) -> None:
+        while True:
+            self._changed.clear()
+            for c in self.clients():
+                if c.fatal_error is not None:
+                    raise c.fatal_error
+            if self._quorum_reached():
+                return
+            await self._changed.wait()
+
+    async def _collate_and_reconcile(self) -> None:
+        members = [c for c in self.clients() if c.state is ClientState.WAIT_QUORUM]
+        versions = {c.target: c.extent_versions for c in members}
+        max_gen = max((max(v[0], default=0) for v in versions.values() if v), default=0)
+        if self.generation_fence and self._gen <= max_gen:
+            raise StorageFatalError(
+                f"generation {self._gen} is not greater than the stored extent generation "
+                f"{max_gen}; activate with a generation of at least {max_gen + 1}"
+            )
+        self._flush_number = max((max(v[1], default=0) for v in versions.values() if v), default=0)
+        if self.read_only or len(members) < 2:
+            return
+        for eid in range(self.region.extent_count):
+            stamps = {}
+            for c in members:
+                v = c.extent_versions
+                assert v is not None
+                stamps[c.target] = (v[0][eid], v[1][eid], v[2][eid])
+            if len(set(stamps.values())) == 1 and not any(s[2] for s in stamps.values()):
+                continue
+            source = max(members, key=lambda c: stamps[c.target])
+            src_stamp = stamps[source.target]
+            # a dirty source is rewritten too so every copy ends clean with the same stamp
+            dests = [c for c in members if c is not source or src_stamp[2]]
+            self.log.info(
+                "reconciling extent %s from %s %s to %s",
+                eid,
+                source.target,
+                src_stamp,
+                [c.target for c in dests],
+            )
+            await self._copy_extent(eid, source, dests)
+
+    async def _copy_extent(
+        self, eid: int, source: DownstairsClient, dests: Sequence[DownstairsClient]
+    ) -> None:
+        data = await source.call("ExtentFetch", {"eid": eid})
+        futures = [
+            d.submit(
+                "ExtentPut",
+                {"eid": eid, "gen": data["gen"], "flush": data["flush"], "written": data["written"]},
+                data.payload,
+            )
+            for d in dests
+        ]
+        for d, fut in zip(dests, futures, strict=True):
+            reply = await fut
+            if reply.get("error"):
+                raise StorageError(f"extent {eid} put to {d.target} failed: {reply['error']}")
+
+    async def _stop_clients(self) -> None:
+        repairs, self._repairs = self._repairs, {}
+        for task in repairs.values():
+            task.cancel()
+        for task in repairs.values():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        clients, self._clients = self._clients, {}
+        for c in clients.values():
+            await c.stop()
+
+    # -- live repair -----------------------------------------------------------------------
+    def _start_repair(self, client: DownstairsClient) -> None:
+        if client.target in self._repairs:
+            return
+        task = asyncio.get_running_loop().create_task(self._repair(client), name=f"repair {client.target}")
+        self._repairs[client.target] = task
+        target = client.target
+
+        def forget(_task: asyncio.Task[None]) -> None:
+            if self._repairs.get(target) is _task:
+                del self._repairs[target]
+
+        task.add_done_callback(forget)
+
+    async def _repair(self, client: DownstairsClient) -> None:
+        client.set_state(ClientState.REPAIRING)
+        self._io_open.clear()  # hold new I/O; jobs already sent are ahead of the copy
+        try:
+            sources = [c for c in self.clients() if c.state is ClientState.ACTIVE]
+            if not sources:
+                self._fail(StorageFatalError("no active downstairs left to repair from"))
+                return
+            self.log.info("live repair of %s from %s", client.target, sources[0].target)
+            for eid in range(self.region.extent_count):
+                await self._copy_extent(eid, sources[0], [client])
+            client.set_state(ClientState.ACTIVE)
+            self.log.info("live repair of %s complete", client.target)
+        except StorageError as exc:
+            client.fault(f"live repair failed: {exc}")
+        finally:
+            if self.state is Activation.ACTIVE:
+                self._io_open.set()
+
+    # -- replacement -----------------------------------------------------------------------
+    async def replace_downstairs(self, old: str, new: str) -> str:
+        if new in self.targets and old not in self.targets:
+            client = self._clients.get(new)
+            done = client is not None and client.state is ClientState.ACTIVE
+            return "CompletedAlready" if done else "StartedAlready"
+        if new in self.targets and old in self.targets:
+            raise ReplaceRuleError(
+                "both-targets-present", f"{old} and {new} are both targets of this region already"
+            )
+        if old not in self.targets:
+            return "Missing"
+        if self.state is Activation.ACTIVE:
+            in_flux = [c.target for c in self.clients() if c.target != old and c.state in _IN_FLUX]
+            if in_flux:
+                raise ReplaceRuleError(
+                    "another-downstairs-in-flux",
+                    f"cannot replace {old}: {', '.join(in_flux)} is not yet consistent",
+                )
+        if self.state in (Activation.FAILED, Activation.CLOSED):
+            raise StorageFatalError(f"region upstairs is {self.state.value}; cannot replace")
+        self.log.info("replacing downstairs %s with %s (activation %s)", old, new, self.state.value)
+        index = self.targets.index(old)
+        self.targets[index] = new
+        client = self._clients.pop(old, None)
+        if client is not None:
+            await client.stop()
+        if self.state in (Activation.ACTIVATING, Activation.ACTIVE):
+            # pending activation: the new member joins it; active: it is live-repaired
+            self._new_client(new)
+        self._changed.set()
+        return "Started"
+
+    # -- I/O -------------------------------------------------------------------------------
+    async def _gate(self) -> list[DownstairsClient]:
+        await self._io_open.wait()
+        if self.state is not Activation.ACTIVE:
+            raise StorageError(f"region is {self.state.value}: {self.failure}")
+        members = [c for c in self.clients() if c.state is ClientState.ACTIVE]
+        if not members:
+            raise StorageError("no active downstairs")
+        return members
+
+    async def wait_io_ready(self) -> None:
+        """Block until I/O may be submitted (used before the first request)."""
+        await self._gate()
+
+    async def read(self, block: int, count: int) -> tuple[bytes, str]:
+        """Return data and a per-block written map ("0"/"1") from one downstairs."""
+        last: Exception | None = None
+        for _attempt in range(3):
+            members = await self._gate()
+            self._read_cursor = (self._read_cursor + 1) % len(members)
+            client = members[self._read_cursor]
+            try:
+                reply = await client.call("Read", {"block": block, "count": count})
+                return reply.payload, str(reply["written"])
+            except StorageError as exc:
+                last = exc
+                client.fault(f"read failed: {exc}")
+        raise StorageError(f"read of blocks {block}+{count} failed on every attempt: {last}")
+
+    async def _to_all(self, kind: str, fields: dict[str, object], payload: bytes = b"") -> None:
+        members = await self._gate()
+        futures = [c.submit(kind, dict(fields), payload) for c in members]
+        ok = 0
+        errors = []
+        for c, fut in zip(members, futures, strict=True):
+            try:
+                reply: Message = await fut
+            except StorageError as exc:
+                errors.append(f"{c.target}: {exc}")
+                continue
+            if reply.get("error"):
+                errors.append(f"{c.target}: {reply['error']}")
+                c.fault(f"{kind} failed: {reply['error']}")
+            else:
+                ok += 1
+        if ok == 0:
+            raise StorageError(f"{kind} failed on every downstairs: {'; '.join(errors)}")
+
+    async def write(self, block: int, data: bytes, *, only_unwritten: bool = False) -> None:
+        if self.read_only:
+            raise StorageError("region is read-only")
+        await self._to_all("WriteUnwritten" if only_unwritten else "Write", {"block": block}, data)
+
+    async def flush(self) -> None:
+        if self.read_only:
+            return
+        self._flush_number += 1
+        await self._to_all("Flush", {"flush_number": self._flush_number, "gen": self._gen})
+
+    async def close(self) -> None:
+        if self.state is Activation.ACTIVE:
+            with contextlib.suppress(StorageError, TimeoutError):
+                await asyncio.wait_for(self.flush(), 10)
+        await self._stop_clients()
+        self.state = Activation.CLOSED
+        self._io_open.set()

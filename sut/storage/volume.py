@@ -1,0 +1,174 @@
+"""A volume: regions laid end to end, plus an optional read-only parent.
+
+Reads of blocks that were never written in the region come from the read-only parent (a
+``file`` VCR), which is how a guest image backs a fresh Crucible disk. Offsets here are in
+bytes and must be block aligned; the NBD layer advertises the block size so QEMU aligns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+
+from sut.storage.client import RetryPolicy
+from sut.storage.errors import StorageError, VcrError
+from sut.storage.upstairs import Activation, Upstairs
+from sut.storage.vcr import FileVcr, RegionVcr, VolumeVcr
+
+__all__ = ["Volume"]
+
+
+@dataclass
+class _Extent:
+    start: int  # byte offset of the region in the volume
+    size: int
+    upstairs: Upstairs
+
+
+class _Parent:
+    """A read-only parent backed by a local file; bytes beyond its end read as zeros."""
+
+    def __init__(self, vcr: FileVcr) -> None:
+        self.path = vcr.path
+        try:
+            self._fd = os.open(vcr.path, os.O_RDONLY)
+        except OSError as exc:
+            raise VcrError(
+                f"read_only_parent.path: cannot open {vcr.path!r}: {exc.strerror}"
+                " (the file must exist and be readable)"
+            ) from None
+        self.size = os.fstat(self._fd).st_size
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset >= self.size:
+            return bytes(length)
+        return os.pread(self._fd, length, offset).ljust(length, b"\0")
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class Volume:
+    def __init__(
+        self,
+        vcr: VolumeVcr,
+        *,
+        read_only: bool,
+        retry: RetryPolicy,
+        generation_fence: bool,
+        logger: logging.Logger,
+    ) -> None:
+        self.vcr = vcr
+        self.block_size = vcr.block_size
+        self.read_only = read_only
+        self.log = logger
+        self._parts: list[_Extent] = []
+        offset = 0
+        for sub in vcr.sub_volumes:
+            if not isinstance(sub, RegionVcr):  # parse_volume guarantees regions only
+                raise VcrError("sub_volumes: only regions are supported")
+            up = Upstairs(
+                sub, read_only=read_only, retry=retry, generation_fence=generation_fence, logger=logger
+            )
+            self._parts.append(_Extent(offset, sub.size_bytes, up))
+            offset += sub.size_bytes
+        self.size_bytes = offset
+        self._parent: _Parent | None = None
+        parent = vcr.read_only_parent
+        if isinstance(parent, FileVcr):
+            self._parent = _Parent(parent)
+        elif parent is not None:
+            raise VcrError(
+                f'read_only_parent.type: "{parent.type}" parents are not supported '
+                'by the reference storage; use a "file" parent'
+            )
+
+    @property
+    def upstairs(self) -> list[Upstairs]:
+        return [p.upstairs for p in self._parts]
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def activate(self) -> None:
+        # Regions activate concurrently; if one fails or we are cancelled, the others are
+        # cancelled too so nothing keeps retrying in the background. The first error is
+        # raised as is (not wrapped in an ExceptionGroup) so callers can catch it by type.
+        tasks = [
+            asyncio.create_task(p.upstairs.activate(), name=f"activate region {i}")
+            for i, p in enumerate(self._parts)
+        ]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def activation(self) -> Activation:
+        states = {p.upstairs.state for p in self._parts}
+        for state in (Activation.CLOSED, Activation.FAILED, Activation.ACTIVATING, Activation.INACTIVE):
+            if state in states:
+                return state
+        return Activation.ACTIVE
+
+    async def close(self) -> None:
+        errors: list[BaseException] = []
+        for part in self._parts:
+            try:
+                await part.upstairs.close()
+            except Exception as exc:  # noqa: BLE001 - close every region even if one fails
+                errors.append(exc)
+        if self._parent is not None:
+            self._parent.close()
+        if errors:
+            raise StorageError(f"closing the volume failed: {errors!r}")
+
+    # -- I/O -------------------------------------------------------------------------------
+    def _check(self, offset: int, length: int) -> None:
+        bs = self.block_size
+        if offset % bs or length % bs:
+            raise StorageError(f"unaligned I/O: offset {offset}, length {length}, block {bs}")
+        if offset < 0 or offset + length > self.size_bytes:
+            raise StorageError(f"I/O beyond the end of the volume ({self.size_bytes} bytes)")
+
+    def _pieces(self, offset: int, length: int) -> list[tuple[_Extent, int, int, int]]:
+        """(part, offset inside part, length, offset inside the request) per region touched."""
+        out = []
+        for part in self._parts:
+            lo, hi = max(offset, part.start), min(offset + length, part.start + part.size)
+            if lo < hi:
+                out.append((part, lo - part.start, hi - lo, lo - offset))
+        return out
+
+    async def wait_ready(self) -> None:
+        for part in self._parts:
+            await part.upstairs.wait_io_ready()
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self._check(offset, length)
+        bs = self.block_size
+        out = bytearray(length)
+        for part, local, n, pos in self._pieces(offset, length):
+            data, written = await part.upstairs.read(local // bs, n // bs)
+            out[pos : pos + n] = data
+            if self._parent is not None and "0" in written:
+                for i, flag in enumerate(written):
+                    if flag == "0":
+                        vol_off = part.start + local + i * bs
+                        out[pos + i * bs : pos + (i + 1) * bs] = self._parent.read(vol_off, bs)
+        return bytes(out)
+
+    async def write(self, offset: int, data: bytes) -> None:
+        if self.read_only:
+            raise StorageError("volume is read-only")
+        self._check(offset, len(data))
+        bs = self.block_size
+        for part, local, n, pos in self._pieces(offset, len(data)):
+            await part.upstairs.write(local // bs, data[pos : pos + n])
+
+    async def flush(self) -> None:
+        for part in self._parts:
+            await part.upstairs.flush()

@@ -1,0 +1,114 @@
+"""A real ``python -m sut.server`` process on an ephemeral loopback port."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+START_DEADLINE_S = 20.0
+STOP_DEADLINE_S = 30.0
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen[bytes]
+    base_url: str
+    data_dir: Path
+    log_path: Path
+
+    def client(self, timeout: float = 10.0) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=timeout)
+
+    def log_lines(self) -> list[dict[str, object]]:
+        lines = []
+        for raw in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                lines.append(json.loads(raw))
+            except json.JSONDecodeError:
+                lines.append({"raw": raw})
+        return lines
+
+    def close(self) -> int:
+        """Stop the server and remove its data dir; returns its exit code."""
+        try:
+            return self.stop()
+        finally:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(STOP_DEADLINE_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"server ignored SIGTERM; log:\n{self.log_path.read_text()}")
+        return self.proc.returncode
+
+
+def start_server(tmp_path: Path, *extra: str) -> ServerProcess:
+    # tmp_path can be long; unix socket paths are capped at 107 bytes, so
+    # the data dir lives under a short per-test directory instead.
+    data_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"srv-{os.getpid()}-{time.monotonic_ns()}"
+    log_path = tmp_path / "server.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sut.server", "--listen", "127.0.0.1:0", "--data-dir",
+             str(data_dir), *extra],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + START_DEADLINE_S
+    last = ""
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited {proc.returncode}:\n{log_path.read_text()}")
+        last = log_path.read_text(errors="replace")
+        for raw in last.splitlines():
+            if '"listening"' in raw:
+                entry = json.loads(raw)
+                return ServerProcess(proc, f"http://127.0.0.1:{entry['port']}", data_dir, log_path)
+        time.sleep(0.05)  # poll interval of a deadline-bounded wait
+    proc.kill()
+    proc.wait()
+    raise AssertionError(f"server did not report its port within {START_DEADLINE_S}s:\n{last}")
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    srv = start_server(tmp_path)
+    try:
+        yield srv
+    finally:
+        code = srv.close()
+        assert code == 0, f"server exit code {code}; log:\n{srv.log_path.read_text()}"
+
+
+def qemu_pids_for(data_dir: Path) -> list[int]:
+    """QEMU processes whose command line mentions ``data_dir`` (ours only)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cmdline and b"qemu-system" in cmdline[0] and any(
+            str(data_dir).encode() in arg for arg in cmdline
+        ):
+            pids.append(int(entry.name))
+    return pids
