@@ -194,6 +194,8 @@ class Upstairs:
     async def _wait_quorum(self) -> None:
         while True:
             self._changed.clear()
+            if self.state is Activation.CLOSED:
+                raise StorageError("the backend was closed while activation was pending")
             for c in self.clients():
                 if c.fatal_error is not None:
                     raise c.fatal_error
@@ -393,4 +395,5 @@ class Upstairs:
                 await asyncio.wait_for(self.flush(), 10)
         await self._stop_clients()
         self.state = Activation.CLOSED
-        self._io_open.set()
+        self._io_open.set()  # held I/O fails instead of waiting forever
+        self._changed.set()  # a pending activate() wakes up and sees CLOSED

@@ -11,7 +11,7 @@ from typing import Any, cast
 
 import pytest
 
-from sut.storage.backend import CrucibleBackend, RetryPolicy, StorageFatalError
+from sut.storage.backend import CrucibleBackend, RetryPolicy, StorageError, StorageFatalError
 
 from .conftest import (
     BLOCK_SIZE,
@@ -386,3 +386,40 @@ def test_restarted_downstairs_is_repaired_while_active(downstairs: DownstairsFac
 
     run(main())
     assert extent_bytes(dss[0]) == extent_bytes(dss[1]) == extent_bytes(dss[2])
+
+
+def test_close_ends_a_pending_activation(dead_target: str, tmp_path: Path) -> None:
+    async def main() -> None:
+        backend = CrucibleBackend(
+            "c", make_vcr([dead_target, "127.0.0.1:1", "127.0.0.1:2"]), tmp_path / "c.nbd"
+        )
+        activation = asyncio.create_task(backend.activate())
+        await wait_for(lambda: backend.status()["activation"] == "activating", "activating")
+        await backend.close()
+        with pytest.raises(StorageError, match="closed while activation was pending"):
+            await asyncio.wait_for(activation, 10)
+        assert backend.status()["activation"] == "closed"
+        assert asyncio.all_tasks() == {asyncio.current_task()}
+
+    run(main())
+
+
+def test_downstairs_drops_garbage_frames_and_keeps_serving(downstairs: DownstairsFactory, sock: Path) -> None:
+    dss = [downstairs.create() for _ in range(3)]
+
+    async def main() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", dss[0].port)
+        writer.write(b"\xff\xff\xff\xff garbage that is not a frame")
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the downstairs
+        writer.close()
+        backend = CrucibleBackend("g", make_vcr([d.target for d in dss]), sock, retry=FAST)
+        try:
+            await backend.activate()  # still serving after the bad peer
+        finally:
+            await backend.close()
+
+    run(main())
+    log = dss[0].log_path.read_text()
+    assert '"event": "protocol_error"' in log
+    assert "exceeds the maximum" in log
