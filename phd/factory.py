@@ -6,7 +6,10 @@ first (their servers hold the disks' connections), then disks.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import shutil
+import tempfile
 import uuid as uuidlib
 from pathlib import Path
 
@@ -43,6 +46,7 @@ class VmFactory:
         self.test_dir = test_dir
         self._vms: list[object] = []
         self._ports: list[int] = []
+        self._data_dirs: list[tuple[Path, Path]] = []
 
     def new_vm(self, name: str, *, guest: str | None = None, cpus: int = 2,
                memory_mib: int = 512) -> TestVm:
@@ -53,8 +57,11 @@ class VmFactory:
         port = self.fw.ports.allocate()
         self._ports.append(port)
         log = None if cfg.output_mode == "null" else self.test_dir / f"{name}.server.log"
-        server = ServerProcess(list(cfg.server_cmd), port, self.test_dir / f"{name}.server-data",
-                               log, regressions=cfg.regressions)
+        # Unix socket paths are capped at 107 bytes, so the server's run directory lives
+        # under a short path; its files are copied into the test directory at teardown.
+        data_dir = Path(tempfile.gettempdir()) / "phd-run" / f"{self.fw.session_id}-{port}"
+        self._data_dirs.append((data_dir, self.test_dir / f"{name}.server-data"))
+        server = ServerProcess(list(cfg.server_cmd), port, data_dir, log, regressions=cfg.regressions)
         vm = TestVm(VmConfig(name, cpus, memory_mib), server, artifact, self.test_dir)
         self._vms.append(vm)
         return vm
@@ -65,6 +72,21 @@ class VmFactory:
         finally:
             for port in self._ports:
                 self.fw.ports.release(port)
+            for run_dir, keep_as in self._data_dirs:
+                _collect(run_dir, keep_as)
+
+
+def _collect(run_dir: Path, keep_as: Path) -> None:
+    """Copy a server run directory's regular files (logs, argv) into the test directory."""
+    if not run_dir.exists():
+        return
+    for src in run_dir.rglob("*"):
+        if src.is_file() and not src.is_symlink():
+            dst = keep_as / src.relative_to(run_dir)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):
+                shutil.copy2(src, dst)
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 class DiskFactory:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from phd import CrucibleDisk, TestVm, wait_until
+from phd import CrucibleDisk, SutError, TestVm, wait_until
 
 
 def blocked_on(status: dict[str, Any], target: str) -> bool:
     """Activation is pending, and the given target has failed at least one connect."""
+    if status.get("vm_state") in ("Failed", "Destroyed"):
+        raise SutError(f"the VM is {status['vm_state']} while its start should be blocked: {status}")
     if status.get("activation") != "activating":
         return False
     for ds in status.get("downstairs", []):
