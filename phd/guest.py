@@ -55,8 +55,8 @@ class GuestAdapter:
     def run(self, command: str, *, timeout_s: float = 60.0, check: str = "ok") -> CommandResult:
         """Run `command` in the guest shell. check: "ok" (status 0), "err" (non-zero), "ignore"."""
         n = next(self._seq)
-        framed = (f"printf 'PHD_BEGIN_%s\\n' {n}; {command}\n"
-                  f"printf 'PHD_END_%s_%s\\n' {n} $?\n")
+        # One line: the shell echoes it whole before any output, so nothing interleaves.
+        framed = f"printf 'PHD_BEGIN_%s\\n' {n}; {command}; printf 'PHD_END_%s_%s\\n' {n} $?\n"
         self.console.send(framed)
         self.console.wait_for(re.compile(rf"PHD_BEGIN_{n}\n"), timeout_s)
         end = self.console.wait_for(re.compile(rf"(?s)(.*?)PHD_END_{n}_(\d+)\n"), timeout_s)

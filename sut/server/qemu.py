@@ -123,6 +123,12 @@ def build_argv(
         argv += ["-blockdev", blockdev]
         if disk.interface == "virtio":
             dev = f"virtio-blk-pci,drive={node},id={device}"
+            if not isinstance(backend, FileBackend):
+                # Without an explicit CHS geometry, virtio-blk's realize reads sector 0 to
+                # guess one - a synchronous read in QEMU's main loop that would block on a
+                # Crucible export until activation (QMP then never answers). The legacy
+                # geometry is informative only; capacity still comes from the export.
+                dev += ",cyls=16383,heads=16,secs=63"
         else:
             dev = f"nvme,drive={node},serial={device},id={device}"
         if device in boot_index:
