@@ -25,9 +25,7 @@ from sut.server.spec import InstanceEnsureRequest, VcrReplaceRequest
 class ApiError(Exception):
     """An error answered as ``{"error": code, "message": message}``."""
 
-    def __init__(
-        self, status: int, code: str, message: str, extra: dict[str, object] | None = None
-    ) -> None:
+    def __init__(self, status: int, code: str, message: str, extra: dict[str, object] | None = None) -> None:
         self.status = status
         self.code = code
         self.message = message
@@ -107,9 +105,7 @@ def create_app(controller: ServerController) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI answers 422; the CONTRACT says a malformed body is 400.
-        return JSONResponse(
-            {"error": "BadRequest", "message": _format_validation(exc)}, status_code=400
-        )
+        return JSONResponse({"error": "BadRequest", "message": _format_validation(exc)}, status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -191,8 +187,9 @@ def create_app(controller: ServerController) -> FastAPI:
             return instance.disk_status(backend_id)
         except NoSuchBackendError as exc:
             raise ApiError(
-                404, "NoSuchBackend", f"no disk with backend id {backend_id!r}; disks: "
-                f"{instance.known_backends()}"
+                404,
+                "NoSuchBackend",
+                f"no disk with backend id {backend_id!r}; disks: {instance.known_backends()}",
             ) from exc
 
     return app

@@ -40,6 +40,9 @@ class BlockBackend(Protocol):
     @property
     def backend_id(self) -> str: ...
 
+    @property
+    def size_bytes(self) -> int: ...
+
     async def start_export(self) -> None: ...
 
     async def activate(self) -> None: ...
@@ -82,6 +85,10 @@ class CrucibleDisk:
     @property
     def backend_id(self) -> str:
         return self._backend_id
+
+    @property
+    def size_bytes(self) -> int:
+        return int(self._inner.size_bytes)
 
     async def start_export(self) -> None:
         await self._inner.start_export()

@@ -128,8 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     controller = ServerController(config, log)
     log.info(
         "server starting",
-        extra={"listen": f"{host}:{port}", "data_dir": str(config.data_dir),
-               "regressions": sorted(regressions.names), "accel": args.accel},
+        extra={
+            "listen": f"{host}:{port}",
+            "data_dir": str(config.data_dir),
+            "regressions": sorted(regressions.names),
+            "accel": args.accel,
+        },
     )
     uv_config = uvicorn.Config(
         create_app(controller),

@@ -81,6 +81,7 @@ class StateDriver:
         self._backends = backends
         self._vm_factory = vm_factory
         self._vm: Vm | None = None
+        self._vcpus_started = False
         self._regressions = regressions
         self._log = logger or logging.getLogger(__name__)
         self._on_destroyed = on_destroyed
@@ -214,6 +215,7 @@ class StateDriver:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await activation
         await self._vm.cont()
+        self._vcpus_started = True
         self._queue.notify_running()
         await self._publish(InstanceState.RUNNING)
 
@@ -314,12 +316,20 @@ class StateDriver:
 
     async def _stop_vm(self) -> None:
         """Quit QEMU and close backends; publishes Stopped (Destroyed comes last)."""
-        if self._vm is not None:
-            await self._vm.shutdown()
-        await self._close_backends()
+        await self._release_vm_and_backends()
         for leftover in self._queue.notify_stopped():
             _answer_gone(leftover)
         await self._publish(InstanceState.STOPPED)
+
+    async def _release_vm_and_backends(self) -> None:
+        if not self._vcpus_started:
+            # QEMU flushes its disks on quit; an export that is not active
+            # holds that flush forever. No vCPU ever ran, so no guest data is
+            # at stake: close the backends first and QEMU's flush fails fast.
+            await self._close_backends()
+        if self._vm is not None:
+            await self._vm.shutdown()
+        await self._close_backends()  # idempotent; after QEMU flushed when it ran
 
     async def _close_backends(self) -> None:
         for backend in self._backends.values():
@@ -331,14 +341,10 @@ class StateDriver:
     async def _teardown(self, final: InstanceState) -> None:
         # Runs on success, failure and cancellation; every step is idempotent.
         try:
-            if self._vm is not None:
-                await self._vm.shutdown()
-            await self._close_backends()
+            await self._release_vm_and_backends()
         finally:
             leftovers = (
-                self._queue.notify_failed()
-                if final is InstanceState.FAILED
-                else self._queue.notify_stopped()
+                self._queue.notify_failed() if final is InstanceState.FAILED else self._queue.notify_stopped()
             )
             for leftover in leftovers:
                 _answer_gone(leftover)

@@ -36,7 +36,14 @@ class Instance:
         self.request = request
         self.run_dir = run_dir
         self.serial = SerialConsole(logger=logger)
-        argv = build_argv(request.spec, run_dir, accel=config.accel, binary=config.qemu_binary)
+        sizes = {
+            device: backends[backend_id(device)].size_bytes
+            for device in request.spec.disks
+            if backend_id(device) in backends
+        }
+        argv = build_argv(
+            request.spec, run_dir, accel=config.accel, binary=config.qemu_binary, disk_sizes=sizes
+        )
         self.driver = StateDriver(
             backends=backends,
             vm_factory=lambda: QemuVm(argv, run_dir, self.serial, logger),

@@ -75,26 +75,57 @@ class RunDir:
             )
 
 
+def fixed_chs(size_bytes: int) -> str:
+    """Explicit CHS geometry properties for a virtio-blk device of ``size_bytes``.
+
+    Without them QEMU guesses the geometry by READING the first sector while it
+    realizes the device, before the QMP greeting. A Crucible export holds I/O
+    until activation, so that read would block QEMU's startup (and our QMP
+    handshake) forever; with a fixed geometry QEMU reads nothing until ``cont``.
+    """
+    heads, secs = 16, 63
+    cyls = max(1, min(65535, size_bytes // (heads * secs * 512)))
+    return f"cyls={cyls},heads={heads},secs={secs}"
+
+
 def build_argv(
-    spec: InstanceSpec, run_dir: RunDir, *, accel: str = "tcg", binary: str = "qemu-system-x86_64"
+    spec: InstanceSpec,
+    run_dir: RunDir,
+    *,
+    accel: str = "tcg",
+    binary: str = "qemu-system-x86_64",
+    disk_sizes: dict[str, int] | None = None,
 ) -> list[str]:
-    """The full QEMU command line for ``spec`` (pure; unit-tested)."""
+    """The full QEMU command line for ``spec`` (pure; unit-tested).
+
+    ``disk_sizes`` maps a Crucible disk's device name to its size in bytes.
+    """
+    disk_sizes = disk_sizes or {}
     argv = [
         binary,
         "-nodefaults",
         "-no-user-config",
-        "-display", "none",
+        "-display",
+        "none",
         "-S",  # paused: vCPUs start only after block backends are active
-        "-accel", accel,
+        "-accel",
+        accel,
         # graphics=off: SeaBIOS then prints to the serial port (no VGA here).
-        "-machine", "q35,graphics=off",
-        "-smp", str(spec.board.cpus),
-        "-m", str(spec.board.memory_mib),
+        "-machine",
+        "q35,graphics=off",
+        "-smp",
+        str(spec.board.cpus),
+        "-m",
+        str(spec.board.memory_mib),
         # QEMU connects to our QMP listener (no poll for a socket to appear).
-        "-chardev", f"socket,id=qmp,path={run_dir.qmp_socket}",
-        "-mon", "chardev=qmp,mode=control",
-        "-chardev", f"socket,id=serial0,path={run_dir.serial_socket},server=on,wait=off",
-        "-serial", "chardev:serial0",
+        "-chardev",
+        f"socket,id=qmp,path={run_dir.qmp_socket}",
+        "-mon",
+        "chardev=qmp,mode=control",
+        "-chardev",
+        f"socket,id=serial0,path={run_dir.serial_socket},server=on,wait=off",
+        "-serial",
+        "chardev:serial0",
     ]
     boot = spec.boot
     if isinstance(boot, FirmwareBoot):
@@ -110,8 +141,7 @@ def build_argv(
         if isinstance(backend, FileBackend):
             ro = "on" if backend.readonly else "off"
             blockdev = (
-                f"driver=raw,node-name={node},read-only={ro},"
-                f"file.driver=file,file.filename={backend.path}"
+                f"driver=raw,node-name={node},read-only={ro},file.driver=file,file.filename={backend.path}"
             )
         else:
             assert isinstance(backend, CrucibleBackendSpec)
@@ -123,12 +153,8 @@ def build_argv(
         argv += ["-blockdev", blockdev]
         if disk.interface == "virtio":
             dev = f"virtio-blk-pci,drive={node},id={device}"
-            if not isinstance(backend, FileBackend):
-                # Without an explicit CHS geometry, virtio-blk's realize reads sector 0 to
-                # guess one - a synchronous read in QEMU's main loop that would block on a
-                # Crucible export until activation (QMP then never answers). The legacy
-                # geometry is informative only; capacity still comes from the export.
-                dev += ",cyls=16383,heads=16,secs=63"
+            if device in disk_sizes:
+                dev += "," + fixed_chs(disk_sizes[device])
         else:
             dev = f"nvme,drive={node},serial={device},id={device}"
         if device in boot_index:
@@ -190,8 +216,10 @@ class QemuVm:
         if accept not in done or accept.exception() is not None:
             code = self._proc.returncode
             await self.shutdown()
-            reason = "QEMU exited before QMP connected" if code is not None else (
-                "QMP handshake failed or timed out"
+            reason = (
+                "QEMU exited before QMP connected"
+                if code is not None
+                else ("QMP handshake failed or timed out")
             )
             raise VmLaunchError(reason, self.argv, code, self.log_tail())
         self._log.info("qemu started", extra={"pid": self._proc.pid})
@@ -222,7 +250,7 @@ class QemuVm:
         try:
             if proc is not None and proc.returncode is None:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self._qmp.execute("quit"), QMP_TIMEOUT_S)
+                    await asyncio.wait_for(self._qmp.execute("quit"), QUIT_GRACE_S)
                 if not await _exited(proc, QUIT_GRACE_S):
                     self._log.warning("qemu ignored quit; sending SIGTERM", extra={"pid": proc.pid})
                     _signal(proc, signal.SIGTERM)

@@ -121,9 +121,7 @@ class SerialConsole:
             data = data[:max_bytes]
         return HistorySlice(data, self._history_start + begin)
 
-    def subscribe(
-        self, *, from_start: int | None = None, most_recent: int | None = None
-    ) -> Subscription:
+    def subscribe(self, *, from_start: int | None = None, most_recent: int | None = None) -> Subscription:
         # Replay and registration happen in one synchronous step, so no byte
         # falls between the history and the live stream.
         sub = Subscription(self, self.history(from_start=from_start, most_recent=most_recent))

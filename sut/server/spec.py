@@ -137,15 +137,13 @@ class InstanceSpec(_Model):
     disks: dict[str, Disk] = Field(default_factory=dict)
     nics: dict[str, Nic] = Field(default_factory=dict)
 
-    @field_validator("disks", "nics")
+    @field_validator("disks", "nics", mode="before")
     @classmethod
-    def _names(cls, value: dict[str, object]) -> dict[str, object]:
-        for name in value:
+    def _names(cls, value: object) -> object:
+        # "before": a bad name is reported even when the entry is also invalid.
+        for name in value if isinstance(value, dict) else ():
             if not _DEVICE_NAME.match(name):
-                raise ValueError(
-                    f"invalid device name {name!r}: use a letter then up to 31 of "
-                    "[A-Za-z0-9_-]"
-                )
+                raise ValueError(f"invalid device name {name!r}: use a letter then up to 31 of [A-Za-z0-9_-]")
         return value
 
     @model_validator(mode="after")
@@ -153,8 +151,7 @@ class InstanceSpec(_Model):
         if isinstance(self.boot, FirmwareBoot):
             unknown = [name for name in self.boot.order if name not in self.disks]
             if unknown:
-                raise ValueError(f"boot.order names unknown disks {unknown}; known: "
-                                 f"{sorted(self.disks)}")
+                raise ValueError(f"boot.order names unknown disks {unknown}; known: {sorted(self.disks)}")
         return self
 
 

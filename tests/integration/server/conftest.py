@@ -51,10 +51,10 @@ class ServerProcess:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 return self.proc.wait(STOP_DEADLINE_S)
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired as exc:
                 self.proc.kill()
                 self.proc.wait()
-                raise AssertionError(f"server ignored SIGTERM; log:\n{self.log_path.read_text()}")
+                raise AssertionError(f"server ignored SIGTERM; log:\n{self.log_path.read_text()}") from exc
         return self.proc.returncode
 
 
@@ -65,8 +65,16 @@ def start_server(tmp_path: Path, *extra: str) -> ServerProcess:
     log_path = tmp_path / "server.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sut.server", "--listen", "127.0.0.1:0", "--data-dir",
-             str(data_dir), *extra],
+            [
+                sys.executable,
+                "-m",
+                "sut.server",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                str(data_dir),
+                *extra,
+            ],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -107,8 +115,6 @@ def qemu_pids_for(data_dir: Path) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if cmdline and b"qemu-system" in cmdline[0] and any(
-            str(data_dir).encode() in arg for arg in cmdline
-        ):
+        if cmdline and b"qemu-system" in cmdline[0] and any(str(data_dir).encode() in arg for arg in cmdline):
             pids.append(int(entry.name))
     return pids

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from websockets.sync.client import ClientConnection, connect
+from websockets.sync.client import connect
+from websockets.sync.connection import Connection
 
 from .conftest import ServerProcess, qemu_pids_for, start_server
 
@@ -58,7 +59,7 @@ def wait_state(http: httpx.Client, gen: int, expected: str) -> None:
     assert answer == {"gen": gen, "state": expected}
 
 
-def read_until(ws: ClientConnection, seen: bytearray, needle: bytes, deadline: float) -> None:
+def read_until(ws: Connection, seen: bytearray, needle: bytes, deadline: float) -> None:
     while needle not in seen:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -99,7 +100,11 @@ def test_boot_serial_and_stop(server: ServerProcess, disk: Path) -> None:
         assert http.put("/instance/state", json="Stop").status_code == 204
         wait_state(http, 6, "Destroyed")
         assert [h["state"] for h in _states(server)] == [
-            "Starting", "Running", "Stopping", "Stopped", "Destroyed"
+            "Starting",
+            "Running",
+            "Stopping",
+            "Stopped",
+            "Destroyed",
         ]
         assert http.put("/instance/state", json="Run").status_code == 424
     assert qemu_pids_for(server.data_dir) == []

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -57,9 +56,10 @@ def wait_for_failed_attempt(http: httpx.Client) -> dict[str, object]:
 
 
 @pytest.fixture
-def targets(downstairs: DownstairsFactory, dead_target: str) -> Iterator[tuple[list[str], list[str]]]:  # noqa: F811
+def targets(downstairs: DownstairsFactory, dead_target: str) -> tuple[list[str], list[str]]:  # noqa: F811
+    """(targets with the first one black-holed, the three live targets)."""
     live = [downstairs.create().target for _ in range(3)]
-    yield [dead_target, *live[1:]], live
+    return [dead_target, *live[1:]], live
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ def test_vcr_replace_during_start_unblocks(server: ServerProcess, vcr_pair: tupl
         again = http.put(f"/instance/disk/{BID}/vcr", json={"vcr_json": bumped}, timeout=DEADLINE_S)
         assert again.status_code == 200, again.text
         assert again.json()["result"] in ("VcrMatches", "CompletedAlready")
-        rejected = http.put(f"/instance/disk/{BID}/vcr", json={"vcr_json": "{\"type\": \"bogus\"}"})
+        rejected = http.put(f"/instance/disk/{BID}/vcr", json={"vcr_json": '{"type": "bogus"}'})
         assert rejected.status_code == 400
         assert rejected.json()["error"] == "ReplacementRejected"
         assert http.put("/instance/state", json="Stop").status_code == 204

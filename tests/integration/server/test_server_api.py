@@ -21,9 +21,7 @@ def ensure_body(kernel: Path, disk: Path | None = None) -> dict[str, object]:
         "boot": {"kernel": str(kernel), "cmdline": "console=ttyS0"},
     }
     if disk is not None:
-        spec["disks"] = {
-            "d0": {"interface": "virtio", "backend": {"type": "file", "path": str(disk)}}
-        }
+        spec["disks"] = {"d0": {"interface": "virtio", "backend": {"type": "file", "path": str(disk)}}}
     return {"properties": {"id": str(uuid.uuid4()), "name": "t"}, "spec": spec}
 
 
@@ -85,9 +83,7 @@ def test_non_loopback_forward_is_rejected(server: ServerProcess, some_file: Path
     assert "127.0.0.0/8" in response.json()["message"]
 
 
-def test_lifecycle_without_qemu_and_424_after_destroyed(
-    server: ServerProcess, some_file: Path
-) -> None:
+def test_lifecycle_without_qemu_and_424_after_destroyed(server: ServerProcess, some_file: Path) -> None:
     with server.client() as http:
         assert http.get("/instance").status_code == 404
         assert http.get("/instance").json()["error"] == "NoInstance"
@@ -140,8 +136,7 @@ def test_unknown_regression_exits_2_listing_valid_names(tmp_path: Path) -> None:
 
 
 def test_valid_regressions_are_accepted(tmp_path: Path) -> None:
-    srv = start_server(tmp_path, "--regression", "blocking-start", "--regression",
-                       "multi-target-replace")
+    srv = start_server(tmp_path, "--regression", "blocking-start", "--regression", "multi-target-replace")
     try:
         started = [line for line in srv.log_lines() if line.get("msg") == "server starting"]
         assert started[0]["regressions"] == ["blocking-start", "multi-target-replace"]

@@ -49,6 +49,10 @@ class FakeBackend:
     def backend_id(self) -> str:
         return self._backend_id
 
+    @property
+    def size_bytes(self) -> int:
+        return 1 << 30
+
     async def start_export(self) -> None:
         self.calls.append("start_export")
 

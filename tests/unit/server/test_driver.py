@@ -54,6 +54,9 @@ class Harness:
         await asyncio.wait_for(follow(), DEADLINE_S)
         return [s.state for s in self.driver.monitor.history if s.gen >= start]
 
+    def current(self) -> S:
+        return self.driver.state.state
+
     async def wait_state(self, state: S) -> None:
         await self.states_until(state)
 
@@ -67,7 +70,7 @@ def test_replacement_during_startup_unblocks_activation() -> None:
         h = Harness()
         h.driver.request_state(RequestKind.START)
         await h.wait_state(S.STARTING)
-        assert h.driver.state.state is S.STARTING
+        assert h.current() is S.STARTING
         result = await asyncio.wait_for(h.driver.replace_vcr(BID, f"{DEAD}->{LIVE}"), DEADLINE_S)
         assert result == "Started"
         assert await h.states_until(S.RUNNING) == [S.STARTING, S.RUNNING]
@@ -108,7 +111,7 @@ def test_replacement_queued_behind_stop_is_answered_gone() -> None:
         pending = asyncio.create_task(h.driver.replace_vcr(BID, f"{DEAD}->{LIVE}"))
         with pytest.raises(InstanceGoneError):
             await asyncio.wait_for(pending, DEADLINE_S)
-        assert h.driver.state.state is S.DESTROYED
+        assert h.current() is S.DESTROYED
         assert not any(c.startswith("replace") for c in h.backend.calls)
 
     run(body)
@@ -125,10 +128,10 @@ def test_blocking_start_regression_reads_no_request_during_activation() -> None:
         # for a bounded window in which the fixed driver finishes at once.
         done, _ = await asyncio.wait({replacement}, timeout=0.5)
         assert not done
-        assert h.driver.state.state is S.STARTING
+        assert h.current() is S.STARTING
         assert not any(c.startswith("replace") for c in h.backend.calls)
         await h.driver.shutdown(timeout_s=0.2)  # cancels the stuck driver
-        assert h.driver.state.state is S.DESTROYED
+        assert h.current() is S.DESTROYED
         with pytest.raises(InstanceGoneError):
             await replacement
         assert "shutdown" in h.vm.calls
@@ -218,8 +221,8 @@ def test_rejected_replacement_and_unknown_backend() -> None:
         assert info.value.rule == "no-change"
         with pytest.raises(NoSuchBackendError):
             await h.driver.replace_vcr("nope-backend", "x->y")
-        assert h.driver.state.state is S.STARTING  # a rejection does not hurt the VM
+        assert h.current() is S.STARTING  # a rejection does not hurt the VM
         await h.driver.shutdown()
-        assert h.driver.state.state is S.DESTROYED
+        assert h.current() is S.DESTROYED
 
     run(body)

@@ -23,9 +23,7 @@ START, STOP, REBOOT, REPLACE = (
 ENQ, IGN, DENY = Disposition.ENQUEUE, Disposition.IGNORE, Disposition.DENY
 
 
-def make_queue(
-    condition: str, regressions: QueueRegressions | None = None
-) -> RequestQueue[None]:
+def make_queue(condition: str, regressions: QueueRegressions | None = None) -> RequestQueue[None]:
     """Drive a queue into ``condition`` through its public API only."""
     q: RequestQueue[None] = RequestQueue(regressions or QueueRegressions())
     if condition == "not-started":

@@ -1,0 +1,98 @@
+"""The QEMU command line built from a SPEC (pure function)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sut.server.qemu import QemuError, RunDir, build_argv, fixed_chs
+from sut.server.spec import InstanceSpec
+
+
+def spec(tmp_path: Path, **extra: object) -> InstanceSpec:
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    data = {"board": {"cpus": 2, "memory_mib": 512}, "boot": {"kernel": str(kernel)}, **extra}
+    return InstanceSpec.model_validate(data)
+
+
+def pairs(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, arg in enumerate(argv) if arg == flag]
+
+
+def test_vm_starts_paused_on_tcg_with_qmp_and_serial_sockets(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "vm")
+    argv = build_argv(spec(tmp_path), run)
+    assert "-S" in argv and "-nodefaults" in argv and "-no-user-config" in argv
+    assert pairs(argv, "-accel") == ["tcg"]
+    assert pairs(argv, "-smp") == ["2"] and pairs(argv, "-m") == ["512"]
+    chardevs = pairs(argv, "-chardev")
+    assert f"socket,id=qmp,path={run.qmp_socket}" in chardevs
+    assert f"socket,id=serial0,path={run.serial_socket},server=on,wait=off" in chardevs
+    assert pairs(argv, "-serial") == ["chardev:serial0"]
+    assert pairs(argv, "-kernel") == [str(tmp_path / "vmlinuz")]
+
+
+def test_accel_can_be_selected(tmp_path: Path) -> None:
+    assert pairs(build_argv(spec(tmp_path), RunDir(tmp_path), accel="kvm"), "-accel") == ["kvm"]
+
+
+def test_disks_map_to_blockdevs_and_devices(tmp_path: Path) -> None:
+    image = tmp_path / "a.raw"
+    image.write_bytes(b"\0" * 512)
+    disks = {
+        "boot": {"interface": "virtio", "backend": {"type": "file", "path": str(image), "readonly": True}},
+        "data": {"interface": "nvme", "backend": {"type": "crucible", "request_json": "{}"}},
+        "more": {"interface": "virtio", "backend": {"type": "crucible", "request_json": "{}"}},
+    }
+    run = RunDir(tmp_path / "vm")
+    argv = build_argv(spec(tmp_path, disks=disks), run, disk_sizes={"data": 1 << 30, "more": 1 << 30})
+    blockdevs = pairs(argv, "-blockdev")
+    assert blockdevs[0] == (
+        f"driver=raw,node-name=boot-backend,read-only=on,file.driver=file,file.filename={image}"
+    )
+    assert blockdevs[1] == (
+        "driver=nbd,node-name=data-backend,read-only=off,server.type=unix,"
+        f"server.path={run.disk_socket('data')}"
+    )
+    devices = pairs(argv, "-device")
+    assert devices[0] == "virtio-blk-pci,drive=boot-backend,id=boot"
+    assert devices[1] == "nvme,drive=data-backend,serial=data,id=data"
+    # Crucible virtio disks get a fixed geometry so QEMU reads nothing before cont.
+    assert devices[2] == "virtio-blk-pci,drive=more-backend,id=more," + fixed_chs(1 << 30)
+
+
+def test_fixed_chs_is_clamped() -> None:
+    assert fixed_chs(512) == "cyls=1,heads=16,secs=63"
+    assert fixed_chs(1 << 50).startswith("cyls=65535,")
+
+
+def test_user_nic_forwards_on_loopback_only_and_restricted(tmp_path: Path) -> None:
+    nics = {"net0": {"type": "user", "forwards": [{"host": "127.0.0.1:2222", "guest_port": 22}]}}
+    argv = build_argv(spec(tmp_path, nics=nics), RunDir(tmp_path))
+    assert pairs(argv, "-netdev") == ["user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:2222-:22"]
+
+
+def test_firmware_boot_sets_boot_order(tmp_path: Path) -> None:
+    image = tmp_path / "a.raw"
+    image.write_bytes(b"\0" * 512)
+    data = {
+        "boot": {"firmware": "bios", "order": ["d1", "d0"]},
+        "disks": {
+            name: {"interface": "virtio", "backend": {"type": "file", "path": str(image)}}
+            for name in ("d0", "d1")
+        },
+    }
+    argv = build_argv(InstanceSpec.model_validate(data), RunDir(tmp_path))
+    assert "-kernel" not in argv
+    assert pairs(argv, "-device") == [
+        "virtio-blk-pci,drive=d0-backend,id=d0,bootindex=1",
+        "virtio-blk-pci,drive=d1-backend,id=d1,bootindex=0",
+    ]
+
+
+def test_too_long_socket_path_is_a_clear_error(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / ("x" * 120))
+    with pytest.raises(QemuError, match="shorter --data-dir"):
+        run.check_socket_paths(["d0"])
