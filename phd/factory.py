@@ -61,7 +61,9 @@ class VmFactory:
         # under a short path; its files are copied into the test directory at teardown.
         data_dir = Path(tempfile.gettempdir()) / "phd-run" / f"{self.fw.session_id}-{port}"
         self._data_dirs.append((data_dir, self.test_dir / f"{name}.server-data"))
-        server = ServerProcess(list(cfg.server_cmd), port, data_dir, log, regressions=cfg.regressions)
+        # The reference server reads its accelerator from SUT_SERVER_ACCEL (--phd-accel).
+        server = ServerProcess(list(cfg.server_cmd), port, data_dir, log, regressions=cfg.regressions,
+                               env={"SUT_SERVER_ACCEL": cfg.accel})
         vm = TestVm(VmConfig(name, cpus, memory_mib), server, artifact, self.test_dir)
         self._vms.append(vm)
         return vm

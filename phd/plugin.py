@@ -107,7 +107,6 @@ def phd_config(pytestconfig: pytest.Config) -> PhdConfig:
 
 @pytest.fixture(scope="session")
 def phd_framework(pytestconfig: pytest.Config, phd_config: PhdConfig) -> Iterator[Framework]:
-    os.environ.setdefault("PHD_ACCEL", phd_config.accel)
     fw = Framework(phd_config, pytestconfig._phd_session)  # type: ignore[attr-defined]
     yield fw
     fw.close()

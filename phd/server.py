@@ -9,6 +9,7 @@ which then stops it in order: SIGTERM (graceful: the server stops its VM), then 
 from __future__ import annotations
 
 import contextlib
+import os
 import shlex
 import signal
 import subprocess
@@ -25,7 +26,8 @@ __all__ = ["ServerProcess"]
 
 class ServerProcess:
     def __init__(self, server_cmd: list[str], port: int, data_dir: Path, log_path: Path | None,
-                 regressions: tuple[str, ...] = (), ready_timeout_s: float = 30.0) -> None:
+                 regressions: tuple[str, ...] = (), ready_timeout_s: float = 30.0,
+                 env: dict[str, str] | None = None) -> None:
         self.port = port
         self.data_dir = data_dir
         self.log_path = log_path
@@ -33,6 +35,7 @@ class ServerProcess:
         for name in regressions:
             self.argv += ["--regression", name]
         self.ready_timeout_s = ready_timeout_s
+        self.env = {**os.environ, **(env or {})}
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: object | None = None
 
@@ -46,7 +49,8 @@ class ServerProcess:
         self._log = out
         try:
             self._proc = subprocess.Popen(  # noqa: S603 - argv list, no shell
-                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=self.env,
+                start_new_session=True)
         except OSError as exc:
             self._close_log()
             raise HarnessError(f"cannot start server {shlex.join(self.argv)}: {exc}; "
