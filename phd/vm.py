@@ -6,10 +6,12 @@ The vocabulary follows PHD (`launch`, `wait_to_boot`, `run_shell_command`,
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import time
 import uuid as uuidlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,24 @@ class TestVm:
     _console: SerialConsole | None = None
     _adapter: GuestAdapter | None = None
     _phase: _Phase = _Phase.NEW
+    _epoch: float = field(default_factory=time.monotonic)
+
+    @contextlib.contextmanager
+    def step(self, name: str, **detail: object) -> Iterator[None]:
+        """Log a step with its start (since the VM object was made) and duration, as JSON lines
+        in `<test dir>/<vm>.steps.jsonl`; a failed step is logged with its error."""
+        start = time.monotonic()
+        outcome = "ok"
+        try:
+            yield
+        except BaseException as exc:
+            outcome = f"{type(exc).__name__}: {str(exc)[:300]}"
+            raise
+        finally:
+            record = {"vm": self.config.name, "step": name, "at_s": round(start - self._epoch, 3),
+                      "duration_s": round(time.monotonic() - start, 3), "outcome": outcome, **detail}
+            with (self.test_dir / f"{self.config.name}.steps.jsonl").open("a") as f:
+                f.write(json.dumps(record, default=str) + "\n")
 
     # --- configuration (before launch) --------------------------------------------
     def add_crucible_disk(self, disk: CrucibleDisk, device: str = "data0",
@@ -105,8 +125,9 @@ class TestVm:
 
     def launch(self) -> None:
         """Ensure the instance and ask it to run (PHD's `launch`); does not wait for Running."""
-        self.ensure()
-        self.run()
+        with self.step("launch"):
+            self.ensure()
+            self.run()
 
     def stop(self) -> None:
         self.client.put_state("Stop")
@@ -116,6 +137,10 @@ class TestVm:
 
     def wait_for_state(self, wanted: InstanceState, timeout_s: float) -> None:
         """Follow the state monitor (long-poll) until `wanted`; fail fast on a terminal state."""
+        with self.step("wait_for_state", wanted=str(wanted), timeout_s=timeout_s):
+            self._wait_for_state(wanted, timeout_s)
+
+    def _wait_for_state(self, wanted: InstanceState, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         state, gen = self.client.state()
         while state is not wanted:
@@ -140,14 +165,16 @@ class TestVm:
 
     def wait_to_boot(self, timeout_s: float | None = None) -> None:
         """Wait for the guest's login prompt, log in, reach a shell."""
-        self._adapter = adapter_for(self.guest.name)(self.console)
-        self._adapter.login(timeout_s)
+        with self.step("wait_to_boot"):
+            self._adapter = adapter_for(self.guest.name)(self.console)
+            self._adapter.login(timeout_s)
 
     def run_shell_command(self, command: str, *, check: str = "ok",
                           timeout_s: float = 60.0) -> CommandResult:
         if self._adapter is None:
             raise HarnessError("call wait_to_boot() before run_shell_command()")
-        return self._adapter.run(command, check=check, timeout_s=timeout_s)
+        with self.step("run_shell_command", command=command):
+            return self._adapter.run(command, check=check, timeout_s=timeout_s)
 
     # --- disks ----------------------------------------------------------------------
     def _attachment(self, disk: CrucibleDisk) -> _Attached:
@@ -165,7 +192,8 @@ class TestVm:
         vcr = disk.vcr()
         self._record_vcr(att, vcr)
         try:
-            return self.client.replace_vcr(att.backend_id, vcr, timeout_s=timeout_s)
+            with self.step("replace_crucible_vcr", backend=att.backend_id, gen=disk.generation):
+                return self.client.replace_vcr(att.backend_id, vcr, timeout_s=timeout_s)
         except httpx.TimeoutException:
             raise WaitTimeout(
                 f"the server to answer a VCR replacement for {att.backend_id} (state "
