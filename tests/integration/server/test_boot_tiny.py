@@ -14,19 +14,20 @@ import pytest
 from websockets.sync.client import connect
 from websockets.sync.connection import Connection
 
+from phd.artifacts import GuestArtifact
+from phd.framework import Framework
+
 from .conftest import ServerProcess, qemu_pids_for, start_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.vm]
 
-TINY_DIR = Path(os.environ.get("PHD_TINY_DIR", Path(__file__).parents[3] / ".cache-dev" / "tiny"))
-KERNEL, INITRD = TINY_DIR / "vmlinuz", TINY_DIR / "initrd.img"
 BOOT_DEADLINE_S = 120.0
 
-requires_tiny = pytest.mark.skipif(
-    not (KERNEL.is_file() and INITRD.is_file()),
-    reason=f"tiny guest not built: {KERNEL} / {INITRD} missing (build guests/tiny, "
-    "or point PHD_TINY_DIR at a directory with vmlinuz and initrd.img)",
-)
+
+@pytest.fixture(scope="module")
+def tiny(phd_framework: Framework) -> GuestArtifact:
+    """The tiny guest from the artifact store (built by its recipe on first use, then cached)."""
+    return phd_framework.artifacts.guest("tiny")
 
 
 @pytest.fixture
@@ -41,12 +42,12 @@ def disk(tmp_path: Path) -> Path:
     return path
 
 
-def create_and_run(http: httpx.Client, disk: Path) -> None:
+def create_and_run(http: httpx.Client, disk: Path, tiny: GuestArtifact) -> None:
     body = {
         "properties": {"id": str(uuid.uuid4()), "name": "tiny"},
         "spec": {
             "board": {"cpus": 1, "memory_mib": 256},
-            "boot": {"kernel": str(KERNEL), "initrd": str(INITRD), "cmdline": "console=ttyS0 quiet panic=-1"},
+            "boot": {"kernel": str(tiny.kernel), "initrd": str(tiny.initrd), "cmdline": tiny.cmdline},
             "disks": {"d0": {"interface": "virtio", "backend": {"type": "file", "path": str(disk)}}},
         },
     }
@@ -73,11 +74,10 @@ def read_until(ws: Connection, seen: bytearray, needle: bytes, deadline: float) 
         seen += frame
 
 
-@requires_tiny
-def test_boot_serial_and_stop(server: ServerProcess, disk: Path) -> None:
+def test_boot_serial_and_stop(server: ServerProcess, disk: Path, tiny: GuestArtifact) -> None:
     ws_url = server.base_url.replace("http://", "ws://") + "/instance/serial?from_start=0"
     with server.client() as http:
-        create_and_run(http, disk)
+        create_and_run(http, disk, tiny)
         wait_state(http, 2, "Starting")
         wait_state(http, 3, "Running")
         pids = qemu_pids_for(server.data_dir)
@@ -111,12 +111,13 @@ def test_boot_serial_and_stop(server: ServerProcess, disk: Path) -> None:
     assert all(not _alive(pid) for pid in pids)
 
 
-@requires_tiny
-def test_sigterm_while_running_quits_qemu_and_exits_zero(tmp_path: Path, disk: Path) -> None:
+def test_sigterm_while_running_quits_qemu_and_exits_zero(
+    tmp_path: Path, disk: Path, tiny: GuestArtifact
+) -> None:
     srv = start_server(tmp_path)
     try:
         with srv.client() as http:
-            create_and_run(http, disk)
+            create_and_run(http, disk, tiny)
             wait_state(http, 3, "Running")
         pids = qemu_pids_for(srv.data_dir)
         assert len(pids) == 1
