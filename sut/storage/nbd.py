@@ -101,6 +101,10 @@ class NbdServer:
                 await self._transmission(reader, writer)
         except (_Disconnect, asyncio.IncompleteReadError, ConnectionError) as exc:
             self.log.debug("nbd client gone: %r", exc)
+        except asyncio.CancelledError:
+            # Only close() cancels these tasks. Ending normally matters on Python 3.11: the
+            # streams callback calls task.exception() on a cancelled task and logs an error.
+            self.log.debug("nbd connection closed by the export")
         finally:
             self._connections.discard(task)
             writer.close()
