@@ -1,9 +1,9 @@
 """Proof that the suite catches the seed's historical bug.
 
-Runs the two seed tests in a nested pytest against the reference server with
-`--regression blocking-start` (the livelock of Propolis issue 841) and asserts that BOTH
-fail, each with a message that names the broken behaviour - a suite that stays green
-against a known bug proves nothing.
+Runs the two seed tests in a nested pytest against the reference server with a
+`--regression NAME` switch (e.g. `blocking-start`, the livelock of Propolis issue 841) and
+asserts that the tests which must catch that bug fail, each with a message that names the
+broken behaviour - a suite that stays green against a known bug proves nothing.
 """
 
 from __future__ import annotations
@@ -20,11 +20,22 @@ from phd.framework import PhdConfig
 
 pytestmark = [pytest.mark.vm, pytest.mark.crucible]
 
-SEED_TESTS = {
-    "tests/suite/test_crucible.py::test_vcr_replace_during_start":
-        "VCR replacement during a blocked start was never applied",
-    "tests/suite/test_server_state_machine.py::test_stop_while_blocked_on_start":
-        "a stop during a blocked start did not abort the start",
+VCR_TEST = "tests/suite/test_crucible.py::test_vcr_replace_during_start"
+STOP_TEST = "tests/suite/test_server_state_machine.py::test_stop_while_blocked_on_start"
+SEED_TESTS = (VCR_TEST, STOP_TEST)
+
+# regression switch -> {test that must fail: text its failure message must contain}
+EXPECTED_FAILURES: dict[str, dict[str, str]] = {
+    "blocking-start": {
+        VCR_TEST: "VCR replacement during a blocked start was never applied",
+        STOP_TEST: "a stop during a blocked start did not abort the start",
+    },
+    "vcr-denied-while-starting": {
+        VCR_TEST: "VCR replacement during a blocked start was refused",
+    },
+    "stop-ignored-while-starting": {
+        STOP_TEST: "a stop during a blocked start did not abort the start",
+    },
 }
 
 
@@ -68,12 +79,13 @@ def _find(outcomes: dict[str, str], test_id: str) -> str:
     return "<not run>"
 
 
-def test_blocking_start_regression_is_caught(phd_config: PhdConfig, tmp_path: Path) -> None:
-    outcomes = _run_nested("blocking-start", phd_config, tmp_path)
-    for test_id, expected in SEED_TESTS.items():
+@pytest.mark.parametrize("regression", sorted(EXPECTED_FAILURES))
+def test_regression_is_caught(regression: str, phd_config: PhdConfig, tmp_path: Path) -> None:
+    outcomes = _run_nested(regression, phd_config, tmp_path)
+    for test_id, expected in EXPECTED_FAILURES[regression].items():
         outcome = _find(outcomes, test_id)
         if outcome.startswith("skipped"):
             pytest.skip(f"{test_id} skipped in the nested run: {outcome}")
         assert outcome.startswith("failed"), (
-            f"{test_id} did not fail against --regression blocking-start: {outcome}")
+            f"{test_id} did not fail against --regression {regression}: {outcome}")
         assert expected in outcome, f"{test_id} failed for another reason: {outcome[:2000]}"

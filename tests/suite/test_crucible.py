@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from phd import DiskFactory, InstanceState, VmFactory, WaitTimeout
+from phd import DiskFactory, InstanceState, ServerError, VmFactory, WaitTimeout
 from tests.suite.helpers import wait_blocked_on_black_hole
 
 pytestmark = [pytest.mark.vm, pytest.mark.crucible]
@@ -31,6 +31,9 @@ def test_vcr_replace_during_start(vm_factory: VmFactory, disk_factory: DiskFacto
     except WaitTimeout as exc:
         pytest.fail(f"VCR replacement during a blocked start was never applied "
                     f"(the state driver does not serve its queue while backends start): {exc}")
+    except ServerError as exc:
+        pytest.fail(f"VCR replacement during a blocked start was refused "
+                    f"(replacements must be accepted while Starting): {exc}")
     assert result == "Started", f"replacing the black-holed target answered {result!r}"
 
     try:
