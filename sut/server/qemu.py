@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -200,6 +201,7 @@ class QemuVm:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # a Ctrl-C to the server must not hit QEMU directly
+                preexec_fn=_die_with_parent,
             )
         accept = asyncio.ensure_future(self._qmp.accept())
         died = asyncio.ensure_future(self._proc.wait())
@@ -286,3 +288,13 @@ async def _exited(proc: asyncio.subprocess.Process, timeout: float) -> bool:
 def _signal(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError):
         proc.send_signal(sig)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Runs in the forked child before exec: if the server dies, even by SIGKILL, the kernel
+    kills QEMU too, so a killed server or harness never leaves a guest running."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

@@ -16,6 +16,7 @@ from websockets.sync.connection import Connection
 
 from phd.artifacts import GuestArtifact
 from phd.framework import Framework
+from phd.wait import wait_until
 
 from .conftest import ServerProcess, qemu_pids_for, start_server
 
@@ -139,3 +140,20 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_sigkill_of_the_server_takes_qemu_down(tmp_path: Path, disk: Path, tiny: GuestArtifact) -> None:
+    """A server killed outright (a SIGKILLed harness, an OOM kill) must not leave its guest
+    running: QEMU is started with PR_SET_PDEATHSIG."""
+    srv = start_server(tmp_path)
+    try:
+        with srv.client() as http:
+            create_and_run(http, disk, tiny)
+            wait_state(http, 3, "Running")
+        assert len(qemu_pids_for(srv.data_dir)) == 1
+        srv.proc.kill()
+        srv.proc.wait(10)
+        wait_until(lambda: qemu_pids_for(srv.data_dir), lambda pids: pids == [],
+                   what="QEMU to die with its server", timeout_s=10.0)
+    finally:
+        srv.close()
