@@ -11,6 +11,7 @@ import re
 import shutil
 import tempfile
 import uuid as uuidlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from phd.crucible import CrucibleDisk
@@ -112,9 +113,19 @@ class DiskFactory:
                 port = self.fw.ports.allocate()
                 self._ports.append(port)
                 downstairs.append(self._downstairs(f"{prefix}-ds{i}", port))
-                downstairs[-1].create_region(disk_id, block_size, extent // block_size,
-                                             size // extent)
-                downstairs[-1].start()
+
+            def bring_up(ds: Downstairs) -> None:
+                ds.create_region(disk_id, block_size, extent // block_size, size // extent)
+                ds.start()
+
+            # The three are independent and each start is mostly waiting on Docker, so they
+            # come up side by side; every error is collected before anything is torn down.
+            with ThreadPoolExecutor(max_workers=3, thread_name_prefix="phd-ds") as pool:
+                futures = [pool.submit(bring_up, ds) for ds in downstairs]
+            errors = [exc for f in futures if (exc := f.exception()) is not None]
+            if errors:
+                raise errors[0] if len(errors) == 1 else HarnessError(
+                    f"{len(errors)} downstairs of disk {name} failed to start: {errors}")
         except BaseException:
             for ds in downstairs:
                 ds.destroy()
