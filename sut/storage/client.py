@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sut.storage.errors import ProtocolError, StorageError, StorageFatalError
-from sut.storage.protocol import PROTOCOL_VERSION, Message, encode, read_message
+from sut.storage.protocol import PROTOCOL_VERSION, STREAM_LIMIT, BatchedWriter, Message, read_message
 from sut.storage.vcr import parse_target
 
 __all__ = ["ClientState", "DownstairsClient", "RetryPolicy", "SessionInfo"]
@@ -86,6 +86,7 @@ class DownstairsClient:
         self._log = logger
         self._task: asyncio.Task[None] | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._out: BatchedWriter | None = None  # all frames to self._writer go through it
         self._pending: dict[int, asyncio.Future[Message]] = {}
         self._job_ids = itertools.count(1)
         self._lost = asyncio.Event()
@@ -137,7 +138,8 @@ class DownstairsClient:
             self.connect_attempts += 1
             try:
                 reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(self.host, self.port), self.retry.connect_timeout_s
+                    asyncio.open_connection(self.host, self.port, limit=STREAM_LIMIT),
+                    self.retry.connect_timeout_s,
                 )
             except (OSError, TimeoutError) as exc:
                 self.failed_attempts += 1
@@ -152,6 +154,7 @@ class DownstairsClient:
                 await asyncio.sleep(self.retry.reconnect_delay_s)
                 continue
             self._writer = writer
+            self._out = BatchedWriter(writer)
             self._lost.clear()
             try:
                 self.set_state(ClientState.NEGOTIATING)
@@ -225,9 +228,9 @@ class DownstairsClient:
         self.extent_versions = (list(versions["gen"]), list(versions["flush"]), list(versions["dirty"]))
 
     async def _exchange(self, reader: asyncio.StreamReader, msg: Message, timeout: float) -> Message:
-        assert self._writer is not None
-        self._writer.write(encode(msg))
-        await self._writer.drain()
+        assert self._out is not None
+        self._out.write_message(msg)
+        await self._out.drain()
         reply = await asyncio.wait_for(read_message(reader), timeout)
         if reply is None:
             raise _Disconnected(f"downstairs closed the connection after {msg.kind}")
@@ -259,12 +262,13 @@ class DownstairsClient:
     def submit(self, msg_kind: str, fields: dict[str, Any], payload: bytes = b"") -> asyncio.Future[Message]:
         """Send a job NOW (synchronously, preserving order) and return its reply future."""
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-        if self._writer is None or self._writer.is_closing():
+        if self._writer is None or self._out is None or self._writer.is_closing():
             future.set_exception(_Disconnected(f"downstairs {self.target} is not connected"))
             return future
         job_id = next(self._job_ids)
         self._pending[job_id] = future
-        self._writer.write(encode(Message(msg_kind, {"job_id": job_id, **fields}, payload)))
+        # queued in order; sent together with other jobs submitted in this loop iteration
+        self._out.write_message(Message(msg_kind, {"job_id": job_id, **fields}, payload))
         return future
 
     async def call(self, msg_kind: str, fields: dict[str, Any], payload: bytes = b"") -> Message:
@@ -281,6 +285,7 @@ class DownstairsClient:
 
     def _close_socket(self, reason: str) -> asyncio.StreamWriter | None:
         writer, self._writer = self._writer, None
+        self._out = None  # frames still queued for this socket are dropped with it
         if writer is not None:
             writer.close()
         self._fail_pending(reason)

@@ -28,7 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from sut.storage.errors import ProtocolError
-from sut.storage.protocol import PROTOCOL_VERSION, Message, encode, read_message
+from sut.storage.protocol import (
+    PROTOCOL_VERSION,
+    STREAM_LIMIT,
+    BatchedWriter,
+    Message,
+    encode,
+    read_message,
+    write_message,
+)
 from sut.storage.region import Region, RegionError
 
 __all__ = ["Downstairs", "FaultConfig", "main"]
@@ -73,7 +81,7 @@ class Downstairs:
         self._rng = random.Random()
 
     async def start(self, address: str, port: int) -> int:
-        self._server = await asyncio.start_server(self._handle, address, port)
+        self._server = await asyncio.start_server(self._handle, address, port, limit=STREAM_LIMIT)
         bound = int(self._server.sockets[0].getsockname()[1])
         log(
             "listening",
@@ -116,7 +124,7 @@ class Downstairs:
                 await writer.wait_closed()
 
     async def _send(self, writer: asyncio.StreamWriter, msg: Message) -> None:
-        writer.write(encode(msg))
+        write_message(writer, msg)
         await writer.drain()
 
     async def _expect(self, reader: asyncio.StreamReader, kind: str) -> Message:
@@ -196,15 +204,22 @@ class Downstairs:
     async def _serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, session: _Session
     ) -> None:
-        while True:
-            msg = await read_message(reader)
-            if msg is None:
-                return
-            if not self.read_only and self._active is not session:
-                return  # taken over: this connection may do no more I/O
-            reply = await self._dispatch(msg)
-            if reply is not None:
-                await self._send(writer, reply)
+        # Replies to requests that arrived together are sent together (one send()); each
+        # reply is queued only after its operation is done (e.g. fsync before FlushAck).
+        out = BatchedWriter(writer)
+        try:
+            while True:
+                msg = await read_message(reader)
+                if msg is None:
+                    return
+                if not self.read_only and self._active is not session:
+                    return  # taken over: this connection may do no more I/O
+                reply = await self._dispatch(msg)
+                if reply is not None:
+                    out.write_message(reply)
+                    await writer.drain()  # backpressure for what earlier flushes handed over
+        finally:
+            out.flush()  # replies to completed operations still go out if the socket is open
 
     async def _dispatch(self, msg: Message) -> Message | None:
         if self.faults.lossy:
@@ -253,8 +268,7 @@ class Downstairs:
         kind = msg.kind
         if kind == "Read":
             self._inject(self.faults.read_errors, "read")
-            data, written = self.region.read(int(msg["block"]), int(msg["count"]))
-            bits = "".join("1" if w else "0" for w in written)
+            data, bits = self.region.read_bits(int(msg["block"]), int(msg["count"]))
             return Message("ReadResponse", {"job_id": job, "error": None, "written": bits}, data)
         if kind in ("Write", "WriteUnwritten"):
             if self.read_only:

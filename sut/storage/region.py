@@ -68,6 +68,26 @@ class ExtentMeta:
     def mark_written(self, block: int) -> None:
         self.written[block >> 3] |= 1 << (block & 7)
 
+    # Range forms of the two methods above. A 1 MiB I/O covers 2048 blocks of 512 B, and a
+    # Python loop of per-block bit operations cost more CPU than the pwrite itself (profile:
+    # ~1.4 M mark_written calls per downstairs in one bench run). These treat the bitmap as
+    # one little-endian integer (bit k = block k), so the work happens in C.
+    def written_bits(self, block: int, count: int) -> str:
+        """Per-block ``"0"``/``"1"`` string for ``count`` blocks from ``block``."""
+        if count <= 0:
+            return ""
+        bits = (int.from_bytes(self.written, "little") >> block) & ((1 << count) - 1)
+        # format() prints the highest block first; reverse so character i is block + i
+        return format(bits, f"0{count}b")[::-1]
+
+    def mark_written_range(self, block: int, count: int) -> None:
+        if count <= 0:
+            return
+        mask = ((1 << count) - 1) << block
+        value = int.from_bytes(self.written, "little")
+        if value & mask != mask:
+            self.written[:] = (value | mask).to_bytes(len(self.written), "little")
+
 
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
@@ -225,16 +245,27 @@ class Region:
 
     def read(self, block: int, count: int) -> tuple[bytes, list[bool]]:
         """Return the data and, per block, whether it was ever written."""
+        data, bits = self.read_bits(block, count)
+        return data, [c == "1" for c in bits]
+
+    def read_bits(self, block: int, count: int) -> tuple[bytes, str]:
+        """Like :meth:`read`, with the written map as the wire's ``"0"``/``"1"`` string."""
         self._check_range(block, count)
         bs = self.info.block_size
+        spans = self._spans(block, count)
+        if len(spans) == 1:  # the common case: no join, so no second copy of the data
+            eid, offset, n = spans[0]
+            data = os.pread(self._fds[eid], n * bs, offset * bs)
+            if len(data) < n * bs:
+                data = data.ljust(n * bs, b"\0")
+            return data, self._meta[eid].written_bits(offset, n)
         chunks: list[bytes] = []
-        written: list[bool] = []
-        for eid, offset, n in self._spans(block, count):
+        bits: list[str] = []
+        for eid, offset, n in spans:
             data = os.pread(self._fds[eid], n * bs, offset * bs)
             chunks.append(data.ljust(n * bs, b"\0"))
-            meta = self._meta[eid]
-            written.extend(meta.is_written(offset + i) for i in range(n))
-        return b"".join(chunks), written
+            bits.append(self._meta[eid].written_bits(offset, n))
+        return b"".join(chunks), "".join(bits)
 
     def write(self, block: int, data: bytes, *, only_unwritten: bool = False) -> None:
         bs = self.info.block_size
@@ -243,6 +274,7 @@ class Region:
         count = len(data) // bs
         self._check_range(block, count)
         pos = 0
+        view = memoryview(data)  # slices of a memoryview are not copies; pwrite takes them
         for eid, offset, n in self._spans(block, count):
             meta = self._meta[eid]
             if not meta.dirty:
@@ -250,15 +282,13 @@ class Region:
                 self._save_meta(eid)  # durable dirty mark before the write can be acked
             fd = self._fds[eid]
             if only_unwritten:
-                for i in range(n):
-                    piece = data[pos + i * bs : pos + (i + 1) * bs]
-                    if not meta.is_written(offset + i):
-                        os.pwrite(fd, piece, (offset + i) * bs)
+                for i, flag in enumerate(meta.written_bits(offset, n)):
+                    if flag == "0":
+                        os.pwrite(fd, view[pos + i * bs : pos + (i + 1) * bs], (offset + i) * bs)
                         meta.mark_written(offset + i)
             else:
-                os.pwrite(fd, data[pos : pos + n * bs], offset * bs)
-                for i in range(n):
-                    meta.mark_written(offset + i)
+                os.pwrite(fd, view[pos : pos + n * bs], offset * bs)
+                meta.mark_written_range(offset, n)
             pos += n * bs
 
     def flush(self, flush_number: int, gen: int) -> None:

@@ -29,6 +29,9 @@ from sut.storage.vcr import RegionVcr
 __all__ = ["Activation", "Upstairs"]
 
 
+_LARGE_READ = 64 * 1024  # bytes; reads at least this big are spread over the downstairs
+
+
 class Activation(enum.Enum):
     INACTIVE = "inactive"
     ACTIVATING = "activating"
@@ -77,6 +80,7 @@ class Upstairs:
         self._flush_number = 0
         self._repairs: dict[str, asyncio.Task[None]] = {}
         self._read_cursor = 0
+        self._read_batch_open = False
 
     # -- clients ---------------------------------------------------------------------------
     def _session(self) -> SessionInfo:
@@ -349,8 +353,17 @@ class Upstairs:
         last: Exception | None = None
         for _attempt in range(3):
             members = await self._gate()
-            self._read_cursor = (self._read_cursor + 1) % len(members)
-            client = members[self._read_cursor]
+            # Small reads issued in the same loop iteration go to the same downstairs so that
+            # its connection sends them (and it answers them) in one batch; the next batch goes
+            # to the next downstairs. Large reads (and retries) rotate per request so several
+            # downstairs copy data in parallel. Any active downstairs has every acked write.
+            if count * self.region.block_size >= _LARGE_READ or _attempt:
+                self._read_cursor += 1
+            elif not self._read_batch_open:
+                self._read_batch_open = True
+                self._read_cursor += 1
+                asyncio.get_running_loop().call_soon(self._end_read_batch)
+            client = members[self._read_cursor % len(members)]
             try:
                 reply = await client.call("Read", {"block": block, "count": count})
                 return reply.payload, str(reply["written"])
@@ -358,6 +371,9 @@ class Upstairs:
                 last = exc
                 client.fault(f"read failed: {exc}")
         raise StorageError(f"read of blocks {block}+{count} failed on every attempt: {last}")
+
+    def _end_read_batch(self) -> None:
+        self._read_batch_open = False
 
     async def _to_all(self, kind: str, fields: dict[str, object], payload: bytes = b"") -> None:
         members = await self._gate()

@@ -150,16 +150,33 @@ class Volume:
     async def read(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
         bs = self.block_size
+        pieces = self._pieces(offset, length)
+        if len(pieces) == 1:
+            # One region (the usual case): hand its reply payload through untouched instead
+            # of copying it into a bytearray and then into bytes again.
+            part, local, n, _pos = pieces[0]
+            data, written = await part.upstairs.read(local // bs, n // bs)
+            if self._parent is None or "0" not in written:
+                return data
+            out = bytearray(data)
+            self._fill_from_parent(out, part, local, 0, written)
+            return bytes(out)
         out = bytearray(length)
-        for part, local, n, pos in self._pieces(offset, length):
+        for part, local, n, pos in pieces:
             data, written = await part.upstairs.read(local // bs, n // bs)
             out[pos : pos + n] = data
             if self._parent is not None and "0" in written:
-                for i, flag in enumerate(written):
-                    if flag == "0":
-                        vol_off = part.start + local + i * bs
-                        out[pos + i * bs : pos + (i + 1) * bs] = self._parent.read(vol_off, bs)
+                self._fill_from_parent(out, part, local, pos, written)
         return bytes(out)
+
+    def _fill_from_parent(self, out: bytearray, part: _Extent, local: int, pos: int, written: str) -> None:
+        """Replace the never-written blocks of one region's piece of ``out`` by parent data."""
+        assert self._parent is not None
+        bs = self.block_size
+        for i, flag in enumerate(written):
+            if flag == "0":
+                vol_off = part.start + local + i * bs
+                out[pos + i * bs : pos + (i + 1) * bs] = self._parent.read(vol_off, bs)
 
     async def write(self, offset: int, data: bytes) -> None:
         if self.read_only:
@@ -167,7 +184,9 @@ class Volume:
         self._check(offset, len(data))
         bs = self.block_size
         for part, local, n, pos in self._pieces(offset, len(data)):
-            await part.upstairs.write(local // bs, data[pos : pos + n])
+            # a request inside one region is passed on as is (slicing would copy it)
+            piece = data if n == len(data) else data[pos : pos + n]
+            await part.upstairs.write(local // bs, piece)
 
     async def flush(self) -> None:
         for part in self._parts:
