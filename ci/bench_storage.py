@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sut.storage.vcr import dump_vcr, region_volume
+
 REPO = Path(__file__).resolve().parent.parent
 BLOCK_SIZE = 512
 EXTENT_BLOCKS = 32768  # 16 MiB extents
@@ -322,36 +324,8 @@ class Downstairs:
 
 
 def make_vcr(targets: list[str], extent_count: int) -> str:
-    vid = str(uuid.uuid4())
-    return json.dumps(
-        {
-            "type": "volume",
-            "id": vid,
-            "block_size": BLOCK_SIZE,
-            "sub_volumes": [
-                {
-                    "type": "region",
-                    "block_size": BLOCK_SIZE,
-                    "blocks_per_extent": EXTENT_BLOCKS,
-                    "extent_count": extent_count,
-                    "gen": 1,
-                    "opts": {
-                        "id": vid,
-                        "target": targets,
-                        "lossy": False,
-                        "flush_timeout": None,
-                        "key": None,
-                        "cert_pem": None,
-                        "key_pem": None,
-                        "root_cert_pem": None,
-                        "control": None,
-                        "read_only": False,
-                    },
-                }
-            ],
-            "read_only_parent": None,
-        }
-    )
+    return dump_vcr(region_volume(str(uuid.uuid4()), targets, block_size=BLOCK_SIZE,
+                                  blocks_per_extent=EXTENT_BLOCKS, extent_count=extent_count))
 
 
 def start_export(tmp: Path, vcr: str) -> tuple[subprocess.Popen[bytes], Path]:

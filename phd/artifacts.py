@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shlex
 import subprocess
-import sys
 import threading
 import tomllib
 from dataclasses import dataclass
@@ -62,8 +61,7 @@ class ArtifactStore:
             raise HarnessError(f"artifacts.{name}.source: only `recipe` sources are supported yet")
         recipe = self.repo_root / str(source["recipe"]) / "build"
         out = self.artifact_dir / "guests" / name
-        argv = [sys.executable, str(recipe), "--out", str(out)] if recipe.suffix == ".py" \
-            else [str(recipe), "--out", str(out)]
+        argv = [str(recipe), "--out", str(out)]
         out.parent.mkdir(parents=True, exist_ok=True)
         proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,  # noqa: S603
                               text=True, check=False)

@@ -83,9 +83,5 @@ class ServerClient:
         return body
 
     # --- serial -----------------------------------------------------------------------
-    def serial_history(self, from_start: int = 0, max_bytes: int = 1 << 20) -> bytes:
-        return self.request("GET", "/instance/serial/history", expect=(200,),
-                            params={"from_start": from_start, "max_bytes": max_bytes}).content
-
     def serial_ws_url(self, from_start: int = 0) -> str:
         return self.base_url.replace("http://", "ws://", 1) + f"/instance/serial?from_start={from_start}"

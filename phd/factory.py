@@ -11,6 +11,7 @@ import re
 import shutil
 import tempfile
 import uuid as uuidlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,12 +29,12 @@ MIB = 1 << 20
 _NAME_OK = re.compile(r"^[a-z0-9][a-z0-9-]{0,40}$")
 
 
-def _teardown_all(items: list[object], what: str) -> None:
+def _teardown_all(finalizers: list[Callable[[], None]], what: str) -> None:
+    """Run every finalizer, newest first, and raise the errors together."""
     errors: list[BaseException] = []
-    while items:
-        item = items.pop()
+    while finalizers:
         try:
-            item.close() if hasattr(item, "close") else item.destroy()  # type: ignore[attr-defined]
+            finalizers.pop()()
         except Exception as exc:  # noqa: BLE001 - collected, raised together below
             errors.append(exc)
     if errors:
@@ -45,7 +46,7 @@ class VmFactory:
         self.fw = framework
         self.node_id = node_id
         self.test_dir = test_dir
-        self._vms: list[object] = []
+        self._vms: list[Callable[[], None]] = []
         self._ports: list[int] = []
         self._data_dirs: list[tuple[Path, Path]] = []
 
@@ -66,7 +67,7 @@ class VmFactory:
         server = ServerProcess(list(cfg.server_cmd), port, data_dir, log, regressions=cfg.regressions,
                                env={"SUT_SERVER_ACCEL": cfg.accel})
         vm = TestVm(VmConfig(name, cpus, memory_mib), server, artifact, self.test_dir)
-        self._vms.append(vm)
+        self._vms.append(vm.close)
         return vm
 
     def close(self) -> None:
@@ -97,7 +98,7 @@ class DiskFactory:
         self.fw = framework
         self.node_id = node_id
         self.test_dir = test_dir
-        self._disks: list[object] = []
+        self._disks: list[Callable[[], None]] = []
         self._ports: list[int] = []
 
     def create_crucible_disk(self, name: str = "data", *, size_gib: int = 1,
@@ -132,7 +133,7 @@ class DiskFactory:
             black_hole.close()
             raise
         disk = CrucibleDisk(name, size, block_size, extent, downstairs, black_hole, disk_id)
-        self._disks.append(disk)
+        self._disks.append(disk.destroy)
         return disk
 
     def _downstairs(self, name: str, port: int) -> Downstairs:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from phd.artifacts import ArtifactStore
-from phd.errors import ArtifactUnavailable, HarnessError
+from phd.errors import ArtifactUnavailable
 from phd.ports import PortAllocator
 
 __all__ = ["Framework", "PhdConfig"]
@@ -97,7 +97,3 @@ class Framework:
         path = self.config.tmp_dir / self.session_id / safe
         path.mkdir(parents=True, exist_ok=True)
         return path
-
-    def check_regressions_supported(self) -> None:
-        if self.config.regressions and not self.config.server_cmd:
-            raise HarnessError("--phd-regression needs a server command")

@@ -8,6 +8,7 @@ Failure patterns (kernel panic, oops) end a wait at once with the last console l
 
 from __future__ import annotations
 
+import codecs
 import re
 import threading
 import time
@@ -22,6 +23,8 @@ __all__ = ["GuestPanic", "SerialConsole"]
 
 # CSI / OSC escape sequences and stray carriage returns, so prompts match as printed text.
 _ESCAPES = re.compile(rb"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\x1b[()][A-Za-z0-9]|\r")
+
+_MAX_ESCAPE = 32  # longer than any escape a guest sends; a lone ESC is not held forever
 
 DEFAULT_FAILURE_PATTERNS = (
     re.compile(r"Kernel panic - not syncing"),
@@ -38,8 +41,9 @@ class SerialConsole:
     def __init__(self, ws_url: str, transcript: Path | None = None) -> None:
         self.ws_url = ws_url
         self.transcript_path = transcript
-        self._raw = bytearray()
-        self._text = ""  # escape-stripped, decoded view of _raw
+        self._text = ""  # escape-stripped, decoded console output so far
+        self._pending = b""  # an escape sequence split across two messages, held back
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._cursor = 0  # offset into _text before which waits do not look
         self._cond = threading.Condition()
         self._ws: ClientConnection | None = None
@@ -65,8 +69,7 @@ class SerialConsole:
                     self._transcript.write(data)
                     self._transcript.flush()
                 with self._cond:
-                    self._raw += data
-                    self._text = _ESCAPES.sub(b"", bytes(self._raw)).decode("utf-8", "replace")
+                    self._text += self._clean(data)
                     self._cond.notify_all()
         except ConnectionClosed as exc:
             reason = f"closed: {exc}"
@@ -75,6 +78,16 @@ class SerialConsole:
         with self._cond:
             self._closed_reason = reason
             self._cond.notify_all()
+
+    def _clean(self, data: bytes) -> str:
+        """Strip escapes from new output only (the buffer grows for the whole boot, so
+        re-cleaning it per message would be quadratic); hold back an unfinished escape."""
+        data = self._pending + data
+        self._pending = b""
+        cut = data.rfind(b"\x1b")
+        if cut != -1 and len(data) - cut < _MAX_ESCAPE and not _ESCAPES.match(data, cut):
+            data, self._pending = data[:cut], data[cut:]
+        return self._decoder.decode(_ESCAPES.sub(b"", data))
 
     def close(self) -> None:
         if self._ws is not None:

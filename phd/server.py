@@ -15,6 +15,7 @@ import signal
 import subprocess
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 import httpx
 
@@ -37,7 +38,7 @@ class ServerProcess:
         self.ready_timeout_s = ready_timeout_s
         self.env = {**os.environ, **(env or {})}
         self._proc: subprocess.Popen[bytes] | None = None
-        self._log: object | None = None
+        self._log: BinaryIO | None = None
 
     @property
     def base_url(self) -> str:
@@ -45,8 +46,8 @@ class ServerProcess:
 
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self._log = out
+        self._log = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115 - closed in stop()
+        out = self._log if self._log is not None else subprocess.DEVNULL
         try:
             self._proc = subprocess.Popen(  # noqa: S603 - argv list, no shell
                 self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=self.env,
@@ -93,7 +94,7 @@ class ServerProcess:
 
     def _close_log(self) -> None:
         log, self._log = self._log, None
-        if log is not None and hasattr(log, "close"):
+        if log is not None:
             with contextlib.suppress(OSError):
                 log.close()
 

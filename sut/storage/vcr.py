@@ -222,6 +222,17 @@ def parse_volume(text: str | bytes) -> VolumeVcr:
     return vcr
 
 
+def region_volume(volume_id: str, targets: list[str], *, gen: int = 1, block_size: int = 512,
+                  blocks_per_extent: int, extent_count: int,
+                  read_only_parent: FileVcr | None = None) -> VolumeVcr:
+    """The common shape: a volume holding one three-way region (upstairs id = volume id)."""
+    opts = RegionOpts(id=volume_id, target=targets, lossy=False, read_only=False)
+    region = RegionVcr(block_size=block_size, blocks_per_extent=blocks_per_extent,
+                       extent_count=extent_count, gen=gen, opts=opts)
+    return VolumeVcr(id=volume_id, block_size=block_size, sub_volumes=[region],
+                     read_only_parent=read_only_parent)
+
+
 def dump_vcr(vcr: VolumeVcr | RegionVcr | FileVcr | UrlVcr) -> str:
     """Serialise to compact JSON that :func:`parse_vcr` turns back into an equal model."""
     return json.dumps(vcr.model_dump(mode="json"), separators=(",", ":"))

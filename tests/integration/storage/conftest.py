@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from sut.storage.vcr import FileVcr, dump_vcr, region_volume
+
 BLOCK_SIZE = 512
 EXTENT_SIZE = 1024  # blocks: 512 KiB extents
 EXTENT_COUNT = 8  # 4 MiB region: small, so reconciliation copies stay fast
@@ -154,37 +156,10 @@ def make_vcr(
     targets: list[str], *, gen: int = 1, volume_id: str | None = None, parent: str | None = None
 ) -> str:
     vid = volume_id or str(uuid.uuid4())
-    return json.dumps(
-        {
-            "type": "volume",
-            "id": vid,
-            "block_size": BLOCK_SIZE,
-            "sub_volumes": [
-                {
-                    "type": "region",
-                    "block_size": BLOCK_SIZE,
-                    "blocks_per_extent": EXTENT_SIZE,
-                    "extent_count": EXTENT_COUNT,
-                    "gen": gen,
-                    "opts": {
-                        "id": vid,
-                        "target": targets,
-                        "lossy": False,
-                        "flush_timeout": None,
-                        "key": None,
-                        "cert_pem": None,
-                        "key_pem": None,
-                        "root_cert_pem": None,
-                        "control": None,
-                        "read_only": False,
-                    },
-                }
-            ],
-            "read_only_parent": None
-            if parent is None
-            else {"type": "file", "id": str(uuid.uuid4()), "block_size": BLOCK_SIZE, "path": parent},
-        }
-    )
+    ro_parent = None if parent is None else FileVcr(id=str(uuid.uuid4()), block_size=BLOCK_SIZE, path=parent)
+    return dump_vcr(region_volume(vid, targets, gen=gen, block_size=BLOCK_SIZE,
+                                  blocks_per_extent=EXTENT_SIZE, extent_count=EXTENT_COUNT,
+                                  read_only_parent=ro_parent))
 
 
 async def qemu_io(socket_path: Path, *commands: str, timeout_s: float = 60.0) -> str:

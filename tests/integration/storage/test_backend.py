@@ -135,7 +135,7 @@ def test_replace_completes_activation_pending_on_unreachable_target(
             await qemu_io(sock, "write -P 0xab 0 1M", "flush")
             await qemu_io(sock, "read -P 0xab 0 1M")
             assert await backend.replace(fixed) == "CompletedAlready"  # idempotent retry
-            gen3 = fixed.replace('"gen": 2', '"gen": 3')
+            gen3 = make_vcr([dss[0].target, dss[1].target, dss[2].target], gen=3, volume_id=vid)
             assert await backend.replace(gen3) == "VcrMatches"
             assert backend.status()["generation"] == 3
         finally:
