@@ -1,10 +1,21 @@
-"""One upstairs' connection to one downstairs: connect loop, negotiation, job multiplexing.
+"""One upstairs' connection to one downstairs: connect loop, negotiation, jobs, replay.
 
 The client connects FOREVER (an unreachable target is retried on a fixed delay, as Crucible
 does) until it reaches ``WAIT_QUORUM``; the owning :class:`~sut.storage.upstairs.Upstairs`
-decides what happens next. Jobs are matched to replies by ``job_id`` so many can be in
-flight; frames are written synchronously, so the order in which the upstairs submits jobs
-is the order every downstairs executes them.
+decides what happens next (join an activation, replay a backlog, or live-repair).
+
+Jobs are matched to replies by ``job_id`` so many can be in flight; frames are written
+synchronously, so the order in which the upstairs submits jobs is the order every downstairs
+executes them.
+
+Losing an ACTIVE downstairs (it died, it was restarted, or it stopped answering - a paused
+container - for ``io_timeout_s``) makes the client OFFLINE: its unacknowledged writes and
+flushes are KEPT, new ones are queued behind them, and on reconnection the whole backlog is
+replayed in order before anything new (writes and flushes are idempotent when replayed in
+order). A backlog that outgrows the policy's limits, or an outage longer than
+``offline_timeout_s``, FAULTS the client instead: the backlog is dropped and the downstairs
+must be live-repaired when it returns. Crucible draws the same line between "offline" and
+"faulted".
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ import contextlib
 import enum
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,10 +39,23 @@ __all__ = ["ClientState", "DownstairsClient", "RetryPolicy", "SessionInfo"]
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How the upstairs retries a downstairs: Crucible uses 10 s + 10 s, no limit."""
+    """How the upstairs treats an unreachable or silent downstairs.
+
+    Crucible connects with a 10 s timeout and retries every 10 s, without limit; the defaults
+    here are shorter because test disks are small and tests want answers quickly.
+    """
 
     connect_timeout_s: float = 2.0
     reconnect_delay_s: float = 1.0
+    # A connected downstairs that sends nothing (not even the answer to a keepalive) for this
+    # long while we wait for it is treated as gone: a paused container keeps its TCP
+    # connection open forever, so silence is the only sign.
+    io_timeout_s: float = 10.0
+    keepalive_s: float = 1.0
+    # Limits of an OFFLINE downstairs' backlog; beyond them it is faulted (live repair).
+    max_backlog_jobs: int = 20_000
+    max_backlog_bytes: int = 256 * 1024 * 1024
+    offline_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -49,15 +74,39 @@ class ClientState(enum.Enum):
     NEW = "new"
     CONNECTING = "connecting"
     NEGOTIATING = "negotiating"
-    WAIT_QUORUM = "wait_quorum"
+    WAIT_QUORUM = "wait_quorum"  # negotiated; the upstairs decides what happens next
     REPAIRING = "repairing"
     ACTIVE = "active"
-    OFFLINE = "offline"
+    OFFLINE = "offline"  # was active, lost; backlog kept for replay
+    FAULTED = "faulted"  # must be live-repaired before it serves again
     DISABLED = "disabled"  # fatal: will not reconnect (refused, taken over, removed)
+
+
+# Jobs that are replayed after a reconnection. Everything else (reads, keepalives, repair
+# transfers) is failed when the connection drops and retried by its owner if it still matters.
+_REPLAYABLE = frozenset({"Write", "WriteUnwritten", "Flush"})
+# An error reply to one of these means the copy may now differ from the others: fault it.
+_FAULT_ON_ERROR = frozenset({"Write", "WriteUnwritten", "Flush", "ExtentPut"})
 
 
 class _Disconnected(StorageError):
     pass
+
+
+@dataclass
+class _Job:
+    kind: str
+    fields: dict[str, Any]
+    payload: bytes
+    future: asyncio.Future[Message]
+    sent: bool = False
+
+
+def _consume_result(future: asyncio.Future[Message]) -> None:
+    # Nobody may await a job that was acknowledged by enough other downstairs already;
+    # retrieving its exception here keeps asyncio from logging it as "never retrieved".
+    if not future.cancelled():
+        future.exception()
 
 
 class DownstairsClient:
@@ -82,14 +131,25 @@ class DownstairsClient:
         self.fatal_error: StorageFatalError | None = None
         self.taken_over = False
         self.extent_versions: tuple[list[int], list[int], list[bool]] | None = None
+        # Counters for status and tests: how often this downstairs went offline / was
+        # faulted, how many jobs were replayed, how many live repairs completed.
+        self.offline_count = 0
+        self.fault_count = 0
+        self.replayed_jobs = 0
+        self.repairs_done = 0
+        self.repair_upto = 0  # extents below this are repaired (meaningful while REPAIRING)
+        self._offline_since: float | None = None
         self._on_change = on_change
         self._log = logger
         self._task: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._out: BatchedWriter | None = None  # all frames to self._writer go through it
-        self._pending: dict[int, asyncio.Future[Message]] = {}
+        self._jobs: dict[int, _Job] = {}  # insertion order = submission order
+        self._backlog_bytes = 0
+        self._holding = False  # OFFLINE: queue jobs, send them on replay()
         self._job_ids = itertools.count(1)
-        self._lost = asyncio.Event()
+        self._last_rx = time.monotonic()
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -100,27 +160,54 @@ class DownstairsClient:
 
     async def stop(self) -> None:
         """Cancel the task and close the socket; idempotent."""
-        task, self._task = self._task, None
+        task = self.disable("client stopped")
         if task is not None:
-            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        writer = self._close_socket("client stopped")
-        if writer is not None:
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-        if self.state is not ClientState.DISABLED:
-            self.state = ClientState.DISABLED
+
+    def disable(self, reason: str) -> asyncio.Task[None] | None:
+        """Synchronously: stop reconnecting, close the socket, fail every job.
+
+        Returns the (cancelled) task so an async caller can wait for it to end.
+        """
+        task, self._task = self._task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+        self._close_socket(reason)
+        self._holding = False
+        self._fail_jobs(reason, keep_replayable=False)
+        self.state = ClientState.DISABLED
+        return task
 
     def fault(self, reason: str) -> None:
-        """Drop the connection (e.g. after a failed write); the loop reconnects and repairs."""
+        """This copy can no longer be trusted: drop the connection and the backlog.
+
+        The connect loop reconnects and the upstairs live-repairs the downstairs.
+        """
+        if self.state is ClientState.DISABLED:
+            return
         self._log.warning("downstairs %s faulted: %s", self.target, reason)
         self.last_error = reason
+        self.fault_count += 1
         self._close_socket(reason)
+        self._fail_jobs(reason, keep_replayable=False)
+        self._holding = False
+        self._offline_since = None
+        if self.state in (ClientState.ACTIVE, ClientState.OFFLINE, ClientState.REPAIRING):
+            self.set_state(ClientState.FAULTED)
 
     def set_state(self, state: ClientState) -> None:
         self.state = state
         self._on_change(self)
+
+    @property
+    def replayable(self) -> bool:
+        """Offline with a backlog that will be replayed on reconnection (no repair needed)."""
+        return self._holding
+
+    @property
+    def backlog(self) -> int:
+        return len(self._jobs)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -129,12 +216,26 @@ class DownstairsClient:
             "connect_attempts": self.connect_attempts,
             "failed_attempts": self.failed_attempts,
             "last_error": self.last_error,
+            "backlog": len(self._jobs),
+            "offline_count": self.offline_count,
+            "fault_count": self.fault_count,
+            "replayed_jobs": self.replayed_jobs,
+            "repairs_done": self.repairs_done,
+            "repair_progress": (
+                [self.repair_upto, self.session.extent_count] if self.state is ClientState.REPAIRING else None
+            ),
         }
 
     # -- connect loop ----------------------------------------------------------------------
+    def _keep_state_while_reconnecting(self) -> bool:
+        # An OFFLINE or FAULTED downstairs stays so in status while it reconnects, so a
+        # reader sees WHY it is not serving rather than a bare "connecting".
+        return self.state in (ClientState.OFFLINE, ClientState.FAULTED)
+
     async def _run(self) -> None:
         while True:
-            self.set_state(ClientState.CONNECTING)
+            if not self._keep_state_while_reconnecting():
+                self.set_state(ClientState.CONNECTING)
             self.connect_attempts += 1
             try:
                 reader, writer = await asyncio.wait_for(
@@ -150,34 +251,82 @@ class DownstairsClient:
                     self.failed_attempts,
                     self.last_error,
                 )
+                self._check_offline_limits()
                 # Crucible's policy: a fixed delay, no backoff, no limit.
                 await asyncio.sleep(self.retry.reconnect_delay_s)
                 continue
             self._writer = writer
             self._out = BatchedWriter(writer)
-            self._lost.clear()
+            self._last_rx = time.monotonic()
             try:
-                self.set_state(ClientState.NEGOTIATING)
+                if not self._keep_state_while_reconnecting():
+                    self.set_state(ClientState.NEGOTIATING)
                 await self._negotiate(reader)
+                self._watchdog = asyncio.get_running_loop().create_task(
+                    self._watch(writer), name=f"downstairs-watchdog {self.target}"
+                )
+                # the upstairs reacts to WAIT_QUORUM synchronously (activation member,
+                # replay() or live repair) before any reply is read
                 self.set_state(ClientState.WAIT_QUORUM)
                 await self._read_replies(reader)
-                if not self.taken_over:
+                if not self.taken_over and self._writer is writer:
                     self.last_error = "connection closed by the downstairs"
             except StorageFatalError as exc:
                 self.fatal_error = exc
                 self.last_error = str(exc)
                 self._close_socket(str(exc))
+                self._fail_jobs(str(exc), keep_replayable=False)
                 self.set_state(ClientState.DISABLED)
                 return
             except (OSError, ProtocolError, _Disconnected, TimeoutError) as exc:
-                self.last_error = f"{type(exc).__name__}: {exc}"
-            self._close_socket(self.last_error or "disconnected")
+                if self._writer is writer or self.last_error is None:
+                    self.last_error = f"{type(exc).__name__}: {exc}"
             if self.taken_over:
+                # another upstairs owns the region now: never reconnect, replay nothing
+                reason = self.last_error or "taken over"
+                self.fatal_error = self.fatal_error or StorageFatalError(reason)
+                self._close_socket(reason)
+                self._fail_jobs(reason, keep_replayable=False)
+                self._holding = False
                 self.set_state(ClientState.DISABLED)
                 return
+            self._connection_lost(self.last_error or "disconnected")
             self.failed_attempts += 1
-            self.set_state(ClientState.OFFLINE)
             await asyncio.sleep(self.retry.reconnect_delay_s)
+
+    def _connection_lost(self, reason: str) -> None:
+        was = self.state
+        self._close_socket(reason)
+        if was is ClientState.ACTIVE or (was is ClientState.OFFLINE and self._holding):
+            # keep the writes it has not acknowledged; they are replayed on reconnection
+            if not self._holding:
+                self._holding = True
+                self.offline_count += 1
+                self._offline_since = time.monotonic()
+                self._log.warning("downstairs %s offline: %s", self.target, reason)
+            self._fail_jobs(reason, keep_replayable=True)
+            self.set_state(ClientState.OFFLINE)
+            self._check_offline_limits()
+        elif was in (ClientState.REPAIRING, ClientState.FAULTED):
+            self._fail_jobs(reason, keep_replayable=False)
+            self.set_state(ClientState.FAULTED)
+        else:
+            self._fail_jobs(reason, keep_replayable=False)
+            self.set_state(ClientState.OFFLINE)
+
+    def _check_offline_limits(self) -> None:
+        if not self._holding:
+            return
+        r = self.retry
+        why = None
+        if len(self._jobs) > r.max_backlog_jobs:
+            why = f"backlog of {len(self._jobs)} jobs exceeds {r.max_backlog_jobs}"
+        elif self._backlog_bytes > r.max_backlog_bytes:
+            why = f"backlog of {self._backlog_bytes} bytes exceeds {r.max_backlog_bytes}"
+        elif self._offline_since is not None and time.monotonic() - self._offline_since > r.offline_timeout_s:
+            why = f"offline for more than {r.offline_timeout_s} s"
+        if why is not None:
+            self.fault(why)
 
     async def _negotiate(self, reader: asyncio.StreamReader) -> None:
         s = self.session
@@ -234,42 +383,96 @@ class DownstairsClient:
         reply = await asyncio.wait_for(read_message(reader), timeout)
         if reply is None:
             raise _Disconnected(f"downstairs closed the connection after {msg.kind}")
+        self._last_rx = time.monotonic()
         if reply.kind == "YouAreNoLongerActive":
             self.taken_over = True
             raise StorageFatalError(f"downstairs {self.target}: taken over by generation {reply['new_gen']}")
         return reply
 
     async def _read_replies(self, reader: asyncio.StreamReader) -> None:
+        while True:
+            msg = await read_message(reader)
+            if msg is None:
+                return
+            self._last_rx = time.monotonic()
+            if msg.kind == "YouAreNoLongerActive":
+                self.taken_over = True
+                self.last_error = (
+                    f"taken over by upstairs {msg['new_upstairs_id']} at generation {msg['new_gen']}"
+                )
+                self.fatal_error = StorageFatalError(self.last_error)
+                return
+            job = self._jobs.pop(int(msg.get("job_id", -1)), None)
+            if job is None:
+                continue  # keepalive answer, or a job failed/dropped meanwhile
+            if job.kind in _REPLAYABLE:
+                self._backlog_bytes -= len(job.payload)
+            if msg.get("error") and job.kind in _FAULT_ON_ERROR:
+                # the replies behind this one must not be used: this copy now differs
+                if not job.future.done():
+                    job.future.set_result(msg)
+                self.fault(f"{job.kind} failed: {msg['error']}")
+                return
+            if not job.future.done():
+                job.future.set_result(msg)
+
+    async def _watch(self, writer: asyncio.StreamWriter) -> None:
+        """Keepalive + hang detection for one connection (a periodic timer, not a wait)."""
         try:
-            while True:
-                msg = await read_message(reader)
-                if msg is None:
+            while self._writer is writer:
+                await asyncio.sleep(self.retry.keepalive_s)
+                if self._writer is not writer or self._out is None:
                     return
-                if msg.kind == "YouAreNoLongerActive":
-                    self.taken_over = True
-                    self.last_error = (
-                        f"taken over by upstairs {msg['new_upstairs_id']} at generation {msg['new_gen']}"
-                    )
-                    self.fatal_error = StorageFatalError(self.last_error)
+                silent = time.monotonic() - self._last_rx
+                if silent > self.retry.io_timeout_s:
+                    reason = f"no reply for {silent:.1f} s (io_timeout_s={self.retry.io_timeout_s}): hung?"
+                    self._log.warning("downstairs %s: %s", self.target, reason)
+                    self.last_error = reason
+                    self._close_socket(reason)  # the read loop ends; offline/faulted follows
                     return
-                future = self._pending.pop(int(msg.get("job_id", -1)), None)
-                if future is not None and not future.done():
-                    future.set_result(msg)
-        finally:
-            self._fail_pending("connection lost")
+                self._out.write_message(Message("Ruok"))
+        except asyncio.CancelledError:
+            pass
 
     # -- jobs ------------------------------------------------------------------------------
     def submit(self, msg_kind: str, fields: dict[str, Any], payload: bytes = b"") -> asyncio.Future[Message]:
-        """Send a job NOW (synchronously, preserving order) and return its reply future."""
+        """Send a job NOW (synchronously, preserving order) and return its reply future.
+
+        While OFFLINE, writes and flushes are queued for replay instead.
+        """
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-        if self._writer is None or self._out is None or self._writer.is_closing():
+        future.add_done_callback(_consume_result)
+        if self._holding and msg_kind in _REPLAYABLE:
+            job = _Job(msg_kind, fields, payload, future)
+            self._jobs[next(self._job_ids)] = job
+            self._backlog_bytes += len(payload)
+            self._check_offline_limits()
+            return future
+        if self._holding or self._writer is None or self._out is None or self._writer.is_closing():
             future.set_exception(_Disconnected(f"downstairs {self.target} is not connected"))
             return future
         job_id = next(self._job_ids)
-        self._pending[job_id] = future
+        self._jobs[job_id] = _Job(msg_kind, fields, payload, future, sent=True)
+        if msg_kind in _REPLAYABLE:
+            self._backlog_bytes += len(payload)
         # queued in order; sent together with other jobs submitted in this loop iteration
         self._out.write_message(Message(msg_kind, {"job_id": job_id, **fields}, payload))
         return future
+
+    def replay(self) -> int:
+        """Send the kept backlog, in order, ahead of anything new; back to serving."""
+        if self._out is None:
+            raise StorageError(f"downstairs {self.target}: replay without a connection")
+        count = 0
+        for job_id, job in self._jobs.items():
+            self._out.write_message(Message(job.kind, {"job_id": job_id, **job.fields}, job.payload))
+            job.sent = True
+            count += 1
+        self._holding = False
+        self._offline_since = None
+        self.replayed_jobs += count
+        self._log.info("downstairs %s back: replayed %s jobs", self.target, count)
+        return count
 
     async def call(self, msg_kind: str, fields: dict[str, Any], payload: bytes = b"") -> Message:
         reply = await self.submit(msg_kind, fields, payload)
@@ -277,16 +480,23 @@ class DownstairsClient:
             raise StorageError(f"downstairs {self.target} {msg_kind} failed: {reply['error']}")
         return reply
 
-    def _fail_pending(self, reason: str) -> None:
-        pending, self._pending = self._pending, {}
-        for future in pending.values():
-            if not future.done():
-                future.set_exception(_Disconnected(f"downstairs {self.target}: {reason}"))
+    def _fail_jobs(self, reason: str, *, keep_replayable: bool) -> None:
+        kept: dict[int, _Job] = {}
+        for job_id, job in self._jobs.items():
+            if keep_replayable and job.kind in _REPLAYABLE and not job.future.done():
+                job.sent = False
+                kept[job_id] = job
+            elif not job.future.done():
+                job.future.set_exception(_Disconnected(f"downstairs {self.target}: {reason}"))
+        self._jobs = kept
+        self._backlog_bytes = sum(len(j.payload) for j in kept.values())
 
     def _close_socket(self, reason: str) -> asyncio.StreamWriter | None:
         writer, self._writer = self._writer, None
         self._out = None  # frames still queued for this socket are dropped with it
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None and watchdog is not asyncio.current_task():
+            watchdog.cancel()
         if writer is not None:
             writer.close()
-        self._fail_pending(reason)
         return writer

@@ -182,6 +182,13 @@ class Downstairs:
                 return f"generation {new.gen} is lower than the active generation {old.gen}"
             if new.gen == old.gen and (new.upstairs_id, new.session_id) != (old.upstairs_id, old.session_id):
                 return f"generation {new.gen} is already active for another session"
+            if (new.upstairs_id, new.session_id) == (old.upstairs_id, old.session_id):
+                # the same upstairs reconnecting (it gave up on the old connection): not a
+                # takeover, just drop the stale connection
+                old.writer.close()
+                log("reconnected", gen=new.gen, session_id=new.session_id)
+                self._active = new
+                return None
             # takeover: tell the old upstairs, then drop its connection
             with contextlib.suppress(ConnectionError, ProtocolError):
                 old.writer.write(
@@ -212,6 +219,10 @@ class Downstairs:
                 msg = await read_message(reader)
                 if msg is None:
                     return
+                if self.faults.lossy:
+                    await asyncio.sleep(self._rng.uniform(0, _LOSSY_MAX_DELAY_S))  # injected latency
+                # checked after every await: once another session is active this connection
+                # may do no more I/O (a stale write executed late would corrupt the region)
                 if not self.read_only and self._active is not session:
                     return  # taken over: this connection may do no more I/O
                 reply = await self._dispatch(msg)
@@ -222,8 +233,6 @@ class Downstairs:
             out.flush()  # replies to completed operations still go out if the socket is open
 
     async def _dispatch(self, msg: Message) -> Message | None:
-        if self.faults.lossy:
-            await asyncio.sleep(self._rng.uniform(0, _LOSSY_MAX_DELAY_S))  # injected latency
         kind = msg.kind
         info = self.region.info
         if kind == "Ruok":

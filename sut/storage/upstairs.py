@@ -3,13 +3,20 @@
 Activation (read-write): every client must reach ``wait_quorum``; then collate (the requested
 generation must exceed every stored extent generation, else :class:`StorageFatalError`),
 reconcile extents that are dirty or differ by copying the highest ``(gen, flush, dirty)``
-copy to the others, then go active. Writes go to every active downstairs, reads to one,
-flushes to all.
+copy to the others, then go active.
 
-A downstairs that joins while the region is active (a replacement, or a faulted one that
-reconnected) is repaired by copying every extent from an active copy while new I/O is held
-at a gate. Holding I/O is simpler than Crucible's per-extent live repair and is correct
-because jobs already submitted precede the copy in every downstairs' queue.
+I/O while active: writes and flushes go to every member and complete once TWO downstairs
+(or every member, if fewer remain) acknowledged them; reads go to one active downstairs.
+A member that drops is OFFLINE: its writes queue up and are replayed when it returns (see
+:mod:`sut.storage.client`). A member that failed a write, outgrew its backlog, or joined fresh
+(a replacement) is FAULTED and live-repaired extent by extent while guest I/O continues:
+writes to extents already repaired go to it too, writes to the extent being copied wait for
+that one copy, writes to extents not yet reached skip it (the copy brings them later). The
+copy of an extent is ordered after every write submitted before it because each downstairs
+executes its jobs in submission order.
+
+A takeover (another upstairs at a higher generation) disables this upstairs at once: every
+pending and later I/O fails with :class:`StorageError`, which the NBD export turns into EIO.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 import uuid
 from collections.abc import Sequence
@@ -30,6 +38,7 @@ __all__ = ["Activation", "Upstairs"]
 
 
 _LARGE_READ = 64 * 1024  # bytes; reads at least this big are spread over the downstairs
+_WRITE_QUORUM = 2  # acknowledgements a write or flush needs (Crucible: two of three)
 
 
 class Activation(enum.Enum):
@@ -40,17 +49,34 @@ class Activation(enum.Enum):
     CLOSED = "closed"
 
 
-# States in which a downstairs is not a consistent, serving member ("in flux").
-_IN_FLUX = frozenset(
-    {
-        ClientState.CONNECTING,
-        ClientState.NEGOTIATING,
-        ClientState.WAIT_QUORUM,
-        ClientState.REPAIRING,
-        ClientState.OFFLINE,
-        ClientState.NEW,
-    }
-)
+class _Quorum:
+    """Completes when ``needed`` jobs succeeded, or when every job has ended."""
+
+    def __init__(self, kind: str, clients: Sequence[DownstairsClient],
+                 futures: Sequence[asyncio.Future[Message]], needed: int) -> None:
+        self.kind = kind
+        self.needed = needed
+        self.ok = 0
+        self.left = len(futures)
+        self.errors: list[str] = []
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for client, future in zip(clients, futures, strict=True):
+            future.add_done_callback(functools.partial(self._one, client))
+        if not futures:
+            self.done.set_result(None)
+
+    def _one(self, client: DownstairsClient, future: asyncio.Future[Message]) -> None:
+        self.left -= 1
+        if future.cancelled():
+            self.errors.append(f"{client.target}: cancelled")
+        elif future.exception() is not None:
+            self.errors.append(f"{client.target}: {future.exception()}")
+        elif future.result().get("error"):
+            self.errors.append(f"{client.target}: {future.result()['error']}")
+        else:
+            self.ok += 1
+        if not self.done.done() and (self.ok >= self.needed or self.left == 0):
+            self.done.set_result(None)
 
 
 class Upstairs:
@@ -75,10 +101,12 @@ class Upstairs:
         self._session_id = str(uuid.uuid4())
         self._clients: dict[str, DownstairsClient] = {}
         self._changed = asyncio.Event()
-        self._io_open = asyncio.Event()  # set while I/O may be submitted
+        self._io_open = asyncio.Event()  # set once I/O may be submitted (active, or failed)
         self._activating = False
         self._flush_number = 0
         self._repairs: dict[str, asyncio.Task[None]] = {}
+        self._locked: dict[int, asyncio.Event] = {}  # extents being live-repaired right now
+        self._dying: list[asyncio.Task[None]] = []  # client tasks cancelled by a takeover
         self._read_cursor = 0
         self._read_batch_open = False
 
@@ -106,19 +134,34 @@ class Upstairs:
         self._changed.set()
         if self._clients.get(client.target) is not client:
             return
-        if client.taken_over and self.state is Activation.ACTIVE:
-            # Another upstairs with a higher generation owns the region now: disable
-            # ourselves rather than write to the two copies that are still ours.
-            self._fail(StorageFatalError(f"deactivated: {client.last_error}"))
+        if client.taken_over:
+            if self.state is Activation.ACTIVE:
+                # Another upstairs with a higher generation owns the region now: disable
+                # ourselves rather than write to the copies that are still ours.
+                self._fail(StorageFatalError(f"deactivated: {client.last_error}"))
+            return
         if self.state is Activation.ACTIVE and client.state is ClientState.WAIT_QUORUM:
-            self._start_repair(client)
+            if client.replayable:
+                client.replay()
+                client.set_state(ClientState.ACTIVE)
+            else:
+                self._start_repair(client)
 
     def _fail(self, exc: StorageFatalError) -> None:
         if self.failure is None:
             self.failure = exc
             self.log.error("upstairs %s failed: %s", self.region.opts.id, exc)
         self.state = Activation.FAILED
+        # synchronously: every pending job fails now, nothing reconnects
+        for task in self._repairs.values():
+            task.cancel()
+        for c in self._clients.values():
+            client_task = c.disable(f"upstairs disabled: {exc}")
+            if client_task is not None:
+                self._dying.append(client_task)
         self._io_open.set()  # held I/O must wake up and see the failure
+        for event in self._locked.values():
+            event.set()
 
     def clients(self) -> list[DownstairsClient]:
         return [self._clients[t] for t in self.targets if t in self._clients]
@@ -170,9 +213,9 @@ class Upstairs:
                     # caller expects to retry forever
                     self.log.warning("reconciliation interrupted, retrying: %s", exc)
                     await asyncio.sleep(self.retry.reconnect_delay_s)
+            self.state = Activation.ACTIVE
             for c in self.clients():
                 c.set_state(ClientState.ACTIVE)
-            self.state = Activation.ACTIVE
             self._io_open.set()
             self.log.info("region %s active at generation %s", self.region.opts.id, self._gen)
         except StorageFatalError as exc:
@@ -267,11 +310,17 @@ class Upstairs:
         clients, self._clients = self._clients, {}
         for c in clients.values():
             await c.stop()
+        dying, self._dying = self._dying, []
+        for task in dying:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
     # -- live repair -----------------------------------------------------------------------
     def _start_repair(self, client: DownstairsClient) -> None:
         if client.target in self._repairs:
             return
+        client.repair_upto = 0
+        client.set_state(ClientState.REPAIRING)
         task = asyncio.get_running_loop().create_task(self._repair(client), name=f"repair {client.target}")
         self._repairs[client.target] = task
         target = client.target
@@ -282,24 +331,41 @@ class Upstairs:
 
         task.add_done_callback(forget)
 
+    async def _repair_source(self, client: DownstairsClient) -> DownstairsClient:
+        while True:
+            self._changed.clear()
+            if self.state is not Activation.ACTIVE or client.state is not ClientState.REPAIRING:
+                raise StorageError(f"repair of {client.target} abandoned ({self.state.value})")
+            sources = [c for c in self.clients() if c.state is ClientState.ACTIVE and c is not client]
+            if sources:
+                return sources[0]
+            await self._changed.wait()  # every source is offline: wait for one to return
+
     async def _repair(self, client: DownstairsClient) -> None:
-        client.set_state(ClientState.REPAIRING)
-        self._io_open.clear()  # hold new I/O; jobs already sent are ahead of the copy
+        self.log.info("live repair of %s: %s extents", client.target, self.region.extent_count)
         try:
-            sources = [c for c in self.clients() if c.state is ClientState.ACTIVE]
-            if not sources:
-                self._fail(StorageFatalError("no active downstairs left to repair from"))
-                return
-            self.log.info("live repair of %s from %s", client.target, sources[0].target)
             for eid in range(self.region.extent_count):
-                await self._copy_extent(eid, sources[0], [client])
+                while True:
+                    source = await self._repair_source(client)
+                    # writes to this extent wait for this copy; others carry on
+                    lock = self._locked[eid] = asyncio.Event()
+                    try:
+                        await self._copy_extent(eid, source, [client])
+                    except StorageError as exc:
+                        if client.state is not ClientState.REPAIRING:
+                            raise  # the repaired downstairs itself failed: it is faulted
+                        self.log.warning("repair of extent %s from %s failed: %s", eid, source.target, exc)
+                        continue  # the source failed: take another one
+                    finally:
+                        del self._locked[eid]
+                        lock.set()
+                    client.repair_upto = eid + 1
+                    break
+            client.repairs_done += 1
             client.set_state(ClientState.ACTIVE)
             self.log.info("live repair of %s complete", client.target)
         except StorageError as exc:
             client.fault(f"live repair failed: {exc}")
-        finally:
-            if self.state is Activation.ACTIVE:
-                self._io_open.set()
 
     # -- replacement -----------------------------------------------------------------------
     async def replace_downstairs(self, old: str, new: str) -> str:
@@ -314,17 +380,25 @@ class Upstairs:
         if old not in self.targets:
             return "Missing"
         if self.state is Activation.ACTIVE:
-            in_flux = [c.target for c in self.clients() if c.target != old and c.state in _IN_FLUX]
+            in_flux = [
+                f"{c.target} ({c.state.value})"
+                for c in self.clients()
+                if c.target != old and c.state is not ClientState.ACTIVE
+            ]
             if in_flux:
                 raise ReplaceRuleError(
                     "another-downstairs-in-flux",
-                    f"cannot replace {old}: {', '.join(in_flux)} is not yet consistent",
+                    f"cannot replace {old}: {', '.join(in_flux)} is not yet consistent; "
+                    "retry once it is active",
                 )
         if self.state in (Activation.FAILED, Activation.CLOSED):
             raise StorageFatalError(f"region upstairs is {self.state.value}; cannot replace")
         self.log.info("replacing downstairs %s with %s (activation %s)", old, new, self.state.value)
         index = self.targets.index(old)
         self.targets[index] = new
+        repair = self._repairs.pop(old, None)
+        if repair is not None:
+            repair.cancel()
         client = self._clients.pop(old, None)
         if client is not None:
             await client.stop()
@@ -335,14 +409,13 @@ class Upstairs:
         return "Started"
 
     # -- I/O -------------------------------------------------------------------------------
-    async def _gate(self) -> list[DownstairsClient]:
+    async def _gate(self) -> None:
         await self._io_open.wait()
+        self._check_usable()
+
+    def _check_usable(self) -> None:
         if self.state is not Activation.ACTIVE:
             raise StorageError(f"region is {self.state.value}: {self.failure}")
-        members = [c for c in self.clients() if c.state is ClientState.ACTIVE]
-        if not members:
-            raise StorageError("no active downstairs")
-        return members
 
     async def wait_io_ready(self) -> None:
         """Block until I/O may be submitted (used before the first request)."""
@@ -351,13 +424,14 @@ class Upstairs:
     async def read(self, block: int, count: int) -> tuple[bytes, str]:
         """Return data and a per-block written map ("0"/"1") from one downstairs."""
         last: Exception | None = None
-        for _attempt in range(3):
-            members = await self._gate()
+        for attempt in range(5):
+            await self._gate()
+            members = await self._readable()
             # Small reads issued in the same loop iteration go to the same downstairs so that
             # its connection sends them (and it answers them) in one batch; the next batch goes
             # to the next downstairs. Large reads (and retries) rotate per request so several
             # downstairs copy data in parallel. Any active downstairs has every acked write.
-            if count * self.region.block_size >= _LARGE_READ or _attempt:
+            if count * self.region.block_size >= _LARGE_READ or attempt:
                 self._read_cursor += 1
             elif not self._read_batch_open:
                 self._read_batch_open = True
@@ -368,36 +442,66 @@ class Upstairs:
                 reply = await client.call("Read", {"block": block, "count": count})
                 return reply.payload, str(reply["written"])
             except StorageError as exc:
+                # a failed read does not make the copy differ: try another downstairs
                 last = exc
-                client.fault(f"read failed: {exc}")
+                self._check_usable()
         raise StorageError(f"read of blocks {block}+{count} failed on every attempt: {last}")
+
+    async def _readable(self) -> list[DownstairsClient]:
+        while True:
+            self._changed.clear()
+            self._check_usable()
+            members = [c for c in self.clients() if c.state is ClientState.ACTIVE]
+            if members:
+                return members
+            await self._changed.wait()  # all offline or repairing: wait for one to serve
 
     def _end_read_batch(self) -> None:
         self._read_batch_open = False
 
-    async def _to_all(self, kind: str, fields: dict[str, object], payload: bytes = b"") -> None:
-        members = await self._gate()
+    async def _wait_unlocked(self, first: int, last: int) -> None:
+        while self._locked:
+            event = next((self._locked[e] for e in range(first, last + 1) if e in self._locked), None)
+            if event is None:
+                return
+            await event.wait()
+
+    def _write_members(self, last_eid: int, *, flush: bool) -> list[DownstairsClient]:
+        members = []
+        for c in self.clients():
+            if c.state is ClientState.ACTIVE or (c.state is ClientState.OFFLINE and c.replayable):
+                members.append(c)
+            elif c.state is ClientState.REPAIRING and not flush and last_eid < c.repair_upto:
+                # a flush would stamp its not-yet-repaired extents as current: never
+                members.append(c)
+        return members
+
+    async def _to_all(self, kind: str, fields: dict[str, object], payload: bytes = b"",
+                      extents: tuple[int, int] | None = None) -> None:
+        await self._gate()
+        if extents is not None:
+            await self._wait_unlocked(*extents)
+        self._check_usable()
+        # from here to the submits: no await, so no repair step can slip in between
+        members = self._write_members(extents[1] if extents else 0, flush=extents is None)
+        if not members:
+            raise StorageError(f"{kind}: no downstairs can take it")
         futures = [c.submit(kind, dict(fields), payload) for c in members]
-        ok = 0
-        errors = []
-        for c, fut in zip(members, futures, strict=True):
-            try:
-                reply: Message = await fut
-            except StorageError as exc:
-                errors.append(f"{c.target}: {exc}")
-                continue
-            if reply.get("error"):
-                errors.append(f"{c.target}: {reply['error']}")
-                c.fault(f"{kind} failed: {reply['error']}")
-            else:
-                ok += 1
-        if ok == 0:
-            raise StorageError(f"{kind} failed on every downstairs: {'; '.join(errors)}")
+        quorum = _Quorum(kind, members, futures, min(_WRITE_QUORUM, len(members)))
+        await quorum.done
+        self._check_usable()
+        if quorum.ok == 0:
+            raise StorageError(f"{kind} failed on every downstairs: {'; '.join(quorum.errors)}")
 
     async def write(self, block: int, data: bytes, *, only_unwritten: bool = False) -> None:
         if self.read_only:
             raise StorageError("region is read-only")
-        await self._to_all("WriteUnwritten" if only_unwritten else "Write", {"block": block}, data)
+        count = len(data) // self.region.block_size
+        per = self.region.blocks_per_extent
+        extents = (block // per, (block + max(count, 1) - 1) // per)
+        await self._to_all(
+            "WriteUnwritten" if only_unwritten else "Write", {"block": block}, data, extents=extents
+        )
 
     async def flush(self) -> None:
         if self.read_only:
