@@ -1,28 +1,68 @@
 """Downstairs processes for Crucible disks: in Docker containers (default) or as processes.
 
-Both flavours run the same CONTRACT command line (`create ...`, then `run ...`) and publish
+Both flavours run the same CONTRACT command line (`create ...`, then `run ...`) and listen
 on a loopback port from the worker's range, so a VCR target is always `127.0.0.1:PORT`.
-Each handle owns what it started and `destroy()` is idempotent and never stops at the
-first error. Containers and volumes carry the CONTRACT labels so a sweeper can find the
-leftovers of a killed run.
+
+Each handle owns what it started and has one lifecycle, whatever the flavour:
+
+    new --create_region, start--> running <--pause/resume--> paused
+                                   |  ^
+                       stop / kill |  | start / restart   (same port, same region)
+                                   v  |
+                                  stopped        any state --destroy--> destroyed
+
+`stop()` is graceful (SIGTERM), `kill()` is a crash (SIGKILL); both keep the region (the
+Docker volume or the data directory), so `start()` serves the same data again. The
+lifecycle rules live in `_Lifecycle`; a flavour only supplies the primitives (launch,
+terminate, SIGKILL, freeze, thaw, observe). `state` is read from the real process or
+container each time, so a downstairs that died on its own shows `stopped`.
+`destroy()` is idempotent, works in every state and never stops at the first error.
+Containers and volumes carry the CONTRACT labels so a sweeper can find the leftovers of a
+killed run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
+import json
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 from phd.errors import HarnessError, SutError
 from phd.wait import wait_until
 
-__all__ = ["DockerDownstairs", "Downstairs", "ProcessDownstairs", "sweep_leftovers"]
+__all__ = [
+    "NETWORKS",
+    "DockerDownstairs",
+    "Downstairs",
+    "DsState",
+    "ProcessDownstairs",
+    "default_process_cmd",
+    "sweep_leftovers",
+]
 
 CONTAINER_PORT = 3810
-READY_TEXT = "listening"  # the downstairs logs a JSON line with this word once it accepts
+READY_EVENT = "listening"  # the downstairs logs a JSON line with this event once it accepts
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+# "published": the container has its own network namespace and Docker publishes its port on
+# 127.0.0.1 (through docker-proxy). "host": the container shares the host's network namespace
+# and the downstairs binds 127.0.0.1:host_port itself - no proxy hop on the data path.
+NETWORKS = ("published", "host")
+
+
+class DsState(enum.StrEnum):
+    NEW = "new"  # created (maybe with its region), never started
+    RUNNING = "running"
+    PAUSED = "paused"  # frozen: connections are accepted by the kernel but never answered
+    STOPPED = "stopped"  # exited (stop, kill or a crash); the region is kept
+    DESTROYED = "destroyed"  # torn down; no operation but destroy() is allowed
 
 
 class Downstairs(Protocol):
@@ -31,8 +71,15 @@ class Downstairs(Protocol):
 
     @property
     def address(self) -> str: ...
+    @property
+    def state(self) -> DsState: ...
     def create_region(self, uuid: str, block_size: int, extent_size: int, extent_count: int) -> None: ...
     def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def kill(self) -> None: ...
+    def restart(self) -> None: ...
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
     def destroy(self) -> None: ...
     def logs(self) -> str: ...
 
@@ -43,32 +90,189 @@ def _region_args(uuid: str, block_size: int, extent_size: int, extent_count: int
             "--extent-size", str(extent_size), "--extent-count", str(extent_count)]
 
 
-class DockerDownstairs:
+def _listening_count(log_text: str) -> int:
+    """How many times the downstairs has reported that it listens (once per start)."""
+    count = 0
+    for line in log_text.splitlines():
+        if READY_EVENT not in line:
+            continue
+        with contextlib.suppress(json.JSONDecodeError, AttributeError):
+            if json.loads(line).get("event") == READY_EVENT:
+                count += 1
+    return count
+
+
+class _Lifecycle:
+    """The state rules shared by both flavours; subclasses supply the primitives."""
+
+    name: str
+    host_port: int
+
+    def __init__(self) -> None:
+        self._region_ready = False
+        self._destroyed = False
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.host_port}"
+
+    @property
+    def state(self) -> DsState:
+        return DsState.DESTROYED if self._destroyed else self._observe()
+
+    # --- operations -------------------------------------------------------------------------
+    def create_region(self, uuid: str, block_size: int, extent_size: int, extent_count: int) -> None:
+        state = self._usable("create a region in")
+        if self._region_ready or state is not DsState.NEW:
+            raise HarnessError(f"downstairs {self.name} already has a region; a downstairs serves "
+                               "exactly one region - make a new downstairs for another")
+        self._create_region(uuid, block_size, extent_size, extent_count)
+        self._region_ready = True
+
+    def start(self) -> None:
+        """Serve the region on the same port; a no-op when already running."""
+        state = self._usable("start")
+        if state is DsState.RUNNING:
+            return
+        if state is DsState.PAUSED:
+            raise HarnessError(f"downstairs {self.name} is paused: resume() it (or restart() it)")
+        if not self._region_ready:
+            raise HarnessError(f"downstairs {self.name} has no region yet: call create_region() "
+                               "before start()")
+        self._launch()
+
+    def stop(self) -> None:
+        """Graceful stop (SIGTERM, then SIGKILL after a grace period); the region is kept."""
+        state = self._usable("stop")
+        if state in (DsState.RUNNING, DsState.PAUSED):
+            self._terminate(paused=state is DsState.PAUSED)
+
+    def kill(self) -> None:
+        """A crash: SIGKILL, no chance to clean up; the region is kept."""
+        state = self._usable("kill")
+        if state in (DsState.RUNNING, DsState.PAUSED):
+            self._sigkill(paused=state is DsState.PAUSED)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def pause(self) -> None:
+        """Freeze the downstairs: its socket stays open but nothing answers."""
+        state = self._usable("pause")
+        if state is DsState.PAUSED:
+            return
+        if state is not DsState.RUNNING:
+            raise HarnessError(f"cannot pause downstairs {self.name}: it is {state}; start() it first")
+        self._freeze()
+
+    def resume(self) -> None:
+        state = self._usable("resume")
+        if state is DsState.RUNNING:
+            return
+        if state is not DsState.PAUSED:
+            raise HarnessError(f"cannot resume downstairs {self.name}: it is {state}, not paused; "
+                               "use start()")
+        self._thaw()
+
+    def destroy(self) -> None:
+        """Tear down whatever state it is in; safe to call twice."""
+        if self._destroyed:
+            return
+        self._destroyed = True
+        self._teardown()
+
+    def _usable(self, what: str) -> DsState:
+        state = self.state
+        if state is DsState.DESTROYED:
+            raise HarnessError(f"cannot {what} downstairs {self.name}: it was destroyed; "
+                               "make a new downstairs")
+        return state
+
+    def _wait_listening(self, seen_before: int, probe: Callable[[], str | None]) -> None:
+        """Wait until the log reports one more `listening` than before this start.
+
+        `probe()` returns an exit description once the downstairs has died, so a crash at
+        start fails at once with its log instead of after the whole timeout.
+        """
+        def look() -> str:
+            died = probe()
+            if died is not None:
+                return died
+            return "listening" if _listening_count(self.logs()) > seen_before else "starting"
+
+        seen = wait_until(look, lambda s: s != "starting", what=f"downstairs {self.name} to listen "
+                          f"on {self.address}", timeout_s=START_TIMEOUT_S, interval_s=0.05)
+        if seen != "listening":
+            raise SutError(f"downstairs {self.name} {seen}; log tail:\n{self.logs()[-1500:]}")
+
+    # --- primitives of a flavour ------------------------------------------------------------
+    def _observe(self) -> DsState:
+        raise NotImplementedError
+
+    def _create_region(self, uuid: str, block_size: int, extent_size: int, extent_count: int) -> None:
+        raise NotImplementedError
+
+    def _launch(self) -> None:
+        raise NotImplementedError
+
+    def _terminate(self, *, paused: bool) -> None:
+        raise NotImplementedError
+
+    def _sigkill(self, *, paused: bool) -> None:
+        raise NotImplementedError
+
+    def _freeze(self) -> None:
+        raise NotImplementedError
+
+    def _thaw(self) -> None:
+        raise NotImplementedError
+
+    def _teardown(self) -> None:
+        raise NotImplementedError
+
+    def logs(self) -> str:
+        raise NotImplementedError
+
+
+class DockerDownstairs(_Lifecycle):
+    """A downstairs in a container; its region lives in a named volume (`<name>-data`)."""
+
     def __init__(self, client: Any, image: str, name: str, host_port: int,
-                 labels: dict[str, str], log_path: Path | None) -> None:
+                 labels: dict[str, str], log_path: Path | None, *,
+                 network: str = "published") -> None:
+        super().__init__()
+        if network not in NETWORKS:
+            raise HarnessError(f"downstairs network {network!r} is unknown; use one of {NETWORKS}")
         self.client = client
         self.image = image
         self.name = name
         self.host_port = host_port
+        self.network = network
         self.labels = {**labels, "phd.role": "downstairs"}
         self.log_path = log_path
         self.volume_name = f"{name}-data"
         self._container: Any = None
         self._volume: Any = None
 
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.host_port}"
-
     def _common(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {"network_mode": "host"} if self.network == "host" else {}
         return {
             "volumes": {self.volume_name: {"bind": "/data", "mode": "rw"}},
             "read_only": True,  # only the region volume is writable
             "tmpfs": {"/tmp": "size=16m"},
             "labels": self.labels,
+            **extra,
         }
 
-    def create_region(self, uuid: str, block_size: int, extent_size: int, extent_count: int) -> None:
+    def _run_argv(self) -> list[str]:
+        if self.network == "host":
+            return ["run", "-d", "/data", "-a", "127.0.0.1", "-p", str(self.host_port)]
+        # In its own namespace the downstairs must accept the proxy's connections from the
+        # bridge; only the published side is restricted to the host's loopback.
+        return ["run", "-d", "/data", "-a", "0.0.0.0", "-p", str(CONTAINER_PORT)]
+
+    def _create_region(self, uuid: str, block_size: int, extent_size: int, extent_count: int) -> None:
         import docker.errors
 
         self._volume = self.client.volumes.create(self.volume_name, labels=self.labels)
@@ -80,20 +284,70 @@ class DockerDownstairs:
             raise SutError(f"downstairs create in {self.name} failed (exit {exc.exit_status}): "
                            f"{(exc.stderr or b'').decode(errors='replace')[-1500:]}") from exc
 
-    def start(self) -> None:
-        self._container = self.client.containers.run(
-            self.image, ["run", "-d", "/data", "-a", "0.0.0.0", "-p", str(CONTAINER_PORT)],
-            name=self.name, detach=True,
-            ports={f"{CONTAINER_PORT}/tcp": ("127.0.0.1", self.host_port)}, **self._common())
-        wait_until(self._ready, lambda ok: ok, what=f"downstairs {self.name} to listen",
-                   timeout_s=30.0, interval_s=0.1)
+    def _docker_status(self) -> str:
+        """Docker's status of our container, or "missing" when it is gone (removed by hand)."""
+        import docker.errors
 
-    def _ready(self) -> bool:
-        self._container.reload()
-        if self._container.status not in ("created", "running"):
-            raise SutError(f"downstairs container {self.name} is {self._container.status}: "
-                           f"{self.logs()[-1500:]}")
-        return READY_TEXT in self.logs()
+        if self._container is None:
+            return "missing"
+        try:
+            self._container.reload()
+        except docker.errors.NotFound:
+            return "missing"
+        return str(self._container.status)
+
+    def _observe(self) -> DsState:
+        if self._container is None:
+            return DsState.NEW
+        status = self._docker_status()
+        if status in ("running", "restarting"):
+            return DsState.RUNNING
+        return DsState.PAUSED if status == "paused" else DsState.STOPPED
+
+    def _launch(self) -> None:
+        import docker.errors
+
+        # Starting the same container again keeps its name, port, volume and log history.
+        seen = _listening_count(self.logs())
+        if self._docker_status() == "missing":
+            ports = {} if self.network == "host" else {
+                f"{CONTAINER_PORT}/tcp": ("127.0.0.1", self.host_port)}
+            # create, then start: if the start fails (the host port is taken) the container
+            # is already ours to remove, where `containers.run` would leak it.
+            self._container = self.client.containers.create(
+                self.image, self._run_argv(), name=self.name, ports=ports, **self._common())
+            seen = 0
+        try:
+            self._container.start()
+        except docker.errors.APIError as exc:
+            raise HarnessError(f"Docker cannot start downstairs container {self.name} on "
+                               f"{self.address}: {exc.explanation or exc}; if the port is taken, "
+                               "use another one") from exc
+        self._wait_listening(seen, self._exited)
+
+    def _exited(self) -> str | None:
+        status = self._docker_status()
+        if status in ("created", "running", "restarting"):
+            return None
+        code = self._container.attrs.get("State", {}).get("ExitCode") if self._container else None
+        return f"container is {status} (exit code {code})"
+
+    def _terminate(self, *, paused: bool) -> None:
+        if paused:  # a frozen process cannot act on SIGTERM
+            self._container.unpause()
+        self._container.stop(timeout=int(STOP_TIMEOUT_S))
+
+    def _sigkill(self, *, paused: bool) -> None:
+        # Docker kills a paused container too (it thaws it for the SIGKILL).
+        self._container.kill()
+        wait_until(self._docker_status, lambda s: s not in ("running", "paused", "restarting"),
+                   what=f"container {self.name} to exit after SIGKILL", timeout_s=STOP_TIMEOUT_S)
+
+    def _freeze(self) -> None:
+        self._container.pause()
+
+    def _thaw(self) -> None:
+        self._container.unpause()
 
     def logs(self) -> str:
         if self._container is None:
@@ -103,16 +357,17 @@ class DockerDownstairs:
             return raw.decode(errors="replace")
         return ""
 
-    def destroy(self) -> None:
+    def _teardown(self) -> None:
         errors: list[BaseException] = []
         if self._container is not None:
             if self.log_path is not None:
                 with contextlib.suppress(OSError):
                     self.log_path.write_text(self.logs())
             try:
-                self._container.remove(force=True)
+                self._container.remove(force=True)  # SIGKILLs it, paused or not
             except Exception as exc:  # noqa: BLE001 - collected, raised together
-                errors.append(exc)
+                if "No such container" not in str(exc):
+                    errors.append(exc)
             self._container = None
         if self._volume is not None:
             try:
@@ -124,11 +379,17 @@ class DockerDownstairs:
             raise HarnessError(f"tearing down downstairs {self.name}: {errors}")
 
 
-class ProcessDownstairs:
-    """A downstairs as a local process (`--phd-downstairs process`): no Docker needed."""
+class ProcessDownstairs(_Lifecycle):
+    """A downstairs as a local process (`--phd-downstairs process`): no Docker needed.
+
+    It runs in its own session (so a Ctrl-C at the terminal reaches the harness, which
+    tears it down in order) and every signal goes to its process group, so a wrapper
+    script given as `--phd-downstairs-cmd` is stopped with its child.
+    """
 
     def __init__(self, cmd: list[str], name: str, host_port: int, data_dir: Path,
                  log_path: Path | None) -> None:
+        super().__init__()
         self.cmd = cmd
         self.name = name
         self.host_port = host_port
@@ -136,11 +397,7 @@ class ProcessDownstairs:
         self.log_path = log_path or (data_dir.parent / f"{name}.log")
         self._proc: subprocess.Popen[bytes] | None = None
 
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.host_port}"
-
-    def create_region(self, uuid: str, block_size: int, extent_size: int, extent_count: int) -> None:
+    def _create_region(self, uuid: str, block_size: int, extent_size: int, extent_count: int) -> None:
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         proc = subprocess.run(  # noqa: S603 - argv list
             [*self.cmd, *_region_args(uuid, block_size, extent_size, extent_count, str(self.data_dir))],
@@ -148,20 +405,64 @@ class ProcessDownstairs:
         if proc.returncode != 0:
             raise SutError(f"downstairs create for {self.name} failed: {proc.stderr[-1500:]}")
 
-    def start(self) -> None:
+    def _observe(self) -> DsState:
+        if self._proc is None:
+            return DsState.NEW
+        if self._proc.poll() is not None:
+            return DsState.STOPPED
+        return DsState.PAUSED if _proc_stopped(self._proc.pid) else DsState.RUNNING
+
+    def _launch(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        seen = _listening_count(self.logs())  # the log is appended to across restarts
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(  # noqa: S603 - argv list
                 [*self.cmd, "run", "-d", str(self.data_dir), "-a", "127.0.0.1",
                  "-p", str(self.host_port)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-        wait_until(self._ready, lambda ok: ok, what=f"downstairs {self.name} to listen",
-                   timeout_s=30.0, interval_s=0.05)
+        self._wait_listening(seen, self._exited)
 
-    def _ready(self) -> bool:
+    def _exited(self) -> str | None:
+        assert self._proc is not None  # only called while a launch is in progress
+        code = self._proc.poll()
+        return None if code is None else f"exited with code {code}"
+
+    def _signal(self, sig: signal.Signals) -> None:
         assert self._proc is not None
-        if self._proc.poll() is not None:
-            raise SutError(f"downstairs {self.name} exited {self._proc.returncode}: {self.logs()[-1500:]}")
-        return READY_TEXT in self.logs()
+        if self._proc.poll() is None:  # never signal a reaped pid: it may be reused
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, sig)
+
+    def _terminate(self, *, paused: bool) -> None:
+        assert self._proc is not None
+        self._signal(signal.SIGTERM)
+        if paused:  # SIGTERM stays pending in a stopped process until it continues
+            self._signal(signal.SIGCONT)
+        try:
+            self._proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self._sigkill(paused=False)
+
+    def _sigkill(self, *, paused: bool) -> None:
+        assert self._proc is not None
+        self._signal(signal.SIGKILL)  # kills a SIGSTOPped process too
+        self._proc.wait()
+
+    def _freeze(self) -> None:
+        assert self._proc is not None
+        self._signal(signal.SIGSTOP)
+        pid = self._proc.pid
+        wait_until(lambda: _proc_stopped(pid), lambda stopped: stopped,
+                   what=f"downstairs {self.name} (pid {pid}) to stop on SIGSTOP", timeout_s=5.0,
+                   interval_s=0.01)
+
+    def _thaw(self) -> None:
+        assert self._proc is not None
+        self._signal(signal.SIGCONT)
+        pid = self._proc.pid
+        wait_until(lambda: _proc_stopped(pid), lambda stopped: not stopped,
+                   what=f"downstairs {self.name} (pid {pid}) to continue on SIGCONT",
+                   timeout_s=5.0, interval_s=0.01)
 
     def logs(self) -> str:
         try:
@@ -169,15 +470,22 @@ class ProcessDownstairs:
         except OSError:
             return ""
 
-    def destroy(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    def _teardown(self) -> None:
+        # The region directory stays: it belongs to the caller's directory (the test's
+        # results directory, or `phd dsc run --dir`).
+        state = self._observe()
+        if state in (DsState.RUNNING, DsState.PAUSED):
+            self._terminate(paused=state is DsState.PAUSED)
+
+
+def _proc_stopped(pid: int) -> bool:
+    """Whether the process is in job-control stop (state T in /proc/PID/stat)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # The command name (field 2) may hold spaces and parentheses; the state follows the last ")".
+    return stat.rsplit(")", 1)[1].split()[0] in ("T", "t")
 
 
 def default_process_cmd() -> list[str]:

@@ -8,14 +8,18 @@ Jobs are matched to replies by ``job_id`` so many can be in flight; frames are w
 synchronously, so the order in which the upstairs submits jobs is the order every downstairs
 executes them.
 
+Writes a downstairs acknowledged are KEPT until a later flush is acknowledged by it: until
+then they carry no durability promise there (a killed downstairs loses its in-memory
+per-block "written" marks, a crashed machine its page cache), exactly as in Crucible.
+
 Losing an ACTIVE downstairs (it died, it was restarted, or it stopped answering - a paused
-container - for ``io_timeout_s``) makes the client OFFLINE: its unacknowledged writes and
-flushes are KEPT, new ones are queued behind them, and on reconnection the whole backlog is
-replayed in order before anything new (writes and flushes are idempotent when replayed in
-order). A backlog that outgrows the policy's limits, or an outage longer than
-``offline_timeout_s``, FAULTS the client instead: the backlog is dropped and the downstairs
-must be live-repaired when it returns. Crucible draws the same line between "offline" and
-"faulted".
+container - for ``io_timeout_s``) makes the client OFFLINE: its writes since its last flush
+(acknowledged or not) and its pending flushes are kept, new ones are queued behind them,
+and on reconnection the whole backlog is replayed in order before anything new (writes and
+flushes are idempotent when replayed in order). A backlog that outgrows the policy's
+limits, or an outage longer than ``offline_timeout_s``, FAULTS the client instead: the
+backlog is dropped and the downstairs must be live-repaired when it returns. Crucible draws
+the same line between "offline" and "faulted".
 """
 
 from __future__ import annotations
@@ -145,8 +149,10 @@ class DownstairsClient:
         self._watchdog: asyncio.Task[None] | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._out: BatchedWriter | None = None  # all frames to self._writer go through it
-        self._jobs: dict[int, _Job] = {}  # insertion order = submission order
-        self._backlog_bytes = 0
+        self._jobs: dict[int, _Job] = {}  # awaiting a reply; insertion order = submission order
+        # writes acknowledged by this downstairs but not yet covered by its flush
+        self._unflushed: dict[int, _Job] = {}
+        self._backlog_bytes = 0  # payload bytes of replayable jobs in both dicts
         self._holding = False  # OFFLINE: queue jobs, send them on replay()
         self._job_ids = itertools.count(1)
         self._last_rx = time.monotonic()
@@ -207,7 +213,7 @@ class DownstairsClient:
 
     @property
     def backlog(self) -> int:
-        return len(self._jobs)
+        return len(self._jobs) + len(self._unflushed)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -217,6 +223,7 @@ class DownstairsClient:
             "failed_attempts": self.failed_attempts,
             "last_error": self.last_error,
             "backlog": len(self._jobs),
+            "unflushed": len(self._unflushed),
             "offline_count": self.offline_count,
             "fault_count": self.fault_count,
             "replayed_jobs": self.replayed_jobs,
@@ -319,8 +326,8 @@ class DownstairsClient:
             return
         r = self.retry
         why = None
-        if len(self._jobs) > r.max_backlog_jobs:
-            why = f"backlog of {len(self._jobs)} jobs exceeds {r.max_backlog_jobs}"
+        if self.backlog > r.max_backlog_jobs:
+            why = f"backlog of {self.backlog} jobs exceeds {r.max_backlog_jobs}"
         elif self._backlog_bytes > r.max_backlog_bytes:
             why = f"backlog of {self._backlog_bytes} bytes exceeds {r.max_backlog_bytes}"
         elif self._offline_since is not None and time.monotonic() - self._offline_since > r.offline_timeout_s:
@@ -402,11 +409,12 @@ class DownstairsClient:
                 )
                 self.fatal_error = StorageFatalError(self.last_error)
                 return
-            job = self._jobs.pop(int(msg.get("job_id", -1)), None)
+            job_id = int(msg.get("job_id", -1))
+            job = self._jobs.pop(job_id, None)
             if job is None:
                 continue  # keepalive answer, or a job failed/dropped meanwhile
-            if job.kind in _REPLAYABLE:
-                self._backlog_bytes -= len(job.payload)
+            if not msg.get("error"):
+                self._retire(job_id, job)
             if msg.get("error") and job.kind in _FAULT_ON_ERROR:
                 # the replies behind this one must not be used: this copy now differs
                 if not job.future.done():
@@ -415,6 +423,18 @@ class DownstairsClient:
                 return
             if not job.future.done():
                 job.future.set_result(msg)
+
+    def _retire(self, job_id: int, job: _Job) -> None:
+        """Bookkeeping of a successful reply: keep writes until a flush covers them."""
+        if job.kind == "Flush":
+            if "extent_limit" in job.fields:
+                return  # a live-repair flush covers only some extents: keep everything
+            self._backlog_bytes -= len(job.payload)
+            covered = [i for i in self._unflushed if i < job_id]
+            for i in covered:
+                self._backlog_bytes -= len(self._unflushed.pop(i).payload)
+        elif job.kind in _REPLAYABLE:
+            self._unflushed[job_id] = job  # bytes stay counted
 
     async def _watch(self, writer: asyncio.StreamWriter) -> None:
         """Keepalive + hang detection for one connection (a periodic timer, not a wait)."""
@@ -442,15 +462,21 @@ class DownstairsClient:
         """
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         future.add_done_callback(_consume_result)
-        if self._holding and msg_kind in _REPLAYABLE:
+        connected = not (self._writer is None or self._out is None or self._writer.is_closing())
+        # An ACTIVE client whose socket just closed (the watchdog, or a close we have not
+        # processed yet) is about to go OFFLINE: its writes must be kept for the replay,
+        # not failed, or this copy would silently miss them.
+        lost = not connected and self.state is ClientState.ACTIVE
+        if (self._holding or lost) and msg_kind in _REPLAYABLE:
             job = _Job(msg_kind, fields, payload, future)
             self._jobs[next(self._job_ids)] = job
             self._backlog_bytes += len(payload)
             self._check_offline_limits()
             return future
-        if self._holding or self._writer is None or self._out is None or self._writer.is_closing():
+        if self._holding or not connected:
             future.set_exception(_Disconnected(f"downstairs {self.target} is not connected"))
             return future
+        assert self._out is not None
         job_id = next(self._job_ids)
         self._jobs[job_id] = _Job(msg_kind, fields, payload, future, sent=True)
         if msg_kind in _REPLAYABLE:
@@ -481,15 +507,18 @@ class DownstairsClient:
         return reply
 
     def _fail_jobs(self, reason: str, *, keep_replayable: bool) -> None:
-        kept: dict[int, _Job] = {}
+        kept: dict[int, _Job] = dict(self._unflushed) if keep_replayable else {}
+        self._unflushed = {}
         for job_id, job in self._jobs.items():
             if keep_replayable and job.kind in _REPLAYABLE and not job.future.done():
-                job.sent = False
                 kept[job_id] = job
             elif not job.future.done():
                 job.future.set_exception(_Disconnected(f"downstairs {self.target}: {reason}"))
-        self._jobs = kept
-        self._backlog_bytes = sum(len(j.payload) for j in kept.values())
+        # replay order = original submission order (job ids grow monotonically)
+        self._jobs = dict(sorted(kept.items()))
+        for job in self._jobs.values():
+            job.sent = False
+        self._backlog_bytes = sum(len(j.payload) for j in self._jobs.values())
 
     def _close_socket(self, reason: str) -> asyncio.StreamWriter | None:
         writer, self._writer = self._writer, None

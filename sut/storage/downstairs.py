@@ -68,6 +68,15 @@ class _Session:
     writer: asyncio.StreamWriter
 
 
+def _int_field(msg: Message, name: str) -> int:
+    # A peer-supplied value that is not an integer must end the connection as a protocol
+    # error (logged, connection closed), not escape as a ValueError traceback.
+    value = msg[name]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ProtocolError(f"{msg.kind}.{name} must be an integer, got {value!r}")
+    return value
+
+
 class Downstairs:
     """Serve ``region``; one instance per process (owns its listening socket)."""
 
@@ -155,7 +164,7 @@ class Downstairs:
         await self._send(writer, Message("YesItsMe", {"version": PROTOCOL_VERSION}))
         promote = await self._expect(reader, "PromoteToActive")
         session = _Session(
-            str(promote["upstairs_id"]), str(promote["session_id"]), int(promote["gen"]), writer
+            str(promote["upstairs_id"]), str(promote["session_id"]), _int_field(promote, "gen"), writer
         )
         refusal = self._arbitrate(session)
         if refusal is not None:
@@ -288,7 +297,10 @@ class Downstairs:
         if kind == "Flush":
             self._inject(self.faults.flush_errors, "flush")
             if not self.read_only:
-                self.region.flush(int(msg["flush_number"]), int(msg["gen"]))
+                limit = msg.get("extent_limit")
+                self.region.flush(
+                    int(msg["flush_number"]), int(msg["gen"]), None if limit is None else int(limit)
+                )
             return Message("FlushAck", {"job_id": job, "error": None})
         if kind == "ExtentFetch":
             eid = int(msg["eid"])
@@ -315,6 +327,7 @@ class Downstairs:
                 gen=int(msg["gen"]),
                 flush=int(msg["flush"]),
                 written=bytes.fromhex(msg["written"]),
+                dirty=bool(msg.get("dirty", False)),
             )
             return Message("ExtentPutAck", {"job_id": job, "error": None})
         raise ProtocolError(f"unexpected message {kind} on an active connection")

@@ -64,12 +64,12 @@ MESSAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "WriteAck": ("job_id", "error"),
     "Read": ("job_id", "block", "count"),
     "ReadResponse": ("job_id", "error", "written"),
-    "Flush": ("job_id", "flush_number", "gen"),
+    "Flush": ("job_id", "flush_number", "gen"),  # optional: extent_limit
     "FlushAck": ("job_id", "error"),
     # reconciliation / repair, mediated by the upstairs
     "ExtentFetch": ("job_id", "eid"),
     "ExtentData": ("job_id", "error", "eid", "gen", "flush", "dirty", "written"),
-    "ExtentPut": ("job_id", "eid", "gen", "flush", "written"),
+    "ExtentPut": ("job_id", "eid", "gen", "flush", "written"),  # optional: dirty
     "ExtentPutAck": ("job_id", "error"),
     # keepalive
     "Ruok": (),

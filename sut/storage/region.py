@@ -291,8 +291,15 @@ class Region:
                 meta.mark_written_range(offset, n)
             pos += n * bs
 
-    def flush(self, flush_number: int, gen: int) -> None:
+    def flush(self, flush_number: int, gen: int, extent_limit: int | None = None) -> None:
+        """Fsync and stamp every dirty extent (below ``extent_limit`` if given).
+
+        The limit is Crucible's: a downstairs under live repair flushes only the extents
+        already repaired; stamping a stale one would make it look current.
+        """
         for eid, meta in enumerate(self._meta):
+            if extent_limit is not None and eid >= extent_limit:
+                break
             if meta.dirty:
                 os.fsync(self._fds[eid])
                 meta.gen, meta.flush, meta.dirty = gen, flush_number, False
@@ -302,8 +309,14 @@ class Region:
         self._check_extent(eid)
         return os.pread(self._fds[eid], self.info.extent_bytes, 0).ljust(self.info.extent_bytes, b"\0")
 
-    def put_extent(self, eid: int, data: bytes, *, gen: int, flush: int, written: bytes) -> None:
-        """Replace a whole extent (reconciliation / repair) and make it durable at once."""
+    def put_extent(
+        self, eid: int, data: bytes, *, gen: int, flush: int, written: bytes, dirty: bool = False
+    ) -> None:
+        """Replace a whole extent (reconciliation / repair) and make it durable at once.
+
+        ``dirty`` copies a live-repair source's unflushed state, so the next flush stamps
+        both copies alike; reconciliation ends every copy clean (``dirty=False``).
+        """
         self._check_extent(eid)
         if len(data) != self.info.extent_bytes:
             raise RegionError(f"extent {eid}: got {len(data)} bytes, need {self.info.extent_bytes}")
@@ -312,7 +325,7 @@ class Region:
         fd = self._fds[eid]
         os.pwrite(fd, data, 0)
         os.fsync(fd)
-        self._meta[eid] = ExtentMeta(gen, flush, False, bytearray(written))
+        self._meta[eid] = ExtentMeta(gen, flush, dirty, bytearray(written))
         self._save_meta(eid)
 
     def _check_extent(self, eid: int) -> None:

@@ -39,6 +39,9 @@ __all__ = ["Activation", "Upstairs"]
 
 _LARGE_READ = 64 * 1024  # bytes; reads at least this big are spread over the downstairs
 _WRITE_QUORUM = 2  # acknowledgements a write or flush needs (Crucible: two of three)
+# Crucible flushes on its own when the guest has not for this long (VCR opts.flush_timeout):
+# a downstairs keeps every write until a flush covers it, so flushes bound that memory.
+_DEFAULT_FLUSH_TIMEOUT_S = 0.5
 
 
 class Activation(enum.Enum):
@@ -109,6 +112,10 @@ class Upstairs:
         self._dying: list[asyncio.Task[None]] = []  # client tasks cancelled by a takeover
         self._read_cursor = 0
         self._read_batch_open = False
+        self._writes_since_flush = False
+        self._autoflush: asyncio.Task[None] | None = None
+        timeout = region.opts.flush_timeout
+        self._flush_timeout_s = float(timeout) if timeout else _DEFAULT_FLUSH_TIMEOUT_S
 
     # -- clients ---------------------------------------------------------------------------
     def _session(self) -> SessionInfo:
@@ -155,6 +162,8 @@ class Upstairs:
         # synchronously: every pending job fails now, nothing reconnects
         for task in self._repairs.values():
             task.cancel()
+        if self._autoflush is not None:
+            self._autoflush.cancel()
         for c in self._clients.values():
             client_task = c.disable(f"upstairs disabled: {exc}")
             if client_task is not None:
@@ -217,6 +226,10 @@ class Upstairs:
             for c in self.clients():
                 c.set_state(ClientState.ACTIVE)
             self._io_open.set()
+            if not self.read_only:
+                self._autoflush = asyncio.get_running_loop().create_task(
+                    self._flush_when_idle(), name=f"autoflush {self.region.opts.id}"
+                )
             self.log.info("region %s active at generation %s", self.region.opts.id, self._gen)
         except StorageFatalError as exc:
             self._fail(exc)
@@ -284,15 +297,16 @@ class Upstairs:
             await self._copy_extent(eid, source, dests)
 
     async def _copy_extent(
-        self, eid: int, source: DownstairsClient, dests: Sequence[DownstairsClient]
+        self, eid: int, source: DownstairsClient, dests: Sequence[DownstairsClient], *, live: bool = False
     ) -> None:
         data = await source.call("ExtentFetch", {"eid": eid})
+        # reconciliation leaves every copy clean; a live repair copies the dirty mark too, so
+        # the next flush stamps source and copy alike (the copy missed no write since)
+        dirty = bool(data["dirty"]) if live else False
+        fields = {"eid": eid, "gen": data["gen"], "flush": data["flush"], "written": data["written"],
+                  "dirty": dirty}
         futures = [
-            d.submit(
-                "ExtentPut",
-                {"eid": eid, "gen": data["gen"], "flush": data["flush"], "written": data["written"]},
-                data.payload,
-            )
+            d.submit("ExtentPut", fields, data.payload)
             for d in dests
         ]
         for d, fut in zip(dests, futures, strict=True):
@@ -300,7 +314,22 @@ class Upstairs:
             if reply.get("error"):
                 raise StorageError(f"extent {eid} put to {d.target} failed: {reply['error']}")
 
+    async def _flush_when_idle(self) -> None:
+        """Flush written data the guest has not flushed within the flush timeout."""
+        while self.state is Activation.ACTIVE:
+            await asyncio.sleep(self._flush_timeout_s)  # a periodic timer, not a wait
+            if self._writes_since_flush and self.state is Activation.ACTIVE:
+                try:
+                    await self.flush()
+                except StorageError as exc:
+                    self.log.warning("automatic flush failed: %s", exc)
+
     async def _stop_clients(self) -> None:
+        autoflush, self._autoflush = self._autoflush, None
+        if autoflush is not None and autoflush is not asyncio.current_task():
+            autoflush.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await autoflush
         repairs, self._repairs = self._repairs, {}
         for task in repairs.values():
             task.cancel()
@@ -350,7 +379,7 @@ class Upstairs:
                     # writes to this extent wait for this copy; others carry on
                     lock = self._locked[eid] = asyncio.Event()
                     try:
-                        await self._copy_extent(eid, source, [client])
+                        await self._copy_extent(eid, source, [client], live=True)
                     except StorageError as exc:
                         if client.state is not ClientState.REPAIRING:
                             raise  # the repaired downstairs itself failed: it is faulted
@@ -360,6 +389,9 @@ class Upstairs:
                         del self._locked[eid]
                         lock.set()
                     client.repair_upto = eid + 1
+                    # let the writes and flushes that waited for this copy go first; a flush
+                    # waits for whichever extent is being copied and would otherwise starve
+                    await asyncio.sleep(0)
                     break
             client.repairs_done += 1
             client.set_state(ClientState.ACTIVE)
@@ -466,27 +498,34 @@ class Upstairs:
                 return
             await event.wait()
 
-    def _write_members(self, last_eid: int, *, flush: bool) -> list[DownstairsClient]:
-        members = []
-        for c in self.clients():
-            if c.state is ClientState.ACTIVE or (c.state is ClientState.OFFLINE and c.replayable):
-                members.append(c)
-            elif c.state is ClientState.REPAIRING and not flush and last_eid < c.repair_upto:
-                # a flush would stamp its not-yet-repaired extents as current: never
-                members.append(c)
-        return members
+    def _members(self) -> list[DownstairsClient]:
+        """Full members: active, or offline with a backlog that will be replayed."""
+        return [
+            c
+            for c in self.clients()
+            if c.state is ClientState.ACTIVE or (c.state is ClientState.OFFLINE and c.replayable)
+        ]
 
     async def _to_all(self, kind: str, fields: dict[str, object], payload: bytes = b"",
                       extents: tuple[int, int] | None = None) -> None:
         await self._gate()
-        if extents is not None:
-            await self._wait_unlocked(*extents)
+        # a write waits for the copy of its extents; a flush for any copy in progress
+        await self._wait_unlocked(*(extents or (0, self.region.extent_count - 1)))
         self._check_usable()
         # from here to the submits: no await, so no repair step can slip in between
-        members = self._write_members(extents[1] if extents else 0, flush=extents is None)
+        members = self._members()
         if not members:
             raise StorageError(f"{kind}: no downstairs can take it")
         futures = [c.submit(kind, dict(fields), payload) for c in members]
+        for c in self.clients():
+            # A downstairs under live repair gets writes to the extents it already has and
+            # flushes limited to those extents (it does not count towards the quorum).
+            if c.state is not ClientState.REPAIRING:
+                continue
+            if extents is None:
+                c.submit(kind, {**fields, "extent_limit": c.repair_upto})
+            elif extents[1] < c.repair_upto:
+                c.submit(kind, dict(fields), payload)
         quorum = _Quorum(kind, members, futures, min(_WRITE_QUORUM, len(members)))
         await quorum.done
         self._check_usable()
@@ -499,6 +538,7 @@ class Upstairs:
         count = len(data) // self.region.block_size
         per = self.region.blocks_per_extent
         extents = (block // per, (block + max(count, 1) - 1) // per)
+        self._writes_since_flush = True
         await self._to_all(
             "WriteUnwritten" if only_unwritten else "Write", {"block": block}, data, extents=extents
         )
@@ -507,6 +547,7 @@ class Upstairs:
         if self.read_only:
             return
         self._flush_number += 1
+        self._writes_since_flush = False
         await self._to_all("Flush", {"flush_number": self._flush_number, "gen": self._gen})
 
     async def close(self) -> None:

@@ -11,9 +11,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,6 +33,7 @@ class DownstairsProc:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
+    flags: tuple[str, ...] = ()  # extra `run` flags, e.g. ("--write-errors",); kept on restart
 
     @property
     def target(self) -> str:
@@ -53,6 +55,7 @@ class DownstairsProc:
                     "127.0.0.1",
                     "-p",
                     str(port),
+                    *self.flags,
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -89,15 +92,49 @@ class DownstairsProc:
                 self.proc.wait()
         self.proc = None
 
+    def kill(self) -> None:
+        """SIGKILL (no chance to clean up) and reap; the port is free for a restart after."""
+        if self.proc is None:
+            return
+        self.proc.kill()
+        self.proc.wait(10)
+        self.proc = None
+
+    def log_offset(self) -> int:
+        """Where the log ends now: pass to :meth:`events` to see only what comes later."""
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def events(self, since: int = 0) -> list[dict[str, Any]]:
+        """The JSON log lines from byte ``since`` on; a line that is not JSON is returned as
+        ``{"event": "NOT-JSON", "raw": line}`` so a test can assert there are none."""
+        out: list[dict[str, Any]] = []
+        raw = self.log_path.read_bytes()[since:].decode(errors="replace")
+        for line in raw.splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            out.append(record if isinstance(record, dict) else {"event": "NOT-JSON", "raw": line})
+        return out
+
+    def session_open(self, since: int = 0) -> bool:
+        """Whether an upstairs session that began after log offset ``since`` is still active
+        (its "active" line has no "deactivated" line after it)."""
+        kinds = [e.get("event") for e in self.events(since)]
+        if "active" not in kinds:
+            return False
+        last_active = len(kinds) - 1 - kinds[::-1].index("active")
+        return "deactivated" not in kinds[last_active:]
+
 
 class DownstairsFactory:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.made: list[DownstairsProc] = []
 
-    def create(self, *, start: bool = True) -> DownstairsProc:
+    def create(self, *, start: bool = True, flags: tuple[str, ...] = ()) -> DownstairsProc:
         n = len(self.made)
-        ds = DownstairsProc(self.root / f"ds{n}", self.root / f"ds{n}.log")
+        ds = DownstairsProc(self.root / f"ds{n}", self.root / f"ds{n}.log", flags=flags)
         subprocess.run(
             [
                 sys.executable,
@@ -157,9 +194,17 @@ def make_vcr(
 ) -> str:
     vid = volume_id or str(uuid.uuid4())
     ro_parent = None if parent is None else FileVcr(id=str(uuid.uuid4()), block_size=BLOCK_SIZE, path=parent)
-    return dump_vcr(region_volume(vid, targets, gen=gen, block_size=BLOCK_SIZE,
-                                  blocks_per_extent=EXTENT_SIZE, extent_count=EXTENT_COUNT,
-                                  read_only_parent=ro_parent))
+    return dump_vcr(
+        region_volume(
+            vid,
+            targets,
+            gen=gen,
+            block_size=BLOCK_SIZE,
+            blocks_per_extent=EXTENT_SIZE,
+            extent_count=EXTENT_COUNT,
+            read_only_parent=ro_parent,
+        )
+    )
 
 
 async def qemu_io(socket_path: Path, *commands: str, timeout_s: float = 60.0) -> str:
@@ -201,3 +246,114 @@ def extent_bytes(ds: DownstairsProc) -> bytes:
     """All extent data of a region, read straight from its files."""
     files = sorted((ds.data_dir / "extents").glob("*.dat"))
     return b"".join(f.read_bytes() for f in files)
+
+
+# -- helpers for tests that drive a backend on an asyncio loop ---------------------------------
+def run_bounded(coro: Coroutine[Any, Any, None], timeout_s: float) -> None:
+    """``asyncio.run`` with a hard deadline, so a hung test fails instead of waiting forever."""
+
+    async def bounded() -> None:
+        async with asyncio.timeout(timeout_s):
+            await coro
+
+    asyncio.run(bounded())
+
+
+async def poll_until(
+    predicate: Callable[[], bool],
+    what: str,
+    timeout_s: float = 20.0,
+    last: Callable[[], object] | None = None,
+) -> None:
+    """Poll ``predicate`` on the running loop until a monotonic deadline; report what was seen."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            seen = last() if last else None
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}; last saw {seen}")
+        await asyncio.sleep(0.05)  # yield to the loop between polls
+
+
+async def qemu_io_status(socket_path: Path, *commands: str, timeout_s: float = 60.0) -> tuple[bool, str]:
+    """Like :func:`qemu_io` but returns (succeeded, output) instead of raising: for tests where
+    a failure is expected (the export's process was killed mid-command)."""
+    try:
+        return True, await qemu_io(socket_path, *commands, timeout_s=timeout_s)
+    except AssertionError as exc:
+        return False, str(exc)
+
+
+async def read_image(socket_path: Path, dest: Path, timeout_s: float = 60.0) -> bytes:
+    """The whole export, read by a second real NBD client (qemu-img convert)."""
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-img",
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "raw",
+        f"nbd+unix:///?socket={socket_path}",
+        str(dest),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"qemu-img convert failed (rc {proc.returncode}): {out.decode(errors='replace')}"
+        )
+    data = dest.read_bytes()
+    dest.unlink()
+    return data
+
+
+@dataclass(frozen=True)
+class RegionOnDisk:
+    """A region as its files say: per-extent (gen, flush, dirty) and all extent data."""
+
+    stamps: tuple[tuple[int, int, bool], ...]
+    data: bytes
+    tmp_files: tuple[str, ...]  # leftovers of an interrupted atomic metadata write
+
+
+def region_on_disk(data_dir: Path) -> RegionOnDisk:
+    """Parse every extent's ``.meta`` strictly (a torn or half-written file fails here)."""
+    extents = data_dir / "extents"
+    stamps = []
+    for meta_path in sorted(extents.glob("*.meta")):
+        raw = json.loads(meta_path.read_text())
+        assert set(raw) == {"gen", "flush", "dirty", "written"}, f"{meta_path}: unexpected keys {raw}"
+        assert isinstance(raw["gen"], int) and isinstance(raw["flush"], int), f"{meta_path}: {raw}"
+        assert isinstance(raw["dirty"], bool), f"{meta_path}: {raw}"
+        assert len(bytes.fromhex(raw["written"])) == (EXTENT_SIZE + 7) // 8, f"{meta_path}: bitmap length"
+        stamps.append((raw["gen"], raw["flush"], raw["dirty"]))
+    assert len(stamps) == EXTENT_COUNT, f"{extents}: {len(stamps)} .meta files, expected {EXTENT_COUNT}"
+    data = b"".join(f.read_bytes() for f in sorted(extents.glob("*.dat")))
+    tmp = tuple(sorted(p.name for p in extents.glob("*.tmp")))
+    return RegionOnDisk(tuple(stamps), data, tmp)
+
+
+def assert_regions_identical(dss: list[DownstairsProc]) -> RegionOnDisk:
+    """The three copies agree: same data, same (gen, flush, dirty) per extent, none dirty."""
+    regions = [region_on_disk(d.data_dir) for d in dss]
+    first = regions[0]
+
+    for ds, region in zip(dss[1:], regions[1:], strict=True):
+        assert region.stamps == first.stamps, (
+            f"extent stamps differ: {dss[0].data_dir}={first.stamps} {ds.data_dir}={region.stamps}"
+        )
+        if region.data != first.data:
+            diff = next(i for i, (a, b) in enumerate(zip(region.data, first.data, strict=True)) if a != b)
+            raise AssertionError(
+                f"extent data of {ds.data_dir} differs from {dss[0].data_dir} at byte {diff}"
+            )
+    assert not any(dirty for _g, _f, dirty in first.stamps), f"dirty extents left: {first.stamps}"
+    leftovers = {str(d.data_dir): r.tmp_files for d, r in zip(dss, regions, strict=True) if r.tmp_files}
+    assert not leftovers, f"interrupted metadata writes never cleaned up: {leftovers}"
+    return first

@@ -99,3 +99,52 @@ def test_extent_transfer_copies_data_and_metadata(tmp_path: Path) -> None:
     src.close()
     dst.close()
     assert os.path.exists(tmp_path / "d" / "region.json")
+
+
+def test_dirty_mark_and_flush_stamp_are_fsynced_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Crucible's durability order, recorded at the os seam (the strace test in
+    tests/integration/storage/test_durability.py checks the same on a real downstairs):
+    write = durable dirty mark, then data; flush = fsync data, then replace the metadata."""
+    region = make(tmp_path)
+    calls: list[tuple[str, str]] = []
+    real_fsync, real_replace, real_pwrite = os.fsync, os.replace, os.pwrite
+
+    def name_of(fd: int) -> str:
+        return os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+
+    def fsync(fd: int) -> None:
+        calls.append(("fsync", name_of(fd)))
+        real_fsync(fd)
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        calls.append(("replace", os.path.basename(dst)))
+        real_replace(src, dst)
+
+    def pwrite(fd: int, data: bytes | memoryview, offset: int) -> int:
+        calls.append(("pwrite", name_of(fd)))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    region.write(8, b"\x01" * 512)  # first write to clean extent 1
+    assert calls == [
+        ("fsync", "00001.meta.tmp"),
+        ("replace", "00001.meta"),
+        ("fsync", "extents"),
+        ("pwrite", "00001.dat"),
+    ]
+    calls.clear()
+    region.write(9, b"\x02" * 512)  # extent already dirty: no metadata write on the data path
+    assert calls == [("pwrite", "00001.dat")]
+    calls.clear()
+    region.flush(flush_number=1, gen=1)
+    assert calls == [
+        ("fsync", "00001.dat"),
+        ("fsync", "00001.meta.tmp"),
+        ("replace", "00001.meta"),
+        ("fsync", "extents"),
+    ]
+    region.close()
