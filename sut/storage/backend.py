@@ -121,8 +121,12 @@ class CrucibleBackend:
                 self._log.info("backend %s: generation-only VCR change accepted", self.backend_id)
                 return "VcrMatches"
             result = "Started"
-            for change in outcome.changes:
-                result = await self._upstairs(change).replace_downstairs(change.old, change.new)
+            for i, change in enumerate(outcome.changes):
+                # under multi-target-replace the later changes of one request skip the
+                # one-in-flux guard: that is the historical bug (several copies in flux)
+                result = await self._upstairs(change).replace_downstairs(
+                    change.old, change.new, guard_in_flux=i == 0
+                )
                 if result == "Missing":
                     return result
             self._vcr = new

@@ -400,7 +400,7 @@ class Upstairs:
             client.fault(f"live repair failed: {exc}")
 
     # -- replacement -----------------------------------------------------------------------
-    async def replace_downstairs(self, old: str, new: str) -> str:
+    async def replace_downstairs(self, old: str, new: str, *, guard_in_flux: bool = True) -> str:
         if new in self.targets and old not in self.targets:
             client = self._clients.get(new)
             done = client is not None and client.state is ClientState.ACTIVE
@@ -411,7 +411,7 @@ class Upstairs:
             )
         if old not in self.targets:
             return "Missing"
-        if self.state is Activation.ACTIVE:
+        if self.state is Activation.ACTIVE and guard_in_flux:
             in_flux = [
                 f"{c.target} ({c.state.value})"
                 for c in self.clients()
