@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from sut.storage.backend import CrucibleBackend, RetryPolicy
+from sut.storage.backend import CrucibleBackend, RetryPolicy, StorageFatalError
 from sut.storage.vcr import dump_vcr, region_volume
 
 from .conftest import DownstairsFactory, DownstairsProc, extent_bytes, make_vcr, qemu_io
@@ -257,5 +257,30 @@ def test_takeover_fails_pending_and_later_io_of_the_old_upstairs(
                 writer.cancel()
             await old.close()
             await new.close()
+
+    run(main())
+
+
+def test_equal_generation_from_another_session_is_refused(
+    downstairs: DownstairsFactory, tmp_path: Path
+) -> None:
+    dss = [downstairs.create() for _ in range(3)]
+    vcr = make_vcr([d.target for d in dss], gen=4)
+
+    async def main() -> None:
+        first = CrucibleBackend("first", vcr, tmp_path / "f.nbd", retry=POLICY)
+        second = CrucibleBackend("second", vcr, tmp_path / "s.nbd", retry=POLICY)
+        try:
+            await first.start_export()
+            await first.activate()
+            with pytest.raises(StorageFatalError, match="already active for another session"):
+                await asyncio.wait_for(second.activate(), 20)
+            assert second.status()["activation"] == "failed"
+            # the first session was not disturbed
+            assert states(first) == ["active"] * 3
+            await qemu_io(first.socket_path, "write -P 0x4e 0 64k", "flush", "read -P 0x4e 0 64k")
+        finally:
+            await second.close()
+            await first.close()
 
     run(main())
