@@ -527,5 +527,8 @@ class DownstairsClient:
         if watchdog is not None and watchdog is not asyncio.current_task():
             watchdog.cancel()
         if writer is not None:
-            writer.close()
+            # abort, not close: close() keeps the socket open until queued data has been
+            # sent, which never happens to a hung (paused) downstairs - the read loop would
+            # not see the loss and the client would look active while it is cut off
+            writer.transport.abort()
         return writer

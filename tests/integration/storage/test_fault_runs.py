@@ -10,7 +10,8 @@ through NBD (the upstairs never died, so not only flushed ones), and the three c
 identical byte for byte and in their extent metadata.
 
 Knobs: ``PHD_FAULT_SEEDS`` (comma-separated, default "1,2"), ``PHD_FAULT_COUNT`` (faults per
-run, default 6). Each run appends a JSON line to ``results/fault-runs.jsonl``.
+run, default 6), ``PHD_FAULT_KINDS`` (default "kill,stop,pause,replace"). Each run appends a
+JSON line to ``results/fault-runs.jsonl``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ CHUNKS = GEOMETRY.size_bytes // CHUNK
 POLICY = RetryPolicy(connect_timeout_s=1.0, reconnect_delay_s=0.2, io_timeout_s=2.0, keepalive_s=0.25)
 SEEDS = [int(s) for s in os.environ.get("PHD_FAULT_SEEDS", "1,2").split(",") if s.strip()]
 FAULTS_PER_RUN = int(os.environ.get("PHD_FAULT_COUNT", "6"))
+FAULT_KINDS = tuple(os.environ.get("PHD_FAULT_KINDS", "kill,stop,pause,replace").split(","))
 SETTLE_S = 90.0  # replay / repair of an 8 MiB region takes well under a second here
 
 
@@ -126,7 +128,7 @@ class Run:
 
     async def inject(self) -> None:
         await self.settled("the previous fault")
-        action = self.rng.choice(("kill", "stop", "pause", "replace"))
+        action = self.rng.choice(FAULT_KINDS)
         slot = self.rng.randrange(3)
         member = self.members[slot]
         await asyncio.sleep(self.rng.uniform(0.05, 0.6))  # a random point in the write stream
@@ -171,7 +173,15 @@ def assert_copies_identical(dss: DownstairsSet, members: list[int]) -> None:
             metas = [json.loads(g) if g is not None else None for g in got]
             assert metas[0] == metas[1] == metas[2], f"extent metadata {name} differs: {metas}"
         else:
-            assert got[0] == got[1] == got[2], f"extent data {name} differs between the copies"
+            if not got[0] == got[1] == got[2]:
+                odd = [i for i in range(3) if got[i] != got[(i + 1) % 3] and got[i] != got[(i + 2) % 3]]
+                a, b = (got[0], got[1]) if got[0] != got[1] else (got[0], got[2])
+                assert a is not None and b is not None
+                at = next(k for k in range(min(len(a), len(b))) if a[k] != b[k])
+                raise AssertionError(
+                    f"extent data {name} differs between the copies (first at byte {at}); "
+                    f"odd one out: {[f'ds{members[i]}' for i in odd]}\n{dss.format_steps()}"
+                )
 
 
 def make_set(flavour: str, fw: Framework, node_id: str, root: Path) -> DownstairsSet:
@@ -231,6 +241,7 @@ def test_random_faults_lose_no_acknowledged_write(
             print(dss.format_steps())
             raise
         assert len(record["faults"]) == FAULTS_PER_RUN, record
+        print(json.dumps(record))
         assert_copies_identical(dss, record["members"])
     record["seconds"] = round(time.monotonic() - started, 1)
     print(json.dumps(record))
