@@ -526,6 +526,12 @@ class Upstairs:
                 c.submit(kind, {**fields, "extent_limit": c.repair_upto})
             elif extents[1] < c.repair_upto:
                 c.submit(kind, dict(fields), payload)
+            elif extents[0] < c.repair_upto:
+                # the write straddles the repair point: the repaired part must reach this
+                # copy now (no later copy brings it); the rest comes with its extent's copy
+                first_block = int(fields["block"])  # type: ignore[call-overload]
+                cut = (c.repair_upto * self.region.blocks_per_extent - first_block) * self.region.block_size
+                c.submit(kind, dict(fields), payload[:cut])
         quorum = _Quorum(kind, members, futures, min(_WRITE_QUORUM, len(members)))
         await quorum.done
         self._check_usable()

@@ -7,6 +7,7 @@ Real downstairs processes, our upstairs, and qemu-io as the NBD client.
 from __future__ import annotations
 
 import asyncio
+import random
 import signal
 import subprocess
 import sys
@@ -197,13 +198,17 @@ def test_live_repair_lets_guest_io_continue(downstairs: DownstairsFactory, sock:
             assert await backend.replace(after) == "Started"
             assert await backend.replace(after) in ("StartedAlready", "CompletedAlready")
             progress: list[object] = []
+            rng = random.Random(7)
+            boundary = {e: 0x61 for e in range(1, BIG_COUNT)}  # last pattern around each
             round_no = 0
-            pattern = 0x70
             while states(backend)[2] != "active":
-                # one 4 KiB write into every 8th extent, a new pattern each round
+                # 8 KiB writes straddling extent boundaries: one written while the copy of
+                # the extent below it runs lands half in a repaired extent, half in one not
+                # yet repaired. A new pattern each round, 8 random boundaries per round.
                 pattern = 0x70 + round_no % 16
-                await qemu_io(sock, *[f"write -P {pattern} {e}M 4k" for e in range(0, BIG_COUNT, 8)],
-                              timeout_s=30)
+                chosen = rng.sample(sorted(boundary), 8)
+                await qemu_io(sock, *[f"write -P {pattern} {e * 1024 - 4}k 8k" for e in chosen], timeout_s=30)
+                boundary.update(dict.fromkeys(chosen, pattern))
                 if ds_status(backend)[2]["state"] == "repairing":
                     progress.append(ds_status(backend)[2]["repair_progress"])
                 round_no += 1
@@ -211,8 +216,8 @@ def test_live_repair_lets_guest_io_continue(downstairs: DownstairsFactory, sock:
             assert progress, "no write round completed while the repair ran"
             assert await backend.replace(after) == "CompletedAlready"
             await qemu_io(sock, "flush")
-            await qemu_io(sock, *[f"read -P {pattern} {e}M 4k" for e in range(0, BIG_COUNT, 8)],
-                          "read -P 0x61 4k 1020k")
+            await qemu_io(sock, *[f"read -P {p} {e * 1024 - 4}k 8k" for e, p in boundary.items()],
+                          "read -P 0x61 4k 1016k")
         finally:
             await backend.close()
 
