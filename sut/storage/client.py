@@ -239,16 +239,19 @@ class DownstairsClient:
         # reader sees WHY it is not serving rather than a bare "connecting".
         return self.state in (ClientState.OFFLINE, ClientState.FAULTED)
 
+    def _stopped(self) -> bool:
+        return self._task is not asyncio.current_task()  # disable() let go of this task
+
     async def _run(self) -> None:
-        while True:
+        while not self._stopped():
             if not self._keep_state_while_reconnecting():
                 self.set_state(ClientState.CONNECTING)
             self.connect_attempts += 1
             try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(self.host, self.port, limit=STREAM_LIMIT),
-                    self.retry.connect_timeout_s,
-                )
+                async with asyncio.timeout(self.retry.connect_timeout_s):
+                    reader, writer = await asyncio.open_connection(
+                        self.host, self.port, limit=STREAM_LIMIT
+                    )
             except (OSError, TimeoutError) as exc:
                 self.failed_attempts += 1
                 self.last_error = f"connect: {exc!r}"
@@ -262,6 +265,9 @@ class DownstairsClient:
                 # Crucible's policy: a fixed delay, no backoff, no limit.
                 await asyncio.sleep(self.retry.reconnect_delay_s)
                 continue
+            if self._stopped():
+                writer.transport.abort()  # stopped while connecting: own no socket
+                return
             self._writer = writer
             self._out = BatchedWriter(writer)
             self._last_rx = time.monotonic()
@@ -288,6 +294,8 @@ class DownstairsClient:
             except (OSError, ProtocolError, _Disconnected, TimeoutError) as exc:
                 if self._writer is writer or self.last_error is None:
                     self.last_error = f"{type(exc).__name__}: {exc}"
+            if self._stopped():
+                return  # disable() already closed the socket and failed every job
             if self.taken_over:
                 # another upstairs owns the region now: never reconnect, replay nothing
                 reason = self.last_error or "taken over"
@@ -384,10 +392,14 @@ class DownstairsClient:
         self.extent_versions = (list(versions["gen"]), list(versions["flush"]), list(versions["dirty"]))
 
     async def _exchange(self, reader: asyncio.StreamReader, msg: Message, timeout: float) -> Message:
-        assert self._out is not None
+        if self._out is None:  # stopped or faulted while the previous step was in flight
+            raise _Disconnected(f"connection to {self.target} closed during negotiation")
         self._out.write_message(msg)
         await self._out.drain()
-        reply = await asyncio.wait_for(read_message(reader), timeout)
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel() that lands
+        # as the read completes, and a stopped client would carry on negotiating
+        async with asyncio.timeout(timeout):
+            reply = await read_message(reader)
         if reply is None:
             raise _Disconnected(f"downstairs closed the connection after {msg.kind}")
         self._last_rx = time.monotonic()

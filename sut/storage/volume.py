@@ -124,7 +124,7 @@ class Volume:
         if self._parent is not None:
             self._parent.close()
         if errors:
-            raise StorageError(f"closing the volume failed: {errors!r}")
+            raise StorageError(f"closing the volume failed: {errors!r}") from errors[0]
 
     # -- I/O -------------------------------------------------------------------------------
     def _check(self, offset: int, length: int) -> None:
