@@ -1,11 +1,15 @@
 """Storage benchmark: our Crucible-style stack vs qemu-nbd, both over NBD on a unix socket.
 
-Usage: ci/bench storage [--size-mib N] [--target-s S] [--no-docker] [--out PATH]
+Usage: ci/bench storage [--size-mib N] [--target-s S] [--no-docker] [--no-published] [--out PATH]
 
 Reference: ``qemu-nbd --format=raw --persistent`` serving a sparse raw file in a temp dir.
-Ours: three downstairs (containers from ``python -m sut.storage.image ensure``, published on
-127.0.0.1 only; local ``python -m sut.storage.downstairs`` processes if Docker is missing) and a
-``CrucibleBackend`` export in a helper process (this file, ``_serve`` mode).
+Ours: three downstairs (containers from ``python -m sut.storage.image ensure``; local
+``python -m sut.storage.downstairs`` processes if Docker is missing) and a ``CrucibleBackend``
+export in a helper process (this file, ``_serve`` mode). The containers share the host's
+network namespace (``--network host``) and the downstairs bind 127.0.0.1:PORT themselves: with
+ports published by Docker every byte also crosses docker-proxy (two more copies and process
+wake-ups per transfer). That published-port setup is measured too, as an extra run
+(``published`` in the JSON), so its cost stays visible.
 
 Workloads (``qemu-img bench``, queue depth 4, ``-t none -i threads -f raw``):
   seq_write / seq_read      1 MiB requests, step 1 MiB (sequential, wraps at the end)
@@ -203,6 +207,7 @@ class Downstairs:
     label: str
     tmp: Path
     image: str = ""
+    network: str = "host"  # containers: "host" (share the host's loopback) or "published"
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     targets: list[str] = field(default_factory=list)
 
@@ -230,49 +235,44 @@ class Downstairs:
 
     def _start_container(self, i: int, extent_count: int) -> str:
         sess = self.label.split("=", 1)[1]
-        name = f"{sess}-ds{i}"
+        name = f"{sess}-{self.network}-ds{i}"
         volume = run(["docker", "volume", "create", "--label", self.label, f"{name}-data"]).stdout.strip()
         common = ["--read-only", "--label", self.label, "-v", f"{volume}:/data"]
         run(["docker", "run", "--rm", *common, self.image, *self._create_args("/data/region", extent_count)])
         last_err = ""
-        for _attempt in range(5):  # the free port may be taken between probe and publish
+        for _attempt in range(5):  # the free port may be taken between probe and bind/publish
             port = free_port()
-            proc = run(
-                [
-                    "docker",
-                    "run",
-                    "-d",
-                    "--name",
-                    name,
-                    *common,
-                    "-p",
-                    f"127.0.0.1:{port}:{CONTAINER_PORT}",
-                    self.image,
-                    "run",
-                    "-d",
-                    "/data/region",
-                    "-a",
-                    "0.0.0.0",
-                    "-p",
-                    str(CONTAINER_PORT),
-                ],
-                check=False,
-            )
+            if self.network == "host":
+                # the host's network namespace: the downstairs binds loopback itself, no proxy
+                net = ["--network", "host"]
+                listen = ["-a", "127.0.0.1", "-p", str(port)]
+            else:
+                net = ["-p", f"127.0.0.1:{port}:{CONTAINER_PORT}"]
+                listen = ["-a", "0.0.0.0", "-p", str(CONTAINER_PORT)]  # inside its own namespace
+            argv = ["docker", "run", "-d", "--name", name, *common, *net, self.image]
+            proc = run([*argv, "run", "-d", "/data/region", *listen], check=False)
             if proc.returncode == 0:
-                break
-            last_err = proc.stderr.strip()
+                listening, logs = self._wait_listening(proc.stdout.strip())
+                if listening:
+                    return f"127.0.0.1:{port}"
+                last_err = logs[-2000:]
+            else:
+                last_err = proc.stderr.strip()
             run(["docker", "rm", "-f", name], check=False)
-        else:
-            raise RuntimeError(f"could not start container {name}: {last_err}")
-        cid = proc.stdout.strip()
+        raise RuntimeError(f"could not start container {name}: {last_err}")
+
+    def _wait_listening(self, cid: str) -> tuple[bool, str]:
         deadline = time.monotonic() + 30
         logs = ""
         while time.monotonic() < deadline:
             logs = run(["docker", "logs", cid], check=False).stderr
             if '"event": "listening"' in logs:
-                return f"127.0.0.1:{port}"
+                return True, logs
+            state = run(["docker", "inspect", "-f", "{{.State.Running}}", cid], check=False).stdout.strip()
+            if state != "true":
+                return False, logs  # exited, e.g. the port was taken meanwhile
             time.sleep(0.1)  # polling interval of a deadline-bounded wait
-        raise RuntimeError(f"container {name} never listened; logs:\n{logs[-2000:]}")
+        return False, f"never listened within 30 s; logs:\n{logs}"
 
     def _start_local(self, i: int, extent_count: int) -> str:
         data = self.tmp / f"ds{i}"
@@ -370,32 +370,33 @@ def start_export(tmp: Path, vcr: str) -> tuple[subprocess.Popen[bytes], Path]:
     raise RuntimeError(f"export helper never became ready; stdout {buf!r}; log:\n{tail}")
 
 
-def bench_ours(
-    tmp: Path, size_bytes: int, target_s: float, use_docker: bool, label: str
-) -> tuple[dict[str, Any], str]:
-    mode = "local"
-    image = ""
-    if (
-        use_docker
-        and shutil.which("docker")
-        and run(["docker", "info"], check=False, timeout=30).returncode == 0
-    ):
-        proc = run([sys.executable, "-m", "sut.storage.image", "ensure"], check=False, timeout=900)
-        if proc.returncode == 0 and proc.stdout.strip():
-            mode = "docker"
-            image = proc.stdout.strip().splitlines()[-1]
-        else:
-            print(f"NOTE: downstairs image unavailable ({proc.stderr.strip()[-300:]}); using local processes")
-    elif use_docker:
+def downstairs_image(use_docker: bool) -> str:
+    """The downstairs image tag, or "" to run the downstairs as local processes."""
+    if not use_docker:
+        return ""
+    if not shutil.which("docker") or run(["docker", "info"], check=False, timeout=30).returncode != 0:
         print("NOTE: Docker is not available; downstairs run as local processes")
+        return ""
+    proc = run([sys.executable, "-m", "sut.storage.image", "ensure"], check=False, timeout=900)
+    if proc.returncode == 0 and proc.stdout.strip():
+        return proc.stdout.strip().splitlines()[-1]
+    print(f"NOTE: downstairs image unavailable ({proc.stderr.strip()[-300:]}); using local processes")
+    return ""
+
+
+def bench_ours(
+    tmp: Path, size_bytes: int, target_s: float, image: str, label: str, network: str
+) -> dict[str, Any]:
+    mode = "docker" if image else "local"
     extent_count = size_bytes // (BLOCK_SIZE * EXTENT_BLOCKS)
-    ds = Downstairs(mode, label, tmp, image=image)
+    ds = Downstairs(mode, label, tmp, image=image, network=network)
     export: subprocess.Popen[bytes] | None = None
     try:
         ds.start(3, extent_count)
-        log(f"  downstairs ({mode}{' ' + image if image else ''}): {', '.join(ds.targets)}")
+        where = f"docker, network {network}, {image}" if image else "local processes"
+        log(f"  downstairs ({where}): {', '.join(ds.targets)}")
         export, sock = start_export(tmp, make_vcr(ds.targets, extent_count))
-        return measure(sock, size_bytes, target_s), mode
+        return measure(sock, size_bytes, target_s)
     finally:
         if export is not None:
             stop_proc(export, timeout=30)
@@ -443,16 +444,31 @@ def serve(sock: Path, vcr_path: Path) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def leftovers(label: str | None) -> list[str]:
+def leftovers(tmp: Path, label: str) -> list[str]:
+    """What this run started and did not remove: processes naming its temp dir, labelled
+    containers and volumes (other users' downstairs on the same machine are not ours)."""
     found = []
-    pg = run(["pgrep", "-af", "qemu-nbd|sut.storage"], check=False).stdout.strip()
-    if pg:
-        found += [f"process: {line}" for line in pg.splitlines()]
-    if label and shutil.which("docker"):
+    pg = run(["pgrep", "-af", "qemu-nbd|sut.storage|bench_storage"], check=False).stdout.strip()
+    found += [f"process: {line}" for line in pg.splitlines() if str(tmp) in line]
+    if shutil.which("docker"):
         ids = run(["docker", "ps", "-aq", "--filter", f"label={label}"], check=False).stdout.split()
         vols = run(["docker", "volume", "ls", "-q", "--filter", f"label={label}"], check=False).stdout.split()
         found += [f"container: {c}" for c in ids] + [f"volume: {v}" for v in vols]
     return found
+
+
+def ratios_of(ours: dict[str, Any], ref: dict[str, Any], names: list[str]) -> dict[str, float | None]:
+    return {n: round(ours[n]["mb_s"] / ref[n]["mb_s"], 4) if ref[n]["mb_s"] else None for n in names}
+
+
+def print_table(title: str, ref: dict[str, Any], ours: dict[str, Any], names: list[str]) -> None:
+    ratios = ratios_of(ours, ref, names)
+    print(title)
+    print(f"{'workload':<15} {'qemu-nbd MB/s':>14} {'IOPS':>10} {'ours MB/s':>11} {'IOPS':>10} {'ratio':>8}")
+    for n in names:
+        r, o = ref[n], ours[n]
+        cols = f"{r['mb_s']:>14.1f} {r['iops']:>10.0f} {o['mb_s']:>11.1f} {o['iops']:>10.0f}"
+        print(f"{n:<15} {cols} {ratios[n]:>8.3f}")
 
 
 def main(argv: list[str]) -> int:
@@ -467,6 +483,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--size-mib", type=int, default=256, help="image size (multiple of 16 MiB)")
     p.add_argument("--target-s", type=float, default=2.0, help="approximate seconds per workload run")
     p.add_argument("--no-docker", action="store_true", help="always run the downstairs as local processes")
+    p.add_argument(
+        "--no-published", action="store_true", help="skip the extra run with ports published by Docker"
+    )
     p.add_argument("--out", type=Path, default=REPO / "results" / "bench-storage.json")
     a = p.parse_args(argv)
     if a.size_mib <= 0 or a.size_mib % 16:
@@ -478,47 +497,65 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     t0 = time.monotonic()
+    load_before = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="phd-bench-storage-"))
     label = f"phd.session=bench-{secrets.token_hex(6)}"
+    published: dict[str, Any] | None = None
     try:
+        image = downstairs_image(not a.no_docker)
         log(f"reference: qemu-nbd, {a.size_mib} MiB raw file")
         ref = bench_qemu_nbd(tmp, size_bytes, a.target_s)
         log(f"ours: 3 downstairs + CrucibleBackend export, {a.size_mib} MiB region")
-        ours, mode = bench_ours(tmp, size_bytes, a.target_s, not a.no_docker, label)
+        ours = bench_ours(tmp, size_bytes, a.target_s, image, label, "host")
+        if image and not a.no_published:
+            log("ours again, downstairs ports published by Docker (docker-proxy on the data path)")
+            published = bench_ours(tmp, size_bytes, a.target_s, image, label, "published")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     wall = time.monotonic() - t0
 
     names = [w.name for w in workloads(size_bytes)]
-    ratios = {n: round(ours[n]["mb_s"] / ref[n]["mb_s"], 4) if ref[n]["mb_s"] else None for n in names}
+    ratios = ratios_of(ours, ref, names)
     result: dict[str, Any] = {
         "seq_read_ratio": ratios["seq_read"],
         "seq_write_ratio": ratios["seq_write"],
         "rand_read_4k_ratio": ratios["rand_read_4k"],
         "rand_write_4k_ratio": ratios["rand_write_4k"],
         "size_mib": a.size_mib,
-        "downstairs_mode": mode,
+        "downstairs_mode": "docker" if image else "local",
+        "downstairs_network": "host" if image else "loopback (local processes)",
         "method": {
             "tool": "qemu-img bench -f raw -t none -i threads -d 4 over nbd+unix",
             "seq": "1 MiB requests, step 1 MiB",
             "rand_4k": f"4 KiB requests, step 4 KiB * {RAND_STEP_BLOCKS} (prime) modulo image size",
             "fill": "one untimed sequential 1 MiB write pass before the workloads",
             "ratio": "ours MB/s / qemu-nbd MB/s (equal to the IOPS ratio)",
+            "network": "ours: containers share the host's network namespace and bind 127.0.0.1:PORT;"
+            " published: the same with -p 127.0.0.1:PORT:3810 (docker-proxy), same qemu-nbd reference",
         },
         "qemu_nbd": ref,
         "ours": ours,
         "wall_seconds": round(wall, 1),
+        # other work on the machine skews both sides; a ratio is comparable only at similar load
+        "loadavg_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
+        "cpus": os.cpu_count(),
     }
+    if published is not None:
+        result["published"] = {
+            "ratios": ratios_of(published, ref, names),
+            "ours": published,
+        }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"{'workload':<15} {'qemu-nbd MB/s':>14} {'IOPS':>10} {'ours MB/s':>11} {'IOPS':>10} {'ratio':>8}")
-    for n in names:
-        r, o = ref[n], ours[n]
-        cols = f"{r['mb_s']:>14.1f} {r['iops']:>10.0f} {o['mb_s']:>11.1f} {o['iops']:>10.0f}"
-        print(f"{n:<15} {cols} {ratios[n]:>8.3f}")
-    print(f"downstairs: {mode}; image {a.size_mib} MiB; wall {wall:.1f} s; results in {a.out}")
-    left = leftovers(label)
+    where = f"docker ({image}), network host" if image else "local processes"
+    print_table(f"ours: downstairs {where}", ref, ours, names)
+    if published is not None:
+        print_table("ours: downstairs docker, ports published (docker-proxy)", ref, published, names)
+    load = result["loadavg_1min"]
+    print(f"image {a.size_mib} MiB; wall {wall:.1f} s; load {load['before']} -> {load['after']} on "
+          f"{result['cpus']} CPUs; results in {a.out}")
+    left = leftovers(tmp, label)
     if left:
         print("WARNING: left behind:\n  " + "\n  ".join(left))
         return 1

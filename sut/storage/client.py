@@ -35,7 +35,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from sut.storage.errors import ProtocolError, StorageError, StorageFatalError
-from sut.storage.protocol import PROTOCOL_VERSION, STREAM_LIMIT, BatchedWriter, Message, read_message
+from sut.storage.protocol import (
+    PROTOCOL_VERSION,
+    BatchedWriter,
+    FrameReader,
+    Message,
+    open_connection,
+    read_message,
+)
 from sut.storage.vcr import parse_target
 
 __all__ = ["ClientState", "DownstairsClient", "RetryPolicy", "SessionInfo"]
@@ -249,9 +256,7 @@ class DownstairsClient:
             self.connect_attempts += 1
             try:
                 async with asyncio.timeout(self.retry.connect_timeout_s):
-                    reader, writer = await asyncio.open_connection(
-                        self.host, self.port, limit=STREAM_LIMIT
-                    )
+                    reader, writer = await open_connection(self.host, self.port)
             except (OSError, TimeoutError) as exc:
                 self.failed_attempts += 1
                 self.last_error = f"connect: {exc!r}"
@@ -343,7 +348,7 @@ class DownstairsClient:
         if why is not None:
             self.fault(why)
 
-    async def _negotiate(self, reader: asyncio.StreamReader) -> None:
+    async def _negotiate(self, reader: FrameReader) -> None:
         s = self.session
         timeout = self.retry.connect_timeout_s
         reply = await self._exchange(
@@ -391,7 +396,7 @@ class DownstairsClient:
             raise ProtocolError(f"expected ExtentVersions, got {versions.kind}")
         self.extent_versions = (list(versions["gen"]), list(versions["flush"]), list(versions["dirty"]))
 
-    async def _exchange(self, reader: asyncio.StreamReader, msg: Message, timeout: float) -> Message:
+    async def _exchange(self, reader: FrameReader, msg: Message, timeout: float) -> Message:
         if self._out is None:  # stopped or faulted while the previous step was in flight
             raise _Disconnected(f"connection to {self.target} closed during negotiation")
         self._out.write_message(msg)
@@ -408,7 +413,7 @@ class DownstairsClient:
             raise StorageFatalError(f"downstairs {self.target}: taken over by generation {reply['new_gen']}")
         return reply
 
-    async def _read_replies(self, reader: asyncio.StreamReader) -> None:
+    async def _read_replies(self, reader: FrameReader) -> None:
         while True:
             msg = await read_message(reader)
             if msg is None:

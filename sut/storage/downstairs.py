@@ -30,11 +30,12 @@ from typing import Any
 from sut.storage.errors import ProtocolError
 from sut.storage.protocol import (
     PROTOCOL_VERSION,
-    STREAM_LIMIT,
     BatchedWriter,
+    FrameReader,
     Message,
     encode,
     read_message,
+    start_server,
     write_message,
 )
 from sut.storage.region import Region, RegionError
@@ -45,6 +46,8 @@ __all__ = ["Downstairs", "FaultConfig", "main"]
 # enough that an upstairs with three copies keeps working, large enough to show up quickly.
 _ERROR_RATE = 0.05
 _LOSSY_MAX_DELAY_S = 0.02
+# Messages whose payload is only written to the region (its buffer can be reused at once).
+_WRITES = frozenset({"Write", "WriteUnwritten", "ExtentPut"})
 
 
 def log(event: str, **fields: Any) -> None:
@@ -90,7 +93,7 @@ class Downstairs:
         self._rng = random.Random()
 
     async def start(self, address: str, port: int) -> int:
-        self._server = await asyncio.start_server(self._handle, address, port, limit=STREAM_LIMIT)
+        self._server = await start_server(self._handle, address, port)
         bound = int(self._server.sockets[0].getsockname()[1])
         log(
             "listening",
@@ -111,7 +114,7 @@ class Downstairs:
         self.region.close()
 
     # -- connection handling ---------------------------------------------------------------
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _handle(self, reader: FrameReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         self._writers.add(writer)
         session: _Session | None = None
@@ -136,7 +139,7 @@ class Downstairs:
         write_message(writer, msg)
         await writer.drain()
 
-    async def _expect(self, reader: asyncio.StreamReader, kind: str) -> Message:
+    async def _expect(self, reader: FrameReader, kind: str) -> Message:
         msg = await read_message(reader)
         if msg is None:
             raise ConnectionError(f"peer closed while we waited for {kind}")
@@ -145,7 +148,7 @@ class Downstairs:
         return msg
 
     async def _negotiate(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: object
+        self, reader: FrameReader, writer: asyncio.StreamWriter, peer: object
     ) -> _Session | None:
         hello = await self._expect(reader, "HereIAm")
         info = self.region.info
@@ -218,9 +221,9 @@ class Downstairs:
         return None
 
     async def _serve(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, session: _Session
+        self, reader: FrameReader, writer: asyncio.StreamWriter, session: _Session
     ) -> None:
-        # Replies to requests that arrived together are sent together (one send()); each
+        # Replies to requests that arrived together are sent together (one writev()); each
         # reply is queued only after its operation is done (e.g. fsync before FlushAck).
         out = BatchedWriter(writer)
         try:
@@ -235,6 +238,8 @@ class Downstairs:
                 if not self.read_only and self._active is not session:
                     return  # taken over: this connection may do no more I/O
                 reply = await self._dispatch(msg)
+                if msg.kind in _WRITES:
+                    reader.recycle(msg.payload)  # it is in the extent file now; nobody holds it
                 if reply is not None:
                     out.write_message(reply)
                     await writer.drain()  # backpressure for what earlier flushes handed over

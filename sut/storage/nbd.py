@@ -4,6 +4,9 @@ QEMU opens its block devices while the VM is still paused, before the upstairs i
 the handshake is answered AT ONCE with the size from the VCR geometry, and I/O requests are
 held until the volume is active. Requests of one connection run concurrently (QEMU keeps
 many in flight); they are submitted to the upstairs in arrival order.
+
+The connection is a :class:`~sut.storage.stream.RecordStream`: raw reads for the handshake,
+then one record per request, a write's payload received straight into its own buffer.
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ import logging
 import os
 import struct
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
-from sut.storage.errors import StorageError
-from sut.storage.protocol import BatchedWriter
+from sut.storage.errors import ProtocolError, StorageError
+from sut.storage.stream import BatchedWriter, RecordStream, create_unix_server
 
 __all__ = ["NbdExport", "NbdServer"]
 
@@ -42,11 +45,9 @@ TF_SEND_WRITE_ZEROES = 64
 CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_WRITE_ZEROES = 0, 1, 2, 3, 4, 6
 
 _REQUEST = struct.Struct(">IHHQQI")
+_REPLY = struct.Struct(">IIQ")
 _MAX_IO = 32 * 1024 * 1024  # refuse larger requests (QEMU's NBD limit is 32 MiB)
 _MAX_INFLIGHT = 64  # per connection: bounds memory held by concurrent requests
-# StreamReader limit: with the default 64 KiB the transport pauses/resumes reading every
-# 128 KiB while a 1 MiB write request is being received.
-_STREAM_LIMIT = 4 * 1024 * 1024
 
 
 class NbdExport(Protocol):
@@ -66,6 +67,20 @@ class _Disconnect(Exception):
     pass
 
 
+def _split_request(data: memoryview) -> tuple[int, int] | None:
+    """Record boundaries of the transmission phase: a request, plus its data for a write."""
+    if len(data) < _REQUEST.size:
+        return None
+    magic, _flags, cmd, _handle, _offset, length = _REQUEST.unpack_from(data)
+    if magic != REQUEST_MAGIC:
+        raise ProtocolError(f"bad NBD request magic {magic:#x}")
+    if cmd != CMD_WRITE:
+        return _REQUEST.size, 0
+    if length > _MAX_IO:
+        raise ProtocolError(f"NBD write of {length} bytes exceeds {_MAX_IO}")
+    return _REQUEST.size, length
+
+
 class NbdServer:
     """Serve ``export`` on ``socket_path``; :meth:`close` stops it and removes the socket."""
 
@@ -79,9 +94,7 @@ class NbdServer:
     async def start(self) -> None:
         if self.socket_path.exists() or self.socket_path.is_symlink():
             self.socket_path.unlink()  # stale socket from a dead process; ours is unique
-        self._server = await asyncio.start_unix_server(
-            self._accept, path=str(self.socket_path), limit=_STREAM_LIMIT
-        )
+        self._server = await create_unix_server(self._accept, str(self.socket_path))
 
     async def close(self) -> None:
         server, self._server = self._server, None
@@ -98,14 +111,14 @@ class NbdServer:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _accept(self, reader: RecordStream, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
         try:
             if await self._handshake(reader, writer):
                 await self._transmission(reader, writer)
-        except (_Disconnect, asyncio.IncompleteReadError, ConnectionError) as exc:
+        except (_Disconnect, ProtocolError, asyncio.IncompleteReadError, ConnectionError) as exc:
             self.log.debug("nbd client gone: %r", exc)
         except asyncio.CancelledError:
             # Only close() cancels these tasks. Ending normally matters on Python 3.11: the
@@ -129,7 +142,7 @@ class NbdServer:
     def _opt_reply(self, writer: asyncio.StreamWriter, opt: int, rtype: int, data: bytes = b"") -> None:
         writer.write(struct.pack(">QIII", OPT_REPLY_MAGIC, opt, rtype, len(data)) + data)
 
-    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    async def _handshake(self, reader: RecordStream, writer: asyncio.StreamWriter) -> bool:
         writer.write(NBD_MAGIC + struct.pack(">QH", IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
         await writer.drain()
         (client_flags,) = struct.unpack(">I", await reader.readexactly(4))
@@ -178,31 +191,35 @@ class NbdServer:
         self._opt_reply(writer, opt, REP_ACK)
 
     # -- transmission ----------------------------------------------------------------------
-    async def _transmission(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _transmission(self, reader: RecordStream, writer: asyncio.StreamWriter) -> None:
         slots = asyncio.Semaphore(_MAX_INFLIGHT)
         out = BatchedWriter(writer)
         inflight: set[asyncio.Task[None]] = set()
+
+        def done(task: asyncio.Task[None]) -> None:
+            inflight.discard(task)
+            slots.release()
+
+        reader.set_splitter(_split_request)
         try:
             while True:
-                raw = await reader.readexactly(_REQUEST.size)
-                magic, _flags, cmd, handle, offset, length = _REQUEST.unpack(raw)
-                if magic != REQUEST_MAGIC:
-                    raise _Disconnect(f"bad request magic {magic:#x}")
+                record = await reader.read_record()
+                if record is None:
+                    return  # the client closed the connection
+                head, received = record
+                _magic, _flags, cmd, handle, offset, length = _REQUEST.unpack(head)
                 if cmd == CMD_DISC:
                     # finish what was asked before the disconnect, as the protocol requires
                     await asyncio.gather(*inflight, return_exceptions=True)
                     out.flush()
                     return
-                payload = b""
-                if cmd == CMD_WRITE:
-                    if length > _MAX_IO:
-                        raise _Disconnect(f"write of {length} bytes exceeds {_MAX_IO}")
-                    payload = await reader.readexactly(length)
+                # A large payload is the bytearray the kernel wrote into; the export only
+                # reads it (see sut.storage.protocol.decode_record).
+                payload = cast(bytes, received)
                 await slots.acquire()
                 task = asyncio.create_task(self._request(out, cmd, handle, offset, length, payload))
                 inflight.add(task)
-                task.add_done_callback(inflight.discard)
-                task.add_done_callback(lambda _t: slots.release())
+                task.add_done_callback(done)
         finally:
             for task in list(inflight):
                 task.cancel()
@@ -238,9 +255,9 @@ class NbdServer:
             self.log.warning("nbd cmd %s at %s+%s failed: %s", cmd, offset, length, exc)
             error = errno.EIO
         # Replies never interleave: each is queued whole (header, then data) with no await in
-        # between. Replies completing in the same loop iteration leave in one send(); a large
-        # read is not copied behind its 16-byte header (see BatchedWriter).
-        out.write(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, error, handle))
+        # between. Replies completing in the same loop iteration leave in one writev(); a
+        # large read is not copied behind its 16-byte header (see BatchedWriter).
+        out.write(_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle))
         if error == 0 and data:
             out.write(data)
 

@@ -1,8 +1,20 @@
-"""Upstairs <-> downstairs wire protocol: length-prefixed frames of JSON header + raw payload.
+"""Upstairs <-> downstairs wire protocol: length-prefixed frames, binary for the I/O hot path.
 
-Frame: ``u32 frame_len | u32 header_len | header (UTF-8 JSON object) | payload``, big endian,
-where ``frame_len`` counts everything after itself. Block data travels as raw payload bytes
-so it is never base64-inflated. Stdlib only: the downstairs container imports this module.
+Every frame is ``u32 frame_len | u32 tag | ...``, big endian, ``frame_len`` counting everything
+after itself:
+
+- ``tag < 2**31``: a JSON frame, ``tag`` is the header length:
+  ``u32 frame_len | u32 header_len | header (UTF-8 JSON object with "type") | payload``.
+  Negotiation, reconciliation and anything unusual use it (every message type may).
+- ``tag = 2**31 | code``: a binary frame of one hot message type with its fields in a fixed
+  struct (``_BINARY``), then the payload. Write/WriteUnwritten/Read/Flush, their
+  acknowledgements without an error, ReadResponse without an error (its per-block written
+  map travels as "all written", "none written" or a bitmap), Ruok/Imok. Profiling 4 KiB
+  random I/O showed json.dumps/json.loads among the top costs per job.
+
+Block data travels as raw payload bytes, never base64-inflated. Decoding yields the same
+:class:`Message` (kind, fields, payload) whichever form the frame had. Stdlib only: the
+downstairs container imports this module.
 """
 
 from __future__ import annotations
@@ -11,9 +23,11 @@ import asyncio
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
+from sut.storage import stream
 from sut.storage.errors import ProtocolError
+from sut.storage.stream import RecordStream
 
 __all__ = [
     "LARGE_PAYLOAD",
@@ -23,23 +37,33 @@ __all__ = [
     "PROTOCOL_VERSION",
     "STREAM_LIMIT",
     "BatchedWriter",
+    "FrameReader",
     "Message",
     "decode_frame",
+    "decode_record",
     "encode",
     "encode_parts",
+    "open_connection",
     "read_message",
+    "split_frame",
+    "start_server",
     "write_message",
 ]
 
-PROTOCOL_VERSION = 1
+# 2: binary frames for the hot messages (JSON frames are unchanged, so a version 1 peer still
+# gets a readable VersionMismatch).
+PROTOCOL_VERSION = 2
 # A whole 64 MiB extent (PHD's extent size) must fit in one ExtentData frame, with headroom.
 MAX_FRAME_BYTES = 80 * 1024 * 1024
 # Headers carry per-block bitmaps as hex: 64 MiB / 512 B blocks -> 32 KiB of hex.
 MAX_HEADER_BYTES = 256 * 1024
 _PREFIX = struct.Struct(">II")
-# asyncio.StreamReader limit for our connections. The default (64 KiB) makes the transport
-# pause and resume reading (two epoll_ctl calls) every 128 KiB of a 1 MiB frame.
+_BINARY_FLAG = 0x8000_0000
+# asyncio.StreamReader limit for connections that still use asyncio streams. The default
+# (64 KiB) makes the transport pause and resume reading every 128 KiB of a 1 MiB frame.
 STREAM_LIMIT = 4 * 1024 * 1024
+# Payloads at least this big are never copied into a joined buffer with their header.
+LARGE_PAYLOAD = stream.DIRECT_PAYLOAD
 
 # Required header fields per message type (the "type" key itself is implicit). Fields are
 # checked for presence only; handlers validate values where a wrong value matters.
@@ -92,16 +116,124 @@ class Message:
         return self.fields.get(key, default)
 
 
+# -- binary frames -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Binary:
+    """A hot message type's binary form: ``ints`` in a fixed struct, ``error`` always None."""
+
+    kind: str
+    code: int
+    ints: tuple[str, ...]  # unsigned integer fields, in struct order
+    layout: struct.Struct
+    has_error: bool  # the message has an "error" field (binary only when it is None)
+
+
+def _binary(kind: str, code: int, ints: tuple[str, ...], fmt: str) -> _Binary:
+    return _Binary(kind, code, ints, struct.Struct(">" + fmt), "error" in MESSAGE_FIELDS[kind])
+
+
+_BINARY_LIST = [
+    _binary("Write", 1, ("job_id", "block"), "QQ"),
+    _binary("WriteUnwritten", 2, ("job_id", "block"), "QQ"),
+    _binary("WriteAck", 3, ("job_id",), "Q"),
+    _binary("Read", 4, ("job_id", "block", "count"), "QQI"),
+    # count = blocks in the written map; flag: _NONE_WRITTEN, _ALL_WRITTEN or _BITMAP
+    _binary("ReadResponse", 5, ("job_id",), "QIB"),
+    _binary("Flush", 6, ("job_id", "flush_number", "gen"), "QQQ"),
+    _binary("FlushAck", 7, ("job_id",), "Q"),
+    _binary("ExtentPutAck", 8, ("job_id",), "Q"),
+    _binary("Ruok", 9, (), ""),
+    _binary("Imok", 10, (), ""),
+]
+_BINARY = {b.kind: b for b in _BINARY_LIST}
+_BY_CODE = {b.code: b for b in _BINARY_LIST}
+_READ_RESPONSE = _BINARY["ReadResponse"]
+_NONE_WRITTEN, _ALL_WRITTEN, _BITMAP = 0, 1, 2
+_INT_LIMITS = {"Q": 1 << 64, "I": 1 << 32}
+
+
+def _binary_head(msg: Message) -> bytes | None:
+    """The binary prefix + fields of ``msg``, or None if it needs the JSON form."""
+    spec = _BINARY.get(msg.kind)
+    if spec is None:
+        return None
+    fields = msg.fields
+    expected = len(spec.ints) + (1 if spec.has_error else 0) + (1 if spec is _READ_RESPONSE else 0)
+    if len(fields) != expected or (spec.has_error and fields.get("error", 0) is not None):
+        return None
+    values = []
+    for name, code in zip(spec.ints, spec.layout.format[1:], strict=False):
+        value = fields.get(name)
+        # bools and other types keep their exact JSON meaning, so they go as JSON
+        if type(value) is not int or not 0 <= value < _INT_LIMITS[code]:
+            return None
+        values.append(value)
+    extra = b""
+    if spec is _READ_RESPONSE:
+        packed = _pack_written(fields.get("written"))
+        if packed is None:
+            return None
+        count, flag, extra = packed
+        values += [count, flag]
+    body = spec.layout.pack(*values) + extra
+    frame_len = 4 + len(body) + len(msg.payload)
+    if frame_len > MAX_FRAME_BYTES:
+        raise ProtocolError(f"{msg.kind}: frame of {frame_len} bytes exceeds {MAX_FRAME_BYTES}")
+    return _PREFIX.pack(frame_len, _BINARY_FLAG | spec.code) + body
+
+
+def _pack_written(written: object) -> tuple[int, int, bytes] | None:
+    """A "0"/"1" per-block string as (count, flag, bitmap); None if it is not one."""
+    if type(written) is not str or len(written) >= 1 << 32:
+        return None
+    count = len(written)
+    ones = written.count("1")
+    if ones == count:
+        return count, _ALL_WRITTEN, b""
+    if ones == 0 and written.count("0") == count:
+        return count, _NONE_WRITTEN, b""
+    if ones + written.count("0") != count:
+        return None
+    # bit i of the little-endian integer is block i
+    return count, _BITMAP, int(written[::-1], 2).to_bytes((count + 7) // 8, "little")
+
+
+def _unpack_written(count: int, flag: int, bitmap: bytes) -> str:
+    if flag == _ALL_WRITTEN:
+        return "1" * count
+    if flag == _NONE_WRITTEN:
+        return "0" * count
+    bits = int.from_bytes(bitmap, "little") & ((1 << count) - 1)
+    return format(bits, f"0{count}b")[::-1] if count else ""
+
+
+def _binary_fixed(code: int) -> _Binary:
+    spec = _BY_CODE.get(code)
+    if spec is None:
+        raise ProtocolError(f"unknown binary message code {code}")
+    return spec
+
+
+# -- encoding ---------------------------------------------------------------------------------
 def encode(msg: Message) -> bytes:
     """Serialise ``msg`` into one frame; raises ProtocolError if it is invalid or too big."""
     head, payload = encode_parts(msg)
     return head + payload
 
 
-# Payloads at least this big are handed to the transport as a separate write instead of being
-# concatenated to the header: joining copies the whole payload once per downstairs (3 MiB of
-# memcpy per 1 MiB guest write), which costs more than the extra send() of a tiny header.
-LARGE_PAYLOAD = 64 * 1024
+def encode_parts(msg: Message) -> tuple[bytes, bytes]:
+    """``encode`` split into (prefix + header, payload) so the payload need not be copied."""
+    _check_fields(msg.kind, msg.fields)
+    head = _binary_head(msg)
+    if head is not None:
+        return head, msg.payload
+    header = json.dumps({"type": msg.kind, **msg.fields}, separators=(",", ":")).encode()
+    if len(header) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"{msg.kind}: header of {len(header)} bytes exceeds the maximum")
+    frame_len = 4 + len(header) + len(msg.payload)
+    if frame_len > MAX_FRAME_BYTES:
+        raise ProtocolError(f"{msg.kind}: frame of {frame_len} bytes exceeds {MAX_FRAME_BYTES}")
+    return _PREFIX.pack(frame_len, len(header)) + header, msg.payload
 
 
 def write_message(writer: asyncio.StreamWriter, msg: Message) -> None:
@@ -114,68 +246,13 @@ def write_message(writer: asyncio.StreamWriter, msg: Message) -> None:
         writer.write(head + payload)
 
 
-class BatchedWriter:
-    """Coalesces the frames queued during one event-loop iteration into few socket writes.
-
-    Profiling 4 KiB random I/O showed ``socket.send`` as the top cost (~60 us per call: on
-    loopback the sender also runs the receiver's network path). Several jobs are usually
-    submitted in the same iteration (QEMU keeps 4 requests in flight; a downstairs reply
-    carries several job replies), so they are sent together on the next iteration. Frames
-    keep their order (one FIFO per connection), so submission order is still execution order
-    at every downstairs. Frames queued for a writer that has since closed are dropped; their
-    jobs' futures are failed by the connection's owner.
-    """
-
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
-        self._parts: list[bytes] = []
-        self._scheduled = False
-
-    def write(self, data: bytes) -> None:
-        self._parts.append(data)
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+class BatchedWriter(stream.BatchedWriter):
+    """:class:`sut.storage.stream.BatchedWriter` that also queues whole messages."""
 
     def write_message(self, msg: Message) -> None:
         head, payload = encode_parts(msg)
         self.write(head)
-        if payload:
-            self.write(payload)
-
-    def flush(self) -> None:
-        """Hand everything queued to the transport now (small parts joined, large ones not)."""
-        self._scheduled = False
-        parts, self._parts = self._parts, []
-        if self.writer.is_closing():
-            return
-        small: list[bytes] = []
-        for part in parts:
-            if len(part) >= LARGE_PAYLOAD:
-                if small:
-                    self.writer.write(b"".join(small))
-                    small = []
-                self.writer.write(part)  # never copied into a joined buffer
-            elif part:
-                small.append(part)
-        if small:
-            self.writer.write(b"".join(small))
-
-    async def drain(self) -> None:
-        self.flush()
-        await self.writer.drain()
-
-
-def encode_parts(msg: Message) -> tuple[bytes, bytes]:
-    """``encode`` split into (prefix + header, payload) so the payload need not be copied."""
-    _check_fields(msg.kind, msg.fields)
-    header = json.dumps({"type": msg.kind, **msg.fields}, separators=(",", ":")).encode()
-    if len(header) > MAX_HEADER_BYTES:
-        raise ProtocolError(f"{msg.kind}: header of {len(header)} bytes exceeds the maximum")
-    frame_len = 4 + len(header) + len(msg.payload)
-    if frame_len > MAX_FRAME_BYTES:
-        raise ProtocolError(f"{msg.kind}: frame of {frame_len} bytes exceeds {MAX_FRAME_BYTES}")
-    return _PREFIX.pack(frame_len, len(header)) + header, msg.payload
+        self.write(payload)
 
 
 def _check_fields(kind: str, fields: dict[str, Any]) -> None:
@@ -187,6 +264,7 @@ def _check_fields(kind: str, fields: dict[str, Any]) -> None:
         raise ProtocolError(f"{kind}: missing field(s) {', '.join(missing)}")
 
 
+# -- decoding ---------------------------------------------------------------------------------
 def _check_frame_len(frame_len: int) -> None:
     if frame_len < 4:
         raise ProtocolError(f"frame length {frame_len} is smaller than its header length field")
@@ -194,13 +272,56 @@ def _check_frame_len(frame_len: int) -> None:
         raise ProtocolError(f"frame length {frame_len} exceeds the maximum {MAX_FRAME_BYTES}")
 
 
-def _decode_body(header_len: int, body: bytes) -> Message:
-    if header_len > len(body) or header_len > MAX_HEADER_BYTES:
-        raise ProtocolError(f"header length {header_len} does not fit the frame ({len(body)})")
-    return _decode_header(body[:header_len], bytes(body[header_len:]))
+def split_frame(data: memoryview | bytes) -> tuple[int, int] | None:
+    """``(head_len, payload_len)`` of the frame starting ``data``; None if ``data`` is too short
+    to tell (under 8 bytes, or under 8 + the fixed fields of a binary frame)."""
+    if len(data) < _PREFIX.size:
+        return None
+    frame_len, tag = _PREFIX.unpack_from(data)
+    _check_frame_len(frame_len)
+    body_len = frame_len - 4
+    if not tag & _BINARY_FLAG:
+        if tag > body_len or tag > MAX_HEADER_BYTES:
+            raise ProtocolError(f"header length {tag} does not fit the frame ({body_len})")
+        return _PREFIX.size + tag, body_len - tag
+    spec = _binary_fixed(tag & ~_BINARY_FLAG)
+    head_len = _PREFIX.size + spec.layout.size
+    if spec is _READ_RESPONSE:
+        if len(data) < head_len:
+            return None
+        _job, count, flag = spec.layout.unpack_from(data, _PREFIX.size)
+        if flag == _BITMAP:
+            head_len += (count + 7) // 8
+    if head_len - 4 > frame_len:
+        raise ProtocolError(f"{spec.kind}: frame length {frame_len} is too short for its fields")
+    return head_len, frame_len + 4 - head_len
 
 
-def _decode_header(raw: bytes, payload: bytes) -> Message:
+def decode_record(head: bytes, received: bytes | bytearray) -> Message:
+    """The message of one frame split as (head, payload) by :func:`split_frame`."""
+    # A large received payload is the bytearray the kernel wrote into (sut.storage.stream);
+    # copying it into bytes would cost what receiving in place saves. Nobody writes to it
+    # again and every consumer only reads it (len, slices, pwrite, writev), so it is typed
+    # as the bytes it stands for.
+    payload = cast(bytes, received)
+    tag = _PREFIX.unpack_from(head)[1]
+    if not tag & _BINARY_FLAG:
+        return _decode_json(head[_PREFIX.size :], payload)
+    spec = _binary_fixed(tag & ~_BINARY_FLAG)
+    values = spec.layout.unpack_from(head, _PREFIX.size)
+    fields: dict[str, Any] = dict(zip(spec.ints, values, strict=False))
+    if spec.has_error:
+        fields["error"] = None
+    if spec is _READ_RESPONSE:
+        count, flag = values[1], values[2]
+        bitmap = head[_PREFIX.size + spec.layout.size :]
+        if flag not in (_NONE_WRITTEN, _ALL_WRITTEN, _BITMAP):
+            raise ProtocolError(f"ReadResponse: unknown written-map form {flag}")
+        fields["written"] = _unpack_written(count, flag, bitmap)
+    return Message(spec.kind, fields, payload)
+
+
+def _decode_json(raw: bytes, payload: bytes) -> Message:
     try:
         header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -217,35 +338,70 @@ def decode_frame(data: bytes) -> tuple[Message, bytes]:
 
     Raises ProtocolError for a truncated, oversized or malformed frame.
     """
-    if len(data) < _PREFIX.size:
+    known = split_frame(data)
+    if known is None:
         raise ProtocolError(f"truncated frame: {len(data)} bytes, need at least {_PREFIX.size}")
-    frame_len, header_len = _PREFIX.unpack_from(data)
-    _check_frame_len(frame_len)
-    end = 4 + frame_len
+    head_len, payload_len = known
+    end = head_len + payload_len
     if len(data) < end:
         raise ProtocolError(f"truncated frame: have {len(data)} bytes of {end}")
-    return _decode_body(header_len, data[8:end]), data[end:]
+    return decode_record(data[:head_len], data[head_len:end]), data[end:]
 
 
-async def read_message(reader: asyncio.StreamReader) -> Message | None:
+# -- connections ------------------------------------------------------------------------------
+FrameReader = RecordStream
+"""The receiving half of a frame connection made by :func:`open_connection` / :func:`start_server`."""
+
+
+async def open_connection(host: str, port: int) -> tuple[FrameReader, asyncio.StreamWriter]:
+    """Connect to a downstairs; large payloads are received in place (see sut.storage.stream)."""
+    return await stream.open_stream(host, port, split_frame)
+
+
+async def start_server(on_connect: stream.ConnectedCallback, host: str, port: int) -> asyncio.Server:
+    """Serve frame connections; ``on_connect(reader, writer)`` runs as one task per connection."""
+    return await stream.create_server(on_connect, host, port, split_frame)
+
+
+async def read_message(reader: FrameReader | asyncio.StreamReader) -> Message | None:
     """Read one message; None on a clean EOF between frames, ProtocolError otherwise."""
+    if isinstance(reader, RecordStream):
+        try:
+            record = await reader.read_record()
+        except asyncio.IncompleteReadError as exc:
+            raise _incomplete(exc.partial) from None
+        return None if record is None else decode_record(*record)
+    return await _read_from_stream_reader(reader)
+
+
+def _incomplete(partial: bytes) -> ProtocolError:
+    if len(partial) < _PREFIX.size:
+        return ProtocolError("connection closed in the middle of a frame prefix")
+    frame_len = _PREFIX.unpack_from(partial)[0]
+    return ProtocolError(f"connection closed mid-frame ({len(partial) - 8} of {frame_len - 4} bytes)")
+
+
+async def _read_from_stream_reader(reader: asyncio.StreamReader) -> Message | None:
     try:
-        prefix = await reader.readexactly(_PREFIX.size)
+        head = await reader.readexactly(_PREFIX.size)
     except asyncio.IncompleteReadError as exc:
         if not exc.partial:
             return None
         raise ProtocolError("connection closed in the middle of a frame prefix") from None
-    frame_len, header_len = _PREFIX.unpack(prefix)
-    _check_frame_len(frame_len)
-    if header_len > frame_len - 4 or header_len > MAX_HEADER_BYTES:
-        raise ProtocolError(f"header length {header_len} does not fit the frame ({frame_len - 4})")
-    # Header and payload are read separately: slicing one body buffer would copy the payload
-    # (up to 1 MiB per I/O) once more.
     try:
-        raw = await reader.readexactly(header_len)
-        payload = await reader.readexactly(frame_len - 4 - header_len)
+        known = split_frame(head)
+        if known is None:  # a binary frame whose fixed fields tell the head length
+            fixed = _binary_fixed(_PREFIX.unpack(head)[1] & ~_BINARY_FLAG).layout.size
+            head += await reader.readexactly(fixed)
+            known = split_frame(head)
+            assert known is not None
+        head_len, payload_len = known
+        # head and payload are read separately: slicing one buffer would copy the payload again
+        head += await reader.readexactly(head_len - len(head))
+        payload = await reader.readexactly(payload_len)
     except asyncio.IncompleteReadError as exc:
+        frame_len = _PREFIX.unpack_from(head)[0]
         raise ProtocolError(
             f"connection closed mid-frame ({len(exc.partial)} of {frame_len - 4} bytes)"
         ) from None
-    return _decode_header(raw, payload)
+    return decode_record(head, payload)

@@ -32,7 +32,7 @@ from typing import Any, cast
 import pytest
 
 from sut.storage.backend import CrucibleBackend, RetryPolicy
-from sut.storage.protocol import Message, encode, read_message
+from sut.storage.protocol import PROTOCOL_VERSION, Message, encode, read_message
 from sut.storage.region import Region
 
 from .conftest import (
@@ -517,7 +517,11 @@ def parse_strace(text: str) -> list[Syscall]:
 async def raw_active_session(port: int, gen: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     ids = {"upstairs_id": "0f0e0d0c-0b0a-4908-8706-050403020100", "session_id": "s-strace", "gen": gen}
-    writer.write(encode(Message("HereIAm", {"version": 1, "read_only": False, "encrypted": False, **ids})))
+    writer.write(
+        encode(
+            Message("HereIAm", {"version": PROTOCOL_VERSION, "read_only": False, "encrypted": False, **ids})
+        )
+    )
     writer.write(encode(Message("PromoteToActive", ids)))
     await writer.drain()
     for want in ("YesItsMe", "YouAreNowActive"):
@@ -536,6 +540,9 @@ async def job(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, msg: M
 def _between(calls: list[Syscall], start: int, end: int, name: str, needle: str) -> list[int]:
     """Indexes of ``name`` calls (a prefix: "rename" also matches renameat2) naming ``needle``."""
     return [i for i in range(start, end) if calls[i].name.startswith(name) and needle in calls[i].line]
+
+
+_SENDS = ("sendto", "sendmsg", "writev", "write")
 
 
 def test_flush_ack_is_sent_only_after_fsync_strace(downstairs: DownstairsFactory, tmp_path: Path) -> None:
@@ -559,7 +566,7 @@ def test_flush_ack_is_sent_only_after_fsync_strace(downstairs: DownstairsFactory
                 "-s",
                 "120",
                 "-e",
-                "trace=fsync,fdatasync,rename,renameat,renameat2,recvfrom,recvmsg,sendto,sendmsg",
+                "trace=fsync,fdatasync,rename,renameat,renameat2,recvfrom,recvmsg,sendto,sendmsg,writev,write",
                 "-o",
                 str(trace),
                 "-p",
@@ -595,11 +602,17 @@ def test_flush_ack_is_sent_only_after_fsync_strace(downstairs: DownstairsFactory
         tracer.send_signal(signal.SIGINT)  # detaches from the downstairs, which keeps running
         tracer.wait(10)
     calls = parse_strace(trace.read_text())
-    ack_write = [i for i, c in enumerate(calls) if c.name.startswith("send") and "WriteAck" in c.line]
-    flush_in = [
-        i for i, c in enumerate(calls) if c.name.startswith("recv") and '\\"type\\":\\"Flush\\"' in c.line
-    ]
-    ack_flush = [i for i, c in enumerate(calls) if c.name.startswith("send") and "FlushAck" in c.line]
+    # Requests go one at a time and each gets exactly one reply, so the downstairs' sends on
+    # the socket are, in order: YesItsMe, YouAreNowActive (negotiation), WriteAck, WriteAck,
+    # FlushAck; its receives after negotiation: HereIAm+Promote, Write, Write, Flush. (The
+    # I/O messages are binary frames, so they are told apart by position, not by name.)
+    done = [i for i, c in enumerate(calls) if "socket:" in c.line and " = -1 " not in c.line]
+    sends = [i for i in done if calls[i].name in _SENDS]
+    ack_write, ack_flush = sends[2:4], sends[4:5]
+    # the Flush request: the last receive before its ack
+    flush_in = (
+        [max(i for i in done if calls[i].name.startswith("recv") and i < ack_flush[0])] if ack_flush else []
+    )
     assert len(ack_write) == 2 and len(flush_in) == 1 and len(ack_flush) == 1, trace.read_text()
     # first write to a clean extent: its dirty mark (atomic .meta replace) is durable before the ack
     assert _between(calls, 0, ack_write[0], "fsync", "00000.meta.tmp>"), trace.read_text()

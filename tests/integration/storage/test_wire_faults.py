@@ -21,7 +21,14 @@ from typing import Any, cast
 import pytest
 
 from sut.storage.backend import CrucibleBackend, RetryPolicy
-from sut.storage.protocol import MAX_FRAME_BYTES, MAX_HEADER_BYTES, Message, encode, read_message
+from sut.storage.protocol import (
+    MAX_FRAME_BYTES,
+    MAX_HEADER_BYTES,
+    PROTOCOL_VERSION,
+    Message,
+    encode,
+    read_message,
+)
 
 from .conftest import (
     BLOCK_SIZE,
@@ -53,7 +60,10 @@ def frame(header: bytes, payload: bytes = b"") -> bytes:
 
 def hello(gen: int = 0) -> bytes:
     return encode(
-        Message("HereIAm", {"version": 1, "gen": gen, "read_only": False, "encrypted": False, **RAW_IDS})
+        Message(
+            "HereIAm",
+            {"version": PROTOCOL_VERSION, "gen": gen, "read_only": False, "encrypted": False, **RAW_IDS},
+        )
     )
 
 

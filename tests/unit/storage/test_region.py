@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
 
-from sut.storage.region import Region, RegionError
+from sut.storage.region import ExtentMeta, Region, RegionError
 
 UUID = "557cb12a-396f-4e06-b3c5-75bcc770db89"
 
@@ -148,3 +149,28 @@ def test_dirty_mark_and_flush_stamp_are_fsynced_in_order(
         ("fsync", "extents"),
     ]
     region.close()
+
+
+def _reference_bits(written: bytearray, block: int, count: int) -> str:
+    return "".join("1" if written[b >> 3] & (1 << (b & 7)) else "0" for b in range(block, block + count))
+
+
+def test_written_bitmap_range_operations_match_per_block_operations() -> None:
+    rng = random.Random(7)
+    for _ in range(400):
+        nblocks = rng.choice([8, 16, 64, 200, 4096])
+        fast = ExtentMeta(0, 0, False, bytearray((nblocks + 7) // 8))
+        slow = bytearray(len(fast.written))
+        for _ in range(rng.randint(0, 6)):
+            block = rng.randrange(nblocks)
+            count = rng.randint(0, nblocks - block)
+            fast.mark_written_range(block, count)
+            for b in range(block, block + count):
+                slow[b >> 3] |= 1 << (b & 7)
+        assert fast.written == slow
+        block = rng.randrange(nblocks)
+        count = rng.randint(0, nblocks - block)
+        assert fast.written_bits(block, count) == _reference_bits(slow, block, count)
+    full = ExtentMeta(0, 0, False, bytearray(b"\xff" * 4))
+    assert full.written_bits(8, 16) == "1" * 16
+    assert ExtentMeta(0, 0, False, bytearray(4)).written_bits(8, 16) == "0" * 16

@@ -1,0 +1,457 @@
+"""Byte streams of the data path: records received into their own buffers, parts sent by writev.
+
+asyncio's StreamReader allocates a fresh object per recv() and copies every byte twice more
+in user space (into its buffer, then out into the bytes it returns); its writer sends a frame
+header and its payload in two send() calls and copies whatever the socket did not take at
+once. For 1 MiB blocks those copies and the page faults of the short-lived buffers cost more
+than the kernel's own work (perf, sequential write: memmove + clear_page ~25 % of all CPU).
+
+:class:`RecordStream` is a BufferedProtocol: the kernel writes into a staging buffer, a
+*splitter* finds record boundaries (a record is a head plus a payload whose length the head
+tells), and once the head of a large record is known the rest of its payload is received
+straight into the buffer that is handed to the consumer (recv_into, no copy); on TCP,
+SO_RCVLOWAT makes that one wake-up per payload instead of one per 64 KiB segment. A consumer
+that is done with a payload may recycle it (no zeroing of a new buffer). Before a splitter is
+set the stream is in raw mode and :meth:`RecordStream.readexactly` serves handshakes.
+:class:`BatchedWriter` sends everything queued in one loop iteration with one writev().
+Stdlib only: the downstairs image imports this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import socket
+from asyncio.streams import FlowControlMixin
+from collections.abc import Callable, Coroutine
+from typing import Any, cast
+
+from sut.storage.errors import ProtocolError
+
+__all__ = [
+    "DIRECT_PAYLOAD",
+    "SOCKET_BUFFER",
+    "BatchedWriter",
+    "Data",
+    "Record",
+    "RecordStream",
+    "Splitter",
+    "create_server",
+    "create_unix_server",
+    "open_stream",
+]
+
+# A record payload at least this big is received into its own buffer (no staging copy).
+DIRECT_PAYLOAD = 64 * 1024
+# Staging buffer: must hold the largest head plus a payload below DIRECT_PAYLOAD (JSON
+# headers go up to 256 KiB); one recv() into it reads at most _RECV_CHUNK bytes so that little
+# of a following large payload is copied through it.
+_STAGE_BYTES = 512 * 1024
+_RECV_CHUNK = 64 * 1024
+# Reading pauses while this much is parsed but not yet consumed (backpressure on the peer).
+_QUEUE_HIGH = 16 * 1024 * 1024
+_QUEUE_LOW = 4 * 1024 * 1024
+# Payload buffers handed back with RecordStream.recycle() are reused for records of the same
+# size: zeroing a new 1 MiB bytearray cost a downstairs as much CPU as receiving into it.
+_SPARE_BUFFERS = 4
+_SPARE_MAX_BYTES = 4 * 1024 * 1024
+# SO_SNDBUF for data connections: a 1 MiB payload then fits in one writev(); with the default
+# (~200 KiB on unix sockets, autotuned from 16 KiB on TCP) the rest is copied into the
+# transport's buffer and sent piecewise.
+SOCKET_BUFFER = 4 * 1024 * 1024
+_IOV_MAX = 1024  # Linux UIO_MAXIOV
+
+Record = tuple[bytes, "bytes | bytearray"]
+"""(head, payload); a large payload is the bytearray the kernel filled (reused only if the
+consumer hands it back with :meth:`RecordStream.recycle`)."""
+Data = bytes | bytearray | memoryview
+
+Splitter = Callable[[memoryview], "tuple[int, int] | None"]
+"""Given the bytes available at the start of a record, return ``(head_len, payload_len)`` once
+they are known, None if more bytes are needed; raise ProtocolError for an invalid record."""
+
+ConnectedCallback = Callable[["RecordStream", asyncio.StreamWriter], Coroutine[Any, Any, None]]
+
+
+class RecordStream(FlowControlMixin, asyncio.BufferedProtocol):
+    """The receiving half of a connection (and the protocol behind its StreamWriter)."""
+
+    def __init__(self, splitter: Splitter | None = None, on_connect: ConnectedCallback | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        super().__init__(loop)
+        self._event_loop = loop
+        self._splitter = splitter
+        self._on_connect = on_connect
+        self._transport: asyncio.Transport | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stage = bytearray(_STAGE_BYTES)
+        self._lo = 0  # stage[_lo:_hi] is received but not yet consumed
+        self._hi = 0
+        self._direct: bytearray | None = None  # payload being received in place
+        self._direct_pos = 0
+        self._direct_head = b""
+        self._spare: list[bytearray] = []  # recycled payload buffers
+        self._sock: Any = None  # set for TCP, where SO_RCVLOWAT saves wake-ups
+        self._lowat = 1
+        self._records: collections.deque[Record] = collections.deque()
+        self._queued = 0  # bytes in self._records
+        self._reading_paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._eof = False
+        self._error: BaseException | None = None
+        self._closed: asyncio.Future[None] = loop.create_future()
+
+    # -- protocol callbacks ------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # a stream transport (uvloop's do not subclass asyncio.Transport, hence no isinstance)
+        self._transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            _set_send_buffer(sock)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                self._sock = sock
+        if self._on_connect is not None:
+            writer = asyncio.StreamWriter(self._transport, self, None, self._event_loop)
+            self._task = self._event_loop.create_task(self._on_connect(self, writer))
+            self._task.add_done_callback(self._connection_task_done)
+
+    def _connection_task_done(self, task: asyncio.Task[None]) -> None:
+        # The callback owns the connection; if it crashed, nobody else will close it.
+        if not task.cancelled() and task.exception() is not None and self._transport is not None:
+            self._event_loop.call_exception_handler(
+                {"message": "connection handler failed", "exception": task.exception(), "protocol": self}
+            )
+            self._transport.close()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._direct is not None:
+            return memoryview(self._direct)[self._direct_pos :]
+        if len(self._stage) - self._hi < _RECV_CHUNK and self._lo:
+            self._compact()
+        if self._hi == len(self._stage):
+            # only reachable through data_received (a loop that pushes bytes ignores our
+            # pause): make room rather than lose them
+            self._stage.extend(bytes(_RECV_CHUNK))
+        return memoryview(self._stage)[self._hi : self._hi + _RECV_CHUNK]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._direct is not None:
+            self._direct_pos += nbytes
+            remaining = len(self._direct) - self._direct_pos
+            if remaining < self._lowat:
+                self._set_lowat(remaining or 1)
+            if not remaining:
+                record = (self._direct_head, self._direct)
+                self._direct, self._direct_head = None, b""
+                self._emit(record)
+            return
+        self._hi += nbytes
+        if self._splitter is not None:
+            self._split()
+        self._wake()
+        self._maybe_pause()
+
+    def data_received(self, data: bytes) -> None:
+        # Loops that see a Protocol (FlowControlMixin is one) before a BufferedProtocol hand
+        # over bytes instead of asking for a buffer (uvloop does): copy them in the same way.
+        view = memoryview(data)
+        while view:
+            target = self.get_buffer(len(view))
+            n = min(len(target), len(view))
+            target[:n] = view[:n]
+            target.release()  # the staging buffer may have to grow for the next piece
+            self.buffer_updated(n)
+            view = view[n:]
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return True  # keep the transport open so replies to what was received still go out
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        if exc is not None and self._error is None:
+            self._error = exc
+        self._wake()
+        if not self._closed.done():
+            self._closed.set_result(None)
+        super().connection_lost(exc)
+
+    def _get_close_waiter(self, stream: asyncio.StreamWriter) -> asyncio.Future[None]:
+        return self._closed
+
+    # -- parsing -----------------------------------------------------------------------------
+    def set_splitter(self, splitter: Splitter) -> None:
+        """Leave raw mode: what is staged already and everything after is split into records."""
+        self._splitter = splitter
+        self._split()
+        self._maybe_pause()
+
+    def _split(self) -> None:
+        splitter = self._splitter
+        assert splitter is not None
+        stage = self._stage
+        while self._lo < self._hi and self._error is None:
+            view = memoryview(stage)[self._lo : self._hi]
+            try:
+                known = splitter(view)
+            except ProtocolError as exc:
+                self._error = exc  # raised to the consumer after the records before it
+                if self._transport is not None:
+                    self._transport.pause_reading()
+                return
+            if known is None:
+                return
+            head_len, payload_len = known
+            total = head_len + payload_len
+            if len(view) >= total:
+                self._lo += total
+                self._emit((bytes(view[:head_len]), bytes(view[head_len:total])))
+            elif payload_len >= DIRECT_PAYLOAD and len(view) >= head_len:
+                payload = self._buffer(payload_len)
+                got = len(view) - head_len
+                payload[:got] = view[head_len:]
+                self._direct, self._direct_pos, self._direct_head = payload, got, bytes(view[:head_len])
+                self._lo = self._hi = 0
+                self._set_lowat(payload_len - got)
+                return
+            else:
+                return
+        if self._lo == self._hi:
+            self._lo = self._hi = 0
+
+    def _set_lowat(self, nbytes: int) -> None:
+        """Wake up only once ``nbytes`` have arrived (the rest of an in-place payload).
+
+        The peer sends whole frames, so they do arrive; without this a 1 MiB payload wakes
+        the receiver once per 64 KiB loopback segment. The kernel caps the value at half the
+        receive buffer. TCP only: on unix sockets epoll ignores SO_RCVLOWAT.
+        """
+        if self._sock is None or (nbytes == self._lowat) or (nbytes < DIRECT_PAYLOAD and self._lowat == 1):
+            return
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, nbytes)
+        except OSError:
+            self._sock = None  # not supported here: keep waking up per segment
+            return
+        self._lowat = nbytes
+
+    def _buffer(self, size: int) -> bytearray:
+        for i, spare in enumerate(self._spare):
+            if len(spare) == size:
+                return self._spare.pop(i)
+        return bytearray(size)
+
+    def _compact(self) -> None:
+        n = self._hi - self._lo
+        self._stage[:n] = self._stage[self._lo : self._hi]
+        self._lo, self._hi = 0, n
+
+    def _emit(self, record: Record) -> None:
+        self._records.append(record)
+        self._queued += len(record[0]) + len(record[1])
+        self._wake()
+        self._maybe_pause()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _maybe_pause(self) -> None:
+        if self._reading_paused or self._transport is None:
+            return
+        staged = self._hi - self._lo
+        if self._queued > _QUEUE_HIGH or staged > len(self._stage) - _RECV_CHUNK:
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def _maybe_resume(self) -> None:
+        if not self._reading_paused or self._transport is None or self._error is not None:
+            return
+        if self._queued < _QUEUE_LOW and self._hi - self._lo <= len(self._stage) - 2 * _RECV_CHUNK:
+            self._reading_paused = False
+            self._transport.resume_reading()
+
+    async def _wait(self) -> None:
+        self._waiter = self._event_loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    # -- consumer API ------------------------------------------------------------------------
+    def _partial(self) -> bytes:
+        """The bytes of an incomplete record received so far (for error reports)."""
+        if self._direct is not None:
+            return self._direct_head + bytes(memoryview(self._direct)[: self._direct_pos])
+        return bytes(memoryview(self._stage)[self._lo : self._hi])
+
+    async def read_record(self) -> Record | None:
+        """The next record; None on EOF between records.
+
+        Raises the splitter's ProtocolError, the connection's error, or
+        ``asyncio.IncompleteReadError`` when the peer closed in the middle of a record.
+        """
+        while not self._records:
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                partial = self._partial()
+                if partial:
+                    raise asyncio.IncompleteReadError(partial, None)
+                return None
+            await self._wait()
+        record = self._records.popleft()
+        self._queued -= len(record[0]) + len(record[1])
+        self._maybe_resume()
+        return record
+
+    def recycle(self, payload: bytes | bytearray) -> None:
+        """Offer a payload this stream returned for reuse by a later record of the same size.
+
+        Only for a payload nobody holds any more (not even a memoryview of it): the next
+        record's bytes overwrite it. Anything else (bytes, big buffers) is ignored.
+        """
+        if (
+            type(payload) is bytearray
+            and DIRECT_PAYLOAD <= len(payload) <= _SPARE_MAX_BYTES
+            and len(self._spare) < _SPARE_BUFFERS
+        ):
+            self._spare.append(payload)
+
+    async def readexactly(self, n: int) -> bytes:
+        """Raw mode only (before :meth:`set_splitter`): exactly ``n`` bytes (n <= 256 KiB)."""
+        if self._splitter is not None:
+            raise RuntimeError("readexactly() is for raw mode; this stream splits records")
+        if n > len(self._stage) - _RECV_CHUNK:
+            raise ValueError(f"readexactly({n}) exceeds the staging buffer")
+        while self._hi - self._lo < n:
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                raise asyncio.IncompleteReadError(self._partial(), n)
+            await self._wait()
+        data = bytes(memoryview(self._stage)[self._lo : self._lo + n])
+        self._lo += n
+        if self._lo == self._hi:
+            self._lo = self._hi = 0
+        self._maybe_resume()
+        return data
+
+
+def _set_send_buffer(sock: Any) -> None:
+    # ``sock`` is the transport's TransportSocket (which forwards setsockopt)
+    with contextlib.suppress(OSError):  # a smaller buffer only costs speed
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+
+
+async def open_stream(
+    host: str, port: int, splitter: Splitter | None = None
+) -> tuple[RecordStream, asyncio.StreamWriter]:
+    """``asyncio.open_connection`` for a :class:`RecordStream`."""
+    loop = asyncio.get_running_loop()
+    transport, stream = await loop.create_connection(lambda: RecordStream(splitter), host, port)
+    return stream, asyncio.StreamWriter(transport, stream, None, loop)
+
+
+async def create_server(
+    on_connect: ConnectedCallback, host: str, port: int, splitter: Splitter | None = None
+) -> asyncio.Server:
+    """``asyncio.start_server`` for :class:`RecordStream` connections."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: RecordStream(splitter, on_connect), host, port)
+
+
+async def create_unix_server(
+    on_connect: ConnectedCallback, path: str, splitter: Splitter | None = None
+) -> asyncio.Server:
+    """``asyncio.start_unix_server`` for :class:`RecordStream` connections."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_unix_server(lambda: RecordStream(splitter, on_connect), path)
+
+
+class BatchedWriter:
+    """Sends the parts queued during one event-loop iteration together, in one writev().
+
+    Profiling 4 KiB random I/O showed ``socket.send`` as the top cost (~60 us per call: on
+    loopback the sender also runs the receiver's network path). Several jobs are usually
+    submitted in the same iteration (QEMU keeps several requests in flight; a downstairs reply
+    carries several job replies), so they leave together on the next iteration, headers and
+    payloads alike, without joining them into a new buffer. Parts keep their order (one FIFO
+    per connection), so submission order is still execution order at every downstairs. Parts
+    queued for a writer that has since closed are dropped; their jobs' futures are failed by
+    the connection's owner.
+    """
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self._parts: list[Data] = []
+        self._scheduled = False
+        sock = writer.get_extra_info("socket")
+        self._fd = sock.fileno() if sock is not None else -1
+        if sock is not None:
+            _set_send_buffer(sock)
+
+    def write(self, data: Data) -> None:
+        if not data:
+            return
+        self._parts.append(data)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Hand everything queued to the socket now (what it does not take, to the transport)."""
+        self._scheduled = False
+        parts, self._parts = self._parts, []
+        writer = self.writer
+        if not parts or writer.is_closing():
+            return
+        transport = writer.transport
+        # Writing to the socket directly keeps the byte order only while the transport has
+        # nothing buffered; otherwise everything goes through the transport.
+        while parts and self._fd >= 0 and transport.get_write_buffer_size() == 0:
+            batch = parts[:_IOV_MAX]
+            try:
+                sent = os.writev(self._fd, batch)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break  # the transport's own write reports the error and closes the connection
+            parts = _skip(parts, sent)
+            if sum(len(p) for p in batch) > sent:
+                break  # the socket is full
+        _hand_to_transport(transport, parts)
+
+    async def drain(self) -> None:
+        self.flush()
+        await self.writer.drain()
+
+
+def _skip(parts: list[Data], sent: int) -> list[Data]:
+    """``parts`` without their first ``sent`` bytes (a partly sent part becomes a view)."""
+    i = 0
+    while i < len(parts) and sent >= len(parts[i]):
+        sent -= len(parts[i])
+        i += 1
+    rest = parts[i:]
+    if rest and sent:
+        rest[0] = memoryview(rest[0])[sent:]
+    return rest
+
+
+def _hand_to_transport(transport: asyncio.WriteTransport, parts: list[Data]) -> None:
+    small: list[Data] = []
+    for part in parts:
+        if len(part) >= DIRECT_PAYLOAD:
+            if small:
+                transport.write(b"".join(small))
+                small = []
+            transport.write(part)  # never copied into a joined buffer
+        else:
+            small.append(part)
+    if small:
+        transport.write(b"".join(small))
