@@ -346,8 +346,11 @@ class Upstairs:
 
     # -- live repair -----------------------------------------------------------------------
     def _start_repair(self, client: DownstairsClient) -> None:
-        if client.target in self._repairs:
-            return
+        stale = self._repairs.pop(client.target, None)
+        if stale is not None:
+            # the previous repair of this target is being abandoned (its downstairs faulted
+            # and came back before that task noticed): it must not hold up the new one
+            stale.cancel()
         client.repair_upto = 0
         client.set_state(ClientState.REPAIRING)
         task = asyncio.get_running_loop().create_task(self._repair(client), name=f"repair {client.target}")
@@ -386,7 +389,8 @@ class Upstairs:
                         self.log.warning("repair of extent %s from %s failed: %s", eid, source.target, exc)
                         continue  # the source failed: take another one
                     finally:
-                        del self._locked[eid]
+                        if self._locked.get(eid) is lock:
+                            del self._locked[eid]
                         lock.set()
                     client.repair_upto = eid + 1
                     # let the writes and flushes that waited for this copy go first; a flush
@@ -397,7 +401,8 @@ class Upstairs:
             client.set_state(ClientState.ACTIVE)
             self.log.info("live repair of %s complete", client.target)
         except StorageError as exc:
-            client.fault(f"live repair failed: {exc}")
+            if client.state is ClientState.REPAIRING:  # else it faulted already, with its cause
+                client.fault(f"live repair failed: {exc}")
 
     # -- replacement -----------------------------------------------------------------------
     async def replace_downstairs(self, old: str, new: str, *, guard_in_flux: bool = True) -> str:
