@@ -207,12 +207,8 @@ def make_vcr(
     )
 
 
-async def qemu_io(socket_path: Path, *commands: str, timeout_s: float = 60.0) -> str:
-    """Run a real NBD client (qemu-io) against our export; fail with its output."""
-    argv = ["qemu-io", "-f", "raw"]
-    for command in commands:
-        argv += ["-c", command]
-    argv.append(f"nbd+unix:///?socket={socket_path}")
+async def run_tool(argv: list[str], timeout_s: float) -> tuple[int, str]:
+    """Run a real client tool to completion (killed on timeout or cancel); (rc, output)."""
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.DEVNULL,
@@ -225,9 +221,19 @@ async def qemu_io(socket_path: Path, *commands: str, timeout_s: float = 60.0) ->
         proc.kill()
         await proc.wait()
         raise
-    text = out.decode(errors="replace")
-    if proc.returncode != 0 or "Pattern verification failed" in text or "error" in text.lower():
-        raise AssertionError(f"qemu-io {commands} failed (rc {proc.returncode}):\n{text}")
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace")
+
+
+async def qemu_io(socket_path: Path, *commands: str, timeout_s: float = 60.0) -> str:
+    """Run a real NBD client (qemu-io) against our export; fail with its output."""
+    argv = ["qemu-io", "-f", "raw"]
+    for command in commands:
+        argv += ["-c", command]
+    argv.append(f"nbd+unix:///?socket={socket_path}")
+    rc, text = await run_tool(argv, timeout_s)
+    if rc != 0 or "Pattern verification failed" in text or "error" in text.lower():
+        raise AssertionError(f"qemu-io {commands} failed (rc {rc}):\n{text}")
     return text
 
 
@@ -285,29 +291,10 @@ async def qemu_io_status(socket_path: Path, *commands: str, timeout_s: float = 6
 
 async def read_image(socket_path: Path, dest: Path, timeout_s: float = 60.0) -> bytes:
     """The whole export, read by a second real NBD client (qemu-img convert)."""
-    proc = await asyncio.create_subprocess_exec(
-        "qemu-img",
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "raw",
-        f"nbd+unix:///?socket={socket_path}",
-        str(dest),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
-    except BaseException:
-        proc.kill()
-        await proc.wait()
-        raise
-    if proc.returncode != 0:
-        raise AssertionError(
-            f"qemu-img convert failed (rc {proc.returncode}): {out.decode(errors='replace')}"
-        )
+    argv = ["qemu-img", "convert", "-f", "raw", "-O", "raw", f"nbd+unix:///?socket={socket_path}", str(dest)]
+    rc, text = await run_tool(argv, timeout_s)
+    if rc != 0:
+        raise AssertionError(f"qemu-img convert failed (rc {rc}): {text}")
     data = dest.read_bytes()
     dest.unlink()
     return data

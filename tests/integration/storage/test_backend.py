@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, cast
 
@@ -21,7 +20,9 @@ from .conftest import (
     extent_bytes,
     make_vcr,
     open_fds,
+    poll_until,
     qemu_io,
+    run_bounded,
 )
 
 pytestmark = pytest.mark.integration
@@ -31,26 +32,10 @@ REGION_BYTES = BLOCK_SIZE * EXTENT_SIZE * EXTENT_COUNT
 
 
 def run(coro: Coroutine[Any, Any, None], timeout_s: float = 90.0) -> None:
-    async def bounded() -> None:
-        async with asyncio.timeout(timeout_s):
-            await coro
-
-    asyncio.run(bounded())
+    run_bounded(coro, timeout_s)
 
 
-async def wait_for(
-    predicate: Callable[[], bool],
-    what: str,
-    timeout_s: float = 20.0,
-    last: Callable[[], object] | None = None,
-) -> None:
-    """Poll ``predicate`` on the running loop until a monotonic deadline."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            seen = last() if last else None
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}; saw {seen}")
-        await asyncio.sleep(0.05)  # yield to the loop between polls
+wait_for = poll_until  # the name the storage tests use
 
 
 def ds_status(backend: CrucibleBackend) -> list[dict[str, Any]]:
