@@ -1,6 +1,7 @@
 """Storage benchmark: our Crucible-style stack vs qemu-nbd, both over NBD on a unix socket.
 
-Usage: ci/bench storage [--size-mib N] [--target-s S] [--no-docker] [--no-published] [--out PATH]
+Usage: ci/bench storage [--size-mib N] [--target-s S] [--no-docker] [--no-published]
+                         [--flush-timeout S] [--out PATH]
 
 Reference: ``qemu-nbd --format=raw --persistent`` serving a sparse raw file in a temp dir.
 Ours: three downstairs (containers from ``python -m sut.storage.image ensure``; local
@@ -22,6 +23,9 @@ Before the workloads both targets are filled with one untimed sequential 1 MiB w
 reads hit written data (our region files are sparse; unwritten reads would be cheaper).
 Each workload runs a short probe, then a run sized to about ``--target-s`` seconds (clamped).
 MB/s = bytes / seconds (10^6), IOPS = requests / seconds, seconds = qemu-img's "Run completed in".
+qemu-img bench sends no flush until it closes the image (after the timed part), so qemu-nbd's
+writes stay in the page cache. An upstairs that flushes on its own (the VCR's flush_timeout)
+must get three copies to the disk meanwhile; ``--flush-timeout`` sets it, to show that cost.
 """
 
 from __future__ import annotations
@@ -323,9 +327,12 @@ class Downstairs:
                 run(["docker", "volume", "rm", "-f", *vols], check=False)
 
 
-def make_vcr(targets: list[str], extent_count: int) -> str:
-    return dump_vcr(region_volume(str(uuid.uuid4()), targets, block_size=BLOCK_SIZE,
-                                  blocks_per_extent=EXTENT_BLOCKS, extent_count=extent_count))
+def make_vcr(targets: list[str], extent_count: int, flush_timeout: float | None = None) -> str:
+    vcr = json.loads(dump_vcr(region_volume(str(uuid.uuid4()), targets, block_size=BLOCK_SIZE,
+                                            blocks_per_extent=EXTENT_BLOCKS, extent_count=extent_count)))
+    if flush_timeout is not None:
+        vcr["sub_volumes"][0]["opts"]["flush_timeout"] = flush_timeout
+    return json.dumps(vcr)
 
 
 def start_export(tmp: Path, vcr: str) -> tuple[subprocess.Popen[bytes], Path]:
@@ -385,7 +392,8 @@ def downstairs_image(use_docker: bool) -> str:
 
 
 def bench_ours(
-    tmp: Path, size_bytes: int, target_s: float, image: str, label: str, network: str
+    tmp: Path, size_bytes: int, target_s: float, image: str, label: str, network: str,
+    flush_timeout: float | None,
 ) -> dict[str, Any]:
     mode = "docker" if image else "local"
     extent_count = size_bytes // (BLOCK_SIZE * EXTENT_BLOCKS)
@@ -395,7 +403,7 @@ def bench_ours(
         ds.start(3, extent_count)
         where = f"docker, network {network}, {image}" if image else "local processes"
         log(f"  downstairs ({where}): {', '.join(ds.targets)}")
-        export, sock = start_export(tmp, make_vcr(ds.targets, extent_count))
+        export, sock = start_export(tmp, make_vcr(ds.targets, extent_count, flush_timeout))
         return measure(sock, size_bytes, target_s)
     finally:
         if export is not None:
@@ -486,6 +494,14 @@ def main(argv: list[str]) -> int:
     p.add_argument(
         "--no-published", action="store_true", help="skip the extra run with ports published by Docker"
     )
+    p.add_argument(
+        "--flush-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="the VCR's flush_timeout (the upstairs flushes written data on its own after S"
+        " seconds); default: the upstairs' default. qemu-nbd never flushes on its own.",
+    )
     p.add_argument("--out", type=Path, default=REPO / "results" / "bench-storage.json")
     a = p.parse_args(argv)
     if a.size_mib <= 0 or a.size_mib % 16:
@@ -506,10 +522,10 @@ def main(argv: list[str]) -> int:
         log(f"reference: qemu-nbd, {a.size_mib} MiB raw file")
         ref = bench_qemu_nbd(tmp, size_bytes, a.target_s)
         log(f"ours: 3 downstairs + CrucibleBackend export, {a.size_mib} MiB region")
-        ours = bench_ours(tmp, size_bytes, a.target_s, image, label, "host")
+        ours = bench_ours(tmp, size_bytes, a.target_s, image, label, "host", a.flush_timeout)
         if image and not a.no_published:
             log("ours again, downstairs ports published by Docker (docker-proxy on the data path)")
-            published = bench_ours(tmp, size_bytes, a.target_s, image, label, "published")
+            published = bench_ours(tmp, size_bytes, a.target_s, image, label, "published", a.flush_timeout)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     wall = time.monotonic() - t0
@@ -524,6 +540,7 @@ def main(argv: list[str]) -> int:
         "size_mib": a.size_mib,
         "downstairs_mode": "docker" if image else "local",
         "downstairs_network": "host" if image else "loopback (local processes)",
+        "flush_timeout_s": a.flush_timeout if a.flush_timeout is not None else "upstairs default",
         "method": {
             "tool": "qemu-img bench -f raw -t none -i threads -d 4 over nbd+unix",
             "seq": "1 MiB requests, step 1 MiB",
