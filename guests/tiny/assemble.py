@@ -24,7 +24,7 @@ ROOTFS_DIR = Path(__file__).resolve().parent / "rootfs"
 WANTED_MODULES = ("virtio_pci", "virtio_blk", "nvme", "virtio_net")
 
 # Files that must not be world-readable/executable defaults.
-_MODES = {"init": 0o755, "etc/shadow": 0o600}
+_MODES = {"init": 0o755, "etc/shadow": 0o600, "etc/udhcpc/default.script": 0o755}
 
 Log = Callable[[str], None]
 

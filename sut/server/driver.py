@@ -17,6 +17,7 @@ from typing import Protocol
 
 from sut.server import regressions as reg
 from sut.server.backends import BlockBackend, ReplacementRejectedError
+from sut.server.qemu import GuestEvent
 from sut.server.request_queue import (
     QueuedRequest,
     QueueRegressions,
@@ -35,6 +36,11 @@ __all__ = [
 ]
 
 
+# How long a reboot waits for follow-up resets before it publishes Running
+# (SeaBIOS's own warm-boot reset comes within ~100 ms under TCG).
+REBOOT_SETTLE_S = 1.0
+
+
 class Vm(Protocol):
     """What the driver needs from a VM process (``QemuVm``, or a fake in unit tests)."""
 
@@ -45,6 +51,8 @@ class Vm(Protocol):
     async def reset(self) -> None: ...
 
     async def wait_exit(self) -> int: ...
+
+    async def guest_event(self) -> GuestEvent: ...
 
     async def shutdown(self) -> None: ...
 
@@ -263,11 +271,12 @@ class StateDriver:
     async def _serve_running(self) -> InstanceState:
         assert self._vm is not None
         exited = asyncio.create_task(self._vm.wait_exit(), name="qemu-exit")
+        guest = asyncio.create_task(self._vm.guest_event(), name="guest-event")
         try:
             while True:
                 ready = asyncio.create_task(self._ready())
                 try:
-                    await asyncio.wait({ready, exited}, return_when="FIRST_COMPLETED")
+                    await asyncio.wait({ready, exited, guest}, return_when="FIRST_COMPLETED")
                 finally:
                     ready.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -275,25 +284,61 @@ class StateDriver:
                 if exited.done():
                     self._log.error("QEMU exited unexpectedly", extra={"exit_code": exited.result()})
                     return InstanceState.FAILED
+                if guest.done():
+                    event = guest.result()
+                    guest = asyncio.create_task(self._vm.guest_event(), name="guest-event")
+                    if event is GuestEvent.RESET:
+                        # The guest rebooted itself; QEMU already reset the machine.
+                        self._log.info("guest-initiated reboot")
+                        await self._publish(InstanceState.REBOOTING)
+                        guest = await self._settle_after_reset(guest)
+                        if not guest.done():
+                            await self._publish(InstanceState.RUNNING)
+                        continue
+                    # The guest powered itself off: an orderly stop, as if a
+                    # Stop had been requested (queued requests get 410).
+                    self._log.info("guest powered off")
+                    await self._publish(InstanceState.STOPPING)
+                    await self._stop_vm()
+                    return InstanceState.DESTROYED
                 request = self._queue.pop()
                 if request is None:
                     continue
                 if request.kind is RequestKind.STOP:
-                    exited.cancel()
                     await self._publish(InstanceState.STOPPING)
                     await self._stop_vm()
                     return InstanceState.DESTROYED
                 if request.kind is RequestKind.REBOOT:
                     await self._publish(InstanceState.REBOOTING)
                     await self._vm.reset()
+                    guest = await self._settle_after_reset(guest)
                     self._queue.notify_running()
-                    await self._publish(InstanceState.RUNNING)
+                    if not guest.done():
+                        await self._publish(InstanceState.RUNNING)
                     continue
                 await self._apply(request)
         finally:
-            exited.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await exited
+            for task in (exited, guest):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _settle_after_reset(self, guest: asyncio.Task[GuestEvent]) -> asyncio.Task[GuestEvent]:
+        """Absorb the burst of resets that one reboot causes; returns the pending event task.
+
+        SeaBIOS resets the machine once more on every warm boot (a "hard
+        reboot" after it finds that POST already ran), and a kernel may try
+        several reset methods in a row. Those are all one reboot: it is over
+        once no further reset came for REBOOT_SETTLE_S. A poweroff in the
+        window is left in the returned (done) task for the caller to handle.
+        """
+        assert self._vm is not None
+        while True:
+            done, _ = await asyncio.wait({guest}, timeout=REBOOT_SETTLE_S)
+            if not done or guest.result() is not GuestEvent.RESET:
+                return guest
+            self._log.info("reset absorbed into the current reboot")
+            guest = asyncio.create_task(self._vm.guest_event(), name="guest-event")
 
     async def _apply(self, request: QueuedRequest[_Replacement]) -> None:
         replacement = request.payload

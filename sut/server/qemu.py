@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import enum
 import logging
 import os
 import signal
@@ -19,7 +20,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from qemu.qmp import QMPClient
+from qemu.qmp import EventListener, Message, QMPClient
 
 from sut.server.serial import SerialConsole
 from sut.server.spec import CrucibleBackendSpec, FileBackend, FirmwareBoot, InstanceSpec, backend_id
@@ -29,6 +30,20 @@ QUIT_GRACE_S = 5.0
 TERM_GRACE_S = 5.0
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107
+
+
+class GuestEvent(enum.Enum):
+    """Something the GUEST did to its machine (host-initiated resets and quits are not events)."""
+
+    POWEROFF = "poweroff"
+    RESET = "reset"
+
+
+def _guest_initiated(message: Message) -> bool:
+    # SHUTDOWN and RESET carry ``guest: true`` only when the guest asked
+    # (ACPI poweroff, reboot); our own quit / system_reset carry false.
+    data = message.get("data")
+    return isinstance(data, dict) and bool(data.get("guest"))
 
 
 class QemuError(Exception):
@@ -109,6 +124,10 @@ def build_argv(
         "-display",
         "none",
         "-S",  # paused: vCPUs start only after block backends are active
+        # A guest poweroff pauses QEMU and sends SHUTDOWN instead of exiting, so
+        # the driver tells a poweroff from a crash and tears down in order
+        # (QEMU flushes its disks on quit, then the backends close).
+        "-no-shutdown",
         "-accel",
         accel,
         # graphics=off: SeaBIOS then prints to the serial port (no VGA here).
@@ -182,6 +201,8 @@ class QemuVm:
         self._serial = serial
         self._log = logger
         self._qmp = QMPClient("phd-server")
+        self._guest_events = EventListener(("SHUTDOWN", "RESET"), event_filter=_guest_initiated)
+        self._qmp.register_listener(self._guest_events)
         self._proc: asyncio.subprocess.Process | None = None
         self._shutdown_done = False
 
@@ -238,6 +259,11 @@ class QemuVm:
             await asyncio.wait_for(self._qmp.execute(command), QMP_TIMEOUT_S)
         except Exception as exc:
             raise QemuError(f"QMP {command} failed: {exc!r}") from exc
+
+    async def guest_event(self) -> GuestEvent:
+        """The next guest-initiated poweroff or reset (waits; cancel-safe)."""
+        message = await self._guest_events.get()
+        return GuestEvent.POWEROFF if message["event"] == "SHUTDOWN" else GuestEvent.RESET
 
     async def wait_exit(self) -> int:
         if self._proc is None:

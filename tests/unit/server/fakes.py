@@ -3,40 +3,91 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from sut.server.backends import ActivationFatalError, ReplacementRejectedError
+from sut.server.qemu import GuestEvent
+
+
+async def scheduling_points(count: int) -> None:
+    """Let other tasks run ``count`` times, as a real QMP or network round trip would.
+
+    Not a wait for anything: fakes that finish without ever suspending hide
+    interleavings (a request arriving mid-reboot) that the real server has.
+    """
+    for _ in range(count):
+        await asyncio.sleep(0)
 
 
 class FakeVm:
-    def __init__(self) -> None:
+    """``steps`` scheduling points per QMP call; ``on_call`` sees each call as it starts."""
+
+    def __init__(self, *, steps: int = 0, on_call: Callable[[str], None] | None = None) -> None:
         self.calls: list[str] = []
+        self.steps = steps
+        self.on_call = on_call
         self.exit = asyncio.get_running_loop().create_future()
+        self.guest_events: asyncio.Queue[GuestEvent] = asyncio.Queue()
+
+    async def _call(self, name: str) -> None:
+        self.calls.append(name)
+        if self.on_call is not None:
+            self.on_call(name)
+        await scheduling_points(self.steps)
 
     async def launch(self) -> None:
-        self.calls.append("launch")
+        await self._call("launch")
 
     async def cont(self) -> None:
-        self.calls.append("cont")
+        await self._call("cont")
 
     async def reset(self) -> None:
-        self.calls.append("reset")
+        await self._call("reset")
 
     async def wait_exit(self) -> int:
         return int(await asyncio.shield(self.exit))
 
     async def shutdown(self) -> None:
-        self.calls.append("shutdown")
+        await self._call("shutdown")
         if not self.exit.done():
             self.exit.set_result(0)
 
     def crash(self, code: int = 139) -> None:
         self.exit.set_result(code)
 
+    async def guest_event(self) -> GuestEvent:
+        return await self.guest_events.get()
+
+    def guest_poweroff(self) -> None:
+        """The guest powers itself off (QEMU's SHUTDOWN event with guest=true)."""
+        self.guest_events.put_nowait(GuestEvent.POWEROFF)
+
+    def guest_reset(self) -> None:
+        """The guest reboots itself (QEMU's RESET event with guest=true)."""
+        self.guest_events.put_nowait(GuestEvent.RESET)
+
 
 class FakeBackend:
-    """Activation waits until ``good_target`` is among the targets (like a dead downstairs)."""
+    """Activation waits until ``good_target`` is among the targets (like a dead downstairs).
 
-    def __init__(self, backend_id: str, targets: list[str], good_target: str) -> None:
+    ``steps`` scheduling points inside each replacement; ``replace_gate``, when
+    set to an Event, holds every replacement until the test sets it.
+    ``replaced`` records each applied replacement with its outcome, so a test
+    can check that every request was applied at most once.
+    """
+
+    def __init__(
+        self,
+        backend_id: str,
+        targets: list[str],
+        good_target: str,
+        *,
+        steps: int = 0,
+        replace_gate: asyncio.Event | None = None,
+    ) -> None:
+        self.steps = steps
+        self.replace_gate = replace_gate
+        self.replaced: list[tuple[str, str]] = []
         self._backend_id = backend_id
         self.targets = list(targets)
         self.good_target = good_target
@@ -69,16 +120,29 @@ class FakeBackend:
             raise
 
     async def replace(self, new_vcr_json: str) -> str:
-        # The "VCR" is "old->new" to keep the fake tiny.
+        # The "VCR" is "old->new" to keep the fake tiny; an optional "#tag"
+        # suffix lets a test tell identical requests apart.
         self.calls.append(f"replace:{new_vcr_json}")
-        old, _, new = new_vcr_json.partition("->")
+        if self.replace_gate is not None:
+            await self.replace_gate.wait()
+        await scheduling_points(self.steps)
+        old, _, new = new_vcr_json.partition("#")[0].partition("->")
         if old == new:
+            self.replaced.append((new_vcr_json, "rejected"))
             raise ReplacementRejectedError("no difference", rule="no-change")
         if old not in self.targets:
+            self.replaced.append((new_vcr_json, "Missing"))
             return "Missing"
         self.targets[self.targets.index(old)] = new
         self.changed.set()
+        self.replaced.append((new_vcr_json, "Started"))
         return "Started"
+
+    def heal(self) -> None:
+        """The dead downstairs comes back: activation can complete."""
+        if self.good_target not in self.targets:
+            self.targets[0] = self.good_target
+            self.changed.set()
 
     def fail(self, message: str) -> None:
         self.fatal = message

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from sut.server import driver as driver_module
 from sut.server.backends import ReplacementRejectedError
 from sut.server.driver import InstanceGoneError, NoSuchBackendError, StateDriver
 from sut.server.regressions import Regressions
@@ -224,5 +225,74 @@ def test_rejected_replacement_and_unknown_backend() -> None:
         assert h.current() is S.STARTING  # a rejection does not hurt the VM
         await h.driver.shutdown()
         assert h.current() is S.DESTROYED
+
+    run(body)
+
+
+def test_guest_poweroff_is_an_orderly_stop() -> None:
+    async def body() -> None:
+        h = Harness()
+        h.backend.targets[0] = LIVE
+        h.driver.request_state(RequestKind.START)
+        await h.wait_state(S.RUNNING)
+        h.vm.guest_poweroff()
+        assert await h.states_until(S.DESTROYED) == [
+            S.RUNNING, S.STOPPING, S.STOPPED, S.DESTROYED,
+        ]
+        # QEMU was quit (it flushes) before the backend closed, and after
+        # Destroyed state changes are refused like after a requested stop.
+        assert h.vm.calls[-1] == "shutdown" and "close" in h.backend.calls
+        with pytest.raises(RequestDeniedError):
+            h.driver.request_state(RequestKind.START)
+        with pytest.raises(InstanceGoneError):
+            await h.driver.replace_vcr(BID, f"{DEAD}->{LIVE}")
+
+    run(body)
+
+
+@pytest.fixture
+def fast_settle(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(driver_module, "REBOOT_SETTLE_S", 0.2)
+
+
+@pytest.mark.usefixtures("fast_settle")
+def test_guest_reset_publishes_rebooting_then_running() -> None:
+    async def body() -> None:
+        h = Harness()
+        h.backend.targets[0] = LIVE
+        h.driver.request_state(RequestKind.START)
+        await h.wait_state(S.RUNNING)
+        # The kernel's reset and SeaBIOS's warm-boot reset right after it are
+        # one reboot: one Rebooting -> Running pair.
+        h.vm.guest_reset()
+        h.vm.guest_reset()
+        assert await h.states_until(S.RUNNING) == [S.RUNNING, S.REBOOTING, S.RUNNING]
+        # QEMU resets the machine itself on a guest reboot: no second reset.
+        assert "reset" not in h.vm.calls
+        h.vm.guest_reset()  # and again: the driver keeps listening
+        assert await h.states_until(S.RUNNING) == [S.RUNNING, S.REBOOTING, S.RUNNING]
+        h.vm.guest_poweroff()
+        await h.wait_state(S.DESTROYED)
+
+    run(body)
+
+
+@pytest.mark.usefixtures("fast_settle")
+def test_firmware_reset_after_a_host_reboot_is_part_of_it() -> None:
+    async def body() -> None:
+        h = Harness()
+        h.backend.targets[0] = LIVE
+        h.driver.request_state(RequestKind.START)
+        await h.wait_state(S.RUNNING)
+        h.driver.request_state(RequestKind.REBOOT)
+        await h.wait_state(S.REBOOTING)
+        h.vm.guest_reset()  # SeaBIOS's own reset on the warm boot
+        assert await h.states_until(S.RUNNING) == [S.REBOOTING, S.RUNNING]
+        assert [s.state for s in h.driver.monitor.history].count(S.REBOOTING) == 1
+        # A poweroff while a reboot settles still stops the instance.
+        h.driver.request_state(RequestKind.REBOOT)
+        await h.wait_state(S.REBOOTING)
+        h.vm.guest_poweroff()
+        assert await h.states_until(S.DESTROYED) == [S.REBOOTING, S.STOPPING, S.STOPPED, S.DESTROYED]
 
     run(body)

@@ -1,0 +1,198 @@
+"""The server's lifecycle with a real guest: reboot, guest reboot and poweroff, QEMU dying,
+NVMe and virtio-blk disks, host forwards, and the serial console with many readers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+
+from phd.artifacts import GuestArtifact
+from phd.framework import Framework
+from phd.ports import PortAllocator
+from phd.wait import wait_until
+
+from .conftest import ServerProcess, qemu_pids_for
+from .console import SerialSession, file_disk, tiny_spec, wait_for_state
+
+pytestmark = [pytest.mark.integration, pytest.mark.vm]
+
+DISK_SIZE = 16 << 20
+
+
+@pytest.fixture(scope="module")
+def tiny(phd_framework: Framework) -> GuestArtifact:
+    return phd_framework.artifacts.guest("tiny")
+
+
+def raw_disk(path: Path, head: bytes = b"") -> Path:
+    """A raw disk image of DISK_SIZE bytes starting with ``head``."""
+    with path.open("wb") as f:
+        f.write(head)
+        f.truncate(DISK_SIZE)
+    return path
+
+
+def state_history(server: ServerProcess) -> list[str]:
+    return [str(line["state"]) for line in server.log_lines() if line.get("msg") == "instance state"]
+
+
+def boot_id(console: SerialSession) -> str:
+    value = console.run("cat /proc/sys/kernel/random/boot_id")
+    assert len(value) == 36, f"not a boot id: {value!r}"
+    return value
+
+
+def test_reboot_resets_the_guest_and_guest_poweroff_is_a_stop(
+    server: ServerProcess, tiny: GuestArtifact, tmp_path: Path
+) -> None:
+    disk = raw_disk(tmp_path / "d0.raw")
+    with server.client() as http:
+        assert http.put("/instance", json=tiny_spec(tiny, {"d0": file_disk(disk)})).status_code == 201
+        console = SerialSession(server.base_url)
+        assert http.put("/instance/state", json="Run").status_code == 204
+        gen = wait_for_state(http, "Running")
+        console.login()
+        first = boot_id(console)
+
+        # Host-requested reboot: Rebooting -> Running and the guest really
+        # starts over (firmware again, a new kernel boot id).
+        mark = len(console.seen)
+        assert http.put("/instance/state", json="Reboot").status_code == 204
+        gen = wait_for_state(http, "Rebooting", gen)
+        gen = wait_for_state(http, "Running", gen)
+        console.login(after=mark)
+        second = boot_id(console)
+        assert second != first
+        assert console.seen.count(b"SeaBIOS") == 2
+
+        # Guest-initiated reboot: QEMU resets the machine; the server publishes
+        # the same Rebooting -> Running pair.
+        mark = len(console.seen)
+        console.ws.send(b"reboot -f\n")
+        gen = wait_for_state(http, "Rebooting", gen)
+        gen = wait_for_state(http, "Running", gen)
+        console.login(after=mark)
+        assert boot_id(console) not in (first, second)
+        pids = qemu_pids_for(server.data_dir)
+        assert len(pids) == 1
+
+        # Guest poweroff: an orderly stop, not a failure.
+        console.ws.send(b"poweroff -f\n")
+        wait_for_state(http, "Destroyed", gen)
+        # Each reboot is ONE Rebooting -> Running pair, although SeaBIOS resets
+        # the machine once more on every warm boot.
+        assert state_history(server) == [
+            "Starting", "Running",
+            "Rebooting", "Running",
+            "Rebooting", "Running",
+            "Stopping", "Stopped", "Destroyed",
+        ]
+        for requested in ("Run", "Stop", "Reboot"):
+            answer = http.put("/instance/state", json=requested)
+            assert answer.status_code == 424, (requested, answer.text)
+        console.close()
+    assert qemu_pids_for(server.data_dir) == []
+
+
+def _read_forward(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        data = b""
+        while chunk := conn.recv(4096):
+            data += chunk
+        return data
+
+
+def test_nvme_and_virtio_disks_and_a_host_forward(
+    server: ServerProcess, tiny: GuestArtifact, tmp_path: Path
+) -> None:
+    vda = raw_disk(tmp_path / "vda.raw", b"virtio-pattern")
+    nvme = raw_disk(tmp_path / "nvme.raw", b"nvme-pattern")
+    ports = PortAllocator()
+    host_port = ports.allocate()
+    disks = {"d0": file_disk(vda, "virtio"), "d1": file_disk(nvme, "nvme")}
+    nics = {"net0": {"type": "user", "forwards": [{"host": f"127.0.0.1:{host_port}", "guest_port": 7777}]}}
+    try:
+        with server.client() as http:
+            assert http.put("/instance", json=tiny_spec(tiny, disks, nics)).status_code == 201
+            console = SerialSession(server.base_url)
+            assert http.put("/instance/state", json="Run").status_code == 204
+            gen = wait_for_state(http, "Running")
+            console.expect(b"phd-tiny: modules loaded, disks: nvme0n1 vda", timeout_s=120)
+            console.login()
+            assert console.run("head -c 14 /dev/vda") == "virtio-pattern"
+            assert console.run("head -c 12 /dev/nvme0n1") == "nvme-pattern"
+            console.run("printf guest-wrote | dd of=/dev/nvme0n1 bs=512 seek=2048 conv=fsync 2>/dev/null")
+            for backend in ("d0-backend", "d1-backend"):
+                status = http.get(f"/instance/disk/{backend}/status").json()
+                assert status["type"] == "file" and status["vm_state"] == "Running", status
+
+            # User networking: the guest takes its address by DHCP from QEMU and
+            # serves one line on port 7777, which the host reaches on loopback.
+            console.run("ip link set eth0 up && udhcpc -i eth0 -n -q -t 10 -T 1 >/dev/null 2>&1")
+            console.run("printf '#!/bin/sh\\necho phd-net-ok\\n' > /tmp/hello && chmod +x /tmp/hello")
+            console.run("nc -ll -p 7777 -e /tmp/hello >/dev/null 2>&1 & :")
+            answer = wait_until(lambda: _read_forward(host_port), lambda data: b"phd-net-ok" in data,
+                                what=f"the guest's line through 127.0.0.1:{host_port}", timeout_s=30.0)
+            assert answer.strip() == b"phd-net-ok"
+
+            assert http.put("/instance/state", json="Stop").status_code == 204
+            wait_for_state(http, "Destroyed", gen)
+            console.close()
+    finally:
+        ports.release(host_port)
+    with nvme.open("rb") as f:
+        f.seek(2048 * 512)
+        assert f.read(11) == b"guest-wrote"  # QEMU flushed before it quit
+    assert qemu_pids_for(server.data_dir) == []
+
+
+def test_serial_many_readers_input_from_one_and_qemu_dying_is_failed(
+    server: ServerProcess, tiny: GuestArtifact, tmp_path: Path
+) -> None:
+    disk = raw_disk(tmp_path / "d0.raw")
+    with server.client() as http:
+        assert http.put("/instance", json=tiny_spec(tiny, {"d0": file_disk(disk)})).status_code == 201
+        assert http.put("/instance/state", json="Run").status_code == 204
+        gen = wait_for_state(http, "Running")
+        writer = SerialSession(server.base_url)
+        readers = [SerialSession(server.base_url) for _ in range(4)]
+        try:
+            writer.login()
+            # A reader joining late with most_recent=N replays exactly the last
+            # N bytes of history, then follows live output.
+            late = SerialSession(server.base_url, "most_recent=64")
+            readers.append(late)
+            history = http.get("/instance/serial/history", params={"most_recent": 64}).json()
+            replay = late.ws.recv(timeout=10)
+            assert isinstance(replay, bytes) and len(replay) == 64
+            assert replay == bytes(history["data"])
+            late.seen += replay
+
+            writer.run("echo marker-$((6*7))")
+            for reader in readers:
+                reader.expect(b"marker-42")
+            # Readers going away do not disturb the others or the guest.
+            readers.pop(0).close()
+            readers.pop(0).close()
+            writer.run("echo second-$((7*8))")
+            for reader in readers:
+                reader.expect(b"second-56")
+            offset = http.get("/instance/serial/history", params={"from_start": 0}).json()
+            assert b"second-56" in bytes(offset["data"])
+
+            # QEMU dying under the server is a failure, not a stop.
+            (pid,) = qemu_pids_for(server.data_dir)
+            os.kill(pid, signal.SIGKILL)
+            wait_for_state(http, "Failed", gen)
+            assert "Destroyed" not in state_history(server)
+            answer = http.put("/instance/state", json="Run")
+            assert answer.status_code in (403, 424), answer.text
+        finally:
+            for session in (writer, *readers):
+                session.close()
+    assert qemu_pids_for(server.data_dir) == []
+
