@@ -9,14 +9,16 @@ import socket
 from pathlib import Path
 
 import pytest
+from websockets.sync.client import connect
 
 from phd.artifacts import GuestArtifact
 from phd.framework import Framework
+from phd.guest import TinyGuest
 from phd.ports import PortAllocator
 from phd.wait import wait_until
 
 from .conftest import ServerProcess, qemu_pids_for
-from .console import SerialSession, file_disk, tiny_spec, wait_for_state
+from .console import file_disk, open_guest, serial_url, tiny_spec, wait_for_state
 
 pytestmark = [pytest.mark.integration, pytest.mark.vm]
 
@@ -40,8 +42,8 @@ def state_history(server: ServerProcess) -> list[str]:
     return [str(line["state"]) for line in server.log_lines() if line.get("msg") == "instance state"]
 
 
-def boot_id(console: SerialSession) -> str:
-    value = console.run("cat /proc/sys/kernel/random/boot_id")
+def boot_id(guest: TinyGuest) -> str:
+    value = guest.run("cat /proc/sys/kernel/random/boot_id").output.strip()
     assert len(value) == 36, f"not a boot id: {value!r}"
     return value
 
@@ -52,36 +54,34 @@ def test_reboot_resets_the_guest_and_guest_poweroff_is_a_stop(
     disk = raw_disk(tmp_path / "d0.raw")
     with server.client() as http:
         assert http.put("/instance", json=tiny_spec(tiny, {"d0": file_disk(disk)})).status_code == 201
-        console = SerialSession(server.base_url)
+        guest = open_guest(server.base_url, tmp_path / "serial.log")
         assert http.put("/instance/state", json="Run").status_code == 204
         gen = wait_for_state(http, "Running")
-        console.login()
-        first = boot_id(console)
+        guest.login()
+        first = boot_id(guest)
 
         # Host-requested reboot: Rebooting -> Running and the guest really
         # starts over (firmware again, a new kernel boot id).
-        mark = len(console.seen)
         assert http.put("/instance/state", json="Reboot").status_code == 204
         gen = wait_for_state(http, "Rebooting", gen)
         gen = wait_for_state(http, "Running", gen)
-        console.login(after=mark)
-        second = boot_id(console)
+        guest.login()  # the login prompt of the NEW boot (waits look past the cursor)
+        second = boot_id(guest)
         assert second != first
-        assert console.seen.count(b"SeaBIOS") == 2
+        assert guest.console.text.count("SeaBIOS") == 2
 
         # Guest-initiated reboot: QEMU resets the machine; the server publishes
         # the same Rebooting -> Running pair.
-        mark = len(console.seen)
-        console.ws.send(b"reboot -f\n")
+        guest.console.send("reboot -f\n")
         gen = wait_for_state(http, "Rebooting", gen)
         gen = wait_for_state(http, "Running", gen)
-        console.login(after=mark)
-        assert boot_id(console) not in (first, second)
+        guest.login()
+        assert boot_id(guest) not in (first, second)
         pids = qemu_pids_for(server.data_dir)
         assert len(pids) == 1
 
         # Guest poweroff: an orderly stop, not a failure.
-        console.ws.send(b"poweroff -f\n")
+        guest.console.send("poweroff -f\n")
         wait_for_state(http, "Destroyed", gen)
         # Each reboot is ONE Rebooting -> Running pair, although SeaBIOS resets
         # the machine once more on every warm boot.
@@ -94,7 +94,7 @@ def test_reboot_resets_the_guest_and_guest_poweroff_is_a_stop(
         for requested in ("Run", "Stop", "Reboot"):
             answer = http.put("/instance/state", json=requested)
             assert answer.status_code == 424, (requested, answer.text)
-        console.close()
+        guest.console.close()
     assert qemu_pids_for(server.data_dir) == []
 
 
@@ -118,30 +118,30 @@ def test_nvme_and_virtio_disks_and_a_host_forward(
     try:
         with server.client() as http:
             assert http.put("/instance", json=tiny_spec(tiny, disks, nics)).status_code == 201
-            console = SerialSession(server.base_url)
+            guest = open_guest(server.base_url, tmp_path / "serial.log")
             assert http.put("/instance/state", json="Run").status_code == 204
             gen = wait_for_state(http, "Running")
-            console.expect(b"phd-tiny: modules loaded, disks: nvme0n1 vda", timeout_s=120)
-            console.login()
-            assert console.run("head -c 14 /dev/vda") == "virtio-pattern"
-            assert console.run("head -c 12 /dev/nvme0n1") == "nvme-pattern"
-            console.run("printf guest-wrote | dd of=/dev/nvme0n1 bs=512 seek=2048 conv=fsync 2>/dev/null")
+            guest.console.wait_for("phd-tiny: modules loaded, disks: nvme0n1 vda", 120.0, consume=False)
+            guest.login()
+            assert guest.run("head -c 14 /dev/vda").output == "virtio-pattern"
+            assert guest.run("head -c 12 /dev/nvme0n1").output == "nvme-pattern"
+            guest.run("printf guest-wrote | dd of=/dev/nvme0n1 bs=512 seek=2048 conv=fsync 2>/dev/null")
             for backend in ("d0-backend", "d1-backend"):
                 status = http.get(f"/instance/disk/{backend}/status").json()
                 assert status["type"] == "file" and status["vm_state"] == "Running", status
 
             # User networking: the guest takes its address by DHCP from QEMU and
             # serves one line on port 7777, which the host reaches on loopback.
-            console.run("ip link set eth0 up && udhcpc -i eth0 -n -q -t 10 -T 1 >/dev/null 2>&1")
-            console.run("printf '#!/bin/sh\\necho phd-net-ok\\n' > /tmp/hello && chmod +x /tmp/hello")
-            console.run("nc -ll -p 7777 -e /tmp/hello >/dev/null 2>&1 & :")
+            guest.run("ip link set eth0 up && udhcpc -i eth0 -n -q -t 10 -T 1 >/dev/null 2>&1")
+            guest.run("printf '#!/bin/sh\\necho phd-net-ok\\n' > /tmp/hello && chmod +x /tmp/hello")
+            guest.run("nc -ll -p 7777 -e /tmp/hello >/dev/null 2>&1 & true")
             answer = wait_until(lambda: _read_forward(host_port), lambda data: b"phd-net-ok" in data,
                                 what=f"the guest's line through 127.0.0.1:{host_port}", timeout_s=30.0)
             assert answer.strip() == b"phd-net-ok"
 
             assert http.put("/instance/state", json="Stop").status_code == 204
             wait_for_state(http, "Destroyed", gen)
-            console.close()
+            guest.console.close()
     finally:
         ports.release(host_port)
     with nvme.open("rb") as f:
@@ -158,31 +158,29 @@ def test_serial_many_readers_input_from_one_and_qemu_dying_is_failed(
         assert http.put("/instance", json=tiny_spec(tiny, {"d0": file_disk(disk)})).status_code == 201
         assert http.put("/instance/state", json="Run").status_code == 204
         gen = wait_for_state(http, "Running")
-        writer = SerialSession(server.base_url)
-        readers = [SerialSession(server.base_url) for _ in range(4)]
+        writer = open_guest(server.base_url, tmp_path / "serial.log")
+        readers = [open_guest(server.base_url) for _ in range(4)]
         try:
             writer.login()
             # A reader joining late with most_recent=N replays exactly the last
             # N bytes of history, then follows live output.
-            late = SerialSession(server.base_url, "most_recent=64")
-            readers.append(late)
-            history = http.get("/instance/serial/history", params={"most_recent": 64}).json()
-            replay = late.ws.recv(timeout=10)
-            assert isinstance(replay, bytes) and len(replay) == 64
-            assert replay == bytes(history["data"])
-            late.seen += replay
+            with connect(serial_url(server.base_url, "most_recent=64")) as late:
+                history = http.get("/instance/serial/history", params={"most_recent": 64}).json()
+                replay = late.recv(timeout=10)
+                assert isinstance(replay, bytes) and len(replay) == 64
+                assert replay == bytes(history["data"])
 
             writer.run("echo marker-$((6*7))")
             for reader in readers:
-                reader.expect(b"marker-42")
+                reader.console.wait_for("marker-42", 30.0)
             # Readers going away do not disturb the others or the guest.
-            readers.pop(0).close()
-            readers.pop(0).close()
+            readers.pop(0).console.close()
+            readers.pop(0).console.close()
             writer.run("echo second-$((7*8))")
             for reader in readers:
-                reader.expect(b"second-56")
-            offset = http.get("/instance/serial/history", params={"from_start": 0}).json()
-            assert b"second-56" in bytes(offset["data"])
+                reader.console.wait_for("second-56", 30.0)
+            full = http.get("/instance/serial/history", params={"from_start": 0}).json()
+            assert b"second-56" in bytes(full["data"])
 
             # QEMU dying under the server is a failure, not a stop.
             (pid,) = qemu_pids_for(server.data_dir)
@@ -193,6 +191,5 @@ def test_serial_many_readers_input_from_one_and_qemu_dying_is_failed(
             assert answer.status_code in (403, 424), answer.text
         finally:
             for session in (writer, *readers):
-                session.close()
+                session.console.close()
     assert qemu_pids_for(server.data_dir) == []
-
