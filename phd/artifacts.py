@@ -28,6 +28,9 @@ class GuestArtifact:
     cmdline: str
     login_prompt: str
     shell_prompt: str
+    # The guest's root disk image (raw), for recipes that boot from a disk (guest.json
+    # "files": {"disk": ...}); None for initramfs-only guests such as tiny.
+    disk: Path | None = None
 
 
 class ArtifactStore:
@@ -71,6 +74,7 @@ class ArtifactStore:
                 f"its recipe failed ({shlex.join(argv)} exited {proc.returncode}); run it by hand "
                 f"to see why; last output:\n{proc.stderr[-1500:]}")
         meta = json.loads((out / "guest.json").read_text())
+        disk_name = (meta.get("files") or {}).get("disk")
         return GuestArtifact(
             name=name,
             kernel=out / "vmlinuz",
@@ -78,4 +82,5 @@ class ArtifactStore:
             cmdline=(out / "cmdline").read_text().strip(),
             login_prompt=str(meta.get("login_prompt", "login: ")),
             shell_prompt=str(meta.get("shell_prompt", "# ")),
+            disk=None if disk_name is None else out / str(disk_name),
         )
