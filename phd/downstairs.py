@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from phd.errors import HarnessError, SutError
+from phd.reaper import ledger
 from phd.wait import wait_until
 
 __all__ = [
@@ -396,6 +397,7 @@ class ProcessDownstairs(_Lifecycle):
         self.data_dir = data_dir
         self.log_path = log_path or (data_dir.parent / f"{name}.log")
         self._proc: subprocess.Popen[bytes] | None = None
+        self._ledger_entry: Path | None = None
 
     def _create_region(self, uuid: str, block_size: int, extent_size: int, extent_count: int) -> None:
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -420,6 +422,8 @@ class ProcessDownstairs(_Lifecycle):
                 [*self.cmd, "run", "-d", str(self.data_dir), "-a", "127.0.0.1",
                  "-p", str(self.host_port)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        # Written before anything can fail, so a SIGKILLed run's next run reaps it.
+        self._ledger_entry = ledger().record_process(self._proc.pid, f"downstairs {self.name}")
         self._wait_listening(seen, self._exited)
 
     def _exited(self) -> str | None:
@@ -442,11 +446,18 @@ class ProcessDownstairs(_Lifecycle):
             self._proc.wait(STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             self._sigkill(paused=False)
+        self._forget()
 
     def _sigkill(self, *, paused: bool) -> None:
         assert self._proc is not None
         self._signal(signal.SIGKILL)  # kills a SIGSTOPped process too
         self._proc.wait()
+        self._forget()
+
+    def _forget(self) -> None:
+        if self._ledger_entry is not None:
+            ledger().forget(self._ledger_entry)
+            self._ledger_entry = None
 
     def _freeze(self) -> None:
         assert self._proc is not None

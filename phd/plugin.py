@@ -22,6 +22,7 @@ from phd.downstairs import default_process_cmd, sweep_leftovers
 from phd.errors import ArtifactUnavailable
 from phd.factory import DiskFactory, VmFactory
 from phd.framework import Framework, PhdConfig
+from phd.reaper import reap_dead_owners
 
 _OPTIONS: list[tuple[str, dict[str, Any], str]] = [
     ("--phd-server-cmd", {}, "server under test, as a command line (default: the reference server)"),
@@ -107,6 +108,11 @@ def phd_config(pytestconfig: pytest.Config) -> PhdConfig:
 
 @pytest.fixture(scope="session")
 def phd_framework(pytestconfig: pytest.Config, phd_config: PhdConfig) -> Iterator[Framework]:
+    # Servers and process downstairs of runs that were killed outright (SIGKILL, OOM) are
+    # stopped before this run starts its own (containers: see _phd_docker_swept).
+    reaped = reap_dead_owners()
+    if reaped:
+        sys.stderr.write("\nphd: cleaned up after dead runs: " + "; ".join(reaped) + "\n")
     fw = Framework(phd_config, pytestconfig._phd_session)  # type: ignore[attr-defined]
     yield fw
     fw.close()

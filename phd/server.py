@@ -20,6 +20,7 @@ from typing import BinaryIO
 import httpx
 
 from phd.errors import HarnessError, PhdError
+from phd.reaper import ledger
 from phd.wait import wait_until
 
 __all__ = ["ServerProcess"]
@@ -39,6 +40,7 @@ class ServerProcess:
         self.env = {**os.environ, **(env or {})}
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: BinaryIO | None = None
+        self._ledger: list[Path] = []
 
     @property
     def base_url(self) -> str:
@@ -56,6 +58,10 @@ class ServerProcess:
             self._close_log()
             raise HarnessError(f"cannot start server {shlex.join(self.argv)}: {exc}; "
                                "check --phd-server-cmd") from exc
+        # Before anything can fail: if this run is SIGKILLed, the next one stops this server
+        # (which stops its VM) and removes its run directory.
+        self._ledger = [ledger().record_process(self._proc.pid, f"server on port {self.port}"),
+                        ledger().record_dir(self.data_dir)]
         try:
             wait_until(self._probe, lambda ok: ok, what=f"server on port {self.port} to answer",
                        timeout_s=self.ready_timeout_s, interval_s=0.05)
@@ -90,6 +96,10 @@ class ServerProcess:
                 proc.kill()
                 proc.wait()
         self._close_log()
+        if proc is not None and proc.returncode is not None:
+            for entry in self._ledger:  # the run directory is the VM factory's to remove
+                ledger().forget(entry)
+            self._ledger = []
         return proc.returncode if proc is not None else None
 
     def _close_log(self) -> None:
