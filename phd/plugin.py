@@ -87,7 +87,18 @@ def _build_config(config: pytest.Config) -> PhdConfig:
     )
 
 
+# Registered by the plugin, so a project using phd can run with --strict-markers without
+# repeating them in its own configuration.
+MARKERS = (
+    "vm: boots a real guest through the server under test (slow)",
+    "crucible: needs Crucible-style downstairs (Docker or processes)",
+    "integration: uses real processes, sockets or containers but boots no guest",
+)
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    for marker in MARKERS:
+        config.addinivalue_line("markers", marker)
     workerinput = getattr(config, "workerinput", None)
     config._phd_session = (workerinput or {}).get("phd_session") or uuidlib.uuid4().hex[:8]  # type: ignore[attr-defined]
     if config.pluginmanager.hasplugin("xdist"):

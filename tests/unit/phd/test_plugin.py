@@ -1,0 +1,89 @@
+"""The pytest plugin seen from a user's project (pytester): options, env vars, markers, xdist."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+REPO = Path(__file__).resolve().parents[3]
+MANIFEST = REPO / "artifacts" / "artifacts.toml"
+CONTRACT_OPTIONS = (
+    "--phd-server-cmd", "--phd-manifest", "--phd-artifact-dir", "--phd-tmp-dir", "--phd-guest",
+    "--phd-guests", "--phd-downstairs", "--phd-output-mode", "--phd-keep-on-failure",
+    "--phd-accel", "--phd-regression",
+)
+
+
+def test_help_lists_every_contract_option(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest("--help")
+    assert result.ret == 0
+    text = result.stdout.str()
+    missing = [opt for opt in CONTRACT_OPTIONS if opt not in text]
+    assert missing == [], f"options missing from --help: {missing}"
+
+
+def test_markers_are_registered_by_the_plugin(pytester: pytest.Pytester) -> None:
+    # The project configures no markers itself; --strict-markers must still accept phd's.
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.vm
+        @pytest.mark.crucible
+        @pytest.mark.integration
+        def test_marked():
+            pass
+    """)
+    result = pytester.runpytest("--strict-markers", "-m", "vm and crucible")
+    result.assert_outcomes(passed=1)
+
+
+def test_option_beats_env_var_beats_default(pytester: pytest.Pytester,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    pytester.makepyfile("""
+        def test_config(phd_config):
+            print("GUEST=" + phd_config.default_guest)
+            print("GUESTS=" + ",".join(phd_config.guests))
+            print("DOWNSTAIRS=" + phd_config.downstairs)
+            print("REGRESSIONS=" + ",".join(phd_config.regressions))
+    """)
+    monkeypatch.setenv("PHD_GUEST", "alpine")
+    monkeypatch.setenv("PHD_DOWNSTAIRS", "process")
+    monkeypatch.setenv("PHD_REGRESSION", "blocking-start")
+    result = pytester.runpytest("-s", "--phd-guest", "debian")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*GUEST=debian", "GUESTS=debian", "DOWNSTAIRS=process",
+                                 "REGRESSIONS=blocking-start"])
+
+
+def test_bad_choice_is_a_usage_error_naming_the_option(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest("--phd-downstairs", "kubernetes")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--phd-downstairs*invalid choice*kubernetes*"])
+
+
+def test_xdist_workers_share_one_session_and_get_distinct_ports(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import os
+        import pytest
+
+        @pytest.mark.parametrize("i", range(4))
+        def test_where(i, phd_framework, tmp_path_factory):
+            port = phd_framework.ports.allocate()
+            out = tmp_path_factory.getbasetemp().parent.parent / "seen"
+            out.mkdir(exist_ok=True)
+            worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+            (out / f"{worker}-{i}").write_text(f"{phd_framework.session_id} {port}")
+    """)
+    result = pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider",
+                                           f"--phd-manifest={MANIFEST}",
+                                           f"--basetemp={pytester.path / 'bt'}")
+    result.assert_outcomes(passed=4)
+    seen = [p.read_text().split() for p in (pytester.path / "seen").iterdir()]
+    workers = {p.name.split("-")[0] for p in (pytester.path / "seen").iterdir()}
+    assert workers == {"gw0", "gw1"}, f"both workers must have run tests: {workers}"
+    assert len({session for session, _ in seen}) == 1, f"one session id for the run: {seen}"
+    ports = [int(port) for _, port in seen]
+    assert len(set(ports)) == len(ports), f"ports must never repeat across workers: {ports}"
