@@ -135,23 +135,50 @@ def pytest_runtest_makereport(
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     item.stash.setdefault(_REPORTS, {})[report.when] = report
+    results = item.stash.get(_RESULTS_DIR, None)
+    if results is not None and report.failed:
+        # In the failure report itself (terminal, JUnit XML system-out) and as a JUnit property.
+        report.sections.append(("phd results", f"{results}\n{_RESULTS_HELP}"))
+        # JUnit XML writes the properties of the teardown report, made from the item's.
+        if ("phd_results", str(results)) not in item.user_properties:
+            item.user_properties.append(("phd_results", str(results)))
     return report
 
 
 _REPORTS = pytest.StashKey[dict[str, Any]]()
+_RESULTS_DIR = pytest.StashKey[Path]()
+_RESULTS_HELP = ("server logs (<vm>.server.log, QEMU argv in its 'launching qemu' line), serial "
+                 "transcripts (<vm>.serial.log), step logs (<vm>.steps.jsonl), VCRs sent "
+                 "(<vm>.<device>.vcr.jsonl), downstairs logs, server run dirs (QEMU log)")
 
 
 @pytest.fixture
 def phd_test_dir(request: pytest.FixtureRequest, phd_framework: Framework) -> Iterator[Path]:
     """Per-test results directory named after the node id; kept when the test fails."""
     path = phd_framework.test_dir(request.node.nodeid)
+    request.node.stash[_RESULTS_DIR] = path
     yield path
     reports = request.node.stash.get(_REPORTS, {})
     failed = any(r.failed for r in reports.values())
+    if failed:
+        _attach_to_allure(request.config, path)
     if failed or phd_framework.config.keep_on_failure:
         sys.stderr.write(f"\nphd: results of {request.node.nodeid} kept in {path}\n")
         return
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _attach_to_allure(config: pytest.Config, path: Path, max_bytes: int = 4 << 20) -> None:
+    """Attach the failed test's logs to its allure result (only when allure is recording)."""
+    if not config.pluginmanager.hasplugin("allure_pytest") or not config.getoption(
+            "allure_report_dir", default=None):
+        return
+    import allure  # only imported when allure-pytest is active
+
+    for item in sorted(path.rglob("*")):
+        if item.is_file() and item.stat().st_size <= max_bytes:
+            allure.attach.file(  # type: ignore[no-untyped-call]
+                str(item), name=str(item.relative_to(path)), attachment_type=allure.attachment_type.TEXT)
 
 
 @pytest.fixture

@@ -87,3 +87,28 @@ def test_xdist_workers_share_one_session_and_get_distinct_ports(pytester: pytest
     assert len({session for session, _ in seen}) == 1, f"one session id for the run: {seen}"
     ports = [int(port) for _, port in seen]
     assert len(set(ports)) == len(ports), f"ports must never repeat across workers: {ports}"
+
+
+def test_failure_report_names_the_results_dir_in_terminal_junit_and_allure(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile("""
+        def test_fails(phd_test_dir):
+            (phd_test_dir / "vm.server.log").write_text("server said hello")
+            assert False, "boom"
+
+        def test_passes(phd_test_dir):
+            (phd_test_dir / "vm.server.log").write_text("fine")
+    """)
+    tmp = pytester.path / "phd-tmp"
+    result = pytester.runpytest(f"--phd-manifest={MANIFEST}", f"--phd-tmp-dir={tmp}",
+                                "--junitxml=junit.xml", "--alluredir=allure")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*phd results*", f"{tmp}/*test_fails*"])
+    kept = [p.name for p in tmp.glob("*/*")]
+    assert len(kept) == 1 and "test_fails" in kept[0], f"only the failed test's dir is kept: {kept}"
+    junit = (pytester.path / "junit.xml").read_text()
+    assert 'name="phd_results"' in junit and "test_fails" in junit
+    attachments = [a.read_text() for a in (pytester.path / "allure").glob("*-attachment*")]
+    assert "server said hello" in attachments, attachments  # the failed test's log file
+    assert "fine" not in attachments  # nothing of the passing test
