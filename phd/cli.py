@@ -3,12 +3,17 @@
     phd sweep                       remove containers/volumes left behind by killed phd runs
     phd dsc run --dir DIR ...       a downstairs controller (like Crucible's dsc), foreground
     phd dsc cmd ACTION [I] ...      drive a running `phd dsc run` over its control API
+    phd artifacts list              the manifest's artifacts, their sources and cache state
+    phd artifacts fetch [KEY...]    download / check files (default: every file artifact)
+    phd artifacts build [KEY...]    run recipes, fetching their inputs (default: every recipe)
+    phd artifacts verify [KEY...]   re-hash cached files and report the bad ones
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shlex
 import shutil
@@ -18,6 +23,7 @@ import tempfile
 import threading
 import time
 import uuid as uuidlib
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -25,6 +31,10 @@ from typing import TYPE_CHECKING
 from phd.errors import PhdError
 
 if TYPE_CHECKING:  # the run-time imports stay lazy so `phd sweep` starts fast
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
+
+    from phd.artifacts import ArtifactStore
     from phd.dsc import DownstairsSet
     from phd.framework import Framework
 
@@ -45,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             return _dsc_run(args)
         if args.cmd == "dsc" and args.dsc_cmd == "cmd":
             return _dsc_cmd(parser, args)
+        if args.cmd == "artifacts":
+            return _artifacts(args)
     except PhdError as exc:
         print(f"phd: error: {exc}", file=sys.stderr)
         return 2
@@ -92,7 +104,33 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("member", nargs="?", type=int, help="member index (every action but state)")
     cmd.add_argument("--control", default=DSC_DEFAULT_CONTROL,
                      help=f"the control address of `phd dsc run` (default {DSC_DEFAULT_CONTROL})")
+    _artifacts_parser(sub)
     return parser
+
+
+def _artifacts_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    # --manifest/--artifact-dir are accepted before and after the action (`phd artifacts
+    # --manifest M list` and `phd artifacts list --manifest M`); SUPPRESS keeps an action's
+    # unset copy from overwriting the group's.
+    def locations(parser: argparse.ArgumentParser, default: object) -> None:
+        parser.add_argument("--manifest", type=Path, default=default,
+                            help="artifact manifest (default: $PHD_MANIFEST, else artifacts/artifacts.toml)")
+        parser.add_argument("--artifact-dir", type=Path, default=default,
+                            help="artifact cache (default: $PHD_ARTIFACT_DIR, else ~/.cache/phd/artifacts)")
+
+    art = sub.add_parser("artifacts", help="list, fetch, build and verify the manifest's artifacts")
+    locations(art, None)
+    art_sub = art.add_subparsers(dest="artifacts_cmd", required=True)
+    listing = art_sub.add_parser("list", help="key, kind, source and cache state of every artifact")
+    fetch = art_sub.add_parser("fetch", help="download and verify file artifacts (a recipe's KEY: "
+                               "its inputs)")
+    build = art_sub.add_parser("build", help="run recipes (fetching their inputs first)")
+    verify = art_sub.add_parser("verify", help="re-hash cached files; exit 1 if any is bad")
+    for action in (listing, fetch, build, verify):
+        locations(action, argparse.SUPPRESS)
+    for action in (fetch, build, verify):
+        action.add_argument("keys", nargs="*", metavar="KEY", help="manifest keys (default: all)")
+    build.add_argument("--force", action="store_true", help="rebuild even when the recipe's cache is current")
 
 
 def _sweep() -> int:
@@ -265,6 +303,172 @@ def _dsc_cmd(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return 1
     print(reply.text)
     return 0 if reply.is_success else 1
+
+
+# --- phd artifacts ---------------------------------------------------------------------------
+def _artifact_store(args: argparse.Namespace) -> ArtifactStore:
+    """The store with the pytest plugin's defaults, so the CLI sees the cache tests use."""
+    from phd.artifacts import ArtifactStore
+
+    root = Path(__file__).resolve().parent.parent
+    manifest = args.manifest or Path(os.environ.get("PHD_MANIFEST") or root / "artifacts" / "artifacts.toml")
+    artifact_dir = args.artifact_dir or Path(
+        os.environ.get("PHD_ARTIFACT_DIR") or Path.home() / ".cache" / "phd" / "artifacts")
+    return ArtifactStore(manifest, artifact_dir, root)
+
+
+def _artifacts(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    store = _artifact_store(args)
+    unknown = [key for key in getattr(args, "keys", []) if key not in store.entries]
+    if unknown:
+        print(f"phd: error: not in {store.manifest_path}: {', '.join(unknown)}; known: "
+              f"{', '.join(sorted(store.entries))}", file=sys.stderr)
+        return 2
+    out, err = Console(), Console(stderr=True)
+    if args.artifacts_cmd == "list":
+        return _artifacts_list(store, out)
+    if args.artifacts_cmd == "verify":
+        return _artifacts_verify(store, args.keys or None, out)
+    recipes = [k for k, e in store.entries.items() if e.source.recipe is not None]
+    if args.artifacts_cmd == "build":
+        return _artifacts_ensure(store, args.keys or recipes, err, force=args.force)
+    # fetch: files only; a recipe's key stands for the files it takes as inputs.
+    keys: list[str] = []
+    for key in args.keys or [k for k in store.entries if k not in recipes]:
+        keys += _file_inputs(store, key)
+    return _artifacts_ensure(store, list(dict.fromkeys(keys)), err, force=False)
+
+
+def _file_inputs(store: ArtifactStore, key: str) -> list[str]:
+    entry = store.entries[key]
+    if entry.source.recipe is None:
+        return [key]
+    return [k for ref in entry.source.inputs.values() for k in _file_inputs(store, ref)]
+
+
+def _print_rows(out: Console, header: tuple[str, ...], rows: Sequence[tuple[str, ...]],
+                title: str | None = None) -> None:
+    """A rich table on a terminal; tab-separated lines otherwise (pipes, CI logs, tests),
+    where a table would be cut to 80 columns and paths are what the reader needs."""
+    from rich.table import Table
+
+    if not out.is_terminal:
+        # Straight to the file: rich would expand the tabs into spaces.
+        out.file.writelines("\t".join(row) + "\n" for row in (header, *rows))
+        return
+    table = Table(*header, title=title, title_justify="left")
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+
+
+def _artifacts_list(store: ArtifactStore, out: Console) -> int:
+    rows = [(key, str(entry.kind), entry.source.describe(), store.status(key))
+            for key, entry in store.entries.items()]
+    _print_rows(out, ("key", "kind", "source", "state"), rows, title=str(store.manifest_path))
+    out.print(f"manifest: {store.manifest_path}\nartifact dir: {store.artifact_dir}", markup=False,
+              highlight=False, soft_wrap=True)
+    return 0
+
+
+def _artifacts_verify(store: ArtifactStore, keys: list[str] | None, out: Console) -> int:
+    checks = store.verify(keys)
+    rows = [(check.key or "(not in manifest)", check.status, str(check.path), check.detail)
+            for check in checks]
+    _print_rows(out, ("key", "status", "path", "detail"), rows)
+    bad = [c for c in checks if c.status == "bad"]
+    if bad:
+        out.print(f"{len(bad)} bad file(s): delete them, or run `phd artifacts fetch` / `build --force`, "
+                  "which replace them", markup=False, soft_wrap=True)
+        return 1
+    out.print(f"{sum(c.status == 'ok' for c in checks)} file(s) ok, none bad", markup=False, soft_wrap=True)
+    return 0
+
+
+def _artifacts_ensure(store: ArtifactStore, keys: list[str], err: Console, *, force: bool) -> int:
+    from rich.console import RenderableType
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        ProgressColumn,
+        SpinnerColumn,
+        Task,
+        TextColumn,
+        TimeElapsedColumn,
+        TransferSpeedColumn,
+    )
+    from rich.text import Text
+
+    from phd.errors import ArtifactUnavailable, HarnessError
+
+    class BytesOnly(ProgressColumn):
+        """Byte counts for downloads; nothing for a build (it has no total)."""
+
+        def __init__(self, inner: ProgressColumn) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def render(self, task: Task) -> RenderableType:
+            return Text("") if task.total is None else self.inner.render(task)
+
+    failed: list[str] = []
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+               BytesOnly(DownloadColumn()), BytesOnly(TransferSpeedColumn()), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=False) as bars:
+        sink = _RichProgress(bars)
+        for key in keys:
+            try:
+                path = store.ensure(key, progress=sink, force=force)
+            except (ArtifactUnavailable, HarnessError) as exc:
+                failed.append(key)
+                bars.console.print(f"{key}: {exc}", style="bold red", markup=False, highlight=False,
+                                   soft_wrap=True)
+            else:
+                bars.console.print(f"{key}: {path}", style="green", markup=False, highlight=False,
+                                   soft_wrap=True)
+    if failed:
+        err.print(f"{len(failed)} of {len(keys)} artifact(s) not available: {', '.join(failed)}",
+                  markup=False, highlight=False, soft_wrap=True)
+        return 1
+    return 0
+
+
+class _RichProgress:
+    """`phd.artifacts.Progress` drawn with rich: a byte bar per download, a spinner per build
+    whose text is the recipe's latest line (every line is also printed, for logs)."""
+
+    def __init__(self, bars: Progress) -> None:
+        self.bars = bars
+        self.tasks: dict[str, tuple[TaskID, int | None]] = {}  # key -> (task, total bytes)
+
+    def begin(self, key: str, what: str, total: int | None) -> None:
+        self.tasks[key] = (self.bars.add_task(what, total=total), total)
+
+    def advance(self, key: str, nbytes: int) -> None:
+        if key in self.tasks:
+            self.bars.advance(self.tasks[key][0], nbytes)
+
+    def line(self, key: str, text: str) -> None:
+        from rich.markup import escape
+
+        # Recipes already prefix their lines with their name (`alpine: ...`).
+        shown = text if text.startswith(f"{key}: ") else f"{key}: {text}"
+        self.bars.console.print(shown, style="dim", markup=False, highlight=False, soft_wrap=True)
+        if key in self.tasks:
+            self.bars.update(self.tasks[key][0], description=escape(shown[:70]))
+
+    def end(self, key: str) -> None:
+        if key in self.tasks:
+            task, total = self.tasks.pop(key)
+            if total is None:
+                # A build's spinner has no bytes to show once done; its result line says it all.
+                self.bars.remove_task(task)
+            else:
+                self.bars.update(task, completed=total)
+                self.bars.stop_task(task)
 
 
 if __name__ == "__main__":

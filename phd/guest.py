@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from phd.errors import SutError
 from phd.serial import SerialConsole
 
-__all__ = ["CommandResult", "GuestAdapter", "GuestCommandError", "TinyGuest", "adapter_for"]
+__all__ = ["AlpineGuest", "CommandResult", "GuestAdapter", "GuestCommandError", "TinyGuest",
+           "adapter_for"]
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,20 @@ class TinyGuest(GuestAdapter):
     boot_timeout_s = 120.0
 
 
-_ADAPTERS: dict[str, type[GuestAdapter]] = {"tiny": TinyGuest}
+class AlpineGuest(GuestAdapter):
+    """Alpine's minirootfs as an initramfs (`guests/alpine`): busybox getty/login, ash.
+
+    The hostname is `localhost` and `/etc/profile` sets PS1='\\h:\\w\\$ ', as on PHD's
+    Alpine image, so the prompts are PHD's Alpine adapter's.
+    """
+
+    name = "alpine"
+    login_prompt = "localhost login: "
+    shell_prompt = "localhost:~# "
+    boot_timeout_s = 120.0
+
+
+_ADAPTERS: dict[str, type[GuestAdapter]] = {"tiny": TinyGuest, "alpine": AlpineGuest}
 
 
 def adapter_for(guest: str) -> type[GuestAdapter]:

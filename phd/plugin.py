@@ -62,7 +62,12 @@ def _opt(config: pytest.Config, flag: str, default: str) -> str:
 
 
 def _build_config(config: pytest.Config) -> PhdConfig:
-    root = Path(str(config.rootpath))
+    # Recipes (guests/<name>/) ship with phd, wherever the project using the plugin lives; a
+    # project's own artifacts/artifacts.toml is preferred over phd's when it has one.
+    root = Path(__file__).resolve().parent.parent
+    project_manifest = Path(str(config.rootpath)) / "artifacts" / "artifacts.toml"
+    own_manifest = root / "artifacts" / "artifacts.toml"
+    default_manifest = project_manifest if project_manifest.is_file() else own_manifest
     regressions = config.getoption("phd_regression") or [
         r for r in os.environ.get("PHD_REGRESSION", "").split(",") if r]
     keep = config.getoption("phd_keep_on_failure") or os.environ.get("PHD_KEEP_ON_FAILURE") == "1"
@@ -70,7 +75,7 @@ def _build_config(config: pytest.Config) -> PhdConfig:
     return PhdConfig(
         server_cmd=tuple(shlex.split(_opt(config, "--phd-server-cmd",
                                           shlex.join([sys.executable, "-m", "sut.server"])))),
-        manifest=Path(_opt(config, "--phd-manifest", str(root / "artifacts" / "artifacts.toml"))),
+        manifest=Path(_opt(config, "--phd-manifest", str(default_manifest))),
         artifact_dir=Path(_opt(config, "--phd-artifact-dir",
                                str(Path.home() / ".cache" / "phd" / "artifacts"))),
         tmp_dir=Path(_opt(config, "--phd-tmp-dir", str(Path(tempfile.gettempdir()) / "phd"))),
@@ -208,6 +213,15 @@ def disk_factory(request: pytest.FixtureRequest, phd_framework: Framework, phd_t
     factory = DiskFactory(phd_framework, request.node.nodeid, phd_test_dir)
     yield factory
     factory.close()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest) -> Iterator[Any]:
+    # A fixture that needs a guest or an image (module-scoped `tiny`, say) is a SKIP too.
+    try:
+        return (yield)
+    except ArtifactUnavailable as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.hookimpl(wrapper=True)

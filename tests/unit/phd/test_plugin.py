@@ -112,3 +112,20 @@ def test_failure_report_names_the_results_dir_in_terminal_junit_and_allure(
     attachments = [a.read_text() for a in (pytester.path / "allure").glob("*-attachment*")]
     assert "server said hello" in attachments, attachments  # the failed test's log file
     assert "fine" not in attachments  # nothing of the passing test
+
+
+def test_an_unavailable_artifact_in_a_fixture_is_a_skip_not_an_error(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import pytest
+        from phd import ArtifactUnavailable
+
+        @pytest.fixture(scope="module")
+        def guest():
+            raise ArtifactUnavailable("guest 'alpine'", "put the tarball at /somewhere")
+
+        def test_uses_guest(guest):
+            pass
+    """)
+    result = pytester.runpytest("-rs")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*SKIPPED*alpine*put the tarball at /somewhere*"])

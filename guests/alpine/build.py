@@ -1,0 +1,249 @@
+"""Build the alpine guest into ``--out DIR`` from a minirootfs tarball, cached by input hash.
+
+    guests/alpine/build --out DIR --input minirootfs=PATH [--force]
+
+Output: the recipe interface of guests/README.md (``vmlinuz``, ``initrd.img``, ``cmdline``,
+``guest.json``). The input hash covers the recipe's files, the tiny recipe's modules it
+imports (kernel, cpio and module-order code), the exact Debian kernel package version and
+the sha256 of the tarball's content (not its path: the artifact store may hand over the
+same file from its cache or from a user's ``local_path``). Building, locking and the atomic
+rename work as in the tiny recipe, whose helpers this reuses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from guests.alpine.assemble import Assembled, AssemblyError, assemble
+from guests.tiny import debian, kmods
+
+# The tiny recipe's directory swap and completeness check: the same interface, one copy.
+from guests.tiny.build import _replace_dir, read_metadata, recipe_digest
+
+__all__ = [
+    "CMDLINE",
+    "LOGIN_PROMPT",
+    "SHELL_PROMPT",
+    "BuildError",
+    "BuildResult",
+    "Inputs",
+    "build",
+    "input_hash",
+    "main",
+]
+
+RECIPE = "alpine"
+SCHEMA = 1
+RECIPE_DIR = Path(__file__).resolve().parent
+TINY_DIR = RECIPE_DIR.parent / "tiny"
+# The tiny files that shape this guest's output (tiny's rootfs does not).
+SHARED_FILES = ("assemble.py", "cpio.py", "debian.py", "kmods.py")
+LOGIN_PROMPT = "localhost login: "
+LOGIN_USER = "root"
+SHELL_PROMPT = "localhost:~# "  # Alpine's /etc/profile: PS1='\h:\w\$ '
+# rdinit: busybox init straight from the initramfs (the minirootfs has no /init).
+# quiet keeps the console short; panic=-1 ends QEMU (-no-reboot) on a panic.
+CMDLINE = "console=ttyS0 rdinit=/sbin/init quiet panic=-1"
+LOCK_TIMEOUT_S = 900.0
+
+
+class BuildError(Exception):
+    """The guest could not be built; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Inputs:
+    kernel: debian.Package
+    minirootfs: Path
+    minirootfs_sha256: str
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    out: Path
+    built: bool  # False when the cache was already current
+    metadata: dict[str, Any]
+
+
+def _log(message: str) -> None:
+    print(f"alpine: {message}", file=sys.stderr, flush=True)
+
+
+def shared_digest() -> str:
+    digest = hashlib.sha256()
+    for name in SHARED_FILES:
+        digest.update(name.encode() + b"\0" + hashlib.sha256((TINY_DIR / name).read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def input_hash(inputs: Inputs, recipe: str) -> str:
+    payload = json.dumps(
+        {
+            "schema": SCHEMA,
+            "recipe": recipe,
+            "shared": shared_digest(),
+            "kernel": str(inputs.kernel),
+            "minirootfs": inputs.minirootfs_sha256,
+            "cmdline": CMDLINE,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def resolve_inputs(minirootfs: Path) -> Inputs:
+    if not minirootfs.is_file():
+        raise BuildError(f"--input minirootfs={minirootfs}: no such file")
+    return Inputs(debian.kernel_package(), minirootfs.resolve(), _sha256(minirootfs))
+
+
+def _is_current(out: Path, wanted: str) -> dict[str, Any] | None:
+    meta = read_metadata(out)
+    return meta if meta is not None and meta.get("input_hash") == wanted else None
+
+
+Assembler = Callable[..., Assembled]
+
+
+def build(
+    out: Path,
+    minirootfs: Path,
+    *,
+    force: bool = False,
+    resolve: Callable[[Path], Inputs] = resolve_inputs,
+    assembler: Assembler = assemble,
+    lock_timeout: float = LOCK_TIMEOUT_S,
+) -> BuildResult:
+    """Make ``out`` hold the alpine guest for this tarball; build only when stale.
+
+    ``resolve`` and ``assembler`` are seams for unit tests.
+    """
+    out = out.resolve()
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"--out {out} exists and is not a directory: choose another path")
+    try:
+        inputs = resolve(minirootfs)
+    except debian.DebianError as exc:
+        raise BuildError(f"cannot resolve the kernel package: {exc}") from exc
+    wanted = input_hash(inputs, recipe_digest(RECIPE_DIR))
+
+    meta = None if force else _is_current(out, wanted)
+    if meta is not None:
+        _log(f"{out} is up to date ({wanted[:12]})")
+        return BuildResult(out, built=False, metadata=meta)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out.parent / f"{out.name}.lock"))
+    try:
+        lock.acquire(timeout=lock_timeout)
+    except Timeout as exc:
+        raise BuildError(f"another build has held {lock.lock_file} for {lock_timeout:.0f} s: "
+                         "wait for it, or remove the lock file if no build is running") from exc
+    try:
+        meta = None if force else _is_current(out, wanted)
+        if meta is not None:
+            _log(f"{out} was built by a concurrent build ({wanted[:12]})")
+            return BuildResult(out, built=False, metadata=meta)
+        if out.exists() and any(out.iterdir()) and read_metadata(out) is None:
+            raise BuildError(f"--out {out} is a non-empty directory that holds no guest build; "
+                             "refusing to replace it: pass an empty or new directory")
+        return BuildResult(out, built=True, metadata=_build_into(out, inputs, wanted, assembler))
+    finally:
+        lock.release()
+
+
+def _build_into(out: Path, inputs: Inputs, wanted: str, assembler: Assembler) -> dict[str, Any]:
+    started = time.monotonic()
+    _log(f"building into {out} (inputs {inputs.kernel}, {inputs.minirootfs.name} "
+         f"{inputs.minirootfs_sha256[:12]})")
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
+    try:
+        with tempfile.TemporaryDirectory(prefix="phd-alpine-work-") as work:
+            try:
+                made = assembler(inputs.kernel, inputs.minirootfs, Path(work), staging, cmdline=CMDLINE)
+            except (debian.DebianError, kmods.ModuleError, AssemblyError) as exc:
+                raise BuildError(str(exc)) from exc
+        meta: dict[str, Any] = {
+            "schema": SCHEMA,
+            "recipe": RECIPE,
+            "input_hash": wanted,
+            "kernel_version": made.kernel_version,
+            "kernel_package": inputs.kernel.name,
+            "kernel_package_version": inputs.kernel.version,
+            "minirootfs": inputs.minirootfs.name,
+            "minirootfs_sha256": inputs.minirootfs_sha256,
+            "alpine_release": made.alpine_release,
+            "modules": list(made.modules),
+            "cmdline": CMDLINE,
+            "login_prompt": LOGIN_PROMPT,
+            "login_user": LOGIN_USER,
+            "shell_prompt": SHELL_PROMPT,
+            "files": {"kernel": "vmlinuz", "initrd": "initrd.img", "cmdline": "cmdline"},
+            "sha256": {name: _sha256(staging / name) for name in ("vmlinuz", "initrd.img")},
+            "build_seconds": round(time.monotonic() - started, 2),
+        }
+        # guest.json last: its presence marks the directory complete.
+        (staging / "guest.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        staging.chmod(0o755)
+        _replace_dir(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _log(f"built {out} in {meta['build_seconds']} s")
+    return meta
+
+
+def _parse_inputs(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[str, Path]:
+    inputs: dict[str, Path] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name or not value:
+            parser.error(f"--input takes NAME=PATH, got {pair!r}")
+        inputs[name] = Path(value)
+    unknown = sorted(set(inputs) - {"minirootfs"})
+    if unknown:
+        parser.error(f"unknown --input {', '.join(unknown)}; this recipe takes minirootfs=PATH")
+    if "minirootfs" not in inputs:
+        parser.error("needs --input minirootfs=PATH: the Alpine minirootfs tarball "
+                     "(`phd artifacts build alpine` passes the manifest's alpine-minirootfs)")
+    return inputs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="guests/alpine/build",
+        description="Build the alpine guest (Alpine minirootfs + Debian kernel as an initramfs).",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--input", action="append", default=[], metavar="NAME=PATH",
+                        help="minirootfs=PATH: alpine-minirootfs-<version>-x86_64.tar.gz")
+    parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    args = parser.parse_args(argv)
+    inputs = _parse_inputs(parser, args.input)
+    try:
+        result = build(args.out, inputs["minirootfs"], force=args.force)
+    except BuildError as exc:
+        print(f"alpine: error: {exc}", file=sys.stderr)
+        return 1
+    print(result.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
