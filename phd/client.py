@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import json
+import time
 from typing import Any
 
 import httpx
@@ -65,10 +66,31 @@ class ServerClient:
         self.request("PUT", "/instance/state", expect=(204,), json_body=requested)
 
     def state_monitor(self, gen: int, timeout_s: float) -> tuple[InstanceState, int]:
-        """Long-poll until the state generation reaches `gen` (or the HTTP timeout)."""
-        body = self.request("GET", "/instance/state-monitor", expect=(200,),
-                            params={"gen": gen}, timeout_s=timeout_s).json()
-        return InstanceState(body["state"]), int(body["gen"])
+        """Long-poll until the state generation reaches `gen`, a final state, or `timeout_s`.
+
+        The server bounds one long-poll (``--long-poll-max-s``) and then answers the
+        current, older generation; this polls again until `timeout_s` has passed and
+        then returns the last answer (generation below `gen`). Raises
+        ``httpx.TimeoutException`` only if the server answered nothing in time.
+        """
+        deadline = time.monotonic() + timeout_s
+        last: tuple[InstanceState, int] | None = None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 and last is not None:
+                return last
+            try:
+                body = self.request("GET", "/instance/state-monitor", expect=(200,),
+                                    params={"gen": gen}, timeout_s=max(remaining, 0.001)).json()
+            except httpx.TimeoutException:
+                if last is None:
+                    raise
+                return last
+            last = InstanceState(body["state"]), int(body["gen"])
+            # A final state never changes again: the server answers it at once, so
+            # polling on would only spin until the deadline.
+            if last[1] >= gen or last[0] in (InstanceState.DESTROYED, InstanceState.FAILED):
+                return last
 
     # --- disks ------------------------------------------------------------------------
     def replace_vcr(self, backend_id: str, vcr: dict[str, Any], timeout_s: float) -> str:

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.message
 import enum
 import logging
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
-from fastapi import Body, FastAPI, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi import Body, FastAPI, Path, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from sut.server.backends import BackendError, ReplacementRejectedError
 from sut.server.driver import InstanceGoneError, NoSuchBackendError
@@ -19,7 +24,13 @@ from sut.server.instance import Instance, VmConfig
 from sut.server.qemu import QemuError
 from sut.server.request_queue import DenyReason, RequestDeniedError, RequestKind
 from sut.server.serial import SerialNotConnectedError
-from sut.server.spec import InstanceEnsureRequest, VcrReplaceRequest
+from sut.server.spec import BACKEND_ID_PATTERN, InstanceEnsureRequest, InstanceProperties, VcrReplaceRequest
+from sut.server.states import InstanceState
+
+# Generations, offsets and byte counts are 64-bit in Propolis and never get near the
+# largest signed 64-bit value; a larger query value is a client bug, answered 400.
+MAX_QUERY_INT = 2**63 - 1
+DEFAULT_LONG_POLL_MAX_S = 60.0
 
 
 class ApiError(Exception):
@@ -46,12 +57,96 @@ _KIND = {
 }
 
 
+# --- response bodies ---------------------------------------------------------------
+# These describe the answers in /openapi.json. Handlers build them with validation, so
+# an answer that drifts from the document is a 500 (which the fuzz test reports), not a
+# silent surprise for a client.
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx answer (CONTRACT: ``{"error": CODE, "message": text}``)."""
+
+    # VCR rejections add "rule"; other codes may add fields later.
+    model_config = ConfigDict(extra="allow")
+
+    error: str
+    message: str
+
+
+class InstanceView(BaseModel):
+    properties: InstanceProperties
+    state: InstanceState
+    gen: int = Field(ge=1)
+
+
+class InstanceResponse(BaseModel):
+    instance: InstanceView
+
+
+class StateMonitorResponse(BaseModel):
+    gen: int = Field(ge=1)
+    state: InstanceState
+
+
+class SerialHistoryResponse(BaseModel):
+    data: list[Annotated[int, Field(ge=0, le=255)]]
+    last_byte_offset: int = Field(ge=0)
+
+
+class VcrReplaceResponse(BaseModel):
+    # The same names as sut.server.backends.REPLACE_RESULTS.
+    result: Literal["Started", "StartedAlready", "CompletedAlready", "VcrMatches", "Missing"]
+
+
+class DiskStatusResponse(BaseModel):
+    # A crucible disk adds its backend's status (activation, downstairs, ...).
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["file", "crucible"]
+    backend_id: str
+    vm_state: InstanceState
+    vm_gen: int = Field(ge=1)
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "Malformed request: the message names the field and the reason",
+    403: "The request queue denied the request; the message says why",
+    404: "No instance, or no disk with this backend id",
+    409: "This server already has an instance",
+    410: "The instance stopped before the request was handled",
+    424: "No live instance (never created or already Destroyed)",
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorBody, "description": _ERROR_DESCRIPTIONS[code]} for code in codes}
+
+
+BackendId = Annotated[
+    str,
+    Path(
+        pattern=BACKEND_ID_PATTERN,
+        description="`<device>-backend` (CONTRACT); a malformed id is 400, an unknown one 404",
+        examples=["d0-backend"],
+    ),
+]
+
+
 class ServerController:
     """Holds the (single) instance of this server, like propolis-server."""
 
-    def __init__(self, config: VmConfig, logger: logging.Logger) -> None:
+    def __init__(
+        self,
+        config: VmConfig,
+        logger: logging.Logger,
+        *,
+        long_poll_max_s: float = DEFAULT_LONG_POLL_MAX_S,
+    ) -> None:
+        if not long_poll_max_s > 0:
+            raise ValueError(f"long_poll_max_s must be positive, got {long_poll_max_s}")
         self.config = config
         self.log = logger
+        self.long_poll_max_s = long_poll_max_s
         self.instance: Instance | None = None
         self._create_lock = asyncio.Lock()
 
@@ -85,17 +180,89 @@ class ServerController:
             await self.instance.driver.shutdown()
 
 
-def _format_validation(exc: RequestValidationError) -> str:
+def _shown_input(value: object) -> str:
+    # Scalars are what the client sent for this one field; an object or array
+    # can be a whole body: name its kind instead of repeating it.
+    if isinstance(value, dict):
+        return " (got a JSON object)"
+    if isinstance(value, list):
+        return " (got a JSON array)"
+    if value is None:
+        return " (got null)"
+    text = repr(value)
+    return f" (got {text[:77]}...)" if len(text) > 80 else f" (got {text})"
+
+
+def _json_content_type(request: Request) -> bool:
+    value = request.headers.get("content-type")
+    if not value:
+        return False
+    message = email.message.Message()
+    message["content-type"] = value
+    subtype = message.get_content_subtype()
+    is_json = subtype == "json" or subtype.endswith("+json")
+    return message.get_content_maintype() == "application" and is_json
+
+
+def _format_validation(exc: RequestValidationError, request: Request) -> str:
+    """One ``field: reason (got value)`` per error, for a human reading a test log."""
+    if isinstance(exc.body, bytes | bytearray) and exc.body and not _json_content_type(request):
+        # FastAPI leaves a body it did not parse as bytes; the pydantic
+        # error ("should be a valid dictionary") would hide the real cause.
+        got = request.headers.get("content-type") or "no Content-Type"
+        return f"body: send JSON with Content-Type: application/json (got {got!r})"
     parts = []
     for error in exc.errors():
-        loc = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
-        parts.append(f"{loc}: {error.get('msg', 'invalid')}")
+        loc = tuple(error.get("loc", ()))
+        if error.get("type") == "json_invalid":
+            position = loc[1] if len(loc) > 1 else "?"
+            reason = error.get("ctx", {}).get("error", "invalid JSON")
+            parts.append(f"body: invalid JSON at character {position}: {reason}")
+            continue
+        field = ".".join(str(p) for p in loc if p != "body") or "body"
+        if error.get("type") == "missing":
+            # The input of a missing field is its parent: nothing to show.
+            reason = "a JSON body is required" if field == "body" else error.get("msg", "missing")
+        else:
+            reason = error.get("msg", "invalid") + _shown_input(error.get("input"))
+        parts.append(f"{field}: {reason}")
     return "; ".join(parts)
+
+
+def _allowed_methods(app: FastAPI, request: Request) -> str:
+    # Starlette's own 405 lists only the first route of the path; /instance has
+    # a GET route and a PUT route, so collect the methods of every match.
+    methods: set[str] = set()
+    for route in app.router.routes:
+        if isinstance(route, Route) and route.methods:
+            match, _ = route.matches(request.scope)
+            if match is not Match.NONE:
+                methods |= route.methods
+    return ", ".join(sorted(methods))
+
+
+def _bounded_openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """The OpenAPI document without FastAPI's 422 answers (this server answers 400)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for path_item in doc.get("paths", {}).values():
+                for operation in path_item.values():
+                    operation.get("responses", {}).pop("422", None)
+            schemas = doc.get("components", {}).get("schemas", {})
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(unused, None)
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    return openapi
 
 
 def create_app(controller: ServerController) -> FastAPI:
     app = FastAPI(title="phd reference VMM server", version="0.1.0")
     app.state.controller = controller
+    app.openapi = _bounded_openapi(app)  # type: ignore[method-assign]
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -103,30 +270,43 @@ def create_app(controller: ServerController) -> FastAPI:
         return JSONResponse(body, status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
-    async def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI answers 422; the CONTRACT says a malformed body is 400.
-        return JSONResponse({"error": "BadRequest", "message": _format_validation(exc)}, status_code=400)
+        message = _format_validation(exc, request)
+        return JSONResponse({"error": "BadRequest", "message": message}, status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "HttpError")
-        return JSONResponse({"error": code, "message": str(exc.detail)}, status_code=exc.status_code)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 404:
+            message = f"no route {request.url.path!r}; see /openapi.json"
+        elif exc.status_code == 405:
+            headers["Allow"] = _allowed_methods(app, request)
+            message = f"{request.method} is not allowed on {request.url.path!r}; allowed: {headers['Allow']}"
+        elif exc.status_code == 400 and exc.__cause__ is not None:
+            # FastAPI's "There was an error parsing the body" hides the reason, for
+            # instance an integer with more digits than Python will convert.
+            message = f"body: {exc.detail}: {exc.__cause__}"
+        else:
+            message = str(exc.detail)
+        code = {400: "BadRequest", 404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "HttpError")
+        return JSONResponse({"error": code, "message": message}, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> JSONResponse:
         controller.log.exception("unhandled error in request", exc_info=exc)
         return JSONResponse({"error": "Internal", "message": repr(exc)}, status_code=500)
 
-    @app.put("/instance", status_code=201)
-    async def instance_ensure(body: InstanceEnsureRequest) -> dict[str, object]:
+    @app.put("/instance", status_code=201, responses=_errors(400, 409))
+    async def instance_ensure(body: InstanceEnsureRequest) -> InstanceResponse:
         instance = await controller.ensure(body)
-        return {"instance": instance.describe()}
+        return InstanceResponse.model_validate({"instance": instance.describe()})
 
-    @app.get("/instance")
-    async def instance_get() -> dict[str, object]:
-        return {"instance": controller.require().describe()}
+    @app.get("/instance", responses=_errors(404))
+    async def instance_get() -> InstanceResponse:
+        return InstanceResponse.model_validate({"instance": controller.require().describe()})
 
-    @app.put("/instance/state", status_code=204)
+    @app.put("/instance/state", status_code=204, responses=_errors(400, 403, 424))
     async def instance_state_put(requested: Annotated[RequestedState, Body()]) -> Response:
         instance = controller.require_live()
         try:
@@ -135,32 +315,51 @@ def create_app(controller: ServerController) -> FastAPI:
             raise ApiError(403, "RequestDenied", str(exc)) from exc
         return Response(status_code=204)
 
-    @app.get("/instance/state-monitor")
-    async def state_monitor(gen: Annotated[int, Query(ge=0)] = 0) -> dict[str, object]:
-        snapshot = await controller.require().driver.monitor.wait_for_gen(gen)
-        return {"gen": snapshot.gen, "state": str(snapshot.state)}
+    @app.get("/instance/state-monitor", responses=_errors(400, 404))
+    async def state_monitor(
+        gen: Annotated[
+            int,
+            Query(
+                ge=0,
+                le=MAX_QUERY_INT,
+                description="wait until the state generation is >= gen; after the server's "
+                "--long-poll-max-s the CURRENT state is answered (gen may be lower: poll again)",
+            ),
+        ] = 0,
+    ) -> StateMonitorResponse:
+        monitor = controller.require().driver.monitor
+        # A long-poll is bounded (like a Kubernetes watch timeout): a client
+        # that went away, or asked for a generation that never comes, holds a
+        # request for at most long_poll_max_s.
+        try:
+            async with asyncio.timeout(controller.long_poll_max_s):
+                snapshot = await monitor.wait_for_gen(gen)
+        except TimeoutError:
+            snapshot = monitor.current
+        return StateMonitorResponse(gen=snapshot.gen, state=snapshot.state)
 
-    @app.get("/instance/serial/history")
+    @app.get("/instance/serial/history", responses=_errors(400, 404))
     async def serial_history(
-        from_start: Annotated[int | None, Query(ge=0)] = None,
-        most_recent: Annotated[int | None, Query(ge=0)] = None,
-        max_bytes: Annotated[int | None, Query(ge=0)] = None,
-    ) -> dict[str, object]:
+        from_start: Annotated[int | None, Query(ge=0, le=MAX_QUERY_INT)] = None,
+        most_recent: Annotated[int | None, Query(ge=0, le=MAX_QUERY_INT)] = None,
+        max_bytes: Annotated[int | None, Query(ge=0, le=MAX_QUERY_INT)] = None,
+    ) -> SerialHistoryResponse:
         if from_start is not None and most_recent is not None:
-            raise ApiError(400, "BadRequest", "give from_start or most_recent, not both")
+            raise ApiError(400, "BadRequest", "from_start, most_recent: give one of them, not both")
         piece = controller.require().serial.history(
             from_start=from_start, most_recent=most_recent, max_bytes=max_bytes
         )
         # Propolis's shape: raw bytes as a list of integers plus the offset
-        # just past them (the next from_start).
-        return {"data": list(piece.data), "last_byte_offset": piece.end_offset}
+        # just past them (the next from_start). Bytes are 0..255 by construction;
+        # validating up to 1 MiB of them would triple the cost of the answer.
+        return SerialHistoryResponse.model_construct(data=list(piece.data), last_byte_offset=piece.end_offset)
 
     @app.websocket("/instance/serial")
     async def serial_ws(ws: WebSocket) -> None:
         await _serial_session(controller, ws)
 
-    @app.put("/instance/disk/{backend_id}/vcr")
-    async def vcr_replace(backend_id: str, body: VcrReplaceRequest) -> dict[str, object]:
+    @app.put("/instance/disk/{backend_id}/vcr", responses=_errors(400, 403, 404, 410))
+    async def vcr_replace(backend_id: BackendId, body: VcrReplaceRequest) -> VcrReplaceResponse:
         instance = controller.require()
         try:
             result = await instance.driver.replace_vcr(backend_id, body.vcr_json)
@@ -178,13 +377,13 @@ def create_app(controller: ServerController) -> FastAPI:
             raise ApiError(403, "RequestDenied", str(exc)) from exc
         except ReplacementRejectedError as exc:
             raise ApiError(400, "ReplacementRejected", str(exc), {"rule": exc.rule}) from exc
-        return {"result": result}
+        return VcrReplaceResponse.model_validate({"result": result})
 
-    @app.get("/instance/disk/{backend_id}/status")
-    async def disk_status(backend_id: str) -> dict[str, object]:
+    @app.get("/instance/disk/{backend_id}/status", responses=_errors(400, 404))
+    async def disk_status(backend_id: BackendId) -> DiskStatusResponse:
         instance = controller.require()
         try:
-            return instance.disk_status(backend_id)
+            return DiskStatusResponse.model_validate(instance.disk_status(backend_id))
         except NoSuchBackendError as exc:
             raise ApiError(
                 404,
@@ -203,6 +402,13 @@ async def _serial_session(controller: ServerController, ws: WebSocket) -> None:
         most_recent = int(params["most_recent"]) if "most_recent" in params else None
     except ValueError:
         await ws.close(code=1008, reason="from_start / most_recent must be integers")
+        return
+    # The same rules as GET /instance/serial/history.
+    if any(value is not None and not 0 <= value <= MAX_QUERY_INT for value in (from_start, most_recent)):
+        await ws.close(code=1008, reason=f"from_start / most_recent must be in 0..{MAX_QUERY_INT}")
+        return
+    if from_start is not None and most_recent is not None:
+        await ws.close(code=1008, reason="from_start, most_recent: give one of them, not both")
         return
     if instance is None:
         await ws.close(code=1008, reason="no instance; create one with PUT /instance")

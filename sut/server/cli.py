@@ -15,7 +15,7 @@ from pathlib import Path
 import uvicorn
 
 from sut.server import logs
-from sut.server.api import ServerController, create_app
+from sut.server.api import DEFAULT_LONG_POLL_MAX_S, ServerController, create_app
 from sut.server.instance import VmConfig
 from sut.server.regressions import ALL_REGRESSIONS, Regressions, UnknownRegressionError
 
@@ -33,6 +33,16 @@ def _listen(value: str) -> tuple[str, int]:
     if not sep or not 0 <= number <= 65535:
         raise argparse.ArgumentTypeError(f"expected IP:PORT such as 127.0.0.1:9000, got {value!r}")
     return host, number
+
+
+def _positive_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {value!r}")
+    return seconds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--qemu",
         default=os.environ.get(QEMU_ENV, "qemu-system-x86_64"),
         help=f"QEMU binary (default qemu-system-x86_64, or ${QEMU_ENV})",
+    )
+    parser.add_argument(
+        "--long-poll-max-s",
+        type=_positive_seconds,
+        default=DEFAULT_LONG_POLL_MAX_S,
+        metavar="SECONDS",
+        help="longest a GET /instance/state-monitor waits before answering the current state "
+        f"(default {DEFAULT_LONG_POLL_MAX_S:g})",
     )
     return parser
 
@@ -125,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         accel=args.accel,
         qemu_binary=args.qemu,
     )
-    controller = ServerController(config, log)
+    controller = ServerController(config, log, long_poll_max_s=args.long_poll_max_s)
     log.info(
         "server starting",
         extra={
@@ -133,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             "data_dir": str(config.data_dir),
             "regressions": sorted(regressions.names),
             "accel": args.accel,
+            "long_poll_max_s": args.long_poll_max_s,
         },
     )
     uv_config = uvicorn.Config(

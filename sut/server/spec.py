@@ -7,6 +7,7 @@ is wrong, instead of failing later inside QEMU with an obscure message.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -17,20 +18,47 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    JsonValue,
     Tag,
     field_validator,
     model_validator,
 )
 
 # Device names end up in QEMU ids, node names and unix socket file names.
-_DEVICE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+_DEVICE_NAME_RE = r"[A-Za-z][A-Za-z0-9_-]{0,31}"
+_DEVICE_NAME = re.compile(rf"^{_DEVICE_NAME_RE}$")
+# A backend id is "<device>-backend" (see backend_id()); the API rejects any
+# other shape (slashes, "..", NUL, ...) with 400 before looking it up.
+BACKEND_ID_PATTERN = rf"^{_DEVICE_NAME_RE}-backend$"
+
+
+# Documentation only (the validators below enforce it): lets /openapi.json say that
+# paths are absolute and which device names are valid, so a client generated from the
+# document, or a fuzzer, knows the shape without reading this module.
+_ABSOLUTE_PATH_SCHEMA: dict[str, JsonValue] = {"pattern": "^/"}
+_DEVICE_NAMES_SCHEMA: dict[str, JsonValue] = {"propertyNames": {"pattern": _DEVICE_NAME.pattern}}
+AbsolutePath = Annotated[Path, Field(json_schema_extra=_ABSOLUTE_PATH_SCHEMA)]
+
+
+def _shown_path(value: Path) -> str:
+    # JSON can carry lone surrogates ("\ud800") that no file name has; escaped here,
+    # because pydantic cannot build an error message that contains one.
+    text = str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= 200 else f"{text[:200]}... ({len(text)} characters)"
 
 
 def _existing_file(value: Path) -> Path:
     if not value.is_absolute():
-        raise ValueError(f"path must be absolute, got {str(value)!r}")
-    if not value.is_file():
-        raise ValueError(f"file does not exist: {value} (create it or fix the path)")
+        raise ValueError(f"path must be absolute, got {_shown_path(value)!r}")
+    try:
+        exists = value.is_file()
+    except OSError as exc:
+        # is_file() answers False only for "no such file"; a name too long or a
+        # directory the server may not search raises. Both are the client's path
+        # problem: a ValueError here is a 400 naming the field, not a 500.
+        raise ValueError(f"cannot check {_shown_path(value)}: {exc.strerror or exc}") from None
+    if not exists:
+        raise ValueError(f"file does not exist: {_shown_path(value)} (create it or fix the path)")
     return value
 
 
@@ -45,8 +73,8 @@ class Board(_Model):
 
 
 class KernelBoot(_Model):
-    kernel: Path
-    initrd: Path | None = None
+    kernel: AbsolutePath
+    initrd: AbsolutePath | None = None
     cmdline: str = "console=ttyS0"
 
     @field_validator("kernel", "initrd")
@@ -62,7 +90,7 @@ class FirmwareBoot(_Model):
 
 class FileBackend(_Model):
     type: Literal["file"]
-    path: Path
+    path: AbsolutePath
     readonly: bool = False
 
     @field_validator("path")
@@ -99,7 +127,8 @@ class Disk(_Model):
 
 
 class Forward(_Model):
-    host: str
+    # The pattern documents the shape; _loopback() below enforces it (and the range).
+    host: str = Field(json_schema_extra={"pattern": r"^127\.\d{1,3}\.\d{1,3}\.\d{1,3}:\d{1,5}$"})
     guest_port: int = Field(ge=1, le=65535)
 
     @field_validator("host")
@@ -134,8 +163,8 @@ class Nic(_Model):
 class InstanceSpec(_Model):
     board: Board = Field(default_factory=Board)
     boot: Boot
-    disks: dict[str, Disk] = Field(default_factory=dict)
-    nics: dict[str, Nic] = Field(default_factory=dict)
+    disks: dict[str, Disk] = Field(default_factory=dict, json_schema_extra=_DEVICE_NAMES_SCHEMA)
+    nics: dict[str, Nic] = Field(default_factory=dict, json_schema_extra=_DEVICE_NAMES_SCHEMA)
 
     @field_validator("disks", "nics", mode="before")
     @classmethod
@@ -161,6 +190,17 @@ class InstanceProperties(BaseModel):
 
     id: UUID
     name: str = Field(min_length=1, max_length=63)
+
+    @model_validator(mode="after")
+    def _echoable_extras(self) -> InstanceProperties:
+        # Extra fields are echoed by every GET /instance: one that cannot be written
+        # back as JSON (a lone surrogate, Infinity) would turn each of those into a 500.
+        for key, value in (self.model_extra or {}).items():
+            try:
+                json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
+            except (ValueError, UnicodeEncodeError) as exc:
+                raise ValueError(f"extra field {key!r} cannot be echoed back as JSON: {exc}") from None
+        return self
 
 
 class InstanceEnsureRequest(_Model):

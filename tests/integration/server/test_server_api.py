@@ -5,10 +5,19 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+from phd.client import InstanceState, ServerClient
+from sut.server.cli import build_parser
 
 from .conftest import ServerProcess, qemu_pids_for, start_server
 
@@ -23,6 +32,11 @@ def ensure_body(kernel: Path, disk: Path | None = None) -> dict[str, object]:
     if disk is not None:
         spec["disks"] = {"d0": {"interface": "virtio", "backend": {"type": "file", "path": str(disk)}}}
     return {"properties": {"id": str(uuid.uuid4()), "name": "t"}, "spec": spec}
+
+
+JSON = "application/json"
+MONITOR = "/instance/state-monitor"
+HISTORY = "/instance/serial/history"
 
 
 @pytest.fixture
@@ -47,21 +61,270 @@ def test_openapi_document_lists_contract_paths(server: ServerProcess) -> None:
 
 
 @pytest.mark.parametrize(
-    ("content", "needle"),
+    ("content", "content_type", "needles"),
     [
-        (b"{not json", "json"),
-        (b'{"properties": {"name": "x"}}', "spec"),
-        (b'{"properties": {"id": "nope", "name": "x"}, "spec": {"boot": {"kernel": "/k"}}}', "id"),
+        pytest.param(
+            b"{not json", JSON, ["body: invalid json at character 1", "property name"], id="invalid-json"
+        ),
+        pytest.param(b'{"properties": {"name": "x"}}', JSON, ["spec: field required"], id="missing-spec"),
+        pytest.param(
+            b'{"properties": {"id": "nope", "name": "x"}, "spec": {"boot": {"kernel": "/k"}}}',
+            JSON,
+            ["properties.id:", "uuid", "(got 'nope')"],
+            id="bad-uuid",
+        ),
+        pytest.param(
+            b'{"properties": {}}', "text/plain", ["content-type: application/json", "text/plain"],
+            id="wrong-content-type",
+        ),
+        pytest.param(
+            b'{"properties": {}}', None, ["content-type: application/json", "no content-type"],
+            id="no-content-type",
+        ),
+        pytest.param(b"", JSON, ["body: a json body is required"], id="empty"),
+        pytest.param(b"[1, 2]", JSON, ["body:", "valid dictionary", "got a json array"], id="array"),
     ],
-    ids=["invalid-json", "missing-spec", "bad-uuid"],
 )
-def test_malformed_ensure_is_400_json(server: ServerProcess, content: bytes, needle: str) -> None:
+def test_malformed_ensure_is_400_json(
+    server: ServerProcess, content: bytes, content_type: str | None, needles: list[str]
+) -> None:
+    headers = {} if content_type is None else {"content-type": content_type}
     with server.client() as http:
-        response = http.put("/instance", content=content, headers={"content-type": "application/json"})
-    assert response.status_code == 400
+        response = http.put("/instance", content=content, headers=headers)
+    assert response.status_code == 400, response.text
     body = response.json()
     assert body["error"] == "BadRequest"
-    assert needle in body["message"].lower()
+    for needle in needles:
+        assert needle in body["message"].lower(), (needle, body["message"])
+
+
+def _valid_body(kernel: Path) -> dict[str, Any]:
+    return ensure_body(kernel, kernel)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "needles"),
+    [
+        pytest.param(
+            lambda b: b["spec"]["board"].update(cpus=10**30),
+            ["spec.board.cpus:", "less than or equal to 32"],
+            id="huge",
+        ),
+        pytest.param(
+            lambda b: b["spec"]["board"].update(memory_mib=-1),
+            ["spec.board.memory_mib:", "greater than", "-1"],
+            id="negative",
+        ),
+        pytest.param(
+            lambda b: b["spec"]["board"].update(cpus=1.5), ["spec.board.cpus:", "integer", "1.5"], id="float"
+        ),
+        pytest.param(
+            lambda b: b["spec"].update(bogus=1), ["spec.bogus: extra inputs are not"], id="unknown-spec"
+        ),
+        pytest.param(
+            lambda b: b["spec"]["board"].update(turbo=True),
+            ["spec.board.turbo: extra inputs are not permitted"],
+            id="unknown-board",
+        ),
+        pytest.param(
+            lambda b: b.update(surplus={}),
+            ["surplus: extra inputs are not permitted", "json object"],
+            id="unknown-top",
+        ),
+        pytest.param(
+            lambda b: b["spec"]["disks"]["d0"]["backend"].update(cache="none"),
+            ["spec.disks.d0.backend.file.cache: extra inputs are not permitted"],
+            id="unknown-backend",
+        ),
+        pytest.param(
+            lambda b: b["spec"]["boot"].update(kernel="vmlinuz"),
+            ["spec.boot.kernel", "must be absolute"],
+            id="relative-path",
+        ),
+        pytest.param(
+            lambda b: b["spec"]["disks"].update({"../x": b["spec"]["disks"]["d0"]}),
+            ["invalid device name"],
+            id="traversal-name",
+        ),
+    ],
+)
+def test_spec_errors_name_field_and_reason(
+    server: ServerProcess, some_file: Path, mutate: Callable[[dict[str, Any]], None], needles: list[str]
+) -> None:
+    body = _valid_body(some_file)
+    mutate(body)
+    with server.client() as http:
+        response = http.put("/instance", json=body)
+        assert response.status_code == 400, response.text
+        message = response.json()["message"].lower()
+        for needle in needles:
+            assert needle in message, (needle, message)
+        # Control: the same body without the mutation is accepted.
+        assert http.put("/instance", json=_valid_body(some_file)).status_code == 201
+
+
+def _raw_body(kernel: str, properties_extra: str = "") -> bytes:
+    # Raw text: these bodies hold what a JSON encoder refuses to write (lone surrogates,
+    # Infinity) but a JSON decoder accepts.
+    properties = f'{{"id": "{uuid.uuid4()}", "name": "t"{properties_extra}}}'
+    return f'{{"properties": {properties}, "spec": {{"boot": {{"kernel": "{kernel}"}}}}}}'.encode()
+
+
+@pytest.mark.parametrize(
+    ("make_body", "needles"),
+    [
+        pytest.param(
+            lambda k: _raw_body("/" + "k" * 300),
+            ["spec.boot.kernel", "file name too long"],
+            id="name-too-long",
+        ),
+        pytest.param(
+            lambda k: _raw_body("/\\ud800"), ["spec.boot.kernel", "file does not exist: /\\ud800"],
+            id="surrogate-path",
+        ),
+        pytest.param(
+            lambda k: _raw_body(k, ', "note": "\\ud800"'),
+            ["properties:", "'note' cannot be echoed back as json", "surrogates not allowed"],
+            id="surrogate-extra",
+        ),
+        pytest.param(
+            lambda k: _raw_body(k, ', "size": 1e400'),
+            ["properties:", "'size' cannot be echoed back as json", "out of range float"],
+            id="infinite-extra",
+        ),
+        pytest.param(
+            lambda k: _raw_body(k, ', "size": ' + "9" * 5000), ["body:", "5000 digits"], id="5000-digit-int"
+        ),
+    ],
+)
+def test_bodies_that_broke_the_server_are_400(
+    server: ServerProcess, some_file: Path, make_body: Callable[[str], bytes], needles: list[str]
+) -> None:
+    # Regressions (fuzz findings): a path component over NAME_MAX made Path.is_file()
+    # raise (500); a lone surrogate in a path could not go into pydantic's error (500);
+    # an extra property that cannot be written back as JSON created the instance, then
+    # failed its 201 and every later GET /instance (500).
+    with server.client() as http:
+        body = make_body(str(some_file))
+        response = http.put("/instance", content=body, headers={"content-type": JSON})
+        assert response.status_code == 400, response.text
+        message = response.json()["message"].lower()
+        for needle in needles:
+            assert needle in message, (needle, message)
+        assert http.get("/instance").status_code == 404, "a rejected body created an instance"
+    assert not [line for line in server.log_lines() if line.get("msg") == "unhandled error in request"]
+
+
+def test_extra_properties_are_echoed(server: ServerProcess, some_file: Path) -> None:
+    body = _valid_body(some_file)
+    body["properties"]["description"] = "Propolis carries more descriptive fields"
+    with server.client() as http:
+        assert http.put("/instance", json=body).status_code == 201
+        echoed = http.get("/instance").json()["instance"]["properties"]
+    assert echoed["description"] == body["properties"]["description"]
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "needles"),
+    [
+        pytest.param(MONITOR, {"gen": "-1"}, ["query.gen:", "greater than or equal", "'-1'"], id="negative"),
+        pytest.param(
+            MONITOR, {"gen": str(2**64)}, ["query.gen:", "less than or equal to 9223372036854775807"],
+            id="huge",
+        ),
+        pytest.param(MONITOR, {"gen": "1e3"}, ["query.gen:", "valid integer", "'1e3'"], id="float"),
+        pytest.param(MONITOR, {"gen": "9" * 5000}, ["query.gen:", "maximum size", "..."], id="digits"),
+        pytest.param(
+            HISTORY, {"from_start": "-5"}, ["query.from_start:", "greater than or equal"], id="from-start"
+        ),
+        pytest.param(HISTORY, {"most_recent": "x"}, ["query.most_recent:", "integer", "'x'"], id="text"),
+        pytest.param(HISTORY, {"max_bytes": "-1"}, ["query.max_bytes:", "greater than"], id="max-bytes"),
+        pytest.param(
+            HISTORY, {"from_start": "0", "most_recent": "1"}, ["from_start, most_recent:", "not both"],
+            id="both",
+        ),
+    ],
+)
+def test_query_errors_name_field_and_reason(
+    server: ServerProcess, path: str, params: dict[str, str], needles: list[str]
+) -> None:
+    # Parameters are checked before the instance is looked up: no instance needed.
+    with server.client() as http:
+        response = http.get(path, params=params)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "BadRequest"
+    message = response.json()["message"].lower()
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
+# A literal ".." never reaches the server (the client resolves dot segments); "%2E%2E"
+# is decoded to ".." by the server and so is the traversal case.
+@pytest.mark.parametrize(
+    "bad_id", ["%2E%2E", "d0", "d0-backend.bak", "%00-backend", "-backend", "a" * 40 + "-backend"]
+)
+def test_malformed_backend_id_is_400(server: ServerProcess, some_file: Path, bad_id: str) -> None:
+    with server.client() as http:
+        assert http.put("/instance", json=ensure_body(some_file, some_file)).status_code == 201
+        for response in (
+            http.get(f"/instance/disk/{bad_id}/status"),
+            http.put(f"/instance/disk/{bad_id}/vcr", json={"vcr_json": "{}"}),
+        ):
+            assert response.status_code == 400, response.text
+            assert response.json()["message"].startswith("path.backend_id: String should match pattern")
+        # Control: a well-formed id is looked up (200 for the disk, 404 for an unknown one).
+        assert http.get("/instance/disk/d0-backend/status").status_code == 200
+        unknown = http.get("/instance/disk/zz-backend/status")
+        assert unknown.status_code == 404 and unknown.json()["error"] == "NoSuchBackend"
+
+
+def test_slash_in_backend_id_is_no_route(server: ServerProcess) -> None:
+    # %2F is decoded before routing, so this is another path, not a backend id.
+    with server.client() as http:
+        response = http.get("/instance/disk/..%2F..%2Fetc%2Fpasswd/status")
+    assert response.status_code == 404
+    assert response.json()["error"] == "NotFound"
+    assert "/etc/passwd" in response.json()["message"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("DELETE", "/instance", "GET, PUT"),
+        ("POST", "/instance/state", "PUT"),
+        ("PUT", "/openapi.json", "GET, HEAD"),
+    ],
+)
+def test_405_names_every_allowed_method(server: ServerProcess, method: str, path: str, allow: str) -> None:
+    # Regression (fuzz finding): the 405 had no Allow header, and Starlette's own listed
+    # only the first route of a path (GET for /instance, where PUT is allowed too).
+    with server.client() as http:
+        response = http.request(method, path)
+    assert response.status_code == 405
+    assert response.headers["allow"] == allow
+    assert response.json()["error"] == "MethodNotAllowed"
+    assert allow in response.json()["message"]
+
+
+def test_openapi_documents_errors_and_no_422(server: ServerProcess) -> None:
+    # Regression (fuzz finding): the document promised 422 (the server answers 400) and
+    # none of 403/404/409/410/424, and described every answer as a free-form object.
+    with server.client() as http:
+        doc = http.get("/openapi.json").json()
+    assert "HTTPValidationError" not in doc["components"]["schemas"]
+    error_ref = {"$ref": "#/components/schemas/ErrorBody"}
+    for path, item in doc["paths"].items():
+        for method, operation in item.items():
+            responses = operation["responses"]
+            assert "422" not in responses, (method, path)
+            errors = {code: r for code, r in responses.items() if code >= "400"}
+            assert errors, f"{method} {path} documents no error answer"
+            for code, answer in errors.items():
+                assert answer["content"]["application/json"]["schema"] == error_ref, (method, path, code)
+            ok = [r for code, r in responses.items() if code.startswith("2") and code != "204"]
+            for answer in ok:
+                assert "$ref" in answer["content"]["application/json"]["schema"], (method, path)
+    assert doc["paths"]["/instance/state"]["put"]["responses"].keys() >= {"204", "400", "403", "424"}
 
 
 def test_missing_kernel_path_names_the_field(server: ServerProcess, tmp_path: Path) -> None:
@@ -120,6 +383,12 @@ def test_sigint_is_ignored_and_sigterm_exits_zero(server: ServerProcess) -> None
     assert any(line.get("msg") == "server stopped" for line in server.log_lines())
 
 
+def test_listens_on_loopback_by_default(tmp_path: Path) -> None:
+    args = build_parser().parse_args(["--data-dir", str(tmp_path)])
+    assert args.listen == ("127.0.0.1", 0)
+    assert args.long_poll_max_s == 60.0
+
+
 def test_unknown_regression_exits_2_listing_valid_names(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "sut.server", "--data-dir", str(tmp_path), "--regression", "nope"],
@@ -142,3 +411,72 @@ def test_valid_regressions_are_accepted(tmp_path: Path) -> None:
         assert started[0]["regressions"] == ["blocking-start", "multi-target-replace"]
     finally:
         assert srv.close() == 0
+
+
+def test_long_poll_is_bounded_and_the_client_polls_on(tmp_path: Path, some_file: Path) -> None:
+    # Regression (fuzz finding): GET /instance/state-monitor?gen=N for an N that never
+    # comes held the request forever; a fuzzer (or a client gone away) saw a hang.
+    bound_s = 0.5
+    srv = start_server(tmp_path, "--long-poll-max-s", str(bound_s))
+    client = ServerClient(srv.base_url)
+    try:
+        with srv.client() as http:
+            assert http.put("/instance", json=ensure_body(some_file)).status_code == 201
+            started = time.monotonic()
+            answer = http.get("/instance/state-monitor", params={"gen": 50})
+            waited = time.monotonic() - started
+        assert answer.status_code == 200
+        assert answer.json() == {"gen": 1, "state": "Creating"}
+        assert bound_s * 0.8 <= waited < bound_s + 3.0, waited
+
+        requests: list[httpx.Request] = []
+        client._http.event_hooks["request"].append(requests.append)
+        started = time.monotonic()
+        assert client.state_monitor(50, timeout_s=3 * bound_s) == (InstanceState.CREATING, 1)
+        waited = time.monotonic() - started
+        # It kept polling past one server bound, and stopped at its own timeout.
+        assert len(requests) >= 3, requests
+        assert 3 * bound_s * 0.9 <= waited < 3 * bound_s + 3.0, waited
+
+        requests.clear()
+        assert client.state_monitor(1, timeout_s=30) == (InstanceState.CREATING, 1)
+        assert len(requests) == 1
+
+        # A final state is answered at once and ends the polling, whatever gen was asked.
+        client.put_state("Stop")
+        started = time.monotonic()
+        state, gen = client.state_monitor(50, timeout_s=30)
+        assert (state, gen) == (InstanceState.DESTROYED, 3)
+        assert time.monotonic() - started < 10.0
+    finally:
+        client.close()
+        assert srv.close() == 0
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_bad_long_poll_max_exits_2(tmp_path: Path, value: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sut.server", "--data-dir", str(tmp_path), f"--long-poll-max-s={value}"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "--long-poll-max-s" in result.stderr and "positive number of seconds" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "query", ["from_start=-1", "most_recent=-5", "from_start=0&most_recent=1", "from_start=x"]
+)
+def test_serial_websocket_rejects_bad_offsets(server: ServerProcess, some_file: Path, query: str) -> None:
+    ws_base = server.base_url.replace("http://", "ws://", 1) + "/instance/serial"
+    with server.client() as http:
+        assert http.put("/instance", json=ensure_body(some_file)).status_code == 201
+    # Closed before the handshake completes: the client sees the HTTP refusal.
+    with pytest.raises(InvalidStatus) as refused:
+        connect(f"{ws_base}?{query}", open_timeout=10).close()
+    assert refused.value.response.status_code == 403
+    # Control: the same session with a valid offset is accepted.
+    connect(f"{ws_base}?from_start=0", open_timeout=10).close()

@@ -1,0 +1,270 @@
+"""A bounded schemathesis fuzz of the real server against its own ``/openapi.json``.
+
+Deliverable 6: no 5xx, no hang, every 4xx in the CONTRACT's error shape and every answer
+as the document says, in three situations of one server: no instance; an instance in
+Creating (a file disk and a crucible disk whose targets never answer); and that instance
+after ``Run`` with a kernel that is not one (QEMU refuses it, the VM goes Failed).
+
+Each operation gets schemathesis's deterministic coverage cases (boundaries, missing and
+wrong-typed fields, unsupported methods and media types) and then a Hypothesis run of
+positive and negative cases. The server runs with a short ``--long-poll-max-s`` so a
+long-poll for a generation that never comes answers promptly instead of looking like a hang
+(most fuzzed generations are far ahead of the instance's).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import httpx
+import hypothesis
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, Phase, given
+from schemathesis import APIOperation, Case, CheckContext, GenerationMode
+
+from sut.storage.vcr import dump_vcr, region_volume
+
+from .conftest import ServerProcess, qemu_pids_for, start_server
+
+pytestmark = pytest.mark.integration
+
+Operation = APIOperation[Any, Any, Any, Any]
+
+LONG_POLL_MAX_S = 0.1
+# The slowest legitimate answer is a long-poll that runs to the server's bound; the slack
+# is for a loaded 2-core machine. A slower answer is a finding, not noise.
+RESPONSE_BOUND_S = LONG_POLL_MAX_S + 4.0
+# The client gives up later than the bound, so a hang fails the test with the request
+# that hung instead of blocking the run.
+REQUEST_TIMEOUT_S = RESPONSE_BOUND_S + 5.0
+EXAMPLES_PER_MODE = 50
+FINAL_STATE_DEADLINE_S = 30.0
+
+ENSURE = "PUT /instance"
+STATE_PUT = "PUT /instance/state"
+FILE_DISK, CRUCIBLE_DISK = "d0", "c0"
+# Generated backend ids almost never name a real disk: these runs reach the disks.
+KNOWN_BACKENDS = {"backend_id": f"{FILE_DISK}-backend"}, {"backend_id": f"{CRUCIBLE_DISK}-backend"}
+DISK_OPERATIONS = ["GET /instance/disk/{backend_id}/status", "PUT /instance/disk/{backend_id}/vcr"]
+
+CONFIG = schemathesis.Config.from_dict(
+    {
+        "checks": {
+            # The server validates meaning, not only shape (a kernel path must exist, Run
+            # needs a live instance): a schema-valid request may rightly get 400 or 424.
+            "positive_data_acceptance": {"enabled": False},
+            # No 5xx, not even a documented one (the CONTRACT: never 500).
+            "not_a_server_error": {"expected-statuses": ["2xx", "3xx", "4xx"]},
+            "max_response_time": RESPONSE_BOUND_S,
+        },
+    }
+)
+
+SETTINGS = hypothesis.settings(
+    max_examples=EXAMPLES_PER_MODE,
+    deadline=None,  # time is bounded per request by max_response_time instead
+    database=None,  # nothing written into the repository
+    phases=[Phase.explicit, Phase.generate, Phase.shrink],
+    suppress_health_check=list(HealthCheck),
+    print_blob=True,
+)
+
+
+def error_body_shape(ctx: CheckContext, response: schemathesis.Response, case: Case[Any]) -> bool | None:
+    """CONTRACT: every error is JSON ``{"error": CODE, "message": text}``."""
+    if response.status_code < 400:
+        return None
+    try:
+        body = response.json()
+    except ValueError as exc:
+        shown = response.content[:200]
+        raise AssertionError(f"{response.status_code} without a JSON body: {shown!r}") from exc
+    assert isinstance(body, dict), f"error body is not an object: {body!r}"
+    assert isinstance(body.get("error"), str) and body["error"], f"no error code: {body!r}"
+    assert isinstance(body.get("message"), str) and body["message"], f"no message: {body!r}"
+    return None
+
+
+@dataclass
+class Fuzzer:
+    """Runs cases against one server and keeps what it saw, for the test's own assertions."""
+
+    server: ServerProcess
+    schema: schemathesis.BaseSchema
+    session: requests.Session = field(default_factory=requests.Session)
+    statuses: Counter[tuple[str, int]] = field(default_factory=Counter)
+    created: list[Case[Any]] = field(default_factory=list)
+
+    def operations(self, *, only: Iterable[str] = (), skip: Iterable[str] = ()) -> Iterator[Operation]:
+        wanted, unwanted = set(only), set(skip)
+        for methods in self.schema.values():
+            for operation in methods.values():
+                if (not wanted or operation.label in wanted) and operation.label not in unwanted:
+                    yield operation
+
+    def fuzz(self, operations: Iterable[Operation], path_parameters: dict[str, str] | None = None) -> None:
+        for operation in operations:
+            fixed = path_parameters if operation.path_parameters else None
+            self._coverage(operation, fixed)
+            # Nothing to make invalid in a request without (unfixed) parameters or body.
+            free = [p for p in operation.iter_parameters() if not (fixed and p.name in fixed)]
+            negatable = bool(free) or bool(operation.body)
+            modes = [GenerationMode.POSITIVE] + ([GenerationMode.NEGATIVE] if negatable else [])
+            for mode in modes:
+                strategy = operation.as_strategy(mode, path_parameters=fixed)
+
+                @SETTINGS
+                @given(case=strategy)
+                def run(case: Case[Any]) -> None:
+                    self.check(case)
+
+                run()
+
+    def _coverage(self, operation: Operation, path_parameters: dict[str, str] | None) -> None:
+        cases = self.schema.iter_coverage_cases(
+            operation,
+            generation_modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE],
+            generation_config=self.schema.config.generation_for(operation=operation),
+        )
+        for case in cases:
+            if path_parameters and case.path_parameters:
+                case.path_parameters = {**case.path_parameters, **path_parameters}
+            self.check(case)
+
+    def check(self, case: Case[Any]) -> None:
+        response = case.call(base_url=self.server.base_url, session=self.session, timeout=REQUEST_TIMEOUT_S)
+        self.statuses[(case.operation.label, response.status_code)] += 1
+        if case.operation.label == ENSURE and response.status_code == 201:
+            self.created.append(case)
+        case.validate_response(response, additional_checks=[error_body_shape])
+
+    def assert_server_healthy(self) -> None:
+        assert self.server.proc.poll() is None, f"server exited; log:\n{self.server.log_path.read_text()}"
+        logged = self.server.log_lines()
+        unhandled = [line for line in logged if line.get("msg") == "unhandled error in request"]
+        assert not unhandled, f"the server logged unhandled errors: {unhandled}"
+
+    def close(self) -> None:
+        # Shown with the captured output of a failing test: what the fuzz reached.
+        print("answers per operation and status:", dict(sorted(self.statuses.items())))
+        self.session.close()
+
+
+@pytest.fixture
+def fuzzed(tmp_path: Path) -> Iterator[Fuzzer]:
+    server = start_server(tmp_path, "--long-poll-max-s", str(LONG_POLL_MAX_S))
+    try:
+        with server.client() as http:
+            document = http.get("/openapi.json").raise_for_status().json()
+        fuzzer = Fuzzer(server, schemathesis.openapi.from_dict(document, config=CONFIG))
+        try:
+            yield fuzzer
+        finally:
+            fuzzer.close()
+    finally:
+        code = server.close()
+        assert code == 0, f"server exit code {code}; log:\n{server.log_path.read_text()}"
+
+
+@pytest.fixture
+def dead_targets() -> Iterator[list[str]]:
+    """Three loopback addresses that refuse connections (bound, never listening)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(3)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        yield [f"127.0.0.1:{sock.getsockname()[1]}" for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_fuzz_without_instance(fuzzed: Fuzzer) -> None:
+    # PUT /instance last: a fuzzed spec may name an existing file as the kernel and
+    # create an instance, which would change the situation for the other operations.
+    fuzzed.fuzz(fuzzed.operations(skip=[ENSURE]))
+    fuzzed.fuzz(fuzzed.operations(only=[ENSURE]))
+    fuzzed.assert_server_healthy()
+    if fuzzed.created:
+        # A firmware-boot spec needs no file, so the fuzzer may well create one:
+        # then the server must hold exactly that instance, still Creating.
+        with fuzzed.server.client() as http:
+            instance = http.get("/instance").json()["instance"]
+        first = cast(dict[str, Any], fuzzed.created[0].body)
+        assert instance["properties"]["id"] == str(uuid.UUID(first["properties"]["id"]))
+        assert instance["state"] == "Creating"
+    assert fuzzed.statuses[("GET /instance", 404)] > 0
+    assert fuzzed.statuses[(STATE_PUT, 424)] > 0, "Run/Stop/Reboot never reached the no-instance check"
+    assert fuzzed.statuses[(ENSURE, 400)] > 0
+
+
+def test_fuzz_creating_then_failed(fuzzed: Fuzzer, tmp_path: Path, dead_targets: list[str]) -> None:
+    kernel = tmp_path / "not-a-kernel"
+    kernel.write_bytes(b"\0" * 512)  # QEMU rejects it: "invalid kernel header"
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"\0" * 65536)
+    vcr = dump_vcr(
+        region_volume(str(uuid.uuid4()), dead_targets, block_size=512, blocks_per_extent=64, extent_count=2)
+    )
+    spec = {
+        "board": {"cpus": 1, "memory_mib": 128},
+        "boot": {"kernel": str(kernel)},
+        "disks": {
+            FILE_DISK: {"interface": "virtio", "backend": {"type": "file", "path": str(disk)}},
+            CRUCIBLE_DISK: {"interface": "nvme", "backend": {"type": "crucible", "request_json": vcr}},
+        },
+    }
+    with fuzzed.server.client() as http:
+        properties = {"id": str(uuid.uuid4()), "name": "fuzz"}
+        created = http.put("/instance", json={"properties": properties, "spec": spec})
+        assert created.status_code == 201, created.text
+
+        # Creating: everything but state changes, with generated and with real backend ids.
+        fuzzed.fuzz(fuzzed.operations(skip=[STATE_PUT]))
+        for known in KNOWN_BACKENDS:
+            fuzzed.fuzz(fuzzed.operations(only=DISK_OPERATIONS), known)
+        assert http.get("/instance").json()["instance"]["state"] == "Creating"
+        fuzzed.assert_server_healthy()
+
+        # Run launches QEMU with the bogus kernel: the VM must fail promptly and cleanly.
+        assert http.put("/instance/state", json="Run").status_code == 204
+        final = wait_for_final_state(http)
+        assert final["state"] == "Failed", final
+        assert qemu_pids_for(fuzzed.server.data_dir) == []
+        # The argv QEMU refused is in the log, one line, for whoever debugs the failure.
+        launches = [line for line in fuzzed.server.log_lines() if line.get("msg") == "launching qemu"]
+        assert len(launches) == 1, launches
+        argv = launches[0]["argv"]
+        assert isinstance(argv, list) and argv[argv.index("-kernel") + 1] == str(kernel)
+
+        # Failed is final: every operation, state changes included, must still answer sanely.
+        fuzzed.fuzz(fuzzed.operations())
+        for known in KNOWN_BACKENDS:
+            fuzzed.fuzz(fuzzed.operations(only=DISK_OPERATIONS), known)
+        assert http.get("/instance/state-monitor", params={"gen": final["gen"]}).json() == final
+    fuzzed.assert_server_healthy()
+    assert fuzzed.statuses[(ENSURE, 409)] > 0
+    assert fuzzed.statuses[("GET /instance/disk/{backend_id}/status", 200)] > 0
+    assert fuzzed.statuses[("PUT /instance/disk/{backend_id}/vcr", 400)] > 0
+    assert fuzzed.statuses[(STATE_PUT, 403)] > 0, "state changes after Failed were never denied"
+
+
+def wait_for_final_state(http: httpx.Client) -> dict[str, Any]:
+    """Follow the (bounded) state monitor until Failed or Destroyed; report the last answer."""
+    deadline = time.monotonic() + FINAL_STATE_DEADLINE_S
+    last: dict[str, Any] = http.get("/instance/state-monitor").json()
+    while last["state"] not in ("Failed", "Destroyed"):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no final state within {FINAL_STATE_DEADLINE_S}s; last answer: {last}")
+        wanted = {"gen": last["gen"] + 1}
+        last = http.get("/instance/state-monitor", params=wanted, timeout=REQUEST_TIMEOUT_S).json()
+    return last
