@@ -161,7 +161,8 @@ def build_argv(
         if isinstance(backend, FileBackend):
             ro = "on" if backend.readonly else "off"
             blockdev = (
-                f"driver=raw,node-name={node},read-only={ro},file.driver=file,file.filename={backend.path}"
+                f"driver={backend.format},node-name={node},read-only={ro},"
+                f"file.driver=file,file.filename={backend.path}"
             )
         else:
             assert isinstance(backend, CrucibleBackendSpec)

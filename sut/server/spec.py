@@ -92,6 +92,9 @@ class FileBackend(_Model):
     type: Literal["file"]
     path: AbsolutePath
     readonly: bool = False
+    # qcow2 lets a test boot from a copy-on-write overlay of a guest image (the overlay names
+    # its backing file; QEMU opens that read-only). Extension to the CONTRACT; default raw.
+    format: Literal["raw", "qcow2"] = "raw"
 
     @field_validator("path")
     @classmethod

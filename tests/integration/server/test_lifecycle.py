@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -109,11 +110,17 @@ def _read_forward(port: int) -> bytes:
 def test_nvme_and_virtio_disks_and_a_host_forward(
     server: ServerProcess, tiny: GuestArtifact, tmp_path: Path
 ) -> None:
-    vda = raw_disk(tmp_path / "vda.raw", b"virtio-pattern")
+    base = raw_disk(tmp_path / "base.raw", b"virtio-pattern")
+    base.chmod(0o444)
+    # vda is a copy-on-write overlay of base (as the framework boots guest images).
+    vda = tmp_path / "vda.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base), str(vda)],
+                   check=True, stdin=subprocess.DEVNULL, timeout=30)
     nvme = raw_disk(tmp_path / "nvme.raw", b"nvme-pattern")
     ports = PortAllocator()
     host_port = ports.allocate()
-    disks = {"d0": file_disk(vda, "virtio"), "d1": file_disk(nvme, "nvme")}
+    disks = {"d0": {"interface": "virtio", "backend": {"type": "file", "path": str(vda), "format": "qcow2"}},
+             "d1": file_disk(nvme, "nvme")}
     nics = {"net0": {"type": "user", "forwards": [{"host": f"127.0.0.1:{host_port}", "guest_port": 7777}]}}
     try:
         with server.client() as http:
@@ -126,6 +133,9 @@ def test_nvme_and_virtio_disks_and_a_host_forward(
             assert guest.run("head -c 14 /dev/vda").output == "virtio-pattern"
             assert guest.run("head -c 12 /dev/nvme0n1").output == "nvme-pattern"
             guest.run("printf guest-wrote | dd of=/dev/nvme0n1 bs=512 seek=2048 conv=fsync 2>/dev/null")
+            guest.run("printf overlay | dd of=/dev/vda bs=512 seek=0 conv=notrunc,fsync 2>/dev/null")
+            guest.run("echo 3 > /proc/sys/vm/drop_caches")
+            assert guest.run("head -c 14 /dev/vda").output == "overlaypattern"
             for backend in ("d0-backend", "d1-backend"):
                 status = http.get(f"/instance/disk/{backend}/status").json()
                 assert status["type"] == "file" and status["vm_state"] == "Running", status
@@ -147,6 +157,7 @@ def test_nvme_and_virtio_disks_and_a_host_forward(
     with nvme.open("rb") as f:
         f.seek(2048 * 512)
         assert f.read(11) == b"guest-wrote"  # QEMU flushed before it quit
+    assert base.read_bytes()[:14] == b"virtio-pattern", "the overlay's base image must stay untouched"
     assert qemu_pids_for(server.data_dir) == []
 
 

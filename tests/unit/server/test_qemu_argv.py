@@ -96,3 +96,15 @@ def test_too_long_socket_path_is_a_clear_error(tmp_path: Path) -> None:
     run = RunDir(tmp_path / ("x" * 120))
     with pytest.raises(QemuError, match="shorter --data-dir"):
         run.check_socket_paths(["d0"])
+
+
+def test_qcow2_file_disks_and_poweroff_keeps_qemu_up(tmp_path: Path) -> None:
+    overlay = tmp_path / "overlay.qcow2"
+    overlay.write_bytes(b"QFI\xfb")
+    disks = {"boot0": {"interface": "virtio",
+                       "backend": {"type": "file", "path": str(overlay), "format": "qcow2"}}}
+    argv = build_argv(spec(tmp_path, disks=disks), RunDir(tmp_path))
+    assert pairs(argv, "-blockdev") == [
+        f"driver=qcow2,node-name=boot0-backend,read-only=off,file.driver=file,file.filename={overlay}"]
+    # A guest poweroff must leave QEMU up (paused) so the server tears down in order.
+    assert "-no-shutdown" in argv
