@@ -284,7 +284,10 @@ class StateDriver:
                 if exited.done():
                     self._log.error("QEMU exited unexpectedly", extra={"exit_code": exited.result()})
                     return InstanceState.FAILED
-                if guest.done():
+                # A poweroff is handled at once (nothing queued can apply to a machine that
+                # is off); a reset waits behind queued requests, so a guest that resets
+                # over and over cannot keep a Stop from being served.
+                if guest.done() and (guest.result() is GuestEvent.POWEROFF or not self._queue.has_ready()):
                     event = guest.result()
                     guest = asyncio.create_task(self._vm.guest_event(), name="guest-event")
                     if event is GuestEvent.RESET:
@@ -296,8 +299,11 @@ class StateDriver:
                             await self._publish(InstanceState.RUNNING)
                         continue
                     # The guest powered itself off: an orderly stop, as if a
-                    # Stop had been requested (queued requests get 410).
+                    # Stop had been requested, so the queue answers as it does then
+                    # (a Reboot now is refused; queued requests get 410).
                     self._log.info("guest powered off")
+                    with contextlib.suppress(RequestDeniedError):
+                        self._queue.try_queue(RequestKind.STOP)
                     await self._publish(InstanceState.STOPPING)
                     await self._stop_vm()
                     return InstanceState.DESTROYED
@@ -334,11 +340,23 @@ class StateDriver:
         """
         assert self._vm is not None
         while True:
-            done, _ = await asyncio.wait({guest}, timeout=REBOOT_SETTLE_S)
-            if not done or guest.result() is not GuestEvent.RESET:
-                return guest
-            self._log.info("reset absorbed into the current reboot")
-            guest = asyncio.create_task(self._vm.guest_event(), name="guest-event")
+            ready = asyncio.create_task(self._ready())
+            try:
+                await asyncio.wait({guest, ready}, timeout=REBOOT_SETTLE_S,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                ready.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ready
+            if guest.done() and guest.result() is GuestEvent.RESET:
+                self._log.info("reset absorbed into the current reboot")
+                guest = asyncio.create_task(self._vm.guest_event(), name="guest-event")
+                if not self._queue.has_ready():
+                    continue
+            # Settled (no reset for the window), or a poweroff (left in the done task), or a
+            # queued request: the reboot is over and the request (a Stop, say) is served
+            # next, even while a guest in a reset loop keeps sending resets.
+            return guest
 
     async def _apply(self, request: QueuedRequest[_Replacement]) -> None:
         replacement = request.payload
@@ -348,16 +366,26 @@ class StateDriver:
             return  # the HTTP caller went away
         backend = self._backends[replacement.backend_id]
         self._log.info("applying VCR replacement", extra={"backend_id": backend.backend_id})
+        answer = replacement.answer
         try:
             result = await backend.replace(replacement.vcr_json)
         except ReplacementRejectedError as exc:
-            replacement.answer.set_exception(exc)
+            outcome: BaseException | str = exc
         except Exception as exc:  # noqa: BLE001 - handed to the HTTP caller, not lost
             self._log.exception("VCR replacement failed", extra={"error": repr(exc)})
-            replacement.answer.set_exception(exc)
+            outcome = exc
         else:
             self._log.info("VCR replacement applied", extra={"result": result})
-            replacement.answer.set_result(result)
+            outcome = result
+        # The caller may have gone while the backend worked (a client timeout, or uvicorn
+        # cancelling handlers at shutdown): its answer is then already cancelled, and the
+        # replacement stays applied; that must not fail the instance.
+        if answer.done():
+            return
+        if isinstance(outcome, BaseException):
+            answer.set_exception(outcome)
+        else:
+            answer.set_result(outcome)
 
     async def _stop_vm(self) -> None:
         """Quit QEMU and close backends; publishes Stopped (Destroyed comes last)."""

@@ -192,7 +192,12 @@ class RequestQueue(Generic[T]):
         return self._terminate(QueueState.FAILED)
 
     def _terminate(self, state: QueueState) -> list[QueuedRequest[T]]:
-        self.state = state
+        # Terminal states are final: the first one wins. The driver notifies
+        # again from its teardown (notify_stopped after a served stop, or
+        # notify_failed when a step after the stop raised); that second call
+        # must not turn a Stopped queue into a Failed one or back.
+        if not self.state.terminal:
+            self.state = state
         self.awaiting_stop = False
         self.awaiting_reboot = False
         leftovers = list(self._state_changes) + list(self._component_changes)

@@ -28,6 +28,9 @@ class FakeVm:
         self.on_call = on_call
         self.exit = asyncio.get_running_loop().create_future()
         self.guest_events: asyncio.Queue[GuestEvent] = asyncio.Queue()
+        # A guest stuck in a reset loop (a kernel that triple-faults at once):
+        # every wait for a guest event sees another reset.
+        self.guest_reset_loop = False
 
     async def _call(self, name: str) -> None:
         self.calls.append(name)
@@ -56,6 +59,9 @@ class FakeVm:
         self.exit.set_result(code)
 
     async def guest_event(self) -> GuestEvent:
+        if self.guest_reset_loop:
+            await scheduling_points(1)
+            return GuestEvent.RESET
         return await self.guest_events.get()
 
     def guest_poweroff(self) -> None:
