@@ -15,7 +15,8 @@ from phd.errors import (
 )
 from phd.factory import DiskFactory, VmFactory
 from phd.guest import CommandResult, GuestCommandError
-from phd.vm import TestVm, VmConfig
+from phd.ssh import SshCommandError, SshResult, SshSession
+from phd.vm import FileDisk, TestVm, VmConfig
 from phd.wait import wait_until
 
 __all__ = [
@@ -23,11 +24,15 @@ __all__ = [
     "CommandResult",
     "CrucibleDisk",
     "DiskFactory",
+    "FileDisk",
     "GuestCommandError",
     "HarnessError",
     "InstanceState",
     "PhdError",
     "ServerError",
+    "SshCommandError",
+    "SshResult",
+    "SshSession",
     "SutError",
     "TestVm",
     "VmConfig",

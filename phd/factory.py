@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import re
 import shutil
+import subprocess
 import tempfile
 import uuid as uuidlib
 from collections.abc import Callable
@@ -17,16 +18,53 @@ from pathlib import Path
 
 from phd.crucible import CrucibleDisk
 from phd.downstairs import DockerDownstairs, Downstairs, ProcessDownstairs
-from phd.errors import HarnessError
+from phd.errors import ArtifactUnavailable, HarnessError
 from phd.framework import Framework
+from phd.guest import adapter_for
 from phd.server import ServerProcess
-from phd.vm import TestVm, VmConfig
+from phd.vm import BOOT_DEVICE, FileDisk, TestVm, VmConfig
 
-__all__ = ["DiskFactory", "VmFactory"]
+__all__ = ["DiskFactory", "VmFactory", "create_file_disk", "overlay_argv"]
 
 GIB = 1 << 30
 MIB = 1 << 20
 _NAME_OK = re.compile(r"^[a-z0-9][a-z0-9-]{0,40}$")
+
+
+def overlay_argv(base: Path, overlay: Path, base_format: str = "raw") -> list[str]:
+    """`qemu-img` argv for a qcow2 overlay whose reads fall through to `base` until written.
+
+    The backing path is absolute (qcow2 resolves a relative one against the overlay's own
+    folder, which is the test directory, not the artifact cache), and its format is named
+    (`-F`) so QEMU never probes it - probing a raw image is a known security hole.
+    """
+    return ["qemu-img", "create", "-q", "-f", "qcow2", "-F", base_format,
+            "-b", str(base.resolve()), str(overlay)]
+
+
+def create_file_disk(path: Path, *, base: Path | None = None, size_gib: int = 1) -> FileDisk:
+    """A file disk at `path`: a qcow2 overlay of `base` (its size), or a blank sparse raw
+    image of `size_gib` GiB. `base` is only ever read."""
+    if path.exists():
+        raise HarnessError(f"disk image {path} already exists: disk and VM names must be unique "
+                           "within a test")
+    name = path.stem
+    if base is None:
+        with path.open("xb") as f:
+            f.truncate(size_gib * GIB)
+        return FileDisk(name, path, "raw", size_gib * GIB)
+    if not base.is_file():
+        raise HarnessError(f"base image {base} does not exist")
+    argv = overlay_argv(base, path)
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,  # noqa: S603
+                              text=True, check=False)
+    except FileNotFoundError:
+        raise ArtifactUnavailable(f"a copy-on-write overlay of {base.name}",
+                                  "qemu-img is not installed: run ci/bootstrap (qemu-utils)") from None
+    if done.returncode != 0:
+        raise HarnessError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.strip()[-500:]}")
+    return FileDisk(name, path, "qcow2", base.stat().st_size, base=base)
 
 
 def _teardown_all(finalizers: list[Callable[[], None]], what: str) -> None:
@@ -51,13 +89,30 @@ class VmFactory:
         self._data_dirs: list[tuple[Path, Path]] = []
 
     def new_vm(self, name: str, *, guest: str | None = None, cpus: int = 2,
-               memory_mib: int = 512) -> TestVm:
+               memory_mib: int = 512, ssh: bool | None = None) -> TestVm:
+        """A VM of `guest` (default: --phd-guest), not yet launched.
+
+        A guest with a disk image boots from a copy-on-write overlay of it, `boot0` in the
+        test directory. `ssh`: forward a 127.0.0.1 port to the guest's sshd (a user-
+        networking NIC); None means "if the guest runs sshd".
+        """
         if not _NAME_OK.match(name):
             raise HarnessError(f"VM name {name!r} must match {_NAME_OK.pattern}")
         cfg = self.fw.config
         artifact = self.fw.artifacts.guest(guest or cfg.default_guest)
+        has_sshd = adapter_for(artifact.guest_os or artifact.name).has_sshd
+        if ssh and not has_sshd:
+            raise HarnessError(f"guest {artifact.name} runs no sshd, so ssh=True cannot work; "
+                               "check `vm.supports_ssh` or skip on this guest")
+        boot = None
+        if artifact.disk is not None:
+            boot = create_file_disk(self.test_dir / f"{name}.{BOOT_DEVICE}.qcow2", base=artifact.disk)
         port = self.fw.ports.allocate()
         self._ports.append(port)
+        ssh_port = None
+        if has_sshd if ssh is None else ssh:
+            ssh_port = self.fw.ports.allocate()
+            self._ports.append(ssh_port)
         log = None if cfg.output_mode == "null" else self.test_dir / f"{name}.server.log"
         # Unix socket paths are capped at 107 bytes, so the server's run directory lives
         # under a short path; its files are copied into the test directory at teardown.
@@ -66,8 +121,10 @@ class VmFactory:
         # The reference server reads its accelerator from SUT_SERVER_ACCEL (--phd-accel).
         server = ServerProcess(list(cfg.server_cmd), port, data_dir, log, regressions=cfg.regressions,
                                env={"SUT_SERVER_ACCEL": cfg.accel})
-        vm = TestVm(VmConfig(name, cpus, memory_mib), server, artifact, self.test_dir)
+        vm = TestVm(VmConfig(name, cpus, memory_mib, ssh_port), server, artifact, self.test_dir)
         self._vms.append(vm.close)
+        if boot is not None:
+            vm.add_file_disk(boot, device=BOOT_DEVICE)
         return vm
 
     def close(self) -> None:
@@ -135,6 +192,15 @@ class DiskFactory:
         disk = CrucibleDisk(name, size, block_size, extent, downstairs, black_hole, disk_id)
         self._disks.append(disk.destroy)
         return disk
+
+    def create_file_disk(self, name: str = "data", *, base: Path | None = None,
+                         size_gib: int = 1) -> FileDisk:
+        """A file disk in the test directory: a qcow2 overlay of `base`, or blank raw.
+        It goes away with the test directory (kept when the test fails)."""
+        if not _NAME_OK.match(name):
+            raise HarnessError(f"disk name {name!r} must match {_NAME_OK.pattern}")
+        suffix = "raw" if base is None else "qcow2"
+        return create_file_disk(self.test_dir / f"{name}.{suffix}", base=base, size_gib=size_gib)
 
     def _downstairs(self, name: str, port: int) -> Downstairs:
         cfg = self.fw.config

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from phd.errors import SutError
 from phd.serial import SerialConsole
 
-__all__ = ["AlpineGuest", "CommandResult", "GuestAdapter", "GuestCommandError", "TinyGuest",
-           "adapter_for"]
+__all__ = ["AlpineGuest", "CommandResult", "DebianGuest", "GuestAdapter", "GuestCommandError",
+           "TinyGuest", "adapter_for"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class GuestAdapter:
     user = "root"
     shell_prompt = "# "
     boot_timeout_s = 300.0  # PHD's cap for the whole login sequence
+    has_sshd = False  # the image runs sshd: its VMs get an SSH forward and `TestVm.ssh()` works
 
     def __init__(self, console: SerialConsole) -> None:
         self.console = console
@@ -93,7 +94,18 @@ class AlpineGuest(GuestAdapter):
     boot_timeout_s = 120.0
 
 
-_ADAPTERS: dict[str, type[GuestAdapter]] = {"tiny": TinyGuest, "alpine": AlpineGuest}
+class DebianGuest(GuestAdapter):
+    """Debian 12 of `guests/debian`: systemd's serial getty on ttyS0 (it prints the issue
+    banner, then the prompt), bash as root's shell (PHD's Debian prompts), and sshd."""
+
+    name = "debian"
+    login_prompt = "debian login: "
+    shell_prompt = "root@debian:~# "
+    has_sshd = True
+
+
+_ADAPTERS: dict[str, type[GuestAdapter]] = {"tiny": TinyGuest, "alpine": AlpineGuest,
+                                            "debian": DebianGuest}
 
 
 def adapter_for(guest: str) -> type[GuestAdapter]:

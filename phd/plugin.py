@@ -61,6 +61,21 @@ def _opt(config: pytest.Config, flag: str, default: str) -> str:
     return str(value)
 
 
+def _guests(config: pytest.Config) -> tuple[str, ...]:
+    """The guest matrix (--phd-guests), defaulting to the default guest alone."""
+    default_guest = _opt(config, "--phd-guest", "tiny")
+    return tuple(g.strip() for g in _opt(config, "--phd-guests", default_guest).split(",") if g.strip())
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # A test that takes `phd_guest` runs once per guest of the matrix, with the guest as its
+    # id (`test_x[debian]`); ids come from the options alone, so every xdist worker
+    # collects the same items.
+    if "phd_guest" in metafunc.fixturenames:
+        guests = _guests(metafunc.config)
+        metafunc.parametrize("phd_guest", guests, ids=list(guests))
+
+
 def _build_config(config: pytest.Config) -> PhdConfig:
     # Recipes (guests/<name>/) ship with phd, wherever the project using the plugin lives; a
     # project's own artifacts/artifacts.toml is preferred over phd's when it has one.
@@ -80,7 +95,7 @@ def _build_config(config: pytest.Config) -> PhdConfig:
                                str(Path.home() / ".cache" / "phd" / "artifacts"))),
         tmp_dir=Path(_opt(config, "--phd-tmp-dir", str(Path(tempfile.gettempdir()) / "phd"))),
         default_guest=default_guest,
-        guests=tuple(g for g in _opt(config, "--phd-guests", default_guest).split(",") if g),
+        guests=_guests(config),
         downstairs=_opt(config, "--phd-downstairs", "docker"),
         downstairs_cmd=tuple(shlex.split(_opt(config, "--phd-downstairs-cmd",
                                               shlex.join(default_process_cmd())))),

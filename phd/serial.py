@@ -26,10 +26,17 @@ _ESCAPES = re.compile(rb"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\x1b[()][A-Z
 
 _MAX_ESCAPE = 32  # longer than any escape a guest sends; a lone ESC is not held forever
 
+# A wait fails at once, with the last console lines, when one of these shows: waiting out a
+# boot timeout on a guest that can no longer reach its prompt helps nobody.
 DEFAULT_FAILURE_PATTERNS = (
     re.compile(r"Kernel panic - not syncing"),
     re.compile(r"\bOops: "),
-    re.compile(r"You are in emergency mode"),
+    re.compile(r"You are in (emergency|rescue) mode"),
+    re.compile(r"Give root password for maintenance"),
+    re.compile(r"BUG: soft lockup"),
+    re.compile(r"rcu_\w+ detected stalls"),
+    re.compile(r"Gave up waiting for root file system device"),
+    re.compile(r"Dropping to a shell!"),
 )
 
 

@@ -1,7 +1,8 @@
-"""A VM under test: one server process, one instance, its console and its disks.
+"""A VM under test: one server process, one instance, its console, its disks, SSH.
 
 The vocabulary follows PHD (`launch`, `wait_to_boot`, `run_shell_command`,
-`replace_crucible_vcr`) plus what PHD lacks: `disk_status` shows WHY a VM is not running.
+`replace_crucible_vcr`) plus what PHD lacks: `disk_status` shows WHY a VM is not running,
+and `ssh()` gives a guest with sshd a real SSH session (exact stdout/stderr, SFTP).
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from phd.errors import HarnessError, SutError, WaitTimeout
 from phd.guest import CommandResult, GuestAdapter, adapter_for
 from phd.serial import SerialConsole
 from phd.server import ServerProcess
+from phd.ssh import SshSession, authorized_keys_command, connect_when_ready, generate_key
 
-__all__ = ["TestVm", "VmConfig"]
+__all__ = ["FileDisk", "TestVm", "VmConfig"]
 
 TERMINAL = {InstanceState.DESTROYED, InstanceState.FAILED}
+BOOT_DEVICE = "boot0"
 
 
 @dataclass(frozen=True)
@@ -36,13 +39,37 @@ class VmConfig:
     name: str
     cpus: int = 2
     memory_mib: int = 512
+    # A 127.0.0.1 port forwarded to the guest's port 22 (user-networking NIC `net0`);
+    # None: the VM has no NIC.
+    ssh_port: int | None = None
+
+
+@dataclass(frozen=True)
+class FileDisk:
+    """A disk image file the server opens itself; `base` is the backing file of a
+    copy-on-write overlay (qcow2), None for a standalone image."""
+
+    name: str
+    path: Path
+    format: str  # "raw" | "qcow2"
+    size_bytes: int
+    base: Path | None = None
+    readonly: bool = False
+
+    def backend(self) -> dict[str, Any]:
+        spec: dict[str, Any] = {"type": "file", "path": str(self.path), "readonly": self.readonly}
+        # "raw" is the server's default; leaving it out keeps raw disks valid for servers
+        # that predate the field.
+        if self.format != "raw":
+            spec["format"] = self.format
+        return spec
 
 
 @dataclass
 class _Attached:
     device: str
     interface: str
-    disk: CrucibleDisk
+    disk: CrucibleDisk | FileDisk
 
     @property
     def backend_id(self) -> str:
@@ -67,6 +94,9 @@ class TestVm:
     _client: ServerClient | None = None
     _console: SerialConsole | None = None
     _adapter: GuestAdapter | None = None
+    _ssh: SshSession | None = None
+    _ssh_public: str | None = None  # the VM's public key line, once generated
+    _ssh_installed: bool = False  # ... and once it is in the guest's authorized_keys
     _phase: _Phase = _Phase.NEW
     _epoch: float = field(default_factory=time.monotonic)
 
@@ -90,22 +120,47 @@ class TestVm:
     # --- configuration (before launch) --------------------------------------------
     def add_crucible_disk(self, disk: CrucibleDisk, device: str = "data0",
                           interface: str = "virtio") -> None:
+        self._attach(_Attached(device, interface, disk))
+
+    def add_file_disk(self, disk: FileDisk, device: str = "data0", interface: str = "virtio") -> None:
+        """Attach a file disk (the factory attaches a disk guest's boot overlay as `boot0`)."""
+        self._attach(_Attached(device, interface, disk))
+
+    @property
+    def boot_disk(self) -> FileDisk | None:
+        """The copy-on-write overlay a disk-image guest boots from (device `boot0`)."""
+        for att in self.disks:
+            if att.device == BOOT_DEVICE and isinstance(att.disk, FileDisk):
+                return att.disk
+        return None
+
+    def _attach(self, att: _Attached) -> None:
         if self._phase is not _Phase.NEW:
             raise HarnessError("disks must be added before the VM is launched")
-        self.disks.append(_Attached(device, interface, disk))
+        if any(a.device == att.device for a in self.disks):
+            raise HarnessError(f"VM {self.config.name} already has a disk device {att.device!r}")
+        self.disks.append(att)
 
     def spec(self) -> dict[str, Any]:
+        # Attachment order is device order: the boot disk, attached first, becomes vda.
         disks: dict[str, Any] = {}
         for att in self.disks:
+            if isinstance(att.disk, FileDisk):
+                disks[att.device] = {"interface": att.interface, "backend": att.disk.backend()}
+                continue
             vcr = att.disk.vcr()
             self._record_vcr(att, vcr)
             disks[att.device] = {"interface": att.interface,
                                  "backend": {"type": "crucible", "request_json": json.dumps(vcr),
                                              "readonly": False}}
+        nics: dict[str, Any] = {}
+        if self.config.ssh_port is not None:
+            nics["net0"] = {"type": "user", "forwards": [
+                {"host": f"127.0.0.1:{self.config.ssh_port}", "guest_port": 22}]}
         return {"board": {"cpus": self.config.cpus, "memory_mib": self.config.memory_mib},
                 "boot": {"kernel": str(self.guest.kernel), "initrd": str(self.guest.initrd),
                          "cmdline": self.guest.cmdline},
-                "disks": disks, "nics": {}}
+                "disks": disks, "nics": nics}
 
     # --- lifecycle ----------------------------------------------------------------
     @property
@@ -166,7 +221,7 @@ class TestVm:
     def wait_to_boot(self, timeout_s: float | None = None) -> None:
         """Wait for the guest's login prompt, log in, reach a shell."""
         with self.step("wait_to_boot"):
-            self._adapter = adapter_for(self.guest.name)(self.console)
+            self._adapter = self._adapter_class()(self.console)
             self._adapter.login(timeout_s)
 
     def run_shell_command(self, command: str, *, check: str = "ok",
@@ -176,14 +231,54 @@ class TestVm:
         with self.step("run_shell_command", command=command):
             return self._adapter.run(command, check=check, timeout_s=timeout_s)
 
+    # --- ssh --------------------------------------------------------------------------
+    @property
+    def supports_ssh(self) -> bool:
+        """The guest runs sshd (its adapter says so) and the VM has the forward for it."""
+        return self.config.ssh_port is not None and self._adapter_class().has_sshd
+
+    def _adapter_class(self) -> type[GuestAdapter]:
+        # The manifest's guest_os names the adapter family; it defaults to the key.
+        return adapter_for(self.guest.guest_os or self.guest.name)
+
+    def ssh(self, timeout_s: float = 120.0) -> SshSession:
+        """An SSH session to the guest as root (reused; reconnected after a reboot).
+
+        The first call makes an ed25519 key in the test directory, installs it through
+        the serial console and waits until sshd accepts it.
+        """
+        if self.config.ssh_port is None:
+            raise HarnessError(f"VM {self.config.name} has no SSH forward: create it with "
+                               "vm_factory.new_vm(..., ssh=True)")
+        if self._adapter is None:
+            raise HarnessError("call wait_to_boot() before ssh(): the key goes in through the console")
+        if not self._adapter.has_sshd:
+            raise HarnessError(f"guest {self.guest.name} runs no sshd; use run_shell_command()")
+        if self._ssh is not None and self._ssh.active:
+            return self._ssh
+        if self._ssh is not None:
+            self._ssh.close()
+            self._ssh = None
+        key = self.test_dir / f"{self.config.name}.ssh_ed25519"
+        if self._ssh_public is None:
+            self._ssh_public = generate_key(key, comment=f"phd-{self.config.name}")
+        if not self._ssh_installed:
+            # The key lives on the VM's own disk, so it survives a guest reboot.
+            self.run_shell_command(authorized_keys_command(self._ssh_public))
+            self._ssh_installed = True
+        with self.step("ssh_connect", port=self.config.ssh_port):
+            self._ssh = connect_when_ready(self.config.ssh_port, key,
+                                           user=self._adapter.user, timeout_s=timeout_s)
+        return self._ssh
+
     # --- disks ----------------------------------------------------------------------
-    def _attachment(self, disk: CrucibleDisk) -> _Attached:
+    def _attachment(self, disk: CrucibleDisk | FileDisk) -> _Attached:
         for att in self.disks:
             if att.disk is disk:
                 return att
         raise HarnessError(f"disk {disk.name} is not attached to VM {self.config.name}")
 
-    def backend_id(self, disk: CrucibleDisk) -> str:
+    def backend_id(self, disk: CrucibleDisk | FileDisk) -> str:
         return self._attachment(disk).backend_id
 
     def replace_crucible_vcr(self, disk: CrucibleDisk, timeout_s: float = 30.0) -> str:
@@ -200,7 +295,7 @@ class TestVm:
                 f"{self._state_or_unknown()}); the server is not serving its request queue",
                 timeout_s, self.disk_status(disk)) from None
 
-    def disk_status(self, disk: CrucibleDisk) -> dict[str, Any]:
+    def disk_status(self, disk: CrucibleDisk | FileDisk) -> dict[str, Any]:
         return self.client.disk_status(self.backend_id(disk))
 
     def _state_or_unknown(self) -> str:
@@ -221,6 +316,12 @@ class TestVm:
             return
         self._phase = _Phase.CLOSED
         errors: list[BaseException] = []
+        if self._ssh is not None:
+            try:
+                self._ssh.close()
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+            self._ssh = None
         if self._console is not None:
             try:
                 self._console.close()

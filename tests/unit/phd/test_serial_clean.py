@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from phd.serial import SerialConsole
+import time
+
+import pytest
+
+from phd.serial import GuestPanic, SerialConsole
 
 
 def _feed(pieces: list[bytes]) -> str:
@@ -21,3 +25,28 @@ def test_an_escape_split_across_messages_is_still_stripped() -> None:
 def test_a_multibyte_character_split_across_messages_survives() -> None:
     text = "ü ok".encode()
     assert _feed([text[:1], text[1:]]) == "ü ok"
+
+
+@pytest.mark.parametrize("line", [
+    "[    3.1] Kernel panic - not syncing: VFS: Unable to mount root fs",
+    "You are in emergency mode. After logging in, type \"journalctl -xb\"",
+    "You are in rescue mode. After logging in, type \"journalctl -xb\"",
+    "Give root password for maintenance",
+    "[   32.0] watchdog: BUG: soft lockup - CPU#1 stuck for 26s! [systemd-udevd:120]",
+    "[   60.1] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:",
+    "Gave up waiting for root file system device.  Common problems:",
+    "ALERT!  /dev/vda does not exist.  Dropping to a shell!",
+])
+def test_a_failure_pattern_fails_a_wait_at_once(line: str) -> None:
+    console = SerialConsole("ws://127.0.0.1:1/unused")
+    console._text = f"booting...\n{line}\n"
+    started = time.monotonic()
+    with pytest.raises(GuestPanic, match="console shows"):
+        console.wait_for("login: ", timeout_s=30.0)
+    assert time.monotonic() - started < 1.0, "a failure pattern must not wait out the timeout"
+
+
+def test_ordinary_boot_output_is_not_a_failure() -> None:
+    console = SerialConsole("ws://127.0.0.1:1/unused")
+    console._text = "[ OK ] Reached target rescue.target\nrcu: Hierarchical SRCU implementation.\nlogin: "
+    assert console.wait_for("login: ", timeout_s=1.0)

@@ -1,0 +1,289 @@
+"""Build the debian guest into ``--out DIR``, cached by a hash of everything that shapes it.
+
+Output (the recipe interface shared by all guests, see guests/README.md)::
+
+    DIR/vmlinuz     kernel (Debian's cloud kernel: virtio and NVMe, few other drivers)
+    DIR/initrd.img  its initramfs (initramfs-tools, only the virtio modules)
+    DIR/cmdline     kernel command line, one line
+    DIR/disk.raw    the root file system, ext4, sparse, read-only (VMs boot an overlay)
+    DIR/guest.json  metadata: versions, input hash, login and shell prompts
+
+The input hash covers the recipe files and the exact Debian versions of the packages
+the recipe names (the versioned kernel package, not its metapackage); guest.json also
+lists every installed package. The cache, lock and replace protocol is tiny's (same
+helpers): a current ``DIR/guest.json`` means nothing to do; otherwise build into a
+temporary sibling and rename it into place, holding ``DIR.lock`` so that concurrent
+builds (pytest-xdist workers) build once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from guests.debian.assemble import DISK_SIZE, SUITE, Assembled, assemble
+from guests.tiny import debian
+from guests.tiny.build import LOCK_TIMEOUT_S, _replace_dir, recipe_digest
+
+__all__ = [
+    "CMDLINE",
+    "LOGIN_PROMPT",
+    "PACKAGES",
+    "SHELL_PROMPT",
+    "BuildError",
+    "BuildResult",
+    "build",
+    "input_hash",
+    "main",
+    "resolve_inputs",
+]
+
+RECIPE = "debian"
+SCHEMA = 1
+RECIPE_DIR = Path(__file__).resolve().parent
+LOGIN_PROMPT = "debian login: "
+LOGIN_USER = "root"
+SHELL_PROMPT = "root@debian:~# "
+# Packages on top of minbase. The kernel comes from its metapackage, pinned to the
+# versioned package it points at (resolve_inputs).
+PACKAGES = ("systemd-sysv", "udev", "openssh-server", "iproute2", "procps")
+KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
+# quiet + systemd.show_status=error: the console carries the login prompt and the
+# commands' output, not boot chatter that could land between a command's markers
+# (failures still print); panic=-1 reboots at once on a panic instead of hanging.
+CMDLINE = "console=ttyS0 root=/dev/vda rw quiet systemd.show_status=error panic=-1"
+OUTPUT_FILES = ("vmlinuz", "initrd.img", "cmdline", "disk.raw", "guest.json")
+
+
+class BuildError(Exception):
+    """The guest could not be built; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    out: Path
+    built: bool  # False when the cache was already current
+    metadata: dict[str, Any]
+
+
+def _log(message: str) -> None:
+    print(f"debian: {message}", file=sys.stderr, flush=True)
+
+
+# What shapes the output. The README is left out so that editing the docs does not cost
+# every machine a one-minute rebuild.
+_SHAPING_FILES = ("build", "build.py", "assemble.py")
+_SHAPING_DIRS = ("rootfs", "initramfs")
+
+
+def recipe_files_digest(recipe_dir: Path = RECIPE_DIR) -> str:
+    parts = [recipe_digest(recipe_dir / d) for d in _SHAPING_DIRS]
+    parts += [hashlib.sha256((recipe_dir / name).read_bytes()).hexdigest() for name in _SHAPING_FILES]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def input_hash(packages: Sequence[debian.Package], recipe: str) -> str:
+    payload = json.dumps(
+        {
+            "schema": SCHEMA,
+            "recipe": recipe,
+            "suite": SUITE,
+            "packages": sorted(str(p) for p in packages),
+            "cmdline": CMDLINE,
+            "disk_size": DISK_SIZE,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def resolve_inputs() -> tuple[debian.Package, ...]:
+    """Pin every named package, and the kernel, to the version apt would install now."""
+    depends = debian.run_tool(["apt-cache", "depends", KERNEL_METAPACKAGE],
+                              hint="run 'apt-get update' (apt-cache needs package lists)")
+    kernel = debian.parse_depends(depends, "linux-image-")
+    names = (*PACKAGES, kernel)
+    # One apt-cache call for all of them: each call costs about half a second, and this
+    # runs on every cache check.
+    policy = debian.run_tool(["apt-cache", "policy", *names], hint="run 'apt-get update'")
+    sections = split_policy(policy)
+    return tuple(debian.Package(name, debian.parse_candidate(sections.get(name, ""), name)) for name in names)
+
+
+def split_policy(text: str) -> dict[str, str]:
+    """``apt-cache policy A B ...`` output split into one section per package name."""
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line and not line[0].isspace() and line.endswith(":"):
+            current = sections.setdefault(line[:-1], [])
+        elif current is not None:
+            current.append(line)
+    return {name: "\n".join(lines) for name, lines in sections.items()}
+
+
+def read_metadata(out: Path) -> dict[str, Any] | None:
+    """``DIR/guest.json`` if DIR holds a complete build, else None."""
+    try:
+        meta = json.loads((out / "guest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or not all((out / name).is_file() for name in OUTPUT_FILES):
+        return None
+    return meta
+
+
+def _is_current(out: Path, wanted: str) -> dict[str, Any] | None:
+    meta = read_metadata(out)
+    return meta if meta is not None and meta.get("input_hash") == wanted else None
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+Assembler = Callable[..., Assembled]
+
+
+def build(
+    out: Path,
+    *,
+    force: bool = False,
+    resolve: Callable[[], Sequence[debian.Package]] | None = None,
+    assembler: Assembler = assemble,
+    lock_timeout: float = LOCK_TIMEOUT_S,
+    need_root: bool = True,
+) -> BuildResult:
+    """Make ``out`` hold the current debian guest; build only when the cache is stale.
+
+    ``resolve``, ``assembler`` and ``need_root`` are seams for unit tests.
+    """
+    out = out.resolve()
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"--out {out} exists and is not a directory: choose another path")
+    try:
+        packages = tuple((resolve or resolve_inputs)())
+    except debian.DebianError as exc:
+        raise BuildError(f"cannot resolve package versions: {exc}") from exc
+    wanted = input_hash(packages, recipe_files_digest())
+
+    meta = None if force else _is_current(out, wanted)
+    if meta is not None:
+        _log(f"{out} is up to date ({wanted[:12]})")
+        return BuildResult(out, built=False, metadata=meta)
+    if need_root and os.geteuid() != 0:
+        raise BuildError(
+            "building the debian guest needs root (mmdebstrap --mode=root and mke2fs -d record the "
+            "tree's real file owners): run it as root or with sudo"
+        )
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out.parent / f"{out.name}.lock"))
+    try:
+        lock.acquire(timeout=lock_timeout)
+    except Timeout as exc:
+        raise BuildError(
+            f"another build has held {lock.lock_file} for {lock_timeout:.0f} s: "
+            "wait for it, or remove the lock file if no build is running"
+        ) from exc
+    try:
+        # Another worker may have finished the same build while we waited.
+        meta = None if force else _is_current(out, wanted)
+        if meta is not None:
+            _log(f"{out} was built by a concurrent build ({wanted[:12]})")
+            return BuildResult(out, built=False, metadata=meta)
+        if out.exists() and any(out.iterdir()) and read_metadata(out) is None:
+            raise BuildError(
+                f"--out {out} is a non-empty directory that holds no debian guest build; "
+                "refusing to replace it: pass an empty or new directory"
+            )
+        meta = _build_into(out, packages, wanted, assembler)
+        return BuildResult(out, built=True, metadata=meta)
+    finally:
+        lock.release()
+
+
+def _build_into(out: Path, packages: Sequence[debian.Package], wanted: str,
+                assembler: Assembler) -> dict[str, Any]:
+    started = time.monotonic()
+    _log(f"building into {out} ({', '.join(str(p) for p in packages)})")
+    # Staging is a sibling of out so the final rename stays on one filesystem; the work
+    # tree (about 300 MB) lives there too rather than in a possibly small /tmp.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
+    # apt inside mmdebstrap downloads as the _apt user, which must reach the tree.
+    work.chmod(0o755)
+    try:
+        try:
+            made = assembler(packages, work, staging, cmdline=CMDLINE)
+        except debian.DebianError as exc:
+            raise BuildError(str(exc)) from exc
+        disk = staging / "disk.raw"
+        meta: dict[str, Any] = {
+            "schema": SCHEMA,
+            "recipe": RECIPE,
+            "input_hash": wanted,
+            "suite": SUITE,
+            "kernel_version": made.kernel_version,
+            "inputs": {p.name: p.version for p in packages},
+            "packages": made.packages,
+            "drivers": made.drivers,
+            "cmdline": CMDLINE,
+            "login_prompt": LOGIN_PROMPT,
+            "login_user": LOGIN_USER,
+            "shell_prompt": SHELL_PROMPT,
+            "has_sshd": True,
+            "disk_size": DISK_SIZE,
+            "files": {"kernel": "vmlinuz", "initrd": "initrd.img", "cmdline": "cmdline", "disk": "disk.raw"},
+            "sha256": {name: _sha256(staging / name) for name in ("vmlinuz", "initrd.img", "disk.raw")},
+            "build_seconds": round(time.monotonic() - started, 2),
+        }
+        # VMs boot copy-on-write overlays of the image; read-only keeps a stray writer
+        # (a VM given the raw file itself) from changing every later boot.
+        disk.chmod(0o444)
+        # guest.json last: its presence marks the directory complete.
+        (staging / "guest.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        staging.chmod(0o755)
+        _replace_dir(staging, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+    _log(f"built {out} in {meta['build_seconds']} s")
+    return meta
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="guests/debian/build",
+        description="Build the Debian 12 guest (kernel, initrd, cmdline, ext4 disk.raw, guest.json).",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    args = parser.parse_args(argv)
+    try:
+        result = build(args.out, force=args.force)
+    except BuildError as exc:
+        # One line (a tool's stderr tail and its hint are joined) so CI logs and the
+        # framework's skip message show the whole reason.
+        message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"debian: error: {message}", file=sys.stderr)
+        return 1
+    print(result.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

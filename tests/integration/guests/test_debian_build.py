@@ -1,0 +1,98 @@
+"""Build the debian guest for real, twice at once, then once more from the cache.
+
+Two ``guests/debian/build`` processes on one fresh ``--out`` (the pytest-xdist situation):
+one builds (mmdebstrap, about a minute), the other waits on the lock and reuses the
+result; a third run is a no-op that touches nothing. The image is then inspected without
+booting it (``debugfs`` reads the ext4 image directly): the recipe's configuration is in
+it, owned by root. Booting it is the suite's job (``--phd-guests debian``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+BUILD = Path(__file__).resolve().parents[3] / "guests" / "debian" / "build"
+BUILD_TIMEOUT_S = 900
+
+
+@pytest.fixture
+def out_dir(tmp_path: Path) -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.skip("the debian recipe needs root (mmdebstrap --mode=root)")
+    missing = [tool for tool in ("mmdebstrap", "mke2fs", "debugfs") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed: run ci/bootstrap")
+    yield tmp_path / "debian"
+    # The image is 400 MB on disk: do not leave it to pytest's tmp retention.
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def start(out: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen([str(BUILD), "--out", str(out)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def debugfs(image: Path, request: str) -> str:
+    done = subprocess.run(["debugfs", "-R", request, str(image)], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, check=True)
+    return done.stdout
+
+
+def test_concurrent_builds_build_once_then_the_cache_is_a_no_op(out_dir: Path) -> None:
+    procs = [start(out_dir), start(out_dir)]
+    try:
+        results = [proc.communicate(timeout=BUILD_TIMEOUT_S) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for proc, (stdout, stderr) in zip(procs, results, strict=True):
+        assert proc.returncode == 0, stderr[-3000:]
+        assert stdout.strip() == str(out_dir)
+    logs = [stderr for _, stderr in results]
+    assert sum("building into" in log for log in logs) == 1, [log[-1000:] for log in logs]
+    assert sum("concurrent build" in log for log in logs) == 1, [log[-1000:] for log in logs]
+    assert sorted(p.name for p in out_dir.parent.iterdir()) == ["debian", "debian.lock"]
+
+    disk = out_dir / "disk.raw"
+    meta = json.loads((out_dir / "guest.json").read_text())
+    stamp = disk.stat()
+    started = time.monotonic()
+    again = subprocess.run([str(BUILD), "--out", str(out_dir)], stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=120)
+    cached_s = time.monotonic() - started
+    assert again.returncode == 0, again.stderr
+    assert "is up to date" in again.stderr and "building" not in again.stderr
+    assert json.loads((out_dir / "guest.json").read_text()) == meta
+    assert (disk.stat().st_ino, disk.stat().st_mtime_ns) == (stamp.st_ino, stamp.st_mtime_ns)
+    assert cached_s < 10, f"a cache hit took {cached_s:.1f} s"
+    print(f"\ndebian build: cold {meta['build_seconds']} s, cached {cached_s:.2f} s", file=sys.stderr)
+
+    # The outputs keep the recipe interface.
+    assert (out_dir / "vmlinuz").read_bytes()[0x202:0x206] == b"HdrS", "not a bzImage"
+    assert (out_dir / "cmdline").read_text().strip() == meta["cmdline"]
+    assert meta["files"]["disk"] == "disk.raw"
+    assert disk.stat().st_mode & 0o222 == 0, "the shared image must be read-only"
+    assert disk.stat().st_blocks * 512 < disk.stat().st_size / 2, "the image is not sparse"
+    assert meta["drivers"]["virtio_blk"] in ("builtin", "initrd")
+    assert meta["drivers"]["nvme"] in ("builtin", "initrd", "module")
+    assert {"openssh-server", "systemd", "udev"} <= set(meta["packages"])
+
+    # The configuration is inside the image, owned by root.
+    assert debugfs(disk, "cat /etc/hostname") == "debian\n"
+    assert "\nroot::" in "\n" + debugfs(disk, "cat /etc/shadow")
+    assert "/dev/vda" in debugfs(disk, "cat /etc/fstab")
+    assert "DHCP=ipv4" in debugfs(disk, "cat /etc/systemd/network/10-phd-dhcp.network")
+    assert "User:     0   Group:     0" in debugfs(disk, "stat /etc/hostname")

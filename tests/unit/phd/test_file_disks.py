@@ -1,0 +1,109 @@
+"""File disks: the copy-on-write overlay a disk-image guest boots from, and the SPEC a VM
+sends for file disks and its SSH forward (no server, no VM)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from phd.artifacts import GuestArtifact
+from phd.errors import HarnessError
+from phd.factory import create_file_disk, overlay_argv
+from phd.server import ServerProcess
+from phd.vm import FileDisk, TestVm, VmConfig
+
+needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None,
+                                    reason="qemu-img is not installed: run ci/bootstrap")
+
+
+def test_overlay_argv_names_an_absolute_raw_backing_file(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    argv = overlay_argv(Path("images/disk.raw"), tmp_path / "vm.boot0.qcow2")
+    assert argv == ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw",
+                    "-b", str(tmp_path / "images" / "disk.raw"), str(tmp_path / "vm.boot0.qcow2")]
+
+
+def test_blank_disk_is_a_sparse_raw_file(tmp_path: Path) -> None:
+    disk = create_file_disk(tmp_path / "data.raw", size_gib=2)
+    assert (disk.format, disk.size_bytes, disk.base) == ("raw", 2 << 30, None)
+    assert disk.path.stat().st_size == 2 << 30
+    assert disk.path.stat().st_blocks == 0, "a blank disk must not allocate its size"
+
+
+def test_a_disk_name_used_twice_is_an_error(tmp_path: Path) -> None:
+    create_file_disk(tmp_path / "data.raw")
+    with pytest.raises(HarnessError, match="already exists"):
+        create_file_disk(tmp_path / "data.raw")
+
+
+@needs_qemu_img
+def test_overlay_reads_through_to_the_base_and_never_writes_it(tmp_path: Path) -> None:
+    base = tmp_path / "disk.raw"
+    base.write_bytes(b"base-data".ljust(1 << 20, b"\0"))
+    base.chmod(0o444)
+    disk = create_file_disk(tmp_path / "vm.boot0.qcow2", base=base)
+    assert (disk.format, disk.size_bytes, disk.base) == ("qcow2", base.stat().st_size, base)
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(disk.path)],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert (info["format"], info["backing-filename"], info["virtual-size"]) == (
+        "qcow2", str(base), base.stat().st_size)
+    # A write through the overlay stays in the overlay.
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 4k", str(disk.path)],
+                   capture_output=True, check=True)
+    assert base.read_bytes()[:9] == b"base-data"
+    read = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x5a 0 4k", str(disk.path)],
+                          capture_output=True, text=True, check=True)
+    assert "Pattern verification failed" not in read.stdout
+
+
+def test_missing_base_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(HarnessError, match="does not exist"):
+        create_file_disk(tmp_path / "vm.boot0.qcow2", base=tmp_path / "nope.raw")
+
+
+def _vm(tmp_path: Path, ssh_port: int | None) -> TestVm:
+    guest = GuestArtifact("debian", tmp_path / "vmlinuz", tmp_path / "initrd.img", "console=ttyS0",
+                          "debian login: ", "root@debian:~# ", disk=tmp_path / "disk.raw",
+                          guest_os="debian")
+    server = ServerProcess(["true"], 1, tmp_path / "run", None)
+    return TestVm(VmConfig("vm", ssh_port=ssh_port), server, guest, tmp_path)
+
+
+def test_spec_puts_the_boot_disk_first_and_names_its_format(tmp_path: Path) -> None:
+    vm = _vm(tmp_path, ssh_port=34567)
+    boot = FileDisk("vm.boot0", tmp_path / "vm.boot0.qcow2", "qcow2", 1 << 30, base=tmp_path / "disk.raw")
+    data = FileDisk("data", tmp_path / "data.raw", "raw", 1 << 30)
+    vm.add_file_disk(boot, device="boot0")
+    vm.add_file_disk(data, device="data0", interface="nvme")
+    spec = vm.spec()
+    assert list(spec["disks"]) == ["boot0", "data0"]
+    assert spec["disks"]["boot0"] == {"interface": "virtio", "backend": {
+        "type": "file", "path": str(boot.path), "readonly": False, "format": "qcow2"}}
+    # raw is the server's default, so it is left out.
+    assert spec["disks"]["data0"] == {"interface": "nvme", "backend": {
+        "type": "file", "path": str(data.path), "readonly": False}}
+    assert spec["nics"] == {"net0": {"type": "user", "forwards": [
+        {"host": "127.0.0.1:34567", "guest_port": 22}]}}
+    assert vm.boot_disk is boot
+    assert vm.supports_ssh
+
+
+def test_no_ssh_port_means_no_nic_and_no_ssh(tmp_path: Path) -> None:
+    vm = _vm(tmp_path, ssh_port=None)
+    assert vm.spec()["nics"] == {}
+    assert not vm.supports_ssh
+    with pytest.raises(HarnessError, match="ssh=True"):
+        vm.ssh()
+
+
+def test_a_device_name_is_used_once(tmp_path: Path) -> None:
+    vm = _vm(tmp_path, ssh_port=None)
+    disk = FileDisk("data", tmp_path / "data.raw", "raw", 1 << 30)
+    vm.add_file_disk(disk, device="data0")
+    with pytest.raises(HarnessError, match="already has a disk device 'data0'"):
+        vm.add_file_disk(disk, device="data0")
