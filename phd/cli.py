@@ -1,6 +1,6 @@
 """`phd` command line: housekeeping and tools that are useful outside a pytest run.
 
-    phd sweep                       remove containers/volumes left behind by killed phd runs
+    phd sweep                       stop processes and remove containers/volumes/run dirs of killed phd runs
     phd dsc run --dir DIR ...       a downstairs controller (like Crucible's dsc), foreground
     phd dsc cmd ACTION [I] ...      drive a running `phd dsc run` over its control API
     phd artifacts list              the manifest's artifacts, their sources and cache state
@@ -134,12 +134,18 @@ def _artifacts_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def _sweep() -> int:
-    import docker
-
     from phd.downstairs import sweep_leftovers
+    from phd.reaper import reap_dead_owners
 
-    removed = sweep_leftovers(docker.from_env(), keep_session="")
-    print("\n".join(removed) if removed else "nothing to sweep")
+    # Processes first (servers stop their VMs on SIGTERM), then containers and volumes.
+    done = reap_dead_owners()
+    try:
+        import docker
+
+        done += sweep_leftovers(docker.from_env(), keep_session="")
+    except Exception as exc:  # noqa: BLE001 - no Docker engine: processes were still reaped
+        done.append(f"containers not swept: Docker is not reachable ({exc})")
+    print("\n".join(done) if done else "nothing to sweep")
     return 0
 
 
