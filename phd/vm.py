@@ -187,6 +187,11 @@ class TestVm:
     def stop(self) -> None:
         self.client.put_state("Stop")
 
+    def reboot(self) -> None:
+        """Ask for a reboot (204 even when one is already pending); does not wait. After it,
+        `wait_for_state(RUNNING)` then `wait_to_boot()` reach the new boot's shell."""
+        self.client.put_state("Reboot")
+
     def state(self) -> InstanceState:
         return self.client.state()[0]
 

@@ -87,8 +87,9 @@ def test_ten_queued_reboots_all_succeed(vm_factory: VmFactory) -> None:
     vm.launch()
     vm.wait_for_state(InstanceState.RUNNING, timeout_s=60.0)
     vm.wait_to_boot()
-    statuses = [_put_state_status(vm, "Reboot") for _ in range(10)]
-    assert statuses == [204] * 10, f"every queued reboot must be accepted: {statuses}"
+    vm.reboot()  # the framework's call, then nine more straight through the API
+    statuses = [_put_state_status(vm, "Reboot") for _ in range(9)]
+    assert statuses == [204] * 9, f"every queued reboot must be accepted: {statuses}"
     vm.wait_for_state(InstanceState.REBOOTING, timeout_s=30.0)
     vm.wait_for_state(InstanceState.RUNNING, timeout_s=60.0)
     vm.wait_to_boot()  # the guest came back
