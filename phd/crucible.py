@@ -13,7 +13,7 @@ from typing import Any
 
 from phd.downstairs import Downstairs
 from phd.errors import HarnessError
-from phd.ports import BlackHole
+from phd.ports import BlackHole, BlackHoleKind
 
 __all__ = ["CrucibleDisk"]
 
@@ -22,7 +22,7 @@ MIB = 1 << 20
 
 class CrucibleDisk:
     def __init__(self, name: str, size_bytes: int, block_size: int, extent_bytes: int,
-                 downstairs: Sequence[Downstairs], black_hole: BlackHole,
+                 downstairs: Sequence[Downstairs], black_holes: Sequence[BlackHole],
                  disk_id: str | None = None) -> None:
         if len(downstairs) != 3:
             raise HarnessError(f"a Crucible region needs exactly 3 downstairs, got {len(downstairs)}")
@@ -36,8 +36,8 @@ class CrucibleDisk:
         self.blocks_per_extent = extent_bytes // block_size
         self.extent_count = size_bytes // extent_bytes
         self.downstairs = list(downstairs)
-        self._black_hole = black_hole
-        self._black_hole_on = False
+        self._black_holes = {hole.kind: hole for hole in black_holes}
+        self._black_hole: BlackHole | None = None  # the one the VCR names now, if any
         self.generation = 1
 
     # --- generation and faults ------------------------------------------------------
@@ -46,21 +46,29 @@ class CrucibleDisk:
             raise HarnessError(f"generation must be >= 1, got {gen}")
         self.generation = gen
 
-    def enable_vcr_black_hole(self) -> None:
-        """The next VCRs name an unreachable loopback address for the FIRST downstairs only
-        (a replacement may change only one target, so the corrected VCR stays valid)."""
-        self._black_hole_on = True
+    def enable_vcr_black_hole(self, kind: BlackHoleKind = "refused") -> None:
+        """The next VCRs name a loopback address where nothing answers for the FIRST downstairs
+        only (a replacement may change only one target, so the corrected VCR stays valid).
+        kind: "refused" (connects are refused at once) or "silent" (connects succeed, then
+        nothing ever answers)."""
+        hole = self._black_holes.get(kind)
+        if hole is None:
+            raise HarnessError(f"disk {self.name} has no {kind!r} black hole; "
+                               f"it has {sorted(self._black_holes)}")
+        self._black_hole = hole
 
     def disable_vcr_black_hole(self) -> None:
-        self._black_hole_on = False
+        self._black_hole = None
 
     @property
     def black_hole_address(self) -> str:
-        return self._black_hole.address
+        """The address of the black hole in use (the "refused" one when none is enabled)."""
+        hole = self._black_hole or self._black_holes.get("refused") or next(iter(self._black_holes.values()))
+        return hole.address
 
     def targets(self) -> list[str]:
         targets = [ds.address for ds in self.downstairs]
-        if self._black_hole_on:
+        if self._black_hole is not None:
             targets[0] = self._black_hole.address
         return targets
 
@@ -88,6 +96,7 @@ class CrucibleDisk:
                 ds.destroy()
             except Exception as exc:  # noqa: BLE001 - teardown never stops at the first error
                 errors.append(exc)
-        self._black_hole.close()
+        for hole in self._black_holes.values():
+            hole.close()
         if errors:
             raise HarnessError(f"tearing down disk {self.name}: {errors}")

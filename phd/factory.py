@@ -21,6 +21,7 @@ from phd.downstairs import DockerDownstairs, Downstairs, ProcessDownstairs
 from phd.errors import ArtifactUnavailable, HarnessError
 from phd.framework import Framework
 from phd.guest import adapter_for
+from phd.ports import BLACK_HOLE_KINDS, BlackHole
 from phd.server import ServerProcess
 from phd.vm import BOOT_DEVICE, FileDisk, TestVm, VmConfig
 
@@ -165,8 +166,10 @@ class DiskFactory:
         size, extent = size_gib * GIB, extent_mib * MIB
         prefix = f"phd-{self.fw.session_id}-{uuidlib.uuid4().hex[:6]}-{name}"
         downstairs: list[Downstairs] = []
-        black_hole = self.fw.ports.black_hole()
+        black_holes: list[BlackHole] = []
         try:
+            for kind in BLACK_HOLE_KINDS:  # both kinds held, so a test can pick either
+                black_holes.append(self.fw.ports.black_hole(kind))
             for i in range(3):
                 port = self.fw.ports.allocate()
                 self._ports.append(port)
@@ -187,9 +190,10 @@ class DiskFactory:
         except BaseException:
             for ds in downstairs:
                 ds.destroy()
-            black_hole.close()
+            for hole in black_holes:
+                hole.close()
             raise
-        disk = CrucibleDisk(name, size, block_size, extent, downstairs, black_hole, disk_id)
+        disk = CrucibleDisk(name, size, block_size, extent, downstairs, black_holes, disk_id)
         self._disks.append(disk.destroy)
         return disk
 

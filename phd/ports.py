@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from typing import Literal
 
 from phd.errors import HarnessError
 
@@ -74,20 +75,38 @@ class PortAllocator:
         with self._lock:
             self._given.discard(port)
 
-    def black_hole(self) -> BlackHole:
-        """A loopback address where nothing answers: connects are refused."""
-        return BlackHole(self)
+    def black_hole(self, kind: BlackHoleKind = "refused") -> BlackHole:
+        """A loopback address where nothing answers (see BlackHole for the two kinds)."""
+        return BlackHole(self, kind)
+
+
+BlackHoleKind = Literal["refused", "silent"]
+BLACK_HOLE_KINDS: tuple[BlackHoleKind, ...] = ("refused", "silent")
 
 
 class BlackHole:
-    """Holds a port bound but never listening, so a connect there is refused at once
-    and no other process can start answering on it while the test runs."""
+    """A loopback address where no downstairs answers, held for the whole test so no other
+    process can start answering there.
 
-    def __init__(self, allocator: PortAllocator) -> None:
+    - "refused": the port is bound but not listening, so a connect is refused at once.
+    - "silent": the port listens but never accepts or reads: the kernel completes the TCP
+      handshake, then nothing ever answers (a hung peer; the client's own timeout must act).
+    """
+
+    def __init__(self, allocator: PortAllocator, kind: BlackHoleKind = "refused") -> None:
+        if kind not in BLACK_HOLE_KINDS:
+            raise HarnessError(f"black hole kind must be one of {BLACK_HOLE_KINDS}, got {kind!r}")
         self._allocator = allocator
+        self.kind = kind
         self.port = allocator.allocate()
         self._sock: socket.socket | None = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.bind((LOOPBACK, self.port))
+        try:
+            self._sock.bind((LOOPBACK, self.port))
+            if kind == "silent":
+                self._sock.listen(64)
+        except OSError:
+            self.close()
+            raise
 
     @property
     def address(self) -> str:

@@ -57,3 +57,25 @@ def test_vcr_replace_during_start(vm_factory: VmFactory, disk_factory: DiskFacto
     disk.set_generation(3)
     assert vm.replace_crucible_vcr(disk) == "VcrMatches"
     assert vm.state() is InstanceState.RUNNING
+
+
+def test_vcr_replace_during_start_with_a_silent_black_hole(vm_factory: VmFactory,
+                                                           disk_factory: DiskFactory) -> None:
+    """The same unblocking when the bad target ACCEPTS connections and then never answers
+    (a hung downstairs), not only when it refuses them."""
+    disk = disk_factory.create_crucible_disk("data", size_gib=1)
+    disk.enable_vcr_black_hole("silent")
+    vm = vm_factory.new_vm("vcr-silent")
+    vm.add_crucible_disk(disk, device="data0", interface="virtio")
+    vm.launch()
+    status = wait_blocked_on_black_hole(vm, disk)
+    assert vm.state() is InstanceState.STARTING, f"a hung downstairs must block the start: {status}"
+
+    disk.disable_vcr_black_hole()
+    disk.set_generation(2)
+    assert vm.replace_crucible_vcr(disk, timeout_s=15.0) == "Started"
+    try:
+        vm.wait_for_state(InstanceState.RUNNING, timeout_s=60.0)
+    except WaitTimeout as exc:
+        pytest.fail(f"the VM did not reach Running after its VCR replaced a hung target: {exc}; "
+                    f"disk status: {vm.disk_status(disk)}")

@@ -21,7 +21,8 @@ class FakeDownstairs:
 def _disk() -> tuple[CrucibleDisk, list[FakeDownstairs]]:
     ds = [FakeDownstairs(p) for p in (4001, 4002, 4003)]
     alloc = PortAllocator(base=31300, index=0, size=10)
-    return CrucibleDisk("d", 1 << 30, 512, 64 << 20, ds, alloc.black_hole()), ds  # type: ignore[arg-type]
+    holes = [alloc.black_hole("refused"), alloc.black_hole("silent")]
+    return CrucibleDisk("d", 1 << 30, 512, 64 << 20, ds, holes), ds  # type: ignore[arg-type]
 
 
 def test_vcr_geometry_and_targets() -> None:
@@ -41,6 +42,10 @@ def test_black_hole_replaces_only_the_first_target_and_is_loopback() -> None:
     targets = disk.vcr()["sub_volumes"][0]["opts"]["target"]
     assert targets[0] == disk.black_hole_address and targets[0].startswith("127.")
     assert targets[1:] == ["127.0.0.1:4002", "127.0.0.1:4003"]
+    refused = targets[0]
+    disk.enable_vcr_black_hole("silent")
+    silent = disk.vcr()["sub_volumes"][0]["opts"]["target"][0]
+    assert silent == disk.black_hole_address and silent != refused and silent.startswith("127.")
     disk.disable_vcr_black_hole()
     disk.set_generation(2)
     region = disk.vcr()["sub_volumes"][0]

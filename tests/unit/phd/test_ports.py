@@ -40,3 +40,22 @@ def test_black_hole_refuses_connections() -> None:
             s.connect(("127.0.0.1", hole.port))
     finally:
         hole.close()
+
+
+def test_silent_black_hole_accepts_the_handshake_then_never_answers() -> None:
+    alloc = PortAllocator(base=31200, index=0, size=10)
+    hole = alloc.black_hole("silent")
+    try:
+        with socket.create_connection(("127.0.0.1", hole.port), timeout=2) as s:
+            s.sendall(b"HereIAm")  # a client's first message lands in a queue nobody reads
+            s.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                s.recv(1)  # no answer and no close: a hung peer
+    finally:
+        hole.close()
+
+
+def test_unknown_black_hole_kind_is_a_clear_error() -> None:
+    alloc = PortAllocator(base=31200, index=0, size=10)
+    with pytest.raises(HarnessError, match="black hole kind must be one of"):
+        alloc.black_hole("dropped")  # type: ignore[arg-type]
