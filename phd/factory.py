@@ -86,6 +86,7 @@ class VmFactory:
         self.node_id = node_id
         self.test_dir = test_dir
         self._vms: list[Callable[[], None]] = []
+        self.vms: list[TestVm] = []
         self._ports: list[int] = []
         self._data_dirs: list[tuple[Path, Path]] = []
 
@@ -124,6 +125,7 @@ class VmFactory:
                                env={"SUT_SERVER_ACCEL": cfg.accel})
         vm = TestVm(VmConfig(name, cpus, memory_mib, ssh_port), server, artifact, self.test_dir)
         self._vms.append(vm.close)
+        self.vms.append(vm)
         if boot is not None:
             vm.add_file_disk(boot, device=BOOT_DEVICE)
         return vm
@@ -136,6 +138,18 @@ class VmFactory:
                 self.fw.ports.release(port)
             for run_dir, keep_as in self._data_dirs:
                 _collect(run_dir, keep_as)
+
+    def keep_running(self) -> str:
+        """--phd-keep-on-failure: leave every VM of this test up; returns how to reach them.
+        Ports stay taken for the rest of the run, so nothing else lands on them."""
+        notes = []
+        for vm in self.vms:
+            notes.append(vm.how_to_reach())
+            vm.close(keep_running=True)
+        self._vms.clear()
+        for run_dir, keep_as in self._data_dirs:
+            _collect(run_dir, keep_as)
+        return "\n".join(notes)
 
 
 def _collect(run_dir: Path, keep_as: Path) -> None:

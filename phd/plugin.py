@@ -36,7 +36,8 @@ _OPTIONS: list[tuple[str, dict[str, Any], str]] = [
     ("--phd-output-mode", {"choices": ["file", "stdio", "null"]},
      "where server/downstairs output goes (default file)"),
     ("--phd-keep-on-failure", {"action": "store_true", "default": None},
-     "keep failed tests' result directories (always kept now; VMs kept alive later)"),
+     "leave a failed test's VMs and disks running and print how to reach them; keep every "
+     "test's results directory"),
     ("--phd-accel", {"choices": ["tcg", "kvm"]}, "QEMU accelerator (default tcg)"),
     ("--phd-regression", {"action": "append"},
      "re-create a historical bug in the reference server (repeatable)"),
@@ -206,7 +207,20 @@ def vm_factory(request: pytest.FixtureRequest, phd_framework: Framework,
                phd_test_dir: Path) -> Iterator[VmFactory]:
     factory = VmFactory(phd_framework, request.node.nodeid, phd_test_dir)
     yield factory
+    if _keep_alive(request, phd_framework):
+        notes = factory.keep_running()
+        if notes:
+            sys.stderr.write(f"\nphd: --phd-keep-on-failure: {request.node.nodeid} failed; its VMs are "
+                             f"still running:\n{notes}\nphd: `phd sweep` removes them (and their disks) "
+                             "once this pytest run has ended; so does the next run.\n")
+        return
     factory.close()
+
+
+def _keep_alive(request: pytest.FixtureRequest, fw: Framework) -> bool:
+    """--phd-keep-on-failure and the test itself failed: leave its VMs and disks up."""
+    reports = request.node.stash.get(_REPORTS, {})
+    return fw.config.keep_on_failure and any(r.failed for r in reports.values())
 
 
 @pytest.fixture(scope="session")
@@ -227,6 +241,8 @@ def disk_factory(request: pytest.FixtureRequest, phd_framework: Framework, phd_t
                  _phd_docker_swept: bool) -> Iterator[DiskFactory]:
     factory = DiskFactory(phd_framework, request.node.nodeid, phd_test_dir)
     yield factory
+    if _keep_alive(request, phd_framework):
+        return  # the kept VMs still use these disks; they stay in the ledger / carry labels
     factory.close()
 
 

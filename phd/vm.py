@@ -315,8 +315,27 @@ class TestVm:
             f.write(json.dumps(vcr) + "\n")
 
     # --- teardown -------------------------------------------------------------------
-    def close(self) -> None:
-        """Stop the server (which stops the VM); idempotent; errors raised together."""
+    def how_to_reach(self) -> str:
+        """Where a person finds this VM's API, serial console and SSH (for kept VMs)."""
+        lines = [f"VM {self.config.name}: server pid {self.server.pid}, state {self._state_or_unknown()}",
+                 f"  API:     curl {self.server.base_url}/instance",
+                 f"  console: python -m websockets {self.client.serial_ws_url(0)}"]
+        key = self.test_dir / f"{self.config.name}.ssh_ed25519"
+        if self.config.ssh_port is not None and key.exists():
+            lines.append(f"  SSH:     ssh -i {key} -p {self.config.ssh_port} -o StrictHostKeyChecking=no "
+                         "-o UserKnownHostsFile=/dev/null root@127.0.0.1")
+        elif self.config.ssh_port is not None:
+            lines.append(f"  SSH:     127.0.0.1:{self.config.ssh_port} (no key was installed: the "
+                         "test never called vm.ssh(); log in on the console)")
+        return "\n".join(lines)
+
+    def close(self, *, keep_running: bool = False) -> None:
+        """Stop the server (which stops the VM); idempotent; errors raised together.
+
+        keep_running: only let go of this process's handles (console, SSH, HTTP); the
+        server, its QEMU and the disks stay up for a person to look at (`phd sweep`, or the
+        next run, removes them once this run has ended).
+        """
         if self._phase is _Phase.CLOSED:
             return
         self._phase = _Phase.CLOSED
@@ -334,9 +353,10 @@ class TestVm:
                 errors.append(exc)
         if self._client is not None:
             self._client.close()
-        try:
-            self.server.stop()
-        except Exception as exc:  # noqa: BLE001
-            errors.append(exc)
+        if not keep_running:
+            try:
+                self.server.stop()
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
         if errors:
             raise HarnessError(f"tearing down VM {self.config.name}: {errors}")
