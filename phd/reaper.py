@@ -13,6 +13,7 @@ skipped, never signalled.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -77,6 +78,7 @@ class Ledger:
             owner = self.dir / "owner.json"
             if not owner.exists():
                 owner.write_text(json.dumps({"pid": self.owner.pid, "start": self.owner.start}))
+                atexit.register(self.tidy)
             self._seq += 1
             path = self.dir / f"{name}-{self._seq}.json"
             tmp = path.with_suffix(".tmp")
@@ -95,6 +97,16 @@ class Ledger:
     def forget(self, entry: Path) -> None:
         with self._lock:
             entry.unlink(missing_ok=True)
+
+    def tidy(self) -> None:
+        """At a normal exit: drop entries of processes that are gone; remove the ledger when
+        nothing is left in it (what is left, e.g. VMs kept by --phd-keep-on-failure, stays
+        for `phd sweep` or the next run)."""
+        with self._lock:
+            procs, dirs = _read_book(self.dir)
+            if dirs or any(entry.alive() for entry in procs):
+                return
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 _ledger: Ledger | None = None

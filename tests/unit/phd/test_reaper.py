@@ -109,3 +109,19 @@ def test_start_time_tells_a_running_process_from_its_zombie() -> None:
     # Not yet collected: only the zombie is left, which must not count as running.
     wait_until(lambda: start_time(proc.pid), lambda s: s is None, what="the zombie", timeout_s=5.0)
     proc.wait()
+
+
+def test_tidy_removes_a_ledger_with_nothing_alive_and_keeps_one_with_live_children(
+    tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    book = Ledger(tmp_path / "ledger")  # owned by this (live) test process
+    done = spawn("exit 0")
+    done.wait()
+    book.record_process(done.pid, "exited child")
+    book.tidy()
+    assert not book.dir.exists(), "a ledger of exited children only must not be left in /tmp"
+    live = spawn()
+    procs.append(live)
+    book.record_process(live.pid, "kept child")
+    book.tidy()
+    assert book.dir.exists(), "a ledger naming a live child must stay for the reaper"
