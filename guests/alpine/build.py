@@ -24,13 +24,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
-
 from guests.alpine.assemble import Assembled, AssemblyError, assemble
+from guests.recipe import (
+    LOCK_TIMEOUT_S,
+    BuildError,
+    BuildResult,
+    cached_build,
+    recipe_digest,
+    replace_dir,
+    sha256_file,
+)
 from guests.tiny import debian, kmods
 
 # The tiny recipe's directory swap and completeness check: the same interface, one copy.
-from guests.tiny.build import _replace_dir, read_metadata, recipe_digest
 
 __all__ = [
     "CMDLINE",
@@ -56,11 +62,7 @@ SHELL_PROMPT = "localhost:~# "  # Alpine's /etc/profile: PS1='\h:\w\$ '
 # rdinit: busybox init straight from the initramfs (the minirootfs has no /init).
 # quiet keeps the console short; panic=-1 ends QEMU (-no-reboot) on a panic.
 CMDLINE = "console=ttyS0 rdinit=/sbin/init quiet panic=-1"
-LOCK_TIMEOUT_S = 900.0
-
-
-class BuildError(Exception):
-    """The guest could not be built; the message says why and what to do."""
+OUTPUT_FILES = ("vmlinuz", "initrd.img", "cmdline", "guest.json")
 
 
 @dataclass(frozen=True)
@@ -68,13 +70,6 @@ class Inputs:
     kernel: debian.Package
     minirootfs: Path
     minirootfs_sha256: str
-
-
-@dataclass(frozen=True)
-class BuildResult:
-    out: Path
-    built: bool  # False when the cache was already current
-    metadata: dict[str, Any]
 
 
 def _log(message: str) -> None:
@@ -103,20 +98,10 @@ def input_hash(inputs: Inputs, recipe: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def resolve_inputs(minirootfs: Path) -> Inputs:
     if not minirootfs.is_file():
         raise BuildError(f"--input minirootfs={minirootfs}: no such file")
-    return Inputs(debian.kernel_package(), minirootfs.resolve(), _sha256(minirootfs))
-
-
-def _is_current(out: Path, wanted: str) -> dict[str, Any] | None:
-    meta = read_metadata(out)
-    return meta if meta is not None and meta.get("input_hash") == wanted else None
+    return Inputs(debian.kernel_package(), minirootfs.resolve(), sha256_file(minirootfs))
 
 
 Assembler = Callable[..., Assembled]
@@ -136,37 +121,14 @@ def build(
     ``resolve`` and ``assembler`` are seams for unit tests.
     """
     out = out.resolve()
-    if out.exists() and not out.is_dir():
-        raise BuildError(f"--out {out} exists and is not a directory: choose another path")
     try:
         inputs = resolve(minirootfs)
     except debian.DebianError as exc:
         raise BuildError(f"cannot resolve the kernel package: {exc}") from exc
     wanted = input_hash(inputs, recipe_digest(RECIPE_DIR))
-
-    meta = None if force else _is_current(out, wanted)
-    if meta is not None:
-        _log(f"{out} is up to date ({wanted[:12]})")
-        return BuildResult(out, built=False, metadata=meta)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(out.parent / f"{out.name}.lock"))
-    try:
-        lock.acquire(timeout=lock_timeout)
-    except Timeout as exc:
-        raise BuildError(f"another build has held {lock.lock_file} for {lock_timeout:.0f} s: "
-                         "wait for it, or remove the lock file if no build is running") from exc
-    try:
-        meta = None if force else _is_current(out, wanted)
-        if meta is not None:
-            _log(f"{out} was built by a concurrent build ({wanted[:12]})")
-            return BuildResult(out, built=False, metadata=meta)
-        if out.exists() and any(out.iterdir()) and read_metadata(out) is None:
-            raise BuildError(f"--out {out} is a non-empty directory that holds no guest build; "
-                             "refusing to replace it: pass an empty or new directory")
-        return BuildResult(out, built=True, metadata=_build_into(out, inputs, wanted, assembler))
-    finally:
-        lock.release()
+    return cached_build(out, wanted, recipe=RECIPE, output_files=OUTPUT_FILES, force=force,
+                        lock_timeout=lock_timeout, log=_log,
+                        make=lambda: _build_into(out, inputs, wanted, assembler))
 
 
 def _build_into(out: Path, inputs: Inputs, wanted: str, assembler: Assembler) -> dict[str, Any]:
@@ -196,13 +158,13 @@ def _build_into(out: Path, inputs: Inputs, wanted: str, assembler: Assembler) ->
             "login_user": LOGIN_USER,
             "shell_prompt": SHELL_PROMPT,
             "files": {"kernel": "vmlinuz", "initrd": "initrd.img", "cmdline": "cmdline"},
-            "sha256": {name: _sha256(staging / name) for name in ("vmlinuz", "initrd.img")},
+            "sha256": {name: sha256_file(staging / name) for name in ("vmlinuz", "initrd.img")},
             "build_seconds": round(time.monotonic() - started, 2),
         }
         # guest.json last: its presence marks the directory complete.
         (staging / "guest.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         staging.chmod(0o755)
-        _replace_dir(staging, out)
+        replace_dir(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     _log(f"built {out} in {meta['build_seconds']} s")

@@ -27,15 +27,20 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
-
 from guests.debian.assemble import DISK_SIZE, SUITE, Assembled, assemble
+from guests.recipe import (
+    LOCK_TIMEOUT_S,
+    BuildError,
+    BuildResult,
+    cached_build,
+    recipe_digest,
+    replace_dir,
+    sha256_file,
+)
 from guests.tiny import debian
-from guests.tiny.build import LOCK_TIMEOUT_S, _replace_dir, recipe_digest
 
 __all__ = [
     "CMDLINE",
@@ -65,17 +70,6 @@ KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 # (failures still print); panic=-1 reboots at once on a panic instead of hanging.
 CMDLINE = "console=ttyS0 root=/dev/vda rw quiet systemd.show_status=error panic=-1"
 OUTPUT_FILES = ("vmlinuz", "initrd.img", "cmdline", "disk.raw", "guest.json")
-
-
-class BuildError(Exception):
-    """The guest could not be built; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class BuildResult:
-    out: Path
-    built: bool  # False when the cache was already current
-    metadata: dict[str, Any]
 
 
 def _log(message: str) -> None:
@@ -134,27 +128,6 @@ def split_policy(text: str) -> dict[str, str]:
     return {name: "\n".join(lines) for name, lines in sections.items()}
 
 
-def read_metadata(out: Path) -> dict[str, Any] | None:
-    """``DIR/guest.json`` if DIR holds a complete build, else None."""
-    try:
-        meta = json.loads((out / "guest.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(meta, dict) or not all((out / name).is_file() for name in OUTPUT_FILES):
-        return None
-    return meta
-
-
-def _is_current(out: Path, wanted: str) -> dict[str, Any] | None:
-    meta = read_metadata(out)
-    return meta if meta is not None and meta.get("input_hash") == wanted else None
-
-
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 Assembler = Callable[..., Assembled]
 
 
@@ -172,48 +145,22 @@ def build(
     ``resolve``, ``assembler`` and ``need_root`` are seams for unit tests.
     """
     out = out.resolve()
-    if out.exists() and not out.is_dir():
-        raise BuildError(f"--out {out} exists and is not a directory: choose another path")
     try:
         packages = tuple((resolve or resolve_inputs)())
     except debian.DebianError as exc:
         raise BuildError(f"cannot resolve package versions: {exc}") from exc
     wanted = input_hash(packages, recipe_files_digest())
 
-    meta = None if force else _is_current(out, wanted)
-    if meta is not None:
-        _log(f"{out} is up to date ({wanted[:12]})")
-        return BuildResult(out, built=False, metadata=meta)
-    if need_root and os.geteuid() != 0:
-        raise BuildError(
-            "building the debian guest needs root (mmdebstrap --mode=root and mke2fs -d record the "
-            "tree's real file owners): run it as root or with sudo"
-        )
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(out.parent / f"{out.name}.lock"))
-    try:
-        lock.acquire(timeout=lock_timeout)
-    except Timeout as exc:
-        raise BuildError(
-            f"another build has held {lock.lock_file} for {lock_timeout:.0f} s: "
-            "wait for it, or remove the lock file if no build is running"
-        ) from exc
-    try:
-        # Another worker may have finished the same build while we waited.
-        meta = None if force else _is_current(out, wanted)
-        if meta is not None:
-            _log(f"{out} was built by a concurrent build ({wanted[:12]})")
-            return BuildResult(out, built=False, metadata=meta)
-        if out.exists() and any(out.iterdir()) and read_metadata(out) is None:
+    def check_root() -> None:
+        if need_root and os.geteuid() != 0:
             raise BuildError(
-                f"--out {out} is a non-empty directory that holds no debian guest build; "
-                "refusing to replace it: pass an empty or new directory"
+                "building the debian guest needs root (mmdebstrap --mode=root and mke2fs -d record "
+                "the tree's real file owners): run it as root or with sudo"
             )
-        meta = _build_into(out, packages, wanted, assembler)
-        return BuildResult(out, built=True, metadata=meta)
-    finally:
-        lock.release()
+
+    return cached_build(out, wanted, recipe=RECIPE, output_files=OUTPUT_FILES, force=force,
+                        lock_timeout=lock_timeout, log=_log, before_build=check_root,
+                        make=lambda: _build_into(out, packages, wanted, assembler))
 
 
 def _build_into(out: Path, packages: Sequence[debian.Package], wanted: str,
@@ -248,7 +195,7 @@ def _build_into(out: Path, packages: Sequence[debian.Package], wanted: str,
             "has_sshd": True,
             "disk_size": DISK_SIZE,
             "files": {"kernel": "vmlinuz", "initrd": "initrd.img", "cmdline": "cmdline", "disk": "disk.raw"},
-            "sha256": {name: _sha256(staging / name) for name in ("vmlinuz", "initrd.img", "disk.raw")},
+            "sha256": {name: sha256_file(staging / name) for name in ("vmlinuz", "initrd.img", "disk.raw")},
             "build_seconds": round(time.monotonic() - started, 2),
         }
         # VMs boot copy-on-write overlays of the image; read-only keeps a stray writer
@@ -257,7 +204,7 @@ def _build_into(out: Path, packages: Sequence[debian.Package], wanted: str,
         # guest.json last: its presence marks the directory complete.
         (staging / "guest.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         staging.chmod(0o755)
-        _replace_dir(staging, out)
+        replace_dir(staging, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(staging, ignore_errors=True)

@@ -19,8 +19,10 @@ import pytest
 
 from phd.framework import PhdConfig
 from phd.ports import worker_index
-from phd.reaper import reap_dead_owners, start_time
+from phd.reaper import reap_dead_owners
 from phd.wait import wait_until
+
+from .procs import pids_mentioning
 
 pytestmark = [pytest.mark.vm]
 
@@ -62,22 +64,8 @@ def test_failed_vm_is_left_running_and_reachable(phd_config: PhdConfig, tmp_path
 
         done = reap_dead_owners(tmp / "phd-ledger")
         assert any(line.startswith("stopped server") for line in done), done
-        wait_until(lambda: _alive_mentioning(str(tmp)), lambda pids: pids == [],
+        wait_until(lambda: pids_mentioning(str(tmp)), lambda pids: pids == [],
                    what="the kept VM's server and QEMU to be gone", timeout_s=30.0)
     finally:
         reap_dead_owners(tmp / "phd-ledger")
         subprocess.run(["rm", "-rf", str(tmp)], check=False)
-
-
-def _alive_mentioning(needle: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue
-        if needle.encode() in cmdline and start_time(int(entry.name)) is not None:
-            found.append(int(entry.name))
-    return found

@@ -23,24 +23,11 @@ from phd.ports import worker_index
 from phd.reaper import reap_dead_owners, start_time
 from phd.wait import wait_until
 
+from .procs import pids_mentioning
+
 pytestmark = [pytest.mark.vm, pytest.mark.crucible]
 
 TEST = "tests/suite/test_crucible.py::test_vcr_replace_during_start"
-
-
-def pids_mentioning(needle: str) -> list[int]:
-    """Live (non-zombie) processes whose command line contains ``needle``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue
-        if needle.encode() in cmdline and start_time(int(entry.name)) is not None:
-            found.append(int(entry.name))
-    return found
 
 
 def test_sigkilled_run_is_cleaned_up_by_the_next(

@@ -69,7 +69,7 @@ def _fake_tree(root: Path) -> None:
         "/lib/systemd/system/getty@.service")
     (root / "etc" / "shadow").write_text("root:*:20782:0:99999:7:::\n")
     (root / "etc" / "hostname").write_text("buildhost\n")
-    (root / "etc" / "resolv.conf").write_text("nameserver 10.255.255.53\n")
+    (root / "etc" / "resolv.conf").write_text("nameserver 127.0.0.53\n")
     (root / "etc" / "machine-id").write_text("0123\n")
 
 
