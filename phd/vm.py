@@ -317,9 +317,13 @@ class TestVm:
     # --- teardown -------------------------------------------------------------------
     def how_to_reach(self) -> str:
         """Where a person finds this VM's API, serial console and SSH (for kept VMs)."""
-        lines = [f"VM {self.config.name}: server pid {self.server.pid}, state {self._state_or_unknown()}",
+        state = self._state_or_unknown() if self.server.alive() else "server not running"
+        lines = [f"VM {self.config.name}: server pid {self.server.pid}, state {state}",
                  f"  API:     curl {self.server.base_url}/instance",
-                 f"  console: python -m websockets {self.client.serial_ws_url(0)}"]
+                 # From the server's address, not self.client: that would start a server
+                 # that has died, and this text must only describe what is there.
+                 f"  console: python -m websockets "
+                 f"{self.server.base_url.replace('http://', 'ws://', 1)}/instance/serial?from_start=0"]
         key = self.test_dir / f"{self.config.name}.ssh_ed25519"
         if self.config.ssh_port is not None and key.exists():
             lines.append(f"  SSH:     ssh -i {key} -p {self.config.ssh_port} -o StrictHostKeyChecking=no "
