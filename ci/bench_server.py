@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 
-from phd import CrucibleDisk, InstanceState, TestVm, wait_until
+from phd import CrucibleDisk, InstanceState, TestVm, ignore_status, wait_until
 from phd.downstairs import default_process_cmd
 from phd.factory import DiskFactory, VmFactory
 from phd.framework import Framework, PhdConfig
@@ -160,14 +160,14 @@ def measure_api_under_io(fw: Framework, tmp: Path, load_s: float) -> dict[str, A
             " 2>>/tmp/dd.log; done) >/dev/null 2>&1 & :")
 
         def passes() -> int:  # busybox dd logs "N+0 records out" once per finished pass
-            out = vm.run_shell_command("grep -c 'records out' /tmp/dd.log", check="ignore").output
+            out = vm.run_shell_command("grep -c 'records out' /tmp/dd.log", check=ignore_status).output
             return int(out.strip() or 0)
 
         wait_until(passes, lambda n: n >= 1, what="the guest's first dd pass", timeout_s=60.0)
         before, t0 = passes(), time.monotonic()
         busy = sample_latency(url, load_s)
         after, t1 = passes(), time.monotonic()
-        vm.run_shell_command("kill %1", check="ignore")
+        vm.run_shell_command("kill %1", check=ignore_status)
         return {
             "idle": percentiles(idle),
             "busy": percentiles(busy),

@@ -16,6 +16,7 @@ from phd.errors import (
 from phd.factory import DiskFactory, VmFactory
 from phd.guest import CommandResult, GuestCommandError
 from phd.ssh import SshCommandError, SshResult, SshSession
+from phd.status import StatusCheck, check_err, check_ok, ignore_status
 from phd.vm import FileDisk, TestVm, VmConfig
 from phd.wait import wait_until
 
@@ -33,10 +34,14 @@ __all__ = [
     "SshCommandError",
     "SshResult",
     "SshSession",
+    "StatusCheck",
     "SutError",
     "TestVm",
     "VmConfig",
     "VmFactory",
     "WaitTimeout",
+    "check_err",
+    "check_ok",
+    "ignore_status",
     "wait_until",
 ]

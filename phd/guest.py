@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from phd.errors import SutError
 from phd.serial import SerialConsole
+from phd.status import StatusCheck, check_ok, status_check
 
 __all__ = ["AlpineGuest", "CommandResult", "DebianGuest", "GuestAdapter", "GuestCommandError",
            "TinyGuest", "adapter_for"]
@@ -54,8 +55,11 @@ class GuestAdapter:
         # A wide terminal keeps long commands from wrapping into the output.
         self.run("stty cols 9999 2>/dev/null; true")
 
-    def run(self, command: str, *, timeout_s: float = 60.0, check: str = "ok") -> CommandResult:
-        """Run `command` in the guest shell. check: "ok" (status 0), "err" (non-zero), "ignore"."""
+    def run(self, command: str, *, timeout_s: float = 60.0,
+            check: StatusCheck | str = check_ok) -> CommandResult:
+        """Run `command` in the guest shell; `check` says what its exit status must be
+        (check_ok: 0, check_err: non-zero, ignore_status: anything)."""
+        expect = status_check(check)
         n = next(self._seq)
         # One line: the shell echoes it whole before any output, so nothing interleaves.
         framed = f"printf 'PHD_BEGIN_%s\\n' {n}; {command}; printf 'PHD_END_%s_%s\\n' {n} $?\n"
@@ -65,10 +69,9 @@ class GuestAdapter:
         output, status = end.group(1), int(end.group(2))
         self.console.wait_for(self.shell_prompt, timeout_s)
         result = CommandResult(command, status, output.replace("\r", "").rstrip("\n"))
-        if check == "ok" and status != 0:
-            raise GuestCommandError(result, "0")
-        if check == "err" and status == 0:
-            raise GuestCommandError(result, "non-zero")
+        expected = expect.violated_by(status)
+        if expected is not None:
+            raise GuestCommandError(result, expected)
         return result
 
 

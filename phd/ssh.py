@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from phd.errors import HarnessError, SutError, WaitTimeout
+from phd.status import StatusCheck, check_ok, status_check
 from phd.wait import wait_until
 
 __all__ = [
@@ -122,11 +123,13 @@ class SshSession:
         transport = self._client.get_transport()
         return transport is not None and bool(transport.is_active())
 
-    def run(self, command: str, *, timeout_s: float = 60.0, check: str = "ok") -> SshResult:
+    def run(self, command: str, *, timeout_s: float = 60.0,
+            check: StatusCheck | str = check_ok) -> SshResult:
         """Run ``command``; stdout and stderr exactly as sent (UTF-8), and the exit status.
 
-        check: "ok" (status 0), "err" (non-zero) or "ignore".
+        check: check_ok (status 0), check_err (non-zero) or ignore_status.
         """
+        expect = status_check(check)
         transport = self._client.get_transport()
         if transport is None or not transport.is_active():
             raise SutError(f"the SSH connection to 127.0.0.1:{self.port} is closed")
@@ -159,10 +162,9 @@ class SshSession:
         finally:
             chan.close()
         result = SshResult(command, status, out.decode(errors="replace"), err.decode(errors="replace"))
-        if check == "ok" and status != 0:
-            raise SshCommandError(result, "0")
-        if check == "err" and status == 0:
-            raise SshCommandError(result, "non-zero")
+        expected = expect.violated_by(status)
+        if expected is not None:
+            raise SshCommandError(result, expected)
         return result
 
     def _sftp_client(self) -> paramiko.SFTPClient:

@@ -27,6 +27,7 @@ from phd.guest import CommandResult, GuestAdapter, adapter_for
 from phd.serial import SerialConsole
 from phd.server import ServerProcess
 from phd.ssh import SshSession, authorized_keys_command, connect_when_ready, generate_key
+from phd.status import StatusCheck, check_ok
 
 __all__ = ["FileDisk", "TestVm", "VmConfig"]
 
@@ -229,8 +230,10 @@ class TestVm:
             self._adapter = self._adapter_class()(self.console)
             self._adapter.login(timeout_s)
 
-    def run_shell_command(self, command: str, *, check: str = "ok",
+    def run_shell_command(self, command: str, *, check: StatusCheck | str = check_ok,
                           timeout_s: float = 60.0) -> CommandResult:
+        """Run `command` on the serial console shell: exact output and exit status; `check`
+        (check_ok, check_err, ignore_status from phd) says what the status must be."""
         if self._adapter is None:
             raise HarnessError("call wait_to_boot() before run_shell_command()")
         with self.step("run_shell_command", command=command):

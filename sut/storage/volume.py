@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from dataclasses import dataclass
 
 from sut.storage.client import RetryPolicy
 from sut.storage.errors import StorageError, VcrError
 from sut.storage.upstairs import Activation, Upstairs
 from sut.storage.vcr import FileVcr, RegionVcr, VolumeVcr
+
+_UNWRITTEN_RUN = re.compile("0+")  # in a read's written map: blocks the parent supplies
 
 __all__ = ["Volume"]
 
@@ -173,10 +176,11 @@ class Volume:
         """Replace the never-written blocks of one region's piece of ``out`` by parent data."""
         assert self._parent is not None
         bs = self.block_size
-        for i, flag in enumerate(written):
-            if flag == "0":
-                vol_off = part.start + local + i * bs
-                out[pos + i * bs : pos + (i + 1) * bs] = self._parent.read(vol_off, bs)
+        # One pread per run of unwritten blocks: a guest booting from a parent reads it in
+        # runs of hundreds of blocks, and a pread per block dominated the read path.
+        for run in _UNWRITTEN_RUN.finditer(written):
+            lo, hi = run.start() * bs, run.end() * bs
+            out[pos + lo : pos + hi] = self._parent.read(part.start + local + lo, hi - lo)
 
     async def write(self, offset: int, data: bytes) -> None:
         if self.read_only:

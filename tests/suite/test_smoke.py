@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from phd import DiskFactory, GuestCommandError, InstanceState, VmFactory
+from phd import DiskFactory, GuestCommandError, InstanceState, VmFactory, check_err
 
 pytestmark = [pytest.mark.vm]
 
@@ -21,7 +21,7 @@ def test_boot_to_shell_and_run_commands(vm_factory: VmFactory, phd_guest: str) -
     vm.wait_to_boot()
 
     assert vm.run_shell_command("echo hello; echo world").output == "hello\nworld"
-    assert vm.run_shell_command("exit_with() { return $1; }; exit_with 7", check="err").status == 7
+    assert vm.run_shell_command("exit_with() { return $1; }; exit_with 7", check=check_err).status == 7
     with pytest.raises(GuestCommandError, match="exited 1"):
         vm.run_shell_command("false")
     # The guest is really this VM: its memory matches the board the framework asked for.

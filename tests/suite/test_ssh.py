@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from phd import InstanceState, VmFactory
+from phd import InstanceState, VmFactory, check_err, ignore_status
 from phd.ssh import SshCommandError
 
 pytestmark = [pytest.mark.vm]
@@ -32,12 +32,12 @@ def test_ssh_commands_and_file_round_trip(vm_factory: VmFactory, phd_guest: str,
     # The forward leads to this VM, not to another test's VM on a neighbouring port.
     assert ssh.run("cat /root/phd-token").stdout == f"{token}\n"
 
-    result = ssh.run("printf 'out\\n  two'; printf 'err\\n' >&2; exit 3", check="ignore")
+    result = ssh.run("printf 'out\\n  two'; printf 'err\\n' >&2; exit 3", check=ignore_status)
     assert (result.status, result.stdout, result.stderr) == (3, "out\n  two", "err\n")
     assert ssh.run("true").status == 0
     with pytest.raises(SshCommandError, match="exited 1"):
         ssh.run("false")
-    assert ssh.run("exit 5", check="err").status == 5
+    assert ssh.run("exit 5", check=check_err).status == 5
     # More output than one SSH window (2 MiB) on both streams at once must not deadlock.
     big = ssh.run("head -c 3000000 /dev/zero | tr '\\0' a; head -c 3000000 /dev/zero | tr '\\0' b >&2")
     assert (len(big.stdout), len(big.stderr)) == (3_000_000, 3_000_000)

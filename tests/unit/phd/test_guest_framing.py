@@ -6,7 +6,9 @@ import re
 
 import pytest
 
+from phd.errors import HarnessError
 from phd.guest import GuestCommandError, TinyGuest
+from phd.status import check_err, ignore_status
 
 
 class ScriptedConsole:
@@ -46,6 +48,21 @@ def test_non_zero_status_fails_by_default_and_can_be_expected() -> None:
     guest = TinyGuest(ScriptedConsole([("", 3), ("", 3), ("", 0)]))  # type: ignore[arg-type]
     with pytest.raises(GuestCommandError, match="exited 3"):
         guest.run("false")
-    assert guest.run("false", check="err").status == 3
+    assert guest.run("false", check=check_err).status == 3
     with pytest.raises(GuestCommandError, match="expected non-zero"):
-        guest.run("true", check="err")
+        guest.run("true", check=check_err)
+
+
+def test_ignore_status_returns_any_status_and_names_are_accepted_as_text() -> None:
+    guest = TinyGuest(ScriptedConsole([("x\n", 9), ("", 0)]))  # type: ignore[arg-type]
+    assert guest.run("exit 9", check=ignore_status).status == 9
+    assert guest.run("true", check="check_ok").status == 0
+
+
+def test_an_unknown_check_is_a_clear_error_before_anything_is_sent() -> None:
+    console = ScriptedConsole([])
+    guest = TinyGuest(console)  # type: ignore[arg-type]
+    with pytest.raises(HarnessError, match=r"check='ok' is not an exit-status expectation; use one of "
+                                           r"check_ok, check_err, ignore_status"):
+        guest.run("true", check="ok")
+    assert console.sent == []

@@ -13,6 +13,7 @@ import pytest
 
 from phd.errors import HarnessError, WaitTimeout
 from phd.ssh import SshSession, authorized_keys_command, generate_key
+from phd.status import ignore_status
 
 
 def test_generated_key_is_private_and_loads_in_paramiko(tmp_path: Path) -> None:
@@ -146,7 +147,7 @@ def test_output_after_the_exit_status_is_not_lost() -> None:
     chan = ScriptedChannel([("out", b"out\n"), ("status", 3), ("err", b"late "), ("err", b"stderr"),
                             ("eof", 0)])
     session = SshSession(FakeClient(chan), port=1, user="root")
-    result = session.run("cmd", check="ignore")
+    result = session.run("cmd", check=ignore_status)
     assert (result.status, result.stdout, result.stderr) == (3, "out\n", "late stderr")
 
 
