@@ -15,12 +15,14 @@ from phd.errors import (
 )
 from phd.factory import DiskFactory, VmFactory
 from phd.guest import CommandResult, GuestCommandError
+from phd.lifecycle import Action, run_lifecycle
 from phd.ssh import SshCommandError, SshResult, SshSession
 from phd.status import StatusCheck, check_err, check_ok, ignore_status
 from phd.vm import FileDisk, TestVm, VmConfig
 from phd.wait import wait_until
 
 __all__ = [
+    "Action",
     "ArtifactUnavailable",
     "CommandResult",
     "CrucibleDisk",
@@ -43,5 +45,6 @@ __all__ = [
     "check_err",
     "check_ok",
     "ignore_status",
+    "run_lifecycle",
     "wait_until",
 ]

@@ -1,5 +1,8 @@
 """Crucible disks: three downstairs, the VCR that names them, and fault injection.
 
+Faults on the disk's own downstairs are verbs on them: `disk.downstairs[1].kill()` (also
+stop, pause, resume, restart); `replace_downstairs` swaps a fresh one in for a dead one.
+
 The disk owns its downstairs and the black hole; the VCR is generated on demand from the
 current generation and black-hole switch, exactly as PHD does, so a test reads as
 `disk.set_generation(2); vm.replace_crucible_vcr(disk)`.
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import uuid as uuidlib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from phd.downstairs import Downstairs
@@ -23,7 +27,7 @@ MIB = 1 << 20
 class CrucibleDisk:
     def __init__(self, name: str, size_bytes: int, block_size: int, extent_bytes: int,
                  downstairs: Sequence[Downstairs], black_holes: Sequence[BlackHole],
-                 disk_id: str | None = None) -> None:
+                 disk_id: str | None = None, read_only_parent: Path | None = None) -> None:
         if len(downstairs) != 3:
             raise HarnessError(f"a Crucible region needs exactly 3 downstairs, got {len(downstairs)}")
         if extent_bytes % block_size or size_bytes % extent_bytes:
@@ -36,6 +40,12 @@ class CrucibleDisk:
         self.blocks_per_extent = extent_bytes // block_size
         self.extent_count = size_bytes // extent_bytes
         self.downstairs = list(downstairs)
+        # Downstairs this disk owns but its VCR no longer (or not yet) names: spares made by
+        # DiskFactory.add_downstairs and the ones replace_downstairs swapped out.
+        self._others: list[Downstairs] = []
+        # A raw image whose blocks show through until written (a guest image for boot disks).
+        self.read_only_parent = read_only_parent
+        self._parent_id = str(uuidlib.uuid4())
         self._black_holes = {hole.kind: hole for hole in black_holes}
         self._black_hole: BlackHole | None = None  # the one the VCR names now, if any
         self.generation = 1
@@ -72,6 +82,25 @@ class CrucibleDisk:
             targets[0] = self._black_hole.address
         return targets
 
+    def own(self, ds: Downstairs) -> None:
+        """Take a spare downstairs into this disk's care (torn down with the disk)."""
+        self._others.append(ds)
+
+    def replace_downstairs(self, index: int, new: Downstairs) -> Downstairs:
+        """Name `new` instead of downstairs `index` in the next VCRs (send one with
+        `vm.replace_crucible_vcr(disk)` at a higher generation); returns the old one, which
+        the disk keeps and tears down."""
+        if not 0 <= index < len(self.downstairs):
+            raise HarnessError(f"disk {self.name} has downstairs 0..{len(self.downstairs) - 1}, not {index}")
+        if new in self.downstairs:
+            raise HarnessError(f"{new.address} already serves disk {self.name}")
+        old = self.downstairs[index]
+        self.downstairs[index] = new
+        if new in self._others:
+            self._others.remove(new)
+        self._others.append(old)
+        return old
+
     # --- the VCR ----------------------------------------------------------------------
     def vcr(self) -> dict[str, Any]:
         region = {
@@ -86,12 +115,16 @@ class CrucibleDisk:
                 "control": None, "read_only": False,
             },
         }
+        parent = None
+        if self.read_only_parent is not None:
+            parent = {"type": "file", "id": self._parent_id, "block_size": self.block_size,
+                      "path": str(self.read_only_parent)}
         return {"type": "volume", "id": self.id, "block_size": self.block_size,
-                "sub_volumes": [region], "read_only_parent": None}
+                "sub_volumes": [region], "read_only_parent": parent}
 
     def destroy(self) -> None:
         errors: list[BaseException] = []
-        for ds in self.downstairs:
+        for ds in [*self.downstairs, *self._others]:
             try:
                 ds.destroy()
             except Exception as exc:  # noqa: BLE001 - teardown never stops at the first error

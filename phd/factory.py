@@ -7,6 +7,7 @@ first (their servers hold the disks' connections), then disks.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from phd.artifacts import GuestArtifact
 from phd.crucible import CrucibleDisk
 from phd.downstairs import DockerDownstairs, Downstairs, ProcessDownstairs
 from phd.errors import ArtifactUnavailable, HarnessError
@@ -23,7 +25,7 @@ from phd.framework import Framework
 from phd.guest import adapter_for
 from phd.ports import BLACK_HOLE_KINDS, BlackHole
 from phd.server import ServerProcess
-from phd.vm import BOOT_DEVICE, FileDisk, TestVm, VmConfig
+from phd.vm import BOOT_DEVICE, TERMINAL, FileDisk, TestVm, VmConfig
 
 __all__ = ["DiskFactory", "VmFactory", "create_file_disk", "overlay_argv"]
 
@@ -89,55 +91,99 @@ class VmFactory:
         self.vms: list[TestVm] = []
         self._ports: list[int] = []
         self._data_dirs: list[tuple[Path, Path]] = []
+        self._successors: dict[str, int] = {}
 
     def new_vm(self, name: str, *, guest: str | None = None, cpus: int = 2,
-               memory_mib: int = 512, ssh: bool | None = None) -> TestVm:
+               memory_mib: int = 512, ssh: bool | None = None,
+               boot_disk: CrucibleDisk | None = None) -> TestVm:
         """A VM of `guest` (default: --phd-guest), not yet launched.
 
         A guest with a disk image boots from a copy-on-write overlay of it, `boot0` in the
-        test directory. `ssh`: forward a 127.0.0.1 port to the guest's sshd (a user-
-        networking NIC); None means "if the guest runs sshd".
+        test directory, or from `boot_disk`: a Crucible disk whose read-only parent is that
+        image (`disk_factory.create_crucible_disk("boot", read_only_parent=
+        vm_factory.guest_image())`). `ssh`: forward a 127.0.0.1 port to the guest's sshd (a
+        user-networking NIC); None means "if the guest runs sshd".
         """
-        if not _NAME_OK.match(name):
-            raise HarnessError(f"VM name {name!r} must match {_NAME_OK.pattern}")
+        artifact = self.fw.artifacts.guest(guest or self.fw.config.default_guest)
+        boot: CrucibleDisk | FileDisk | None = boot_disk
+        if boot_disk is not None and artifact.disk is None:
+            raise HarnessError(f"guest {artifact.name} boots from its initramfs, so boot disk "
+                               f"{boot_disk.name} would go unused; attach it as a data disk")
+        if boot is None and artifact.disk is not None:
+            boot = create_file_disk(self.test_dir / f"{name}.{BOOT_DEVICE}.qcow2", base=artifact.disk)
+        return self._new_vm(VmConfig(name, cpus, memory_mib), artifact, ssh, boot)
+
+    def guest_image(self, guest: str | None = None) -> Path | None:
+        """The raw disk image of `guest` (default: --phd-guest); None for initramfs guests."""
+        return self.fw.artifacts.guest(guest or self.fw.config.default_guest).disk
+
+    def successor(self, vm: TestVm, name: str | None = None) -> TestVm:
+        """A new VM (own server) on `vm`'s disks, not yet launched: the same guest, board
+        and devices, every Crucible disk at a generation one higher than any sent so far, so
+        the successor's activation takes the downstairs over from `vm` (PHD's successor).
+
+        File disks have no generation fence: `vm` must be stopped first if it has any.
+        """
+        self._successors[vm.config.name] = n = self._successors.get(vm.config.name, 0) + 1
+        name = name or f"{vm.config.name}-s{n}"
+        if any(isinstance(att.disk, FileDisk) for att in vm.disks) and vm.server.alive() \
+                and vm.state() not in TERMINAL:
+            raise HarnessError(f"VM {vm.config.name} still runs on file disks; stop it (and wait "
+                               "for Destroyed) before its successor uses them")
+        for disk in {id(att.disk): att.disk for att in vm.disks}.values():
+            if isinstance(disk, CrucibleDisk):
+                disk.set_generation(disk.generation + 1)
+        boot = vm.disks[0].disk if vm.disks and vm.disks[0].device == BOOT_DEVICE else None
+        cfg = vm.config
+        succ = self._new_vm(VmConfig(name, cfg.cpus, cfg.memory_mib), vm.guest,
+                            cfg.ssh_port is not None, boot)
+        for att in vm.disks:
+            if att.device != BOOT_DEVICE:
+                succ.attach(att.disk, att.device, att.interface)
+        return succ
+
+    def _new_vm(self, config: VmConfig, artifact: GuestArtifact, ssh: bool | None,
+                boot: CrucibleDisk | FileDisk | None) -> TestVm:
+        if not _NAME_OK.match(config.name):
+            raise HarnessError(f"VM name {config.name!r} must match {_NAME_OK.pattern}")
+        if any(vm.config.name == config.name for vm in self.vms):
+            raise HarnessError(f"this test already has a VM named {config.name!r}: VM names must "
+                               "be unique within a test (they name its logs)")
         cfg = self.fw.config
-        artifact = self.fw.artifacts.guest(guest or cfg.default_guest)
         has_sshd = adapter_for(artifact.guest_os or artifact.name).has_sshd
         if ssh and not has_sshd:
             raise HarnessError(f"guest {artifact.name} runs no sshd, so ssh=True cannot work; "
                                "check `vm.supports_ssh` or skip on this guest")
-        boot = None
-        if artifact.disk is not None:
-            boot = create_file_disk(self.test_dir / f"{name}.{BOOT_DEVICE}.qcow2", base=artifact.disk)
         port = self.fw.ports.allocate()
         self._ports.append(port)
         ssh_port = None
         if has_sshd if ssh is None else ssh:
             ssh_port = self.fw.ports.allocate()
             self._ports.append(ssh_port)
-        log = None if cfg.output_mode == "null" else self.test_dir / f"{name}.server.log"
+        log = None if cfg.output_mode == "null" else self.test_dir / f"{config.name}.server.log"
         # Unix socket paths are capped at 107 bytes, so the server's run directory lives
         # under a short path; its files are copied into the test directory at teardown.
         data_dir = Path(tempfile.gettempdir()) / "phd-run" / f"{self.fw.session_id}-{port}"
-        self._data_dirs.append((data_dir, self.test_dir / f"{name}.server-data"))
+        self._data_dirs.append((data_dir, self.test_dir / f"{config.name}.server-data"))
         # The reference server reads its accelerator from SUT_SERVER_ACCEL (--phd-accel).
         server = ServerProcess(list(cfg.server_cmd), port, data_dir, log, regressions=cfg.regressions,
                                env={"SUT_SERVER_ACCEL": cfg.accel})
-        vm = TestVm(VmConfig(name, cpus, memory_mib, ssh_port), server, artifact, self.test_dir)
+        vm = TestVm(dataclasses.replace(config, ssh_port=ssh_port), server, artifact, self.test_dir)
         self._vms.append(vm.close)
         self.vms.append(vm)
         if boot is not None:
-            vm.add_file_disk(boot, device=BOOT_DEVICE)
+            vm.attach(boot, BOOT_DEVICE, "virtio")
         return vm
 
     def close(self) -> None:
+        """Tear every VM down; idempotent (the disk fixture calls it first when both exist)."""
         try:
             _teardown_all(self._vms, "VMs")
         finally:
-            for port in self._ports:
-                self.fw.ports.release(port)
-            for run_dir, keep_as in self._data_dirs:
-                _collect(run_dir, keep_as)
+            while self._ports:
+                self.fw.ports.release(self._ports.pop())
+            while self._data_dirs:
+                _collect(*self._data_dirs.pop())
 
     def keep_running(self) -> str:
         """--phd-keep-on-failure: leave every VM of this test up; returns how to reach them.
@@ -172,44 +218,89 @@ class DiskFactory:
         self.test_dir = test_dir
         self._disks: list[Callable[[], None]] = []
         self._ports: list[int] = []
+        self._ds_count: dict[str, int] = {}
+        self._tag = uuidlib.uuid4().hex[:6]  # container names stay unique across tests
 
-    def create_crucible_disk(self, name: str = "data", *, size_gib: int = 1,
-                             block_size: int = 512, extent_mib: int = 64) -> CrucibleDisk:
-        """A blank Crucible disk: three fresh regions, each served by its own downstairs."""
+    def create_crucible_disk(self, name: str = "data", *, size_gib: int | None = None,
+                             block_size: int = 512, extent_mib: int = 64,
+                             read_only_parent: Path | None = None) -> CrucibleDisk:
+        """A Crucible disk: three fresh regions, each served by its own downstairs.
+
+        read_only_parent: a raw image (a guest's disk, say) whose blocks the disk shows until
+        they are written; the size then defaults to the image's, rounded up to whole extents.
+        Without it the disk is blank and 1 GiB by default.
+        """
+        if not _NAME_OK.match(name):
+            raise HarnessError(f"disk name {name!r} must match {_NAME_OK.pattern}")
+        if name in self._ds_count:
+            raise HarnessError(f"this test already has a disk named {name!r}: disk names must be "
+                               "unique within a test (they name the downstairs and their logs)")
+        extent = extent_mib * MIB
+        size = (size_gib or 1) * GIB
+        if read_only_parent is not None:
+            if not read_only_parent.is_file():
+                raise HarnessError(f"read-only parent {read_only_parent} is not a file")
+            parent_size = read_only_parent.stat().st_size
+            if size_gib is None:
+                size = -(-parent_size // extent) * extent
+            elif size < parent_size:
+                raise HarnessError(f"disk {name}: {size_gib} GiB is smaller than its read-only "
+                                   f"parent {read_only_parent} ({parent_size} bytes)")
         disk_id = str(uuidlib.uuid4())
-        size, extent = size_gib * GIB, extent_mib * MIB
-        prefix = f"phd-{self.fw.session_id}-{uuidlib.uuid4().hex[:6]}-{name}"
-        downstairs: list[Downstairs] = []
+        geometry = (disk_id, block_size, extent // block_size, size // extent)
         black_holes: list[BlackHole] = []
         try:
             for kind in BLACK_HOLE_KINDS:  # both kinds held, so a test can pick either
                 black_holes.append(self.fw.ports.black_hole(kind))
-            for i in range(3):
+            downstairs = self._start_downstairs(name, geometry, 3)
+        except BaseException:
+            for hole in black_holes:
+                hole.close()
+            raise
+        disk = CrucibleDisk(name, size, block_size, extent, downstairs, black_holes, disk_id,
+                            read_only_parent=read_only_parent)
+        self._disks.append(disk.destroy)
+        return disk
+
+    def add_downstairs(self, disk: CrucibleDisk) -> Downstairs:
+        """A spare downstairs for `disk`: a fresh, empty region of the same geometry, started
+        and owned by the disk. Swap it in with `disk.replace_downstairs(i, spare)`; the next
+        replacement VCR makes the upstairs repair it from the others."""
+        geometry = (disk.id, disk.block_size, disk.blocks_per_extent, disk.extent_count)
+        (spare,) = self._start_downstairs(disk.name, geometry, 1)
+        disk.own(spare)
+        return spare
+
+    def _start_downstairs(self, disk_name: str, geometry: tuple[str, int, int, int],
+                          count: int) -> list[Downstairs]:
+        """`count` downstairs with fresh regions, started side by side; all or none."""
+        downstairs: list[Downstairs] = []
+        try:
+            for _ in range(count):
                 port = self.fw.ports.allocate()
                 self._ports.append(port)
-                downstairs.append(self._downstairs(f"{prefix}-ds{i}", port))
+                # ds0..ds2 for a disk's first three, ds3... for spares: log files sort by disk.
+                n = self._ds_count[disk_name] = self._ds_count.get(disk_name, -1) + 1
+                name = f"phd-{self.fw.session_id}-{self._tag}-{disk_name}-ds{n}"
+                downstairs.append(self._downstairs(name, port))
 
             def bring_up(ds: Downstairs) -> None:
-                ds.create_region(disk_id, block_size, extent // block_size, size // extent)
+                ds.create_region(*geometry)
                 ds.start()
 
-            # The three are independent and each start is mostly waiting on Docker, so they
-            # come up side by side; every error is collected before anything is torn down.
-            with ThreadPoolExecutor(max_workers=3, thread_name_prefix="phd-ds") as pool:
+            # Each start is mostly waiting on Docker, so they come up side by side; every
+            # error is collected before anything is torn down.
+            with ThreadPoolExecutor(max_workers=count, thread_name_prefix="phd-ds") as pool:
                 futures = [pool.submit(bring_up, ds) for ds in downstairs]
             errors = [exc for f in futures if (exc := f.exception()) is not None]
             if errors:
                 raise errors[0] if len(errors) == 1 else HarnessError(
-                    f"{len(errors)} downstairs of disk {name} failed to start: {errors}")
+                    f"{len(errors)} downstairs of disk {disk_name} failed to start: {errors}")
         except BaseException:
             for ds in downstairs:
                 ds.destroy()
-            for hole in black_holes:
-                hole.close()
             raise
-        disk = CrucibleDisk(name, size, block_size, extent, downstairs, black_holes, disk_id)
-        self._disks.append(disk.destroy)
-        return disk
+        return downstairs
 
     def create_file_disk(self, name: str = "data", *, base: Path | None = None,
                          size_gib: int = 1) -> FileDisk:

@@ -62,7 +62,10 @@ class GuestAdapter:
         expect = status_check(check)
         n = next(self._seq)
         # One line: the shell echoes it whole before any output, so nothing interleaves.
-        framed = f"printf 'PHD_BEGIN_%s\\n' {n}; {command}; printf 'PHD_END_%s_%s\\n' {n} $?\n"
+        # The command runs under `eval` so that any command the shell accepts on its own
+        # line frames too: one ending in `&`, say, would be a syntax error before `;`.
+        quoted = "'" + command.replace("'", "'\\''") + "'"
+        framed = f"printf 'PHD_BEGIN_%s\\n' {n}; eval {quoted}; printf 'PHD_END_%s_%s\\n' {n} $?\n"
         self.console.send(framed)
         self.console.wait_for(re.compile(rf"PHD_BEGIN_{n}\n"), timeout_s)
         end = self.console.wait_for(re.compile(rf"(?s)(.*?)PHD_END_{n}_(\d+)\n"), timeout_s)

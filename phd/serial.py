@@ -33,10 +33,16 @@ DEFAULT_FAILURE_PATTERNS = (
     re.compile(r"\bOops: "),
     re.compile(r"You are in (emergency|rescue) mode"),
     re.compile(r"Give root password for maintenance"),
-    re.compile(r"BUG: soft lockup"),
-    re.compile(r"rcu_\w+ detected stalls"),
     re.compile(r"Gave up waiting for root file system device"),
     re.compile(r"Dropping to a shell!"),
+)
+
+# Watchdog reports that mean "this vCPU did not run for a while". Under TCG on a busy host
+# they come from the HOST starving the vCPU threads, and the guest carries on, so they do not
+# end a wait; a wait that then times out names them, since a real hang shows them too.
+DEFAULT_WARNING_PATTERNS = (
+    re.compile(r"BUG: soft lockup"),
+    re.compile(r"rcu_\w+ detected stalls"),
 )
 
 
@@ -136,7 +142,9 @@ class SerialConsole:
                                    f"{rx.pattern!r}; last lines:\n{self._tail_locked()}")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise WaitTimeout(f"console text {rx.pattern!r}", timeout_s, self._tail_locked())
+                    warnings = [w.pattern for w in DEFAULT_WARNING_PATTERNS if w.search(self._text)]
+                    seen = f" (the console also shows {', '.join(warnings)})" if warnings else ""
+                    raise WaitTimeout(f"console text {rx.pattern!r}{seen}", timeout_s, self._tail_locked())
                 self._cond.wait(remaining)
 
     def _tail_locked(self, lines: int = 20) -> str:

@@ -121,17 +121,22 @@ class TestVm:
     # --- configuration (before launch) --------------------------------------------
     def add_crucible_disk(self, disk: CrucibleDisk, device: str = "data0",
                           interface: str = "virtio") -> None:
-        self._attach(_Attached(device, interface, disk))
+        self.attach(disk, device, interface)
 
     def add_file_disk(self, disk: FileDisk, device: str = "data0", interface: str = "virtio") -> None:
         """Attach a file disk (the factory attaches a disk guest's boot overlay as `boot0`)."""
+        self.attach(disk, device, interface)
+
+    def attach(self, disk: CrucibleDisk | FileDisk, device: str, interface: str = "virtio") -> None:
+        """Attach either kind of disk as `device` (virtio or nvme), before launch."""
         self._attach(_Attached(device, interface, disk))
 
     @property
-    def boot_disk(self) -> FileDisk | None:
-        """The copy-on-write overlay a disk-image guest boots from (device `boot0`)."""
+    def boot_disk(self) -> CrucibleDisk | FileDisk | None:
+        """What a disk-image guest boots from (device `boot0`): a copy-on-write overlay of the
+        image, or a Crucible disk with the image as its read-only parent."""
         for att in self.disks:
-            if att.device == BOOT_DEVICE and isinstance(att.disk, FileDisk):
+            if att.device == BOOT_DEVICE:
                 return att.disk
         return None
 
@@ -289,13 +294,28 @@ class TestVm:
     def backend_id(self, disk: CrucibleDisk | FileDisk) -> str:
         return self._attachment(disk).backend_id
 
-    def replace_crucible_vcr(self, disk: CrucibleDisk, timeout_s: float = 30.0) -> str:
-        """Send the disk's current VCR as a replacement (PHD's `replace_crucible_vcr`)."""
+    def device_path(self, disk: CrucibleDisk | FileDisk) -> str:
+        """The disk's block device in a Linux guest. Devices are created in attachment order,
+        so the n-th virtio disk is /dev/vd<a+n> and the n-th NVMe one /dev/nvme<n>n1."""
         att = self._attachment(disk)
-        vcr = disk.vcr()
+        same = [a for a in self.disks if a.interface == att.interface]
+        n = same.index(att)
+        if att.interface == "nvme":
+            return f"/dev/nvme{n}n1"
+        return f"/dev/vd{chr(ord('a') + n)}"
+
+    def replace_crucible_vcr(self, disk: CrucibleDisk, timeout_s: float = 30.0, *,
+                             vcr: dict[str, Any] | None = None) -> str:
+        """Send the disk's current VCR as a replacement (PHD's `replace_crucible_vcr`) and
+        return the server's answer ("Started", "VcrMatches", ...). `vcr`: send this one
+        instead (to test the rules a replacement must follow); a refusal raises ServerError
+        (status 400, with the rule in its body)."""
+        att = self._attachment(disk)
+        vcr = disk.vcr() if vcr is None else vcr
         self._record_vcr(att, vcr)
+        gen = max((sub.get("gen", 0) for sub in vcr.get("sub_volumes", [])), default=0)
         try:
-            with self.step("replace_crucible_vcr", backend=att.backend_id, gen=disk.generation):
+            with self.step("replace_crucible_vcr", backend=att.backend_id, gen=gen):
                 return self.client.replace_vcr(att.backend_id, vcr, timeout_s=timeout_s)
         except httpx.TimeoutException:
             raise WaitTimeout(

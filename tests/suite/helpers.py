@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from phd import CrucibleDisk, SutError, TestVm, wait_until
+from phd import CrucibleDisk, FileDisk, SutError, TestVm, wait_until
 
 
 def blocked_on(status: dict[str, Any], target: str) -> bool:
@@ -24,3 +24,37 @@ def wait_blocked_on_black_hole(vm: TestVm, disk: CrucibleDisk, timeout_s: float 
     return wait_until(lambda: vm.disk_status(disk), lambda s: blocked_on(s, disk.black_hole_address),
                       what=f"disk {disk.name} activation to be blocked on {disk.black_hole_address}",
                       timeout_s=timeout_s, interval_s=0.2)
+
+
+def write_pattern(vm: TestVm, disk: CrucibleDisk | FileDisk, *, offset_mib: int, size_mib: int) -> str:
+    """Write `size_mib` MiB of random data at `offset_mib` on the disk, from inside the guest,
+    synced to the device; returns its md5 (kept by the test, so it outlives the guest)."""
+    dev = vm.device_path(disk)
+    return vm.run_shell_command(
+        f"dd if=/dev/urandom of=/tmp/pattern bs=1M count={size_mib} 2>/dev/null"
+        f" && dd if=/tmp/pattern of={dev} bs=1M seek={offset_mib} conv=fsync 2>/dev/null"
+        " && md5sum < /tmp/pattern && rm /tmp/pattern").output.split()[0]
+
+
+def read_md5(vm: TestVm, disk: CrucibleDisk | FileDisk, *, offset_mib: int, size_mib: int) -> str:
+    """The md5 of `size_mib` MiB at `offset_mib` as the guest reads it from the device now
+    (O_DIRECT after dropping caches: the blocks really come through the storage)."""
+    dev = vm.device_path(disk)
+    return vm.run_shell_command(
+        f"echo 3 > /proc/sys/vm/drop_caches && dd if={dev} of=/tmp/back bs=1M skip={offset_mib}"
+        f" count={size_mib} iflag=direct 2>/dev/null && md5sum < /tmp/back && rm /tmp/back"
+    ).output.split()[0]
+
+
+def wait_all_active(vm: TestVm, disk: CrucibleDisk, timeout_s: float = 120.0) -> dict[str, Any]:
+    """The disk's three downstairs are the ones its VCR names and all are active (a live
+    repair, if one ran, has finished)."""
+    want = sorted(disk.targets())
+
+    def done(status: dict[str, Any]) -> bool:
+        states = {ds["target"]: ds["state"] for ds in status.get("downstairs", [])}
+        return sorted(states) == want and set(states.values()) == {"active"}
+
+    return wait_until(lambda: vm.disk_status(disk), done,
+                      what=f"all three downstairs of disk {disk.name} to be active", timeout_s=timeout_s,
+                      interval_s=0.25)

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from phd import DiskFactory, GuestCommandError, InstanceState, VmFactory, check_err
+from phd import DiskFactory, FileDisk, GuestCommandError, InstanceState, VmFactory, check_err
 
 pytestmark = [pytest.mark.vm]
 
@@ -36,7 +36,7 @@ def test_boot_disk_is_a_private_overlay(vm_factory: VmFactory, phd_guest: str) -
     image, boot = vm.guest.disk, vm.boot_disk
     if image is None:
         pytest.skip(f"guest {phd_guest} boots from its initramfs and has no disk image")
-    assert boot is not None and boot.base == image, f"boot disk {boot} is not an overlay of {image}"
+    assert isinstance(boot, FileDisk) and boot.base == image, f"boot disk {boot} is not an overlay of {image}"
     overlay = boot.path
     before = image.stat()
     overlay_before = overlay.stat().st_size

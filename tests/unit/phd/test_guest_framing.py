@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 
 import pytest
 
@@ -66,3 +68,24 @@ def test_an_unknown_check_is_a_clear_error_before_anything_is_sent() -> None:
                                            r"check_ok, check_err, ignore_status"):
         guest.run("true", check="ok")
     assert console.sent == []
+
+
+@pytest.mark.parametrize("shell", [["/bin/sh"], ["busybox", "sh"], ["bash"]])
+@pytest.mark.parametrize(("command", "output", "status"), [
+    ("echo 'it'\"'\"'s quoted'; exit_with() { return 4; }; exit_with", "it's quoted", 4),
+    ("sleep 0 & echo started", "started", 0),
+    ("true &", "", 0),
+    ("echo a | tr a b; false", "b", 1),
+])
+def test_the_framed_line_runs_in_real_shells(shell: list[str], command: str, output: str,
+                                             status: int) -> None:
+    """The exact line the adapter types, run by real shells (the guests' are busybox ash
+    and bash): markers, output and status come out right, even for quotes and a trailing &."""
+    if shutil.which(shell[0]) is None:
+        pytest.skip(f"{shell[0]} is not installed here")
+    console = ScriptedConsole([(output + "\n", status)])
+    TinyGuest(console).run(command, check=ignore_status)  # type: ignore[arg-type]
+    line = console.sent[0]
+    done = subprocess.run(shell, input=line, capture_output=True, text=True, timeout=30, check=False)
+    body = output + "\n" if output else ""
+    assert done.stdout == f"PHD_BEGIN_1\n{body}PHD_END_1_{status}\n", done.stderr

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from phd.errors import WaitTimeout
 from phd.serial import GuestPanic, SerialConsole
 
 
@@ -32,8 +33,6 @@ def test_a_multibyte_character_split_across_messages_survives() -> None:
     "You are in emergency mode. After logging in, type \"journalctl -xb\"",
     "You are in rescue mode. After logging in, type \"journalctl -xb\"",
     "Give root password for maintenance",
-    "[   32.0] watchdog: BUG: soft lockup - CPU#1 stuck for 26s! [systemd-udevd:120]",
-    "[   60.1] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:",
     "Gave up waiting for root file system device.  Common problems:",
     "ALERT!  /dev/vda does not exist.  Dropping to a shell!",
 ])
@@ -50,3 +49,18 @@ def test_ordinary_boot_output_is_not_a_failure() -> None:
     console = SerialConsole("ws://127.0.0.1:1/unused")
     console._text = "[ OK ] Reached target rescue.target\nrcu: Hierarchical SRCU implementation.\nlogin: "
     assert console.wait_for("login: ", timeout_s=1.0)
+
+
+@pytest.mark.parametrize("line", [
+    "[   32.0] watchdog: BUG: soft lockup - CPU#1 stuck for 26s! [systemd-udevd:120]",
+    "[   60.1] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:",
+])
+def test_a_watchdog_warning_does_not_end_a_wait_but_a_timeout_names_it(line: str) -> None:
+    """A starved TCG vCPU trips the guest's watchdog and then boots on: the wait goes on,
+    and if it does time out, the error says the console showed the warning."""
+    console = SerialConsole("ws://127.0.0.1:1/unused")
+    console._text = f"booting...\n{line}\nlogin: "
+    assert console.wait_for("login: ", timeout_s=1.0)
+    console._text += f"\n{line}\n"
+    with pytest.raises(WaitTimeout, match="the console also shows"):
+        console.wait_for("# ", timeout_s=0.2)
