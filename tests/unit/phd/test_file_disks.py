@@ -107,3 +107,15 @@ def test_a_device_name_is_used_once(tmp_path: Path) -> None:
     vm.add_file_disk(disk, device="data0")
     with pytest.raises(HarnessError, match="already has a disk device 'data0'"):
         vm.add_file_disk(disk, device="data0")
+
+
+def test_device_paths_follow_attachment_order_per_interface(tmp_path: Path) -> None:
+    vm = _vm(tmp_path, ssh_port=None)
+    disks = [FileDisk(f"d{i}", tmp_path / f"d{i}.raw", "raw", 1 << 30) for i in range(4)]
+    vm.add_file_disk(disks[0], device="boot0")
+    vm.add_file_disk(disks[1], device="data0", interface="nvme")
+    vm.add_file_disk(disks[2], device="data1")
+    vm.add_file_disk(disks[3], device="data2", interface="nvme")
+    assert [vm.device_path(d) for d in disks] == ["/dev/vda", "/dev/nvme0n1", "/dev/vdb", "/dev/nvme1n1"]
+    with pytest.raises(HarnessError, match="not attached"):
+        vm.device_path(FileDisk("x", tmp_path / "x.raw", "raw", 1 << 30))
