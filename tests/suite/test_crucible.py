@@ -346,6 +346,7 @@ def test_a_successor_fences_its_running_predecessor(vm_factory: VmFactory,
     dev = old.device_path(disk)
     old.run_shell_command(f"dd if=/dev/zero of={dev} bs=4k count=1 oflag=direct 2>/dev/null",
                           check=check_err)
-    states = {ds["state"] for ds in old.disk_status(disk)["downstairs"]}
-    assert states == {"disabled"}, f"the stale VM's upstairs should be disabled, its downstairs are {states}"
+    wait_until(lambda: {ds["state"] for ds in old.disk_status(disk)["downstairs"]},
+               lambda states: states == {"disabled"},
+               what="the fenced VM's upstairs to disable all three downstairs", timeout_s=30.0)
     assert read_md5(new, disk, offset_mib=0, size_mib=4) == written, "the fenced VM's write got through"
