@@ -1,60 +1,152 @@
-"""Run the PHD suite once per regression switch and once with none; tabulate the failures."""
+"""Run the PHD suite once per regression switch and once with none; tabulate the failures.
+
+Usage: ci/regressions [--shard i/N] [extra pytest args, e.g. -n 2 -m "not nightly"]
+
+Writes results/regressions.json ({switch: [node ids of failed tests]} plus "none"),
+results/junit-regression-<switch>.xml and the failed tests' results directories under
+results/regression-runs/<switch>/ (unless --phd-tmp-dir is given), and prints a table with the
+first line of each failed test's failure message, so it shows that the failure names the broken
+behaviour.
+
+Exit status 1 when the run without a switch has failures, when a switch is caught by no test
+(the suite stays green against a known bug, so it proves nothing about it), when a test that
+tests/meta/test_regressions_caught.py expects to catch a switch ran but did not fail with the
+text it names, or when a run produced no report; 0 otherwise.
+
+--shard i/N runs every N-th entry of [none, switch, ...] (1-based i), so N machines share the
+matrix. Sharding by switch, not by test, keeps "caught" decidable on each machine: a switch's
+whole suite runs in one place.
+"""
 
 from __future__ import annotations
 
 import json
-import subprocess
+import os
+import shutil
 import sys
-import xml.etree.ElementTree as ET
-from pathlib import Path
+import time
+from dataclasses import dataclass
+
+from pipeline import PYTEST, RESULTS, ROOT, Case, junit_cases, run_child, split_own_args
 
 from sut.server.regressions import ALL_REGRESSIONS
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "results"
+sys.path.insert(0, str(ROOT))  # the tests package, for the meta test's expectations
+from tests.meta.test_regressions_caught import EXPECTED_FAILURES
 
 
-def failed_tests(junit: Path) -> list[str]:
-    failed = []
-    for case in ET.parse(junit).getroot().iter("testcase"):
-        if case.find("failure") is not None or case.find("error") is not None:
-            failed.append(f"{case.get('classname')}::{case.get('name')}")
-    return sorted(failed)
+@dataclass
+class Run:
+    switch: str  # "none" for the run without a switch
+    cases: list[Case]
+    rc: int
+    duration_s: float
+
+    @property
+    def failed(self) -> list[Case]:
+        return [c for c in self.cases if c.outcome in ("failed", "error")]
+
+    @property
+    def broken(self) -> bool:
+        """pytest did not get as far as a report, or stopped on an internal/usage error."""
+        return not self.cases or self.rc in (2, 3, 4)
 
 
-def run(switch: str | None, extra: list[str]) -> list[str]:
-    junit = RESULTS / f"junit-regression-{switch or 'none'}.xml"
-    argv = [sys.executable, "-m", "pytest", "tests/suite", "-q", "-p", "no:cacheprovider",
-            f"--junitxml={junit}", *extra]
+def run(switch: str | None, extra: list[str]) -> Run:
+    name = switch or "none"
+    junit = RESULTS / f"junit-regression-{name}.xml"
+    junit.unlink(missing_ok=True)  # a crashed run must not be read as last time's report
+    argv = [*PYTEST, "tests/suite", "-q", f"--junitxml={junit}", *extra]
+    if not any(a.startswith("--phd-tmp-dir") for a in extra) and not os.environ.get("PHD_TMP_DIR"):
+        # The failures a switch causes are expected, and every failed test keeps its results
+        # directory: under results/ (replaced by the next matrix run) they stay at hand as
+        # evidence instead of piling up in $TMPDIR/phd run after run.
+        kept = RESULTS / "regression-runs" / name
+        shutil.rmtree(kept, ignore_errors=True)
+        argv.append(f"--phd-tmp-dir={kept}")
     if switch:
         argv.append(f"--phd-regression={switch}")
-    print(f"== {switch or 'none'}: {' '.join(argv[3:])}", flush=True)
-    proc = subprocess.run(argv, cwd=ROOT, stdin=subprocess.DEVNULL, check=False)  # noqa: S603
-    if not junit.exists():
-        raise SystemExit(f"pytest wrote no report for {switch or 'none'} (exit {proc.returncode})")
-    return failed_tests(junit)
+    print(f"== {name}: {' '.join(argv[3:])}", flush=True)
+    t0 = time.monotonic()
+    # Sharding is by switch here (see the docstring); a test shard from the environment would
+    # make "not caught" mean "not in this shard".
+    rc = run_child(argv, env={"PHD_SHARD": "", "PHD_REGRESSION": ""})
+    cases = junit_cases(junit) if junit.is_file() else []
+    return Run(name, cases, rc, round(time.monotonic() - t0, 1))
 
 
-def main() -> int:
+def unexpected(r: Run) -> list[str]:
+    """The meta test's expectations (switch -> test -> text its failure must contain), checked
+    for the tests this run ran (a -k may leave some out), so the matrix proves what it proves."""
+    out = []
+    by_id = {c.id: c for c in r.cases}
+    for test, text in EXPECTED_FAILURES.get(r.switch, {}).items():
+        case = by_id.get(test)
+        if case is None or case.outcome == "skipped":
+            continue
+        if case.outcome != "failed":
+            out.append(f"{r.switch}: {test} {case.outcome}, expected it to fail with {text!r}")
+        elif text not in case.full_message:
+            out.append(f"{r.switch}: {test} failed for another reason than {text!r}: {case.message[:200]}")
+    return out
+
+
+def shard_entries(entries: list[str], shard: str | None) -> list[str]:
+    if not shard:
+        return entries
+    try:
+        index, count = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise SystemExit(f"--shard must be i/N, e.g. 2/4; got {shard!r}") from None
+    if count < 1 or not 1 <= index <= count:
+        raise SystemExit(f"--shard i/N needs 1 <= i <= N (i is 1-based); got {shard!r}")
+    return entries[index - 1::count]
+
+
+def print_table(runs: list[Run]) -> None:
+    width = max(len(r.switch) for r in runs)
+    print(f"\n{'regression':<{width}}  {'time':>6}  tests that failed: first line of the failure message")
+    for r in runs:
+        passed = sum(c.outcome == "passed" for c in r.cases)
+        skipped = sum(c.outcome == "skipped" for c in r.cases)
+        head = f"{r.switch:<{width}}  {r.duration_s:>5.0f}s  "
+        tally = f"({passed} passed, {len(r.failed)} failed, {skipped} skipped)"
+        if r.broken:
+            print(f"{head}NO REPORT: pytest exited {r.rc} {tally}")
+        elif not r.failed:
+            print(f"{head}- {tally}" + ("" if r.switch == "none" else "  <- NOT CAUGHT"))
+        else:
+            print(f"{head}{tally}")
+        for case in r.failed:
+            kind = "" if case.outcome == "failed" else "[error] "
+            print(f"{'':<{width}}          {case.id}")
+            print(f"{'':<{width}}            {kind}{case.message[:200] or '<no message>'}")
+
+
+def main(argv: list[str]) -> int:
+    own, extra = split_own_args(argv, ["--shard"])
     RESULTS.mkdir(exist_ok=True)
-    extra = sys.argv[1:]
-    table: dict[str, list[str]] = {"none": run(None, extra)}
-    for switch in sorted(ALL_REGRESSIONS):
-        table[switch] = run(switch, extra)
+    entries = shard_entries(["none", *sorted(ALL_REGRESSIONS)], own.get("--shard"))
+    runs = [run(None if e == "none" else e, extra) for e in entries]
+
+    table = {r.switch: sorted(c.id for c in r.failed) for r in runs}
     (RESULTS / "regressions.json").write_text(json.dumps(table, indent=2) + "\n")
-    width = max(len(k) for k in table)
-    print(f"\n{'regression':<{width}}  tests that failed")
-    for switch, failed in table.items():
-        shown = ", ".join(t.rsplit("::", 1)[-1] for t in failed) or "-"
-        print(f"{switch:<{width}}  {shown}")
-    uncaught = [s for s, f in table.items() if s != "none" and not f]
-    if table["none"]:
-        print(f"\nFAIL: the suite is not green without a regression: {table['none']}")
-        return 1
-    if uncaught:
-        print(f"\nnot caught by any test yet: {', '.join(uncaught)}")
-    return 0
+    print_table(runs)
+    print(f"wrote {RESULTS.relative_to(ROOT) / 'regressions.json'}")
+
+    problems = []
+    for r in runs:
+        if r.broken:
+            problems.append(f"{r.switch}: pytest exited {r.rc} without a usable report")
+        elif r.switch == "none" and r.failed:
+            problems.append(f"the suite is not green without a regression: {table['none']}")
+        elif r.switch != "none" and not r.failed:
+            problems.append(f"{r.switch}: not caught by any test (the suite passes against this bug)")
+        problems += unexpected(r)
+    for p in problems:
+        print(f"FAIL: {p}")
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))

@@ -6,7 +6,9 @@ CI and nightly jobs configure the suite without editing command lines.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -41,6 +43,9 @@ _OPTIONS: list[tuple[str, dict[str, Any], str]] = [
     ("--phd-accel", {"choices": ["tcg", "kvm"]}, "QEMU accelerator (default tcg)"),
     ("--phd-regression", {"action": "append"},
      "re-create a historical bug in the reference server (repeatable)"),
+    ("--phd-shard", {"metavar": "i/N"},
+     "run only shard i of N (1-based): the items whose stable hash of their node id, modulo N, "
+     "is i-1; the others are deselected, so N machines running 1/N..N/N share a run exactly"),
 ]
 
 
@@ -114,16 +119,64 @@ MARKERS = (
     "vm: boots a real guest through the server under test (slow)",
     "crucible: needs Crucible-style downstairs (Docker or processes)",
     "integration: uses real processes, sockets or containers but boots no guest",
+    "nightly: too slow for the per-PR run; only the nightly job runs it (-m 'not nightly' leaves it out)",
 )
+
+_SHARD = pytest.StashKey[tuple[int, int]]()
+_SHARD_RX = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+
+
+def parse_shard(value: str) -> tuple[int, int]:
+    """`i/N` (1-based i) -> (i, N); a UsageError naming the option and the rule otherwise."""
+    match = _SHARD_RX.match(value)
+    if match is None:
+        raise pytest.UsageError(f"--phd-shard (PHD_SHARD) must be i/N, e.g. 2/4; got {value!r}")
+    index, count = int(match.group(1)), int(match.group(2))
+    if count < 1 or not 1 <= index <= count:
+        raise pytest.UsageError(f"--phd-shard (PHD_SHARD) i/N needs 1 <= i <= N (i is 1-based); "
+                                f"got {value!r}")
+    return index, count
+
+
+def shard_of(nodeid: str, count: int) -> int:
+    """The 0-based shard of a node id. sha256, not hash(): Python salts str hashes per process,
+    and every machine and xdist worker must put an item in the same shard."""
+    return int.from_bytes(hashlib.sha256(nodeid.encode()).digest()[:8], "big") % count
 
 
 def pytest_configure(config: pytest.Config) -> None:
     for marker in MARKERS:
         config.addinivalue_line("markers", marker)
+    shard = _opt(config, "--phd-shard", "")
+    if shard:
+        config.stash[_SHARD] = parse_shard(shard)
     workerinput = getattr(config, "workerinput", None)
     config._phd_session = (workerinput or {}).get("phd_session") or uuidlib.uuid4().hex[:8]  # type: ignore[attr-defined]
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(), "phd-xdist")
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    shard = config.stash.get(_SHARD, None)
+    return None if shard is None else f"phd shard: {shard[0]}/{shard[1]}"
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Last, so -k/-m have already deselected what they deselect: shards then only split what
+    # would run. A hash of the node id (not the position in the list) keeps an item's shard
+    # the same whatever else is collected, on every machine and every xdist worker.
+    shard = config.stash.get(_SHARD, None)
+    if shard is None:
+        return
+    index, count = shard
+    keep: list[pytest.Item] = []
+    drop: list[pytest.Item] = []
+    for item in items:
+        (keep if shard_of(item.nodeid, count) == index - 1 else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 class _XdistHooks:
@@ -168,6 +221,7 @@ def pytest_runtest_makereport(
 
 _REPORTS = pytest.StashKey[dict[str, Any]]()
 _RESULTS_DIR = pytest.StashKey[Path]()
+_VM_FACTORY = pytest.StashKey[VmFactory]()
 _RESULTS_HELP = ("server logs (<vm>.server.log, QEMU argv in its 'launching qemu' line), serial "
                  "transcripts (<vm>.serial.log), step logs (<vm>.steps.jsonl), VCRs sent "
                  "(<vm>.<device>.vcr.jsonl), downstairs logs, server run dirs (QEMU log)")
@@ -206,6 +260,7 @@ def _attach_to_allure(config: pytest.Config, path: Path, max_bytes: int = 4 << 2
 def vm_factory(request: pytest.FixtureRequest, phd_framework: Framework,
                phd_test_dir: Path) -> Iterator[VmFactory]:
     factory = VmFactory(phd_framework, request.node.nodeid, phd_test_dir)
+    request.node.stash[_VM_FACTORY] = factory
     yield factory
     if _keep_alive(request, phd_framework):
         notes = factory.keep_running()
@@ -243,7 +298,14 @@ def disk_factory(request: pytest.FixtureRequest, phd_framework: Framework, phd_t
     yield factory
     if _keep_alive(request, phd_framework):
         return  # the kept VMs still use these disks; they stay in the ledger / carry labels
-    factory.close()
+    # VMs go before their disks whatever order the test named the fixtures in: a server
+    # stopping a VM flushes to its downstairs, which must still be there to answer.
+    vms = request.node.stash.get(_VM_FACTORY, None)
+    try:
+        if vms is not None:
+            vms.close()
+    finally:
+        factory.close()
 
 
 @pytest.hookimpl(wrapper=True)

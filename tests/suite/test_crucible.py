@@ -299,7 +299,7 @@ def test_replacements_that_break_a_rule_are_refused(vm_factory: VmFactory, disk_
                 problems.append(f"{rule}: expected HTTP 400 with rule {rule!r}, got {exc}")
             continue
         problems.append(f"{rule}: a replacement breaking this rule was accepted ({answer!r})")
-    assert not problems, "replacement rules not enforced:\n" + "\n".join(problems)
+    assert not problems, "replacement rules not enforced: " + "; ".join(problems)
     status = vm.disk_status(disk)
     assert sorted(ds["target"] for ds in status["downstairs"]) == sorted(disk.targets()), status
     assert status["generation"] == 2, status

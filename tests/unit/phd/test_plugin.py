@@ -101,8 +101,10 @@ def test_failure_report_names_the_results_dir_in_terminal_junit_and_allure(
             (phd_test_dir / "vm.server.log").write_text("fine")
     """)
     tmp = pytester.path / "phd-tmp"
-    result = pytester.runpytest(f"--phd-manifest={MANIFEST}", f"--phd-tmp-dir={tmp}",
-                                "--junitxml=junit.xml", "--alluredir=allure")
+    # In a subprocess: in-process, this run's allure plugin would clash with the outer run's
+    # when that one records allure results too (ci/test does).
+    result = pytester.runpytest_subprocess(f"--phd-manifest={MANIFEST}", f"--phd-tmp-dir={tmp}",
+                                           "--junitxml=junit.xml", "--alluredir=allure")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*phd results*", f"{tmp}/*test_fails*"])
     kept = [p.name for p in tmp.glob("*/*")]

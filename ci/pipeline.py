@@ -1,0 +1,280 @@
+"""Stages of the CI pipelines (ci/test, ci/nightly) and the JUnit reading they share.
+
+A stage is one command; every stage runs even when an earlier one failed (a failing unit test
+must not hide the regression table), and the pipeline fails if any stage did. The summary at
+the end gives stage -> pass/fail/duration and, for pytest stages, the outcome counts from the
+stage's JUnit XML.
+
+Usage (what ci/test runs): python ci/pipeline.py test [--stages a,b] [extra pytest args]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results"
+ALLURE = RESULTS / "allure"
+PYTEST = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider"]
+NO_TESTS = 5  # pytest's ExitCode.NO_TESTS_COLLECTED (-k/-m/--phd-shard left nothing to run)
+
+
+# --- JUnit -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Case:
+    id: str  # a pytest node id where the module is found (tests/x/test_y.py::test_z[tiny])
+    outcome: str  # "passed" | "failed" | "error" | "skipped"
+    message: str  # first line of the failure/error/skip message ("" when it passed)
+    time_s: float
+    full_message: str = ""  # the whole message attribute and text of the failure/error/skip
+
+
+def node_id(classname: str, name: str) -> str:
+    """The node id behind a JUnit (xunit2) classname: `tests.suite.test_x.TestY` ->
+    `tests/suite/test_x.py::TestY`. The longest dotted prefix that is a .py file under the repo
+    is the module; the rest are classes. Falls back to `classname::name`."""
+    parts = classname.split(".")
+    for cut in range(len(parts), 0, -1):
+        module = Path(*parts[:cut]).with_suffix(".py")
+        if (ROOT / module).is_file():
+            return "::".join([module.as_posix(), *parts[cut:], name])
+    return f"{classname}::{name}"
+
+
+def first_line(text: str | None) -> str:
+    for line in (text or "").splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def junit_cases(path: Path) -> list[Case]:
+    cases = []
+    for tc in ET.parse(path).getroot().iter("testcase"):
+        outcome, message, full = "passed", "", ""
+        for tag in ("failure", "error", "skipped"):
+            el = tc.find(tag)
+            if el is not None:
+                outcome = "failed" if tag == "failure" else tag
+                message = first_line(el.get("message")) or first_line(el.text)
+                full = f"{el.get('message') or ''}\n{el.text or ''}"
+                break
+        cases.append(Case(node_id(tc.get("classname") or "", tc.get("name") or ""), outcome,
+                          message, float(tc.get("time") or 0.0), full))
+    return cases
+
+
+def counts(cases: Iterable[Case]) -> dict[str, int]:
+    c = Counter(case.outcome for case in cases)
+    return {k: c[k] for k in ("passed", "failed", "error", "skipped") if c[k]}
+
+
+# --- stages ------------------------------------------------------------------------------------
+@dataclass
+class Stage:
+    name: str
+    argv: list[str]
+    junit: Path | None = None  # the stage's JUnit XML, read for the summary
+    # pytest's "no tests collected" is fine when a selection (-k, --phd-shard) may leave a
+    # stage nothing; otherwise it means the stage ran nothing and fails.
+    empty_ok: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+    on_sigterm: signal.Signals = signal.SIGINT  # see run_child
+
+
+@dataclass
+class StageResult:
+    name: str
+    status: str  # "pass" | "FAIL" | "interrupted" | "not run"
+    duration_s: float
+    rc: int | None
+    counts: dict[str, int]
+    command: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "pass"
+
+
+def run_child(argv: Sequence[str], env: dict[str, str] | None = None, *,
+              on_sigterm: signal.Signals = signal.SIGINT) -> int:
+    """Run argv to its end and return its exit code, letting it clean up when interrupted.
+
+    Ctrl-C reaches the child too (same process group): we wait for it to tear its VMs and
+    containers down instead of killing it (subprocess.run would SIGKILL it, leaking them), then
+    re-raise. SIGTERM (a CI job being cancelled) reaches only us: it is passed on as
+    ``on_sigterm`` - SIGINT for pytest (its graceful stop), SIGTERM for a runner like
+    ci/regressions that passes it on to its own pytest in turn - then handled the same way.
+    """
+    proc = subprocess.Popen(list(argv), cwd=ROOT, stdin=subprocess.DEVNULL,  # noqa: S603 - argv list
+                            env={**os.environ, **(env or {})})
+
+    def on_term(signum: int, frame: object) -> None:
+        proc.send_signal(on_sigterm)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        try:
+            proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            proc.wait()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_stage(stage: Stage) -> StageResult:
+    print(f"\n===== {stage.name}: {shlex.join(stage.argv)}", flush=True)
+    if stage.junit is not None:
+        stage.junit.unlink(missing_ok=True)  # a crashed stage must not show last run's counts
+    t0 = time.monotonic()
+    rc = run_child(stage.argv, stage.env, on_sigterm=stage.on_sigterm)
+    duration = time.monotonic() - t0
+    found = counts(junit_cases(stage.junit)) if stage.junit is not None and stage.junit.is_file() else {}
+    ok = rc == 0 or (rc == NO_TESTS and stage.empty_ok)
+    return StageResult(stage.name, "pass" if ok else "FAIL", round(duration, 1), rc, found,
+                       shlex.join(stage.argv))
+
+
+def run_pipeline(name: str, stages: Sequence[Stage], out: Path, *,
+                 summary: bool = True) -> tuple[list[StageResult], float]:
+    """Every stage in order, whatever the earlier ones did; Ctrl-C stops here and the rest are
+    "not run". Writes ``out`` (JSON), prints the summary table unless the caller prints it
+    later itself (after its own report); returns the results and the wall time."""
+    results: list[StageResult] = []
+    t0 = time.monotonic()
+    for stage in stages:
+        started = time.monotonic()
+        try:
+            results.append(run_stage(stage))
+        except KeyboardInterrupt:
+            print(f"\n{name}: interrupted during {stage.name}", flush=True)
+            results.append(StageResult(stage.name, "interrupted", round(time.monotonic() - started, 1),
+                                       None, {}, shlex.join(stage.argv)))
+            break
+    done = {r.name for r in results}
+    results += [StageResult(s.name, "not run", 0.0, None, {}, shlex.join(s.argv))
+                for s in stages if s.name not in done]
+    wall = round(time.monotonic() - t0, 1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"pipeline": name, "wall_s": wall, "ok": all(r.ok for r in results),
+                               "stages": [asdict(r) for r in results]}, indent=2) + "\n")
+    if summary:
+        print_summary(name, results, wall)
+    return results, wall
+
+
+def _fmt_duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+def print_summary(name: str, results: Sequence[StageResult], wall_s: float) -> None:
+    width = max([len(r.name) for r in results] + [5])
+    print(f"\n===== {name} summary")
+    print(f"{'stage':<{width}}  {'result':<11}  {'duration':>8}  tests")
+    for r in results:
+        shown = ", ".join(f"{n} {k}" for k, n in r.counts.items()) or "-"
+        if r.rc not in (0, None) and r.status == "FAIL":
+            shown += f" (exit {r.rc})"
+        print(f"{r.name:<{width}}  {r.status:<11}  {_fmt_duration(r.duration_s):>8}  {shown}")
+    failed = [r.name for r in results if not r.ok]
+    print(f"{'total':<{width}}  {'FAIL' if failed else 'pass':<11}  {_fmt_duration(wall_s):>8}"
+          + (f"  failed/not run: {', '.join(failed)}" if failed else ""))
+
+
+def select_stages(stages: list[Stage], wanted: str | None) -> list[Stage]:
+    if not wanted:
+        return stages
+    names = [w.strip() for w in wanted.split(",") if w.strip()]
+    unknown = [n for n in names if n not in {s.name for s in stages}]
+    if unknown:
+        raise SystemExit(f"unknown stage(s) {unknown}; stages: {[s.name for s in stages]}")
+    return [s for s in stages if s.name in names]
+
+
+def split_own_args(argv: list[str], own: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """Pull `--name VALUE` / `--name=VALUE` for the pipeline's own options out of argv; the rest
+    goes to pytest untouched (argparse would try to interpret pytest's options)."""
+    found: dict[str, str] = {}
+    rest: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        flag, eq, value = arg.partition("=")
+        if flag in own:
+            if not eq:
+                value = next(it, "")
+                if not value:
+                    raise SystemExit(f"{flag} needs a value")
+            found[flag] = value
+        else:
+            rest.append(arg)
+    return found, rest
+
+
+def fresh_allure_dir() -> Path:
+    """Allure results of this run only: results of a previous run would show as its history."""
+    shutil.rmtree(ALLURE, ignore_errors=True)
+    ALLURE.mkdir(parents=True)
+    return ALLURE
+
+
+# --- ci/test -----------------------------------------------------------------------------------
+PR_SUITE_GUESTS = "debian,tiny"
+PR_SELECTION = "not nightly"
+
+
+def test_stages(extra: list[str]) -> list[Stage]:
+    """ci/test: what CI runs on every change (60 minutes on 2 cores)."""
+    allure = f"--alluredir={ALLURE}"
+    # A -k/-m of the caller's may leave a stage empty; that is not a failure then.
+    narrowed = bool(extra) or bool(os.environ.get("PHD_SHARD"))
+    return [
+        Stage("ruff", ["ruff", "check", "phd", "sut", "tests", "guests", "ci"]),
+        Stage("mypy", ["mypy"]),
+        # Two workers: every port, name and directory derives from the xdist worker id.
+        # tests/meta/test_regressions_caught.py re-runs the seed tests under three switches;
+        # the regressions stage below runs every switch and checks the same failure texts.
+        Stage("tests", [*PYTEST, "tests", "--ignore=tests/suite",
+                        "--ignore=tests/meta/test_regressions_caught.py", "-n", "2",
+                        f"--junitxml={RESULTS / 'junit-tests.xml'}", allure, *extra],
+              junit=RESULTS / "junit-tests.xml", empty_ok=narrowed),
+        Stage("suite", [*PYTEST, "tests/suite", "--phd-guests", PR_SUITE_GUESTS, "-m", PR_SELECTION,
+                        "-n", "2", f"--junitxml={RESULTS / 'junit-suite.xml'}", allure, *extra],
+              junit=RESULTS / "junit-suite.xml", empty_ok=narrowed),
+        # The default guest; the PR selection, so the matrix stays inside the hour (nightly
+        # runs it over every test). It writes results/junit-regression-<switch>.xml itself.
+        Stage("regressions", [sys.executable, str(ROOT / "ci" / "regressions.py"), "-n", "2",
+                              "-m", PR_SELECTION, *extra], on_sigterm=signal.SIGTERM),
+    ]
+
+
+def main_test(argv: list[str]) -> int:
+    own, extra = split_own_args(argv, ["--stages"])
+    stages = select_stages(test_stages(extra), own.get("--stages"))
+    RESULTS.mkdir(exist_ok=True)
+    fresh_allure_dir()
+    results, _ = run_pipeline("ci/test", stages, RESULTS / "pipeline-test.json")
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["test"]:
+        raise SystemExit("usage: python ci/pipeline.py test [--stages a,b] [extra pytest args]")
+    raise SystemExit(main_test(sys.argv[2:]))
