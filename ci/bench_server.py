@@ -26,51 +26,18 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+from benchlib import REPO, factories, framework, log
 
 from phd import CrucibleDisk, InstanceState, TestVm, ignore_status, wait_until
-from phd.downstairs import default_process_cmd
 from phd.factory import DiskFactory, VmFactory
-from phd.framework import Framework, PhdConfig
+from phd.framework import Framework
 
-REPO = Path(__file__).resolve().parent.parent
 TARGETS = {"unblock_s": 1.0, "stop_s": 1.0, "api_p99_ms": 100.0}
-
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-def framework(downstairs: str, tmp: Path) -> Framework:
-    config = PhdConfig(
-        server_cmd=(sys.executable, "-m", "sut.server"),
-        manifest=REPO / "artifacts" / "artifacts.toml",
-        artifact_dir=Path.home() / ".cache" / "phd" / "artifacts",
-        tmp_dir=tmp, default_guest="tiny", guests=("tiny",), downstairs=downstairs,
-        downstairs_cmd=tuple(default_process_cmd()), output_mode="file", keep_on_failure=False,
-        accel="tcg", regressions=(), repo_root=REPO)
-    return Framework(config, f"bench{uuid.uuid4().hex[:6]}")
-
-
-@contextmanager
-def factories(fw: Framework, tmp: Path, name: str) -> Iterator[tuple[VmFactory, DiskFactory]]:
-    test_dir = tmp / name
-    test_dir.mkdir(parents=True)
-    vms = VmFactory(fw, f"bench-server::{name}", test_dir)
-    disks = DiskFactory(fw, f"bench-server::{name}", test_dir)
-    try:
-        yield vms, disks
-    finally:
-        try:
-            vms.close()
-        finally:
-            disks.close()
 
 
 def blocked_vm(vms: VmFactory, disks: DiskFactory, name: str) -> tuple[TestVm, CrucibleDisk]:
@@ -99,7 +66,7 @@ def wait_state(vm: TestVm, state: InstanceState, timeout_s: float = 60.0) -> flo
 
 
 def measure_unblock(fw: Framework, tmp: Path, run: int) -> dict[str, float]:
-    with factories(fw, tmp, f"unblock{run}") as (vms, disks):
+    with factories(fw, tmp, "bench-server", f"unblock{run}") as (vms, disks):
         vm, disk = blocked_vm(vms, disks, f"unblock{run}")
         disk.disable_vcr_black_hole()
         disk.set_generation(2)
@@ -113,7 +80,7 @@ def measure_unblock(fw: Framework, tmp: Path, run: int) -> dict[str, float]:
 
 
 def measure_stop(fw: Framework, tmp: Path, run: int) -> dict[str, float]:
-    with factories(fw, tmp, f"stop{run}") as (vms, disks):
+    with factories(fw, tmp, "bench-server", f"stop{run}") as (vms, disks):
         vm, _ = blocked_vm(vms, disks, f"stop{run}")
         t0 = time.monotonic()
         vm.stop()
@@ -144,7 +111,7 @@ MIB = 1 << 20
 
 
 def measure_api_under_io(fw: Framework, tmp: Path, load_s: float) -> dict[str, Any]:
-    with factories(fw, tmp, "api") as (vms, disks):
+    with factories(fw, tmp, "bench-server", "api") as (vms, disks):
         disk = disks.create_crucible_disk("data", size_gib=1)
         vm = vms.new_vm("api")
         vm.add_crucible_disk(disk, device="data0", interface="virtio")

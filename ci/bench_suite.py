@@ -48,62 +48,30 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from benchlib import REPO, factories, framework, log
+
 from phd import InstanceState
 from phd.artifacts import GuestArtifact
-from phd.downstairs import default_process_cmd
-from phd.factory import DiskFactory, VmFactory, overlay_argv
-from phd.framework import Framework, PhdConfig
+from phd.factory import overlay_argv
+from phd.framework import Framework
 from phd.guest import adapter_for
 from phd.serial import SerialConsole
 
-REPO = Path(__file__).resolve().parent.parent
 TARGET_BOOT_RATIO = 1.15
 BOOT_TARGET_GUESTS = ("tiny", "debian")
 MIB = 1 << 20
-
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-def framework(downstairs: str, tmp: Path, guests: tuple[str, ...]) -> Framework:
-    config = PhdConfig(
-        server_cmd=(sys.executable, "-m", "sut.server"),
-        manifest=REPO / "artifacts" / "artifacts.toml",
-        artifact_dir=Path(os.environ.get("PHD_ARTIFACT_DIR", Path.home() / ".cache" / "phd" / "artifacts")),
-        tmp_dir=tmp, default_guest="tiny", guests=guests, downstairs=downstairs,
-        downstairs_cmd=tuple(default_process_cmd()), output_mode="file", keep_on_failure=False,
-        accel=os.environ.get("PHD_ACCEL", "tcg"), regressions=(), repo_root=REPO)
-    return Framework(config, f"bench{uuid.uuid4().hex[:6]}")
-
-
-@contextmanager
-def factories(fw: Framework, tmp: Path, name: str) -> Iterator[tuple[VmFactory, DiskFactory]]:
-    test_dir = tmp / name
-    test_dir.mkdir(parents=True)
-    vms = VmFactory(fw, f"bench-suite::{name}", test_dir)
-    disks = DiskFactory(fw, f"bench-suite::{name}", test_dir)
-    try:
-        yield vms, disks
-    finally:
-        try:
-            vms.close()
-        finally:
-            disks.close()
 
 
 # --- boot: framework -------------------------------------------------------------------------
 def framework_boot(fw: Framework, tmp: Path, guest: str, run: int) -> tuple[float, dict[str, Any]]:
     """Launch-to-shell through the framework; the seconds, plus the VM's spec (the raw run copies
     it) and where the time went."""
-    with factories(fw, tmp, f"fw-{guest}-{run}") as (vms, _):
+    with factories(fw, tmp, "bench-suite", f"fw-{guest}-{run}") as (vms, _):
         t0 = time.monotonic()
         vm = vms.new_vm(f"boot{run}", guest=guest)
         t_new = time.monotonic()
@@ -148,12 +116,7 @@ class PipeConsole(SerialConsole):
     def _pipe_reader(self) -> None:
         fd = self._out.fileno()
         while data := os.read(fd, 65536):
-            if self._transcript:
-                self._transcript.write(data)
-                self._transcript.flush()
-            with self._cond:
-                self._text += self._clean(data)
-                self._cond.notify_all()
+            self._feed(data)
         with self._cond:
             self._closed_reason = "QEMU closed its serial (stdout)"
             self._cond.notify_all()
@@ -311,7 +274,7 @@ _TOOK = re.compile(r"^took (\d+) (\d+)$", re.M)
 
 
 def measure_writes(fw: Framework, tmp: Path, guest: str, runs: int, mib: int) -> dict[str, Any]:
-    with factories(fw, tmp, f"write-{guest}") as (vms, disks):
+    with factories(fw, tmp, "bench-suite", f"write-{guest}") as (vms, disks):
         crucible = disks.create_crucible_disk("data", size_gib=1)
         file_disk = disks.create_file_disk("filedata", size_gib=2)
         vm = vms.new_vm("write", guest=guest)

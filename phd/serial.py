@@ -77,13 +77,7 @@ class SerialConsole:
         reason = "closed by server"
         try:
             for msg in self._ws:
-                data = msg.encode() if isinstance(msg, str) else bytes(msg)
-                if self._transcript:
-                    self._transcript.write(data)
-                    self._transcript.flush()
-                with self._cond:
-                    self._text += self._clean(data)
-                    self._cond.notify_all()
+                self._feed(msg.encode() if isinstance(msg, str) else bytes(msg))
         except ConnectionClosed as exc:
             reason = f"closed: {exc}"
         except Exception as exc:  # noqa: BLE001 - reported to whoever waits next
@@ -110,6 +104,16 @@ class SerialConsole:
         if self._transcript is not None:
             self._transcript.close()
             self._transcript = None
+
+    def _feed(self, data: bytes) -> None:
+        """Bytes from the guest's serial port: to the transcript as they came, cleaned into
+        the text that waits match (a subclass may read them from elsewhere than the server)."""
+        if self._transcript:
+            self._transcript.write(data)
+            self._transcript.flush()
+        with self._cond:
+            self._text += self._clean(data)
+            self._cond.notify_all()
 
     # --- reading --------------------------------------------------------------------
     @property
