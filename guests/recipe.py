@@ -7,9 +7,11 @@ makes concurrent builders (pytest-xdist workers) build once while the others wai
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +26,8 @@ __all__ = [
     "BuildResult",
     "cached_build",
     "current_metadata",
+    "main",
+    "publish",
     "read_metadata",
     "recipe_digest",
     "replace_dir",
@@ -91,6 +95,41 @@ def replace_dir(new: Path, out: Path) -> None:
     new.rename(out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def publish(staging: Path, out: Path, meta: dict[str, Any]) -> None:
+    """Write ``guest.json`` into ``staging`` LAST (its presence marks a build complete), then
+    swap the directory in as ``out``."""
+    (staging / "guest.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    staging.chmod(0o755)
+    replace_dir(staging, out)
+
+
+def main(
+    argv: Sequence[str] | None,
+    *,
+    name: str,
+    description: str,
+    build: Callable[[argparse.ArgumentParser, argparse.Namespace], BuildResult],
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> int:
+    """The command line every recipe has: ``guests/<name>/build --out DIR [--force]`` (plus
+    the recipe's own arguments). Prints the output directory, or one error line and exits 1
+    (one line, so CI logs and the framework's skip reason show all of it)."""
+    parser = argparse.ArgumentParser(prog=f"guests/{name}/build", description=description)
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        result = build(parser, args)
+    except BuildError as exc:
+        message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"{name}: error: {message}", file=sys.stderr)
+        return 1
+    print(result.out)
+    return 0
 
 
 def cached_build(

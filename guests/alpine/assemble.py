@@ -22,11 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from guests.tiny import debian, kmods
+from guests.tiny import debian
 
-# The tiny recipe's kernel helpers: which versioned vmlinuz a package holds, and its
-# modules.dep (generated with depmod when the package lacks it). Shared, not copied.
-from guests.tiny.assemble import WANTED_MODULES, _kernel_version, _modules_dep
+# The tiny recipe's kernel step (download and unpack Debian's kernel, the modules to load
+# in order): the same kernel and drivers as tiny, one copy.
+from guests.tiny.assemble import kernel_parts
 from guests.tiny.cpio import Archive, ArchiveError
 
 __all__ = [
@@ -34,9 +34,7 @@ __all__ = [
     "ROOTFS_DIR",
     "Assembled",
     "AssemblyError",
-    "KernelParts",
     "assemble",
-    "kernel_parts",
     "rootfs_archive",
 ]
 
@@ -59,13 +57,6 @@ def _stderr(message: str) -> None:
 
 
 @dataclass(frozen=True)
-class KernelParts:
-    vmlinuz: Path
-    version: str
-    modules: tuple[tuple[str, bytes], ...]  # (name, plain ELF bytes) in load order
-
-
-@dataclass(frozen=True)
 class Assembled:
     """What one assembly produced, for guest.json."""
 
@@ -83,24 +74,6 @@ class _Node:
     mode: int
     data: bytes = b""
     rdev: tuple[int, int] = (0, 0)
-
-
-def kernel_parts(kernel: debian.Package, work: Path, log: Log = _stderr) -> KernelParts:
-    """Download and unpack Debian's kernel; the vmlinuz and the modules to load, in order."""
-    log(f"downloading {kernel}")
-    deb = debian.download(kernel, work)
-    root = work / "kernel-root"
-    log(f"unpacking {deb.name}")
-    debian.unpack(deb, root)
-    version = _kernel_version(root)
-    moddir = root / "lib" / "modules" / version
-    deps = kmods.parse_modules_dep(_modules_dep(moddir, version, root))
-    builtin_file = moddir / "modules.builtin"
-    builtin = kmods.parse_builtin(builtin_file.read_text()) if builtin_file.exists() else set()
-    order = kmods.load_order(deps, WANTED_MODULES, builtin)
-    log(f"modules in load order: {' '.join(m.name for m in order)}")
-    modules = tuple((m.name, kmods.read_module(moddir / m.relpath)) for m in order)
-    return KernelParts(root / "boot" / f"vmlinuz-{version}", version, modules)
 
 
 def _read_tarball(path: Path) -> dict[str, _Node]:

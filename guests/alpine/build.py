@@ -30,9 +30,12 @@ from guests.recipe import (
     BuildError,
     BuildResult,
     cached_build,
+    publish,
     recipe_digest,
-    replace_dir,
     sha256_file,
+)
+from guests.recipe import (
+    main as recipe_main,
 )
 from guests.tiny import debian, kmods
 
@@ -161,10 +164,7 @@ def _build_into(out: Path, inputs: Inputs, wanted: str, assembler: Assembler) ->
             "sha256": {name: sha256_file(staging / name) for name in ("vmlinuz", "initrd.img")},
             "build_seconds": round(time.monotonic() - started, 2),
         }
-        # guest.json last: its presence marks the directory complete.
-        (staging / "guest.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        staging.chmod(0o755)
-        replace_dir(staging, out)
+        publish(staging, out, meta)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     _log(f"built {out} in {meta['build_seconds']} s")
@@ -188,23 +188,17 @@ def _parse_inputs(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="guests/alpine/build",
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--input", action="append", default=[], metavar="NAME=PATH",
+                            help="minirootfs=PATH: alpine-minirootfs-<version>-x86_64.tar.gz")
+
+    def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> BuildResult:
+        return build(args.out, _parse_inputs(parser, args.input)["minirootfs"], force=args.force)
+
+    return recipe_main(
+        argv, name=RECIPE,
         description="Build the alpine guest (Alpine minirootfs + Debian kernel as an initramfs).",
-    )
-    parser.add_argument("--out", required=True, type=Path, help="output directory")
-    parser.add_argument("--input", action="append", default=[], metavar="NAME=PATH",
-                        help="minirootfs=PATH: alpine-minirootfs-<version>-x86_64.tar.gz")
-    parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
-    args = parser.parse_args(argv)
-    inputs = _parse_inputs(parser, args.input)
-    try:
-        result = build(args.out, inputs["minirootfs"], force=args.force)
-    except BuildError as exc:
-        print(f"alpine: error: {exc}", file=sys.stderr)
-        return 1
-    print(result.out)
-    return 0
+        build=run, add_arguments=add_arguments)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ builds (pytest-xdist workers) build once.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -36,9 +35,12 @@ from guests.recipe import (
     BuildError,
     BuildResult,
     cached_build,
+    publish,
     recipe_digest,
-    replace_dir,
     sha256_file,
+)
+from guests.recipe import (
+    main as recipe_main,
 )
 from guests.tiny import debian
 
@@ -201,10 +203,7 @@ def _build_into(out: Path, packages: Sequence[debian.Package], wanted: str,
         # VMs boot copy-on-write overlays of the image; read-only keeps a stray writer
         # (a VM given the raw file itself) from changing every later boot.
         disk.chmod(0o444)
-        # guest.json last: its presence marks the directory complete.
-        (staging / "guest.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        staging.chmod(0o755)
-        replace_dir(staging, out)
+        publish(staging, out, meta)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(staging, ignore_errors=True)
@@ -213,23 +212,10 @@ def _build_into(out: Path, packages: Sequence[debian.Package], wanted: str,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="guests/debian/build",
+    return recipe_main(
+        argv, name=RECIPE,
         description="Build the Debian 12 guest (kernel, initrd, cmdline, ext4 disk.raw, guest.json).",
-    )
-    parser.add_argument("--out", required=True, type=Path, help="output directory")
-    parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
-    args = parser.parse_args(argv)
-    try:
-        result = build(args.out, force=args.force)
-    except BuildError as exc:
-        # One line (a tool's stderr tail and its hint are joined) so CI logs and the
-        # framework's skip message show the whole reason.
-        message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        print(f"debian: error: {message}", file=sys.stderr)
-        return 1
-    print(result.out)
-    return 0
+        build=lambda _parser, args: build(args.out, force=args.force))
 
 
 if __name__ == "__main__":

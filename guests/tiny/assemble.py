@@ -15,7 +15,8 @@ from pathlib import Path
 from guests.tiny import debian, kmods
 from guests.tiny.cpio import Archive
 
-__all__ = ["ROOTFS_DIR", "WANTED_MODULES", "Assembled", "add_rootfs", "assemble"]
+__all__ = ["ROOTFS_DIR", "WANTED_MODULES", "Assembled", "KernelParts", "add_rootfs", "assemble",
+           "kernel_parts"]
 
 ROOTFS_DIR = Path(__file__).resolve().parent / "rootfs"
 
@@ -109,6 +110,31 @@ def _modules_dep(moddir: Path, version: str, root: Path) -> str:
     return dep.read_text()
 
 
+@dataclass(frozen=True)
+class KernelParts:
+    vmlinuz: Path
+    version: str
+    modules: tuple[tuple[str, bytes], ...]  # (name, plain ELF bytes) in load order
+
+
+def kernel_parts(kernel: debian.Package, work: Path, log: Log = _stderr) -> KernelParts:
+    """Download and unpack Debian's kernel; the vmlinuz and the modules to load, in order."""
+    log(f"downloading {kernel}")
+    deb = debian.download(kernel, work)
+    root = work / "kernel-root"
+    log(f"unpacking {deb.name}")
+    debian.unpack(deb, root)
+    version = _kernel_version(root)
+    moddir = root / "lib" / "modules" / version
+    deps = kmods.parse_modules_dep(_modules_dep(moddir, version, root))
+    builtin_file = moddir / "modules.builtin"
+    builtin = kmods.parse_builtin(builtin_file.read_text()) if builtin_file.exists() else set()
+    order = kmods.load_order(deps, WANTED_MODULES, builtin)
+    log(f"modules in load order: {' '.join(m.name for m in order)}")
+    modules = tuple((m.name, kmods.read_module(moddir / m.relpath)) for m in order)
+    return KernelParts(root / "boot" / f"vmlinuz-{version}", version, modules)
+
+
 def assemble(
     kernel: debian.Package,
     busybox: debian.Package,
@@ -119,29 +145,18 @@ def assemble(
     log: Log = _stderr,
 ) -> Assembled:
     """Write ``vmlinuz``, ``initrd.img`` and ``cmdline`` into ``staging``."""
-    log(f"downloading {kernel}")
-    deb = debian.download(kernel, work)
-    root = work / "kernel-root"
-    log(f"unpacking {deb.name}")
-    debian.unpack(deb, root)
-    version = _kernel_version(root)
-    shutil.copyfile(root / "boot" / f"vmlinuz-{version}", staging / "vmlinuz")
-
-    moddir = root / "lib" / "modules" / version
-    deps = kmods.parse_modules_dep(_modules_dep(moddir, version, root))
-    builtin_file = moddir / "modules.builtin"
-    builtin = kmods.parse_builtin(builtin_file.read_text()) if builtin_file.exists() else set()
-    order = kmods.load_order(deps, WANTED_MODULES, builtin)
-    log(f"modules in load order: {' '.join(m.name for m in order)}")
+    parts = kernel_parts(kernel, work, log)
+    shutil.copyfile(parts.vmlinuz, staging / "vmlinuz")
 
     archive = Archive()
     add_rootfs(archive)
-    for module in order:
-        archive.add_file(f"/lib/modules/{module.name}.ko", kmods.read_module(moddir / module.relpath))
-    archive.add_file("/etc/phd-modules", "".join(f"{m.name}\n" for m in order).encode())
+    for name, elf in parts.modules:
+        archive.add_file(f"/lib/modules/{name}.ko", elf)
+    archive.add_file("/etc/phd-modules", "".join(f"{name}\n" for name, _ in parts.modules).encode())
     applets = _add_busybox(archive, _busybox_binary(busybox, work, log))
 
     log(f"writing initramfs ({len(archive)} entries)")
     (staging / "initrd.img").write_bytes(archive.to_gzip())
     (staging / "cmdline").write_text(cmdline + "\n")
-    return Assembled(kernel_version=version, modules=tuple(m.name for m in order), busybox_applets=applets)
+    return Assembled(kernel_version=parts.version, modules=tuple(name for name, _ in parts.modules),
+                     busybox_applets=applets)

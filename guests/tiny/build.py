@@ -16,7 +16,6 @@ builds (pytest-xdist workers) build once and the others reuse the result.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
@@ -33,9 +32,12 @@ from guests.recipe import (
     BuildError,
     BuildResult,
     cached_build,
+    publish,
     recipe_digest,
-    replace_dir,
     sha256_file,
+)
+from guests.recipe import (
+    main as recipe_main,
 )
 from guests.tiny import debian
 from guests.tiny.assemble import Assembled, assemble
@@ -154,10 +156,7 @@ def _build_into(out: Path, inputs: Inputs, wanted: str, assembler: Assembler) ->
             "sha256": {name: sha256_file(staging / name) for name in ("vmlinuz", "initrd.img")},
             "build_seconds": round(time.monotonic() - started, 2),
         }
-        # guest.json last: its presence marks the directory complete.
-        (staging / "guest.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        staging.chmod(0o755)
-        replace_dir(staging, out)
+        publish(staging, out, meta)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     _log(f"built {out} in {meta['build_seconds']} s")
@@ -165,20 +164,9 @@ def _build_into(out: Path, inputs: Inputs, wanted: str, assembler: Assembler) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="guests/tiny/build",
-        description="Build the tiny busybox guest (kernel, initramfs, cmdline, guest.json).",
-    )
-    parser.add_argument("--out", required=True, type=Path, help="output directory")
-    parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
-    args = parser.parse_args(argv)
-    try:
-        result = build(args.out, force=args.force)
-    except BuildError as exc:
-        print(f"tiny: error: {exc}", file=sys.stderr)
-        return 1
-    print(result.out)
-    return 0
+    return recipe_main(argv, name=RECIPE,
+                       description="Build the tiny busybox guest (kernel, initramfs, cmdline, guest.json).",
+                       build=lambda _parser, args: build(args.out, force=args.force))
 
 
 if __name__ == "__main__":
