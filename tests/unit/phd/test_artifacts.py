@@ -7,9 +7,7 @@ from a loopback HTTP server.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import json
 import os
 import socket
@@ -31,6 +29,7 @@ from phd.artifacts import (
     load_manifest,
 )
 from phd.errors import ArtifactUnavailable, HarnessError
+from tests.unit.phd.http_files import serve_files
 
 REPO = Path(__file__).resolve().parents[3]
 PAYLOAD = b"alpine minirootfs stand-in\n" * 1000
@@ -293,38 +292,23 @@ def test_unreachable_mirror_is_unavailable_quickly_with_a_how_to(tmp_path: Path,
 
 
 def test_a_real_download_from_a_loopback_server(tmp_path: Path) -> None:
-    served = tmp_path / "served"
-    served.mkdir()
-    (served / FILENAME).write_bytes(PAYLOAD)
-    handler = functools.partial(_QuietHandler, directory=str(served))
-    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            url = f"http://127.0.0.1:{server.server_address[1]}/{FILENAME}"
-            seen: list[tuple[str, int | None]] = []
-            advanced: list[int] = []
+    with serve_files(tmp_path / "served", {FILENAME: PAYLOAD}) as base:
+        url = f"{base}/{FILENAME}"
+        seen: list[tuple[str, int | None]] = []
+        advanced: list[int] = []
 
-            class Recorder(NullProgress):
-                def begin(self, key: str, what: str, total: int | None) -> None:
-                    seen.append((what, total))
+        class Recorder(NullProgress):
+            def begin(self, key: str, what: str, total: int | None) -> None:
+                seen.append((what, total))
 
-                def advance(self, key: str, nbytes: int) -> None:
-                    advanced.append(nbytes)
+            def advance(self, key: str, nbytes: int) -> None:
+                advanced.append(nbytes)
 
-            path = ArtifactStore(remote_manifest(tmp_path, url), tmp_path / "cache", REPO).ensure(
-                "rootfs", progress=Recorder())
-        finally:
-            server.shutdown()
-            thread.join(timeout=10)
+        path = ArtifactStore(remote_manifest(tmp_path, url), tmp_path / "cache", REPO).ensure(
+            "rootfs", progress=Recorder())
     assert path.read_bytes() == PAYLOAD
     assert seen == [("fetch rootfs", len(PAYLOAD))]
     assert sum(advanced) == len(PAYLOAD)
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
 
 
 def test_one_fetch_across_processes_holding_the_lock(tmp_path: Path) -> None:

@@ -6,19 +6,17 @@ CI logs get) instead of a rich table.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import os
 import socket
 import textwrap
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from phd.cli import main
+from tests.unit.phd.http_files import serve_files
 
 PAYLOAD = b"a file the manifest pins\n"
 SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -128,30 +126,15 @@ def test_fetch_of_a_recipe_key_fetches_its_inputs(
     assert os.stat(cached).st_mode & 0o777 == 0o444
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
 def test_fetch_downloads_with_progress_into_the_cache(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    served = tmp_path / "served"
-    served.mkdir()
-    (served / FILENAME).write_bytes(PAYLOAD)
-    handler = functools.partial(_QuietHandler, directory=str(served))
-    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            manifest = tmp_path / "artifacts.toml"
-            manifest.write_text(f"""[artifacts.rootfs]\nkind = "file"\nsource = {{ remote = {{ urls = [
-                "http://127.0.0.1:{server.server_address[1]}/{FILENAME}"], sha256 = "{SHA}" }} }}\n""")
-            code, _, err = phd(capsys, "fetch", "--manifest", str(manifest),
-                               "--artifact-dir", str(tmp_path / "cache"))
-        finally:
-            server.shutdown()
-            thread.join(timeout=10)
+    with serve_files(tmp_path / "served", {FILENAME: PAYLOAD}) as base:
+        manifest = tmp_path / "artifacts.toml"
+        manifest.write_text(f"""[artifacts.rootfs]\nkind = "file"\nsource = {{ remote = {{ urls = [
+            "{base}/{FILENAME}"], sha256 = "{SHA}" }} }}\n""")
+        code, _, err = phd(capsys, "fetch", "--manifest", str(manifest),
+                           "--artifact-dir", str(tmp_path / "cache"))
     cached = tmp_path / "cache" / SHA / FILENAME
     assert code == 0, err
     assert f"rootfs: {cached}" in err
