@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.guests.builds import build_twice_at_once
+
 pytestmark = pytest.mark.integration
 
 BUILD = Path(__file__).resolve().parents[3] / "guests" / "debian" / "build"
@@ -38,11 +40,6 @@ def out_dir(tmp_path: Path) -> Iterator[Path]:
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
-def start(out: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen([str(BUILD), "--out", str(out)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def debugfs(image: Path, request: str) -> str:
     done = subprocess.run(["debugfs", "-R", request, str(image)], stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, check=True)
@@ -50,20 +47,7 @@ def debugfs(image: Path, request: str) -> str:
 
 
 def test_concurrent_builds_build_once_then_the_cache_is_a_no_op(out_dir: Path) -> None:
-    procs = [start(out_dir), start(out_dir)]
-    try:
-        results = [proc.communicate(timeout=BUILD_TIMEOUT_S) for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for proc, (stdout, stderr) in zip(procs, results, strict=True):
-        assert proc.returncode == 0, stderr[-3000:]
-        assert stdout.strip() == str(out_dir)
-    logs = [stderr for _, stderr in results]
-    assert sum("building into" in log for log in logs) == 1, [log[-1000:] for log in logs]
-    assert sum("concurrent build" in log for log in logs) == 1, [log[-1000:] for log in logs]
+    build_twice_at_once(BUILD, out_dir, timeout_s=BUILD_TIMEOUT_S)
     assert sorted(p.name for p in out_dir.parent.iterdir()) == ["debian", "debian.lock"]
 
     disk = out_dir / "disk.raw"

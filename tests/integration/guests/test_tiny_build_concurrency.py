@@ -14,37 +14,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.guests.builds import build_twice_at_once
+
 pytestmark = pytest.mark.integration
 
 BUILD = Path(__file__).resolve().parents[3] / "guests" / "tiny" / "build"
 
 
-def start(out: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [str(BUILD), "--out", str(out)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def test_concurrent_builds_build_once_then_cache_hits(tmp_path: Path) -> None:
     out = tmp_path / "tiny"
-    procs = [start(out), start(out)]
-    try:
-        results = [proc.communicate(timeout=300) for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for proc, (stdout, stderr) in zip(procs, results, strict=True):
-        assert proc.returncode == 0, stderr
-        assert stdout.strip() == str(out)
-    logs = [stderr for _, stderr in results]
-    assert sum("building into" in log for log in logs) == 1, logs
-    assert sum("concurrent build" in log for log in logs) == 1, logs
+    build_twice_at_once(BUILD, out, timeout_s=300)
 
     meta = json.loads((out / "guest.json").read_text())
     assert (out / "initrd.img").stat().st_size > 500_000

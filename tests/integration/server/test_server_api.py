@@ -389,15 +389,15 @@ def test_listens_on_loopback_by_default(tmp_path: Path) -> None:
     assert args.long_poll_max_s == 60.0
 
 
+def _server_cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The server's command line with bad arguments: it must exit at once, never serve."""
+    return subprocess.run([sys.executable, "-m", "sut.server", "--data-dir", str(data_dir), *args],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
+                          check=False)
+
+
 def test_unknown_regression_exits_2_listing_valid_names(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "sut.server", "--data-dir", str(tmp_path), "--regression", "nope"],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = _server_cli(tmp_path, "--regression", "nope")
     assert result.returncode == 2
     assert "nope" in result.stderr
     for name in ("blocking-start", "vcr-denied-while-starting", "no-generation-fence"):
@@ -455,14 +455,7 @@ def test_long_poll_is_bounded_and_the_client_polls_on(tmp_path: Path, some_file:
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
 def test_bad_long_poll_max_exits_2(tmp_path: Path, value: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "sut.server", "--data-dir", str(tmp_path), f"--long-poll-max-s={value}"],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = _server_cli(tmp_path, f"--long-poll-max-s={value}")
     assert result.returncode == 2
     assert "--long-poll-max-s" in result.stderr and "positive number of seconds" in result.stderr
 
