@@ -20,6 +20,11 @@ Each artifact has exactly one source:
   recipe keeps its own cache keyed by a hash of its inputs. ``inputs`` names other
   artifacts, handed over as ``--input NAME=PATH`` once they are available.
 
+The manifest and the cache are untrusted input (see "Path policy" below): a file name
+taken from the manifest must be a plain name, every cache path stays inside the cache,
+and the store never follows a symlink in the cache, never opens what is not a regular
+file, and never deletes or chmods a file outside the cache (a ``local_path`` is only read).
+
 Anything that cannot be had here (no network, a recipe that fails) raises
 `ArtifactUnavailable`, whose message says how to provide it; the pytest plugin turns it
 into a SKIP. A file whose content does not match its sha256 raises `ArtifactHashMismatch`
@@ -29,24 +34,37 @@ instead: that is a broken manifest or a tampered file, never something to skip q
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import hashlib
 import json
 import os
 import re
+import secrets
 import shlex
+import stat
 import subprocess
 import tempfile
 import threading
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+import unicodedata
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
-from urllib.parse import urlsplit
+from typing import Annotated, Any, BinaryIO, Protocol
+from urllib.parse import unquote, urlsplit
 
 import httpx
 from filelock import FileLock, Timeout
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from phd.errors import ArtifactUnavailable, HarnessError
@@ -72,24 +90,94 @@ RECIPE_TIMEOUT_S = 1800.0
 _CHUNK = 1 << 16
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Bounds on untrusted input: a manifest or guest.json larger or deeper than this is not one.
+MANIFEST_MAX_BYTES = 1 << 20
+GUEST_JSON_MAX_BYTES = 1 << 20
+CMDLINE_MAX_BYTES = 1 << 16
+NAME_MAX_BYTES = 200  # NAME_MAX is 255; the store adds `.<name>.lock` and `.<name>.<random>.part`
+PATH_MAX_CHARS = 4096
+URL_MAX_CHARS = 2048
+MAX_URLS = 16
+MAX_INPUTS = 32
+KEY_MAX_CHARS = 64
+PROBLEMS_SHOWN = 20
+_RECIPE = re.compile(r"^guests/([A-Za-z0-9][A-Za-z0-9_.-]*)$")
+# Control characters, format characters (bidi overrides, zero-width), surrogates and line or
+# paragraph separators: none belongs in a file name, and each can forge terminal output.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+# --- path policy ----------------------------------------------------------------------------
+def _shown(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: safe to print (repr escapes control
+    characters) and short, whatever the manifest holds."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        return "<a deeply nested value>"
+    return text if len(text) <= limit else text[:limit - 1] + "\u2026"
+
+
+def _unsafe_char(text: str) -> str | None:
+    for char in text:
+        if unicodedata.category(char) in _UNSAFE_CATEGORIES:
+            return char
+    return None
+
+
+def name_problem(name: str, *, hidden_ok: bool = False) -> str | None:
+    """Why ``name`` is not a plain file name the store may create or look up, else None.
+
+    The one rule for every file name that comes from the manifest (a URL's last segment,
+    ``filename``, the last part of a ``local_path``) and from a recipe's guest.json.
+    ``hidden_ok``: a name outside the cache (a local_path's) may start with '.'."""
+    if name in ("", ".", ".."):
+        return "it is empty" if name == "" else f"{name!r} names a folder"
+    if "/" in name or "\\" in name:
+        return "it contains a path separator"
+    char = _unsafe_char(name)
+    if char is not None:
+        return f"it contains the control character {char!r}"
+    if name.startswith(".") and not hidden_ok:
+        return "it starts with '.' (hidden names are the store's own lock and partial files)"
+    if len(name.encode()) > NAME_MAX_BYTES:
+        return f"it is longer than {NAME_MAX_BYTES} bytes"
+    return None
+
+
+def url_file_name(url: str) -> str:
+    """The file name a URL's last path segment stands for (percent-decoded)."""
+    return unquote(urlsplit(url).path.rsplit("/", 1)[-1], errors="replace")
 
 
 # --- errors -------------------------------------------------------------------------------
 class ManifestError(HarnessError):
-    """The manifest cannot be read or breaks the schema; each problem names its TOML path."""
+    """The manifest cannot be read or breaks the schema; each problem names its TOML path.
+
+    One problem makes one line; several make one line each (the first ``PROBLEMS_SHOWN``,
+    then how many more), so a hostile manifest cannot flood a terminal."""
 
     def __init__(self, manifest: Path, problems: list[str]) -> None:
-        super().__init__(f"artifact manifest {manifest} is invalid:\n  " + "\n  ".join(problems))
+        if len(problems) == 1:
+            text = f"artifact manifest {manifest} is invalid: {problems[0]}"
+        else:
+            shown = problems[:PROBLEMS_SHOWN]
+            more = len(problems) - len(shown)
+            text = (f"artifact manifest {manifest} is invalid ({len(problems)} problems):\n  "
+                    + "\n  ".join(shown) + (f"\n  ... and {more} more" if more else ""))
+        super().__init__(text)
         self.manifest = manifest
         self.problems = problems
 
 
 class ArtifactHashMismatch(HarnessError):
-    """A file's sha256 is not the manifest's: a wrong manifest entry or a tampered file."""
+    """A file's sha256 is not the manifest's: a wrong manifest entry or a tampered file.
+    ``fix`` says what to change; it never advises deleting a file the store does not own."""
 
-    def __init__(self, key: str, path_or_url: str, expected: str, actual: str) -> None:
+    def __init__(self, key: str, path_or_url: str, expected: str, actual: str, *,
+                 fix: str = "fix the manifest's sha256") -> None:
         super().__init__(f"artifact {key!r}: {path_or_url} has sha256 {actual}, the manifest "
-                         f"expects {expected}; refusing it (fix the file or the manifest's sha256)")
+                         f"expects {expected}; refusing it: {fix}")
         self.key = key
         self.expected = expected
         self.actual = actual
@@ -118,8 +206,11 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
 
+_Url = Annotated[str, StringConstraints(max_length=URL_MAX_CHARS)]
+
+
 class RemoteSource(_Model):
-    urls: list[str] = Field(min_length=1)
+    urls: list[_Url] = Field(min_length=1, max_length=MAX_URLS)
     sha256: str
 
     @field_validator("sha256")
@@ -133,12 +224,12 @@ class RemoteSource(_Model):
         for url in urls:
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.netloc:
-                raise PydanticCustomError("url", "{url} is not an http(s) URL", {"url": repr(url)})
+                raise PydanticCustomError("url", "{url} is not an http(s) URL", {"url": _shown(url)})
         return urls
 
 
 class LocalPathSource(_Model):
-    path: str = Field(min_length=1)
+    path: str = Field(min_length=1, max_length=PATH_MAX_CHARS)
     sha256: str | None = None
 
     @field_validator("sha256")
@@ -146,13 +237,41 @@ class LocalPathSource(_Model):
     def _check_sha(cls, value: str | None) -> str | None:
         return None if value is None else _sha256_field(value)
 
+    @field_validator("path")
+    @classmethod
+    def _names_a_file(cls, value: str) -> str:
+        char = _unsafe_char(value)
+        if char is not None:
+            raise PydanticCustomError("path", "{path} contains the control character {char}",
+                                      {"path": _shown(value), "char": repr(char)})
+        parts = value.split("/")
+        if any(len(part.encode()) > 255 for part in parts):
+            raise PydanticCustomError("path", "{path} has a part longer than 255 bytes",
+                                      {"path": _shown(value)})
+        problem = name_problem(parts[-1], hidden_ok=True)
+        if problem is not None:
+            raise PydanticCustomError(
+                "path", "{path} does not end in a plain file name ({problem}); point it at the "
+                "file itself", {"path": _shown(value), "problem": problem})
+        return value
+
 
 class Source(_Model):
     remote: RemoteSource | None = None
     local_path: LocalPathSource | None = None
     recipe: str | None = None
     # recipe only: input name -> the key of another artifact, passed as --input NAME=PATH
-    inputs: dict[str, str] = Field(default_factory=dict)
+    inputs: dict[str, str] = Field(default_factory=dict, max_length=MAX_INPUTS)
+
+    @field_validator("recipe")
+    @classmethod
+    def _in_guests(cls, value: str | None) -> str | None:
+        match = None if value is None else _RECIPE.match(value)
+        if value is not None and (match is None or len(match.group(1)) > KEY_MAX_CHARS):
+            raise PydanticCustomError(
+                "recipe", "must be guests/<name>, a folder of guests/ with a build script "
+                "(like 'guests/tiny'); got {recipe}", {"recipe": _shown(value)})
+        return value
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Source:
@@ -163,10 +282,6 @@ class Source(_Model):
                 {"given": ", ".join(given) or "none"})
         if self.inputs and self.recipe is None:
             raise PydanticCustomError("source", "inputs are only for a recipe source", {})
-        if self.recipe is not None and (Path(self.recipe).is_absolute() or ".." in Path(self.recipe).parts):
-            raise PydanticCustomError(
-                "source", "recipe must be a folder inside the repository, like 'guests/tiny'; "
-                "got {recipe}", {"recipe": repr(self.recipe)})
         return self
 
     def describe(self) -> str:
@@ -194,24 +309,26 @@ class ArtifactEntry(_Model):
             return Kind(guest_os=value["guest_os"])
         raise PydanticCustomError(
             "kind", 'must be "file" or { guest_os = "<adapter name>" }, got {value}',
-            {"value": repr(value)})
+            {"value": _shown(value)})
 
     @field_validator("filename")
     @classmethod
     def _plain_name(cls, value: str | None) -> str | None:
-        if value is not None and (not _NAME.match(value) or "/" in value):
-            raise PydanticCustomError("filename", "must be a plain file name, got {value}",
-                                      {"value": repr(value)})
+        problem = None if value is None else name_problem(value)
+        if problem is not None:
+            raise PydanticCustomError("filename", "{value} is not a plain file name: {problem}",
+                                      {"value": _shown(value), "problem": problem})
         return value
 
     def file_name(self) -> str:
+        """The cached (or local) file's name; `load_manifest` has checked it is plain."""
         if self.filename is not None:
             return self.filename
         if self.source.remote is not None:
-            return urlsplit(self.source.remote.urls[0]).path.rsplit("/", 1)[-1] or "download"
+            return url_file_name(self.source.remote.urls[0])
         if self.source.local_path is not None:
-            return Path(self.source.local_path.path).name
-        return Path(str(self.source.recipe)).name
+            return self.source.local_path.path.rsplit("/", 1)[-1]
+        return str(self.source.recipe).rsplit("/", 1)[-1]
 
     @property
     def sha256(self) -> str | None:
@@ -226,19 +343,66 @@ class Manifest(_Model):
     artifacts: dict[str, ArtifactEntry]
 
 
+def _loc_part(part: int | str) -> str:
+    text = str(part)
+    return text if isinstance(part, int) or (_NAME.match(text) and len(text) <= KEY_MAX_CHARS) \
+        else _shown(text, 40)
+
+
 def _problem(loc: Iterable[int | str], message: str) -> str:
-    path = ".".join(str(part) for part in loc)
-    return f"{path}: {message}" if path else message
+    """``field.path: message`` on one line; a hostile key is shown quoted and cut short."""
+    path = ".".join(_loc_part(part) for part in loc)
+    text = f"{path}: {message}" if path else message
+    return " ".join(text.split("\n"))
+
+
+def _key_problems(data: object) -> list[str]:
+    """Keys become folder names (``<artifact dir>/guests/<key>``): checked before the schema,
+    so a bad key is reported alongside the schema's problems."""
+    artifacts = data.get("artifacts") if isinstance(data, dict) else None
+    if not isinstance(artifacts, dict):
+        return []
+    return [_problem(("artifacts", key), f"artifact keys are letters, digits, '-', '_' and '.', "
+                     f"at most {KEY_MAX_CHARS} characters, starting with a letter or digit")
+            for key in artifacts if not (_NAME.match(key) and len(key) <= KEY_MAX_CHARS)]
+
+
+def _default_name_problems(key: str, entry: ArtifactEntry) -> list[str]:
+    """A remote file without ``filename`` is cached under its URL's last segment: that
+    segment must pass the path policy too."""
+    if entry.filename is not None or entry.source.remote is None:
+        return []
+    url = entry.source.remote.urls[0]
+    problem = name_problem(url_file_name(url))
+    if problem is None:
+        return []
+    return [_problem(("artifacts", key, "source", "remote", "urls", 0),
+                     f"the last segment of {_shown(url)} is not a plain file name ({problem}); "
+                     f'name the cached file with filename = "<name>" in [artifacts.{_loc_part(key)}]')]
+
+
+def _valid_entries_name_problems(data: object) -> list[str]:
+    """When the manifest as a whole breaks the schema, the entries that are valid on their
+    own still have their default file names checked, so every problem shows at once."""
+    artifacts = data.get("artifacts") if isinstance(data, dict) else None
+    problems: list[str] = []
+    for key, raw in (artifacts.items() if isinstance(artifacts, dict) else ()):
+        try:
+            entry = ArtifactEntry.model_validate(raw)
+        except (ValidationError, RecursionError):
+            continue
+        problems += _default_name_problems(str(key), entry)
+    return problems
 
 
 def _cross_checks(manifest: Manifest) -> list[str]:
-    """What one entry cannot check alone: keys, input references, guest sources, cycles."""
+    """What one field cannot check alone: default file names, input references, guest
+    sources, cycles."""
     problems: list[str] = []
     entries = manifest.artifacts
     for key, entry in entries.items():
         where = ("artifacts", key)
-        if not _NAME.match(key):
-            problems.append(_problem(where, "artifact keys are letters, digits, '-', '_' and '.'"))
+        problems += _default_name_problems(key, entry)
         if entry.kind.guest_os is not None and entry.source.recipe is None:
             problems.append(_problem((*where, "source"), "a guest_os artifact is built by a recipe "
                                      "(it needs kernel, initrd, cmdline and guest.json)"))
@@ -248,7 +412,7 @@ def _cross_checks(manifest: Manifest) -> list[str]:
                                          "input names are letters, digits, '-', '_' and '.'"))
             if ref not in entries:
                 problems.append(_problem((*where, "source", "inputs", name),
-                                         f"no artifact {ref!r} in the manifest"))
+                                         f"no artifact {_shown(ref)} in the manifest"))
     for key in entries:
         cycle = _input_cycle(entries, key, ())
         if cycle and cycle[0] == key:
@@ -270,21 +434,49 @@ def _input_cycle(entries: Mapping[str, ArtifactEntry], key: str, chain: tuple[st
     return ()
 
 
-def load_manifest(path: Path) -> Manifest:
-    """Parse and validate; every problem is reported at once, each with its TOML path."""
+def _read_manifest_text(path: Path, option: str) -> str:
+    how = f"pass {option} (or PHD_MANIFEST)"
     try:
-        data = tomllib.loads(path.read_text())
+        with _open_regular(path, follow=True) as fd:
+            raw = _read_at_most(fd, MANIFEST_MAX_BYTES + 1)
     except FileNotFoundError:
-        raise ManifestError(path, ["file not found; pass --phd-manifest (or PHD_MANIFEST)"]) from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ManifestError(path, [f"not readable TOML: {exc}"]) from None
+        raise ManifestError(path, [f"file not found; {how}"]) from None
+    except _NotRegular as exc:
+        raise ManifestError(path, [f"it is {exc.what}, not a file; {how}"]) from None
+    except OSError as exc:
+        raise ManifestError(path, [f"cannot be read ({exc.strerror}); {how}"]) from None
+    if len(raw) > MANIFEST_MAX_BYTES:
+        raise ManifestError(path, [f"it is larger than {MANIFEST_MAX_BYTES >> 20} MiB: not an "
+                                   f"artifact manifest; {how}"])
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as exc:
+        raise ManifestError(path, [f"not UTF-8 text (byte {exc.start})"]) from None
+
+
+def load_manifest(path: Path, *, option: str = "--phd-manifest") -> Manifest:
+    """Parse and validate; every problem is reported at once, each with its TOML path.
+
+    ``option`` is how the tool the user ran takes a manifest (the pytest plugin's
+    ``--phd-manifest``, the CLI's ``--manifest``): a missing file's message names it."""
+    text = _read_manifest_text(path, option)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ManifestError(path, [f"not readable TOML: {_one_line(str(exc))}"]) from None
+    except RecursionError:
+        raise ManifestError(path, ["not readable TOML: nested too deeply to be an artifact "
+                                   "manifest"]) from None
+    problems = _key_problems(data)
     try:
         manifest = Manifest.model_validate(data)
     except ValidationError as exc:
-        problems = [_problem(err["loc"], str(err["msg"]).removeprefix("Value error, "))
-                    for err in exc.errors()]
-        raise ManifestError(path, problems) from None
-    problems = _cross_checks(manifest)
+        problems += [_problem(err["loc"], str(err["msg"]).removeprefix("Value error, "))
+                     for err in exc.errors()]
+        raise ManifestError(path, problems + _valid_entries_name_problems(data)) from None
+    except RecursionError:
+        raise ManifestError(path, [*problems, "nested too deeply to be an artifact manifest"]) from None
+    problems += _cross_checks(manifest)
     if problems:
         raise ManifestError(path, problems)
     return manifest
@@ -342,11 +534,109 @@ class CacheCheck:
     path: Path
     status: str  # "ok" | "bad" | "missing" | "unchecked"
     detail: str = ""
+    # What to do about a bad file, in one line. Deleting is only ever advised for what
+    # lives in the cache; a local_path's fix is the manifest.
+    fix: str = ""
 
 
-def _sha256_file(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+# --- files: what the store opens, hashes, chmods and replaces --------------------------------
+class _NotRegular(Exception):
+    """Found where a regular file was expected: ``what`` is "a symlink", "a folder", ..."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
+_KINDS = ((stat.S_ISLNK, "a symlink"), (stat.S_ISDIR, "a folder"), (stat.S_ISREG, "a regular file"),
+          (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"))
+
+
+def _file_kind(mode: int) -> str:
+    return next((what for test, what in _KINDS if test(mode)), "a special file")
+
+
+def _kind_of(path: Path, *, follow: bool) -> str | None:
+    """What is at ``path`` ("a folder", "a symlink", ...); None when nothing is."""
+    try:
+        st = os.stat(path) if follow else os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        return f"unreadable ({_reason(exc)})"
+    return _file_kind(st.st_mode)
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+@contextlib.contextmanager
+def _open_regular(path: Path, *, follow: bool) -> Iterator[int]:
+    """A read-only descriptor on ``path`` if it is a regular file, else `_NotRegular`.
+
+    Checked before opening (opening a FIFO blocks, opening a device can have effects) and
+    again on the descriptor (the name may have changed in between). ``follow=False`` (the
+    cache) refuses a symlink itself, with O_NOFOLLOW; ``follow=True`` is for a local_path,
+    which the manifest could as well have named by its target."""
+    st = os.stat(path) if follow else os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise _NotRegular(_file_kind(st.st_mode))
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _NotRegular("a symlink") from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _NotRegular(_file_kind(mode))
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = os.read(fd, min(_CHUNK, limit - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _sha256_fd(fd: int) -> str:
+    digest = hashlib.sha256()
+    while chunk := os.read(fd, 1 << 20):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _seal(fd: int) -> None:
+    """Read-only, through the descriptor that was hashed: never a path, so never a symlink's
+    target, and never a file other than the one verified."""
+    if stat.S_IMODE(os.fstat(fd).st_mode) != 0o444:
+        os.fchmod(fd, 0o444)
+
+
+def _clear_slot(path: Path) -> None:
+    """Free a name inside the cache for the store's own file. A symlink is unlinked (its
+    target is never touched), as is any other non-folder; a folder is renamed aside to a
+    hidden ``.<name>.corrupt-<random>``, since the store deletes nothing it did not create."""
+    if stat.S_ISDIR(os.lstat(path).st_mode):
+        os.rename(path, path.with_name(f".{path.name}.corrupt-{secrets.token_hex(4)}"))
+    else:
+        path.unlink(missing_ok=True)
 
 
 # --- the store ------------------------------------------------------------------------------
@@ -356,16 +646,23 @@ class ArtifactStore:
     Thread-safe within a process (one re-entrant lock: a recipe resolves its inputs
     through the same store); across processes, fetches hold a file lock next to the cached
     file and recipes hold their own, so nothing is downloaded or built twice.
+
+    ``manifest_option`` / ``artifact_dir_option`` are how the tool the user ran takes those
+    two paths (the pytest plugin's by default; the CLI passes ``--manifest`` /
+    ``--artifact-dir``): error messages name them.
     """
 
     def __init__(self, manifest: Path, artifact_dir: Path, repo_root: Path, *,
                  transport: httpx.BaseTransport | None = None,
                  connect_timeout_s: float = CONNECT_TIMEOUT_S,
-                 lock_timeout_s: float = LOCK_TIMEOUT_S) -> None:
+                 lock_timeout_s: float = LOCK_TIMEOUT_S,
+                 manifest_option: str = "--phd-manifest",
+                 artifact_dir_option: str = "--phd-artifact-dir") -> None:
         self.manifest_path = manifest
         self.artifact_dir = artifact_dir
         self.repo_root = repo_root
-        self.manifest = load_manifest(manifest)
+        self.manifest = load_manifest(manifest, option=manifest_option)
+        self._dir_option = artifact_dir_option
         self._transport = transport  # a seam for unit tests (httpx.MockTransport)
         self._timeout = httpx.Timeout(READ_TIMEOUT_S, connect=connect_timeout_s)
         self._lock_timeout_s = lock_timeout_s
@@ -383,11 +680,12 @@ class ArtifactStore:
         try:
             return self.entries[key]
         except KeyError:
-            raise HarnessError(f"artifact {key!r} is not in {self.manifest_path}; "
+            raise HarnessError(f"artifact {_shown(key)} is not in {self.manifest_path}; "
                                f"known: {sorted(self.entries)}") from None
 
     def cache_path(self, key: str) -> Path | None:
-        """Where a remote artifact lives once fetched: ``<artifact_dir>/<sha256>/<filename>``."""
+        """Where a remote artifact lives once fetched: ``<artifact_dir>/<sha256>/<filename>``
+        (both parts checked by `load_manifest`: a digest and a plain file name)."""
         entry = self.entry(key)
         if entry.source.remote is None:
             return None
@@ -408,14 +706,27 @@ class ArtifactStore:
         """One cheap line for `phd artifacts list` (no hashing: that is `verify`)."""
         cached, local, out = self.cache_path(key), self.local_path(key), self.recipe_out(key)
         if cached is not None:
-            return f"cached {cached}" if cached.is_file() else "not fetched"
+            folder_kind = _kind_of(cached.parent, follow=False)
+            kind = _kind_of(cached, follow=False) if folder_kind == "a folder" else folder_kind
+            if kind is None:
+                return "not fetched"
+            if kind == "a regular file":
+                return f"cached {cached}"
+            where = cached if folder_kind == "a folder" else cached.parent
+            return f"corrupt: {where} is {kind} (`phd artifacts fetch {key}` replaces it)"
         if local is not None:
-            return f"present {local}" if local.is_file() else f"missing {local}"
+            kind = _kind_of(local, follow=True)
+            if kind is None:
+                return f"missing {local}"
+            return f"present {local}" if kind == "a regular file" else f"not a file: {local} is {kind}"
         assert out is not None
-        meta = _read_guest_json(out)
+        kind = _kind_of(out, follow=False)
+        if kind not in (None, "a folder"):
+            return f"corrupt: {out} is {kind} (`phd artifacts build {key} --force` replaces it)"
+        meta = None if kind is None else _read_guest_json(out)
         if meta is None:
             return "not built"
-        return f"built {out} (inputs {str(meta.get('input_hash', '?'))[:12]})"
+        return f"built {out} (inputs {_shown(str(meta.get('input_hash', '?'))[:12])[1:-1]})"
 
     # --- resolving ------------------------------------------------------------------------
     def guest(self, name: str) -> GuestArtifact:
@@ -423,7 +734,7 @@ class ArtifactStore:
         with self._lock:
             if name not in self._guests:
                 if name not in self.entries:
-                    raise HarnessError(f"guest {name!r} is not in {self.manifest_path}; "
+                    raise HarnessError(f"guest {_shown(name)} is not in {self.manifest_path}; "
                                        f"known: {sorted(self.entries)}")
                 entry = self.entries[name]
                 if entry.kind.guest_os is None:
@@ -453,57 +764,119 @@ class ArtifactStore:
             return path
 
     def _check_local(self, key: str, source: LocalPathSource) -> Path:
+        """A local_path is the user's file: read (hashed), never chmodded, moved or deleted."""
         path = self.local_path(key)
         assert path is not None
-        if not path.is_file():
+        fix = f"point [artifacts.{key}].source.local_path at the file in {self.manifest_path}"
+        try:
+            with _open_regular(path, follow=True) as fd:
+                actual = None if source.sha256 is None else _sha256_fd(fd)
+        except (FileNotFoundError, NotADirectoryError):
             raise ArtifactUnavailable(
                 f"artifact {key!r}",
                 f"its local_path {path} does not exist; put the file there, or change "
-                f"[artifacts.{key}].source in {self.manifest_path}")
-        if source.sha256 is not None:
-            actual = _sha256_file(path)
-            if actual != source.sha256:
-                raise ArtifactHashMismatch(key, str(path), source.sha256, actual)
+                f"[artifacts.{key}].source in {self.manifest_path}") from None
+        except _NotRegular as exc:
+            raise HarnessError(f"artifact {key!r}: its local_path {path} is {exc.what}, not a "
+                               f"regular file; {fix}") from None
+        except OSError as exc:
+            raise HarnessError(f"artifact {key!r}: cannot read its local_path {path} "
+                               f"({_reason(exc)}); {fix}") from None
+        if source.sha256 is not None and actual != source.sha256:
+            raise ArtifactHashMismatch(key, str(path), source.sha256, str(actual), fix=_LOCAL_FIX)
         return path
+
+    def _cache_folder(self, folder: Path, key: str, progress: Progress) -> None:
+        """Make ``folder``, a child of the artifact dir, a real folder inside the cache: a
+        symlink there is removed, never followed (nothing is written through it)."""
+        try:
+            self.artifact_dir.mkdir(parents=True, exist_ok=True)
+            kind = _kind_of(folder, follow=False)
+            if kind not in (None, "a folder"):
+                progress.line(key, f"{folder} is {kind}, not a folder of the cache: replacing it")
+                _clear_slot(folder)
+            folder.mkdir(exist_ok=True)
+            real, expected = folder.resolve(strict=True), self.artifact_dir.resolve(strict=True) / folder.name
+        except OSError as exc:
+            raise HarnessError(f"artifact {key!r}: cannot create the artifact cache {folder} "
+                               f"({_reason(exc)}); pass a writable {self._dir_option} "
+                               "(or PHD_ARTIFACT_DIR)") from None
+        if real != expected or _kind_of(folder, follow=False) != "a folder":
+            raise HarnessError(f"artifact {key!r}: the cache folder {folder} resolves to {real}, "
+                               f"outside {self.artifact_dir}; remove it and run the command again")
+
+    def _clear(self, key: str, path: Path, why: str, progress: Progress) -> None:
+        progress.line(key, why)
+        try:
+            _clear_slot(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise HarnessError(f"artifact {key!r}: cannot replace {path} ({_reason(exc)}); remove "
+                               f"it (it is inside the cache) and run `phd artifacts fetch {key}`") from None
 
     def _fetch_remote(self, key: str, entry: ArtifactEntry, source: RemoteSource,
                       progress: Progress) -> Path:
         final = self.cache_path(key)
         assert final is not None
-        try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise HarnessError(f"cannot create the artifact cache {final.parent} ({exc}); "
-                               "pass a writable --phd-artifact-dir (or PHD_ARTIFACT_DIR)") from exc
-        lock = FileLock(str(final.parent / f".{final.name}.lock"))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            progress.line(key, f"waiting for {lock.lock_file}: another process is fetching {key}")
-            try:
-                lock.acquire(timeout=self._lock_timeout_s)
-            except Timeout as exc:
-                raise HarnessError(
-                    f"another process has held {lock.lock_file} for {self._lock_timeout_s:.0f} s "
-                    f"while fetching {key!r}: wait for it, or remove the lock file if none is "
-                    "running") from exc
+        self._cache_folder(final.parent, key, progress)
+        lock_path = final.parent / f".{final.name}.lock"
+        kind = _kind_of(lock_path, follow=False)
+        if kind not in (None, "a regular file"):
+            self._clear(key, lock_path, f"{lock_path} is {kind}, not a lock file: replacing it", progress)
+        lock = FileLock(str(lock_path))
+        self._acquire(lock, key, progress)
         try:
             # Checked under the lock: a copy another worker is still writing is never seen
             # (it writes a temporary file and renames it), and only one worker deletes.
-            if final.exists():
-                actual = _sha256_file(final)
-                if actual == source.sha256:
-                    _make_read_only(final)
-                    return final
-                progress.line(key, f"cached {final} is corrupt (sha256 {actual[:12]}...): "
-                                   "deleting it and fetching again")
-                final.unlink()
-            for stale in final.parent.glob(f".{final.name}.*.part"):
-                stale.unlink(missing_ok=True)  # left by a killed fetch; we hold the lock
+            if self._cached_copy_ok(key, final, source.sha256, progress):
+                return final
+            for stale in final.parent.glob(glob.escape(f".{final.name}.") + "*.part"):
+                with contextlib.suppress(OSError):  # left by a killed fetch; we hold the lock
+                    _clear_slot(stale)
             self._download(key, entry, source, final, progress)
             return final
         finally:
             lock.release()
+
+    def _acquire(self, lock: FileLock, key: str, progress: Progress) -> None:
+        try:
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                progress.line(key, f"waiting for {lock.lock_file}: another process is fetching {key}")
+                lock.acquire(timeout=self._lock_timeout_s)
+        except Timeout as exc:
+            raise HarnessError(
+                f"another process has held {lock.lock_file} for {self._lock_timeout_s:.0f} s "
+                f"while fetching {key!r}: wait for it, or remove the lock file if none is "
+                "running") from exc
+        except OSError as exc:
+            raise HarnessError(f"artifact {key!r}: cannot lock {lock.lock_file} ({_reason(exc)}); "
+                               f"pass a writable {self._dir_option} (or PHD_ARTIFACT_DIR)") from None
+
+    def _cached_copy_ok(self, key: str, final: Path, sha256: str, progress: Progress) -> bool:
+        """Hash the cached copy without following a symlink; seal it if it is good. A copy
+        that is not a regular file, or is corrupt, is cleared for a fresh download."""
+        try:
+            with _open_regular(final, follow=False) as fd:
+                actual = _sha256_fd(fd)
+                if actual == sha256:
+                    _seal(fd)
+                    return True
+        except FileNotFoundError:
+            return False
+        except _NotRegular as exc:
+            self._clear(key, final, f"cached {final} is {exc.what}, not a regular file: treating it as "
+                        "corrupt and fetching again (it is not followed)", progress)
+            return False
+        except OSError as exc:
+            raise HarnessError(f"artifact {key!r}: cannot check or seal its cached copy {final} "
+                               f"({_reason(exc)}); remove it (it is inside the cache) and run "
+                               f"`phd artifacts fetch {key}`") from None
+        self._clear(key, final, f"cached {final} is corrupt (sha256 {actual[:12]}...): deleting it "
+                    "and fetching again", progress)
+        return False
 
     def _download(self, key: str, entry: ArtifactEntry, source: RemoteSource, final: Path,
                   progress: Progress) -> None:
@@ -512,23 +885,32 @@ class ArtifactStore:
         with httpx.Client(transport=self._transport, timeout=self._timeout,
                           follow_redirects=True) as client:
             for url in source.urls:
-                fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.",
-                                                suffix=".part")
-                tmp = Path(tmp_name)
+                tmp: Path | None = None
                 try:
+                    fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.",
+                                                    suffix=".part")
+                    tmp = Path(tmp_name)
                     with os.fdopen(fd, "wb") as out:
                         digest = _stream(client, url, out, key, progress)
+                        if digest == source.sha256:
+                            out.flush()
+                            os.fchmod(out.fileno(), 0o444)
                     if digest != source.sha256:
-                        mismatch = ArtifactHashMismatch(key, url, source.sha256, digest)
+                        mismatch = ArtifactHashMismatch(
+                            key, url, source.sha256, digest,
+                            fix="the mirror served a different file: fix the URL or the manifest's sha256")
                         failures.append(f"{url}: wrong sha256 {digest}")
                         continue
-                    _make_read_only(tmp)
-                    os.replace(tmp, final)
+                    os.replace(tmp, final)  # replaces a name; never writes through a symlink
                     return
                 except httpx.HTTPError as exc:
-                    failures.append(f"{url}: {type(exc).__name__}: {exc}")
+                    failures.append(f"{url}: {type(exc).__name__}: {_one_line(str(exc))}")
+                except OSError as exc:
+                    raise HarnessError(f"artifact {key!r}: cannot write {final} ({_reason(exc)}); free "
+                                       f"some space or pass another {self._dir_option}") from None
                 finally:
-                    tmp.unlink(missing_ok=True)
+                    if tmp is not None:
+                        tmp.unlink(missing_ok=True)
         if mismatch is not None:
             raise mismatch
         raise ArtifactUnavailable(f"artifact {key!r}", self._offline_how_to(key, entry, final, failures))
@@ -543,12 +925,29 @@ class ArtifactStore:
             f'[artifacts.{key}].source = {{ local_path = {{ path = "/path/to/{entry.file_name()}", '
             f'sha256 = "{sha}" }} }} in {self.manifest_path}; `phd artifacts fetch {key}` checks it')
 
+    def _recipe_script(self, key: str, recipe: str) -> Path:
+        """``<repo>/guests/<name>/build``, resolved; refused when it (or its folder) is a
+        symlink out of ``guests/<name>``: only the repository's recipes run."""
+        name = recipe.split("/", 1)[1]
+        build = self.repo_root / "guests" / name / "build"
+        field = f"artifacts.{key}.source.recipe"
+        try:
+            real = build.resolve(strict=True)
+            folder = (self.repo_root / "guests").resolve(strict=True) / name
+            st = os.stat(real)
+        except (OSError, RuntimeError):
+            raise HarnessError(f"{field}: {build} is missing or not executable") from None
+        if not real.is_relative_to(folder):
+            raise HarnessError(f"{field}: {build} resolves to {real}, outside guests/{name}; only "
+                               f"a recipe's own build script runs (replace the symlink with the script)")
+        if not stat.S_ISREG(st.st_mode) or not os.access(real, os.X_OK):
+            raise HarnessError(f"{field}: {build} is missing or not executable")
+        return real
+
     def _build_recipe(self, key: str, entry: ArtifactEntry, progress: Progress, *, force: bool) -> Path:
         out = self.recipe_out(key)
         assert out is not None and entry.source.recipe is not None
-        build = self.repo_root / entry.source.recipe / "build"
-        if not os.access(build, os.X_OK):
-            raise HarnessError(f"artifacts.{key}.source.recipe: {build} is missing or not executable")
+        build = self._recipe_script(key, entry.source.recipe)
         argv = [str(build), "--out", str(out)]
         for name, ref in sorted(entry.source.inputs.items()):
             try:
@@ -558,7 +957,10 @@ class ArtifactStore:
                                           exc.how_to) from exc
         if force:
             argv.append("--force")
-        out.parent.mkdir(parents=True, exist_ok=True)
+        self._cache_folder(out.parent, key, progress)
+        kind = _kind_of(out, follow=False)
+        if kind not in (None, "a folder"):
+            self._clear(key, out, f"{out} is {kind}, not a recipe's output folder: replacing it", progress)
         progress.begin(key, f"build {key}", None)
         try:
             code, lines = _run_recipe(argv, lambda text: progress.line(key, text))
@@ -570,7 +972,7 @@ class ArtifactStore:
                 f"artifact {key!r}",
                 f"its recipe failed ({shlex.join(argv)} exited {code}); run it by hand "
                 f"to see why; last output:\n{tail}")
-        if _read_guest_json(out) is None:
+        if _kind_of(out, follow=False) != "a folder" or _read_guest_json(out) is None:
             raise HarnessError(f"recipe {entry.source.recipe} exited 0 but {out}/guest.json is "
                                "missing or not JSON: the recipe breaks guests/README.md's interface")
         return out
@@ -579,7 +981,8 @@ class ArtifactStore:
     def verify(self, keys: Iterable[str] | None = None) -> list[CacheCheck]:
         """Re-hash cached files (ignoring the memo): manifest files, recipe outputs against
         their guest.json digests, and - when no keys are given - every other entry under
-        ``<artifact_dir>/<sha256>/``, whose folder name is its expected digest."""
+        ``<artifact_dir>/<sha256>/``, whose folder name is its expected digest. Nothing is
+        followed: a symlink (or a folder, a FIFO) where a file belongs is reported bad."""
         selected = list(self.entries) if keys is None else list(keys)
         checks: list[CacheCheck] = []
         seen: set[Path] = set()
@@ -588,19 +991,43 @@ class ArtifactStore:
             cached, local, out = self.cache_path(key), self.local_path(key), self.recipe_out(key)
             if cached is not None:
                 seen.add(cached)
-                checks.append(_check_file(key, cached, entry.sha256))
+                checks.append(_check_cached(key, cached, cached.parent.name,
+                                            f"run `phd artifacts fetch {key}`, which replaces it"))
             elif local is not None:
-                checks.append(_check_file(key, local, entry.sha256))
+                checks.append(_check_local_file(key, local, entry.sha256))
             elif out is not None:
                 checks.extend(_check_recipe_out(key, out))
-        if keys is None and self.artifact_dir.is_dir():
-            for folder in sorted(self.artifact_dir.iterdir()):
-                if not (folder.is_dir() and _SHA256.match(folder.name)):
-                    continue
-                for path in sorted(folder.iterdir()):
-                    if path.is_file() and not path.name.startswith(".") and path not in seen:
-                        checks.append(_check_file(None, path, folder.name))
+        if keys is None and _kind_of(self.artifact_dir, follow=True) == "a folder":
+            checks += self._stray_checks(seen)
         return checks
+
+    def _stray_checks(self, seen: set[Path]) -> list[CacheCheck]:
+        checks: list[CacheCheck] = []
+        try:
+            folders = sorted(self.artifact_dir.iterdir())
+        except OSError:
+            return checks
+        for folder in folders:
+            if not _SHA256.match(folder.name):
+                continue
+            kind = _kind_of(folder, follow=False)
+            if kind != "a folder":
+                checks.append(CacheCheck(None, folder, "bad", f"{kind}, not a folder of the cache",
+                                         f"remove {folder} (a symlink: only the link)"))
+                continue
+            try:
+                paths = sorted(folder.iterdir())
+            except OSError:
+                continue
+            for path in paths:
+                if not path.name.startswith(".") and path not in seen:
+                    checks.append(_check_cached(None, path, folder.name,
+                                                f"remove {path} (a cache entry no manifest key uses)"))
+        return checks
+
+
+_LOCAL_FIX = ("it does not match the manifest's sha256: fix the manifest's sha256, or point "
+              "local_path at the right file (the store only reads a local_path)")
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -620,36 +1047,75 @@ def _stream(client: httpx.Client, url: str, out: BinaryIO, key: str, progress: P
     return digest.hexdigest()
 
 
-def _make_read_only(path: Path) -> None:
-    # Tests and recipes read cached files and must never change them in place.
-    os.chmod(path, 0o444)
-
-
-def _check_file(key: str | None, path: Path, sha256: str | None) -> CacheCheck:
-    if not path.is_file():
+def _check_cached(key: str | None, path: Path, sha256: str, fix: str) -> CacheCheck:
+    """A file inside the cache: never followed, whether it or its folder is a symlink."""
+    folder = _kind_of(path.parent, follow=False)
+    if folder not in (None, "a folder"):
+        return CacheCheck(key, path, "bad", f"its folder is {folder}, not a folder of the cache", fix)
+    try:
+        with _open_regular(path, follow=False) as fd:
+            actual = _sha256_fd(fd)
+    except (FileNotFoundError, NotADirectoryError):
         return CacheCheck(key, path, "missing")
-    if sha256 is None:
-        return CacheCheck(key, path, "unchecked", "no sha256 in the manifest")
-    actual = _sha256_file(path)
+    except _NotRegular as exc:
+        return CacheCheck(key, path, "bad", f"{exc.what}, not a regular file", fix)
+    except OSError as exc:
+        return CacheCheck(key, path, "bad", f"unreadable ({_reason(exc)})", fix)
     if actual != sha256:
-        return CacheCheck(key, path, "bad", f"sha256 {actual}, expected {sha256}")
+        return CacheCheck(key, path, "bad", f"sha256 {actual}, expected {sha256}", fix)
+    return CacheCheck(key, path, "ok")
+
+
+def _check_local_file(key: str, path: Path, sha256: str | None) -> CacheCheck:
+    """A local_path: read only. Its fix is always the manifest, never deleting the file."""
+    fix = "fix the manifest's sha256, or point local_path at the right file (the store only reads it)"
+    try:
+        with _open_regular(path, follow=True) as fd:
+            actual = None if sha256 is None else _sha256_fd(fd)
+    except (FileNotFoundError, NotADirectoryError):
+        return CacheCheck(key, path, "missing")
+    except _NotRegular as exc:
+        return CacheCheck(key, path, "bad", f"{exc.what}, not a regular file",
+                          "point local_path at a regular file")
+    except OSError as exc:
+        return CacheCheck(key, path, "bad", f"unreadable ({_reason(exc)})", "make it readable, or " + fix)
+    if actual is None:
+        return CacheCheck(key, path, "unchecked", "no sha256 in the manifest")
+    if actual != sha256:
+        return CacheCheck(key, path, "bad", f"does not match the manifest's sha256 (it has sha256 "
+                          f"{actual}, the manifest expects {sha256})", fix)
     return CacheCheck(key, path, "ok")
 
 
 def _check_recipe_out(key: str, out: Path) -> list[CacheCheck]:
-    meta = _read_guest_json(out)
+    fix = f"run `phd artifacts build {key} --force`, which rebuilds it"
+    kind = _kind_of(out, follow=False)
+    if kind not in (None, "a folder"):
+        return [CacheCheck(key, out, "bad", f"{kind}, not a recipe's output folder", fix)]
+    meta = None if kind is None else _read_guest_json(out)
     if meta is None:
         return [CacheCheck(key, out, "missing", "not built")]
     digests = meta.get("sha256")
     if not isinstance(digests, dict) or not digests:
         return [CacheCheck(key, out, "unchecked", "guest.json lists no sha256")]
-    return [_check_file(key, out / str(name), str(sha)) for name, sha in sorted(digests.items())]
+    checks: list[CacheCheck] = []
+    for name, sha in sorted(digests.items()):
+        problem = name_problem(str(name))
+        if problem is not None:
+            checks.append(CacheCheck(key, out / "guest.json", "bad", f"it lists {_shown(name)}, which "
+                                     f"is not a plain file name ({problem})", fix))
+        else:
+            checks.append(_check_cached(key, out / str(name), str(sha), fix))
+    return checks
 
 
 def _read_guest_json(out: Path) -> dict[str, Any] | None:
+    """``out/guest.json`` (not followed if a symlink, at most 1 MiB), or None."""
     try:
-        meta = json.loads((out / "guest.json").read_text())
-    except (OSError, ValueError):
+        with _open_regular(out / "guest.json", follow=False) as fd:
+            raw = _read_at_most(fd, GUEST_JSON_MAX_BYTES + 1)
+        meta = json.loads(raw) if len(raw) <= GUEST_JSON_MAX_BYTES else None
+    except (OSError, _NotRegular, ValueError, RecursionError):
         return None
     return meta if isinstance(meta, dict) else None
 
@@ -658,20 +1124,37 @@ def _guest_from(name: str, guest_os: str, out: Path) -> GuestArtifact:
     meta = _read_guest_json(out)
     if meta is None:
         raise HarnessError(f"{out}/guest.json is missing or not JSON")
-    files = meta.get("files") or {}
-    disk_name = files.get("disk")
+    files = meta.get("files")
+    files = files if isinstance(files, dict) else {}
+    rebuild = f"rebuild it with `phd artifacts build {name} --force`"
+
+    def member(role: str, default: str) -> Path:
+        file_name = str(files.get(role, default))
+        problem = name_problem(file_name)
+        if problem is not None:
+            raise HarnessError(f"guest {name!r}: {out}/guest.json names its {role} {_shown(file_name)}, "
+                               f"not a plain file name ({problem}); {rebuild}")
+        kind = _kind_of(out / file_name, follow=False)
+        if kind != "a regular file":
+            raise HarnessError(f"guest {name!r}: its {role} {out / file_name} is {kind or 'missing'}, "
+                               f"not a regular file; {rebuild}")
+        return out / file_name
+
+    cmdline_path = member("cmdline", "cmdline")
     try:
-        cmdline = (out / str(files.get("cmdline", "cmdline"))).read_text().strip()
-    except OSError as exc:
-        raise HarnessError(f"guest {name!r}: {out} has no cmdline file ({exc})") from exc
+        with _open_regular(cmdline_path, follow=False) as fd:
+            cmdline = _read_at_most(fd, CMDLINE_MAX_BYTES).decode(errors="replace").strip()
+    except (OSError, _NotRegular) as exc:
+        raise HarnessError(f"guest {name!r}: {out} has no readable cmdline file ({exc}); {rebuild}") from None
+    disk = files.get("disk")
     return GuestArtifact(
         name=name,
-        kernel=out / str(files.get("kernel", "vmlinuz")),
-        initrd=out / str(files.get("initrd", "initrd.img")),
+        kernel=member("kernel", "vmlinuz"),
+        initrd=member("initrd", "initrd.img"),
         cmdline=cmdline,
         login_prompt=str(meta.get("login_prompt", "login: ")),
         shell_prompt=str(meta.get("shell_prompt", "# ")),
-        disk=None if disk_name is None else out / str(disk_name),
+        disk=None if disk is None else member("disk", str(disk)),
         guest_os=guest_os,
     )
 

@@ -320,17 +320,35 @@ def _artifact_store(args: argparse.Namespace) -> ArtifactStore:
     manifest = args.manifest or Path(os.environ.get("PHD_MANIFEST") or root / "artifacts" / "artifacts.toml")
     artifact_dir = args.artifact_dir or Path(
         os.environ.get("PHD_ARTIFACT_DIR") or Path.home() / ".cache" / "phd" / "artifacts")
-    return ArtifactStore(manifest, artifact_dir, root)
+    # Errors name this tool's options, not the pytest plugin's (--phd-manifest, ...).
+    return ArtifactStore(manifest, artifact_dir, root, manifest_option="--manifest",
+                         artifact_dir_option="--artifact-dir")
+
+
+def _printable(text: str) -> str:
+    """``text`` as is, or repr()'d when it holds a tab, newline or control character (a
+    file name found in the cache could forge output lines or terminal escapes)."""
+    return text if text.isprintable() else repr(text)
 
 
 def _artifacts(args: argparse.Namespace) -> int:
+    try:
+        return _artifacts_cmd(args)
+    except OSError as exc:
+        # The store turns what it expects into one-line HarnessErrors; this is the backstop
+        # that keeps anything else (a full disk mid-listing, say) to one line too.
+        print(f"phd: error: {_printable(str(exc))}", file=sys.stderr)
+        return 1
+
+
+def _artifacts_cmd(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     store = _artifact_store(args)
     unknown = [key for key in getattr(args, "keys", []) if key not in store.entries]
     if unknown:
-        print(f"phd: error: not in {store.manifest_path}: {', '.join(unknown)}; known: "
-              f"{', '.join(sorted(store.entries))}", file=sys.stderr)
+        print(f"phd: error: not in {store.manifest_path}: {', '.join(map(_printable, unknown))}; "
+              f"known: {', '.join(sorted(store.entries))}", file=sys.stderr)
         return 2
     out, err = Console(), Console(stderr=True)
     if args.artifacts_cmd == "list":
@@ -371,7 +389,7 @@ def _print_rows(out: Console, header: tuple[str, ...], rows: Sequence[tuple[str,
 
 
 def _artifacts_list(store: ArtifactStore, out: Console) -> int:
-    rows = [(key, str(entry.kind), entry.source.describe(), store.status(key))
+    rows = [(key, str(entry.kind), _printable(entry.source.describe()), _printable(store.status(key)))
             for key, entry in store.entries.items()]
     _print_rows(out, ("key", "kind", "source", "state"), rows, title=str(store.manifest_path))
     out.print(f"manifest: {store.manifest_path}\nartifact dir: {store.artifact_dir}", markup=False,
@@ -381,13 +399,18 @@ def _artifacts_list(store: ArtifactStore, out: Console) -> int:
 
 def _artifacts_verify(store: ArtifactStore, keys: list[str] | None, out: Console) -> int:
     checks = store.verify(keys)
-    rows = [(check.key or "(not in manifest)", check.status, str(check.path), check.detail)
+    rows = [(check.key or "(not in manifest)", check.status, _printable(str(check.path)), check.detail)
             for check in checks]
     _print_rows(out, ("key", "status", "path", "detail"), rows)
     bad = [c for c in checks if c.status == "bad"]
     if bad:
-        out.print(f"{len(bad)} bad file(s): delete them, or run `phd artifacts fetch` / `build --force`, "
-                  "which replace them", markup=False, soft_wrap=True)
+        # One line per bad file, with the store's fix: only what lives in the cache is ever
+        # to be removed; a local_path's fix is the manifest.
+        for check in bad:
+            out.print(f"{check.key or '(not in manifest)'}: {_printable(str(check.path))}: {check.detail}; "
+                      f"{check.fix}", markup=False, highlight=False, soft_wrap=True)
+        out.print(f"{len(bad)} bad file(s); each line above says how to fix it", markup=False,
+                  soft_wrap=True)
         return 1
     out.print(f"{sum(c.status == 'ok' for c in checks)} file(s) ok, none bad", markup=False, soft_wrap=True)
     return 0

@@ -140,7 +140,8 @@ def test_the_repository_manifest_is_valid_and_pins_the_alpine_tarball() -> None:
                  'source = { local_path = { path = "x" }, inputs = { b = "a" } }',
                  "artifacts.a.source: inputs are only for a recipe source", id="inputs-without-recipe"),
     pytest.param('[artifacts.a]\nkind = "file"\nsource = { recipe = "../elsewhere" }',
-                 "artifacts.a.source: recipe must be a folder inside the repository", id="recipe-escapes"),
+                 "artifacts.a.source.recipe: must be guests/<name>, a folder of guests/ with a build "
+                 "script", id="recipe-escapes"),
     pytest.param('[artifacts.a]\nkind = "file"\nsource = { recipe = "guests/a", inputs = { x = "b" } }\n'
                  '[artifacts.b]\nkind = "file"\nsource = { recipe = "guests/b", inputs = { y = "a" } }',
                  "artifacts.a.source.inputs: inputs form a cycle: a -> b -> a", id="cycle"),
