@@ -7,18 +7,23 @@ import contextlib
 import email.message
 import enum
 import logging
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, Literal
 
-from fastapi import Body, FastAPI, Path, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi import Body, FastAPI, HTTPException, Path, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi.routing import APIRoute
 from starlette.routing import Match, Route
 
+from sut import bounded_json
+from sut.path_policy import PathPolicyError
 from sut.server.backends import BackendError, ReplacementRejectedError
+from sut.server.limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
 from sut.server.driver import InstanceGoneError, NoSuchBackendError
 from sut.server.instance import Instance, VmConfig
 from sut.server.qemu import QemuError
@@ -132,6 +137,35 @@ BackendId = Annotated[
 ]
 
 
+class BoundedJsonRequest(Request):
+    """A request whose JSON body goes through the one bounded parser (sut.bounded_json)."""
+
+    limits = bounded_json.DEFAULT_LIMITS
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            try:
+                self._json = bounded_json.loads(await self.body(), self.limits)
+            except bounded_json.JsonLimitError as exc:
+                raise HTTPException(400, f"body: {exc}") from None
+        return self._json
+
+
+class BoundedJsonRoute(APIRoute):
+    """Every route of the app parses its body with :class:`BoundedJsonRequest`."""
+
+    json_request_class: type[BoundedJsonRequest] = BoundedJsonRequest
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        request_class = self.json_request_class
+
+        async def bounded(request: Request) -> Response:
+            return await handler(request_class(request.scope, request.receive))
+
+        return bounded
+
+
 class ServerController:
     """Holds the (single) instance of this server, like propolis-server."""
 
@@ -141,12 +175,16 @@ class ServerController:
         logger: logging.Logger,
         *,
         long_poll_max_s: float = DEFAULT_LONG_POLL_MAX_S,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
     ) -> None:
         if not long_poll_max_s > 0:
             raise ValueError(f"long_poll_max_s must be positive, got {long_poll_max_s}")
         self.config = config
         self.log = logger
         self.long_poll_max_s = long_poll_max_s
+        self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
         self.instance: Instance | None = None
         self._create_lock = asyncio.Lock()
 
@@ -171,6 +209,10 @@ class ServerController:
                 raise ApiError(409, "InstanceExists", "this server already has an instance")
             try:
                 self.instance = await Instance.create(request, self.config, self.log)
+            except PathPolicyError as exc:
+                raise ApiError(400, "PathNotAllowed", str(exc), {"rule": exc.rule}) from exc
+            except ReplacementRejectedError as exc:
+                raise ApiError(400, "BadInstanceSpec", str(exc), {"rule": exc.rule} if exc.rule else None) from exc
             except (QemuError, BackendError) as exc:
                 raise ApiError(400, "BadInstanceSpec", str(exc)) from exc
             return self.instance
@@ -261,6 +303,12 @@ def _bounded_openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
 
 def create_app(controller: ServerController) -> FastAPI:
     app = FastAPI(title="phd reference VMM server", version="0.1.0")
+    # This app's limits, in classes of its own (uvicorn and FastAPI want classes).
+    limits = bounded_json.JsonLimits(max_bytes=controller.max_body_bytes)
+    request_class = type("BoundedJsonRequest", (BoundedJsonRequest,), {"limits": limits})
+    app.router.route_class = type("BoundedJsonRoute", (BoundedJsonRoute,), {"json_request_class": request_class})
+    app.add_middleware(BodyLimitMiddleware, max_bytes=controller.max_body_bytes,  # type: ignore[arg-type]
+                       body_timeout_s=controller.body_timeout_s)
     app.state.controller = controller
     app.openapi = _bounded_openapi(app)  # type: ignore[method-assign]
 
@@ -293,9 +341,15 @@ def create_app(controller: ServerController) -> FastAPI:
         return JSONResponse({"error": code, "message": message}, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
-    async def _internal(_: Request, exc: Exception) -> JSONResponse:
-        controller.log.exception("unhandled error in request", exc_info=exc)
-        return JSONResponse({"error": "Internal", "message": repr(exc)}, status_code=500)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        # The detail goes to the log, never to the client (it can carry paths, values of
+        # other requests, internals); the id ties the answer to the log line.
+        error_id = uuid.uuid4().hex[:12]
+        controller.log.error("unhandled error in request", exc_info=exc,
+                             extra={"error_id": error_id, "method": request.method, "path": request.url.path})
+        return JSONResponse({"error": "Internal", "id": error_id,
+                             "message": f"internal server error {error_id}; the server log has the detail"},
+                            status_code=500)
 
     @app.put("/instance", status_code=201, responses=_errors(400, 409))
     async def instance_ensure(body: InstanceEnsureRequest) -> InstanceResponse:
@@ -364,11 +418,13 @@ def create_app(controller: ServerController) -> FastAPI:
         try:
             result = await instance.driver.replace_vcr(backend_id, body.vcr_json)
         except NoSuchBackendError as exc:
-            raise ApiError(
-                404,
-                "NoSuchBackend",
-                f"no crucible disk with backend id {backend_id!r}; disks: {instance.known_backends()}",
-            ) from exc
+            crucible = instance.known_backends(kind="crucible")
+            if backend_id in instance.known_backends(kind="file"):
+                message = (f"{backend_id} is a file disk, which has no VCR; "
+                           f"crucible disks: {crucible}")
+            else:
+                message = f"no crucible disk with backend id {backend_id!r}; crucible disks: {crucible}"
+            raise ApiError(404, "NoSuchBackend", message) from exc
         except InstanceGoneError as exc:
             raise ApiError(410, "InstanceGone", str(exc)) from exc
         except RequestDeniedError as exc:
@@ -422,7 +478,10 @@ async def _serial_session(controller: ServerController, ws: WebSocket) -> None:
         async for chunk in sub:
             await ws.send_bytes(chunk)
 
+    dropped = 0
+
     async def from_client() -> None:
+        nonlocal dropped
         while True:
             message = await ws.receive()
             if message["type"] == "websocket.disconnect":
@@ -431,7 +490,11 @@ async def _serial_session(controller: ServerController, ws: WebSocket) -> None:
             try:
                 await instance.serial.write(data)
             except SerialNotConnectedError as exc:
-                controller.log.warning("serial input dropped", extra={"error": str(exc)})
+                # One warning per session: a client typing into a VM that is not running
+                # must not be able to flood the log; the count is logged when it ends.
+                if not dropped:
+                    controller.log.warning("serial input dropped", extra={"error": str(exc)})
+                dropped += 1
 
     tasks = [asyncio.create_task(to_client()), asyncio.create_task(from_client())]
     try:
@@ -445,3 +508,4 @@ async def _serial_session(controller: ServerController, ws: WebSocket) -> None:
                 await task
         with contextlib.suppress(Exception):
             await ws.close(code=1000)
+        controller.log.info("serial session ended", extra={"dropped_input_messages": dropped})

@@ -14,6 +14,9 @@ import logging
 from pathlib import Path
 from typing import Any, Protocol
 
+from sut.path_policy import PathPolicy, installed
+from sut.server.policy import TargetNotAllowedError, TargetPolicy, check_vcr_targets
+
 # Replacement results the storage facade may return (CONTRACT values).
 REPLACE_RESULTS = frozenset({"Started", "StartedAlready", "CompletedAlready", "VcrMatches", "Missing"})
 
@@ -66,21 +69,35 @@ class CrucibleDisk:
         read_only: bool,
         regressions: frozenset[str],
         logger: logging.Logger,
+        targets: TargetPolicy | None = None,
+        paths: PathPolicy | None = None,
     ) -> None:
         storage = _storage_module()
         self._storage = storage
+        self._targets = targets or TargetPolicy.default()
+        self._backend_id = backend_id
         try:
-            self._inner: Any = storage.CrucibleBackend(
-                backend_id,
-                vcr_json,
-                socket_path,
-                read_only=read_only,
-                regressions=regressions,
-                logger=logger,
-            )
+            self._check_targets(vcr_json)
+            # The storage opens a read_only_parent through the path policy installed here.
+            with installed(paths or PathPolicy([socket_path.parent])):
+                self._inner: Any = storage.CrucibleBackend(
+                    backend_id,
+                    vcr_json,
+                    socket_path,
+                    read_only=read_only,
+                    regressions=regressions,
+                    logger=logger,
+                )
         except storage.VcrError as exc:
             raise ReplacementRejectedError(f"invalid VCR for {backend_id}: {exc}") from exc
-        self._backend_id = backend_id
+
+    def _check_targets(self, vcr_json: str) -> None:
+        """The target policy, for a new VCR and for every replacement alike."""
+        try:
+            check_vcr_targets(vcr_json, self._targets)
+        except TargetNotAllowedError as exc:
+            raise ReplacementRejectedError(
+                f"VCR for {self._backend_id}: {exc}", TargetNotAllowedError.rule) from exc
 
     @property
     def backend_id(self) -> str:
@@ -101,6 +118,7 @@ class CrucibleDisk:
 
     async def replace(self, new_vcr_json: str) -> str:
         try:
+            self._check_targets(new_vcr_json)
             result = await self._inner.replace(new_vcr_json)
         except self._storage.VcrError as exc:
             raise ReplacementRejectedError(str(exc), getattr(exc, "rule", None)) from exc

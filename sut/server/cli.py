@@ -14,9 +14,18 @@ from pathlib import Path
 
 import uvicorn
 
+from sut.path_policy import PathPolicy, default_roots
 from sut.server import logs
 from sut.server.api import DEFAULT_LONG_POLL_MAX_S, ServerController, create_app
 from sut.server.instance import VmConfig
+from sut.server.limits import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONNECTIONS,
+    guarded_protocol,
+)
+from sut.server.policy import DEFAULT_NETWORKS, TargetPolicy
 from sut.server.regressions import ALL_REGRESSIONS, Regressions, UnknownRegressionError
 
 ACCEL_ENV = "SUT_SERVER_ACCEL"
@@ -43,6 +52,27 @@ def _positive_seconds(value: str) -> float:
     if not 0 < seconds < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {value!r}")
     return seconds
+
+
+def _positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return int(value)
+
+
+def _cidr(value: str) -> str:
+    try:
+        TargetPolicy.parse([value])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def _directory(value: str) -> Path:
+    path = Path(value)
+    if not path.is_absolute() or not path.is_dir():
+        raise argparse.ArgumentTypeError(f"expected an existing absolute directory, got {value!r}")
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +109,61 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="longest a GET /instance/state-monitor waits before answering the current state "
         f"(default {DEFAULT_LONG_POLL_MAX_S:g})",
+    )
+    parser.add_argument(
+        "--allow-path",
+        type=_directory,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a directory whose regular files a spec may name (kernel, initrd, disks, qcow2 backing "
+        "files, a VCR's read_only_parent); repeatable; always allowed: the data dir and the phd "
+        "artifact cache ($PHD_ARTIFACT_DIR or ~/.cache/phd/artifacts)",
+    )
+    parser.add_argument(
+        "--allow-targets",
+        type=_cidr,
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help=f"a network VCR targets may lie in; repeatable; replaces the default {', '.join(DEFAULT_NETWORKS)} "
+        "(0.0.0.0, ::, multicast and broadcast are never allowed)",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=_positive_int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        metavar="BYTES",
+        help=f"largest request body; larger is 413 (default {DEFAULT_MAX_BODY_BYTES})",
+    )
+    parser.add_argument(
+        "--body-timeout-s",
+        type=_positive_seconds,
+        default=DEFAULT_BODY_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"a request body must arrive within this; else 408 (default {DEFAULT_BODY_TIMEOUT_S:g})",
+    )
+    parser.add_argument(
+        "--header-timeout-s",
+        type=_positive_seconds,
+        default=DEFAULT_HEADER_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"request headers must arrive within this; else 408 and close (default {DEFAULT_HEADER_TIMEOUT_S:g})",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help="open HTTP connections; beyond it the longest-idle one is closed, or 503 when all are "
+        f"busy (default {DEFAULT_MAX_CONNECTIONS})",
+    )
+    parser.add_argument(
+        "--no-qemu-sandbox",
+        dest="qemu_sandbox",
+        action="store_false",
+        help="run QEMU without its seccomp sandbox (-sandbox on,obsolete=deny,elevateprivileges=deny,"
+        "spawn=deny,resourcecontrol=deny), for a QEMU built without seccomp",
     )
     return parser
 
@@ -137,13 +222,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"cannot create --data-dir {args.data_dir}: {exc}")
     log = logs.configure()
     host, port = args.listen
+    data_dir = args.data_dir.resolve()
+    paths = PathPolicy([*default_roots(data_dir), *args.allow_path])
+    targets = TargetPolicy.parse(args.allow_targets or DEFAULT_NETWORKS)
     config = VmConfig(
-        data_dir=args.data_dir.resolve(),
+        data_dir=data_dir,
         regressions=regressions,
         accel=args.accel,
         qemu_binary=args.qemu,
+        paths=paths,
+        targets=targets,
+        qemu_sandbox=args.qemu_sandbox,
     )
-    controller = ServerController(config, log, long_poll_max_s=args.long_poll_max_s)
+    controller = ServerController(
+        config, log, long_poll_max_s=args.long_poll_max_s, max_body_bytes=args.max_body_bytes,
+        body_timeout_s=args.body_timeout_s,
+    )
     log.info(
         "server starting",
         extra={
@@ -152,8 +246,19 @@ def main(argv: list[str] | None = None) -> int:
             "regressions": sorted(regressions.names),
             "accel": args.accel,
             "long_poll_max_s": args.long_poll_max_s,
+            "allowed_roots": paths.describe(),
+            "allowed_targets": targets.describe(),
+            "max_body_bytes": args.max_body_bytes,
+            "body_timeout_s": args.body_timeout_s,
+            "header_timeout_s": args.header_timeout_s,
+            "max_connections": args.max_connections,
+            "qemu_sandbox": args.qemu_sandbox,
+            "uid": os.getuid(),
         },
     )
+    if os.getuid() == 0:
+        log.warning("running as root: QEMU runs as root too (sandboxed with seccomp); "
+                    "run the server as an unprivileged user where you can")
     uv_config = uvicorn.Config(
         create_app(controller),
         host=host,
@@ -162,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         access_log=False,
         timeout_graceful_shutdown=5,
         lifespan="off",
+        http=guarded_protocol(header_timeout_s=args.header_timeout_s, max_connections=args.max_connections),
     )
     server = _Server(uv_config, controller)
     asyncio.run(server.serve())

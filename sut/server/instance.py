@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from sut.path_policy import PathPolicy
 from sut.server.backends import BlockBackend, CrucibleDisk
 from sut.server.driver import NoSuchBackendError, StateDriver
+from sut.server.images import LaunchFiles, open_spec_files
+from sut.server.policy import TargetPolicy
 from sut.server.qemu import QemuVm, RunDir, build_argv
 from sut.server.regressions import NO_REGRESSIONS, Regressions
 from sut.server.serial import SerialConsole
@@ -22,6 +27,14 @@ class VmConfig:
     regressions: Regressions = NO_REGRESSIONS
     accel: str = "tcg"
     qemu_binary: str = "qemu-system-x86_64"
+    # None: the data dir only (the CLI passes --allow-path DIRs plus the defaults).
+    paths: PathPolicy | None = None
+    targets: TargetPolicy = field(default_factory=TargetPolicy.default)
+    qemu_sandbox: bool = True
+
+    @property
+    def path_policy(self) -> PathPolicy:
+        return self.paths if self.paths is not None else PathPolicy([self.data_dir])
 
 
 class Instance:
@@ -32,9 +45,11 @@ class Instance:
         backends: dict[str, BlockBackend],
         config: VmConfig,
         logger: logging.Logger,
+        files: LaunchFiles | None = None,
     ) -> None:
         self.request = request
         self.run_dir = run_dir
+        self.files = files or LaunchFiles()
         self.serial = SerialConsole(logger=logger)
         sizes = {
             device: backends[backend_id(device)].size_bytes
@@ -42,15 +57,23 @@ class Instance:
             if backend_id(device) in backends
         }
         argv = build_argv(
-            request.spec, run_dir, accel=config.accel, binary=config.qemu_binary, disk_sizes=sizes
+            request.spec, run_dir, files=self.files, accel=config.accel, binary=config.qemu_binary,
+            disk_sizes=sizes, sandbox=config.qemu_sandbox,
         )
+        fds = tuple(self.files.fds)
         self.driver = StateDriver(
             backends=backends,
-            vm_factory=lambda: QemuVm(argv, run_dir, self.serial, logger),
+            vm_factory=lambda: QemuVm(argv, run_dir, self.serial, logger, pass_fds=fds),
             regressions=config.regressions,
             logger=logger,
-            on_destroyed=self.serial.close,
+            on_destroyed=self._destroyed,
         )
+
+    async def _destroyed(self) -> None:
+        try:
+            await self.serial.close()
+        finally:
+            self.files.close()
 
     @classmethod
     async def create(
@@ -63,9 +86,12 @@ class Instance:
         spec = request.spec
         run_dir = RunDir(config.data_dir / f"vm-{request.properties.id.hex[:12]}")
         run_dir.check_socket_paths(list(spec.disks))
-        run_dir.path.mkdir(parents=True, exist_ok=True)
+        # Every file first (before anything is created): a refused path leaves nothing behind.
+        files = open_spec_files(spec, config.path_policy)
         backends: dict[str, BlockBackend] = {}
+        created = not run_dir.path.exists()
         try:
+            run_dir.path.mkdir(parents=True, exist_ok=True)
             for device, disk in spec.disks.items():
                 if isinstance(disk.backend, CrucibleBackendSpec):
                     bid = backend_id(device)
@@ -76,12 +102,18 @@ class Instance:
                         read_only=disk.backend.readonly,
                         regressions=config.regressions.storage,
                         logger=logger.getChild(bid),
+                        targets=config.targets,
+                        paths=config.path_policy,
                     )
+            instance = cls(request, run_dir, backends, config, logger, files)
         except BaseException:
+            files.close()
             for backend in backends.values():
                 await backend.close()
+            if created:
+                with contextlib.suppress(OSError):
+                    shutil.rmtree(run_dir.path)
             raise
-        instance = cls(request, run_dir, backends, config, logger)
         instance.driver.start()
         return instance
 
@@ -101,8 +133,13 @@ class Instance:
                 return {"type": "file", "path": str(disk.backend.path), **vm}
         return {"type": "crucible", **self.driver.backend_status(bid), **vm}
 
-    def known_backends(self) -> list[str]:
-        return sorted(backend_id(device) for device in self.request.spec.disks)
+    def known_backends(self, kind: str | None = None) -> list[str]:
+        """Backend ids of the disks, of one ``kind`` ("file" or "crucible") or all."""
+        return sorted(
+            backend_id(device)
+            for device, disk in self.request.spec.disks.items()
+            if kind is None or disk.backend.type == kind
+        )
 
 
 __all__ = ["Instance", "NoSuchBackendError", "VmConfig"]

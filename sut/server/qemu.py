@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import ctypes
 import enum
+import json
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from qemu.qmp import EventListener, Message, QMPClient
 
+from sut.server.images import ImageLayer, LaunchFiles
 from sut.server.serial import SerialConsole
 from sut.server.spec import CrucibleBackendSpec, FileBackend, FirmwareBoot, InstanceSpec, backend_id
 
@@ -48,6 +50,30 @@ def _guest_initiated(message: Message) -> bool:
 
 class QemuError(Exception):
     """Root of errors about the QEMU process."""
+
+
+class QemuOptionError(QemuError, ValueError):
+    """A value cannot be written into a QEMU option string (NUL or newline)."""
+
+
+def qemu_opt(value: str) -> str:
+    """``value`` quoted for a QEMU option string (``key=VALUE,...``): commas doubled.
+
+    THE one quoting function for option values built from input or from configuration (the
+    data dir's socket paths, file names, ids). QemuOpts splits on a single comma and reads
+    ``,,`` as a literal comma; nothing else is special inside a value. NUL cannot be passed
+    in an argv and a newline has no business in any of our values: both are refused.
+    -blockdev values are not written with this: they go as JSON (see :func:`_blockdev`).
+    """
+    if "\0" in value or "\n" in value or "\r" in value:
+        raise QemuOptionError(f"{value!r}: a QEMU option value cannot contain NUL or a newline")
+    return value.replace(",", ",,")
+
+
+# QEMU's seccomp filter: no obsolete syscalls, no setuid/setgid, no fork/exec, no
+# scheduler/affinity changes. Costs nothing at run time; a guest escape then cannot spawn
+# processes or raise privileges through QEMU.
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
 class VmLaunchError(QemuError):
@@ -89,6 +115,8 @@ class RunDir:
                 f"unix socket path too long ({len(str(longest))} > {_MAX_SOCKET_PATH} bytes): "
                 f"{longest}; start the server with a shorter --data-dir"
             )
+        for path in paths:
+            qemu_opt(str(path))  # a newline in --data-dir is refused here, before QEMU sees it
 
 
 def fixed_chs(size_bytes: int) -> str:
@@ -104,17 +132,40 @@ def fixed_chs(size_bytes: int) -> str:
     return f"cyls={cyls},heads={heads},secs={secs}"
 
 
+def _file_node(fdset: int) -> dict[str, object]:
+    return {"driver": "file", "filename": f"/dev/fdset/{fdset}"}
+
+
+def _blockdev(layers: tuple[ImageLayer, ...], fdsets: dict[int, int], read_only: bool) -> dict[str, object]:
+    """A file disk as -blockdev JSON: every layer of its chain spelled out, each by fd set.
+
+    A qcow2 layer always says ``backing`` (the next layer, or null): QEMU then opens no
+    backing file by the name written in the image header.
+    """
+    top, rest = layers[0], layers[1:]
+    node: dict[str, object] = {
+        "driver": top.format, "read-only": read_only, "file": _file_node(fdsets[top.file.fd])}
+    if top.format == "qcow2":
+        node["backing"] = _blockdev(rest, fdsets, True) if rest else None
+    return node
+
+
 def build_argv(
     spec: InstanceSpec,
     run_dir: RunDir,
     *,
+    files: LaunchFiles,
     accel: str = "tcg",
     binary: str = "qemu-system-x86_64",
     disk_sizes: dict[str, int] | None = None,
+    sandbox: bool = True,
 ) -> list[str]:
     """The full QEMU command line for ``spec`` (pure; unit-tested).
 
-    ``disk_sizes`` maps a Crucible disk's device name to its size in bytes.
+    ``files`` are the spec's files, opened and checked by the server: QEMU gets them as
+    inherited descriptors (the caller passes ``files.fds`` to the child), never by name.
+    ``disk_sizes`` maps a Crucible disk's device name to its size in bytes. Every option
+    value built from input is quoted by :func:`qemu_opt` or written as -blockdev JSON.
     """
     disk_sizes = disk_sizes or {}
     argv = [
@@ -139,55 +190,62 @@ def build_argv(
         str(spec.board.memory_mib),
         # QEMU connects to our QMP listener (no poll for a socket to appear).
         "-chardev",
-        f"socket,id=qmp,path={run_dir.qmp_socket}",
+        f"socket,id=qmp,path={qemu_opt(str(run_dir.qmp_socket))}",
         "-mon",
         "chardev=qmp,mode=control",
         "-chardev",
-        f"socket,id=serial0,path={run_dir.serial_socket},server=on,wait=off",
+        f"socket,id=serial0,path={qemu_opt(str(run_dir.serial_socket))},server=on,wait=off",
         "-serial",
         "chardev:serial0",
     ]
+    if sandbox:
+        argv += ["-sandbox", SANDBOX]
+    fdsets: dict[int, int] = {}
+    for chain in files.disks.values():
+        for layer in chain.layers:
+            fdsets[layer.file.fd] = len(fdsets) + 1
+            argv += ["-add-fd",
+                     f"fd={layer.file.fd},set={fdsets[layer.file.fd]},opaque={qemu_opt(str(layer.file.path))}"]
     boot = spec.boot
     if isinstance(boot, FirmwareBoot):
         boot_index = {device: index for index, device in enumerate(boot.order)}
     else:
         boot_index = {}
-        argv += ["-kernel", str(boot.kernel), "-append", boot.cmdline]
-        if boot.initrd is not None:
-            argv += ["-initrd", str(boot.initrd)]
+        if files.kernel is None:
+            raise QemuError("kernel boot without an opened kernel file")
+        # -kernel/-initrd are read with a plain open(): /proc/self/fd/N re-opens QEMU's
+        # inherited descriptor, i.e. exactly the file the server checked.
+        argv += ["-kernel", f"/proc/self/fd/{files.kernel.fd}", "-append", boot.cmdline]
+        if files.initrd is not None:
+            argv += ["-initrd", f"/proc/self/fd/{files.initrd.fd}"]
     for device, disk in spec.disks.items():
         node = backend_id(device)
         backend = disk.backend
+        blockdev: dict[str, object]
         if isinstance(backend, FileBackend):
-            ro = "on" if backend.readonly else "off"
-            blockdev = (
-                f"driver={backend.format},node-name={node},read-only={ro},"
-                f"file.driver=file,file.filename={backend.path}"
-            )
+            blockdev = _blockdev(files.disks[device].layers, fdsets, backend.readonly)
         else:
             assert isinstance(backend, CrucibleBackendSpec)
-            ro = "on" if backend.readonly else "off"
-            blockdev = (
-                f"driver=nbd,node-name={node},read-only={ro},"
-                f"server.type=unix,server.path={run_dir.disk_socket(device)}"
-            )
-        argv += ["-blockdev", blockdev]
+            blockdev = {"driver": "nbd", "read-only": backend.readonly,
+                        "server": {"type": "unix", "path": str(run_dir.disk_socket(device))}}
+        argv += ["-blockdev", json.dumps({"node-name": node, **blockdev})]
         if disk.interface == "virtio":
-            dev = f"virtio-blk-pci,drive={node},id={device}"
+            dev = f"virtio-blk-pci,drive={qemu_opt(node)},id={qemu_opt(device)}"
             if device in disk_sizes:
                 dev += "," + fixed_chs(disk_sizes[device])
         else:
-            dev = f"nvme,drive={node},serial={device},id={device}"
+            dev = f"nvme,drive={qemu_opt(node)},serial={qemu_opt(device)},id={qemu_opt(device)}"
         if device in boot_index:
             dev += f",bootindex={boot_index[device]}"
         argv += ["-device", dev]
     for name, nic in spec.nics.items():
         # restrict=on: the guest reaches nothing beyond its host forwards,
         # which keeps tests on loopback (network rule).
-        netdev = f"user,id={name},restrict=on"
+        netdev = f"user,id={qemu_opt(name)},restrict=on"
         for fwd in nic.forwards:
-            netdev += f",hostfwd=tcp:{fwd.host_addr}:{fwd.host_port}-:{fwd.guest_port}"
-        argv += ["-netdev", netdev, "-device", f"virtio-net-pci,netdev={name},id={name}-nic"]
+            netdev += f",hostfwd={qemu_opt(f'tcp:{fwd.host_addr}:{fwd.host_port}-:{fwd.guest_port}')}"
+        argv += ["-netdev", netdev, "-device",
+                 f"virtio-net-pci,netdev={qemu_opt(name)},id={qemu_opt(name + '-nic')}"]
     return argv
 
 
@@ -195,9 +253,11 @@ class QemuVm:
     """A QEMU process plus its QMP session; every method is safe to call once started."""
 
     def __init__(
-        self, argv: list[str], run_dir: RunDir, serial: SerialConsole, logger: logging.Logger
+        self, argv: list[str], run_dir: RunDir, serial: SerialConsole, logger: logging.Logger,
+        pass_fds: tuple[int, ...] = (),
     ) -> None:
         self.argv = argv
+        self.pass_fds = pass_fds
         self.run_dir = run_dir
         self._serial = serial
         self._log = logger
@@ -224,6 +284,7 @@ class QemuVm:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # a Ctrl-C to the server must not hit QEMU directly
                 preexec_fn=_die_with_parent,
+                pass_fds=self.pass_fds,  # the checked files, by descriptor (images.py)
             )
         accept = asyncio.ensure_future(self._qmp.accept())
         died = asyncio.ensure_future(self._proc.wait())

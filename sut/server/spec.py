@@ -47,18 +47,12 @@ def _shown_path(value: Path) -> str:
     return text if len(text) <= 200 else f"{text[:200]}... ({len(text)} characters)"
 
 
-def _existing_file(value: Path) -> Path:
+def _absolute(value: Path) -> Path:
+    # Shape only: whether the file may be used (exists, is a regular file under an allowed
+    # root, and so on) is the server's path policy, checked when the instance is created
+    # (sut.path_policy, sut.server.images), where the file is also opened.
     if not value.is_absolute():
         raise ValueError(f"path must be absolute, got {_shown_path(value)!r}")
-    try:
-        exists = value.is_file()
-    except OSError as exc:
-        # is_file() answers False only for "no such file"; a name too long or a
-        # directory the server may not search raises. Both are the client's path
-        # problem: a ValueError here is a 400 naming the field, not a 500.
-        raise ValueError(f"cannot check {_shown_path(value)}: {exc.strerror or exc}") from None
-    if not exists:
-        raise ValueError(f"file does not exist: {_shown_path(value)} (create it or fix the path)")
     return value
 
 
@@ -75,12 +69,14 @@ class Board(_Model):
 class KernelBoot(_Model):
     kernel: AbsolutePath
     initrd: AbsolutePath | None = None
-    cmdline: str = "console=ttyS0"
+    # The kernel command line is one argv element (never parsed as QEMU options); NUL cannot
+    # be passed in an argv at all.
+    cmdline: str = Field(default="console=ttyS0", max_length=4096, pattern=r"^[^\x00]*$")
 
     @field_validator("kernel", "initrd")
     @classmethod
-    def _exists(cls, value: Path | None) -> Path | None:
-        return None if value is None else _existing_file(value)
+    def _kernel_is_absolute(cls, value: Path | None) -> Path | None:
+        return None if value is None else _absolute(value)
 
 
 class FirmwareBoot(_Model):
@@ -98,8 +94,8 @@ class FileBackend(_Model):
 
     @field_validator("path")
     @classmethod
-    def _exists(cls, value: Path) -> Path:
-        return _existing_file(value)
+    def _path_is_absolute(cls, value: Path) -> Path:
+        return _absolute(value)
 
 
 class CrucibleBackendSpec(_Model):

@@ -11,11 +11,13 @@ import base64
 import binascii
 import ipaddress
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sut import bounded_json
 from sut.storage.errors import ReplaceRuleError, VcrError
 
 __all__ = [
@@ -29,12 +31,21 @@ __all__ = [
     "VolumeVcr",
     "compare",
     "dump_vcr",
+    "iter_targets",
     "parse_target",
     "parse_vcr",
     "parse_volume",
 ]
 
 _TAGS = frozenset({"volume", "region", "file", "url"})
+
+# Value bounds: every integer of a VCR is a u64 in Crucible, and QEMU refuses a disk larger
+# than the largest signed 64-bit offset, so a volume is at most that many bytes. Checked at
+# parse time so a bad value is a 400 naming the field, not a struct.error in the NBD handshake.
+U64_MAX = 2**64 - 1
+MAX_VOLUME_BYTES = 2**63 - 1
+BLOCK_SIZES = (512, 4096)
+U64 = Annotated[int, Field(ge=1, le=U64_MAX)]
 
 
 def parse_target(text: str) -> tuple[str, int]:
@@ -52,8 +63,8 @@ def parse_target(text: str) -> tuple[str, int]:
 
 
 def _check_block_size(value: int) -> int:
-    if value < 512 or value & (value - 1):
-        raise ValueError(f"block_size must be a power of two >= 512, got {value}")
+    if value not in BLOCK_SIZES:
+        raise ValueError(f"must be 512 or 4096 (the block sizes Crucible supports), got {value}")
     return value
 
 
@@ -109,14 +120,23 @@ class RegionOpts(_Model):
 
 class RegionVcr(_Sized):
     type: Literal["region"] = "region"
-    blocks_per_extent: int = Field(gt=0)
-    extent_count: int = Field(gt=0)
-    gen: int = Field(ge=0)
+    blocks_per_extent: U64
+    extent_count: U64
+    gen: U64
     opts: RegionOpts
 
     @property
     def size_bytes(self) -> int:
         return self.block_size * self.blocks_per_extent * self.extent_count
+
+    @model_validator(mode="after")
+    def _size_fits(self) -> RegionVcr:
+        if self.size_bytes > MAX_VOLUME_BYTES:
+            raise ValueError(
+                f"size of {self.block_size} * {self.blocks_per_extent} * {self.extent_count} bytes is "
+                f"over the limit of {MAX_VOLUME_BYTES} bytes (the largest disk QEMU accepts)"
+            )
+        return self
 
 
 class FileVcr(_Sized):
@@ -136,6 +156,20 @@ class VolumeVcr(_Sized):
     id: str
     sub_volumes: list[Vcr]
     read_only_parent: Vcr | None = None
+
+    @model_validator(mode="after")
+    def _size_fits(self) -> VolumeVcr:
+        total = sum(sv.size_bytes for sv in self.sub_volumes if isinstance(sv, RegionVcr | VolumeVcr))
+        if total > MAX_VOLUME_BYTES:
+            raise ValueError(
+                f"volume size of {total} bytes (the sum of its sub_volumes) is over the limit of "
+                f"{MAX_VOLUME_BYTES} bytes (the largest disk QEMU accepts)"
+            )
+        return self
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(sv.size_bytes for sv in self.sub_volumes if isinstance(sv, RegionVcr | VolumeVcr))
 
     @property
     def regions(self) -> list[RegionVcr]:
@@ -185,11 +219,15 @@ def _vcr_error(exc: ValidationError) -> VcrError:
 
 
 def parse_vcr(text: str | bytes) -> VolumeVcr | RegionVcr | FileVcr | UrlVcr:
-    """Parse VCR JSON of any variant; raises VcrError naming the JSON path and problem."""
+    """Parse VCR JSON of any variant; raises VcrError naming the JSON path and problem.
+
+    The JSON goes through the one bounded parser (size, depth, integer digits, finite
+    floats), so no VCR can cost a recursion error, a quadratic integer or a 500.
+    """
     try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise VcrError(f"VCR is not valid JSON: {exc}") from None
+        data = bounded_json.loads(text)
+    except bounded_json.JsonLimitError as exc:
+        raise VcrError(f"VCR is not acceptable JSON: {exc}") from None
     if not isinstance(data, dict):
         raise VcrError(f"VCR must be a JSON object, got {type(data).__name__}")
     try:
@@ -231,6 +269,18 @@ def region_volume(volume_id: str, targets: list[str], *, gen: int = 1, block_siz
                        extent_count=extent_count, gen=gen, opts=opts)
     return VolumeVcr(id=volume_id, block_size=block_size, sub_volumes=[region],
                      read_only_parent=read_only_parent)
+
+
+def iter_targets(vcr: VolumeVcr | RegionVcr | FileVcr | UrlVcr, where: str = "") -> Iterator[tuple[str, str]]:
+    """Every downstairs ``target`` of ``vcr``, with its JSON path: regions, sub-volumes, parents."""
+    if isinstance(vcr, RegionVcr):
+        for i, target in enumerate(vcr.opts.target):
+            yield f"{where}opts.target[{i}]", target
+    elif isinstance(vcr, VolumeVcr):
+        for i, sub in enumerate(vcr.sub_volumes):
+            yield from iter_targets(sub, f"{where}sub_volumes[{i}].")
+        if vcr.read_only_parent is not None:
+            yield from iter_targets(vcr.read_only_parent, f"{where}read_only_parent.")
 
 
 def dump_vcr(vcr: VolumeVcr | RegionVcr | FileVcr | UrlVcr) -> str:

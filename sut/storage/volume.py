@@ -13,6 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from sut.path_policy import PathPolicyError, open_for_storage
 from sut.storage.client import RetryPolicy
 from sut.storage.errors import StorageError, VcrError
 from sut.storage.upstairs import Activation, Upstairs
@@ -31,18 +32,20 @@ class _Extent:
 
 
 class _Parent:
-    """A read-only parent backed by a local file; bytes beyond its end read as zeros."""
+    """A read-only parent backed by a local file; bytes beyond its end read as zeros.
+
+    Opened through the path policy (sut.path_policy): an absolute path to a regular file
+    under the server's allowed roots, and the descriptor that was checked is the one read.
+    """
 
     def __init__(self, vcr: FileVcr) -> None:
         self.path = vcr.path
         try:
-            self._fd = os.open(vcr.path, os.O_RDONLY)
-        except OSError as exc:
-            raise VcrError(
-                f"read_only_parent.path: cannot open {vcr.path!r}: {exc.strerror}"
-                " (the file must exist and be readable)"
-            ) from None
-        self.size = os.fstat(self._fd).st_size
+            opened = open_for_storage(vcr.path, "read_only_parent.path")
+        except PathPolicyError as exc:
+            raise VcrError(str(exc)) from None
+        self._fd = opened.fd
+        self.size = opened.size
 
     def read(self, offset: int, length: int) -> bytes:
         if offset >= self.size:

@@ -44,7 +44,10 @@ class ServerProcess:
         try:
             return self.stop()
         finally:
-            shutil.rmtree(self.data_dir, ignore_errors=True)
+            top = self.data_dir
+            while top.parent.name.startswith("srv-"):
+                top = top.parent
+            shutil.rmtree(top, ignore_errors=True)
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -58,10 +61,16 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def start_server(tmp_path: Path, *extra: str) -> ServerProcess:
+def start_server(tmp_path: Path, *extra: str, allow_tmp: bool = True,
+                 data_dir_name: str | None = None) -> ServerProcess:
+    """Start a server; ``allow_tmp`` lets specs name files under ``tmp_path`` (--allow-path)."""
     # tmp_path can be long; unix socket paths are capped at 107 bytes, so
     # the data dir lives under a short per-test directory instead.
     data_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"srv-{os.getpid()}-{time.monotonic_ns()}"
+    if data_dir_name is not None:
+        data_dir = data_dir / data_dir_name
+    if allow_tmp:
+        extra = ("--allow-path", str(tmp_path), *extra)
     log_path = tmp_path / "server.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(

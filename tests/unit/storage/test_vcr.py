@@ -122,7 +122,7 @@ def _bad_key(d: dict[str, Any]) -> None:
         (lambda d: region(d)["opts"]["target"].__setitem__(1, "127.0.0.1:8810"), "targets must be distinct"),
         (lambda d: region(d)["opts"].pop("read_only"), "sub_volumes[0].opts.read_only: Field required"),
         (lambda d: region(d).__setitem__("type", "bogus"), 'sub_volumes[0]: unknown "type"'),
-        (lambda d: d.__setitem__("block_size", 1000), "block_size: block_size must be a power of two"),
+        (lambda d: d.__setitem__("block_size", 1000), "block_size: must be 512 or 4096"),
         (lambda d: region(d).__setitem__("gen", -1), "sub_volumes[0].gen"),
         (_bad_key, "sub_volumes[0].opts.key: key must be base64 of 32 bytes, got 5 bytes"),
         (lambda d: d["read_only_parent"].pop("path"), "read_only_parent.path: Field required"),
@@ -207,7 +207,7 @@ RULES: list[tuple[str, Callable[[dict[str, Any]], None], bool]] = [
     ("read-only-parent-changed", lambda d: d["read_only_parent"].__setitem__("path", "/y"), False),
     ("geometry-changed", lambda d: region(d).__setitem__("extent_count", 32), False),
     ("geometry-changed", lambda d: region(d).__setitem__("blocks_per_extent", 4096), False),
-    ("generation-lower", lambda d: region(d).__setitem__("gen", 0), False),
+    ("generation-lower", lambda d: region(d).__setitem__("gen", 1), False),
     ("opts-changed", lambda d: region(d)["opts"].__setitem__("lossy", True), False),
     ("opts-changed", lambda d: region(d)["opts"].__setitem__("read_only", True), False),
     (
@@ -230,6 +230,8 @@ def test_each_replacement_rule_is_enforced(
     old_doc = example()
     if no_parent:
         old_doc["read_only_parent"] = None
+    if rule == "generation-lower":
+        region(old_doc)["gen"] = 2  # generations start at 1: going lower needs a start above it
     new_doc = copy.deepcopy(old_doc)
     mutate(new_doc)
     old, new = parse_volume(json.dumps(old_doc)), parse_volume(json.dumps(new_doc))
@@ -264,3 +266,78 @@ def test_multiple_targets_allowed_only_for_the_regression() -> None:
         parse_volume(json.dumps(EXAMPLE)), parse_volume(json.dumps(new_doc)), allow_multiple_targets=True
     )
     assert [c.index for c in outcome.changes] == [0, 1]
+
+
+# --- hostile input: one bounded parse, value bounds (issue 12) ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mangle", "needle"),
+    [
+        (lambda t: t.replace('"gen": 1', '"gen": ' + "9" * 5000), "5000 digits"),
+        (lambda t: t[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "nesting deeper than"),
+        (lambda t: t.replace('"gen": 1', '"gen": 1e999'), "not a finite float"),
+        (lambda t: t.replace('"gen": 1', '"gen": NaN'), "NaN is not JSON"),
+        (lambda t: t + " " * (2 * 1024 * 1024), "over the limit of"),
+    ],
+    ids=["huge-int", "deep", "inf", "nan", "huge"],
+)
+def test_hostile_json_is_a_vcr_error(mangle: Callable[[str], str], needle: str) -> None:
+    with pytest.raises(VcrError, match=needle):
+        parse_vcr(mangle(json.dumps(EXAMPLE)))
+
+
+U64 = 2**64 - 1
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("block_size", 2**40, "block_size: must be 512 or 4096"),
+        ("block_size", 1024, "block_size: must be 512 or 4096"),
+        ("blocks_per_extent", U64 + 1, f"blocks_per_extent: Input should be less than or equal to {U64}"),
+        ("extent_count", U64 + 1, f"extent_count: Input should be less than or equal to {U64}"),
+        ("gen", U64 + 1, f"gen: Input should be less than or equal to {U64}"),
+        ("gen", 0, "gen: Input should be greater than or equal to 1"),
+        ("extent_count", 2**50, "size of 512 * 131072 * 1125899906842624 bytes is over the limit of "
+         "9223372036854775807 bytes"),
+    ],
+)
+def test_vcr_values_are_bounded(field: str, value: int, needle: str) -> None:
+    doc = example()
+    region(doc)[field] = value
+    if field == "block_size":
+        doc["block_size"] = value
+        doc["read_only_parent"]["block_size"] = value
+    with pytest.raises(VcrError) as info:
+        parse_volume(json.dumps(doc))
+    assert needle in str(info.value), str(info.value)
+
+
+def test_volume_size_sums_its_regions() -> None:
+    doc = example()
+    big = copy.deepcopy(region(doc))
+    big["extent_count"] = 2**63 // (512 * 131072) - 1
+    doc["sub_volumes"] = [big, copy.deepcopy(big)]
+    with pytest.raises(VcrError, match="volume size .* is over the limit of 9223372036854775807 bytes"):
+        parse_volume(json.dumps(doc))
+
+
+def test_4096_byte_blocks_are_allowed() -> None:
+    doc = example()
+    doc["block_size"] = region(doc)["block_size"] = doc["read_only_parent"]["block_size"] = 4096
+    assert parse_volume(json.dumps(doc)).block_size == 4096
+
+
+def test_iter_targets_walks_sub_volumes_and_parents() -> None:
+    from sut.storage.vcr import iter_targets
+
+    doc = example()
+    doc["read_only_parent"] = {"type": "volume", "id": "p", "block_size": 512,
+                               "sub_volumes": [copy.deepcopy(region(doc))]}
+    found = list(iter_targets(parse_vcr(json.dumps(doc))))
+    assert [where for where, _ in found] == [
+        "sub_volumes[0].opts.target[0]", "sub_volumes[0].opts.target[1]", "sub_volumes[0].opts.target[2]",
+        "read_only_parent.sub_volumes[0].opts.target[0]", "read_only_parent.sub_volumes[0].opts.target[1]",
+        "read_only_parent.sub_volumes[0].opts.target[2]",
+    ]
