@@ -118,6 +118,13 @@ def _shown(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "\u2026"
 
 
+def _escaped(text: str, limit: int) -> str:
+    """``text`` with control and format characters escaped, cut to ``limit`` characters."""
+    out = "".join(repr(ch)[1:-1] if unicodedata.category(ch) in _UNSAFE_CATEGORIES else ch
+                  for ch in text)
+    return out if len(out) <= limit else out[:limit - 1] + "\u2026"
+
+
 def _unsafe_char(text: str) -> str | None:
     for char in text:
         if unicodedata.category(char) in _UNSAFE_CATEGORIES:
@@ -695,7 +702,9 @@ class ArtifactStore:
         entry = self.entry(key)
         if entry.source.local_path is None:
             return None
-        path = Path(entry.source.local_path.path).expanduser()
+        path = Path(entry.source.local_path.path)
+        with contextlib.suppress(RuntimeError):  # `~nosuchuser/...`: left as written (missing)
+            path = path.expanduser()
         return path if path.is_absolute() else self.manifest_path.parent / path
 
     def recipe_out(self, key: str) -> Path | None:
@@ -726,7 +735,7 @@ class ArtifactStore:
         meta = None if kind is None else _read_guest_json(out)
         if meta is None:
             return "not built"
-        return f"built {out} (inputs {_shown(str(meta.get('input_hash', '?'))[:12])[1:-1]})"
+        return f"built {out} (inputs {_escaped(str(meta.get('input_hash', '?'))[:12], 12)})"
 
     # --- resolving ------------------------------------------------------------------------
     def guest(self, name: str) -> GuestArtifact:
@@ -967,11 +976,12 @@ class ArtifactStore:
         finally:
             progress.end(key)
         if code != 0:
-            tail = "\n".join(lines[-25:])[-1500:]
+            # One line: recipes end with one error line (guests/recipe.py); the CLI has shown
+            # every line as it came.
             raise ArtifactUnavailable(
                 f"artifact {key!r}",
-                f"its recipe failed ({shlex.join(argv)} exited {code}); run it by hand "
-                f"to see why; last output:\n{tail}")
+                f"its recipe failed ({shlex.join(argv)} exited {code}): {_last_line(lines)}; run "
+                "it by hand to see all of its output")
         if _kind_of(out, follow=False) != "a folder" or _read_guest_json(out) is None:
             raise HarnessError(f"recipe {entry.source.recipe} exited 0 but {out}/guest.json is "
                                "missing or not JSON: the recipe breaks guests/README.md's interface")
@@ -1159,6 +1169,11 @@ def _guest_from(name: str, guest_os: str, out: Path) -> GuestArtifact:
     )
 
 
+def _last_line(lines: list[str]) -> str:
+    last = next((line for line in reversed(lines) if line.strip()), "(no output)")
+    return _escaped(_one_line(last), 500)
+
+
 def _run_recipe(argv: list[str], on_line: Callable[[str], None]) -> tuple[int, list[str]]:
     """Run a recipe, handing each output line to ``on_line``; (exit code, all lines).
 
@@ -1190,7 +1205,7 @@ def _run_recipe(argv: list[str], on_line: Callable[[str], None]) -> tuple[int, l
         proc.wait()
         reader.join(timeout=10)
         raise HarnessError(f"{shlex.join(argv)} ran longer than {RECIPE_TIMEOUT_S:.0f} s; last "
-                           f"output:\n" + "\n".join(lines[-25:])) from None
+                           f"output: {_last_line(lines)}") from None
     finally:
         if proc.poll() is None:  # KeyboardInterrupt while waiting: leave nothing behind
             proc.kill()

@@ -133,10 +133,16 @@ def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 
 def problems(manifest: Path) -> list[str]:
+    """The manifest (in a test's tmp_path) is refused at load: each problem is one line,
+    nothing in tmp_path changed, and a store over the same cache still serves."""
+    root = manifest.parent
+    before = snapshot(root)
     with pytest.raises(ManifestError) as caught:
         load_manifest(manifest)
     for problem in caught.value.problems:
         one_line(problem)
+    assert snapshot(root) == before
+    assert_still_serves(root, root / "cache")
     return caught.value.problems
 
 
@@ -158,13 +164,11 @@ def test_a_url_whose_last_segment_is_not_a_plain_file_name_is_refused(
     tmp_path: Path, outside: Path, segment: str
 ) -> None:
     manifest = write_manifest(tmp_path, remote_entry("bad", f"{BASE}/dir/{segment}"))
-    before = snapshot(tmp_path)
     found = problems(manifest)
     assert len(found) == 1, found
     assert found[0].startswith("artifacts.bad.source.remote.urls"), found
     assert "not a plain file name" in found[0] and "filename" in found[0], found
     assert "\x1b" not in found[0] and "\x00" not in found[0]
-    assert snapshot(tmp_path) == before
     assert_still_serves(tmp_path, tmp_path / "cache")
 
 
@@ -201,11 +205,9 @@ def test_a_filename_with_traversal_or_control_characters_is_refused(
     tmp_path: Path, outside: Path, filename: str
 ) -> None:
     manifest = write_manifest(tmp_path, remote_entry("bad", extra=f'filename = "{filename}"'))
-    before = snapshot(tmp_path)
     found = problems(manifest)
     assert [p.split(":")[0] for p in found] == ["artifacts.bad.filename"], found
     assert "plain file name" in found[0]
-    assert snapshot(tmp_path) == before
     assert_still_serves(tmp_path, tmp_path / "cache")
 
 
@@ -220,10 +222,8 @@ def test_a_local_path_that_is_not_a_file_name_is_refused(tmp_path: Path, outside
         kind = "file"
         source = {{ local_path = {{ path = "{path}" }} }}
         """)
-    before = snapshot(tmp_path)
     found = problems(manifest)
     assert [p.split(":")[0] for p in found] == ["artifacts.bad.source.local_path.path"], found
-    assert snapshot(tmp_path) == before
     assert_still_serves(tmp_path, tmp_path / "cache")
 
 
@@ -480,10 +480,99 @@ def test_a_recipe_linked_out_of_guests_is_not_run(tmp_path: Path, outside: Path,
         kind = { guest_os = "evil" }
         source = { recipe = "guests/evil" }
         """)
+    before = snapshot(outside)
     with pytest.raises(HarnessError, match=r"artifacts\.evil\.source\.recipe: .*outside") as caught:
         ArtifactStore(manifest, tmp_path / "cache", repo).ensure("evil")
     one_line(str(caught.value))
     assert not (outside / "ran").exists(), "the script outside guests/ was run"
+    assert snapshot(outside) == before
+    assert_still_serves(tmp_path, tmp_path / "cache")
+
+
+FAKE_RECIPE = """\
+#!/usr/bin/env python3
+# Writes the recipe interface; guest.json comes from guest.json.in next to this script,
+# and its output ends with `error_lines` when fail.in exists.
+import os, shutil, sys
+here = os.path.dirname(os.path.abspath(__file__))
+out = sys.argv[sys.argv.index("--out") + 1]
+if os.path.exists(os.path.join(here, "fail.in")):
+    for n in range(40):
+        print(f"g: step {n}", file=sys.stderr)
+    print("g: error: no kernel\\x1b[2J for you", file=sys.stderr)
+    sys.exit(1)
+os.makedirs(out, exist_ok=True)
+for name in ("vmlinuz", "initrd.img"):
+    open(os.path.join(out, name), "w").write(name)
+open(os.path.join(out, "cmdline"), "w").write("console=ttyS0\\n")
+shutil.copy(os.path.join(here, "guest.json.in"), os.path.join(out, "guest.json"))
+print(out)
+"""
+
+
+def recipe_repo(tmp_path: Path, guest_json: dict[str, object]) -> tuple[Path, Path]:
+    """A repository with guests/g/build (FAKE_RECIPE) and a manifest building it."""
+    folder = tmp_path / "repo" / "guests" / "g"
+    folder.mkdir(parents=True)
+    (folder / "build").write_text(FAKE_RECIPE)
+    (folder / "build").chmod(0o755)
+    (folder / "guest.json.in").write_text(json.dumps(guest_json))
+    manifest = write_manifest(tmp_path, """
+        [artifacts.g]
+        kind = { guest_os = "g" }
+        source = { recipe = "guests/g" }
+        """)
+    return tmp_path / "repo", manifest
+
+
+@pytest.mark.parametrize(("files", "expected"), [
+    ({"kernel": "../../../outside/victim"},
+     "names its kernel '../../../outside/victim', not a plain file name"),
+    ({"initrd": "/etc/passwd"}, "names its initrd '/etc/passwd', not a plain file name"),
+    ({"disk": ".."}, "names its disk '..', not a plain file name"),
+    ({"kernel": "link"}, "is a symlink, not a regular file"),
+])
+def test_a_guest_whose_files_point_out_of_its_folder_is_refused(
+    tmp_path: Path, outside: Path, files: dict[str, str], expected: str
+) -> None:
+    repo, manifest = recipe_repo(tmp_path, {"files": {"cmdline": "cmdline", **files}})
+    out = tmp_path / "cache" / "guests" / "g"
+    s = ArtifactStore(manifest, tmp_path / "cache", repo)
+    s.ensure("g")
+    (out / "link").symlink_to(outside / "victim")
+    before = snapshot(outside)
+    with pytest.raises(HarnessError) as caught:
+        s.guest("g")
+    assert expected in one_line(str(caught.value)), caught.value
+    assert "phd artifacts build g --force" in str(caught.value)
+    assert snapshot(outside) == before
+    assert_still_serves(tmp_path, tmp_path / "cache")
+
+
+def test_a_recipe_output_folder_linked_out_of_the_cache_is_not_built_through(
+    tmp_path: Path, outside: Path
+) -> None:
+    repo, manifest = recipe_repo(tmp_path, {"files": {}})
+    out = tmp_path / "cache" / "guests" / "g"
+    out.parent.mkdir(parents=True)
+    out.symlink_to(outside, target_is_directory=True)
+    before = snapshot(outside)
+    guest = ArtifactStore(manifest, tmp_path / "cache", repo).guest("g")
+    assert snapshot(outside) == before, "the recipe wrote through the planted symlink"
+    assert not out.is_symlink() and out.is_dir()
+    assert guest.kernel == out / "vmlinuz"
+    assert_still_serves(tmp_path, tmp_path / "cache")
+
+
+def test_a_failing_recipe_is_one_line_ending_with_its_error(tmp_path: Path) -> None:
+    repo, manifest = recipe_repo(tmp_path, {})
+    (repo / "guests" / "g" / "fail.in").write_text("")
+    with pytest.raises(HarnessError) as caught:
+        ArtifactStore(manifest, tmp_path / "cache", repo).ensure("g")
+    message = one_line(str(caught.value))
+    assert "its recipe failed" in message and "exited 1" in message
+    assert message.endswith("g: error: no kernel\\x1b[2J for you; run it by hand to see all of its output")
+    assert "\x1b" not in message
 
 
 def test_guest_json_naming_files_outside_its_folder_is_refused(tmp_path: Path, outside: Path) -> None:
@@ -504,7 +593,9 @@ def test_guest_json_naming_files_outside_its_folder_is_refused(tmp_path: Path, o
     assert [c.status for c in checks] == ["bad", "bad"], checks
     assert all("not a plain file name" in c.detail for c in checks), checks
     assert all(c.path.parent == out for c in checks), "reported under the output folder"
+    assert all("phd artifacts build g --force" in c.fix for c in checks)
     assert snapshot(outside) == before
+    assert_still_serves(tmp_path, tmp_path / "cache")
 
 
 def test_a_deeply_nested_guest_json_does_not_crash(
@@ -523,6 +614,23 @@ def test_a_deeply_nested_guest_json_does_not_crash(
     assert [c.status for c in s.verify(["g"])] == ["missing"]
     code, _, _ = cli(capsys, "list", "--manifest", str(manifest), "--artifact-dir", str(tmp_path / "cache"))
     assert code == 0
+    assert_still_serves(tmp_path, tmp_path / "cache")
+
+
+def test_a_local_path_under_an_unknown_home_is_missing_not_a_crash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = write_manifest(tmp_path, """
+        [artifacts.far]
+        kind = "file"
+        source = { local_path = { path = "~no-such-user-here/x.bin" } }
+        """)
+    args = ("--manifest", str(manifest), "--artifact-dir", str(tmp_path / "cache"))
+    code, out, _ = cli(capsys, "list", *args)
+    assert code == 0 and "missing" in out
+    code, _, err = cli(capsys, "fetch", *args)
+    assert code == 1
+    assert "its local_path" in err and "does not exist" in err
 
 
 # --- huge, deep and wrongly typed manifests ------------------------------------------------------
