@@ -20,6 +20,12 @@ flushes are idempotent when replayed in order). A backlog that outgrows the poli
 limits, or an outage longer than ``offline_timeout_s``, FAULTS the client instead: the
 backlog is dropped and the downstairs must be live-repaired when it returns. Crucible draws
 the same line between "offline" and "faulted".
+
+A downstairs is input from outside too: its frames are capped (64 KiB until it promoted us,
+then :func:`~sut.storage.protocol.active_frame_limit`), buffers grow with the bytes that
+arrive (sut.storage.stream), and every reply is checked against its job before it is used.
+A reply that breaks the protocol FAULTS that downstairs (the copy cannot be trusted; it is
+live-repaired when it returns); a connection that merely ends mid-frame is a lost connection.
 """
 
 from __future__ import annotations
@@ -34,12 +40,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sut.storage.errors import ProtocolError, StorageError, StorageFatalError
+from sut.storage.errors import ProtocolError, StorageError, StorageFatalError, TruncatedFrameError
 from sut.storage.protocol import (
     PROTOCOL_VERSION,
     BatchedWriter,
     FrameReader,
     Message,
+    active_frame_limit,
     open_connection,
     read_message,
 )
@@ -102,6 +109,11 @@ _FAULT_ON_ERROR = frozenset({"Write", "WriteUnwritten", "Flush", "ExtentPut"})
 
 class _Disconnected(StorageError):
     pass
+
+
+def _short(value: object, limit: int = 200) -> str:
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 @dataclass
@@ -298,7 +310,13 @@ class DownstairsClient:
                 return
             except (OSError, ProtocolError, _Disconnected, TimeoutError) as exc:
                 if self._writer is writer or self.last_error is None:
-                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    self.last_error = _short(f"{type(exc).__name__}: {exc}", 400)
+                if isinstance(exc, ProtocolError) and not isinstance(exc, TruncatedFrameError):
+                    self._untrusted(writer, self.last_error)
+            except Exception as exc:  # noqa: BLE001 - hostile input we did not foresee, or a bug
+                self._log.error("downstairs %s: unexpected %r; dropping the connection", self.target, exc)
+                self.last_error = _short(f"unexpected {type(exc).__name__}: {exc}", 400)
+                self._untrusted(writer, self.last_error)
             if self._stopped():
                 return  # disable() already closed the socket and failed every job
             if self.taken_over:
@@ -313,6 +331,12 @@ class DownstairsClient:
             self._connection_lost(self.last_error or "disconnected")
             self.failed_attempts += 1
             await asyncio.sleep(self.retry.reconnect_delay_s)
+
+    def _untrusted(self, writer: asyncio.StreamWriter, reason: str) -> None:
+        """The downstairs broke the protocol: a serving copy is faulted (its replies, and so
+        what it stored, cannot be trusted); during negotiation the attempt just fails."""
+        if self._writer is writer and self.state in (ClientState.ACTIVE, ClientState.REPAIRING):
+            self.fault(f"protocol violation: {reason}")
 
     def _connection_lost(self, reason: str) -> None:
         was = self.state
@@ -383,6 +407,8 @@ class DownstairsClient:
             )
         if reply.kind != "YouAreNowActive":
             raise ProtocolError(f"expected YouAreNowActive, got {reply.kind}")
+        # the downstairs accepted us: frames up to the largest legitimate one from now on
+        reader.negotiated(active_frame_limit(s.block_size * s.extent_size))
         info = await self._exchange(reader, Message("RegionInfoPlease"), timeout)
         got = (info.get("block_size"), info.get("extent_size"), info.get("extent_count"))
         want = (s.block_size, s.extent_size, s.extent_count)
@@ -394,7 +420,7 @@ class DownstairsClient:
         versions = await self._exchange(reader, Message("ExtentVersionsPlease"), timeout)
         if versions.kind != "ExtentVersions":
             raise ProtocolError(f"expected ExtentVersions, got {versions.kind}")
-        self.extent_versions = (list(versions["gen"]), list(versions["flush"]), list(versions["dirty"]))
+        self.extent_versions = _extent_versions(versions, s.extent_count)
 
     async def _exchange(self, reader: FrameReader, msg: Message, timeout: float) -> Message:
         if self._out is None:  # stopped or faulted while the previous step was in flight
@@ -426,20 +452,57 @@ class DownstairsClient:
                 )
                 self.fatal_error = StorageFatalError(self.last_error)
                 return
-            job_id = int(msg.get("job_id", -1))
+            job_id = msg.get("job_id", -1)
+            if type(job_id) is not int:
+                raise ProtocolError(f"{msg.kind}: job_id must be an integer, got {_short(job_id, 60)}")
             job = self._jobs.pop(job_id, None)
             if job is None:
                 continue  # keepalive answer, or a job failed/dropped meanwhile
             if not msg.get("error"):
+                wrong = self._misfit(job, msg)
+                if wrong is not None:
+                    if not job.future.done():
+                        job.future.set_exception(StorageError(f"downstairs {self.target}: {wrong}"))
+                    raise ProtocolError(wrong)
                 self._retire(job_id, job)
             if msg.get("error") and job.kind in _FAULT_ON_ERROR:
                 # the replies behind this one must not be used: this copy now differs
                 if not job.future.done():
                     job.future.set_result(msg)
-                self.fault(f"{job.kind} failed: {msg['error']}")
+                self.fault(f"{job.kind} failed: {_short(msg['error'])}")
                 return
             if not job.future.done():
                 job.future.set_result(msg)
+
+    def _misfit(self, job: _Job, msg: Message) -> str | None:
+        """Why a successful reply does not fit its job (None if it does)."""
+        s = self.session
+        if job.kind == "Read":
+            count = int(job.fields["count"])
+            written = msg.get("written")
+            if (
+                len(msg.payload) != count * s.block_size
+                or type(written) is not str
+                or written.count("0") + written.count("1") != count
+            ):
+                size = len(written) if isinstance(written, str) else _short(written, 40)
+                return (
+                    f"{msg.kind} to a read of {count} blocks has {len(msg.payload)} bytes and a "
+                    f"written map of {size} blocks"
+                )
+        elif job.kind == "ExtentFetch":
+            extent_bytes = s.block_size * s.extent_size
+            written = msg.get("written")
+            if (
+                msg.kind != "ExtentData"
+                or len(msg.payload) != extent_bytes
+                or type(written) is not str
+                or len(written) != 2 * ((s.extent_size + 7) // 8)
+                or any(type(msg.get(k)) is not int for k in ("gen", "flush"))
+                or type(msg.get("dirty")) is not bool
+            ):
+                return f"{msg.kind} does not describe one extent of {extent_bytes} bytes"
+        return None
 
     def _retire(self, job_id: int, job: _Job) -> None:
         """Bookkeeping of a successful reply: keep writes until a flush covers them."""
@@ -549,3 +612,21 @@ class DownstairsClient:
             # not see the loss and the client would look active while it is cut off
             writer.transport.abort()
         return writer
+
+
+def _extent_versions(msg: Message, extent_count: int) -> tuple[list[int], list[int], list[bool]]:
+    """ExtentVersions as (gens, flushes, dirty), checked to describe ``extent_count`` extents."""
+    gens, flushes, dirty = msg.get("gen"), msg.get("flush"), msg.get("dirty")
+    if (
+        not isinstance(gens, list)
+        or not isinstance(flushes, list)
+        or not isinstance(dirty, list)
+        or not len(gens) == len(flushes) == len(dirty) == extent_count
+        or any(type(v) is not int or v < 0 for v in gens + flushes)
+        or any(type(v) is not bool for v in dirty)
+    ):
+        raise ProtocolError(
+            f"ExtentVersions does not describe {extent_count} extents: "
+            f"{_short({'gen': gens, 'flush': flushes, 'dirty': dirty}, 120)}"
+        )
+    return gens, flushes, dirty

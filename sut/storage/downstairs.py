@@ -5,11 +5,19 @@ CONTRACT command line (flags follow crucible-downstairs):
                                           --extent-count N [--encrypted]
   python -m sut.storage.downstairs run -d DIR -a ADDR -p PORT [--mode rw|ro] [--lossy]
                                        [--read-errors] [--write-errors] [--flush-errors]
+                                       [--handshake-timeout S] [--max-connections N]
 
 Generation arbitration at a read-write downstairs: one active upstairs. A lower generation is
 refused; an equal generation only for the same session; a higher generation takes over and
 the old upstairs is told ``YouAreNoLongerActive`` and disconnected.
 Logs are JSON lines on stderr. SIGTERM/SIGINT stop the server cleanly (exit 0).
+
+Anyone who can connect is a stranger until negotiated: frames are capped at 64 KiB, the
+handshake must complete within ``--handshake-timeout`` seconds and at most
+``--max-connections`` connections are open at once (sut.storage.stream). Every field of a job
+is checked before it is used; a job out of range gets an error reply and the connection
+serves on; a connection that breaks the protocol is closed with a ``protocol_error`` line;
+anything unexpected is one ``connection_error`` line, never a traceback.
 STDLIB ONLY: this runs in a minimal container with Debian's python3.
 """
 
@@ -29,18 +37,21 @@ from typing import Any
 
 from sut.storage.errors import ProtocolError
 from sut.storage.protocol import (
+    MAX_IO_BYTES,
     PROTOCOL_VERSION,
     BatchedWriter,
     FrameReader,
     Message,
+    active_frame_limit,
     encode,
     read_message,
     start_server,
     write_message,
 )
 from sut.storage.region import Region, RegionError
+from sut.storage.stream import ConnectionGuard, ConnectionLimits
 
-__all__ = ["Downstairs", "FaultConfig", "main"]
+__all__ = ["ConnectionLimits", "Downstairs", "FaultConfig", "main"]
 
 # Probability of an injected failure per operation when an --*-errors flag is on. Small
 # enough that an upstairs with three copies keeps working, large enough to show up quickly.
@@ -48,6 +59,7 @@ _ERROR_RATE = 0.05
 _LOSSY_MAX_DELAY_S = 0.02
 # Messages whose payload is only written to the region (its buffer can be reused at once).
 _WRITES = frozenset({"Write", "WriteUnwritten", "ExtentPut"})
+_U64 = 1 << 64
 
 
 def log(event: str, **fields: Any) -> None:
@@ -71,29 +83,54 @@ class _Session:
     writer: asyncio.StreamWriter
 
 
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:40]}... ({len(text)} characters)"
+
+
+class BadJob(Exception):
+    """A job's field is missing, mistyped or out of range: the job gets an error reply."""
+
+
+def _uint(msg: Message, name: str, limit: int = _U64, error: type[Exception] = BadJob) -> int:
+    """Field ``name`` of ``msg`` as an integer in ``0..limit-1``, else ``error`` naming it."""
+    value = msg.get(name)
+    if type(value) is not int or not 0 <= value < limit:
+        raise error(f"{msg.kind}.{name} must be an integer in 0..{limit - 1}, got {_short(value)}")
+    return value
+
+
 def _int_field(msg: Message, name: str) -> int:
     # A peer-supplied value that is not an integer must end the connection as a protocol
     # error (logged, connection closed), not escape as a ValueError traceback.
-    value = msg[name]
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ProtocolError(f"{msg.kind}.{name} must be an integer, got {value!r}")
-    return value
+    return _uint(msg, name, error=ProtocolError)
+
+
+def _log_loop_exception(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    # Whatever escapes a task or callback is one JSON line, never a traceback on stderr.
+    exc = context.get("exception")
+    error = None if exc is None else f"{type(exc).__name__}: {exc}"[:300]
+    log("internal_error", message=context.get("message"), error=error)
 
 
 class Downstairs:
     """Serve ``region``; one instance per process (owns its listening socket)."""
 
-    def __init__(self, region: Region, *, read_only: bool, faults: FaultConfig) -> None:
+    def __init__(
+        self, region: Region, *, read_only: bool, faults: FaultConfig, limits: ConnectionLimits | None = None
+    ) -> None:
         self.region = region
         self.read_only = read_only
         self.faults = faults
+        self.limits = limits or ConnectionLimits()
         self._active: _Session | None = None
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._rng = random.Random()
 
     async def start(self, address: str, port: int) -> int:
-        self._server = await start_server(self._handle, address, port)
+        guard = ConnectionGuard(self.limits, log)
+        self._server = await start_server(self._handle, address, port, guard=guard)
         bound = int(self._server.sockets[0].getsockname()[1])
         log(
             "listening",
@@ -101,6 +138,9 @@ class Downstairs:
             port=bound,
             uuid=self.region.info.uuid,
             mode="ro" if self.read_only else "rw",
+            max_connections=self.limits.max_connections,
+            handshake_timeout_s=self.limits.handshake_timeout_s,
+            max_frame_bytes=active_frame_limit(self.region.info.extent_bytes),
         )
         return bound
 
@@ -126,6 +166,8 @@ class Downstairs:
             log("protocol_error", peer=peer, reason=str(exc))
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
             log("connection_lost", peer=peer, reason=repr(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug must cost one connection, not a traceback
+            log("connection_error", peer=peer, error=f"{type(exc).__name__}: {exc}"[:300])
         finally:
             if session is not None and self._active is session:
                 self._active = None
@@ -181,6 +223,7 @@ class Downstairs:
                 {"upstairs_id": session.upstairs_id, "session_id": session.session_id, "gen": session.gen},
             ),
         )
+        reader.negotiated(active_frame_limit(info.extent_bytes))
         log("active", peer=peer, upstairs_id=session.upstairs_id, gen=session.gen)
         return session
 
@@ -268,8 +311,8 @@ class Downstairs:
         job = msg.get("job_id")
         try:
             return self._io(msg, job)
-        except (RegionError, OSError, KeyError, TypeError, ValueError) as exc:
-            log("io_error", kind=kind, job_id=job, error=str(exc))
+        except (BadJob, RegionError, OSError, KeyError, TypeError, ValueError) as exc:
+            log("io_error", kind=kind, job_id=job, error=str(exc)[:300])
             reply_kind = {
                 "Read": "ReadResponse",
                 "Flush": "FlushAck",
@@ -287,28 +330,45 @@ class Downstairs:
         if enabled and self._rng.random() < _ERROR_RATE:
             raise RegionError(f"injected {what} error")
 
+    def _eid(self, msg: Message) -> int:
+        eid = msg.get("eid")
+        if type(eid) is not int:
+            raise BadJob(f"{msg.kind}.eid must be an integer, got {_short(eid)}")
+        count = self.region.info.extent_count
+        if not 0 <= eid < count:
+            raise BadJob(f"extent {_short(eid)} does not exist (0..{count - 1})")
+        return eid
+
     def _io(self, msg: Message, job: object) -> Message:
+        # Every field is checked here, before anything uses it (no int() of whatever came:
+        # "3", 1.5 and True are not block numbers); the region checks ranges again.
         kind = msg.kind
         if kind == "Read":
+            block = _uint(msg, "block")
+            count = _uint(msg, "count")
+            if count * self.region.info.block_size > MAX_IO_BYTES:
+                raise BadJob(f"Read.count {count} blocks is over the largest read ({MAX_IO_BYTES} bytes)")
             self._inject(self.faults.read_errors, "read")
-            data, bits = self.region.read_bits(int(msg["block"]), int(msg["count"]))
+            data, bits = self.region.read_bits(block, count)
             return Message("ReadResponse", {"job_id": job, "error": None, "written": bits}, data)
         if kind in ("Write", "WriteUnwritten"):
+            block = _uint(msg, "block")
             if self.read_only:
                 raise RegionError("this downstairs is read-only")
             self._inject(self.faults.write_errors, "write")
-            self.region.write(int(msg["block"]), msg.payload, only_unwritten=kind == "WriteUnwritten")
+            self.region.write(block, msg.payload, only_unwritten=kind == "WriteUnwritten")
             return Message("WriteAck", {"job_id": job, "error": None})
         if kind == "Flush":
+            flush_number, gen = _uint(msg, "flush_number"), _uint(msg, "gen")
+            limit = None if msg.get("extent_limit") is None else _uint(
+                msg, "extent_limit", self.region.info.extent_count + 1
+            )
             self._inject(self.faults.flush_errors, "flush")
             if not self.read_only:
-                limit = msg.get("extent_limit")
-                self.region.flush(
-                    int(msg["flush_number"]), int(msg["gen"]), None if limit is None else int(limit)
-                )
+                self.region.flush(flush_number, gen, limit)
             return Message("FlushAck", {"job_id": job, "error": None})
         if kind == "ExtentFetch":
-            eid = int(msg["eid"])
+            eid = self._eid(msg)
             meta = self.region.meta(eid)
             return Message(
                 "ExtentData",
@@ -324,16 +384,21 @@ class Downstairs:
                 self.region.extent_data(eid),
             )
         if kind == "ExtentPut":
+            eid = self._eid(msg)
+            gen, flush = _uint(msg, "gen"), _uint(msg, "flush")
+            written, dirty = msg.get("written"), msg.get("dirty", False)
+            bitmap_hex = 2 * len(self.region.meta(eid).written)
+            if type(written) is not str or len(written) != bitmap_hex:
+                raise BadJob(f"ExtentPut.written must be {bitmap_hex} hex digits, got {_short(written)}")
+            try:
+                bitmap = bytes.fromhex(written)
+            except ValueError:
+                raise BadJob(f"ExtentPut.written must be hex digits, got {_short(written)}") from None
+            if type(dirty) is not bool:
+                raise BadJob(f"ExtentPut.dirty must be true or false, got {_short(dirty)}")
             if self.read_only:
                 raise RegionError("this downstairs is read-only")
-            self.region.put_extent(
-                int(msg["eid"]),
-                msg.payload,
-                gen=int(msg["gen"]),
-                flush=int(msg["flush"]),
-                written=bytes.fromhex(msg["written"]),
-                dirty=bool(msg.get("dirty", False)),
-            )
+            self.region.put_extent(eid, msg.payload, gen=gen, flush=flush, written=bitmap, dirty=dirty)
             return Message("ExtentPutAck", {"job_id": job, "error": None})
         raise ProtocolError(f"unexpected message {kind} on an active connection")
 
@@ -360,15 +425,47 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--read-errors", action="store_true")
     run.add_argument("--write-errors", action="store_true")
     run.add_argument("--flush-errors", action="store_true")
+    defaults = ConnectionLimits()
+    run.add_argument(
+        "--handshake-timeout",
+        type=_positive(float),
+        default=defaults.handshake_timeout_s,
+        metavar="SECONDS",
+        help="close a connection that has not negotiated within this time (default: %(default)s)",
+    )
+    run.add_argument(
+        "--max-connections",
+        type=_positive(int),
+        default=defaults.max_connections,
+        metavar="N",
+        help="connections open at once; more are closed at once (default: %(default)s)",
+    )
     return parser
+
+
+def _positive(kind: type[int] | type[float]) -> Any:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+        return value
+
+    return parse
 
 
 async def _run(args: argparse.Namespace) -> None:
     region = Region.open(args.data)
     faults = FaultConfig(args.lossy, args.read_errors, args.write_errors, args.flush_errors)
-    ds = Downstairs(region, read_only=args.mode == "ro", faults=faults)
+    limits = ConnectionLimits(
+        max_connections=args.max_connections, handshake_timeout_s=args.handshake_timeout
+    )
+    ds = Downstairs(region, read_only=args.mode == "ro", faults=faults, limits=limits)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_log_loop_exception)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:

@@ -10,6 +10,7 @@ __all__ = [
     "ReplaceRuleError",
     "StorageError",
     "StorageFatalError",
+    "TruncatedFrameError",
     "VcrError",
 ]
 
@@ -39,3 +40,8 @@ class StorageFatalError(StorageError):
 
 class ProtocolError(StorageError):
     """A peer sent a frame that violates the upstairs<->downstairs wire protocol."""
+
+
+class TruncatedFrameError(ProtocolError):
+    """The peer closed the connection in the middle of a frame: a lost connection (a killed
+    process), not a malformed frame."""

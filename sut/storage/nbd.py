@@ -200,6 +200,7 @@ class NbdServer:
             inflight.discard(task)
             slots.release()
 
+        reader.negotiated(_REQUEST.size + _MAX_IO)  # the handshake is done: writes may be large
         reader.set_splitter(_split_request)
         try:
             while True:

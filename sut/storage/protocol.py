@@ -13,7 +13,14 @@ after itself:
   random I/O showed json.dumps/json.loads among the top costs per job.
 
 Block data travels as raw payload bytes, never base64-inflated. Decoding yields the same
-:class:`Message` (kind, fields, payload) whichever form the frame had. Stdlib only: the
+:class:`Message` (kind, fields, payload) whichever form the frame had.
+
+Input from a peer is bounded in three places: the stream layer caps a frame at
+``HANDSHAKE_MAX_RECORD`` until the connection's owner declares it negotiated, then at
+:func:`active_frame_limit` (the largest legitimate frame); JSON headers are parsed by the one
+bounded parser (``sut.bounded_json``, ``HEADER_JSON_LIMITS``); and every failure to decode is
+a :class:`ProtocolError` (a peer that closes mid-frame: :class:`TruncatedFrameError`). Values
+are checked by their consumers (the downstairs' I/O, the client's replies). Stdlib only: the
 downstairs container imports this module.
 """
 
@@ -25,20 +32,25 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from sut.bounded_json import JsonLimitError, JsonLimits
+from sut.bounded_json import loads as bounded_loads
 from sut.storage import stream
-from sut.storage.errors import ProtocolError
-from sut.storage.stream import RecordStream
+from sut.storage.errors import ProtocolError, TruncatedFrameError
+from sut.storage.stream import ConnectionGuard, RecordStream
 
 __all__ = [
+    "HEADER_JSON_LIMITS",
     "LARGE_PAYLOAD",
     "MAX_FRAME_BYTES",
     "MAX_HEADER_BYTES",
+    "MAX_IO_BYTES",
     "MESSAGE_FIELDS",
     "PROTOCOL_VERSION",
     "STREAM_LIMIT",
     "BatchedWriter",
     "FrameReader",
     "Message",
+    "active_frame_limit",
     "decode_frame",
     "decode_record",
     "encode",
@@ -57,6 +69,12 @@ PROTOCOL_VERSION = 2
 MAX_FRAME_BYTES = 80 * 1024 * 1024
 # Headers carry per-block bitmaps as hex: 64 MiB / 512 B blocks -> 32 KiB of hex.
 MAX_HEADER_BYTES = 256 * 1024
+# The largest Write / Read payload an upstairs sends or asks for: one NBD request (QEMU's
+# limit, sut.storage.nbd); larger guest requests arrive split.
+MAX_IO_BYTES = 32 * 1024 * 1024
+# Header JSON: the deepest real header is an object of lists (ExtentVersions), every integer
+# a u64 at most.
+HEADER_JSON_LIMITS = JsonLimits(max_bytes=MAX_HEADER_BYTES, max_depth=8, max_int_digits=20)
 _PREFIX = struct.Struct(">II")
 _BINARY_FLAG = 0x8000_0000
 # asyncio.StreamReader limit for connections that still use asyncio streams. The default
@@ -99,6 +117,13 @@ MESSAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "Ruok": (),
     "Imok": (),
 }
+
+
+def active_frame_limit(extent_bytes: int) -> int:
+    """The frame cap of a negotiated connection to a region of ``extent_bytes`` extents: the
+    largest legitimate frame (a whole extent in ExtentData / ExtentPut, or the largest I/O),
+    its prefix and its largest header; never above MAX_FRAME_BYTES."""
+    return min(MAX_FRAME_BYTES + 4, _PREFIX.size + MAX_HEADER_BYTES + max(extent_bytes, MAX_IO_BYTES))
 
 
 @dataclass(frozen=True)
@@ -258,7 +283,7 @@ class BatchedWriter(stream.BatchedWriter):
 def _check_fields(kind: str, fields: dict[str, Any]) -> None:
     required = MESSAGE_FIELDS.get(kind)
     if required is None:
-        raise ProtocolError(f"unknown message type {kind!r}")
+        raise ProtocolError(f"unknown message type {kind[:60]!r}")
     missing = [name for name in required if name not in fields]
     if missing:
         raise ProtocolError(f"{kind}: missing field(s) {', '.join(missing)}")
@@ -323,9 +348,9 @@ def decode_record(head: bytes, received: bytes | bytearray) -> Message:
 
 def _decode_json(raw: bytes, payload: bytes) -> Message:
     try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"header is not valid JSON: {exc}") from None
+        header = bounded_loads(raw, HEADER_JSON_LIMITS)
+    except JsonLimitError as exc:
+        raise ProtocolError(f"header is not valid JSON within the limits: {exc}") from None
     if not isinstance(header, dict) or not isinstance(header.get("type"), str):
         raise ProtocolError('header must be a JSON object with a string "type"')
     kind = header.pop("type")
@@ -354,13 +379,19 @@ FrameReader = RecordStream
 
 
 async def open_connection(host: str, port: int) -> tuple[FrameReader, asyncio.StreamWriter]:
-    """Connect to a downstairs; large payloads are received in place (see sut.storage.stream)."""
+    """Connect to a downstairs; large payloads are received in place (see sut.storage.stream).
+
+    Frames are capped at ``stream.HANDSHAKE_MAX_RECORD`` until the caller, negotiated, calls
+    ``reader.negotiated(active_frame_limit(...))``."""
     return await stream.open_stream(host, port, split_frame)
 
 
-async def start_server(on_connect: stream.ConnectedCallback, host: str, port: int) -> asyncio.Server:
-    """Serve frame connections; ``on_connect(reader, writer)`` runs as one task per connection."""
-    return await stream.create_server(on_connect, host, port, split_frame)
+async def start_server(
+    on_connect: stream.ConnectedCallback, host: str, port: int, *, guard: ConnectionGuard | None = None
+) -> asyncio.Server:
+    """Serve frame connections; ``on_connect(reader, writer)`` runs as one task per connection
+    admitted by ``guard`` (cap, handshake deadline; see sut.storage.stream)."""
+    return await stream.create_server(on_connect, host, port, split_frame, guard=guard)
 
 
 async def read_message(reader: FrameReader | asyncio.StreamReader) -> Message | None:
@@ -376,9 +407,9 @@ async def read_message(reader: FrameReader | asyncio.StreamReader) -> Message | 
 
 def _incomplete(partial: bytes) -> ProtocolError:
     if len(partial) < _PREFIX.size:
-        return ProtocolError("connection closed in the middle of a frame prefix")
+        return TruncatedFrameError("connection closed in the middle of a frame prefix")
     frame_len = _PREFIX.unpack_from(partial)[0]
-    return ProtocolError(f"connection closed mid-frame ({len(partial) - 8} of {frame_len - 4} bytes)")
+    return TruncatedFrameError(f"connection closed mid-frame ({len(partial) - 8} of {frame_len - 4} bytes)")
 
 
 async def _read_from_stream_reader(reader: asyncio.StreamReader) -> Message | None:
@@ -387,7 +418,7 @@ async def _read_from_stream_reader(reader: asyncio.StreamReader) -> Message | No
     except asyncio.IncompleteReadError as exc:
         if not exc.partial:
             return None
-        raise ProtocolError("connection closed in the middle of a frame prefix") from None
+        raise TruncatedFrameError("connection closed in the middle of a frame prefix") from None
     try:
         known = split_frame(head)
         if known is None:  # a binary frame whose fixed fields tell the head length
@@ -401,7 +432,7 @@ async def _read_from_stream_reader(reader: asyncio.StreamReader) -> Message | No
         payload = await reader.readexactly(payload_len)
     except asyncio.IncompleteReadError as exc:
         frame_len = _PREFIX.unpack_from(head)[0]
-        raise ProtocolError(
+        raise TruncatedFrameError(
             f"connection closed mid-frame ({len(exc.partial)} of {frame_len - 4} bytes)"
         ) from None
     return decode_record(head, payload)

@@ -243,6 +243,7 @@ class Region:
 
     # -- metadata --------------------------------------------------------------------------
     def meta(self, eid: int) -> ExtentMeta:
+        self._check_extent(eid)  # a negative index would be another extent's metadata
         return self._meta[eid]
 
     def versions(self) -> tuple[list[int], list[int], list[bool]]:

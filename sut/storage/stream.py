@@ -14,6 +14,22 @@ SO_RCVLOWAT makes that one wake-up per payload instead of one per 64 KiB segment
 that is done with a payload may recycle it (no zeroing of a new buffer). Before a splitter is
 set the stream is in raw mode and :meth:`RecordStream.readexactly` serves handshakes.
 :class:`BatchedWriter` sends everything queued in one loop iteration with one writev().
+
+Rules for input from anyone who can connect (whatever protocol runs on top; they outlive it):
+
+- Record cap: until the connection's owner calls :meth:`RecordStream.negotiated`, a record
+  (head + payload) may be at most ``HANDSHAKE_MAX_RECORD`` (64 KiB); a head declaring more is
+  a ProtocolError before a byte of its payload is stored. Negotiation raises the cap to what
+  the protocol needs once the peer is known (for the downstairs wire: the largest legitimate
+  frame, see ``sut.storage.protocol.active_frame_limit``).
+- Memory follows bytes that ARRIVED, not bytes a head declares: a large payload's buffer
+  starts at 64 KiB and doubles as it fills (still received in place). A size the peer has
+  already delivered on this connection (or a recycled buffer of that size) is allocated
+  whole at once, so real traffic pays the growth once per connection and size.
+- Server side (:class:`ConnectionGuard`, shared by a server's connections): at most
+  ``max_connections`` at once (the excess is closed at once and reported), and a connection
+  not negotiated within ``handshake_timeout_s`` is closed; its consumer sees a ProtocolError
+  naming the deadline.
 Stdlib only: the downstairs image imports this module.
 """
 
@@ -26,14 +42,18 @@ import os
 import socket
 from asyncio.streams import FlowControlMixin
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, cast
 
 from sut.storage.errors import ProtocolError
 
 __all__ = [
     "DIRECT_PAYLOAD",
+    "HANDSHAKE_MAX_RECORD",
     "SOCKET_BUFFER",
     "BatchedWriter",
+    "ConnectionGuard",
+    "ConnectionLimits",
     "Data",
     "Record",
     "RecordStream",
@@ -47,9 +67,16 @@ __all__ = [
 DIRECT_PAYLOAD = 64 * 1024
 # Staging buffer: must hold the largest head plus a payload below DIRECT_PAYLOAD (JSON
 # headers go up to 256 KiB); one recv() into it reads at most _RECV_CHUNK bytes so that little
-# of a following large payload is copied through it.
+# of a following large payload is copied through it. Until negotiation records are small, so
+# a connection starts with a small stage (memory per idle stranger) and grows it then.
 _STAGE_BYTES = 512 * 1024
 _RECV_CHUNK = 64 * 1024
+_STAGE_HANDSHAKE = 3 * _RECV_CHUNK
+# The record cap until the owner declares the connection negotiated: every handshake message
+# of our protocols fits many times over.
+HANDSHAKE_MAX_RECORD = 64 * 1024
+# A payload buffer sized by what arrived starts this big and doubles as it fills.
+_GROW_FROM = DIRECT_PAYLOAD
 # Reading pauses while this much is parsed but not yet consumed (backpressure on the peer).
 _QUEUE_HIGH = 16 * 1024 * 1024
 _QUEUE_LOW = 4 * 1024 * 1024
@@ -73,12 +100,63 @@ Splitter = Callable[[memoryview], "tuple[int, int] | None"]
 they are known, None if more bytes are needed; raise ProtocolError for an invalid record."""
 
 ConnectedCallback = Callable[["RecordStream", asyncio.StreamWriter], Coroutine[Any, Any, None]]
+EventLog = Callable[..., None]
+"""``on_event(event, **fields)``: how a :class:`ConnectionGuard` reports (e.g. a JSON log line)."""
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What a server grants a connection from anyone, before it has proven anything."""
+
+    # Concurrent connections; a real downstairs has one upstairs (a few while one reconnects).
+    max_connections: int = 64
+    # Connect-to-negotiated; an upstairs needs milliseconds (it gives up on a step after 2 s).
+    handshake_timeout_s: float = 10.0
+    handshake_max_record: int = HANDSHAKE_MAX_RECORD
+
+
+class ConnectionGuard:
+    """One server's connection bookkeeping: the connection cap and the handshake deadline.
+
+    Pass one to :func:`create_server`; every connection it accepts is counted here until
+    it is lost. ``on_event`` hears about connections refused over the cap.
+    """
+
+    def __init__(self, limits: ConnectionLimits | None = None, on_event: EventLog | None = None) -> None:
+        self.limits = limits or ConnectionLimits()
+        self._on_event = on_event
+        self.connections = 0
+        self.refused = 0
+
+    def admit(self, peer: object) -> bool:
+        if self.connections >= self.limits.max_connections:
+            self.refused += 1
+            if self._on_event is not None:
+                self._on_event(
+                    "connection_refused",
+                    peer=peer,
+                    reason=f"{self.connections} connections open, the limit of "
+                    f"{self.limits.max_connections} is reached; closed at once",
+                )
+            return False
+        self.connections += 1
+        return True
+
+    def release(self) -> None:
+        self.connections -= 1
 
 
 class RecordStream(FlowControlMixin, asyncio.BufferedProtocol):
     """The receiving half of a connection (and the protocol behind its StreamWriter)."""
 
-    def __init__(self, splitter: Splitter | None = None, on_connect: ConnectedCallback | None = None) -> None:
+    def __init__(
+        self,
+        splitter: Splitter | None = None,
+        on_connect: ConnectedCallback | None = None,
+        *,
+        max_record: int = HANDSHAKE_MAX_RECORD,
+        guard: ConnectionGuard | None = None,
+    ) -> None:
         loop = asyncio.get_running_loop()
         super().__init__(loop)
         self._event_loop = loop
@@ -86,12 +164,19 @@ class RecordStream(FlowControlMixin, asyncio.BufferedProtocol):
         self._on_connect = on_connect
         self._transport: asyncio.Transport | None = None
         self._task: asyncio.Task[None] | None = None
-        self._stage = bytearray(_STAGE_BYTES)
+        self._guard = guard
+        self._admitted = False
+        self._deadline: asyncio.TimerHandle | None = None
+        self._negotiated = False
+        self._max_record = guard.limits.handshake_max_record if guard is not None else max_record
+        self._stage = bytearray(_STAGE_BYTES if self._max_record > _STAGE_HANDSHAKE else _STAGE_HANDSHAKE)
         self._lo = 0  # stage[_lo:_hi] is received but not yet consumed
         self._hi = 0
         self._direct: bytearray | None = None  # payload being received in place
         self._direct_pos = 0
+        self._direct_size = 0  # the payload's length; _direct grows towards it
         self._direct_head = b""
+        self._delivered = 0  # the largest payload the peer delivered in place so far
         self._spare: list[bytearray] = []  # recycled payload buffers
         self._sock: Any = None  # set for TCP, where SO_RCVLOWAT saves wake-ups
         self._lowat = 1
@@ -107,6 +192,16 @@ class RecordStream(FlowControlMixin, asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # a stream transport (uvloop's do not subclass asyncio.Transport, hence no isinstance)
         self._transport = cast(asyncio.Transport, transport)
+        guard = self._guard
+        if guard is not None:
+            if not guard.admit(transport.get_extra_info("peername")):
+                self._eof = True
+                transport.close()  # over the cap: no handler, no buffers, no deadline
+                return
+            self._admitted = True
+            timeout = guard.limits.handshake_timeout_s
+            if timeout > 0:
+                self._deadline = self._event_loop.call_later(timeout, self._handshake_expired, timeout)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             _set_send_buffer(sock)
@@ -139,13 +234,17 @@ class RecordStream(FlowControlMixin, asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         if self._direct is not None:
             self._direct_pos += nbytes
-            remaining = len(self._direct) - self._direct_pos
-            if remaining < self._lowat:
-                self._set_lowat(remaining or 1)
+            remaining = self._direct_size - self._direct_pos
             if not remaining:
+                self._set_lowat(1)
                 record = (self._direct_head, self._direct)
+                self._delivered = max(self._delivered, self._direct_size)
                 self._direct, self._direct_head = None, b""
                 self._emit(record)
+                return
+            if self._direct_pos == len(self._direct):
+                self._grow()
+            self._set_lowat(min(remaining, len(self._direct) - self._direct_pos))
             return
         self._hi += nbytes
         if self._splitter is not None:
@@ -170,7 +269,25 @@ class RecordStream(FlowControlMixin, asyncio.BufferedProtocol):
         self._wake()
         return True  # keep the transport open so replies to what was received still go out
 
+    def _handshake_expired(self, timeout: float) -> None:
+        self._deadline = None
+        if self._negotiated or self._transport is None:
+            return
+        received = self._hi - self._lo + self.payload_received
+        if self._error is None:
+            self._error = ProtocolError(
+                f"handshake not completed within {timeout:g} s ({received} bytes received); closed"
+            )
+        self._transport.abort()
+        self._wake()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if self._admitted and self._guard is not None:
+            self._admitted = False
+            self._guard.release()
         self._eof = True
         if exc is not None and self._error is None:
             self._error = exc
@@ -181,6 +298,36 @@ class RecordStream(FlowControlMixin, asyncio.BufferedProtocol):
 
     def _get_close_waiter(self, stream: asyncio.StreamWriter) -> asyncio.Future[None]:
         return self._closed
+
+    # -- limits ------------------------------------------------------------------------------
+    @property
+    def max_record(self) -> int:
+        """The largest record (head + payload) this connection accepts now."""
+        return self._max_record
+
+    @property
+    def payload_buffer_bytes(self) -> int:
+        """Bytes of buffer held for the payload being received in place (0 if none)."""
+        return len(self._direct) if self._direct is not None else 0
+
+    @property
+    def payload_received(self) -> int:
+        """Bytes of the payload being received in place that arrived so far."""
+        return self._direct_pos if self._direct is not None else 0
+
+    def negotiated(self, max_record: int) -> None:
+        """The owner's word that the peer completed its handshake: the deadline no longer
+        applies and records up to ``max_record`` bytes are accepted from now on."""
+        self._negotiated = True
+        self._max_record = max_record
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if len(self._stage) < _STAGE_BYTES:
+            stage = bytearray(_STAGE_BYTES)
+            n = self._hi - self._lo
+            stage[:n] = memoryview(self._stage)[self._lo : self._hi]
+            self._stage, self._lo, self._hi = stage, 0, n
 
     # -- parsing -----------------------------------------------------------------------------
     def set_splitter(self, splitter: Splitter) -> None:
@@ -206,16 +353,28 @@ class RecordStream(FlowControlMixin, asyncio.BufferedProtocol):
                 return
             head_len, payload_len = known
             total = head_len + payload_len
+            if total > self._max_record:
+                when = "" if self._negotiated else " before negotiation"
+                self._error = ProtocolError(
+                    f"a record of {total} bytes exceeds this connection's limit of "
+                    f"{self._max_record} bytes{when}"
+                )
+                if self._transport is not None:
+                    self._transport.pause_reading()
+                return
             if len(view) >= total:
                 self._lo += total
                 self._emit((bytes(view[:head_len]), bytes(view[head_len:total])))
             elif payload_len >= DIRECT_PAYLOAD and len(view) >= head_len:
-                payload = self._buffer(payload_len)
                 got = len(view) - head_len
+                payload = self._buffer(payload_len, got)
                 payload[:got] = view[head_len:]
                 self._direct, self._direct_pos, self._direct_head = payload, got, bytes(view[:head_len])
+                self._direct_size = payload_len
                 self._lo = self._hi = 0
-                self._set_lowat(payload_len - got)
+                if got == len(payload):
+                    self._grow()
+                self._set_lowat(min(payload_len - got, len(self._direct) - got))
                 return
             else:
                 return
@@ -238,11 +397,25 @@ class RecordStream(FlowControlMixin, asyncio.BufferedProtocol):
             return
         self._lowat = nbytes
 
-    def _buffer(self, size: int) -> bytearray:
+    def _buffer(self, size: int, have: int) -> bytearray:
+        """A buffer for a ``size``-byte payload of which ``have`` bytes are here: whole if the
+        peer earned it (a recycled buffer, or a size it delivered before), else sized by what
+        arrived (see :meth:`_grow`)."""
         for i, spare in enumerate(self._spare):
             if len(spare) == size:
                 return self._spare.pop(i)
-        return bytearray(size)
+        if size <= self._delivered:
+            return bytearray(size)
+        return bytearray(min(size, max(_GROW_FROM, have)))
+
+    def _grow(self) -> None:
+        """The in-place payload buffer is full and more is due: double it (a new buffer; the
+        old one may still be exported to the transport's recv_into)."""
+        old = self._direct
+        assert old is not None
+        new = bytearray(min(self._direct_size, 2 * len(old)))
+        new[: self._direct_pos] = memoryview(old)[: self._direct_pos]
+        self._direct = new
 
     def _compact(self) -> None:
         n = self._hi - self._lo
@@ -323,7 +496,8 @@ class RecordStream(FlowControlMixin, asyncio.BufferedProtocol):
             self._spare.append(payload)
 
     async def readexactly(self, n: int) -> bytes:
-        """Raw mode only (before :meth:`set_splitter`): exactly ``n`` bytes (n <= 256 KiB)."""
+        """Raw mode only (before :meth:`set_splitter`): exactly ``n`` bytes (n <= 128 KiB
+        before :meth:`negotiated`, 448 KiB after)."""
         if self._splitter is not None:
             raise RuntimeError("readexactly() is for raw mode; this stream splits records")
         if n > len(self._stage) - _RECV_CHUNK:
@@ -349,28 +523,40 @@ def _set_send_buffer(sock: Any) -> None:
 
 
 async def open_stream(
-    host: str, port: int, splitter: Splitter | None = None
+    host: str, port: int, splitter: Splitter | None = None, *, max_record: int = HANDSHAKE_MAX_RECORD
 ) -> tuple[RecordStream, asyncio.StreamWriter]:
-    """``asyncio.open_connection`` for a :class:`RecordStream`."""
+    """``asyncio.open_connection`` for a :class:`RecordStream` (records up to ``max_record``
+    bytes until :meth:`RecordStream.negotiated`)."""
     loop = asyncio.get_running_loop()
-    transport, stream = await loop.create_connection(lambda: RecordStream(splitter), host, port)
+    transport, stream = await loop.create_connection(
+        lambda: RecordStream(splitter, max_record=max_record), host, port
+    )
     return stream, asyncio.StreamWriter(transport, stream, None, loop)
 
 
 async def create_server(
-    on_connect: ConnectedCallback, host: str, port: int, splitter: Splitter | None = None
+    on_connect: ConnectedCallback,
+    host: str,
+    port: int,
+    splitter: Splitter | None = None,
+    *,
+    guard: ConnectionGuard | None = None,
 ) -> asyncio.Server:
-    """``asyncio.start_server`` for :class:`RecordStream` connections."""
+    """``asyncio.start_server`` for :class:`RecordStream` connections, limited by ``guard``."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: RecordStream(splitter, on_connect), host, port)
+    return await loop.create_server(lambda: RecordStream(splitter, on_connect, guard=guard), host, port)
 
 
 async def create_unix_server(
-    on_connect: ConnectedCallback, path: str, splitter: Splitter | None = None
+    on_connect: ConnectedCallback,
+    path: str,
+    splitter: Splitter | None = None,
+    *,
+    guard: ConnectionGuard | None = None,
 ) -> asyncio.Server:
-    """``asyncio.start_unix_server`` for :class:`RecordStream` connections."""
+    """``asyncio.start_unix_server`` for :class:`RecordStream` connections, limited by ``guard``."""
     loop = asyncio.get_running_loop()
-    return await loop.create_unix_server(lambda: RecordStream(splitter, on_connect), path)
+    return await loop.create_unix_server(lambda: RecordStream(splitter, on_connect, guard=guard), path)
 
 
 class BatchedWriter:
