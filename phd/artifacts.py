@@ -205,7 +205,7 @@ class Kind:
 # `!r`, no `{{`), so values are passed already repr()'d.
 def _sha256_field(value: str) -> str:
     if not isinstance(value, str) or not _SHA256.match(value.lower()):
-        raise PydanticCustomError("sha256", "must be 64 hex digits, got {value}", {"value": repr(value)})
+        raise PydanticCustomError("sha256", "must be 64 hex digits, got {value}", {"value": _shown(value)})
     return value.lower()
 
 
@@ -229,7 +229,15 @@ class RemoteSource(_Model):
     @classmethod
     def _http_urls(cls, urls: list[str]) -> list[str]:
         for url in urls:
-            parts = urlsplit(url)
+            # Parsed here as the downloader will parse it, so a URL that cannot be fetched
+            # is a manifest error naming the field, not a crash in the middle of a fetch.
+            try:
+                parts = urlsplit(url)
+                parts.port  # noqa: B018 - raises ValueError when out of range
+                httpx.URL(url)
+            except (ValueError, httpx.InvalidURL) as exc:
+                raise PydanticCustomError("url", "{url} is not a valid URL ({why})",
+                                          {"url": _shown(url), "why": _escaped(str(exc), 80)}) from None
             if parts.scheme not in ("http", "https") or not parts.netloc:
                 raise PydanticCustomError("url", "{url} is not an http(s) URL", {"url": _shown(url)})
         return urls
@@ -912,7 +920,7 @@ class ArtifactStore:
                         continue
                     os.replace(tmp, final)  # replaces a name; never writes through a symlink
                     return
-                except httpx.HTTPError as exc:
+                except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
                     failures.append(f"{url}: {type(exc).__name__}: {_one_line(str(exc))}")
                 except OSError as exc:
                     raise HarnessError(f"artifact {key!r}: cannot write {final} ({_reason(exc)}); free "

@@ -172,6 +172,18 @@ def test_a_url_whose_last_segment_is_not_a_plain_file_name_is_refused(
     assert_still_serves(tmp_path, tmp_path / "cache")
 
 
+@pytest.mark.parametrize("url", [
+    pytest.param(f"{BASE}/x\\u0001y/f.bin", id="control-character"),
+    pytest.param("http://127.0.0.1:99999/f.bin", id="port-out-of-range"),
+    pytest.param("http://[::1/f.bin", id="broken-ipv6"),
+    pytest.param("file:///etc/passwd", id="not-http"),
+])
+def test_a_url_the_downloader_cannot_use_is_refused(tmp_path: Path, url: str) -> None:
+    found = problems(write_manifest(tmp_path, remote_entry("bad", url, 'filename = "f.bin"')))
+    assert [p.split(":")[0] for p in found] == ["artifacts.bad.source.remote.urls"], found
+    assert "\x01" not in found[0]
+
+
 def test_a_filename_field_makes_any_url_usable(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path, remote_entry("ok", f"{BASE}/get/a%2Fb", 'filename = "named.bin"'))
     transport, requests = served({f"{BASE}/get/a%2Fb": PAYLOAD})
