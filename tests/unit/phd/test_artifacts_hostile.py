@@ -248,6 +248,7 @@ def test_a_long_local_path_does_not_crash_list(tmp_path: Path, capsys: pytest.Ca
     code, _, err = cli(capsys, "list", "--manifest", str(manifest), "--artifact-dir", str(tmp_path / "c"))
     assert code == 2
     assert "artifacts.bad.source.local_path.path" in one_line(err)
+    assert_still_serves(tmp_path, tmp_path / "c")
 
 
 # --- symlinks and other non-files placed in the cache ------------------------------------------
@@ -324,6 +325,7 @@ def test_a_stale_part_symlink_is_removed_without_touching_its_target(tmp_path: P
     store(write_manifest(tmp_path, remote_entry()), cache).ensure("rootfs")
     assert snapshot(outside) == before
     assert not (cache / SHA / f".{NAME}.abc.part").is_symlink()
+    assert_still_serves(tmp_path, cache)
 
 
 @pytest.mark.timeout(20)
@@ -385,9 +387,14 @@ def test_verify_and_list_report_symlinks_and_folders_without_following_them(
         "a symlinked cache folder is not walked into"
     assert store(manifest, cache).status("rootfs").startswith("corrupt")
 
-    code, out, _ = cli(capsys, "verify", "--manifest", str(manifest), "--artifact-dir", str(cache))
+    args = ("--manifest", str(manifest), "--artifact-dir", str(cache))
+    code, out, _ = cli(capsys, "verify", *args)
     assert code == 1
-    assert "Traceback" not in out
+    assert (f"rootfs: {cache / SHA / NAME}: a symlink, not a regular file; run `phd artifacts fetch "
+            "rootfs`, which replaces it") in out.splitlines()
+    code, out, _ = cli(capsys, "list", *args)
+    assert code == 0
+    assert f"corrupt: {cache / SHA / NAME} is a symlink" in out
     assert snapshot(outside) == before
     assert_still_serves(tmp_path, cache)
 
@@ -585,6 +592,7 @@ def test_a_failing_recipe_is_one_line_ending_with_its_error(tmp_path: Path) -> N
     assert "its recipe failed" in message and "exited 1" in message
     assert message.endswith("g: error: no kernel\\x1b[2J for you; run it by hand to see all of its output")
     assert "\x1b" not in message
+    assert_still_serves(tmp_path, tmp_path / "cache")
 
 
 def test_guest_json_naming_files_outside_its_folder_is_refused(tmp_path: Path, outside: Path) -> None:
@@ -643,6 +651,7 @@ def test_a_local_path_under_an_unknown_home_is_missing_not_a_crash(
     code, _, err = cli(capsys, "fetch", *args)
     assert code == 1
     assert "its local_path" in err and "does not exist" in err
+    assert_still_serves(tmp_path, tmp_path / "cache")
 
 
 # --- huge, deep and wrongly typed manifests ------------------------------------------------------
@@ -747,6 +756,7 @@ def test_the_cli_names_its_own_options(tmp_path: Path, capsys: pytest.CaptureFix
     assert code == 1
     assert "--artifact-dir" in err and "--phd-artifact-dir" not in err
     assert "Traceback" not in err
+    assert_still_serves(tmp_path, tmp_path / "cache")
 
 
 def test_the_plugin_keeps_naming_its_options(tmp_path: Path) -> None:
