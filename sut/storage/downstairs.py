@@ -216,6 +216,9 @@ class Downstairs:
             await self._send(writer, Message("PromoteRefused", {"reason": refusal}))
             log("promote_refused", peer=peer, gen=session.gen, reason=refusal)
             return None
+        # negotiated: no deadline any more, and frames up to the largest legitimate one (set
+        # before the reply, so nothing the upstairs sends after it meets the handshake cap)
+        reader.negotiated(active_frame_limit(info.extent_bytes))
         await self._send(
             writer,
             Message(
@@ -223,7 +226,6 @@ class Downstairs:
                 {"upstairs_id": session.upstairs_id, "session_id": session.session_id, "gen": session.gen},
             ),
         )
-        reader.negotiated(active_frame_limit(info.extent_bytes))
         log("active", peer=peer, upstairs_id=session.upstairs_id, gen=session.gen)
         return session
 
