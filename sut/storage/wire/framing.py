@@ -15,11 +15,8 @@ prefix merely claims.
 
 from __future__ import annotations
 
-import struct
-
-from sut.storage import bincode
 from sut.storage.bincode import BincodeError
-from sut.storage.wire.messages import DATA_MESSAGES, MAX_FRAME, VARIANTS, Message, decode_record
+from sut.storage.wire.messages import MAX_FRAME, MIN_FRAME, Message, decode_record, split_frame
 
 __all__ = [
     "MAX_FRAME",
@@ -33,10 +30,6 @@ __all__ = [
 NEGOTIATION_FRAME_CAP = 64 * 1024
 """Largest frame accepted before a connection is active (HereIAm is 78 bytes + 4 per
 alternate version)."""
-MIN_FRAME = 8
-"""A length prefix and a variant index."""
-
-_U32 = struct.Struct("<I")
 
 
 def extent_versions_frame_len(extent_count: int) -> int:
@@ -45,12 +38,8 @@ def extent_versions_frame_len(extent_count: int) -> int:
 
 
 class FrameSplitter:
-    """``splitter(view) -> (head_len, data_len) | None`` for frames of at most ``cap`` bytes.
-
-    None means more bytes are needed to tell; a length prefix below :data:`MIN_FRAME` or above
-    ``cap``, an unknown variant, or a malformed data-message head raises BincodeError (a
-    ProtocolError) as soon as the bytes that show it have arrived.
-    """
+    """``splitter(view) -> (head_len, data_len) | None`` for frames of at most ``cap`` bytes
+    (see :func:`sut.storage.wire.messages.split_frame`)."""
 
     def __init__(self, cap: int = NEGOTIATION_FRAME_CAP) -> None:
         if not MIN_FRAME <= cap <= MAX_FRAME:
@@ -58,41 +47,7 @@ class FrameSplitter:
         self.cap = cap
 
     def __call__(self, view: memoryview) -> tuple[int, int] | None:
-        if len(view) < 4:
-            return None
-        frame_len: int = _U32.unpack_from(view)[0]
-        if frame_len < MIN_FRAME:
-            raise BincodeError(f"length prefix {frame_len} is below the minimum frame of {MIN_FRAME}")
-        if frame_len > self.cap:
-            raise BincodeError(f"length prefix {frame_len} exceeds the frame cap {self.cap}")
-        if len(view) < 8:
-            return None
-        index: int = _U32.unpack_from(view, 4)[0]
-        if index >= len(VARIANTS):
-            raise BincodeError(f"Message index {index} is not one of the {len(VARIANTS)} variants", offset=4)
-        header_codec = DATA_MESSAGES.get(index)
-        if header_codec is None:
-            return frame_len, 0
-        # The head of a data message ends after the data count: find it by decoding the header
-        # from what has arrived, with counts bounded by the frame's length.
-        have = min(len(view), frame_len)
-        r = bincode.Reader(view[8:have], base=8, limit=frame_len - 8)
-        r.message = VARIANTS[index].__name__
-        try:
-            r.push("header")
-            header_codec.decode(r)
-            r.pop()
-            r.push("data")
-            count = r.u64()
-        except BincodeError as exc:
-            if exc.truncated and have < frame_len:
-                return None
-            raise
-        head_len = 8 + r.pos
-        if count != frame_len - head_len:
-            left = frame_len - head_len
-            raise r.error(f"data count {count} is not the {left} bytes left in the frame", at=r.pos - 8)
-        return head_len, count
+        return split_frame(view, self.cap)
 
 
 class FrameAssembler:

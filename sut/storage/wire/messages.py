@@ -7,9 +7,9 @@ declaration order of ``Message`` in Crucible's ``protocol/src/lib.rs`` at commit
 
 Write, WriteUnwritten and ReadResponse end with their bulk ``data`` (a u64 count, then the
 bytes): :func:`encode_parts` returns it apart from the head so it is never copied, and
-:func:`decode_record` takes it apart from the head (as :class:`~sut.storage.wire.framing.FrameSplitter`
-splits a frame). Decoding is strict: every count, index and tag is checked, the data count
-must be the rest of the frame exactly, and trailing bytes are an error.
+:func:`decode_record` takes it apart from the head, as :func:`split_frame` splits a frame.
+Decoding is strict: every count, index and tag is checked, the data count must be the rest of
+the frame exactly, and trailing bytes are an error.
 """
 
 from __future__ import annotations
@@ -55,18 +55,22 @@ __all__ = [
     "MAX_FRAME",
     "MESSAGE",
     "MESSAGE_VERSION",
+    "MIN_FRAME",
     "VARIANTS",
     "Message",
     "decode",
     "decode_record",
     "encode",
     "encode_parts",
+    "split_frame",
     "variant_index",
 ]
 
 MESSAGE_VERSION = 13
 MAX_FRAME = 100 * 1024 * 1024
 """Crucible's largest frame (length prefix included); bigger ones are refused both ways."""
+MIN_FRAME = 8
+"""A length prefix and a variant index."""
 
 _LEN = struct.Struct("<I")
 
@@ -482,16 +486,60 @@ def encode_parts(msg: Message) -> tuple[bytes, bytes]:
 
 
 # -- decoding --------------------------------------------------------------------------------
+def split_frame(view: memoryview, cap: int) -> tuple[int, int] | None:
+    """``(head_len, data_len)`` of the frame at the start of ``view`` (maybe incomplete), or
+    None until enough of it has arrived to tell.
+
+    The head of Write, WriteUnwritten and ReadResponse ends after their data count; every
+    other message is all head (data_len 0). Raises BincodeError as soon as the bytes that show
+    it have arrived: a length prefix below MIN_FRAME or above ``cap``, an unknown variant, a
+    malformed data-message header, a data count that is not the rest of the frame.
+    """
+    if len(view) < 4:
+        return None
+    frame_len: int = _LEN.unpack_from(view)[0]
+    if frame_len < MIN_FRAME:
+        raise BincodeError(f"length prefix {frame_len} is below the minimum frame of {MIN_FRAME}")
+    if frame_len > cap:
+        raise BincodeError(f"length prefix {frame_len} exceeds the frame cap {cap}")
+    if len(view) < 8:
+        return None
+    index: int = _LEN.unpack_from(view, 4)[0]
+    if index >= len(VARIANTS):
+        raise BincodeError(f"Message index {index} is not one of the {len(VARIANTS)} variants", offset=4)
+    header_codec = DATA_MESSAGES.get(index)
+    if header_codec is None:
+        return frame_len, 0
+    # Find where the head ends by decoding the header from what has arrived, with every
+    # count bounded by the frame's length.
+    have = min(len(view), frame_len)
+    r = bincode.Reader(view[8:have], base=8, limit=frame_len - 8)
+    r.message = VARIANTS[index].__name__
+    try:
+        r.push("header")
+        header_codec.decode(r)
+        r.pop()
+        r.push("data")
+        count = r.u64()
+    except BincodeError as exc:
+        if exc.truncated and have < frame_len:
+            return None
+        raise
+    head_len = 8 + r.pos
+    if count != frame_len - head_len:
+        left = frame_len - head_len
+        raise r.error(f"data count {count} is not the {left} bytes left in the frame", at=r.pos - 8)
+    return head_len, count
+
+
 def decode(frame: bytes | bytearray | memoryview) -> Message:
     """The message of one complete frame (length prefix included), checked strictly.
 
     Raises BincodeError when the frame is short, longer than its length prefix says, above
     MAX_FRAME, or its content does not decode exactly.
     """
-    from sut.storage.wire.framing import FrameSplitter  # framing builds on this module
-
     view = memoryview(frame).cast("B")
-    known = FrameSplitter(MAX_FRAME)(view)
+    known = split_frame(view, MAX_FRAME)
     if known is None:
         need = _LEN.unpack_from(view)[0] if len(view) >= 4 else 4
         raise BincodeError(f"frame of {len(view)} bytes is truncated (needs {need})", truncated=True)
