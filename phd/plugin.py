@@ -25,6 +25,7 @@ from phd.errors import ArtifactUnavailable
 from phd.factory import DiskFactory, VmFactory
 from phd.framework import Framework, PhdConfig
 from phd.reaper import reap_dead_owners
+from phd.server import allowed_paths
 
 _OPTIONS: list[tuple[str, dict[str, Any], str]] = [
     ("--phd-server-cmd", {}, "server under test, as a command line (default: the reference server)"),
@@ -199,7 +200,10 @@ def phd_framework(pytestconfig: pytest.Config, phd_config: PhdConfig) -> Iterato
     if reaped:
         sys.stderr.write("\nphd: cleaned up after dead runs: " + "; ".join(reaped) + "\n")
     fw = Framework(phd_config, pytestconfig._phd_session)  # type: ignore[attr-defined]
-    yield fw
+    # Disks live under the tmp dir, kernels and images in the artifact cache: the servers
+    # must be allowed to open files there (--allow-path).
+    with allowed_paths(phd_config.tmp_dir, phd_config.artifact_dir):
+        yield fw
     fw.close()
 
 

@@ -122,13 +122,18 @@ class PathPolicy:
             raise PathPolicyError(what, f"{_shown(text)} contains a NUL character", "unsafe-characters")
         if "\n" in text or "\r" in text:
             raise PathPolicyError(what, f"{_shown(text)} contains a newline", "unsafe-characters")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PathPolicyError(what, f"{_shown(text)} is not valid UTF-8 (no file has this name)",
+                                  "unsafe-characters") from None
         if len(text) > MAX_PATH_CHARS:
             raise PathPolicyError(what, f"path is too long ({len(text)} > {MAX_PATH_CHARS} characters)",
                                   "too-long")
         if not text.startswith("/"):
             raise PathPolicyError(what, f"path must be absolute, got {_shown(text)}", "not-absolute")
         try:
-            return Path(os.path.realpath(text))
+            return Path(os.path.realpath(text, strict=False))
         except (OSError, ValueError) as exc:
             raise PathPolicyError(what, f"cannot resolve {_shown(text)}: {exc}", "unresolvable") from None
 

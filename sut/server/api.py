@@ -15,17 +15,17 @@ from fastapi import Body, FastAPI, HTTPException, Path, Query, Request, WebSocke
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from fastapi.routing import APIRoute
 from starlette.routing import Match, Route
 
 from sut import bounded_json
 from sut.path_policy import PathPolicyError
 from sut.server.backends import BackendError, ReplacementRejectedError
-from sut.server.limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
 from sut.server.driver import InstanceGoneError, NoSuchBackendError
 from sut.server.instance import Instance, VmConfig
+from sut.server.limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
 from sut.server.qemu import QemuError
 from sut.server.request_queue import DenyReason, RequestDeniedError, RequestKind
 from sut.server.serial import SerialNotConnectedError
@@ -212,7 +212,8 @@ class ServerController:
             except PathPolicyError as exc:
                 raise ApiError(400, "PathNotAllowed", str(exc), {"rule": exc.rule}) from exc
             except ReplacementRejectedError as exc:
-                raise ApiError(400, "BadInstanceSpec", str(exc), {"rule": exc.rule} if exc.rule else None) from exc
+                extra: dict[str, object] | None = {"rule": exc.rule} if exc.rule else None
+                raise ApiError(400, "BadInstanceSpec", str(exc), extra) from exc
             except (QemuError, BackendError) as exc:
                 raise ApiError(400, "BadInstanceSpec", str(exc)) from exc
             return self.instance
@@ -306,8 +307,9 @@ def create_app(controller: ServerController) -> FastAPI:
     # This app's limits, in classes of its own (uvicorn and FastAPI want classes).
     limits = bounded_json.JsonLimits(max_bytes=controller.max_body_bytes)
     request_class = type("BoundedJsonRequest", (BoundedJsonRequest,), {"limits": limits})
-    app.router.route_class = type("BoundedJsonRoute", (BoundedJsonRoute,), {"json_request_class": request_class})
-    app.add_middleware(BodyLimitMiddleware, max_bytes=controller.max_body_bytes,  # type: ignore[arg-type]
+    app.router.route_class = type("BoundedJsonRoute", (BoundedJsonRoute,),
+                                  {"json_request_class": request_class})
+    app.add_middleware(BodyLimitMiddleware, max_bytes=controller.max_body_bytes,
                        body_timeout_s=controller.body_timeout_s)
     app.state.controller = controller
     app.openapi = _bounded_openapi(app)  # type: ignore[method-assign]

@@ -69,9 +69,11 @@ def _cidr(value: str) -> str:
 
 
 def _directory(value: str) -> Path:
+    # Need not exist yet (an artifact cache is made on first use); must be absolute, so
+    # what it allows does not depend on the server's working directory.
     path = Path(value)
-    if not path.is_absolute() or not path.is_dir():
-        raise argparse.ArgumentTypeError(f"expected an existing absolute directory, got {value!r}")
+    if not path.is_absolute() or "\n" in value or "\0" in value:
+        raise argparse.ArgumentTypeError(f"expected an absolute directory, got {value!r}")
     return path
 
 
@@ -126,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="CIDR",
-        help=f"a network VCR targets may lie in; repeatable; replaces the default {', '.join(DEFAULT_NETWORKS)} "
+        help="a network VCR targets may lie in; repeatable; replaces the default "
+        f"{', '.join(DEFAULT_NETWORKS)} "
         "(0.0.0.0, ::, multicast and broadcast are never allowed)",
     )
     parser.add_argument(
@@ -148,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_seconds,
         default=DEFAULT_HEADER_TIMEOUT_S,
         metavar="SECONDS",
-        help=f"request headers must arrive within this; else 408 and close (default {DEFAULT_HEADER_TIMEOUT_S:g})",
+        help="request headers must arrive within this; else 408 and close "
+        f"(default {DEFAULT_HEADER_TIMEOUT_S:g})",
     )
     parser.add_argument(
         "--max-connections",

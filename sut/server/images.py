@@ -118,7 +118,8 @@ def open_chain(path: str, fmt: str, policy: PathPolicy, what: str, *, writable: 
     """Open ``path`` and, for qcow2, every backing file, each under ``policy``."""
     layers: list[ImageLayer] = []
     seen: set[tuple[int, int]] = set()
-    name, layer_what, layer_fmt = path, what, fmt
+    name, layer_what = path, what
+    layer_fmt: str | None = fmt
     try:
         while True:
             opened = policy.open(name, layer_what, writable=writable and not layers)

@@ -143,6 +143,7 @@ class GuardedH11Protocol(H11Protocol):
                  _loop: asyncio.AbstractEventLoop | None = None) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self._header_deadline: asyncio.TimerHandle | None = None
+        self._upgraded = False
         self.last_active = time.monotonic()
 
     @property
@@ -186,13 +187,22 @@ class GuardedH11Protocol(H11Protocol):
 
     def _headers_too_slow(self) -> None:
         self._header_deadline = None
-        if not self.busy:
+        if not self.busy and not self._upgraded:
             self._refuse(408, "Request Timeout", "RequestTimeout",
                          f"the request headers did not arrive within {self.header_timeout_s:g} seconds")
+
+    def handle_websocket_upgrade(self, event: Any) -> None:
+        # The connection now belongs to the websocket protocol: no deadline of ours may
+        # write into it (a serial console is rightly open for hours).
+        self._upgraded = True
+        self._disarm_header_deadline()
+        super().handle_websocket_upgrade(event)
 
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
         super().data_received(data)
+        if self._upgraded:
+            return
         if self.busy:
             self._disarm_header_deadline()  # the body has its own deadline (BodyLimitMiddleware)
         else:

@@ -64,7 +64,7 @@ def test_openapi_document_lists_contract_paths(server: ServerProcess) -> None:
     ("content", "content_type", "needles"),
     [
         pytest.param(
-            b"{not json", JSON, ["body: invalid json at character 1", "property name"], id="invalid-json"
+            b"{not json", JSON, ["body: not valid json", "(char 1)", "property name"], id="invalid-json"
         ),
         pytest.param(b'{"properties": {"name": "x"}}', JSON, ["spec: field required"], id="missing-spec"),
         pytest.param(
@@ -106,7 +106,7 @@ def _valid_body(kernel: Path) -> dict[str, Any]:
     ("mutate", "needles"),
     [
         pytest.param(
-            lambda b: b["spec"]["board"].update(cpus=10**30),
+            lambda b: b["spec"]["board"].update(cpus=10**19),
             ["spec.board.cpus:", "less than or equal to 32"],
             id="huge",
         ),
@@ -174,12 +174,12 @@ def _raw_body(kernel: str, properties_extra: str = "") -> bytes:
     ("make_body", "needles"),
     [
         pytest.param(
-            lambda k: _raw_body("/" + "k" * 300),
+            lambda k: _raw_body(k + "k" * 300),
             ["spec.boot.kernel", "file name too long"],
             id="name-too-long",
         ),
         pytest.param(
-            lambda k: _raw_body("/\\ud800"), ["spec.boot.kernel", "file does not exist: /\\ud800"],
+            lambda k: _raw_body("/\\ud800"), ["spec.boot.kernel", "/\\ud800 is not valid utf-8"],
             id="surrogate-path",
         ),
         pytest.param(
@@ -189,7 +189,7 @@ def _raw_body(kernel: str, properties_extra: str = "") -> bytes:
         ),
         pytest.param(
             lambda k: _raw_body(k, ', "size": 1e400'),
-            ["properties:", "'size' cannot be echoed back as json", "out of range float"],
+            ["body:", "1e400", "not a finite float"],
             id="infinite-extra",
         ),
         pytest.param(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from sut.server.limits import BodyLimitMiddleware
 Message = dict[str, Any]
 
 
-async def _echo(scope: dict[str, Any], receive: Any, send: Any) -> None:
+async def _echo(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
     body = b""
     while True:
         message = await receive()
@@ -61,7 +61,8 @@ def test_declared_length_over_the_limit_is_413_without_reading() -> None:
     assert status == 413 and headers[b"connection"] == b"close"
     doc = json.loads(body)
     assert doc["error"] == "PayloadTooLarge"
-    assert "5000 bytes" in doc["message"] and "1000" in doc["message"] and "--max-body-bytes" in doc["message"]
+    message = doc["message"]
+    assert "5000 bytes" in message and "1000" in message and "--max-body-bytes" in message
 
 
 def test_streamed_body_is_counted_as_it_arrives() -> None:

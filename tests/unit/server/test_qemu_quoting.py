@@ -25,7 +25,7 @@ def test_qemu_opt_doubles_commas(value: str, quoted: str) -> None:
 
 @pytest.mark.parametrize("value", ["a\0b", "a\nb", "a\rb"])
 def test_qemu_opt_refuses_what_cannot_be_quoted(value: str) -> None:
-    with pytest.raises(QemuOptionError, match="NUL|newline"):
+    with pytest.raises(QemuOptionError, match=r"NUL|newline"):
         qemu_opt(value)
 
 

@@ -57,6 +57,7 @@ def test_every_target_of_a_vcr_is_checked() -> None:
     bad = json.loads(json.dumps(region))
     bad["opts"]["target"][2] = f"{NOT_LOOPBACK}:3"
     parent = {"type": "volume", "id": "p", "block_size": 512, "sub_volumes": [bad]}
-    doc = {"type": "volume", "id": "v", "block_size": 512, "sub_volumes": [region], "read_only_parent": parent}
+    doc = {"type": "volume", "id": "v", "block_size": 512, "sub_volumes": [region],
+           "read_only_parent": parent}
     with pytest.raises(TargetNotAllowedError, match=r"read_only_parent\.sub_volumes\[0\]\.opts\.target\[2\]"):
         check_vcr_targets(json.dumps(doc), LOOPBACK)

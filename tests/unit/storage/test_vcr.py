@@ -319,7 +319,7 @@ def test_volume_size_sums_its_regions() -> None:
     big = copy.deepcopy(region(doc))
     big["extent_count"] = 2**63 // (512 * 131072) - 1
     doc["sub_volumes"] = [big, copy.deepcopy(big)]
-    with pytest.raises(VcrError, match="volume size .* is over the limit of 9223372036854775807 bytes"):
+    with pytest.raises(VcrError, match=r"volume size .* is over the limit of 9223372036854775807 bytes"):
         parse_volume(json.dumps(doc))
 
 
