@@ -154,6 +154,12 @@ class Reader:
     def at_end(self) -> bool:
         return self.pos == self._limit
 
+    def peek(self, n: int) -> memoryview | None:
+        """The next ``n`` bytes without consuming them; None if fewer have arrived."""
+        if n > self._end - self.pos:
+            return None
+        return self._view[self.pos : self.pos + n]
+
     def take(self, n: int) -> memoryview:
         if n > self._end - self.pos:
             soft = n <= self._limit - self.pos
@@ -241,6 +247,13 @@ class Codec(ABC, Generic[T]):
     @abstractmethod
     def decode(self, r: Reader) -> T: ...
 
+    def skip(self, r: Reader) -> None:
+        """Move past one value, checking its structure (counts, tags) but not building it.
+
+        Frame splitters use this to find where a head ends; the default decodes and drops.
+        """
+        self.decode(r)
+
 
 class Int(Codec[int]):
     """An unsigned little-endian integer of ``size`` bytes."""
@@ -260,6 +273,9 @@ class Int(Codec[int]):
     def decode(self, r: Reader) -> int:
         value: int = self._struct.unpack(r.take(self.min_size))[0]
         return value
+
+    def skip(self, r: Reader) -> None:
+        r.take(self.min_size)
 
     def __repr__(self) -> str:
         return self.name
@@ -355,6 +371,9 @@ class FixedBytes(Codec[bytes]):
     def decode(self, r: Reader) -> bytes:
         return bytes(r.take(self.min_size))
 
+    def skip(self, r: Reader) -> None:
+        r.take(self.min_size)
+
     def __repr__(self) -> str:
         return f"[u8; {self.min_size}]"
 
@@ -416,6 +435,16 @@ class VecOf(Codec[tuple[T, ...]]):
             r.pop()
         return tuple(out)
 
+    def skip(self, r: Reader) -> None:
+        n = r.count(self.item.min_size)
+        if isinstance(self.item, Int):
+            r.take(n * self.item.min_size)
+            return
+        for i in range(n):
+            r.push(f"[{i}]")
+            self.item.skip(r)
+            r.pop()
+
 
 class OptionOf(Codec[T | None]):
     """``Option<T>``: None, or the value."""
@@ -440,6 +469,14 @@ class OptionOf(Codec[T | None]):
         if present != 1:
             raise r.error(f"Option tag must be 0 or 1, got {present}", at=at)
         return self.item.decode(r)
+
+    def skip(self, r: Reader) -> None:
+        at = r.pos
+        present = r.u8()
+        if present > 1:
+            raise r.error(f"Option tag must be 0 or 1, got {present}", at=at)
+        if present:
+            self.item.skip(r)
 
 
 E = TypeVar("E")
@@ -472,6 +509,9 @@ class ResultOf(Codec[Any]):
         value = self.err.decode(r)
         r.pop()
         return value
+
+    def skip(self, r: Reader) -> None:
+        (self.ok if r.tag(2, "Result") == 0 else self.err).skip(r)
 
 
 class TupleOf(Codec[tuple[Any, ...]]):
@@ -518,6 +558,12 @@ class StructOf(Codec[T]):
             values[name] = codec.decode(r)
             r.pop()
         return self.cls(**values)
+
+    def skip(self, r: Reader) -> None:
+        for name, codec in self.fields:
+            r.push(name)
+            codec.skip(r)
+            r.pop()
 
 
 class EnumOf(Codec[Any]):

@@ -7,7 +7,9 @@ decode to tuples; ``Result<T, CrucibleError>`` is the T value itself, or the Cru
 
 from __future__ import annotations
 
+import struct
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -78,6 +80,52 @@ class BlockContext:
 
 
 BLOCK_CONTEXT = bincode.dataclass_codec(BlockContext)
+_HASH_NONE = struct.Struct("<QB")  # an unencrypted BlockContext: hash, Option tag 0
+
+
+class _BlockContexts(bincode.VecOf[BlockContext]):
+    """``Vec<BlockContext>``, with a fast path for the common case of a Write's contexts: all
+    unencrypted, 9 bytes each, packed and unpacked in bulk (a 1 MiB write of 512-byte blocks
+    has 2048 of them). Same bytes as the generic path; mixed vectors take the generic path."""
+
+    def __init__(self) -> None:
+        super().__init__(BLOCK_CONTEXT)
+
+    def encode(self, w: bincode.Writer, value: Sequence[BlockContext]) -> None:
+        n = len(value) if isinstance(value, tuple | list) else 0
+        if n and all(type(c) is BlockContext and c.encryption_context is None for c in value):
+            try:
+                hashes = struct.pack(f"<{n}Q", *(c.hash for c in value))
+            except struct.error:
+                pass  # a hash out of range: the generic path names it
+            else:
+                packed = bytearray(9 * n)  # the Option tags stay 0
+                for k in range(8):
+                    packed[k::9] = hashes[k::8]
+                w.u64(n)
+                w.raw(packed)
+                return
+        super().encode(w, value)
+
+    def _unencrypted(self, r: bincode.Reader) -> memoryview | None:
+        """The contexts' bytes, consumed, if all are unencrypted; else None and nothing read."""
+        start = r.pos
+        n = r.count(self.item.min_size)
+        chunk = r.peek(9 * n)
+        if n and chunk is not None and bytes(chunk[8::9]) == bytes(n):
+            return r.take(9 * n)
+        r.pos = start
+        return None
+
+    def decode(self, r: bincode.Reader) -> tuple[BlockContext, ...]:
+        chunk = self._unencrypted(r)
+        if chunk is not None:
+            return tuple(BlockContext(h) for h, _ in _HASH_NONE.iter_unpack(chunk))
+        return super().decode(r)
+
+    def skip(self, r: bincode.Reader) -> None:
+        if self._unencrypted(r) is None:
+            super().skip(r)
 
 
 @dataclass(frozen=True)
@@ -104,6 +152,56 @@ READ_BLOCK_CONTEXT = bincode.EnumOf(
         bincode.dataclass_codec(ReadBlockUnencrypted, "Unencrypted"),
     ],
 )
+_UNENCRYPTED = struct.Struct("<IQ")  # ReadBlockContext::Unencrypted: index 2, hash
+_UNENCRYPTED_TAG = struct.pack("<I", 2)
+
+
+class _ReadBlockContexts(bincode.VecOf[ReadBlockContext]):
+    """``Vec<ReadBlockContext>``, with a fast path for a read of written unencrypted blocks
+    (12 bytes each, in bulk); any other mix takes the generic path. Same bytes either way."""
+
+    def __init__(self) -> None:
+        super().__init__(READ_BLOCK_CONTEXT)
+
+    def encode(self, w: bincode.Writer, value: Sequence[ReadBlockContext]) -> None:
+        n = len(value) if isinstance(value, tuple | list) else 0
+        if n and all(type(c) is ReadBlockUnencrypted for c in value):
+            try:
+                hashes = struct.pack(f"<{n}Q", *(c.hash for c in value))  # type: ignore[union-attr]
+            except struct.error:
+                pass
+            else:
+                packed = bytearray(12 * n)
+                packed[0::12] = _UNENCRYPTED_TAG[:1] * n
+                for k in range(8):
+                    packed[4 + k :: 12] = hashes[k::8]
+                w.u64(n)
+                w.raw(packed)
+                return
+        super().encode(w, value)
+
+    def _unencrypted(self, r: bincode.Reader) -> memoryview | None:
+        """The contexts' bytes, consumed, if all are Unencrypted; else None and nothing read."""
+        start = r.pos
+        n = r.count(self.item.min_size)
+        chunk = r.peek(12 * n)
+        if n and chunk is not None:
+            zeros = bytes(n)
+            tags = bytes(chunk[0::12]), bytes(chunk[1::12]), bytes(chunk[2::12]), bytes(chunk[3::12])
+            if tags == (_UNENCRYPTED_TAG[:1] * n, zeros, zeros, zeros):
+                return r.take(12 * n)
+        r.pos = start
+        return None
+
+    def decode(self, r: bincode.Reader) -> tuple[ReadBlockContext, ...]:
+        chunk = self._unencrypted(r)
+        if chunk is not None:
+            return tuple(ReadBlockUnencrypted(h) for _, h in _UNENCRYPTED.iter_unpack(chunk))
+        return super().decode(r)
+
+    def skip(self, r: bincode.Reader) -> None:
+        if self._unencrypted(r) is None:
+            super().skip(r)
 
 
 # -- region ------------------------------------------------------------------------------------
@@ -147,7 +245,7 @@ class WriteHeader:
     job_id: JobId
     dependencies: JobIds
     start: BlockIndex
-    contexts: Annotated[tuple[BlockContext, ...], bincode.VecOf(BLOCK_CONTEXT)]
+    contexts: Annotated[tuple[BlockContext, ...], _BlockContexts()]
 
 
 WRITE_HEADER = bincode.dataclass_codec(WriteHeader)
@@ -162,7 +260,7 @@ class ReadResponseHeader:
     job_id: JobId
     blocks: Annotated[
         tuple[ReadBlockContext, ...] | CrucibleError,
-        bincode.ResultOf(bincode.VecOf(READ_BLOCK_CONTEXT), CRUCIBLE_ERROR, CrucibleError),
+        bincode.ResultOf(_ReadBlockContexts(), CRUCIBLE_ERROR, CrucibleError),
     ]
 
 

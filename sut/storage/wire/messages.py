@@ -517,7 +517,7 @@ def split_frame(view: memoryview, cap: int) -> tuple[int, int] | None:
     r.message = VARIANTS[index].__name__
     try:
         r.push("header")
-        header_codec.decode(r)
+        header_codec.skip(r)
         r.pop()
         r.push("data")
         count = r.u64()

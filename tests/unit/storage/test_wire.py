@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from sut.storage import bincode, wire
 from sut.storage.errors import ProtocolError
 from sut.storage.stream import RecordStream, create_server, open_stream
+from sut.storage.wire import fields
 from sut.storage.wire import messages as m
 from sut.storage.wire.blockhash import (
     block_hash,
@@ -693,3 +694,75 @@ def test_every_crucible_error_variant_round_trips(kind: ErrorKind) -> None:
         frame = wire.encode(msg)
         assert wire.decode(frame) == msg
         assert frame[8:].count(struct.pack("<I", kind.value)) >= 1
+
+
+# -- the bulk paths for block contexts give the generic path's bytes ---------------------------------
+GENERIC_CONTEXTS = bincode.VecOf(fields.BLOCK_CONTEXT)
+GENERIC_READ_CONTEXTS = bincode.VecOf(fields.READ_BLOCK_CONTEXT)
+FAST_CONTEXTS = dict(fields.WRITE_HEADER.fields)["contexts"]
+FAST_READ_CONTEXTS = dict(fields.READ_RESPONSE_HEADER.fields)["blocks"].ok  # type: ignore[attr-defined]
+
+
+def _same_both_ways(fast: bincode.Codec[Any], generic: bincode.Codec[Any], value: tuple[Any, ...]) -> None:
+    w_fast, w_generic = bincode.Writer(), bincode.Writer()
+    fast.encode(w_fast, value)
+    generic.encode(w_generic, value)
+    assert w_fast.out == w_generic.out
+    encoded = bytes(w_fast.out)
+    for codec in (fast, generic):
+        r = bincode.Reader(encoded)
+        assert codec.decode(r) == value and r.at_end()
+        r = bincode.Reader(encoded)
+        codec.skip(r)
+        assert r.at_end()
+        for cut in range(0, len(encoded), 7):  # a prefix: truncated, whichever path
+            with pytest.raises(wire.BincodeError) as info:
+                codec.decode(bincode.Reader(encoded[:cut], limit=len(encoded)))
+            assert info.value.truncated
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.builds(wire.BlockContext, st.integers(0, 2**64 - 1)),
+            strategy_for(fields.BLOCK_CONTEXT),
+        ),
+        max_size=60,
+    ).map(tuple)
+)
+def test_bulk_block_contexts_match_the_generic_codec(contexts: tuple[wire.BlockContext, ...]) -> None:
+    _same_both_ways(FAST_CONTEXTS, GENERIC_CONTEXTS, contexts)
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.builds(wire.ReadBlockUnencrypted, st.integers(0, 2**64 - 1)),
+            strategy_for(fields.READ_BLOCK_CONTEXT),
+        ),
+        max_size=60,
+    ).map(tuple)
+)
+def test_bulk_read_block_contexts_match_the_generic_codec(blocks: tuple[wire.ReadBlockContext, ...]) -> None:
+    _same_both_ways(FAST_READ_CONTEXTS, GENERIC_READ_CONTEXTS, blocks)
+
+
+def test_long_vectors_round_trip() -> None:
+    data = bytes(range(256)) * 2 * 2048  # 1 MiB
+    contexts = unencrypted_contexts(data, 512)
+    big = [
+        m.Write(wire.WriteHeader(U, S, 2**64 - 1, tuple(range(500)), 2**63, contexts), data),
+        m.ReadResponse(
+            wire.ReadResponseHeader(U, S, 1, tuple(wire.ReadBlockUnencrypted(c.hash) for c in contexts)), data
+        ),
+        m.ExtentVersions(tuple(range(10_000)), (2**64 - 1,) * 10_000, (True, False) * 5_000),
+    ]
+    for msg in big:
+        head, part = wire.encode_parts(msg)
+        assert wire.decode_record(head, part) == msg
+        assert wire.decode(head + part) == msg
+    mixed = (*contexts[:10], wire.BlockContext(5, wire.EncryptionContext(b"n" * 12, b"t" * 16)))
+    write = m.Write(wire.WriteHeader(U, S, 1, (), 0, mixed), bytes(512 * 11))
+    assert wire.decode(wire.encode(write)) == write
