@@ -60,6 +60,7 @@ _LOSSY_MAX_DELAY_S = 0.02
 # Messages whose payload is only written to the region (its buffer can be reused at once).
 _WRITES = frozenset({"Write", "WriteUnwritten", "ExtentPut"})
 _U64 = 1 << 64
+_MAX_ID = 128  # characters of an upstairs / session id
 
 
 def log(event: str, **fields: Any) -> None:
@@ -104,6 +105,16 @@ def _int_field(msg: Message, name: str) -> int:
     # A peer-supplied value that is not an integer must end the connection as a protocol
     # error (logged, connection closed), not escape as a ValueError traceback.
     return _uint(msg, name, error=ProtocolError)
+
+
+def _id_field(msg: Message, name: str) -> str:
+    # ids are logged and echoed: a short string (a UUID in practice), not any JSON value
+    value = msg[name]
+    if type(value) is not str or not 0 < len(value) <= _MAX_ID:
+        raise ProtocolError(
+            f"{msg.kind}.{name} must be a string of 1..{_MAX_ID} characters, got {_short(value)}"
+        )
+    return value
 
 
 def _log_loop_exception(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -196,7 +207,7 @@ class Downstairs:
         info = self.region.info
         if hello["version"] != PROTOCOL_VERSION:
             await self._send(writer, Message("VersionMismatch", {"version": PROTOCOL_VERSION}))
-            log("refused", peer=peer, reason=f"version {hello['version']}")
+            log("refused", peer=peer, reason=f"version {_short(hello['version'])}")
             return None
         if bool(hello["read_only"]) != self.read_only:
             await self._send(writer, Message("ReadOnlyMismatch", {"expected": self.read_only}))
@@ -209,7 +220,10 @@ class Downstairs:
         await self._send(writer, Message("YesItsMe", {"version": PROTOCOL_VERSION}))
         promote = await self._expect(reader, "PromoteToActive")
         session = _Session(
-            str(promote["upstairs_id"]), str(promote["session_id"]), _int_field(promote, "gen"), writer
+            _id_field(promote, "upstairs_id"),
+            _id_field(promote, "session_id"),
+            _int_field(promote, "gen"),
+            writer,
         )
         refusal = self._arbitrate(session)
         if refusal is not None:
