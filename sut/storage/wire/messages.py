@@ -73,6 +73,7 @@ MIN_FRAME = 8
 """A length prefix and a variant index."""
 
 _LEN = struct.Struct("<I")
+_FRAME = "(frame)"  # the field named by errors about the frame itself
 
 
 # -- negotiation (0-10) ----------------------------------------------------------------------
@@ -499,14 +500,18 @@ def split_frame(view: memoryview, cap: int) -> tuple[int, int] | None:
         return None
     frame_len: int = _LEN.unpack_from(view)[0]
     if frame_len < MIN_FRAME:
-        raise BincodeError(f"length prefix {frame_len} is below the minimum frame of {MIN_FRAME}")
+        raise BincodeError(
+            f"length prefix {frame_len} is below the minimum frame of {MIN_FRAME}", field=_FRAME
+        )
     if frame_len > cap:
-        raise BincodeError(f"length prefix {frame_len} exceeds the frame cap {cap}")
+        raise BincodeError(f"length prefix {frame_len} exceeds the frame cap {cap}", field=_FRAME)
     if len(view) < 8:
         return None
     index: int = _LEN.unpack_from(view, 4)[0]
     if index >= len(VARIANTS):
-        raise BincodeError(f"Message index {index} is not one of the {len(VARIANTS)} variants", offset=4)
+        raise BincodeError(
+            f"Message index {index} is not one of the {len(VARIANTS)} variants", field=_FRAME, offset=4
+        )
     header_codec = DATA_MESSAGES.get(index)
     if header_codec is None:
         return frame_len, 0
@@ -542,13 +547,13 @@ def decode(frame: bytes | bytearray | memoryview) -> Message:
     known = split_frame(view, MAX_FRAME)
     if known is None:
         need = _LEN.unpack_from(view)[0] if len(view) >= 4 else 4
-        raise BincodeError(f"frame of {len(view)} bytes is truncated (needs {need})", truncated=True)
+        raise BincodeError(f"{len(view)} bytes is truncated (needs {need})", field=_FRAME, truncated=True)
     head_len, data_len = known
     end = head_len + data_len
     if len(view) < end:
-        raise BincodeError(f"frame of {len(view)} bytes is truncated (needs {end})", truncated=True)
+        raise BincodeError(f"{len(view)} bytes is truncated (needs {end})", field=_FRAME, truncated=True)
     if len(view) > end:
-        raise BincodeError(f"{len(view) - end} bytes after the frame's end", offset=end)
+        raise BincodeError(f"{len(view) - end} bytes after the frame's end", field=_FRAME, offset=end)
     return decode_record(view[:head_len], view[head_len:])
 
 
@@ -562,7 +567,9 @@ def decode_record(head: bytes | bytearray | memoryview, data: bytes | bytearray 
     r = bincode.Reader(head)
     frame_len = r.u32()
     if frame_len != len(head) + len(data):
-        raise r.error(f"length prefix {frame_len} != the {len(head) + len(data)} bytes received", at=0)
+        raise BincodeError(
+            f"length prefix {frame_len} != the {len(head) + len(data)} bytes received", field=_FRAME
+        )
     at = r.pos
     index = r.tag(len(VARIANTS), "Message")
     header_codec = DATA_MESSAGES.get(index)
