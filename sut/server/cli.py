@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import ipaddress
 import os
+import pwd
 import signal
 import sys
 from collections.abc import Generator
@@ -75,6 +76,15 @@ def _directory(value: str) -> Path:
     if not path.is_absolute() or "\n" in value or "\0" in value:
         raise argparse.ArgumentTypeError(f"expected an absolute directory, got {value!r}")
     return path
+
+
+def _user(value: str) -> str:
+    if value:
+        try:
+            pwd.getpwnam(value)
+        except KeyError:
+            raise argparse.ArgumentTypeError(f"no such user {value!r}") from None
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,6 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
         f"busy (default {DEFAULT_MAX_CONNECTIONS})",
     )
     parser.add_argument(
+        "--qemu-user",
+        type=_user,
+        default="",
+        metavar="USER",
+        help="QEMU drops to this user (-runas) once it holds its files and sockets (default: "
+        "none). Opt-in: the kernel clears QEMU's die-with-the-server signal when it changes "
+        "user, so a SIGKILLed server then leaves QEMU running until the harness reaps it",
+    )
+    parser.add_argument(
         "--no-qemu-sandbox",
         dest="qemu_sandbox",
         action="store_false",
@@ -237,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         paths=paths,
         targets=targets,
         qemu_sandbox=args.qemu_sandbox,
+        qemu_user=args.qemu_user or None,
     )
     controller = ServerController(
         config, log, long_poll_max_s=args.long_poll_max_s, max_body_bytes=args.max_body_bytes,
@@ -257,12 +277,15 @@ def main(argv: list[str] | None = None) -> int:
             "header_timeout_s": args.header_timeout_s,
             "max_connections": args.max_connections,
             "qemu_sandbox": args.qemu_sandbox,
+            "qemu_user": args.qemu_user or None,
             "uid": os.getuid(),
         },
     )
     if os.getuid() == 0:
-        log.warning("running as root: QEMU runs as root too (sandboxed with seccomp); "
-                    "run the server as an unprivileged user where you can")
+        log.warning(f"running as root; QEMU drops to --qemu-user {args.qemu_user!r} once it holds "
+                    "its files" if args.qemu_user else
+                    "running as root, and so is QEMU (seccomp-sandboxed; see --qemu-user); run the "
+                    "server as an unprivileged user where you can")
     uv_config = uvicorn.Config(
         create_app(controller),
         host=host,

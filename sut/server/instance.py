@@ -31,6 +31,8 @@ class VmConfig:
     paths: PathPolicy | None = None
     targets: TargetPolicy = field(default_factory=TargetPolicy.default)
     qemu_sandbox: bool = True
+    # QEMU drops to this user (-runas) once it has its files and sockets; None: stays as is.
+    qemu_user: str | None = None
 
     @property
     def path_policy(self) -> PathPolicy:
@@ -58,9 +60,9 @@ class Instance:
         }
         argv = build_argv(
             request.spec, run_dir, files=self.files, accel=config.accel, binary=config.qemu_binary,
-            disk_sizes=sizes, sandbox=config.qemu_sandbox,
+            disk_sizes=sizes, sandbox=config.qemu_sandbox, run_as=config.qemu_user,
         )
-        fds = tuple(self.files.fds)
+        fds = {opened.fd: str(opened.path) for opened in self.files.opened}
         self.driver = StateDriver(
             backends=backends,
             vm_factory=lambda: QemuVm(argv, run_dir, self.serial, logger, pass_fds=fds),

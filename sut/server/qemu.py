@@ -74,6 +74,10 @@ def qemu_opt(value: str) -> str:
 # scheduler/affinity changes. Costs nothing at run time; a guest escape then cannot spawn
 # processes or raise privileges through QEMU.
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+# With -runas QEMU itself calls setgid/setuid once, after it has opened everything, to drop
+# to the unprivileged user; "deny" would kill it there (SIGSYS). Having dropped, the user
+# cannot regain root (no capabilities, and spawn=deny forbids exec of a setuid binary).
+SANDBOX_RUNAS = "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"
 
 
 class VmLaunchError(QemuError):
@@ -159,6 +163,7 @@ def build_argv(
     binary: str = "qemu-system-x86_64",
     disk_sizes: dict[str, int] | None = None,
     sandbox: bool = True,
+    run_as: str | None = None,
 ) -> list[str]:
     """The full QEMU command line for ``spec`` (pure; unit-tested).
 
@@ -166,6 +171,7 @@ def build_argv(
     inherited descriptors (the caller passes ``files.fds`` to the child), never by name.
     ``disk_sizes`` maps a Crucible disk's device name to its size in bytes. Every option
     value built from input is quoted by :func:`qemu_opt` or written as -blockdev JSON.
+    ``run_as``: QEMU drops to this user once it has opened its descriptors and sockets.
     """
     disk_sizes = disk_sizes or {}
     argv = [
@@ -199,7 +205,9 @@ def build_argv(
         "chardev:serial0",
     ]
     if sandbox:
-        argv += ["-sandbox", SANDBOX]
+        argv += ["-sandbox", SANDBOX_RUNAS if run_as else SANDBOX]
+    if run_as:
+        argv += ["-runas", run_as]
     fdsets: dict[int, int] = {}
     for chain in files.disks.values():
         for layer in chain.layers:
@@ -254,10 +262,12 @@ class QemuVm:
 
     def __init__(
         self, argv: list[str], run_dir: RunDir, serial: SerialConsole, logger: logging.Logger,
-        pass_fds: tuple[int, ...] = (),
+        pass_fds: dict[int, str] | None = None,
     ) -> None:
         self.argv = argv
-        self.pass_fds = pass_fds
+        # fd -> the real path it was opened from: the argv names /proc/self/fd/N and fd sets,
+        # so the log carries what each descriptor is.
+        self.pass_fds = dict(pass_fds or {})
         self.run_dir = run_dir
         self._serial = serial
         self._log = logger
@@ -275,7 +285,7 @@ class QemuVm:
         """Start QEMU paused, finish the QMP handshake, attach the serial console."""
         self.run_dir.path.mkdir(parents=True, exist_ok=True)
         await self._qmp.start_server(str(self.run_dir.qmp_socket))
-        self._log.info("launching qemu", extra={"argv": self.argv})
+        self._log.info("launching qemu", extra={"argv": self.argv, "fds": self.pass_fds})
         with self.run_dir.log_file.open("ab") as log:
             self._proc = await asyncio.create_subprocess_exec(
                 *self.argv,
@@ -284,7 +294,7 @@ class QemuVm:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # a Ctrl-C to the server must not hit QEMU directly
                 preexec_fn=_die_with_parent,
-                pass_fds=self.pass_fds,  # the checked files, by descriptor (images.py)
+                pass_fds=tuple(self.pass_fds),  # the checked files, by descriptor (images.py)
             )
         accept = asyncio.ensure_future(self._qmp.accept())
         died = asyncio.ensure_future(self._proc.wait())

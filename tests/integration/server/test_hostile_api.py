@@ -463,6 +463,34 @@ def test_comma_laden_readonly_path_is_opened_literally_and_read_only(hostile: Se
     assert_serving(hostile)
 
 
+def _status_field(pid: int, name: str) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(name + ":"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError(f"no {name} in /proc/{pid}/status")
+
+
+def test_qemu_runs_sandboxed_and_can_drop_to_another_user(tmp_path: Path) -> None:
+    import pwd
+
+    srv = start_server(tmp_path, "--long-poll-max-s", str(LONG_POLL_MAX_S), "--qemu-user", "nobody",
+                       allow_tmp=False)
+    try:
+        disk = srv.data_dir / "disk.raw"
+        disk.write_bytes(b"\0" * MIB)
+        disk.chmod(0o600)  # root's file: QEMU as nobody reads it only through the server's descriptor
+        with srv.client() as http:
+            assert http.put("/instance", json=ensure(firmware_spec(disks=file_disk(str(disk))))
+                            ).status_code == 201
+            _run_and_wait(http)
+            pid = qemu_pids_for(srv.data_dir)[0]
+            assert _status_field(pid, "Seccomp") == "2", "QEMU runs without its seccomp filter"
+            assert int(_status_field(pid, "Uid").split()[0]) == pwd.getpwnam("nobody").pw_uid
+            assert http.put("/instance/state", json="Stop").status_code == 204
+    finally:
+        assert srv.close() == 0
+
+
 def test_comma_laden_data_dir_works(tmp_path: Path) -> None:
     srv = start_server(tmp_path, "--long-poll-max-s", str(LONG_POLL_MAX_S), allow_tmp=False,
                        data_dir_name="d,ir=x,path=y")
