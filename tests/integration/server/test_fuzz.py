@@ -249,7 +249,8 @@ def test_fuzz_creating_then_failed(fuzzed: Fuzzer, tmp_path: Path, dead_targets:
         assert isinstance(argv, list)
         # QEMU gets the checked file by descriptor; the log says which file each one is.
         fd = argv[argv.index("-kernel") + 1].removeprefix("/proc/self/fd/")
-        assert launches[0]["fds"][fd] == str(kernel)
+        fds = launches[0]["fds"]
+        assert isinstance(fds, dict) and fds[fd] == str(kernel), fds
 
         # Failed is final: every operation, state changes included, must still answer sanely.
         fuzzed.fuzz(fuzzed.operations())
