@@ -14,6 +14,7 @@ hash: it never answers and logs in a tight loop (crucible-wire.md).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -68,6 +69,7 @@ class RealDownstairs:
     """One ``crucible-downstairs run`` on 127.0.0.1:port (its repair server on port + 4000)."""
 
     root: Path
+    flags: tuple[str, ...] = ()  # extra `run` flags, e.g. ("--write-errors",)
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
     log_path: Path = field(init=False)
@@ -111,7 +113,17 @@ class RealDownstairs:
             self.port = _port_pair()
             with open(self.log_path, "ab") as log:
                 self.proc = subprocess.Popen(
-                    [str(BINARY), "run", "-d", str(self.region_dir), "-a", "127.0.0.1", "-p", str(self.port)],
+                    [
+                        str(BINARY),
+                        "run",
+                        "-d",
+                        str(self.region_dir),
+                        "-a",
+                        "127.0.0.1",
+                        "-p",
+                        str(self.port),
+                        *self.flags,
+                    ],
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -238,9 +250,10 @@ class Peer:
 
 
 @pytest.fixture
-def real_downstairs(tmp_path: Path) -> Iterator[RealDownstairs]:
+def real_downstairs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RealDownstairs]:
+    """A fresh region and its running real downstairs; ``run`` flags by indirect parametrize."""
     root = Path(tempfile.mkdtemp(prefix="real-ds-", dir=tmp_path))
-    ds = RealDownstairs(root)
+    ds = RealDownstairs(root, flags=tuple(getattr(request, "param", ())))
     try:
         ds.create(ORACLE_REGION)
         ds.start()
@@ -270,18 +283,24 @@ def _repair_addr(ds: RealDownstairs) -> wire.SocketAddr:
     return wire.SocketAddr.parse("127.0.0.1", ds.port + wire.negotiation.REPAIR_PORT_OFFSET)
 
 
-def negotiate(ds: RealDownstairs) -> Peer:
+def negotiate(
+    ds: RealDownstairs,
+    upstairs: uuid.UUID = ORACLE_UPSTAIRS,
+    session: uuid.UUID = ORACLE_SESSION,
+    generation: int = 1,
+) -> tuple[Peer, m.ExtentVersions]:
     """HereIAm .. ExtentVersions: the connection is then ready for I/O."""
     peer = ds.connect()
-    peer.send(hello())
+    peer.send(hello(upstairs_id=upstairs, session_id=session, generation=generation))
     assert isinstance(peer.recv(), m.YesItsMe)
-    peer.send(m.PromoteToActive(ORACLE_UPSTAIRS, ORACLE_SESSION, 1))
-    assert isinstance(peer.recv(), m.YouAreNowActive)
+    peer.send(m.PromoteToActive(upstairs, session, generation))
+    assert peer.recv() == m.YouAreNowActive(upstairs, session, generation)
     peer.send(m.RegionInfoPlease())
     assert isinstance(peer.recv(), m.RegionInfo)
     peer.send(m.ExtentVersionsPlease())
-    assert isinstance(peer.recv(), m.ExtentVersions)
-    return peer
+    versions = peer.recv()
+    assert isinstance(versions, m.ExtentVersions)
+    return peer, versions
 
 
 # -- negotiation -----------------------------------------------------------------------------
@@ -393,7 +412,7 @@ def test_real_downstairs_interop_negotiation_and_region_info(real_downstairs: Re
 @needs_binary
 def test_real_downstairs_interop_write_flush_read(real_downstairs: RealDownstairs) -> None:
     data = oracle_pattern(3)
-    peer = negotiate(real_downstairs)
+    peer, _ = negotiate(real_downstairs)
     try:
         write = m.Write(
             wire.WriteHeader(
@@ -448,7 +467,7 @@ def test_real_downstairs_interop_write_unwritten_skips_written_blocks(
     real_downstairs: RealDownstairs,
 ) -> None:
     first, second = oracle_pattern(2), bytes(range(256)) * 4
-    peer = negotiate(real_downstairs)
+    peer, _ = negotiate(real_downstairs)
     try:
         peer.send(
             m.Write(
@@ -573,7 +592,7 @@ def test_real_downstairs_on_a_write_whose_data_count_is_wrong(real_downstairs: R
     junk = _refit(head + b"JUNK" + data)
     with pytest.raises(wire.BincodeError, match="data count"):
         wire.decode(junk)
-    peer = negotiate(real_downstairs)
+    peer, _ = negotiate(real_downstairs)
     try:
         peer.sock.sendall(junk)
         assert peer.recv() == m.WriteAck(ORACLE_UPSTAIRS, ORACLE_SESSION, 1000, None)
@@ -589,6 +608,142 @@ def test_real_downstairs_on_a_write_whose_data_count_is_wrong(real_downstairs: R
         with pytest.raises(wire.BincodeError, match="data count"):
             wire.decode(bytes(over))
         peer.sock.sendall(over)
+        assert peer.recv_frame() is None
+        assert real_downstairs.proc is not None
+        assert _exit_code(real_downstairs.proc) == -signal.SIGABRT
+    finally:
+        peer.close()
+
+
+# -- more of the protocol -----------------------------------------------------------------------
+NEW_UPSTAIRS = uuid.UUID(int=0xABC)
+NEW_SESSION = uuid.UUID(int=0xDEF)
+U, S = ORACLE_UPSTAIRS, ORACLE_SESSION
+
+
+@needs_binary
+def test_real_downstairs_interop_uuid_mismatch_and_takeover(real_downstairs: RealDownstairs) -> None:
+    old, _ = negotiate(real_downstairs)
+    try:
+        old.send(m.ReadRequest(uuid.UUID(int=5), S, 1000, (), 0, 1))
+        frame = old.recv_frame()
+        assert frame == ORACLE_FRAMES["UuidMismatch"]
+        assert wire.decode(frame) == m.UuidMismatch(U)
+        # a higher generation takes over: the old upstairs is told, then dropped
+        new, _ = negotiate(real_downstairs, NEW_UPSTAIRS, NEW_SESSION, 2)
+        try:
+            frame = old.recv_frame()
+            assert frame == ORACLE_FRAMES["YouAreNoLongerActive"]
+            assert wire.decode(frame) == m.YouAreNoLongerActive(NEW_UPSTAIRS, NEW_SESSION, 2)
+            old.expect_closed()
+            # a lower generation is refused by closing, without a message
+            low = real_downstairs.connect()
+            try:
+                low.send(hello(generation=1))
+                assert isinstance(low.recv(), m.YesItsMe)
+                low.send(m.PromoteToActive(U, S, 1))
+                low.expect_closed()
+            finally:
+                low.close()
+        finally:
+            new.close()
+    finally:
+        old.close()
+
+
+@needs_binary
+def test_real_downstairs_interop_flush_options_live_noop_and_last_flush(
+    real_downstairs: RealDownstairs,
+) -> None:
+    data = oracle_pattern(1)
+    peer, _ = negotiate(real_downstairs)
+    try:
+        # block 70 is in extent 1: a flush limited to extent 0 leaves it dirty
+        peer.send(m.Write(wire.WriteHeader(U, S, 1001, (), 70, unencrypted_contexts(data, BLOCK_SIZE)), data))
+        assert peer.recv() == m.WriteAck(U, S, 1001, None)
+        peer.send(m.Flush(U, S, 1002, (1001,), 7, 1, None, 0))
+        assert peer.recv() == m.FlushAck(U, S, 1002, None)
+        peer.send(m.ExtentLiveNoOp(U, S, 1003, (1002,)))
+        frame = peer.recv_frame()
+        assert frame == ORACLE_FRAMES["ExtentLiveAckId"]
+        assert wire.decode(frame) == m.ExtentLiveAckId(U, S, 1003, None)
+        peer.send(m.Flush(U, S, 1004, (1003,), 8, 1, wire.SnapshotDetails("snap1"), None))
+        assert peer.recv() == m.FlushAck(U, S, 1004, None)
+        peer.send(m.ReadRequest(U, S, 1005, (1004,), 0, 0))
+        frame = peer.recv_frame()
+        assert frame == ORACLE_FRAMES["ReadResponseNone"]
+        assert wire.decode(frame) == m.ReadResponse(wire.ReadResponseHeader(U, S, 1005, ()), b"")
+    finally:
+        peer.close()
+    new, versions = negotiate(real_downstairs, NEW_UPSTAIRS, NEW_SESSION, 2)
+    new.close()
+    assert new.received[-1] == ORACLE_FRAMES["ExtentVersionsAfterFlush"]
+    assert versions == m.ExtentVersions((0, 1, 0, 0), (0, 8, 0, 0), (False,) * 4)
+    # an upstairs replaying to a returning downstairs: LastFlush has no reply (version 13
+    # removed LastFlushAck), I/O is accepted right after it
+    back = real_downstairs.connect()
+    try:
+        back.send(hello(generation=3))
+        assert isinstance(back.recv(), m.YesItsMe)
+        back.send(m.PromoteToActive(U, S, 3))
+        assert back.recv() == m.YouAreNowActive(U, S, 3)
+        back.send(m.RegionInfoPlease())
+        assert isinstance(back.recv(), m.RegionInfo)
+        back.send(m.LastFlush(8))
+        back.send(m.ReadRequest(U, S, 2000, (), 70, 1))
+        read = back.recv()  # the first frame after LastFlush is the read's answer
+        assert isinstance(read, m.ReadResponse) and read.data == data
+    finally:
+        back.close()
+
+
+@pytest.mark.parametrize("real_downstairs", [("--write-errors",)], indirect=True)
+@needs_binary
+def test_real_downstairs_interop_error_report(real_downstairs: RealDownstairs) -> None:
+    """With --write-errors a quarter of the writes fail: the downstairs sends ErrorReport (a
+    real CrucibleError on the wire), retries the job, and acks it Ok once it succeeds."""
+    data = oracle_pattern(1)
+    peer, _ = negotiate(real_downstairs)
+    try:
+        reports: list[bytes] = []
+        for job in range(1000, 1060):  # P(no failure in 60 writes) = 0.75**60 ~ 3e-8
+            peer.send(
+                m.Write(wire.WriteHeader(U, S, job, (), 3, unencrypted_contexts(data, BLOCK_SIZE)), data)
+            )
+            while isinstance(reply := peer.recv(), m.ErrorReport):
+                assert reply == m.ErrorReport(
+                    U, S, job, wire.CrucibleError(wire.ErrorKind.GenericError, "test error")
+                )
+                reports.append(peer.received[-1])
+            assert reply == m.WriteAck(U, S, job, None)
+            if reports:
+                break
+        assert reports, "no write failed in 60"
+        first = wire.decode(reports[0])
+        assert isinstance(first, m.ErrorReport)
+        golden = wire.decode(ORACLE_FRAMES["ErrorReport"])
+        assert isinstance(golden, m.ErrorReport)
+        # the golden frame (job 1001) with this report's job id is this report's frame
+        assert wire.encode(dataclasses.replace(golden, job_id=first.job_id)) == reports[0]
+    finally:
+        peer.close()
+
+
+@pytest.mark.parametrize("op", ["read", "write"])
+@needs_binary
+def test_real_downstairs_aborts_on_io_past_the_region_end(real_downstairs: RealDownstairs, op: str) -> None:
+    """Pinned: I/O beyond the region makes the real downstairs panic and abort (our downstairs
+    must answer such a job with an error instead)."""
+    data = oracle_pattern(1)
+    end = EXTENT_SIZE * EXTENT_COUNT
+    peer, _ = negotiate(real_downstairs)
+    try:
+        if op == "read":
+            peer.send(m.ReadRequest(U, S, 1000, (), end - 6, 10))
+        else:
+            peer.send(
+                m.Write(wire.WriteHeader(U, S, 1000, (), end, unencrypted_contexts(data, BLOCK_SIZE)), data)
+            )
         assert peer.recv_frame() is None
         assert real_downstairs.proc is not None
         assert _exit_code(real_downstairs.proc) == -signal.SIGABRT

@@ -97,6 +97,28 @@ ORACLE_FRAMES: dict[str, bytes] = {
         "bbe6c8be5d758a05ec0300000000000000000000"
     ),
     "VersionMismatch": bytes.fromhex("0c000000020000000d000000"),
+    "UuidMismatch": bytes.fromhex("20000000080000001000000000000000262fe0e18b82485da4890bee76e31f29"),
+    "YouAreNoLongerActive": bytes.fromhex(
+        "4000000007000000100000000000000000000000000000000000000000000abc10000000000000000000000000000000"
+        "0000000000000def0200000000000000"
+    ),
+    "ExtentLiveAckId": bytes.fromhex(
+        "44000000180000001000000000000000262fe0e18b82485da4890bee76e31f291000000000000000b9f54ec52f3b4cb8"
+        "bbe6c8be5d758a05eb0300000000000000000000"
+    ),
+    "ReadResponseNone": bytes.fromhex(
+        "54000000250000001000000000000000262fe0e18b82485da4890bee76e31f291000000000000000b9f54ec52f3b4cb8"
+        "bbe6c8be5d758a05ed030000000000000000000000000000000000000000000000000000"
+    ),
+    "ExtentVersionsAfterFlush": bytes.fromhex(
+        "640000001c0000000400000000000000000000000000000001000000000000000000000000000000000000000000000004"
+        "000000000000000000000000000000080000000000000000000000000000000000000000000000040000000000000000"
+        "000000"
+    ),
+    "ErrorReport": bytes.fromhex(
+        "56000000280000001000000000000000262fe0e18b82485da4890bee76e31f291000000000000000b9f54ec52f3b4cb8"
+        "bbe6c8be5d758a05e903000000000000000000000a0000000000000074657374206572726f72"
+    ),
     "ReadOnlyMismatch": bytes.fromhex("090000000300000000"),
     "EncryptedMismatch": bytes.fromhex("090000000400000000"),
 }
@@ -137,6 +159,12 @@ ORACLE_MESSAGES: dict[str, wire.Message] = {
     ),
     "BarrierAck": m.BarrierAck(U, S, 1004, None),
     "VersionMismatch": m.VersionMismatch(13),
+    "UuidMismatch": m.UuidMismatch(U),
+    "YouAreNoLongerActive": m.YouAreNoLongerActive(uuid.UUID(int=0xABC), uuid.UUID(int=0xDEF), 2),
+    "ExtentLiveAckId": m.ExtentLiveAckId(U, S, 1003, None),
+    "ReadResponseNone": m.ReadResponse(wire.ReadResponseHeader(U, S, 1005, ()), b""),
+    "ExtentVersionsAfterFlush": m.ExtentVersions((0, 1, 0, 0), (0, 8, 0, 0), (False,) * 4),
+    "ErrorReport": m.ErrorReport(U, S, 1001, CrucibleError(ErrorKind.GenericError, "test error")),
     "ReadOnlyMismatch": m.ReadOnlyMismatch(False),
     "EncryptedMismatch": m.EncryptedMismatch(False),
     "HereIAm": m.HereIAm(13, U, S, 1, False, False, ()),
