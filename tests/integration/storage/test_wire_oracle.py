@@ -77,6 +77,16 @@ class RealDownstairs:
     def __post_init__(self) -> None:
         self.log_path = self.root / "downstairs.log"
 
+    def __enter__(self) -> RealDownstairs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Kill the process (if any) and always remove the region and log."""
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
     @property
     def region_dir(self) -> Path:
         return self.root / "region"
@@ -253,30 +263,17 @@ class Peer:
 def real_downstairs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RealDownstairs]:
     """A fresh region and its running real downstairs; ``run`` flags by indirect parametrize."""
     root = Path(tempfile.mkdtemp(prefix="real-ds-", dir=tmp_path))
-    ds = RealDownstairs(root, flags=tuple(getattr(request, "param", ())))
-    try:
+    with RealDownstairs(root, flags=tuple(getattr(request, "param", ()))) as ds:
         ds.create(ORACLE_REGION)
         ds.start()
         yield ds
-    finally:
-        try:
-            ds.stop()
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
+
+
+HELLO = m.HereIAm(wire.MESSAGE_VERSION, ORACLE_UPSTAIRS, ORACLE_SESSION, 1, False, False, ())
 
 
 def hello(**overrides: object) -> m.HereIAm:
-    fields: dict[str, object] = {
-        "version": wire.MESSAGE_VERSION,
-        "upstairs_id": ORACLE_UPSTAIRS,
-        "session_id": ORACLE_SESSION,
-        "generation": 1,
-        "read_only": False,
-        "encrypted": False,
-        "alternate_versions": (),
-    }
-    fields.update(overrides)
-    return m.HereIAm(**fields)  # type: ignore[arg-type]
+    return dataclasses.replace(HELLO, **overrides)  # type: ignore[arg-type]
 
 
 def _repair_addr(ds: RealDownstairs) -> wire.SocketAddr:
