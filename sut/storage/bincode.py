@@ -88,7 +88,7 @@ class BincodeError(ProtocolError):
     def __init__(
         self, problem: str, *, message: str = "", field: str = "", offset: int = 0, truncated: bool = False
     ) -> None:
-        where = ".".join(p for p in (message, field) if p) or "value"
+        where = _join(message, field) or "value"
         super().__init__(f"{where} at offset {offset}: {problem}")
         self.problem = problem
         self.message = message
@@ -143,7 +143,7 @@ class Reader:
     def error(self, problem: str, *, at: int | None = None, truncated: bool = False) -> BincodeError:
         offset = self._base + (self.pos if at is None else at)
         return BincodeError(
-            problem, message=self.message, field=".".join(self._path), offset=offset, truncated=truncated
+            problem, message=self.message, field=_join(*self._path), offset=offset, truncated=truncated
         )
 
     @property
@@ -419,8 +419,13 @@ class VecOf(Codec[tuple[T, ...]]):
                 return
             except struct.error:
                 pass
-        for v in value:
-            item.encode(w, v)
+        for i, v in enumerate(value):
+            try:
+                item.encode(w, v)
+            except BincodeError as exc:
+                raise BincodeError(
+                    exc.problem, message=exc.message, field=_join(f"[{i}]", exc.field), offset=exc.offset
+                ) from None
 
     def decode(self, r: Reader) -> tuple[T, ...]:
         n = r.count(self.item.min_size)
@@ -626,7 +631,12 @@ def dataclass_codec(cls: type[T], name: str | None = None) -> StructOf[T]:
 
 
 def _join(*parts: str) -> str:
-    return ".".join(p for p in parts if p)
+    """A field path: names joined by dots, vector indices attached (``contexts[3].hash``)."""
+    out = ""
+    for part in parts:
+        if part:
+            out += part if not out or part.startswith("[") else "." + part
+    return out
 
 
 U8 = Int(1, "u8")

@@ -206,7 +206,7 @@ def test_encoding_checks_values_against_their_types() -> None:
             enc(codec, value)
     with pytest.raises(BincodeError, match=r"cannot encode") as info:
         enc(ENUM, Pair(1, (2**64,)))
-    assert info.value.field == "Pair.b"
+    assert info.value.field == "Pair.b[0]"
 
 
 def test_codec_construction_rules() -> None:

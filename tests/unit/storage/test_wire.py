@@ -305,6 +305,34 @@ def test_crucible_error_detail_must_fit_the_variant() -> None:
     assert str(CrucibleError(ErrorKind.IoError, "x")) == "IoError(x)"
 
 
+@pytest.mark.parametrize(
+    ("msg", "message", "field"),
+    [
+        (m.HereIAm(2**32, U, S, 1, False, False), "HereIAm", "version"),
+        (m.PromoteToActive(U, "not a uuid", 1), "PromoteToActive", "session_id"),  # type: ignore[arg-type]
+        (m.Write(wire.WriteHeader(U, S, 1, (-1,), 0, ()), b""), "Write", "header.dependencies[0]"),
+        (
+            m.Write(wire.WriteHeader(U, S, 1, (), 0, (wire.BlockContext(1), wire.BlockContext(2**64))), b""),
+            "Write",
+            "header.contexts[1].hash",
+        ),
+        (m.ExtentError(1, 2, "x"), "ExtentError", "error"),  # type: ignore[arg-type]
+        (
+            m.ReadResponse(wire.ReadResponseHeader(U, S, 1, (wire.ReadBlockUnencrypted(-5),)), b""),
+            "ReadResponse",
+            "header.blocks[0].Unencrypted.hash",
+        ),
+        (m.YesItsMe(13, wire.SocketAddr.parse("127.0.0.1", 65536)), "YesItsMe", "repair_addr"),
+    ],
+)
+def test_encoding_a_bad_field_names_the_message_and_field(
+    msg: wire.Message, message: str, field: str
+) -> None:
+    with pytest.raises(wire.BincodeError, match="cannot encode") as info:
+        wire.encode(msg)
+    assert (info.value.message, info.value.field) == (message, field)
+
+
 # -- encode_parts / framing -------------------------------------------------------------------
 def test_encode_parts_keeps_the_data_object_and_its_head_ends_with_the_count() -> None:
     data = bytearray(b"\x07" * 4096)
