@@ -57,6 +57,7 @@ class PathPolicyError(ValueError):
 
     def __init__(self, what: str, message: str, rule: str) -> None:
         self.what = what
+        self.reason = message
         self.rule = rule
         super().__init__(f"{what}: {message}")
 

@@ -43,7 +43,7 @@ class _Parent:
         try:
             opened = open_for_storage(vcr.path, "read_only_parent.path")
         except PathPolicyError as exc:
-            raise VcrError(str(exc)) from None
+            raise VcrError(f"{exc.what}: cannot open the parent: {exc.reason}") from None
         self._fd = opened.fd
         self.size = opened.size
 
