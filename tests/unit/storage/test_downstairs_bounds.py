@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
 
-from sut.storage.downstairs import Downstairs, FaultConfig
-from sut.storage.protocol import MAX_IO_BYTES, Message
+from sut.storage.downstairs import Downstairs, FaultConfig, _parser
+from sut.storage.protocol import MAX_IO_BYTES, PROTOCOL_VERSION, Message, encode, read_message
 from sut.storage.region import Region, RegionError
 
 UUID = "557cb12a-396f-4e06-b3c5-75bcc770db89"
@@ -125,3 +126,66 @@ def test_jobs_in_range_still_work(region: Region) -> None:
 
     asyncio.run(main())
     region.close()
+
+
+def test_an_unexpected_exception_is_one_json_line_and_the_connection_closes(
+    region: Region, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bug in a handler (here: _dispatch raising RuntimeError) costs that connection and one
+    JSON log line; no traceback, and the downstairs serves the next connection."""
+    ds = Downstairs(region, read_only=False, faults=FaultConfig())
+    calls = {"n": 0}
+    real = ds._dispatch
+
+    async def broken(msg: Message) -> Message | None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("a bug")
+        return await real(msg)
+
+    ds._dispatch = broken  # type: ignore[method-assign]
+
+    async def session(port: int, gen: int) -> Message | None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            hello = {"version": PROTOCOL_VERSION, "upstairs_id": "u", "session_id": f"s{gen}", "gen": gen}
+            writer.write(encode(Message("HereIAm", {**hello, "read_only": False, "encrypted": False})))
+            writer.write(
+                encode(Message("PromoteToActive", {"upstairs_id": "u", "session_id": f"s{gen}", "gen": gen}))
+            )
+            writer.write(encode(Message("Ruok")))
+            await writer.drain()
+            replies = [await asyncio.wait_for(read_message(reader), 10) for _ in range(2)]
+            assert [r.kind for r in replies if r is not None] == ["YesItsMe", "YouAreNowActive"]
+            return await asyncio.wait_for(read_message(reader), 10)
+        finally:
+            writer.close()
+
+    async def main() -> None:
+        port = await ds.start("127.0.0.1", 0)
+        try:
+            assert await session(port, 1) is None  # closed instead of answering
+            reply = await session(port, 2)
+            assert reply is not None and reply.kind == "Imok"
+        finally:
+            await ds.stop()
+
+    asyncio.run(main())
+    err = capsys.readouterr().err
+    lines = [json.loads(line) for line in err.splitlines()]  # every line is JSON
+    failed = [e for e in lines if e["event"] == "connection_error"]
+    assert len(failed) == 1 and "RuntimeError: a bug" in failed[0]["error"], lines
+    assert "Traceback" not in err
+
+
+def test_run_flags_default_and_reject_nonsense() -> None:
+    parser = _parser()
+    args = parser.parse_args(["run", "-d", "/x", "-p", "0"])
+    assert args.handshake_timeout == 10.0 and args.max_connections == 64
+    args = parser.parse_args(
+        ["run", "-d", "/x", "-p", "0", "--handshake-timeout", "0.5", "--max-connections", "3"]
+    )
+    assert args.handshake_timeout == 0.5 and args.max_connections == 3
+    for bad in (["--handshake-timeout", "0"], ["--max-connections", "-1"], ["--max-connections", "many"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["run", "-d", "/x", "-p", "0", *bad])
