@@ -167,7 +167,8 @@ class VmFactory:
         self._data_dirs.append((data_dir, self.test_dir / f"{config.name}.server-data"))
         # The reference server reads its accelerator from SUT_SERVER_ACCEL (--phd-accel).
         server = ServerProcess(list(cfg.server_cmd), port, data_dir, log, regressions=cfg.regressions,
-                               env={"SUT_SERVER_ACCEL": cfg.accel})
+                               env={"SUT_SERVER_ACCEL": cfg.accel},
+                               allow_paths=(cfg.tmp_dir, cfg.artifact_dir))
         vm = TestVm(dataclasses.replace(config, ssh_port=ssh_port), server, artifact, self.test_dir)
         self._vms.append(vm.close)
         self.vms.append(vm)

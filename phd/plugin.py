@@ -25,7 +25,6 @@ from phd.errors import ArtifactUnavailable
 from phd.factory import DiskFactory, VmFactory
 from phd.framework import Framework, PhdConfig
 from phd.reaper import reap_dead_owners
-from phd.server import allowed_paths
 
 _OPTIONS: list[tuple[str, dict[str, Any], str]] = [
     ("--phd-server-cmd", {}, "server under test, as a command line (default: the reference server)"),
@@ -200,10 +199,7 @@ def phd_framework(pytestconfig: pytest.Config, phd_config: PhdConfig) -> Iterato
     if reaped:
         sys.stderr.write("\nphd: cleaned up after dead runs: " + "; ".join(reaped) + "\n")
     fw = Framework(phd_config, pytestconfig._phd_session)  # type: ignore[attr-defined]
-    # Disks live under the tmp dir, kernels and images in the artifact cache: the servers
-    # must be allowed to open files there (--allow-path).
-    with allowed_paths(phd_config.tmp_dir, phd_config.artifact_dir):
-        yield fw
+    yield fw
     fw.close()
 
 

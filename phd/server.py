@@ -13,7 +13,7 @@ import os
 import shlex
 import signal
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
@@ -24,35 +24,22 @@ from phd.errors import HarnessError, PhdError
 from phd.reaper import ledger
 from phd.wait import wait_until
 
-__all__ = ["ServerProcess", "allowed_paths"]
-
-# The framework's own directories that specs name (per-test disks, the artifact cache); set
-# for the session by the plugin, passed to every server as --allow-path (the server refuses
-# any file outside its allowed roots).
-_ALLOWED: list[Path] = []
-
-
-@contextlib.contextmanager
-def allowed_paths(*dirs: Path) -> Iterator[None]:
-    """While active, every ServerProcess made without ``allow_paths`` passes ``dirs``."""
-    saved = list(_ALLOWED)
-    _ALLOWED[:] = [Path(os.path.abspath(d)) for d in dirs]
-    try:
-        yield
-    finally:
-        _ALLOWED[:] = saved
+__all__ = ["ServerProcess"]
 
 
 class ServerProcess:
     def __init__(self, server_cmd: list[str], port: int, data_dir: Path, log_path: Path | None,
                  regressions: tuple[str, ...] = (), ready_timeout_s: float = 30.0,
-                 env: dict[str, str] | None = None, allow_paths: Sequence[Path] | None = None) -> None:
+                 env: dict[str, str] | None = None, allow_paths: Sequence[Path] = ()) -> None:
         self.port = port
         self.data_dir = data_dir
         self.log_path = log_path
         self.argv = [*server_cmd, "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir)]
-        for allowed in _ALLOWED if allow_paths is None else allow_paths:
-            self.argv += ["--allow-path", str(allowed)]
+        # The framework's own directories that specs name (per-test disks under the tmp dir,
+        # kernels and images in the artifact cache): the server opens no file outside its
+        # allowed roots.
+        for allowed in allow_paths:
+            self.argv += ["--allow-path", os.path.abspath(allowed)]
         for name in regressions:
             self.argv += ["--regression", name]
         self.ready_timeout_s = ready_timeout_s
