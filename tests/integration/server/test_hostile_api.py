@@ -617,3 +617,24 @@ def test_serial_input_while_not_running_logs_once(hostile: ServerProcess) -> Non
     dropped = [line for line in hostile.log_lines() if line.get("msg") == "serial input dropped"]
     assert len(dropped) <= 1, f"{len(dropped)} warnings for one client's input"
     assert_serving(hostile)
+
+
+def test_serial_websocket_outlives_the_header_deadline(tmp_path: Path) -> None:
+    """The header deadline is for HTTP requests; an upgraded serial console stays untouched."""
+    srv = start_server(tmp_path, "--header-timeout-s", "0.5", "--long-poll-max-s", str(LONG_POLL_MAX_S),
+                       allow_tmp=False)
+    try:
+        with srv.client() as http:
+            assert http.put("/instance", json=ensure(firmware_spec())).status_code == 201
+        url = srv.base_url.replace("http://", "ws://") + "/instance/serial"
+        with connect(url) as ws:
+            # Nothing comes (the VM is not running) for four header deadlines; then the
+            # connection must still be the websocket, with no stray HTTP bytes in it.
+            with pytest.raises(TimeoutError):
+                ws.recv(timeout=2.0)
+            ws.send(b"x")
+            with pytest.raises(TimeoutError):
+                ws.recv(timeout=0.5)
+        assert_serving(srv)
+    finally:
+        assert srv.close() == 0
