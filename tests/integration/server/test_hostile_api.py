@@ -374,14 +374,15 @@ HOSTILE_PATHS = ["etc-shadow", "proc-self-mem", "sys-file", "dev-zero", "device-
 @pytest.mark.parametrize("kind", HOSTILE_PATHS)
 def test_hostile_file_paths_are_400(hostile: ServerProcess, outside: Path, kind: str) -> None:
     path, needles = _hostile_paths(hostile, outside)[kind]
-    before = sha(outside)
+    aimed = [p for p in (outside, Path("/etc/shadow")) if os.access(p, os.R_OK)]
+    before = [sha(p) for p in aimed]
     with hostile.client() as http:
         disk = http.put("/instance", json=ensure(firmware_spec(disks=file_disk(path))))
         assert_error(disk, 400, "disks.d0.backend.path", *needles)
         kernel = http.put("/instance", json=ensure({"boot": {"kernel": path}}))
         assert_error(kernel, 400, "boot.kernel", *needles)
         no_run_dirs(hostile)
-    assert sha(outside) == before
+    assert [sha(p) for p in aimed] == before
     assert_serving(hostile)
 
 
@@ -638,3 +639,28 @@ def test_serial_websocket_outlives_the_header_deadline(tmp_path: Path) -> None:
         assert_serving(srv)
     finally:
         assert srv.close() == 0
+
+
+def test_qcow2_chain_inside_roots_runs_with_its_backing_read_only(hostile: ServerProcess) -> None:
+    import subprocess
+
+    files = hostile.data_dir / "images"
+    files.mkdir()
+    base = files / "base.raw"
+    base.write_bytes(b"\3" * MIB)
+    overlay = files / "over,lay.qcow2"
+    # A relative backing name, as qemu-img writes it: resolved against the overlay's directory.
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", "base.raw", str(overlay)],
+                   check=True)
+    before = sha(base)
+    with hostile.client() as http:
+        disk = {"d0": {"interface": "virtio", "backend": {"type": "file", "path": str(overlay),
+                                                          "format": "qcow2"}}}
+        assert http.put("/instance", json=ensure(firmware_spec(disks=disk))).status_code == 201
+        _run_and_wait(http)
+        opened = _qemu_open_files(hostile.data_dir)
+        assert opened[str(overlay)] & os.O_ACCMODE == os.O_RDWR, opened
+        assert opened[str(base)] & os.O_ACCMODE == os.O_RDONLY, opened
+        assert http.put("/instance/state", json="Stop").status_code == 204
+    assert sha(base) == before
+    assert_serving(hostile)
