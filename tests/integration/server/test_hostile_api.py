@@ -42,7 +42,7 @@ ANSWER_DEADLINE_S = 10.0
 # The server's defaults for a request that arrives too slowly (headers or body).
 SLOW_DEADLINE_S = 10.0
 # A refused address built by arithmetic, so no non-loopback literal appears here:
-# 127.0.0.1 + 2**24 is 128.0.0.1, the first address after loopback.
+# 127.0.0.1 + 2**24 is the first address after the loopback network.
 NOT_LOOPBACK = str(ipaddress.ip_address("127.0.0.1") + 2**24)
 
 

@@ -9,7 +9,8 @@ import pytest
 
 from sut.server.policy import TargetNotAllowedError, TargetPolicy, check_vcr_targets
 
-NOT_LOOPBACK = str(ipaddress.ip_address("127.0.0.1") + 2**24)  # 128.0.0.1, built not written
+# The first address after 127/8, built by arithmetic rather than written as a literal.
+NOT_LOOPBACK = str(ipaddress.ip_address("127.0.0.1") + 2**24)
 LOOPBACK = TargetPolicy.default()
 
 
