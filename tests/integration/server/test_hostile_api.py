@@ -664,3 +664,51 @@ def test_qcow2_chain_inside_roots_runs_with_its_backing_read_only(hostile: Serve
         assert http.put("/instance/state", json="Stop").status_code == 204
     assert sha(base) == before
     assert_serving(hostile)
+
+
+def _unread_by_server(sock: socket.socket) -> int:
+    """Bytes the server has not yet read from this client socket (/proc/net/tcp rx_queue)."""
+    server_port, client_port = sock.getpeername()[1], sock.getsockname()[1]
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1], fields[2]
+        if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
+            return int(fields[4].split(":")[1], 16)
+    raise AssertionError("no such connection")
+
+
+def test_connections_beyond_the_cap_evict_idle_ones_or_get_503(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, "--max-connections", "4", "--long-poll-max-s", "5", allow_tmp=False)
+    try:
+        with srv.client() as http:
+            assert http.put("/instance", json=ensure(firmware_spec())).status_code == 201
+        # Four idle sockets: a well-behaved client still gets through (the oldest idle is closed).
+        idle = [raw_request(srv, b"") for _ in range(4)]
+        with srv.client() as http:
+            assert http.get("/instance").status_code == 200
+        for sock in idle:
+            sock.close()
+        # Four busy connections (long-polls for a generation that does not come): the fifth
+        # connection is answered 503 with the reason, at once.
+        polls = [raw_request(srv, b"GET /instance/state-monitor?gen=99 HTTP/1.1\r\nHost: x\r\n\r\n")
+                 for _ in range(4)]
+        try:
+            deadline = time.monotonic() + ANSWER_DEADLINE_S
+            while any(_unread_by_server(sock) for sock in polls):  # the server has them all
+                assert time.monotonic() < deadline, "the server did not read the long-polls"
+                time.sleep(0.02)  # poll interval of a deadline-bounded wait
+            status, body = 0, b""
+            while status != 503:
+                assert time.monotonic() < deadline, "no 503 while every connection was busy"
+                probe = raw_request(srv, b"GET /instance HTTP/1.1\r\nHost: x\r\n\r\n")
+                with contextlib.closing(probe):
+                    status, _, body = read_response(probe)
+            assert "--max-connections" in json.loads(body)["message"]
+            for sock in polls:  # the busy ones are answered as usual
+                assert read_response(sock)[0] == 200
+        finally:
+            for sock in polls:
+                sock.close()
+        assert_serving(srv)
+    finally:
+        assert srv.close() == 0
