@@ -103,3 +103,8 @@ def test_qcow2_backing_chain_is_opened_and_passed_explicitly(tmp_path: Path) -> 
                          "backend": {"type": "file", "path": str(overlay), "format": "qcow2"}}}})
     with pytest.raises(PathPolicyError, match=r"backing file .*outside the allowed roots.*--allow-path"):
         open_spec_files(spec, PathPolicy([allowed])).close()
+
+
+def test_a_data_dir_with_a_newline_is_refused_before_qemu(tmp_path: Path) -> None:
+    with pytest.raises(QemuOptionError, match="newline"):
+        RunDir(tmp_path / "a\nb" / "vm").check_socket_paths(["d0"])
