@@ -80,12 +80,17 @@ def _check_depth(value: object, limit: int) -> None:
 
 def loads(data: str | bytes | bytearray, limits: JsonLimits = DEFAULT_LIMITS) -> Any:
     """Parse ``data`` as JSON within ``limits``; raises :class:`JsonLimitError` naming the problem."""
-    size = len(data.encode("utf-8", "surrogatepass") if isinstance(data, str) and not data.isascii() else data)
+    # A str has at least as many UTF-8 bytes as characters: only a short one is encoded to count.
+    size = len(data)
+    if isinstance(data, str) and size <= limits.max_bytes and not data.isascii():
+        size = len(data.encode("utf-8", "surrogatepass"))
     if size > limits.max_bytes:
         raise JsonLimitError(f"{size} bytes is over the limit of {limits.max_bytes} bytes")
     try:
+        # JSON between systems is UTF-8 (RFC 8259); json.loads would also guess UTF-16/32.
+        text = data if isinstance(data, str) else bytes(data).decode("utf-8")
         value = json.loads(
-            data,
+            text,
             parse_int=lambda text: _parse_int(text, limits.max_int_digits),
             parse_float=_parse_float,
             parse_constant=_reject_constant,

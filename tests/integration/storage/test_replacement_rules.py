@@ -190,7 +190,9 @@ def _shared(loop: asyncio.AbstractEventLoop, root: Path, *, parent: bool) -> Ite
         if parent:
             parent_path = root / "parent.raw"
             parent_path.write_bytes(b"\x7e" * 65536)
-        vcr = make_vcr([d.target for d in dss], parent=None if parent_path is None else str(parent_path))
+        # gen 2, so the generation-lower case has a valid lower generation (1) to send
+        parent_arg = None if parent_path is None else str(parent_path)
+        vcr = make_vcr([d.target for d in dss], gen=2, parent=parent_arg)
         backend = CrucibleBackend("rules", vcr, root / "r.nbd", retry=FAST)
         shared = Shared(loop, backend, dss)
         shared.run(backend.start_export())
@@ -374,7 +376,7 @@ def test_rules_through_the_server_api(downstairs: DownstairsFactory, tmp_path: P
 
     dss = [downstairs.create() for _ in range(3)]
     vid = str(uuid.uuid4())
-    current = make_vcr([d.target for d in dss], gen=1, volume_id=vid)
+    current = make_vcr([d.target for d in dss], gen=2, volume_id=vid)  # generation-lower sends 1
     current_model = VolumeVcr.model_validate_json(current)
     bid = "data-backend"
     srv = start_server(tmp_path)
