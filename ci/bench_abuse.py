@@ -13,11 +13,11 @@ Two systems under abuse at once, each with a well-behaved client measured alongs
               GET /instance back to back.
   downstairs  three downstairs processes serving a CrucibleBackend NBD export (a helper
               process, as in ci/bench storage). Abuse: --half-open (default 100) connections
-              to EACH downstairs that send a frame head declaring the largest frame the
-              protocol allows, 64 KiB of its payload, then nothing; a connection the
-              downstairs closes is opened again at once. Well-behaved client: 4 KiB NBD reads
-              and writes at random offsets, one at a time, through the export (upstairs ->
-              all three downstairs).
+              to EACH downstairs that send a frame head and part of its payload, then nothing
+              (half declare the largest frame, half one just under the limit before
+              negotiation); a connection the downstairs closes is opened again at once.
+              Well-behaved client: 4 KiB NBD reads and writes at random offsets, one at a
+              time, through the export (upstairs -> all three downstairs).
 
 The abusers run in child processes (this file, ``_abuse_http`` / ``_abuse_wire`` modes) so
 their own CPU use shows as load on the machine, not as delays inside the measuring client.
@@ -61,10 +61,12 @@ TARGETS = {"server_peak_rss_mb": 300.0, "downstairs_peak_rss_mb": 300.0, "served
 MIB = 1024 * 1024
 BODY_LIMIT = MIB  # the server's default --max-body-bytes
 # The downstairs' frame prefix today (sut/storage/protocol.py): u32 frame_len counting what
-# follows it, u32 header length, then the header. The abuser declares the largest frame.
+# follows it, u32 header length, then the header. Half the abusers declare the largest frame
+# (which a hardened downstairs refuses at once); half declare a frame just under the limit
+# before negotiation, send half of it and stall (which it must hold until its handshake
+# deadline without holding memory for what never comes).
 _FRAME_PREFIX = struct.Struct(">II")
-_DECLARED_FRAME = 80 * MIB
-_STALL_PAYLOAD = 64 * 1024
+_DECLARED_FRAMES = (80 * MIB, 48 * 1024)
 
 
 # -- measuring ---------------------------------------------------------------------------------
@@ -212,12 +214,13 @@ async def _abuse_http(port: int, workers: int, duration_s: float) -> dict[str, A
 
 async def _abuse_wire(targets: list[str], per_target: int, duration_s: float) -> dict[str, Any]:
     header = json.dumps({"type": "HereIAm"}).encode()
-    head = _FRAME_PREFIX.pack(_DECLARED_FRAME, len(header)) + header + bytes(_STALL_PAYLOAD)
+    heads = [_FRAME_PREFIX.pack(declared, len(header)) + header + bytes(min(declared // 2, 64 * 1024))
+             for declared in _DECLARED_FRAMES]
     closed_after: list[float] = []
     outcomes: Counter[str] = Counter()
     deadline = time.monotonic() + duration_s
 
-    async def holder(target: str) -> None:
+    async def holder(target: str, head: bytes) -> None:
         host, port = target.rsplit(":", 1)
         while time.monotonic() < deadline:
             try:
@@ -244,7 +247,7 @@ async def _abuse_wire(targets: list[str], per_target: int, duration_s: float) ->
                 with contextlib.suppress(OSError):
                     await writer.wait_closed()
 
-    await asyncio.gather(*(holder(t) for t in targets for _ in range(per_target)))
+    await asyncio.gather(*(holder(t, heads[i % 2]) for t in targets for i in range(per_target)))
     return {"outcomes": dict(outcomes), "per_target": per_target,
             "closed_after_s": percentiles(closed_after) if closed_after else {"count": 0}}
 

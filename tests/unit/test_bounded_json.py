@@ -77,3 +77,36 @@ def test_an_oversized_input_is_refused_without_parsing_it(monkeypatch: pytest.Mo
         loads("[" * (200 * 1024 * 1024))
     with pytest.raises(JsonLimitError, match="over the limit"):
         loads("é" * (DEFAULT_LIMITS.max_bytes // 2 + 1))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        "[[]," * 40 + "1" + "]" * 40,  # never two openers in a row, still 41 deep
+        '[ { "a" : ' * 20 + "1" + " } ]" * 20,  # whitespace and keys between the openers
+        "[" * 33 + "]" * 33,
+    ],
+)
+def test_depth_is_found_however_the_brackets_are_spread(data: str) -> None:
+    with pytest.raises(JsonLimitError, match="nesting deeper than the limit of 32 levels"):
+        loads(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "value"),
+    [
+        ('{"a": "' + "1" * 100 + '"}', {"a": "1" * 100}),  # digits inside a string
+        ('["' + "[" * 100 + '"]', ["[" * 100]),  # brackets inside a string
+        ('["\\"[[[[", 1]', ['"[[[[', 1]),  # an escaped quote does not end the string
+        ("[0.1234567890123456789012345]", [0.1234567890123456789012345]),  # a long fraction
+        ("[1e-12345678901234567890123]", [0.0]),  # a long exponent that underflows
+    ],
+)
+def test_digits_and_brackets_that_are_not_integers_or_nesting_pass(data: str, value: object) -> None:
+    assert loads(data) == value
+
+
+def test_unbalanced_brackets_are_invalid_json_not_a_crash() -> None:
+    for data in ("[" * 100_000 + "]" * 5, "[" * 50, "]" * 50 + "[", '{"a": [}'):
+        with pytest.raises(JsonLimitError):
+            loads(data)
