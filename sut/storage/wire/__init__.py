@@ -1,6 +1,6 @@
 """Crucible's upstairs<->downstairs wire protocol, message version 13, byte for byte.
 
-Facts: ``/work/shared/reference/crucible-wire.md``; checked against a real
+Facts: ``../shared/reference/crucible-wire.md`` (beside the repository); checked against a real
 ``crucible-downstairs`` built from oxidecomputer/crucible commit
 6d037cb60304413302e3f3658e4850980cee77b0 (tests/integration/storage/test_wire_oracle.py).
 
