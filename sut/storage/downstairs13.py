@@ -1,0 +1,595 @@
+"""A downstairs that speaks Crucible's protocol (message version 13) over Crucible's raw extents.
+
+Issue 13 item 4, first slice: nothing in the repository depends on this module yet (the
+upstairs and ``sut.storage.downstairs`` still speak ``protocol.py``). Facts from
+oxidecomputer/crucible 6d037cb (``downstairs/src/lib.rs``); the behaviours of the real binary
+that its oracle tests pinned are listed at the end of ``sut/storage/README.md``.
+
+Negotiation, per connection, in this order (anything out of order closes the connection;
+I/O messages before the end are ignored; ``Ruok`` gets ``Imok`` at any time):
+
+1. ``HereIAm`` -> ``YesItsMe{13, repair_addr = address:port+4000}``, or ``VersionMismatch`` /
+   ``ReadOnlyMismatch`` / ``EncryptedMismatch`` and close (``wire.answer_here_i_am``).
+2. ``PromoteToActive`` with other ids than the HereIAm's -> ``UuidMismatch`` and close. Read-
+   write: one active upstairs; a LOWER generation than the active one's is refused by closing,
+   an equal one only for the identical (upstairs, session); otherwise the active upstairs is
+   told ``YouAreNoLongerActive{new ids, new gen}`` and dropped, with its pending jobs.
+   Read-only: one session per upstairs id. Then ``YouAreNowActive``: the frame cap rises from
+   64 KiB to 100 MiB and the handshake deadline stops.
+3. ``RegionInfoPlease`` -> ``RegionInfo``; then ``ExtentVersionsPlease`` -> ``ExtentVersions``,
+   or ``LastFlush{n}`` (no reply; job n counts as done).
+
+I/O: every job message's ids must be the connection's, else ``UuidMismatch`` (the upstairs id
+if that differs, else the session id) and the job is dropped. A job runs when all its
+dependencies are done (a completed Flush or Barrier resets the done set to itself, as in
+Crucible), not in arrival order. Where the real downstairs panics or spins we answer the job
+with its ack's ``Err`` and serve on: I/O past the region's end (``OffsetInvalid``), a data
+length that is not the contexts' blocks (``InvalidNumberOfBlocks``), a block hash that does
+not match its data (``HashMismatch``; the real one retries forever), a read larger than a
+frame can carry. A failed job does not count as done. ``--read/--write/--flush-errors``
+behave as the real ones: ``ErrorReport{GenericError("test error")}`` for a quarter of the
+attempts, then the job is retried until it succeeds. A write to a read-only downstairs
+closes the connection (as the real one).
+
+TODO (issue 13, next slices): reconciliation (``ExtentFlush``, ``ExtentClose``,
+``ExtentRepair``, ``ExtentReopen``) and live repair (``ExtentLiveClose``,
+``ExtentLiveFlushClose``, ``ExtentLiveRepair``, ``ExtentLiveReopen``) are answered with an
+``Unsupported`` error reply (``ExtentError`` / the job's ack), and the repair HTTP server on
+port + 4000 is not started, although YesItsMe names it. ``ExtentLiveNoOp`` is served (it is
+a plain dependency-ordered job). Region I/O runs on the event loop thread.
+
+Hardening (``sut.storage.stream``): ``ConnectionGuard`` (connection cap, handshake deadline),
+``RecordStream`` with the codec's ``FrameSplitter`` (64 KiB until active, then 100 MiB; bulk
+data received in place), a bound on queued jobs per connection (count and bytes), every
+range checked before the region is touched. Malformed frames close the connection with one
+``protocol_error`` JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import enum
+import json
+import random
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sut.storage.bincode import SocketAddr
+from sut.storage.errors import ProtocolError
+from sut.storage.extent_raw import ExtentFailure, RawRegion
+from sut.storage.stream import ConnectionGuard, ConnectionLimits, RecordStream, create_server
+from sut.storage.wire import messages as m
+from sut.storage.wire.crucible_error import CrucibleError, ErrorKind
+from sut.storage.wire.fields import BlockContext, ReadResponseHeader
+from sut.storage.wire.framing import NEGOTIATION_FRAME_CAP, FrameSplitter
+from sut.storage.wire.messages import MAX_FRAME, Message, decode_record, encode_parts
+from sut.storage.wire.negotiation import REPAIR_PORT_OFFSET, answer_here_i_am
+
+__all__ = ["Downstairs13", "FaultConfig", "main"]
+
+MAX_PENDING_JOBS = 4096
+"""Jobs a connection may have waiting for their dependencies; more closes it."""
+MAX_PENDING_BYTES = 512 * 1024 * 1024
+"""Write data a connection may have waiting for dependencies; more closes it."""
+_READ_RESPONSE_OVERHEAD = 64 * 1024  # frame bytes besides the data, generously
+_ERROR_RATE = 0.25  # as the real downstairs' --*-errors flags
+
+_JOBS = (
+    m.Write,
+    m.WriteUnwritten,
+    m.Flush,
+    m.Barrier,
+    m.ReadRequest,
+    m.ExtentLiveNoOp,
+)
+_LIVE_REPAIR = (m.ExtentLiveClose, m.ExtentLiveFlushClose, m.ExtentLiveRepair, m.ExtentLiveReopen)
+_RECONCILE = (m.ExtentFlush, m.ExtentClose, m.ExtentRepair, m.ExtentReopen)
+_IO = _JOBS + _LIVE_REPAIR
+
+
+def log(event: str, **fields: Any) -> None:
+    record = {"ts": round(time.time(), 3), "component": "downstairs13", "event": event, **fields}
+    print(json.dumps(record, default=str), file=sys.stderr, flush=True)
+
+
+def _log_loop_exception(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    exc = context.get("exception")
+    error = None if exc is None else f"{type(exc).__name__}: {exc}"[:300]
+    log("internal_error", message=context.get("message"), error=error)
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    read_errors: bool = False
+    write_errors: bool = False
+    flush_errors: bool = False
+
+
+class Phase(enum.Enum):
+    OPEN = "open"  # waiting for HereIAm
+    CONNECTED = "connected"  # YesItsMe sent, waiting for PromoteToActive
+    PROMOTED = "promoted"  # YouAreNowActive sent, waiting for RegionInfoPlease
+    REGION_INFO = "region_info"  # RegionInfo sent, waiting for ExtentVersionsPlease / LastFlush
+    RUNNING = "running"
+
+
+_NIL = uuid.UUID(int=0)  # ids of a connection before its HereIAm
+
+
+class _Close(Exception):
+    """End this connection (the reason is logged)."""
+
+
+@dataclass(eq=False)
+class _Conn:
+    peer: object
+    stream: RecordStream
+    writer: asyncio.StreamWriter
+    phase: Phase = Phase.OPEN
+    upstairs_id: uuid.UUID = _NIL
+    session_id: uuid.UUID = _NIL
+    generation: int = 0
+    evicted: bool = False
+    pending: list[tuple[int, Message]] = field(default_factory=list)
+    pending_bytes: int = 0
+    done: set[int] = field(default_factory=set)
+
+    def send(self, msg: Message) -> None:
+        if self.evicted or self.writer.is_closing():
+            return
+        head, data = encode_parts(msg)
+        self.writer.write(head)
+        if data:
+            self.writer.write(data)
+
+
+def _deps(msg: Message) -> Sequence[int]:
+    if isinstance(msg, m.Write | m.WriteUnwritten):
+        return msg.header.dependencies
+    return getattr(msg, "dependencies", ())
+
+
+def _job_id(msg: Message) -> int:
+    if isinstance(msg, m.Write | m.WriteUnwritten):
+        return msg.header.job_id
+    return int(getattr(msg, "job_id", 0))
+
+
+def _ids(msg: Message) -> tuple[uuid.UUID, uuid.UUID]:
+    if isinstance(msg, m.Write | m.WriteUnwritten):
+        return msg.header.upstairs_id, msg.header.session_id
+    return msg.upstairs_id, msg.session_id  # type: ignore[union-attr]
+
+
+def _unsupported(what: str) -> CrucibleError:
+    return CrucibleError(ErrorKind.Unsupported, f"{what} is not implemented by this downstairs yet")
+
+
+class Downstairs13:
+    """Serve one raw region over Crucible's protocol; one instance per process."""
+
+    def __init__(
+        self,
+        region: RawRegion,
+        *,
+        read_only: bool,
+        limits: ConnectionLimits | None = None,
+        faults: FaultConfig | None = None,
+    ) -> None:
+        self.region = region
+        self.read_only = read_only
+        self.limits = limits or ConnectionLimits()
+        self.faults = faults or FaultConfig()
+        self._server: asyncio.Server | None = None
+        self._conns: set[_Conn] = set()
+        self._active: dict[uuid.UUID, _Conn] = {}  # upstairs id -> its active connection
+        self._repair_addr = SocketAddr.parse("127.0.0.1", 0)
+        self._rng = random.Random()
+
+    async def start(self, address: str, port: int) -> int:
+        guard = ConnectionGuard(self.limits, log)
+        self._server = await create_server(
+            self._handle, address, port, FrameSplitter(NEGOTIATION_FRAME_CAP), guard=guard
+        )
+        bound = int(self._server.sockets[0].getsockname()[1])
+        repair_port = bound + REPAIR_PORT_OFFSET
+        if repair_port > 0xFFFF:
+            self._server.close()
+            raise OSError(f"port {bound} + {REPAIR_PORT_OFFSET} (the repair port) is above 65535")
+        self._repair_addr = SocketAddr.parse(address, repair_port)
+        d = self.region.definition
+        log(
+            "listening",
+            address=address,
+            port=bound,
+            repair_port=repair_port,
+            uuid=str(d.uuid),
+            mode="ro" if self.read_only else "rw",
+            encrypted=d.encrypted,
+            message_version=m.MESSAGE_VERSION,
+            max_connections=self.limits.max_connections,
+            handshake_timeout_s=self.limits.handshake_timeout_s,
+            max_frame_bytes=MAX_FRAME,
+        )
+        return bound
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._conns):
+            conn.writer.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+        self.region.close()
+
+    # -- connections ---------------------------------------------------------------------------
+    async def _handle(self, stream: RecordStream, writer: asyncio.StreamWriter) -> None:
+        conn = _Conn(writer.get_extra_info("peername"), stream, writer)
+        self._conns.add(conn)
+        try:
+            while not conn.evicted:
+                record = await stream.read_record()
+                if record is None:
+                    log("connection_closed", peer=conn.peer, phase=conn.phase.value)
+                    break
+                head, data = record
+                msg = decode_record(head, data)
+                if conn.phase is Phase.RUNNING:
+                    self._running(conn, msg)
+                else:
+                    self._negotiation_step(conn, msg)
+                await writer.drain()
+        except _Close as exc:
+            log("closed", peer=conn.peer, phase=conn.phase.value, reason=str(exc))
+        except ProtocolError as exc:
+            log("protocol_error", peer=conn.peer, phase=conn.phase.value, reason=str(exc))
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            log("connection_lost", peer=conn.peer, reason=repr(exc)[:300])
+        except Exception as exc:  # noqa: BLE001 - a bug costs one connection, not the process
+            log("connection_error", peer=conn.peer, error=f"{type(exc).__name__}: {exc}"[:300])
+        finally:
+            self._conns.discard(conn)
+            if self._active.get(conn.upstairs_id) is conn:
+                del self._active[conn.upstairs_id]
+                log("deactivated", upstairs_id=str(conn.upstairs_id), reason="disconnected")
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    # -- negotiation -----------------------------------------------------------------------------
+    def _negotiation_step(self, conn: _Conn, msg: Message) -> None:
+        if isinstance(msg, m.Ruok):
+            conn.send(m.Imok())
+        elif isinstance(msg, m.HereIAm):
+            if conn.phase is not Phase.OPEN:
+                raise _Close("HereIAm out of order")
+            reply = answer_here_i_am(
+                msg,
+                repair_addr=self._repair_addr,
+                read_only=self.read_only,
+                encrypted=self.region.definition.encrypted,
+            )
+            conn.send(reply)
+            if not isinstance(reply, m.YesItsMe):
+                raise _Close(f"refused HereIAm: {type(reply).__name__}")
+            conn.phase = Phase.CONNECTED
+            conn.upstairs_id, conn.session_id, conn.generation = (
+                msg.upstairs_id,
+                msg.session_id,
+                msg.generation,
+            )
+            log("connected", peer=conn.peer, upstairs_id=str(msg.upstairs_id), generation=msg.generation)
+        elif isinstance(msg, m.PromoteToActive):
+            if conn.phase is not Phase.CONNECTED:
+                raise _Close(f"PromoteToActive out of order ({conn.phase.value})")
+            if (msg.upstairs_id, msg.session_id) != (conn.upstairs_id, conn.session_id):
+                conn.send(m.UuidMismatch(conn.upstairs_id))
+                raise _Close("PromoteToActive with other ids than HereIAm's")
+            conn.generation = msg.generation
+            self._promote(conn)
+            conn.phase = Phase.PROMOTED
+            conn.stream.negotiated(MAX_FRAME)
+            conn.stream.set_splitter(FrameSplitter(MAX_FRAME))
+            conn.send(m.YouAreNowActive(msg.upstairs_id, msg.session_id, msg.generation))
+            log("active", peer=conn.peer, upstairs_id=str(conn.upstairs_id), generation=conn.generation)
+        elif isinstance(msg, m.RegionInfoPlease):
+            if conn.phase is not Phase.PROMOTED:
+                raise _Close(f"RegionInfoPlease out of order ({conn.phase.value})")
+            conn.phase = Phase.REGION_INFO
+            conn.send(m.RegionInfo(self.region.definition))
+        elif isinstance(msg, m.ExtentVersionsPlease):
+            if conn.phase is not Phase.REGION_INFO:
+                raise _Close(f"ExtentVersionsPlease out of order ({conn.phase.value})")
+            conn.phase = Phase.RUNNING
+            conn.send(m.ExtentVersions(*self.region.versions()))
+        elif isinstance(msg, m.LastFlush):
+            if conn.phase is not Phase.REGION_INFO:
+                raise _Close(f"LastFlush out of order ({conn.phase.value})")
+            conn.phase = Phase.RUNNING
+            if msg.last_flush_number is not None:
+                conn.done.add(msg.last_flush_number)
+            log("last_flush", peer=conn.peer, last_flush_number=msg.last_flush_number)
+        else:
+            log("ignored", peer=conn.peer, phase=conn.phase.value, message=type(msg).__name__)
+
+    def _promote(self, conn: _Conn) -> None:
+        """Make ``conn`` the active upstairs (read-write: the only one), or raise _Close."""
+        old = (
+            self._active.get(conn.upstairs_id) if self.read_only else next(iter(self._active.values()), None)
+        )
+        if old is not None and not self.read_only:
+            if conn.generation < old.generation:
+                raise _Close(f"generation {conn.generation} is lower than the active {old.generation}")
+            same = (conn.upstairs_id, conn.session_id, conn.generation) == (
+                old.upstairs_id,
+                old.session_id,
+                old.generation,
+            )
+            if conn.generation == old.generation and not same:
+                raise _Close(f"generation {conn.generation} is already active for another session")
+        if old is not None:
+            old.send(m.YouAreNoLongerActive(conn.upstairs_id, conn.session_id, conn.generation))
+            old.evicted = True
+            old.pending.clear()
+            old.writer.close()  # what was queued (the message above) still goes out
+            self._active.pop(old.upstairs_id, None)
+            log(
+                "taken_over",
+                old_upstairs_id=str(old.upstairs_id),
+                old_generation=old.generation,
+                new_upstairs_id=str(conn.upstairs_id),
+                new_generation=conn.generation,
+            )
+        self._active[conn.upstairs_id] = conn
+
+    # -- running ------------------------------------------------------------------------------
+    def _running(self, conn: _Conn, msg: Message) -> None:
+        if isinstance(msg, m.Ruok):
+            conn.send(m.Imok())
+            return
+        if isinstance(msg, _RECONCILE):
+            conn.send(m.ExtentError(msg.repair_id, msg.extent_id, _unsupported(type(msg).__name__)))
+            return
+        if not isinstance(msg, _IO):
+            raise _Close(f"unexpected {type(msg).__name__} after negotiation")
+        upstairs_id, session_id = _ids(msg)
+        if upstairs_id != conn.upstairs_id:
+            conn.send(m.UuidMismatch(conn.upstairs_id))
+            return
+        if session_id != conn.session_id:
+            conn.send(m.UuidMismatch(conn.session_id))
+            return
+        if self.read_only and isinstance(msg, m.Write | m.WriteUnwritten | _LIVE_REPAIR | m.ExtentLiveNoOp):
+            raise _Close(f"{type(msg).__name__} to a read-only downstairs")
+        if isinstance(msg, _LIVE_REPAIR):
+            self._refuse_live_repair(conn, msg)
+            return
+        job_id = _job_id(msg)
+        if all(d in conn.done for d in _deps(msg)):
+            self._run(conn, job_id, msg)
+            self._run_ready(conn)
+            return
+        size = len(msg.data) if isinstance(msg, m.Write | m.WriteUnwritten) else 0
+        if len(conn.pending) >= MAX_PENDING_JOBS or conn.pending_bytes + size > MAX_PENDING_BYTES:
+            raise ProtocolError(
+                f"more than {MAX_PENDING_JOBS} jobs or {MAX_PENDING_BYTES} bytes waiting for dependencies"
+            )
+        conn.pending.append((job_id, msg))
+        conn.pending_bytes += size
+
+    def _refuse_live_repair(self, conn: _Conn, msg: Message) -> None:
+        job_id, error = _job_id(msg), _unsupported(type(msg).__name__)
+        if isinstance(msg, m.ExtentLiveClose | m.ExtentLiveFlushClose):
+            conn.send(m.ExtentLiveCloseAck(conn.upstairs_id, conn.session_id, job_id, error))
+        elif isinstance(msg, m.ExtentLiveRepair):
+            conn.send(m.ExtentLiveRepairAckId(conn.upstairs_id, conn.session_id, job_id, error))
+        else:
+            conn.send(m.ExtentLiveAckId(conn.upstairs_id, conn.session_id, job_id, error))
+
+    def _run_ready(self, conn: _Conn) -> None:
+        """Run waiting jobs whose dependencies are now done, oldest first, until none is."""
+        progress = True
+        while progress and conn.pending and not conn.evicted:
+            progress = False
+            for i, (job_id, msg) in enumerate(conn.pending):
+                if all(d in conn.done for d in _deps(msg)):
+                    del conn.pending[i]
+                    if isinstance(msg, m.Write | m.WriteUnwritten):
+                        conn.pending_bytes -= len(msg.data)
+                    self._run(conn, job_id, msg)
+                    progress = True
+                    break
+
+    def _injected(self, conn: _Conn, job_id: int, enabled: bool) -> bool:
+        if enabled and self._rng.random() < _ERROR_RATE:
+            error = CrucibleError(ErrorKind.GenericError, "test error")
+            conn.send(m.ErrorReport(conn.upstairs_id, conn.session_id, job_id, error))
+            return True
+        return False
+
+    def _run(self, conn: _Conn, job_id: int, msg: Message) -> None:
+        """Do one job and send its reply; a success marks it done."""
+        u, s = conn.upstairs_id, conn.session_id
+        ok = True
+        if isinstance(msg, m.Write | m.WriteUnwritten):
+            while self._injected(conn, job_id, self.faults.write_errors):
+                pass
+            error = self._write(
+                msg.header.start, msg.data, msg.header.contexts, isinstance(msg, m.WriteUnwritten)
+            )
+            ack = m.WriteAck if isinstance(msg, m.Write) else m.WriteUnwrittenAck
+            conn.send(ack(u, s, job_id, error))
+            ok = error is None
+        elif isinstance(msg, m.ReadRequest):
+            while self._injected(conn, job_id, self.faults.read_errors):
+                pass
+            try:
+                self._check_read_size(msg.count)
+                data, contexts = self.region.read(msg.start, msg.count)
+            except ExtentFailure as exc:
+                log("io_error", job_id=job_id, op="read", error=str(exc))
+                conn.send(m.ReadResponse(ReadResponseHeader(u, s, job_id, exc.error), b""))
+                ok = False
+            else:
+                conn.send(m.ReadResponse(ReadResponseHeader(u, s, job_id, tuple(contexts)), data))
+        elif isinstance(msg, m.Flush):
+            while self._injected(conn, job_id, self.faults.flush_errors):
+                pass
+            error = self._flush(msg)
+            conn.send(m.FlushAck(u, s, job_id, error))
+            ok = error is None
+        elif isinstance(msg, m.Barrier):
+            conn.send(m.BarrierAck(u, s, job_id, None))
+        elif isinstance(msg, m.ExtentLiveNoOp):
+            conn.send(m.ExtentLiveAckId(u, s, job_id, None))
+        if not ok:
+            return
+        if isinstance(msg, m.Flush | m.Barrier):
+            conn.done.clear()  # as Crucible: later jobs depend on the flush, not on what it covers
+        conn.done.add(job_id)
+
+    def _check_read_size(self, count: int) -> None:
+        limit = (MAX_FRAME - _READ_RESPONSE_OVERHEAD) // self.region.block_size
+        if count > limit:
+            raise ExtentFailure(
+                CrucibleError(
+                    ErrorKind.InvalidNumberOfBlocks,
+                    f"a read of {count} blocks exceeds {limit}, a frame's worth",
+                )
+            )
+
+    def _write(
+        self, start: int, data: bytes, contexts: Sequence[BlockContext], only_unwritten: bool
+    ) -> CrucibleError | None:
+        try:
+            self.region.check_range(start, len(contexts))
+            if len(data) != len(contexts) * self.region.block_size:
+                raise ExtentFailure(
+                    CrucibleError(
+                        ErrorKind.InvalidNumberOfBlocks,
+                        f"{len(data)} bytes of data for {len(contexts)} block contexts",
+                    )
+                )
+            self.region.write(start, data, contexts, only_unwritten)
+        except ExtentFailure as exc:
+            log("io_error", op="write", start=start, blocks=len(contexts), error=str(exc))
+            return exc.error
+        return None
+
+    def _flush(self, msg: m.Flush) -> CrucibleError | None:
+        try:
+            if self.read_only and msg.snapshot_details is not None:
+                raise ExtentFailure(CrucibleError(ErrorKind.ModifyingReadOnlyRegion))
+            self.region.flush(msg.flush_number, msg.gen_number, msg.extent_limit)
+        except ExtentFailure as exc:
+            log("io_error", op="flush", job_id=msg.job_id, error=str(exc))
+            return exc.error
+        return None
+
+
+# -- command line ----------------------------------------------------------------------------
+def _positive(kind: type[int] | type[float]) -> Any:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+        return value
+
+    return parse
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sut.storage.downstairs13",
+        description="downstairs speaking Crucible's protocol (version 13) over raw extents",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    create = sub.add_parser("create", help="create a region (as crucible-downstairs create)")
+    create.add_argument("-u", "--uuid", required=True, type=uuid.UUID)
+    create.add_argument("-d", "--data", required=True, type=Path)
+    create.add_argument("--block-size", type=int, default=512)
+    create.add_argument("--extent-size", type=int, default=100, help="blocks per extent")
+    create.add_argument("--extent-count", type=int, default=15)
+    create.add_argument("--encrypted", action="store_true")
+    run = sub.add_parser("run", help="serve an existing region")
+    run.add_argument("-d", "--data", required=True, type=Path)
+    run.add_argument("-a", "--address", default="127.0.0.1")
+    run.add_argument("-p", "--port", type=int, default=9000)
+    run.add_argument("--mode", choices=("rw", "ro"), default="rw")
+    run.add_argument("--read-errors", action="store_true")
+    run.add_argument("--write-errors", action="store_true")
+    run.add_argument("--flush-errors", action="store_true")
+    defaults = ConnectionLimits()
+    run.add_argument(
+        "--handshake-timeout",
+        type=_positive(float),
+        default=defaults.handshake_timeout_s,
+        metavar="SECONDS",
+        help="close a connection that has not become active within this time (default: %(default)s)",
+    )
+    run.add_argument(
+        "--max-connections",
+        type=_positive(int),
+        default=defaults.max_connections,
+        metavar="N",
+        help="connections open at once; more are closed at once (default: %(default)s)",
+    )
+    return parser
+
+
+async def _run(args: argparse.Namespace) -> None:
+    read_only = args.mode == "ro"
+    region = RawRegion.open(args.data, read_only=read_only)
+    limits = ConnectionLimits(
+        max_connections=args.max_connections, handshake_timeout_s=args.handshake_timeout
+    )
+    faults = FaultConfig(args.read_errors, args.write_errors, args.flush_errors)
+    ds = Downstairs13(region, read_only=read_only, limits=limits, faults=faults)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_log_loop_exception)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await ds.start(args.address, args.port)
+        await stop.wait()
+        log("stopping", reason="signal")
+    finally:
+        await ds.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "create":
+            region = RawRegion.create(
+                args.data,
+                args.uuid,
+                block_size=args.block_size,
+                extent_size=args.extent_size,
+                extent_count=args.extent_count,
+                encrypted=args.encrypted,
+            )
+            region.close()
+            log("created", dir=str(args.data), uuid=str(args.uuid))
+            return 0
+        asyncio.run(_run(args))
+        return 0
+    except (ExtentFailure, ValueError, OSError) as exc:
+        log("error", error=f"{type(exc).__name__}: {exc}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,474 @@
+"""Our Crucible-protocol downstairs (sut.storage.downstairs13) against the REAL one: same replies.
+
+Every ``test_interop_*`` runs twice, once against the real ``crucible-downstairs`` (skipped
+without the binary) and once against ``python -m sut.storage.downstairs13``, both created by
+their own ``create`` command, and asserts the same answers - byte for byte where the oracle
+captured golden frames (tests/unit/storage/test_wire.py ``ORACLE_FRAMES``). The ``test_ours_*``
+tests pin where ours deliberately differs: where the real one aborts or spins, ours answers
+with an error and serves on.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sut.storage import wire
+from sut.storage.extent_raw import RawRegion
+from sut.storage.wire import messages as m
+from sut.storage.wire.blockhash import block_hash, unencrypted_contexts, verify_unencrypted
+from tests.integration.storage.crucible_ds import (
+    BLOCK_SIZE,
+    EXTENT_COUNT,
+    EXTENT_SIZE,
+    CrucibleDownstairs,
+    OurDownstairs,
+    RealDownstairs,
+    hello,
+    needs_binary,
+    negotiate,
+)
+from tests.unit.storage.test_wire import (
+    ORACLE_FRAMES,
+    ORACLE_REGION,
+    ORACLE_SESSION,
+    ORACLE_UPSTAIRS,
+    oracle_pattern,
+)
+
+pytestmark = [pytest.mark.integration]
+
+U, S = ORACLE_UPSTAIRS, ORACLE_SESSION
+NEW_U, NEW_S = uuid.UUID(int=0xABC), uuid.UUID(int=0xDEF)
+KINDS = {"real": RealDownstairs, "ours": OurDownstairs}
+
+
+def _start(tmp_path: Path, kind: str, flags: tuple[str, ...] = ()) -> CrucibleDownstairs:
+    root = Path(tempfile.mkdtemp(prefix=f"{kind}-ds-", dir=tmp_path))
+    ds = KINDS[kind](root, flags=flags)
+    try:
+        ds.create(ORACLE_REGION)
+        ds.start()
+    except BaseException:
+        ds.__exit__(None, None, None)
+        raise
+    return ds
+
+
+@pytest.fixture(params=[pytest.param("real", marks=needs_binary), "ours"])
+def downstairs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[CrucibleDownstairs]:
+    """The real downstairs or ours, over a fresh region of the oracle's geometry."""
+    with _start(tmp_path, request.param) as ds:
+        yield ds
+
+
+@pytest.fixture
+def ours(tmp_path: Path) -> Iterator[CrucibleDownstairs]:
+    with _start(tmp_path, "ours") as ds:
+        yield ds
+
+
+def write(job: int, start: int, data: bytes, deps: tuple[int, ...] = ()) -> m.Write:
+    return m.Write(wire.WriteHeader(U, S, job, deps, start, unencrypted_contexts(data, BLOCK_SIZE)), data)
+
+
+# -- negotiation -------------------------------------------------------------------------------
+def test_interop_here_i_am_ruok_region_info_and_versions(downstairs: CrucibleDownstairs) -> None:
+    peer = downstairs.connect()
+    try:
+        peer.send(m.Ruok())
+        assert peer.recv_frame() == ORACLE_FRAMES["Imok"]
+        peer.send(hello())
+        assert peer.recv() == m.YesItsMe(13, downstairs.repair_addr)
+        peer.send(m.Ruok())
+        assert peer.recv_frame() == ORACLE_FRAMES["Imok"]
+        peer.send(m.PromoteToActive(U, S, 1))
+        assert peer.recv_frame() == ORACLE_FRAMES["YouAreNowActive"]
+        peer.send(m.RegionInfoPlease())
+        assert peer.recv_frame() == ORACLE_FRAMES["RegionInfo"]
+        peer.send(m.ExtentVersionsPlease())
+        assert peer.recv_frame() == ORACLE_FRAMES["ExtentVersions"]
+        peer.send(m.Ruok())
+        assert peer.recv_frame() == ORACLE_FRAMES["Imok"]
+    finally:
+        peer.close()
+
+
+@pytest.mark.parametrize(
+    ("version", "alternates", "read_only", "encrypted"),
+    [
+        (12, (), False, False),
+        (14, (), False, False),
+        (12, (11, 10), False, False),
+        (14, (13,), False, False),
+        (7, (12, 13, 14), False, False),
+        (13, (99,), False, False),
+        (13, (), True, False),
+        (13, (), False, True),
+        (13, (), True, True),
+        (12, (), True, True),  # the version is checked first
+    ],
+)
+def test_interop_here_i_am_answers(
+    downstairs: CrucibleDownstairs,
+    version: int,
+    alternates: tuple[int, ...],
+    read_only: bool,
+    encrypted: bool,
+) -> None:
+    msg = hello(version=version, alternate_versions=alternates, read_only=read_only, encrypted=encrypted)
+    expected = wire.answer_here_i_am(
+        msg, repair_addr=downstairs.repair_addr, read_only=False, encrypted=False
+    )
+    peer = downstairs.connect()
+    try:
+        peer.send(msg)
+        frame = peer.recv_frame()
+        assert frame == wire.encode(expected)
+        if not isinstance(expected, m.YesItsMe):
+            peer.expect_closed()
+    finally:
+        peer.close()
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [
+        pytest.param([m.PromoteToActive(U, S, 1)], id="promote-first"),
+        pytest.param([hello(), m.RegionInfoPlease()], id="region-info-before-promote"),
+        pytest.param(
+            [hello(), m.PromoteToActive(U, S, 1), m.ExtentVersionsPlease()], id="versions-before-info"
+        ),
+        pytest.param([hello(), m.PromoteToActive(U, S, 1), m.LastFlush(3)], id="last-flush-before-info"),
+        pytest.param([hello(), hello()], id="here-i-am-twice"),
+    ],
+)
+def test_interop_negotiation_out_of_order_closes(
+    downstairs: CrucibleDownstairs, steps: list[wire.Message]
+) -> None:
+    peer = downstairs.connect()
+    try:
+        for msg in steps[:-1]:
+            peer.send(msg)
+            assert not isinstance(peer.recv(), m.VersionMismatch)
+        peer.send(steps[-1])
+        peer.expect_closed()
+    finally:
+        peer.close()
+
+
+def test_interop_promote_with_other_ids_is_uuid_mismatch(downstairs: CrucibleDownstairs) -> None:
+    peer = downstairs.connect()
+    try:
+        peer.send(hello())
+        assert isinstance(peer.recv(), m.YesItsMe)
+        peer.send(m.PromoteToActive(NEW_U, S, 1))
+        assert peer.recv() == m.UuidMismatch(U)
+        peer.expect_closed()
+    finally:
+        peer.close()
+
+
+def test_interop_io_before_negotiation_is_ignored(downstairs: CrucibleDownstairs) -> None:
+    peer = downstairs.connect()
+    try:
+        peer.send(m.ReadRequest(U, S, 1, (), 0, 1))
+        peer.send(write(2, 0, oracle_pattern(1)))
+        peer.send(hello())
+        assert peer.recv() == m.YesItsMe(13, downstairs.repair_addr)
+    finally:
+        peer.close()
+
+
+# -- I/O ---------------------------------------------------------------------------------------
+def test_interop_write_flush_read_barrier(downstairs: CrucibleDownstairs) -> None:
+    data = oracle_pattern(3)
+    peer, _ = negotiate(downstairs)
+    try:
+        peer.send(write(1000, 5, data))
+        assert peer.recv_frame() == ORACLE_FRAMES["WriteAck"]
+        peer.send(m.Flush(U, S, 1001, (1000,), 1, 1))
+        assert peer.recv_frame() == ORACLE_FRAMES["FlushAck"]
+        peer.send(m.ReadRequest(U, S, 1002, (1001,), 5, 3))
+        frame = peer.recv_frame()
+        assert frame == ORACLE_FRAMES["ReadResponse"]
+        read = wire.decode(frame)
+        assert isinstance(read, m.ReadResponse) and isinstance(read.header.blocks, tuple)
+        assert verify_unencrypted(read.header.blocks, read.data, BLOCK_SIZE) == []
+        peer.send(m.ReadRequest(U, S, 1003, (1002,), EXTENT_SIZE - 1, 2))
+        assert peer.recv_frame() == ORACLE_FRAMES["ReadResponseEmpty"]
+        peer.send(m.Barrier(U, S, 1004, (1003,)))
+        assert peer.recv_frame() == ORACLE_FRAMES["BarrierAck"]
+    finally:
+        peer.close()
+
+
+def test_interop_write_unwritten_skips_written_blocks(downstairs: CrucibleDownstairs) -> None:
+    first, second = oracle_pattern(1), bytes(range(256)) * 4
+    peer, _ = negotiate(downstairs)
+    try:
+        peer.send(write(1000, 10, first))
+        assert peer.recv() == m.WriteAck(U, S, 1000, None)
+        header = wire.WriteHeader(U, S, 1001, (1000,), 10, unencrypted_contexts(second, BLOCK_SIZE))
+        peer.send(m.WriteUnwritten(header, second))
+        assert peer.recv() == m.WriteUnwrittenAck(U, S, 1001, None)
+        peer.send(m.ReadRequest(U, S, 1002, (1001,), 10, 2))
+        read = peer.recv()
+        assert isinstance(read, m.ReadResponse)
+        assert read.data == first + second[BLOCK_SIZE:]
+        assert read.header.blocks == (
+            wire.ReadBlockUnencrypted(block_hash(first)),
+            wire.ReadBlockUnencrypted(block_hash(second[BLOCK_SIZE:])),
+        )
+    finally:
+        peer.close()
+
+
+def test_interop_jobs_run_by_dependencies_not_arrival(downstairs: CrucibleDownstairs) -> None:
+    """A read that depends on a later-sent write waits for it; an independent read does not."""
+    data = oracle_pattern(2)
+    peer, _ = negotiate(downstairs)
+    try:
+        peer.send(m.ReadRequest(U, S, 1002, (1001,), 20, 2))  # waits for 1001
+        peer.send(m.ReadRequest(U, S, 1000, (), 30, 1))  # ready: answered first
+        first = peer.recv()
+        assert isinstance(first, m.ReadResponse) and first.header.job_id == 1000
+        peer.send(write(1001, 20, data, (1000,)))
+        assert peer.recv() == m.WriteAck(U, S, 1001, None)
+        read = peer.recv()
+        assert isinstance(read, m.ReadResponse) and read.header.job_id == 1002
+        assert read.data == data
+    finally:
+        peer.close()
+
+
+def test_interop_uuid_mismatch_takeover_and_lower_generation(downstairs: CrucibleDownstairs) -> None:
+    old, _ = negotiate(downstairs)
+    try:
+        old.send(m.ReadRequest(uuid.UUID(int=5), S, 1000, (), 0, 1))
+        assert old.recv_frame() == ORACLE_FRAMES["UuidMismatch"]
+        old.send(m.ReadRequest(U, uuid.UUID(int=6), 1001, (), 0, 1))
+        assert old.recv() == m.UuidMismatch(S)
+        old.send(m.Ruok())
+        assert old.recv() == m.Imok()  # still served
+        new, _ = negotiate(downstairs, NEW_U, NEW_S, 2)
+        try:
+            assert old.recv_frame() == ORACLE_FRAMES["YouAreNoLongerActive"]
+            old.expect_closed()
+            low = downstairs.connect()
+            try:
+                low.send(hello(generation=1))
+                assert isinstance(low.recv(), m.YesItsMe)
+                low.send(m.PromoteToActive(U, S, 1))
+                low.expect_closed()
+            finally:
+                low.close()
+            same_gen = downstairs.connect()
+            try:
+                same_gen.send(hello(generation=2))
+                assert isinstance(same_gen.recv(), m.YesItsMe)
+                same_gen.send(m.PromoteToActive(U, S, 2))
+                same_gen.expect_closed()
+            finally:
+                same_gen.close()
+            new.send(m.Ruok())
+            assert new.recv() == m.Imok()  # the active one is untouched
+        finally:
+            new.close()
+    finally:
+        old.close()
+
+
+def test_interop_flush_options_live_noop_and_last_flush(downstairs: CrucibleDownstairs) -> None:
+    data = oracle_pattern(1)
+    peer, _ = negotiate(downstairs)
+    try:
+        peer.send(write(1001, 70, data))
+        assert peer.recv() == m.WriteAck(U, S, 1001, None)
+        peer.send(m.Flush(U, S, 1002, (1001,), 7, 1, None, 0))
+        assert peer.recv() == m.FlushAck(U, S, 1002, None)
+        peer.send(m.ExtentLiveNoOp(U, S, 1003, (1002,)))
+        assert peer.recv_frame() == ORACLE_FRAMES["ExtentLiveAckId"]
+        peer.send(m.Flush(U, S, 1004, (1003,), 8, 1, wire.SnapshotDetails("snap1"), None))
+        assert peer.recv() == m.FlushAck(U, S, 1004, None)
+        peer.send(m.ReadRequest(U, S, 1005, (1004,), 0, 0))
+        assert peer.recv_frame() == ORACLE_FRAMES["ReadResponseNone"]
+    finally:
+        peer.close()
+    new, _ = negotiate(downstairs, NEW_U, NEW_S, 2)
+    new.close()
+    assert new.received[-1] == ORACLE_FRAMES["ExtentVersionsAfterFlush"]
+    back = downstairs.connect()
+    try:
+        back.send(hello(generation=3))
+        assert isinstance(back.recv(), m.YesItsMe)
+        back.send(m.PromoteToActive(U, S, 3))
+        assert back.recv() == m.YouAreNowActive(U, S, 3)
+        back.send(m.RegionInfoPlease())
+        assert isinstance(back.recv(), m.RegionInfo)
+        back.send(m.LastFlush(8))
+        back.send(m.ReadRequest(U, S, 2000, (8,), 70, 1))  # job 8 counts as done
+        read = back.recv()
+        assert isinstance(read, m.ReadResponse) and read.data == data
+    finally:
+        back.close()
+
+
+@pytest.mark.parametrize("kind", [pytest.param("real", marks=needs_binary), "ours"])
+def test_interop_error_report_then_retried_ack(tmp_path: Path, kind: str) -> None:
+    data = oracle_pattern(1)
+    with _start(tmp_path, kind, ("--write-errors",)) as ds:
+        peer, _ = negotiate(ds)
+        try:
+            reports = 0
+            for job in range(1000, 1060):  # P(no failure in 60 writes) = 0.75**60 ~ 3e-8
+                peer.send(write(job, 3, data))
+                while isinstance(reply := peer.recv(), m.ErrorReport):
+                    assert reply == m.ErrorReport(
+                        U, S, job, wire.CrucibleError(wire.ErrorKind.GenericError, "test error")
+                    )
+                    reports += 1
+                assert reply == m.WriteAck(U, S, job, None)
+                if reports:
+                    break
+            assert reports, "no write failed in 60"
+        finally:
+            peer.close()
+
+
+@needs_binary
+def test_interop_same_data_same_versions_on_both(tmp_path: Path) -> None:
+    """One session of writes and flushes against each; afterwards ExtentVersions and a read of
+    the whole region are identical (then each serves the other's region files the same)."""
+    results = []
+    dirs = []
+    for kind in ("real", "ours"):
+        with _start(tmp_path, kind) as ds:
+            peer, _ = negotiate(ds)
+            try:
+                for n, start in enumerate((0, EXTENT_SIZE - 3, 2 * EXTENT_SIZE + 9)):
+                    data = oracle_pattern(n + 2)
+                    peer.send(write(1000 + 2 * n, start, data))
+                    assert peer.recv() == m.WriteAck(U, S, 1000 + 2 * n, None)
+                    if n < 2:
+                        peer.send(m.Flush(U, S, 1001 + 2 * n, (1000 + 2 * n,), 5 + n, 1))
+                        assert peer.recv() == m.FlushAck(U, S, 1001 + 2 * n, None)
+                peer.send(m.ReadRequest(U, S, 1100, (), 0, EXTENT_SIZE * EXTENT_COUNT))
+                read = peer.recv()
+            finally:
+                peer.close()
+            again, versions = negotiate(ds, NEW_U, NEW_S, 2)
+            again.close()
+            results.append((read, versions))
+            ds.stop()
+            with RawRegion.open(ds.region_dir) as region:
+                dirs.append((region.read(0, EXTENT_SIZE * EXTENT_COUNT), region.versions()))
+    assert results[0] == results[1]
+    assert results[0][1].dirty_bits == (False, False, True, False)
+    assert dirs[0] == dirs[1]
+
+
+# -- where ours differs on purpose ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("start", "count"), [(EXTENT_SIZE * EXTENT_COUNT - 6, 10), (1 << 62, 1), (0, 1 << 40)]
+)
+def test_ours_answers_io_past_the_end_with_an_error(ours: CrucibleDownstairs, start: int, count: int) -> None:
+    """The real downstairs aborts on these (test_wire_oracle pins it); ours answers and serves on."""
+    data = oracle_pattern(1)
+    peer, _ = negotiate(ours)
+    try:
+        peer.send(m.ReadRequest(U, S, 1000, (), start, count))
+        read = peer.recv()
+        assert isinstance(read, m.ReadResponse)
+        assert isinstance(read.header.blocks, wire.CrucibleError) and read.data == b""
+        assert read.header.blocks.kind in (wire.ErrorKind.OffsetInvalid, wire.ErrorKind.InvalidNumberOfBlocks)
+        peer.send(write(1001, max(start, EXTENT_SIZE * EXTENT_COUNT), data))  # one block, past the end
+        assert peer.recv() == m.WriteAck(U, S, 1001, wire.CrucibleError(wire.ErrorKind.OffsetInvalid))
+        peer.send(write(1002, 0, data))
+        assert peer.recv() == m.WriteAck(U, S, 1002, None)
+    finally:
+        peer.close()
+
+
+def test_ours_answers_a_bad_hash_and_a_short_write_with_errors(ours: CrucibleDownstairs) -> None:
+    """The real one retries a bad hash forever; ours acks with HashMismatch, writes nothing."""
+    data = oracle_pattern(2)
+    peer, _ = negotiate(ours)
+    try:
+        contexts = (wire.BlockContext(block_hash(data[:BLOCK_SIZE])), wire.BlockContext(12345))
+        peer.send(m.Write(wire.WriteHeader(U, S, 1000, (), 4, contexts), data))
+        assert peer.recv() == m.WriteAck(U, S, 1000, wire.CrucibleError(wire.ErrorKind.HashMismatch))
+        short = m.Write(wire.WriteHeader(U, S, 1001, (), 4, contexts), data[:BLOCK_SIZE])
+        peer.send(short)
+        reply = peer.recv()
+        assert isinstance(reply, m.WriteAck) and isinstance(reply.result, wire.CrucibleError)
+        assert reply.result.kind == wire.ErrorKind.InvalidNumberOfBlocks
+        peer.send(m.ReadRequest(U, S, 1002, (), 4, 2))
+        read = peer.recv()
+        assert isinstance(read, m.ReadResponse)
+        assert read.header.blocks == (wire.ReadBlockEmpty(), wire.ReadBlockEmpty())
+        # the failed write is not done: a job depending on it waits (Crucible's rule)
+        peer.send(m.ReadRequest(U, S, 1003, (1000,), 4, 1))
+        peer.send(m.Ruok())
+        assert peer.recv() == m.Imok()
+    finally:
+        peer.close()
+
+
+def test_ours_answers_repair_messages_with_unsupported(ours: CrucibleDownstairs) -> None:
+    peer, _ = negotiate(ours)
+    try:
+        peer.send(m.ExtentClose(7, 1))
+        reply = peer.recv()
+        assert isinstance(reply, m.ExtentError) and (reply.repair_id, reply.extent_id) == (7, 1)
+        assert reply.error.kind == wire.ErrorKind.Unsupported
+        peer.send(m.ExtentLiveClose(U, S, 1000, (), 1))
+        close_ack = peer.recv()
+        assert isinstance(close_ack, m.ExtentLiveCloseAck) and isinstance(
+            close_ack.result, wire.CrucibleError
+        )
+        peer.send(m.ExtentLiveRepair(U, S, 1001, (), 1, 0, ours.repair_addr))
+        repair_ack = peer.recv()
+        assert isinstance(repair_ack, m.ExtentLiveRepairAckId)
+        assert isinstance(repair_ack.result, wire.CrucibleError)
+    finally:
+        peer.close()
+
+
+def test_ours_caps_frames_before_activation(ours: CrucibleDownstairs) -> None:
+    peer = ours.connect()
+    try:
+        peer.sock.sendall(struct.pack("<II", wire.NEGOTIATION_FRAME_CAP + 1, 0))
+        peer.expect_closed()
+    finally:
+        peer.close()
+    peer, _ = negotiate(ours)  # the process serves on
+    peer.close()
+    assert "protocol_error" in ours.log_path.read_text()
+
+
+def test_ours_handshake_deadline_and_connection_cap(tmp_path: Path) -> None:
+    with _start(tmp_path, "ours", ("--handshake-timeout", "0.5", "--max-connections", "2")) as ds:
+        silent = ds.connect()
+        try:
+            silent.expect_closed()  # no HereIAm within 0.5 s
+        finally:
+            silent.close()
+        a, _ = negotiate(ds)
+        b = ds.connect()
+        c = socket.create_connection(("127.0.0.1", ds.port), timeout=10)
+        try:
+            assert c.recv(1) == b""  # the third is closed at once
+            a.send(m.Ruok())
+            assert a.recv() == m.Imok()
+        finally:
+            a.close()
+            b.close()
+            c.close()
+        ds.wait_for_log("connection_refused")
