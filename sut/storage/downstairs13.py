@@ -367,7 +367,7 @@ class Downstairs13:
         if session_id != conn.session_id:
             conn.send(m.UuidMismatch(conn.session_id))
             return
-        if self.read_only and isinstance(msg, m.Write | m.WriteUnwritten | _LIVE_REPAIR | m.ExtentLiveNoOp):
+        if self.read_only and isinstance(msg, (m.Write, m.WriteUnwritten, m.ExtentLiveNoOp, *_LIVE_REPAIR)):
             raise _Close(f"{type(msg).__name__} to a read-only downstairs")
         if isinstance(msg, _LIVE_REPAIR):
             self._refuse_live_repair(conn, msg)

@@ -22,7 +22,12 @@ import pytest
 from sut.storage import wire
 from sut.storage.extent_raw import RawRegion
 from sut.storage.wire import messages as m
-from sut.storage.wire.blockhash import block_hash, unencrypted_contexts, verify_unencrypted
+from sut.storage.wire.blockhash import (
+    block_hash,
+    encrypted_block_hash,
+    unencrypted_contexts,
+    verify_unencrypted,
+)
 from tests.integration.storage.crucible_ds import (
     BLOCK_SIZE,
     EXTENT_COUNT,
@@ -472,3 +477,113 @@ def test_ours_handshake_deadline_and_connection_cap(tmp_path: Path) -> None:
             b.close()
             c.close()
         ds.wait_for_log("connection_refused")
+
+
+# -- read-only and encrypted regions -------------------------------------------------------------
+@pytest.mark.parametrize("kind", [pytest.param("real", marks=needs_binary), "ours"])
+def test_interop_read_only_mode(tmp_path: Path, kind: str) -> None:
+    """--mode ro: a read-write HereIAm is ReadOnlyMismatch; several upstairs may be active at
+    once, a second session of the same upstairs replaces the first; a write closes."""
+    with _start(tmp_path, kind, ("--mode", "ro")) as ds:
+        rw = ds.connect()
+        try:
+            rw.send(hello())
+            assert rw.recv_frame() == wire.encode(m.ReadOnlyMismatch(True))
+            rw.expect_closed()
+        finally:
+            rw.close()
+        a, versions = negotiate(ds, read_only=True)
+        assert versions == m.ExtentVersions((0,) * EXTENT_COUNT, (0,) * EXTENT_COUNT, (False,) * EXTENT_COUNT)
+        b, _ = negotiate(ds, NEW_U, NEW_S, 1, read_only=True)
+        try:
+            a.send(m.ReadRequest(U, S, 1000, (), 0, 1))
+            assert a.recv() == m.ReadResponse(
+                wire.ReadResponseHeader(U, S, 1000, (wire.ReadBlockEmpty(),)), bytes(512)
+            )
+            b.send(m.Flush(NEW_U, NEW_S, 1000, (), 1, 1))
+            assert b.recv() == m.FlushAck(NEW_U, NEW_S, 1000, None)
+            a2, _ = negotiate(ds, U, uuid.UUID(int=99), 1, read_only=True)
+            try:
+                assert a.recv() == m.YouAreNoLongerActive(U, uuid.UUID(int=99), 1)
+                a.expect_closed()
+                b.send(
+                    m.Write(
+                        wire.WriteHeader(NEW_U, NEW_S, 1001, (), 0, unencrypted_contexts(bytes(512), 512)),
+                        bytes(512),
+                    )
+                )
+                b.expect_closed()
+                a2.send(m.Ruok())
+                assert a2.recv() == m.Imok()
+            finally:
+                a2.close()
+        finally:
+            a.close()
+            b.close()
+
+
+@pytest.mark.parametrize("kind", [pytest.param("real", marks=needs_binary), "ours"])
+def test_interop_encrypted_region(tmp_path: Path, kind: str) -> None:
+    root = Path(tempfile.mkdtemp(prefix=f"{kind}-enc-", dir=tmp_path))
+    with KINDS[kind](root) as ds:
+        ds.create(ORACLE_REGION, encrypted=True)
+        ds.start()
+        plain = ds.connect()
+        try:
+            plain.send(hello())
+            assert plain.recv_frame() == wire.encode(m.EncryptedMismatch(True))
+            plain.expect_closed()
+        finally:
+            plain.close()
+        peer, _ = negotiate(ds, encrypted=True)
+        try:
+            peer.send(m.RegionInfoPlease())  # after negotiation: not a job, the connection ends
+            peer.expect_closed()
+        finally:
+            peer.close()
+        peer, _ = negotiate(ds, NEW_U, NEW_S, 2, encrypted=True)
+        try:
+            ciphertext = oracle_pattern(1)
+            enc = wire.EncryptionContext(bytes(range(12)), bytes(range(16, 32)))
+            ctx = wire.BlockContext(encrypted_block_hash(enc.nonce, enc.tag, ciphertext), enc)
+            peer.send(m.Write(wire.WriteHeader(NEW_U, NEW_S, 1000, (), 9, (ctx,)), ciphertext))
+            assert peer.recv() == m.WriteAck(NEW_U, NEW_S, 1000, None)
+            peer.send(m.ReadRequest(NEW_U, NEW_S, 1001, (1000,), 8, 2))
+            read = peer.recv()
+            assert read == m.ReadResponse(
+                wire.ReadResponseHeader(
+                    NEW_U, NEW_S, 1001, (wire.ReadBlockEmpty(), wire.ReadBlockEncrypted(enc))
+                ),
+                bytes(512) + ciphertext,
+            )
+        finally:
+            peer.close()
+
+
+@needs_binary
+def test_real_downstairs_spins_on_a_failing_flush(tmp_path: Path) -> None:
+    """Pinned: a Flush whose extent_limit is beyond the region fails (InvalidExtent) and the
+    real downstairs retries it in a loop that never yields: no reply at all, not even its
+    ErrorReport, and Ruok goes unanswered too. Ours acks it with the error (test below)."""
+    with _start(tmp_path, "real") as ds:
+        peer, _ = negotiate(ds)
+        try:
+            peer.send(m.Flush(U, S, 1000, (), 1, 1, None, EXTENT_COUNT + 1))
+            peer.send(m.Ruok())
+            peer.sock.settimeout(2.0)
+            with pytest.raises(TimeoutError):
+                peer.sock.recv(1)
+            assert ds.proc is not None and ds.proc.poll() is None  # alive, busy
+        finally:
+            peer.close()
+
+
+def test_ours_acks_a_failing_flush_with_its_error(ours: CrucibleDownstairs) -> None:
+    peer, _ = negotiate(ours)
+    try:
+        peer.send(m.Flush(U, S, 1000, (), 1, 1, None, EXTENT_COUNT + 1))
+        assert peer.recv() == m.FlushAck(U, S, 1000, wire.CrucibleError(wire.ErrorKind.InvalidExtent))
+        peer.send(m.Flush(U, S, 1001, (), 1, 1, None, EXTENT_COUNT))  # == extent_count is allowed
+        assert peer.recv() == m.FlushAck(U, S, 1001, None)
+    finally:
+        peer.close()
