@@ -195,3 +195,47 @@ def test_wrong_size_and_wrong_version_are_refused(region: RawRegion) -> None:
     with pytest.raises(ExtentFailure) as err:
         RawExtent.open(region.dir, 1, BS, EXT)
     assert err.value.error.kind == ErrorKind.IoError
+
+
+def test_write_and_flush_order_of_writes_and_fsyncs(
+    region: RawRegion, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Crucible's crash-consistent order: dirty byte + fsync, contexts before data, an fsync
+    before a block is rewritten since the last one, and a flush writes the bitmap and metadata
+    BEFORE its fsync."""
+    ext = region.extents[0]
+    calls: list[str] = []
+    real_pwrite, real_fsync = os.pwrite, os.fsync
+
+    def pwrite(fd: int, data: bytes | memoryview, offset: int) -> int:
+        if offset == ext.meta_offset:
+            calls.append("dirty")
+        elif offset == ext.bitmap_offset:
+            calls.append("bitmap+meta")
+        elif offset >= ext.slots_offset:
+            calls.append("slot")
+        else:
+            calls.append("data")
+        return real_pwrite(fd, data, offset)
+
+    def fsync(fd: int) -> None:
+        calls.append("fsync")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "fsync", fsync)
+    data = pattern(1)
+    region.write(0, data, unencrypted_contexts(data, BS))
+    assert calls == ["dirty", "fsync", "slot", "data"]
+    calls.clear()
+    region.write(1, data, unencrypted_contexts(data, BS))  # another block: no sync needed
+    assert calls == ["slot", "data"]
+    calls.clear()
+    region.write(0, data, unencrypted_contexts(data, BS))  # block 0 again before an fsync
+    assert calls == ["fsync", "slot", "data"]
+    calls.clear()
+    region.flush(1, 1)
+    assert calls == ["bitmap+meta", "fsync"]
+    calls.clear()
+    region.flush(2, 1)  # nothing dirty: nothing written
+    assert calls == []
