@@ -40,9 +40,9 @@ a plain dependency-ordered job). Region I/O runs on the event loop thread.
 
 Hardening (``sut.storage.stream``): ``ConnectionGuard`` (connection cap, handshake deadline),
 ``RecordStream`` with the codec's ``FrameSplitter`` (64 KiB until active, then 100 MiB; bulk
-data received in place), a bound on queued jobs per connection (count and bytes), every
-range checked before the region is touched. Malformed frames close the connection with one
-``protocol_error`` JSON line.
+data received in place), bounds on the jobs a connection may queue (count and bytes) and
+on the jobs remembered as done between flushes, every range checked before the region is
+touched. Malformed frames close the connection with one ``protocol_error`` JSON line.
 """
 
 from __future__ import annotations
@@ -79,6 +79,9 @@ MAX_PENDING_JOBS = 4096
 """Jobs a connection may have waiting for their dependencies; more closes it."""
 MAX_PENDING_BYTES = 512 * 1024 * 1024
 """Write data a connection may have waiting for dependencies; more closes it."""
+MAX_DONE_SINCE_FLUSH = 262_144
+"""Jobs completed since the last Flush or Barrier a connection may accumulate (their ids are
+kept for dependency checks; an upstairs flushes far more often); more closes it."""
 _READ_RESPONSE_OVERHEAD = 64 * 1024  # frame bytes besides the data, generously
 _ERROR_RATE = 0.25  # as the real downstairs' --*-errors flags
 
@@ -417,6 +420,8 @@ class Downstairs13:
 
     def _run(self, conn: _Conn, job_id: int, msg: Message) -> None:
         """Do one job and send its reply; a success marks it done."""
+        if len(conn.done) >= MAX_DONE_SINCE_FLUSH and not isinstance(msg, m.Flush | m.Barrier):
+            raise ProtocolError(f"more than {MAX_DONE_SINCE_FLUSH} jobs without a Flush or Barrier")
         u, s = conn.upstairs_id, conn.session_id
         ok = True
         if isinstance(msg, m.Write | m.WriteUnwritten):
