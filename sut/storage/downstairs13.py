@@ -23,10 +23,12 @@ I/O: every job message's ids must be the connection's, else ``UuidMismatch`` (th
 if that differs, else the session id) and the job is dropped. A job runs when all its
 dependencies are done (a completed Flush or Barrier resets the done set to itself, as in
 Crucible), not in arrival order. Where the real downstairs panics or spins we answer the job
-with its ack's ``Err`` and serve on: I/O past the region's end (``OffsetInvalid``), a data
-length that is not the contexts' blocks (``InvalidNumberOfBlocks``), a block hash that does
-not match its data (``HashMismatch``; the real one retries forever), a read larger than a
-frame can carry. A failed job does not count as done. ``--read/--write/--flush-errors``
+with its ack's ``Err`` and serve on: I/O past the region's end (``OffsetInvalid``), a block
+hash that does not match its data (``HashMismatch``; the real one retries forever), a Flush
+whose ``extent_limit`` is beyond the region (``InvalidExtent``; the real one spins), a read
+larger than a frame can carry (``InvalidNumberOfBlocks``). A failed job does not count as
+done. A Write whose data is not one block per context closes the connection on arrival (as
+the real one). ``--read/--write/--flush-errors``
 behave as the real ones: ``ErrorReport{GenericError("test error")}`` for a quarter of the
 attempts, then the job is retried until it succeeds. A write to a read-only downstairs
 closes the connection (as the real one).
@@ -375,6 +377,11 @@ class Downstairs13:
         if isinstance(msg, _LIVE_REPAIR):
             self._refuse_live_repair(conn, msg)
             return
+        if isinstance(msg, m.Write | m.WriteUnwritten):
+            blocks, extra = divmod(len(msg.data), self.region.block_size)
+            if extra or blocks != len(msg.header.contexts):
+                # as the real one: a malformed write ends the connection when it arrives
+                raise _Close(f"{len(msg.data)} bytes of data for {len(msg.header.contexts)} block contexts")
         job_id = _job_id(msg)
         if all(d in conn.done for d in _deps(msg)):
             self._run(conn, job_id, msg)
@@ -476,13 +483,6 @@ class Downstairs13:
     ) -> CrucibleError | None:
         try:
             self.region.check_range(start, len(contexts))
-            if len(data) != len(contexts) * self.region.block_size:
-                raise ExtentFailure(
-                    CrucibleError(
-                        ErrorKind.InvalidNumberOfBlocks,
-                        f"{len(data)} bytes of data for {len(contexts)} block contexts",
-                    )
-                )
             self.region.write(start, data, contexts, only_unwritten)
         except ExtentFailure as exc:
             log("io_error", op="write", start=start, blocks=len(contexts), error=str(exc))
