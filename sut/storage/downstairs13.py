@@ -298,8 +298,10 @@ class Downstairs13:
             if (msg.upstairs_id, msg.session_id) != (conn.upstairs_id, conn.session_id):
                 conn.send(m.UuidMismatch(conn.upstairs_id))
                 raise _Close("PromoteToActive with other ids than HereIAm's")
-            conn.generation = msg.generation
+            # as the real one: the HereIAm's generation is compared (and named to a displaced
+            # upstairs); the Promote's is echoed and kept
             self._promote(conn)
+            conn.generation = msg.generation
             conn.phase = Phase.PROMOTED
             conn.stream.negotiated(MAX_FRAME)
             conn.stream.set_splitter(FrameSplitter(MAX_FRAME))

@@ -34,6 +34,7 @@ from tests.integration.storage.crucible_ds import (
     EXTENT_SIZE,
     CrucibleDownstairs,
     OurDownstairs,
+    Peer,
     RealDownstairs,
     hello,
     needs_binary,
@@ -600,3 +601,90 @@ def test_ours_acks_a_failing_flush_with_its_error(ours: CrucibleDownstairs) -> N
         assert peer.recv() == m.FlushAck(U, S, 1001, None)
     finally:
         peer.close()
+
+
+def test_interop_identical_reconnect_and_the_two_generations(downstairs: CrucibleDownstairs) -> None:
+    """The same (upstairs, session, generation) again replaces the first connection. When
+    HereIAm and PromoteToActive carry different generations, the HereIAm's is the one compared
+    with the active upstairs (and named in YouAreNoLongerActive); the Promote's is echoed and
+    kept for later comparisons."""
+    other = uuid.UUID(int=77)
+    first, _ = negotiate(downstairs, generation=3)
+    second = downstairs.connect()
+    third = downstairs.connect()
+    try:
+        second.send(hello(generation=3))
+        assert isinstance(second.recv(), m.YesItsMe)
+        second.send(m.PromoteToActive(U, S, 3))
+        assert second.recv() == m.YouAreNowActive(U, S, 3)
+        assert first.recv() == m.YouAreNoLongerActive(U, S, 3)
+        first.expect_closed()
+        low_hello = downstairs.connect()
+        try:
+            low_hello.send(hello(upstairs_id=other, session_id=other, generation=1))
+            assert isinstance(low_hello.recv(), m.YesItsMe)
+            low_hello.send(m.PromoteToActive(other, other, 9))
+            low_hello.expect_closed()  # 1 < 3, whatever the Promote says
+        finally:
+            low_hello.close()
+        third.send(hello(upstairs_id=NEW_U, session_id=NEW_S, generation=4))
+        assert isinstance(third.recv(), m.YesItsMe)
+        third.send(m.PromoteToActive(NEW_U, NEW_S, 5))
+        assert third.recv() == m.YouAreNowActive(NEW_U, NEW_S, 5)
+        assert second.recv() == m.YouAreNoLongerActive(NEW_U, NEW_S, 4)
+        second.expect_closed()
+        fourth = downstairs.connect()
+        try:
+            fourth.send(hello(upstairs_id=other, session_id=other, generation=4))
+            assert isinstance(fourth.recv(), m.YesItsMe)
+            fourth.send(m.PromoteToActive(other, other, 4))
+            fourth.expect_closed()  # 4 < the 5 kept
+        finally:
+            fourth.close()
+    finally:
+        first.close()
+        second.close()
+        third.close()
+
+
+def _refused_same_upstairs_then_takeover(ds: CrucibleDownstairs) -> tuple[Peer, Peer]:
+    """Active upstairs U at generation 3; U again at generation 1 is refused; then a NEW
+    upstairs at generation 4 is promoted. Returns (the first, the new) connections."""
+    active, _ = negotiate(ds, generation=3)
+    low = ds.connect()
+    try:
+        low.send(hello(generation=1))
+        assert isinstance(low.recv(), m.YesItsMe)
+        low.send(m.PromoteToActive(U, S, 1))
+        low.expect_closed()
+    finally:
+        low.close()
+    new, _ = negotiate(ds, NEW_U, NEW_S, 4)
+    return active, new
+
+
+@needs_binary
+def test_real_downstairs_refused_promote_of_the_active_upstairs_id_unregisters_it(tmp_path: Path) -> None:
+    """Pinned (a bug of the real one, not copied): closing the refused connection removes the
+    ACTIVE entry of its upstairs id, so the next upstairs becomes active without a takeover;
+    the old connection is never told and keeps getting its writes acked: two writers."""
+    with _start(tmp_path, "real") as ds:
+        old, new = _refused_same_upstairs_then_takeover(ds)
+        try:
+            data = oracle_pattern(1)
+            old.send(write(1000, 0, data))
+            assert old.recv() == m.WriteAck(U, S, 1000, None)  # no YouAreNoLongerActive first
+            ds.wait_for_log("was previously active, clearing")
+        finally:
+            old.close()
+            new.close()
+
+
+def test_ours_refused_promote_leaves_the_active_upstairs_alone(ours: CrucibleDownstairs) -> None:
+    old, new = _refused_same_upstairs_then_takeover(ours)
+    try:
+        assert old.recv() == m.YouAreNoLongerActive(NEW_U, NEW_S, 4)
+        old.expect_closed()
+    finally:
+        old.close()
+        new.close()
