@@ -43,7 +43,7 @@ import json
 import os
 import struct
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -282,9 +282,27 @@ class RawExtent:
         ]
 
     def active_contexts(self, start: int, count: int) -> list[SlotContext | None]:
-        """The active slot of blocks ``start .. start+count`` (extent-relative)."""
+        """The active slot of blocks ``start .. start+count`` (extent-relative): one pread per
+        run of blocks whose active slot is the same."""
         self._check(start, count)
-        return [self._read_slots(b, 1, self._active(b))[0] for b in range(start, start + count)]
+        out: list[SlotContext | None] = []
+        for first, n, slot in self._runs(range(start, start + count), self._active):
+            out += self._read_slots(first, n, slot)
+        return out
+
+    @staticmethod
+    def _runs(blocks: Sequence[int], slot_of: Callable[[int], int]) -> list[tuple[int, int, int]]:
+        """``blocks`` (ascending) as (first block, count, slot) runs of consecutive blocks with
+        the same ``slot_of``."""
+        runs: list[tuple[int, int, int]] = []
+        for block in blocks:
+            slot = slot_of(block)
+            if runs and runs[-1][0] + runs[-1][1] == block and runs[-1][2] == slot:
+                first, n, _ = runs[-1]
+                runs[-1] = (first, n + 1, slot)
+            else:
+                runs.append((block, 1, slot))
+        return runs
 
     def _check(self, start: int, count: int) -> None:
         if start < 0 or count < 0 or start + count > self.blocks:
@@ -337,12 +355,19 @@ class RawExtent:
             self._unsynced.clear()
             self._bonus_sync_count += 1
         self._unsynced.update(blocks)
-        for i, block in zip(todo, blocks, strict=True):
-            chunk = view[i * bs : (i + 1) * bs]
-            slot = SlotContext(contexts[i], block_hash(chunk), self.flush & 0xFFFF)
-            os.pwrite(self._fd, _encode_slot(slot), self._slot_offset(block, 1 - self._active(block)))
-        for i, block in zip(todo, blocks, strict=True):
-            os.pwrite(self._fd, view[i * bs : (i + 1) * bs], block * bs)
+        # contexts first (one pwrite per run of blocks going to the same slot), then the data
+        # (one pwrite per run of consecutive blocks)
+        for first, n, slot in self._runs(blocks, lambda b: 1 - self._active(b)):
+            encoded = b"".join(
+                _encode_slot(
+                    SlotContext(contexts[i], block_hash(view[i * bs : (i + 1) * bs]), self.flush & 0xFFFF)
+                )
+                for i in range(first - start, first - start + n)
+            )
+            os.pwrite(self._fd, encoded, self._slot_offset(first, slot))
+        for first, n, _ in self._runs(blocks, lambda _b: 0):
+            i = first - start
+            os.pwrite(self._fd, view[i * bs : (i + n) * bs], first * bs)
         for block in blocks:
             self._set_active(block, 1 - self._active(block))
 

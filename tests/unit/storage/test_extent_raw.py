@@ -239,3 +239,21 @@ def test_write_and_flush_order_of_writes_and_fsyncs(
     calls.clear()
     region.flush(2, 1)  # nothing dirty: nothing written
     assert calls == []
+
+
+def test_a_write_over_blocks_with_mixed_active_slots(region: RawRegion) -> None:
+    first, second, third = pattern(4, seed=1), pattern(1, seed=50), pattern(4, seed=90)
+    region.write(0, first, unencrypted_contexts(first, BS))  # blocks 0-3 -> B
+    region.write(1, second, unencrypted_contexts(second, BS))  # block 1 -> A
+    region.write(0, third, unencrypted_contexts(third, BS))  # A, B, A, A: three context runs
+    ext = region.extents[0]
+    assert [ext._active(b) for b in range(4)] == [0, 1, 0, 0]
+    expected = [ReadBlockUnencrypted(block_hash(third[i * BS : (i + 1) * BS])) for i in range(4)]
+    assert region.read(0, 4) == (third, expected)
+    region.close()
+    with RawRegion.open(region.dir) as again:  # dirty: the slots are recomputed from hashes
+        assert again.read(0, 4) == (third, expected)
+        again.flush(1, 1)
+    with RawRegion.open(region.dir) as clean:  # clean: the bitmap is trusted
+        assert clean.read(0, 4) == (third, expected)
+        assert [clean.extents[0]._active(b) for b in range(4)] == [0, 1, 0, 0]
