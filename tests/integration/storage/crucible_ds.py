@@ -15,6 +15,7 @@ import dataclasses
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ import pytest
 
 from sut.storage import wire
 from sut.storage.wire import messages as m
-from tests.unit.storage.test_wire import ORACLE_SESSION, ORACLE_UPSTAIRS
+from tests.unit.storage.test_wire import ORACLE_SESSION, ORACLE_UPSTAIRS, SENT_FRAMES
 
 REPO = Path(__file__).resolve().parents[3]
 BINARY = Path(os.environ.get("PHD_DOWNSTAIRS_BINARY") or REPO.parent / "shared/crucible/crucible-downstairs")
@@ -329,3 +330,32 @@ def negotiate(
         peer.close()
         raise
     return peer, versions
+
+
+# -- malformed frames (shared by the oracle and the conformance tests) -------------------------
+def refit(frame: bytes | bytearray) -> bytes:
+    """``frame`` with its length prefix set to its length."""
+    out = bytearray(frame)
+    struct.pack_into("<I", out, 0, len(out))
+    return bytes(out)
+
+
+def _here_i_am_with(offset: int, value: bytes) -> bytes:
+    frame = bytearray(SENT_FRAMES["HereIAm"])
+    frame[offset : offset + len(value)] = value
+    return bytes(frame)
+
+
+# (frame, what the real downstairs does with it before negotiation)
+PRE_NEGOTIATION_CASES = {
+    "bool-2": (_here_i_am_with(68, b"\x02"), "closes"),
+    "uuid-length-15": (_here_i_am_with(12, b"\x0f"), "closes"),
+    "alternates-2^60": (_here_i_am_with(70, (1 << 60).to_bytes(8, "little")), "closes"),
+    "variant-42": (struct.pack("<II", 8, 42), "closes"),
+    "above-100MiB": (struct.pack("<II", wire.MAX_FRAME + 1, 0), "closes"),
+    # bincode's deserialize ignores what follows a message: the real one ACCEPTS this
+    "trailing-byte": (refit(SENT_FRAMES["HereIAm"] + b"\x00"), "answers"),
+    # a length prefix below 4: the real downstairs panics and the whole process aborts
+    "length-0": (struct.pack("<I", 0) + bytes(12), "dies"),
+    "length-3": (struct.pack("<I", 3) + bytes(12), "dies"),
+}

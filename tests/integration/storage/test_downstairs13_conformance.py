@@ -32,6 +32,7 @@ from tests.integration.storage.crucible_ds import (
     BLOCK_SIZE,
     EXTENT_COUNT,
     EXTENT_SIZE,
+    PRE_NEGOTIATION_CASES,
     CrucibleDownstairs,
     OurDownstairs,
     Peer,
@@ -39,6 +40,7 @@ from tests.integration.storage.crucible_ds import (
     hello,
     needs_binary,
     negotiate,
+    refit,
 )
 from tests.unit.storage.test_wire import (
     ORACLE_FRAMES,
@@ -688,3 +690,39 @@ def test_ours_refused_promote_leaves_the_active_upstairs_alone(ours: CrucibleDow
     finally:
         old.close()
         new.close()
+
+
+@pytest.mark.parametrize("case", sorted(PRE_NEGOTIATION_CASES))
+def test_ours_closes_on_every_malformed_frame_before_negotiation(ours: CrucibleDownstairs, case: str) -> None:
+    """Where the real one answers (trailing byte) or aborts (length prefix 0..3, see
+    test_wire_oracle), ours closes that connection with a protocol_error line and serves on."""
+    frame, _real_reaction = PRE_NEGOTIATION_CASES[case]
+    peer = ours.connect()
+    try:
+        peer.sock.sendall(frame)
+        peer.expect_closed()
+    finally:
+        peer.close()
+    assert ours.proc is not None and ours.proc.poll() is None
+    again, _ = negotiate(ours)
+    again.close()
+    ours.wait_for_log('"protocol_error"')
+
+
+def test_ours_closes_on_a_write_with_junk_before_its_data(ours: CrucibleDownstairs) -> None:
+    """The real one takes the LAST count bytes as the data and acks; ours refuses the frame."""
+    data = oracle_pattern(2)
+    head, _ = wire.encode_parts(write(1000, 5, data))
+    peer, _ = negotiate(ours)
+    try:
+        peer.sock.sendall(refit(head + b"JUNK" + data))
+        peer.expect_closed()
+    finally:
+        peer.close()
+    again, _ = negotiate(ours, NEW_U, NEW_S, 2)
+    try:
+        again.send(m.ReadRequest(NEW_U, NEW_S, 1, (), 5, 2))
+        read = again.recv()
+        assert isinstance(read, m.ReadResponse) and read.data == bytes(2 * BLOCK_SIZE)  # nothing written
+    finally:
+        again.close()

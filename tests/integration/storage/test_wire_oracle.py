@@ -32,10 +32,12 @@ from tests.integration.storage.crucible_ds import (
     BLOCK_SIZE,
     EXTENT_COUNT,
     EXTENT_SIZE,
+    PRE_NEGOTIATION_CASES,
     RealDownstairs,
     hello,
     needs_binary,
     negotiate,
+    refit,
 )
 from tests.unit.storage.test_wire import (
     ORACLE_FRAMES,
@@ -47,6 +49,7 @@ from tests.unit.storage.test_wire import (
 )
 
 pytestmark = [pytest.mark.integration]
+
 
 @pytest.fixture
 def real_downstairs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RealDownstairs]:
@@ -275,34 +278,6 @@ def test_real_downstairs_interop_io_before_negotiation_is_ignored(real_downstair
 
 
 # -- malformed frames: what the real downstairs does, and what our decoder says ----------------
-def _refit(frame: bytes | bytearray) -> bytes:
-    """``frame`` with its length prefix set to its length."""
-    out = bytearray(frame)
-    struct.pack_into("<I", out, 0, len(out))
-    return bytes(out)
-
-
-def _here_i_am_with(offset: int, value: bytes) -> bytes:
-    frame = bytearray(SENT_FRAMES["HereIAm"])
-    frame[offset : offset + len(value)] = value
-    return bytes(frame)
-
-
-# (frame, what the real downstairs does with it before negotiation)
-PRE_NEGOTIATION_CASES = {
-    "bool-2": (_here_i_am_with(68, b"\x02"), "closes"),
-    "uuid-length-15": (_here_i_am_with(12, b"\x0f"), "closes"),
-    "alternates-2^60": (_here_i_am_with(70, (1 << 60).to_bytes(8, "little")), "closes"),
-    "variant-42": (struct.pack("<II", 8, 42), "closes"),
-    "above-100MiB": (struct.pack("<II", wire.MAX_FRAME + 1, 0), "closes"),
-    # bincode's deserialize ignores what follows a message: the real one ACCEPTS this
-    "trailing-byte": (_refit(SENT_FRAMES["HereIAm"] + b"\x00"), "answers"),
-    # a length prefix below 4: the real downstairs panics and the whole process aborts
-    "length-0": (struct.pack("<I", 0) + bytes(12), "dies"),
-    "length-3": (struct.pack("<I", 3) + bytes(12), "dies"),
-}
-
-
 @pytest.mark.parametrize("case", sorted(PRE_NEGOTIATION_CASES))
 @needs_binary
 def test_real_downstairs_on_malformed_frames_before_negotiation(
@@ -348,7 +323,7 @@ def test_real_downstairs_on_a_write_whose_data_count_is_wrong(real_downstairs: R
     head, _ = wire.encode_parts(
         m.Write(wire.WriteHeader(ORACLE_UPSTAIRS, ORACLE_SESSION, 1000, (), 5, contexts), data)
     )
-    junk = _refit(head + b"JUNK" + data)
+    junk = refit(head + b"JUNK" + data)
     with pytest.raises(wire.BincodeError, match="data count"):
         wire.decode(junk)
     peer, _ = negotiate(real_downstairs)
