@@ -196,3 +196,54 @@ def read_all_as(
     assert isinstance(reply, m.ReadResponse)
     assert isinstance(reply.header.blocks, tuple), reply.header.blocks
     return bytes(reply.data), reply.header.blocks
+
+
+@needs_binary
+def test_real_downstairs_interop_serves_what_ours_left_after_kill_9(tmp_path: Path) -> None:
+    """Our process is killed (-9) after acked but unflushed writes over flushed ones: ours
+    restarted and the real binary both serve the same data and dirty versions from its files."""
+    ours = OurDownstairs(tmp_path / "ours")
+    ours.root.mkdir()
+    with ours:
+        ours.create(ORACLE_REGION)
+        ours.start()
+        peer, _ = negotiate(ours)
+        try:
+            for n, (start, count, flush) in enumerate(WRITES):
+                data = oracle_pattern(count + n)[n * BLOCK_SIZE :]
+                peer.send(
+                    m.Write(
+                        WriteHeader(U, S, 1000 + 2 * n, (), start, unencrypted_contexts(data, BLOCK_SIZE)),
+                        data,
+                    )
+                )
+                assert peer.recv() == m.WriteAck(U, S, 1000 + 2 * n, None)
+                if flush:
+                    peer.send(m.Flush(U, S, 1001 + 2 * n, (1000 + 2 * n,), 10 + n, 1))
+                    assert peer.recv() == m.FlushAck(U, S, 1001 + 2 * n, None)
+            again = oracle_pattern(2)[::-1]  # over flushed blocks: their slots flip, unflushed
+            peer.send(m.Write(WriteHeader(U, S, 1010, (), 6, unencrypted_contexts(again, BLOCK_SIZE)), again))
+            assert peer.recv() == m.WriteAck(U, S, 1010, None)
+            before = read_all(peer, 1011)
+        finally:
+            peer.close()
+        ours.stop()  # SIGKILL
+        ours.start()
+        peer, versions = negotiate(ours, uuid.UUID(int=7), uuid.UUID(int=8), 2)
+        try:
+            assert versions.dirty_bits == (True, False, False, True)
+            assert read_all_as(peer, uuid.UUID(int=7), uuid.UUID(int=8), 1) == before
+        finally:
+            peer.close()
+        ours.stop()
+        real = RealDownstairs(ours.root)
+        try:
+            real.start()
+            peer, real_versions = negotiate(real, uuid.UUID(int=9), uuid.UUID(int=10), 3)
+            try:
+                assert real_versions == versions
+                assert read_all_as(peer, uuid.UUID(int=9), uuid.UUID(int=10), 1) == before
+            finally:
+                peer.close()
+        finally:
+            real.stop()
