@@ -328,26 +328,45 @@ def test_interop_flush_options_live_noop_and_last_flush(downstairs: CrucibleDown
         back.close()
 
 
+def _job(op: str, job: int) -> wire.Message:
+    if op == "write":
+        return write(job, 3, oracle_pattern(1))
+    if op == "read":
+        return m.ReadRequest(U, S, job, (), 3, 1)
+    return m.Flush(U, S, job, (), job, 1)
+
+
+@pytest.mark.parametrize("op", ["write", "read", "flush"])
 @pytest.mark.parametrize("kind", [pytest.param("real", marks=needs_binary), "ours"])
-def test_interop_error_report_then_retried_ack(tmp_path: Path, kind: str) -> None:
-    data = oracle_pattern(1)
-    with _start(tmp_path, kind, ("--write-errors",)) as ds:
+def test_interop_error_report_then_retried_ack(tmp_path: Path, kind: str, op: str) -> None:
+    """--write/read/flush-errors: a quarter of the attempts fail with ErrorReport(GenericError
+    "test error"); the job is retried until it succeeds and then acked normally."""
+    with _start(tmp_path, kind, (f"--{op}-errors",)) as ds:
         peer, _ = negotiate(ds)
         try:
             reports = 0
-            for job in range(1000, 1060):  # P(no failure in 60 writes) = 0.75**60 ~ 3e-8
-                peer.send(write(job, 3, data))
+            for job in range(1000, 1060):  # P(no failure in 60 jobs) = 0.75**60 ~ 3e-8
+                peer.send(_job(op, job))
                 while isinstance(reply := peer.recv(), m.ErrorReport):
                     assert reply == m.ErrorReport(
                         U, S, job, wire.CrucibleError(wire.ErrorKind.GenericError, "test error")
                     )
                     reports += 1
-                assert reply == m.WriteAck(U, S, job, None)
+                assert _job_id_of(reply) == job
+                assert getattr(reply, "result", None) is None
+                if isinstance(reply, m.ReadResponse):
+                    assert isinstance(reply.header.blocks, tuple)
                 if reports:
                     break
-            assert reports, "no write failed in 60"
+            assert reports, "no job failed in 60"
         finally:
             peer.close()
+
+
+def _job_id_of(reply: wire.Message) -> int:
+    if isinstance(reply, m.ReadResponse):
+        return reply.header.job_id
+    return int(getattr(reply, "job_id", -1))
 
 
 @needs_binary
