@@ -17,7 +17,12 @@ from phd.errors import HarnessError
 
 __all__ = ["PortAllocator", "worker_id", "worker_index"]
 
-DEFAULT_BASE = 42000
+# Below Linux's ephemeral range (ip_local_port_range, 32768-60999 by default): a port in that
+# range can be taken between our bind probe and its real use by any socket the kernel numbers
+# itself - an outgoing connection's local end, a listener on port 0 - and hundreds of those
+# open in the hostile-input and interop tests. Seen: Docker failing to publish a downstairs
+# on 42422 ("address already in use") while such a test ran on the other worker.
+DEFAULT_BASE = 20000
 PORTS_PER_WORKER = 400
 LOOPBACK = "127.0.0.1"
 

@@ -37,7 +37,7 @@ def test_sigkilled_run_is_cleaned_up_by_the_next(
     # ledger, its process downstairs' regions. That is how this test finds (only) its own.
     tmp = Path(f"/tmp/phd-kill-{os.getpid()}")  # short: unix socket paths are capped
     tmp.mkdir()
-    env = dict(os.environ, TMPDIR=str(tmp), PHD_PORT_BASE=str(46000 + 1000 * worker_index()))
+    env = dict(os.environ, TMPDIR=str(tmp), PHD_PORT_BASE=str(26000 + 1000 * worker_index()))
     env.pop("PYTEST_XDIST_WORKER", None)
     argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q",
             f"--phd-downstairs={phd_config.downstairs}", f"--phd-artifact-dir={phd_config.artifact_dir}",

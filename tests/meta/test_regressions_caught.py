@@ -45,7 +45,7 @@ def _run_nested(regression: str, phd_config: PhdConfig, tmp_path: Path) -> dict[
     env = dict(os.environ)
     env.pop("PYTEST_XDIST_WORKER", None)
     # A port block of its own, clear of every worker of the outer run.
-    env["PHD_PORT_BASE"] = str(52000 + 2000 * worker_index())
+    env["PHD_PORT_BASE"] = str(28000 + 2000 * worker_index())
     argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q",
             f"--junitxml={junit}", f"--phd-regression={regression}",
             f"--phd-downstairs={phd_config.downstairs}", f"--phd-artifact-dir={phd_config.artifact_dir}",

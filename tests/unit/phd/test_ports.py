@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import contextlib
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +61,14 @@ def test_unknown_black_hole_kind_is_a_clear_error() -> None:
     alloc = PortAllocator(base=31200, index=0, size=10)
     with pytest.raises(HarnessError, match="black hole kind must be one of"):
         alloc.black_hole("dropped")  # type: ignore[arg-type]
+
+
+def test_default_ranges_stay_below_the_kernels_ephemeral_ports() -> None:
+    # Ports the kernel hands out itself (outgoing connections, port-0 listeners) must never
+    # land in a range we probed and handed out: see DEFAULT_BASE.
+    from phd.ports import DEFAULT_BASE, PORTS_PER_WORKER
+
+    low = 32768
+    with contextlib.suppress(OSError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert low >= DEFAULT_BASE + 8 * PORTS_PER_WORKER, (DEFAULT_BASE, low)
