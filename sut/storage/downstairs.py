@@ -26,11 +26,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import random
-import signal
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +46,7 @@ from sut.storage.protocol import (
     write_message,
 )
 from sut.storage.region import Region, RegionError
+from sut.storage.service import JsonLog, add_limit_flags, limits_from, serve_until_signal
 from sut.storage.stream import ConnectionGuard, ConnectionLimits
 
 __all__ = ["ConnectionLimits", "Downstairs", "FaultConfig", "main"]
@@ -63,9 +61,7 @@ _U64 = 1 << 64
 _MAX_ID = 128  # characters of an upstairs / session id
 
 
-def log(event: str, **fields: Any) -> None:
-    record = {"ts": round(time.time(), 3), "component": "downstairs", "event": event, **fields}
-    print(json.dumps(record, default=str), file=sys.stderr, flush=True)
+log = JsonLog("downstairs")
 
 
 @dataclass(frozen=True)
@@ -116,12 +112,6 @@ def _id_field(msg: Message, name: str) -> str:
         )
     return value
 
-
-def _log_loop_exception(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    # Whatever escapes a task or callback is one JSON line, never a traceback on stderr.
-    exc = context.get("exception")
-    error = None if exc is None else f"{type(exc).__name__}: {exc}"[:300]
-    log("internal_error", message=context.get("message"), error=error)
 
 
 class Downstairs:
@@ -441,55 +431,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--read-errors", action="store_true")
     run.add_argument("--write-errors", action="store_true")
     run.add_argument("--flush-errors", action="store_true")
-    defaults = ConnectionLimits()
-    run.add_argument(
-        "--handshake-timeout",
-        type=_positive(float),
-        default=defaults.handshake_timeout_s,
-        metavar="SECONDS",
-        help="close a connection that has not negotiated within this time (default: %(default)s)",
-    )
-    run.add_argument(
-        "--max-connections",
-        type=_positive(int),
-        default=defaults.max_connections,
-        metavar="N",
-        help="connections open at once; more are closed at once (default: %(default)s)",
-    )
+    add_limit_flags(run)
     return parser
 
-
-def _positive(kind: type[int] | type[float]) -> Any:
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-        return value
-
-    return parse
 
 
 async def _run(args: argparse.Namespace) -> None:
     region = Region.open(args.data)
     faults = FaultConfig(args.lossy, args.read_errors, args.write_errors, args.flush_errors)
-    limits = ConnectionLimits(
-        max_connections=args.max_connections, handshake_timeout_s=args.handshake_timeout
-    )
+    limits = limits_from(args)
     ds = Downstairs(region, read_only=args.mode == "ro", faults=faults, limits=limits)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.set_exception_handler(_log_loop_exception)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await ds.start(args.address, args.port)
-        await stop.wait()
-        log("stopping", reason="signal")
-    finally:
-        await ds.stop()
+    await serve_until_signal(ds, args.address, args.port, log)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,20 +53,17 @@ import argparse
 import asyncio
 import contextlib
 import enum
-import json
 import random
-import signal
 import sys
-import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from sut.storage.bincode import SocketAddr
 from sut.storage.errors import ProtocolError
 from sut.storage.extent_raw import ExtentFailure, RawRegion
+from sut.storage.service import JsonLog, add_limit_flags, limits_from, serve_until_signal
 from sut.storage.stream import ConnectionGuard, ConnectionLimits, RecordStream, create_server
 from sut.storage.wire import messages as m
 from sut.storage.wire.crucible_error import CrucibleError, ErrorKind
@@ -100,15 +97,8 @@ _RECONCILE = (m.ExtentFlush, m.ExtentClose, m.ExtentRepair, m.ExtentReopen)
 _IO = _JOBS + _LIVE_REPAIR
 
 
-def log(event: str, **fields: Any) -> None:
-    record = {"ts": round(time.time(), 3), "component": "downstairs13", "event": event, **fields}
-    print(json.dumps(record, default=str), file=sys.stderr, flush=True)
+log = JsonLog("downstairs13")
 
-
-def _log_loop_exception(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    exc = context.get("exception")
-    error = None if exc is None else f"{type(exc).__name__}: {exc}"[:300]
-    log("internal_error", message=context.get("message"), error=error)
 
 
 @dataclass(frozen=True)
@@ -503,19 +493,6 @@ class Downstairs13:
 
 
 # -- command line ----------------------------------------------------------------------------
-def _positive(kind: type[int] | type[float]) -> Any:
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-        return value
-
-    return parse
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sut.storage.downstairs13",
@@ -537,43 +514,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--read-errors", action="store_true")
     run.add_argument("--write-errors", action="store_true")
     run.add_argument("--flush-errors", action="store_true")
-    defaults = ConnectionLimits()
-    run.add_argument(
-        "--handshake-timeout",
-        type=_positive(float),
-        default=defaults.handshake_timeout_s,
-        metavar="SECONDS",
-        help="close a connection that has not become active within this time (default: %(default)s)",
-    )
-    run.add_argument(
-        "--max-connections",
-        type=_positive(int),
-        default=defaults.max_connections,
-        metavar="N",
-        help="connections open at once; more are closed at once (default: %(default)s)",
-    )
+    add_limit_flags(run)
     return parser
 
 
 async def _run(args: argparse.Namespace) -> None:
     read_only = args.mode == "ro"
     region = RawRegion.open(args.data, read_only=read_only)
-    limits = ConnectionLimits(
-        max_connections=args.max_connections, handshake_timeout_s=args.handshake_timeout
-    )
+    limits = limits_from(args)
     faults = FaultConfig(args.read_errors, args.write_errors, args.flush_errors)
     ds = Downstairs13(region, read_only=read_only, limits=limits, faults=faults)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.set_exception_handler(_log_loop_exception)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await ds.start(args.address, args.port)
-        await stop.wait()
-        log("stopping", reason="signal")
-    finally:
-        await ds.stop()
+    await serve_until_signal(ds, args.address, args.port, log)
 
 
 def main(argv: list[str] | None = None) -> int:
