@@ -4,6 +4,13 @@ Every pytest-xdist worker owns a disjoint range derived from its worker id, so p
 workers never hand out the same port; within a range a port is only handed out after a
 bind probe shows it free (another program may hold it). `PHD_PORT_BASE` moves the whole
 block, which lets a nested pytest run (the regression checks) stay clear of its parent.
+
+Crucible-protocol downstairs listen on a second port, their repair server's, at port +
+PAIR_OFFSET (4000, fixed by Crucible), and the OTHER downstairs connect to it. So a worker's
+range is two blocks: its own ports [start, end) and their partners [start+4000, end+4000);
+`allocate_pair()` hands out a port whose partner is free as well and holds both. Ten workers'
+blocks (4000 / 400) sit side by side below the partner blocks; workers 10..19 start 8000
+higher, and so on, so no worker's partner block ever meets another worker's ports.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from typing import Literal
 
 from phd.errors import HarnessError
 
-__all__ = ["PortAllocator", "worker_id", "worker_index"]
+__all__ = ["PAIR_OFFSET", "PortAllocator", "worker_id", "worker_index"]
 
 # Below Linux's ephemeral range (ip_local_port_range, 32768-60999 by default): a port in that
 # range can be taken between our bind probe and its real use by any socket the kernel numbers
@@ -24,6 +31,7 @@ __all__ = ["PortAllocator", "worker_id", "worker_index"]
 # on 42422 ("address already in use") while such a test ran on the other worker.
 DEFAULT_BASE = 20000
 PORTS_PER_WORKER = 400
+PAIR_OFFSET = 4000  # Crucible's repair server listens on the downstairs port + 4000
 LOOPBACK = "127.0.0.1"
 
 
@@ -55,13 +63,21 @@ class PortAllocator:
             base = int(os.environ.get("PHD_PORT_BASE", DEFAULT_BASE))
         if index is None:
             index = worker_index()
-        self.start = base + index * size
+        # Workers whose blocks fit below the partner blocks share a group of 2 * PAIR_OFFSET.
+        per_group = max(1, PAIR_OFFSET // size)
+        self.start = base + (index // per_group) * 2 * PAIR_OFFSET + (index % per_group) * size
         self.end = self.start + size
         if self.end > 65535:
             raise HarnessError(f"port range {self.start}..{self.end} exceeds 65535: lower PHD_PORT_BASE")
         self._next = self.start
         self._given: set[int] = set()
+        self._partners: dict[int, int] = {}  # port -> its partner, for pairs
         self._lock = threading.Lock()
+
+    @property
+    def partner_range(self) -> range:
+        """Where the partners of `allocate_pair()` come from: this worker's ports + 4000."""
+        return range(self.start + PAIR_OFFSET, self.end + PAIR_OFFSET)
 
     def allocate(self) -> int:
         with self._lock:
@@ -76,9 +92,37 @@ class PortAllocator:
             f"no free loopback port in {self.start}..{self.end - 1}; release ports or set PHD_PORT_BASE"
         )
 
+    def allocate_pair(self) -> int:
+        """A port p whose partner p + 4000 (a Crucible downstairs' repair port) is free too;
+        both are held until `release(p)`. The partner lies in this worker's partner block, so
+        parallel workers never hand out the same one."""
+        if self.end + PAIR_OFFSET > 65536:
+            raise HarnessError(f"partner ports {self.start + PAIR_OFFSET}..{self.end + PAIR_OFFSET - 1} "
+                               "exceed 65535: lower PHD_PORT_BASE")
+        with self._lock:
+            for _ in range(self.end - self.start):
+                port = self._next
+                self._next = self.start + (self._next + 1 - self.start) % (self.end - self.start)
+                partner = port + PAIR_OFFSET
+                if port in self._given or partner in self._given:
+                    continue
+                if not _port_is_free(port) or not _port_is_free(partner):
+                    continue
+                self._given.update((port, partner))
+                self._partners[port] = partner
+                return port
+        raise HarnessError(
+            f"no free loopback port pair (p, p+{PAIR_OFFSET}) with p in {self.start}..{self.end - 1}; "
+            "release ports or set PHD_PORT_BASE"
+        )
+
     def release(self, port: int) -> None:
+        """Give a port back (with its partner, when it came from `allocate_pair`)."""
         with self._lock:
             self._given.discard(port)
+            partner = self._partners.pop(port, None)
+            if partner is not None:
+                self._given.discard(partner)
 
     def black_hole(self, kind: BlackHoleKind = "refused") -> BlackHole:
         """A loopback address where nothing answers (see BlackHole for the two kinds)."""

@@ -43,7 +43,8 @@ def test_failed_vm_is_left_running_and_reachable(phd_config: PhdConfig, tmp_path
     project = tmp_path / "project"
     project.mkdir()
     (project / "test_kept.py").write_text(FAILING_TEST)
-    env = dict(os.environ, TMPDIR=str(tmp), PHD_PORT_BASE=str(24000 + 500 * worker_index()))
+    # Clear of the outer workers' ports (20000..) and their +4000 partner blocks (24000..).
+    env = dict(os.environ, TMPDIR=str(tmp), PHD_PORT_BASE=str(28500 + 500 * worker_index()))
     env.pop("PYTEST_XDIST_WORKER", None)
     argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q",
             "--phd-keep-on-failure", f"--phd-artifact-dir={phd_config.artifact_dir}",
