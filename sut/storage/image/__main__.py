@@ -1,4 +1,7 @@
-"""``python -m sut.storage.image ensure``: build the downstairs image if missing, print its tag.
+"""``python -m sut.storage.image ensure``: build a downstairs image if missing, print its tag.
+
+    ensure [--program legacy|ours13]    our Python downstairs (default legacy)
+    ensure --binary PATH                 an image around a crucible-downstairs executable
 
 Progress goes to stderr; the tag is the LAST line of stdout so scripts can capture it.
 """
@@ -10,7 +13,14 @@ import sys
 import time
 from pathlib import Path
 
-from sut.storage.image.build import ImageBuildError, ensure_image, image_tag
+from sut.storage.image.build import (
+    PROGRAMS,
+    ImageBuildError,
+    binary_image_tag,
+    ensure_binary_image,
+    ensure_image,
+    image_tag,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,14 +33,23 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="directory for the cross-process build lock (default: $TMPDIR)",
     )
-    sub.add_parser("tag", help="print the tag the current sources would produce")
+    tag = sub.add_parser("tag", help="print the tag the current sources would produce")
+    for p in (ensure, tag):
+        which = p.add_mutually_exclusive_group()
+        which.add_argument("--program", choices=PROGRAMS, default="legacy",
+                           help="which Python downstairs (default legacy)")
+        which.add_argument("--binary", type=Path, default=None,
+                           help="a crucible-downstairs executable to build an image around")
     args = parser.parse_args(argv)
-    if args.command == "tag":
-        print(image_tag())
-        return 0
     started = time.monotonic()
     try:
-        tag = ensure_image(args.lock_dir)
+        if args.command == "tag":
+            print(binary_image_tag(args.binary.resolve()) if args.binary else image_tag(args.program))
+            return 0
+        if args.binary is not None:
+            result = ensure_binary_image(args.binary, args.lock_dir)
+        else:
+            result = ensure_image(args.lock_dir, args.program)
     except ImageBuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -38,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.filename} not found; install docker and mmdebstrap", file=sys.stderr)
         return 1
     print(f"ensure took {time.monotonic() - started:.1f} s", file=sys.stderr)
-    print(tag)
+    print(result)
     return 0
 
 

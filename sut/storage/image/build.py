@@ -1,12 +1,22 @@
-"""Build the downstairs container image offline, only when it is missing.
+"""Build downstairs container images offline, only when they are missing.
+
+Three images, one per downstairs *program* (see ``phd.downstairs``):
+- ``legacy``: ``phd-downstairs:<hash>``, ``python -m sut.storage.downstairs`` (our own protocol);
+- ``ours13``: ``phd-downstairs13:<hash>``, ``python -m sut.storage.downstairs13`` (Crucible's
+  protocol v13; Debian's python3-xxhash for the block hash);
+- ``binary``: ``phd-downstairs-bin:<binary sha256>-<recipe>``, a given ``crucible-downstairs``
+  executable plus what its ``ldd`` needs: the Debian package of each library where ``dpkg -S``
+  names one (libsqlite3-0, say), a copy of the library only where none does.
 
 Two layers of caching, both keyed by content hashes so a stale image is never reused:
-- base ``phd-downstairs-base:<hash>``: ``mmdebstrap --variant=minbase --include=python3``
+- base ``phd-downstairs-base:<hash>``: ``mmdebstrap --variant=minbase --include=<packages>``
   from the host's Debian mirror, piped into ``docker import`` (no registry needed);
-- final ``phd-downstairs:<hash>``: ``docker build`` of the Dockerfile over the base, adding
-  only the source files the downstairs imports. The hash covers the Dockerfile, this script
-  and those sources, so editing any of them yields a new tag.
-A cross-process file lock makes parallel pytest workers build at most once.
+- final image: ``docker build`` of the program's Dockerfile over the base, adding only the
+  source files the downstairs imports (or the binary). The hash covers the Dockerfile, this
+  script and those files, so editing any of them yields a new tag.
+Every final image runs as uid 10001 with ``/data`` as a volume, works on a read-only root and
+carries the label ``phd.image=downstairs``. A cross-process file lock makes parallel pytest
+workers build at most once.
 """
 
 from __future__ import annotations
@@ -14,32 +24,57 @@ from __future__ import annotations
 import ast
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
 
 __all__ = [
     "IMAGE_LABEL",
+    "PROGRAMS",
+    "BinaryRuntime",
     "ImageBuildError",
+    "binary_image_tag",
+    "binary_runtime",
     "downstairs_sources",
+    "ensure_binary_image",
     "ensure_image",
     "image_tag",
 ]
 
-IMAGE_REPO = "phd-downstairs"
-BASE_REPO = "phd-downstairs-base"
 IMAGE_LABEL = "phd.image=downstairs"
+BASE_REPO = "phd-downstairs-base"
+BIN_REPO = "phd-downstairs-bin"
+BIN_PATH = "/opt/phd/bin/crucible-downstairs"
 _SUITE = "bookworm"
-_PACKAGES = "python3"
 _SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
 _HERE = Path(__file__).resolve().parent
 _SUT_ROOT = _HERE.parent.parent  # .../sut
-_ENTRY_MODULE = "sut.storage.downstairs"
+_LOCK_NAME = "phd-downstairs-image.lock"
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    repo: str
+    dockerfile: str
+    packages: tuple[str, ...]
+    entry_module: str
+
+
+# The Python programs; the binary one is built by ensure_binary_image.
+_RECIPES = {
+    "legacy": _Recipe("phd-downstairs", "Dockerfile", ("python3",), "sut.storage.downstairs"),
+    "ours13": _Recipe("phd-downstairs13", "Dockerfile.ours13", ("python3", "python3-xxhash"),
+                      "sut.storage.downstairs13"),
+}
+PROGRAMS = tuple(_RECIPES)
 
 
 class ImageBuildError(RuntimeError):
@@ -48,6 +83,14 @@ class ImageBuildError(RuntimeError):
 
 def _progress(text: str) -> None:
     print(f"[phd-downstairs image] {text}", file=sys.stderr, flush=True)
+
+
+def _recipe(program: str) -> _Recipe:
+    try:
+        return _RECIPES[program]
+    except KeyError:
+        raise ImageBuildError(f"unknown downstairs program {program!r}; use one of {PROGRAMS} "
+                              "(or ensure_binary_image for a crucible-downstairs binary)") from None
 
 
 def _module_file(module: str) -> Path | None:
@@ -61,10 +104,11 @@ def _module_file(module: str) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def downstairs_sources() -> list[Path]:
-    """Every ``sut`` source file the downstairs imports (transitively), package inits included."""
+def downstairs_sources(program: str = "legacy") -> list[Path]:
+    """Every ``sut`` source file the program's downstairs imports (transitively), package
+    inits included."""
     seen: set[Path] = set()
-    pending = [_ENTRY_MODULE]
+    pending = [_recipe(program).entry_module]
     while pending:
         module = pending.pop()
         parts = module.split(".")
@@ -84,33 +128,35 @@ def downstairs_sources() -> list[Path]:
     return sorted(seen)
 
 
-def _digest(parts: list[tuple[str, bytes]]) -> str:
+def _digest(parts: Sequence[tuple[str, bytes]]) -> str:
     h = hashlib.sha256()
     for name, data in parts:
         h.update(name.encode() + b"\0" + len(data).to_bytes(8, "big") + data)
     return h.hexdigest()[:16]
 
 
-def _base_tag() -> str:
+def _base_tag(packages: Sequence[str] = ("python3",)) -> str:
     sources = _SOURCES.read_bytes() if _SOURCES.is_file() else b""
-    recipe = f"minbase {_SUITE} {_PACKAGES}".encode()
+    recipe = f"minbase {_SUITE} {','.join(packages)}".encode()
     return f"{BASE_REPO}:{_digest([('recipe', recipe), ('sources', sources)])}"
 
 
-def image_tag() -> str:
-    """The tag the current sources would produce (no Docker access needed)."""
+def image_tag(program: str = "legacy") -> str:
+    """The tag the current sources would produce for a Python program (no Docker needed)."""
+    recipe = _recipe(program)
     parts = [
-        ("Dockerfile", (_HERE / "Dockerfile").read_bytes()),
+        ("Dockerfile", (_HERE / recipe.dockerfile).read_bytes()),
         ("build.py", Path(__file__).read_bytes()),
-        ("base", _base_tag().encode()),
+        ("base", _base_tag(recipe.packages).encode()),
     ]
-    parts += [(str(p.relative_to(_SUT_ROOT.parent)), p.read_bytes()) for p in downstairs_sources()]
-    return f"{IMAGE_REPO}:{_digest(parts)}"
+    parts += [(str(p.relative_to(_SUT_ROOT.parent)), p.read_bytes()) for p in downstairs_sources(program)]
+    return f"{recipe.repo}:{_digest(parts)}"
 
 
-def _run(argv: list[str]) -> subprocess.CompletedProcess[bytes]:
-    # argv is built here from constants and our own tags, never from user input
-    return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, check=False)  # noqa: S603
+def _run(argv: list[str], timeout: float | None = None) -> subprocess.CompletedProcess[bytes]:
+    # argv is built here from constants, our own tags and a path the caller vouched for
+    return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,  # noqa: S603
+                          check=False, timeout=timeout)
 
 
 def _image_exists(tag: str) -> bool:
@@ -118,13 +164,14 @@ def _image_exists(tag: str) -> bool:
 
 
 def _fail(what: str, argv: list[str], proc: subprocess.CompletedProcess[bytes]) -> None:
-    tail = (proc.stderr or b"").decode(errors="replace")[-3000:]
+    tail = ((proc.stderr or b"") + (proc.stdout or b"")).decode(errors="replace")[-3000:]
     raise ImageBuildError(f"{what} failed (exit {proc.returncode}): {' '.join(argv)}\n{tail}")
 
 
-def _build_base(tag: str) -> None:
+def _build_base(tag: str, packages: Sequence[str]) -> None:
     mirror = str(_SOURCES) if _SOURCES.is_file() else "http://deb.debian.org/debian"
-    mm = ["mmdebstrap", "--variant=minbase", f"--include={_PACKAGES}", "--quiet", _SUITE, "-", mirror]
+    mm = ["mmdebstrap", "--variant=minbase", f"--include={','.join(packages)}", "--quiet",
+          _SUITE, "-", mirror]
     imp = ["docker", "import", "--change", "LABEL phd.image=downstairs-base", "-", tag]
     _progress(f"bootstrapping Debian {_SUITE} rootfs: {' '.join(mm)}")
     with tempfile.TemporaryFile() as mm_err, tempfile.TemporaryFile() as imp_err:
@@ -146,50 +193,187 @@ def _build_base(tag: str) -> None:
                 raise ImageBuildError(f"command failed (exit {rc}): {' '.join(argv)}\n{tail}")
 
 
-def _build_final(tag: str, base: str) -> None:
+def _docker_build(tag: str, base: str, ctx: Path, labels: dict[str, str]) -> None:
+    argv = ["docker", "build", "--build-arg", f"BASE_IMAGE={base}", "--label", IMAGE_LABEL]
+    for key, value in sorted(labels.items()):
+        argv += ["--label", f"{key}={value}"]
+    argv += ["-t", tag, str(ctx)]
+    _progress(f"building {tag}")
+    proc = _run(argv)
+    if proc.returncode != 0:
+        _fail("docker build", argv, proc)
+
+
+def _build_final(tag: str, base: str, program: str) -> None:
+    recipe = _recipe(program)
     with tempfile.TemporaryDirectory(prefix="phd-downstairs-ctx-") as ctx_name:
         ctx = Path(ctx_name)
-        shutil.copy(_HERE / "Dockerfile", ctx / "Dockerfile")
-        for src in downstairs_sources():
+        shutil.copy(_HERE / recipe.dockerfile, ctx / "Dockerfile")
+        for src in downstairs_sources(program):
             dest = ctx / src.relative_to(_SUT_ROOT.parent)
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, dest)
-        argv = [
-            "docker",
-            "build",
-            "--build-arg",
-            f"BASE_IMAGE={base}",
-            "--label",
-            IMAGE_LABEL,
-            "-t",
-            tag,
-            str(ctx),
-        ]
-        _progress(f"building {tag}")
-        proc = _run(argv)
-        if proc.returncode != 0:
-            _fail("docker build", argv, proc)
+        _docker_build(tag, base, ctx, {"phd.downstairs.program": program})
 
 
-def ensure_image(lock_dir: Path | None = None) -> str:
-    """Return the tag of an up-to-date downstairs image, building it if it is missing."""
-    tag = image_tag()
+def _locked_build(tag: str, lock_dir: Path | None, build: Callable[[float], None]) -> str:
+    """Run `build()` under the cross-process lock unless `tag` exists (before or after it)."""
     if _image_exists(tag):
         _progress(f"{tag} already present")
         return tag
     lock_root = lock_dir or Path(tempfile.gettempdir())
     lock_root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(lock_root / "phd-downstairs-image.lock")):
+    with FileLock(str(lock_root / _LOCK_NAME)):
         if _image_exists(tag):  # another worker built it while we waited for the lock
             return tag
         started = time.monotonic()
-        base = _base_tag()
-        if not _image_exists(base):
-            _build_base(base)
-            _progress(f"base {base} built in {time.monotonic() - started:.1f} s")
-        _build_final(tag, base)
+        build(started)
         _progress(f"{tag} ready after {time.monotonic() - started:.1f} s")
     return tag
+
+
+def _ensure_base(packages: Sequence[str], started: float) -> str:
+    base = _base_tag(packages)
+    if not _image_exists(base):
+        _build_base(base, packages)
+        _progress(f"base {base} built in {time.monotonic() - started:.1f} s")
+    return base
+
+
+def ensure_image(lock_dir: Path | None = None, program: str = "legacy") -> str:
+    """Return the tag of an up-to-date image of a Python program, building it if missing."""
+    tag = image_tag(program)
+    packages = _recipe(program).packages
+    return _locked_build(tag, lock_dir, lambda started: _build_final(
+        tag, _ensure_base(packages, started), program))
+
+
+# --- the image around a crucible-downstairs binary ---------------------------------------------
+@dataclass(frozen=True)
+class BinaryRuntime:
+    """What a binary needs at run time beyond itself: Debian packages to install and
+    libraries no package provides (copied next to it)."""
+
+    packages: tuple[str, ...]
+    copied: tuple[Path, ...]
+
+
+_LDD_LINE = re.compile(r"^\s*(?:(\S+)\s+=>\s+)?(\S+|not found)\s*(?:\(0x[0-9a-f]+\))?\s*$")
+
+
+def _ldd(binary: Path) -> list[tuple[str, str]]:
+    """(soname, resolved path or "not found") of every library ldd lists, vdso left out."""
+    try:
+        proc = _run(["ldd", str(binary)], timeout=60)
+    except FileNotFoundError:
+        raise ImageBuildError("ldd is not installed (Debian package libc-bin)") from None
+    text = proc.stdout.decode(errors="replace")
+    if proc.returncode != 0:
+        if "not a dynamic executable" in text + proc.stderr.decode(errors="replace"):
+            return []  # static: needs nothing
+        _fail("ldd", ["ldd", str(binary)], proc)
+    libs = []
+    for line in text.splitlines():
+        match = _LDD_LINE.match(line)
+        if match is None:
+            continue
+        name, path = match.group(1) or match.group(2), match.group(2)
+        if "vdso" in name:
+            continue
+        libs.append((name, path))
+    return libs
+
+
+def _path_variants(path: Path) -> list[str]:
+    """The names dpkg may know a library by (usr-merge: /lib is a link to /usr/lib)."""
+    out = [str(path), str(path.resolve())]
+    for p in list(out):
+        if p.startswith("/usr/"):
+            out.append(p.removeprefix("/usr"))
+        else:
+            out.append("/usr" + p)
+    return list(dict.fromkeys(out))
+
+
+def _package_of(path: Path) -> str | None:
+    if shutil.which("dpkg") is None:
+        return None
+    for candidate in _path_variants(path):
+        proc = _run(["dpkg", "-S", candidate], timeout=60)
+        if proc.returncode == 0:
+            line = proc.stdout.decode(errors="replace").splitlines()[0]
+            pkg = line.split(":", 1)[0].split(",")[0].strip()
+            if pkg:
+                return pkg
+    return None
+
+
+def binary_runtime(binary: Path) -> BinaryRuntime:
+    """The packages (via dpkg -S) and leftover libraries (copied) `binary` needs."""
+    packages: set[str] = set()
+    copied: list[Path] = []
+    for name, path in _ldd(binary):
+        if path == "not found":
+            raise ImageBuildError(f"{binary} needs {name}, which is not installed here either: "
+                                  "install its Debian package on this machine first (ldd says "
+                                  "'not found')")
+        pkg = _package_of(Path(path))
+        if pkg is not None:
+            packages.add(pkg)
+        elif not Path(path).name.startswith("ld-linux"):
+            copied.append(Path(path).resolve())
+    return BinaryRuntime(tuple(sorted(packages)), tuple(copied))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def binary_image_tag(binary: Path, runtime: BinaryRuntime | None = None) -> str:
+    """`phd-downstairs-bin:<first 16 of the binary's sha256>-<recipe hash>`."""
+    runtime = runtime or binary_runtime(binary)
+    parts = [
+        ("Dockerfile", (_HERE / "Dockerfile.binary").read_bytes()),
+        ("build.py", Path(__file__).read_bytes()),
+        ("base", _base_tag(runtime.packages).encode()),
+    ]
+    parts += [(f"lib/{p.name}", p.read_bytes()) for p in runtime.copied]
+    return f"{BIN_REPO}:{_sha256(binary)[:16]}-{_digest(parts)[:8]}"
+
+
+def ensure_binary_image(binary: Path, lock_dir: Path | None = None) -> str:
+    """Return the tag of an image running `binary` (a crucible-downstairs), building it if
+    missing; the build ends by running `version` in the image, so a library it lacks fails
+    here and not in a test."""
+    binary = binary.resolve()
+    if not binary.is_file() or not os.access(binary, os.X_OK):
+        raise ImageBuildError(f"{binary} is not an executable file")
+    runtime = binary_runtime(binary)
+    tag = binary_image_tag(binary, runtime)
+    sha = _sha256(binary)
+
+    def build(started: float) -> None:
+        base = _ensure_base(runtime.packages or ("libc6",), started)
+        with tempfile.TemporaryDirectory(prefix="phd-downstairs-bin-ctx-") as ctx_name:
+            ctx = Path(ctx_name)
+            shutil.copy(_HERE / "Dockerfile.binary", ctx / "Dockerfile")
+            shutil.copy(binary, ctx / "crucible-downstairs")
+            (ctx / "lib").mkdir()
+            for lib in runtime.copied:
+                shutil.copy(lib, ctx / "lib" / lib.name)
+            _docker_build(tag, base, ctx, {"phd.downstairs.program": "binary",
+                                           "phd.downstairs.binary-sha256": sha})
+        check = ["docker", "run", "--rm", "--read-only", "--network", "none", tag, "version"]
+        proc = _run(check, timeout=120)
+        if proc.returncode != 0:
+            _run(["docker", "image", "rm", "-f", tag])
+            _fail("the built image's smoke check", check, proc)
+
+    return _locked_build(tag, lock_dir, build)
 
 
 if __name__ == "__main__":  # pragma: no cover - use `python -m sut.storage.image ensure`
