@@ -53,16 +53,26 @@ import argparse
 import asyncio
 import contextlib
 import enum
+import os
 import random
 import sys
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sut.storage.bincode import SocketAddr
 from sut.storage.errors import ProtocolError
-from sut.storage.extent_raw import ExtentFailure, RawRegion
+from sut.storage.extent_raw import (
+    ExtentFailure,
+    RawExtent,
+    RawRegion,
+    definition_dict,
+    extent_file_name,
+    extent_path,
+)
+from sut.storage.repair_http import FileType, HttpError, RepairClient, RepairClientError, RepairServer
 from sut.storage.service import JsonLog, add_limit_flags, limits_from, serve_until_signal
 from sut.storage.stream import ConnectionGuard, ConnectionLimits, RecordStream, create_server
 from sut.storage.wire import messages as m
@@ -95,10 +105,20 @@ _JOBS = (
 _LIVE_REPAIR = (m.ExtentLiveClose, m.ExtentLiveFlushClose, m.ExtentLiveRepair, m.ExtentLiveReopen)
 _RECONCILE = (m.ExtentFlush, m.ExtentClose, m.ExtentRepair, m.ExtentReopen)
 _IO = _JOBS + _LIVE_REPAIR
+# what a read-only downstairs refuses by closing the connection (the real one's list: note
+# ExtentLiveClose, ExtentFlush, ExtentRepair and ExtentReopen are not on it)
+_READ_ONLY_REFUSED = (
+    m.Write,
+    m.WriteUnwritten,
+    m.ExtentClose,
+    m.ExtentLiveFlushClose,
+    m.ExtentLiveRepair,
+    m.ExtentLiveReopen,
+    m.ExtentLiveNoOp,
+)
 
 
 log = JsonLog("downstairs13")
-
 
 
 @dataclass(frozen=True)
@@ -164,8 +184,59 @@ def _ids(msg: Message) -> tuple[uuid.UUID, uuid.UUID]:
     return msg.upstairs_id, msg.session_id  # type: ignore[union-attr]
 
 
-def _unsupported(what: str) -> CrucibleError:
-    return CrucibleError(ErrorKind.Unsupported, f"{what} is not implemented by this downstairs yet")
+def _failure(kind: ErrorKind, text: str) -> ExtentFailure:
+    return ExtentFailure(CrucibleError(kind, text), f"{kind.name}: {text}")
+
+
+class _RepairView:
+    """The repair server's view of this downstairs (``repair_http.RepairApi``): eids are range
+    checked here (the real one aborts on a repair-ready past the end), file paths come from the
+    integer eid only."""
+
+    def __init__(self, ds: Downstairs13) -> None:
+        self.ds = ds
+
+    @property
+    def _count(self) -> int:
+        return self.ds.region.definition.extent_count
+
+    def _check(self, eid: int) -> None:
+        if eid >= self._count:
+            raise HttpError(400, f"extent {eid} is not in this region of {self._count} extents")
+
+    def region_info(self) -> dict[str, Any]:
+        return definition_dict(self.ds.region.definition)
+
+    def region_mode(self) -> bool:
+        return self.ds.read_only
+
+    def work(self) -> bool:
+        pending = sum(len(c.pending) for c in self.ds._conns)
+        log(
+            "work",
+            connections=len(self.ds._conns),
+            pending_jobs=pending,
+            closed=sorted(self.ds.region.closed),
+        )
+        return True
+
+    def extent_files(self, eid: int) -> list[str]:
+        if eid >= self._count:
+            raise HttpError(400, "EBADF")
+        path = extent_path(self.ds.region.dir, eid)
+        if path.is_symlink() or not path.is_file():
+            raise HttpError(400, "EBADF")
+        return [extent_file_name(eid)]
+
+    def extent_repair_ready(self, eid: int) -> bool:
+        self._check(eid)
+        return self.ds.read_only or eid in self.ds.region.closed
+
+    def extent_file(self, eid: int, file_type: FileType) -> Path:
+        self._check(eid)
+        if file_type is not FileType.data:
+            raise HttpError(400, f"extent {eid} has no {file_type.name} file (a raw region)")
+        return extent_path(self.ds.region.dir, eid)
 
 
 class Downstairs13:
@@ -187,6 +258,9 @@ class Downstairs13:
         self._conns: set[_Conn] = set()
         self._active: dict[uuid.UUID, _Conn] = {}  # upstairs id -> its active connection
         self._repair_addr = SocketAddr.parse("127.0.0.1", 0)
+        self._repair_server = RepairServer(
+            _RepairView(self), log, request_deadline_s=self.limits.handshake_timeout_s
+        )
         self._rng = random.Random()
 
     async def start(self, address: str, port: int) -> int:
@@ -200,6 +274,11 @@ class Downstairs13:
             self._server.close()
             raise OSError(f"port {bound} + {REPAIR_PORT_OFFSET} (the repair port) is above 65535")
         self._repair_addr = SocketAddr.parse(address, repair_port)
+        try:
+            await self._repair_server.start(address, repair_port)
+        except OSError:
+            self._server.close()
+            raise
         d = self.region.definition
         log(
             "listening",
@@ -217,6 +296,7 @@ class Downstairs13:
         return bound
 
     async def stop(self) -> None:
+        await self._repair_server.stop()
         if self._server is not None:
             self._server.close()
         for conn in list(self._conns):
@@ -238,7 +318,7 @@ class Downstairs13:
                 head, data = record
                 msg = decode_record(head, data)
                 if conn.phase is Phase.RUNNING:
-                    self._running(conn, msg)
+                    await self._running(conn, msg)
                 else:
                     self._negotiation_step(conn, msg)
                 await writer.drain()
@@ -348,12 +428,14 @@ class Downstairs13:
         self._active[conn.upstairs_id] = conn
 
     # -- running ------------------------------------------------------------------------------
-    def _running(self, conn: _Conn, msg: Message) -> None:
+    async def _running(self, conn: _Conn, msg: Message) -> None:
         if isinstance(msg, m.Ruok):
             conn.send(m.Imok())
             return
         if isinstance(msg, _RECONCILE):
-            conn.send(m.ExtentError(msg.repair_id, msg.extent_id, _unsupported(type(msg).__name__)))
+            if self.read_only and isinstance(msg, _READ_ONLY_REFUSED):
+                raise _Close(f"{type(msg).__name__} to a read-only downstairs")
+            await self._reconcile(conn, msg)
             return
         if not isinstance(msg, _IO):
             raise _Close(f"unexpected {type(msg).__name__} after negotiation")
@@ -364,11 +446,8 @@ class Downstairs13:
         if session_id != conn.session_id:
             conn.send(m.UuidMismatch(conn.session_id))
             return
-        if self.read_only and isinstance(msg, (m.Write, m.WriteUnwritten, m.ExtentLiveNoOp, *_LIVE_REPAIR)):
+        if self.read_only and isinstance(msg, _READ_ONLY_REFUSED):
             raise _Close(f"{type(msg).__name__} to a read-only downstairs")
-        if isinstance(msg, _LIVE_REPAIR):
-            self._refuse_live_repair(conn, msg)
-            return
         if isinstance(msg, m.Write | m.WriteUnwritten):
             blocks, extra = divmod(len(msg.data), self.region.block_size)
             if extra or blocks != len(msg.header.contexts):
@@ -376,8 +455,8 @@ class Downstairs13:
                 raise _Close(f"{len(msg.data)} bytes of data for {len(msg.header.contexts)} block contexts")
         job_id = _job_id(msg)
         if all(d in conn.done for d in _deps(msg)):
-            self._run(conn, job_id, msg)
-            self._run_ready(conn)
+            await self._run(conn, job_id, msg)
+            await self._run_ready(conn)
             return
         size = len(msg.data) if isinstance(msg, m.Write | m.WriteUnwritten) else 0
         if len(conn.pending) >= MAX_PENDING_JOBS or conn.pending_bytes + size > MAX_PENDING_BYTES:
@@ -387,16 +466,76 @@ class Downstairs13:
         conn.pending.append((job_id, msg))
         conn.pending_bytes += size
 
-    def _refuse_live_repair(self, conn: _Conn, msg: Message) -> None:
-        job_id, error = _job_id(msg), _unsupported(type(msg).__name__)
-        if isinstance(msg, m.ExtentLiveClose | m.ExtentLiveFlushClose):
-            conn.send(m.ExtentLiveCloseAck(conn.upstairs_id, conn.session_id, job_id, error))
-        elif isinstance(msg, m.ExtentLiveRepair):
-            conn.send(m.ExtentLiveRepairAckId(conn.upstairs_id, conn.session_id, job_id, error))
-        else:
-            conn.send(m.ExtentLiveAckId(conn.upstairs_id, conn.session_id, job_id, error))
+    # -- reconciliation (after negotiation, before I/O; done at once, in arrival order) ----------
+    async def _reconcile(
+        self, conn: _Conn, msg: m.ExtentFlush | m.ExtentClose | m.ExtentRepair | m.ExtentReopen
+    ) -> None:
+        eid = msg.extent_id
+        try:
+            if isinstance(msg, m.ExtentFlush):
+                # client_id names the source the upstairs sent this to; the real one ignores it
+                self.region.flush_one(eid, msg.flush_number, msg.gen_number)
+            elif isinstance(msg, m.ExtentClose):
+                self.region.close_extent(eid)
+            elif isinstance(msg, m.ExtentRepair):
+                # dest_clients and source_client_id are the upstairs' business, as on the real one
+                await self._repair_extent(eid, msg.source_repair_address)
+            else:
+                self.region.reopen_extent(eid)
+        except ExtentFailure as exc:
+            log("reconcile_error", op=type(msg).__name__, repair_id=msg.repair_id, extent=eid, error=str(exc))
+            conn.send(m.ExtentError(msg.repair_id, eid, exc.error))
+            return
+        log("reconciled", op=type(msg).__name__, repair_id=msg.repair_id, extent=eid)
+        conn.send(m.RepairAckId(msg.repair_id))
 
-    def _run_ready(self, conn: _Conn) -> None:
+    async def _repair_extent(self, eid: int, source: SocketAddr) -> None:
+        """Replace closed extent ``eid``'s file with the source downstairs' copy, as Crucible:
+        ``NNN.copy`` <- the download (checked: one file, the expected size, the source's extent
+        still closed afterwards), renamed ``NNN.replace``, copied over the extent, retired via
+        ``NNN.completed``. A crash at any step is recovered when the extent is next opened."""
+        copy_dir = self.region.begin_repair(eid)
+        client = RepairClient(str(source.ip), source.port)
+        name = extent_file_name(eid)
+        try:
+            files = await client.get_json(f"/extent/{eid}/files")
+        except RepairClientError as exc:
+            raise _failure(ErrorKind.RepairRequestError, f"Failed to get repair files: {exc}") from exc
+        if not isinstance(files, list) or sorted(map(str, files)) != [name]:
+            raise _failure(ErrorKind.RepairFilesInvalid, f"Invalid repair file list: {str(files)[:200]}")
+        expected = RawExtent.file_size(self.region.block_size, self.region.extent_blocks)
+        fd = os.open(copy_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+
+            async def save(data: bytes) -> None:
+                os.write(fd, data)  # chunks of at most 1 MiB: a short stall of the loop
+
+            try:
+                got = await client.download(f"/newextent/{eid}/data", save, expected)
+            except RepairClientError as exc:
+                kind = ErrorKind.RepairStreamError if exc.in_body else ErrorKind.RepairRequestError
+                raise _failure(kind, f"extent {eid} data file: {exc}") from exc
+            if got != expected:
+                raise _failure(
+                    ErrorKind.RepairStreamError, f"extent {eid}: got {got} bytes, expected {expected}"
+                )
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            ready = await client.get_json(f"/extent/{eid}/repair-ready")
+        except RepairClientError as exc:
+            raise _failure(
+                ErrorKind.RepairRequestError, f"Failed to verify extent is still valid for repair {exc}"
+            ) from exc
+        if ready is not True:
+            raise _failure(
+                ErrorKind.RepairRequestError, f"Extent {eid} on remote repair server is in incorrect state"
+            )
+        self.region.commit_repair(eid)
+        log("extent_repaired", extent=eid, source=str(source), bytes=got)
+
+    async def _run_ready(self, conn: _Conn) -> None:
         """Run waiting jobs whose dependencies are now done, oldest first, until none is."""
         progress = True
         while progress and conn.pending and not conn.evicted:
@@ -406,7 +545,7 @@ class Downstairs13:
                     del conn.pending[i]
                     if isinstance(msg, m.Write | m.WriteUnwritten):
                         conn.pending_bytes -= len(msg.data)
-                    self._run(conn, job_id, msg)
+                    await self._run(conn, job_id, msg)
                     progress = True
                     break
 
@@ -417,7 +556,7 @@ class Downstairs13:
             return True
         return False
 
-    def _run(self, conn: _Conn, job_id: int, msg: Message) -> None:
+    async def _run(self, conn: _Conn, job_id: int, msg: Message) -> None:
         """Do one job and send its reply; a success marks it done."""
         if len(conn.done) >= MAX_DONE_SINCE_FLUSH and not isinstance(msg, m.Flush | m.Barrier):
             raise ProtocolError(f"more than {MAX_DONE_SINCE_FLUSH} jobs without a Flush or Barrier")
@@ -454,11 +593,49 @@ class Downstairs13:
             conn.send(m.BarrierAck(u, s, job_id, None))
         elif isinstance(msg, m.ExtentLiveNoOp):
             conn.send(m.ExtentLiveAckId(u, s, job_id, None))
+        elif isinstance(msg, _LIVE_REPAIR):
+            ok = await self._live_repair(conn, job_id, msg)
         if not ok:
             return
         if isinstance(msg, m.Flush | m.Barrier):
             conn.done.clear()  # as Crucible: later jobs depend on the flush, not on what it covers
         conn.done.add(job_id)
+
+    async def _live_repair(
+        self,
+        conn: _Conn,
+        job_id: int,
+        msg: m.ExtentLiveClose | m.ExtentLiveFlushClose | m.ExtentLiveRepair | m.ExtentLiveReopen,
+    ) -> bool:
+        """One live-repair job (ordered by its dependencies like I/O); True if it succeeded."""
+        u, s, eid = conn.upstairs_id, conn.session_id, msg.extent_id
+        try:
+            if isinstance(msg, m.ExtentLiveClose | m.ExtentLiveFlushClose):
+                if isinstance(msg, m.ExtentLiveFlushClose):
+                    self.region.flush_one(eid, msg.flush_number, msg.gen_number)
+                versions = self.region.close_extent(eid)
+                conn.send(m.ExtentLiveCloseAck(u, s, job_id, versions))
+            elif isinstance(msg, m.ExtentLiveRepair):
+                await self._repair_extent(eid, msg.source_repair_address)
+                conn.send(m.ExtentLiveRepairAckId(u, s, job_id, None))
+            else:
+                self.region.reopen_extent(eid)
+                conn.send(m.ExtentLiveAckId(u, s, job_id, None))
+        except ExtentFailure as exc:
+            log("live_repair_error", op=type(msg).__name__, job_id=job_id, extent=eid, error=str(exc))
+            if isinstance(msg, m.ExtentLiveRepair):
+                # as the real one: the failure is reported, then this connection ends (the
+                # upstairs must start over with this downstairs)
+                conn.send(m.ErrorReport(u, s, job_id, exc.error))
+                raise _Close(f"live repair of extent {eid} failed") from exc
+            # the real one panics here (a bad or closed/open extent); we ack with the error
+            if isinstance(msg, m.ExtentLiveClose | m.ExtentLiveFlushClose):
+                conn.send(m.ExtentLiveCloseAck(u, s, job_id, exc.error))
+            else:
+                conn.send(m.ExtentLiveAckId(u, s, job_id, exc.error))
+            return False
+        log("live_repair", op=type(msg).__name__, job_id=job_id, extent=eid)
+        return True
 
     def _check_read_size(self, count: int) -> None:
         limit = (MAX_FRAME - _READ_RESPONSE_OVERHEAD) // self.region.block_size

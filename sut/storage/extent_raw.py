@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import uuid
 from collections.abc import Callable, Sequence
@@ -69,7 +70,13 @@ __all__ = [
     "RawExtent",
     "RawRegion",
     "SlotContext",
+    "definition_dict",
+    "extent_dir",
+    "extent_file_name",
     "extent_path",
+    "finish_replacement",
+    "recover_repair_dirs",
+    "repair_dir",
 ]
 
 CONTEXT_SLOT_BYTES = 48
@@ -77,6 +84,7 @@ META_BYTES = 32
 EXT_VERSION_RAW = 2
 DATABASE_VERSION = 1  # database_read_version / database_write_version of a raw region
 REGION_JSON = "region.json"
+REPAIR_STAGES = ("copy", "replace", "completed")
 
 _META = struct.Struct("<BQQIII")  # dirty, gen, flush, ext_version, bonus_sync_count, defrag_count
 _SLOT_HEAD = struct.Struct("<BQB")  # Some, hash, encryption Option tag
@@ -137,14 +145,66 @@ def _decode_slot(raw: bytes | memoryview, where: str) -> SlotContext | None:
     return SlotContext(BlockContext(hash_, enc), on_disk, flush_id)
 
 
+def extent_dir(region_dir: Path, number: int) -> Path:
+    """The directory holding extent ``number``'s file (and its repair scratch directories)."""
+    return region_dir / f"{(number >> 24) & 0xFF:02X}" / f"{(number >> 12) & 0xFFF:03X}"
+
+
+def extent_file_name(number: int) -> str:
+    """The name of extent ``number``'s file inside :func:`extent_dir` (what ``/files`` lists)."""
+    return f"{number & 0xFFF:03X}"
+
+
 def extent_path(region_dir: Path, number: int) -> Path:
     """Where Crucible keeps extent ``number``'s file."""
-    return (
-        region_dir
-        / f"{(number >> 24) & 0xFF:02X}"
-        / f"{(number >> 12) & 0xFFF:03X}"
-        / f"{number & 0xFFF:03X}"
-    )
+    return extent_dir(region_dir, number) / extent_file_name(number)
+
+
+def repair_dir(region_dir: Path, number: int, stage: str) -> Path:
+    """A repair scratch directory of extent ``number``: ``stage`` is ``copy`` (the download in
+    progress), ``replace`` (complete, being copied over the extent) or ``completed``."""
+    if stage not in REPAIR_STAGES:
+        raise ValueError(f"unknown repair stage {stage!r}")
+    return extent_dir(region_dir, number) / f"{extent_file_name(number)}.{stage}"
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def finish_replacement(region_dir: Path, number: int) -> None:
+    """Copy ``NNN.replace/NNN`` over extent ``number``'s file and retire the scratch directory
+    (``.replace`` -> ``.completed`` -> removed), syncing each step: safe to redo after a crash
+    at any point, which :meth:`RawRegion.open` does when it finds a ``.replace`` directory."""
+    where = extent_dir(region_dir, number)
+    replace = repair_dir(region_dir, number, "replace")
+    completed = repair_dir(region_dir, number, "completed")
+    target = extent_path(region_dir, number)
+    shutil.copyfile(replace / extent_file_name(number), target)
+    _fsync_path(target)
+    _fsync_path(where)
+    os.rename(replace, completed)
+    _fsync_path(where)
+    shutil.rmtree(completed)
+    _fsync_path(where)
+
+
+def recover_repair_dirs(region_dir: Path, number: int, read_only: bool) -> None:
+    """What opening an extent does first, as Crucible: drop an unfinished download (``.copy``)
+    and a finished repair's leftovers (``.completed``); finish a replacement whose download had
+    completed (``.replace``; not in read-only mode)."""
+    for stage in ("copy", "completed"):
+        leftover = repair_dir(region_dir, number, stage)
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover)
+        elif leftover.exists() or leftover.is_symlink():
+            leftover.unlink()
+    if not read_only and repair_dir(region_dir, number, "replace").is_dir():
+        finish_replacement(region_dir, number)
 
 
 def _stored_hash(ctx: BlockContext, data: bytes | memoryview) -> int:
@@ -198,6 +258,10 @@ class RawExtent:
         cls, region_dir: Path, number: int, block_size: int, blocks: int, read_only: bool = False
     ) -> RawExtent:
         path = extent_path(region_dir, number)
+        try:
+            recover_repair_dirs(region_dir, number, read_only)
+        except OSError as exc:
+            raise _fail(ErrorKind.IoError, f"extent {number}: repair recovery failed: {exc}") from exc
         try:
             fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
         except OSError as exc:
@@ -399,8 +463,9 @@ class RawExtent:
 
 
 # -- region ------------------------------------------------------------------------------------
-def _definition_json(d: RegionDefinition) -> str:
-    body = {
+def definition_dict(d: RegionDefinition) -> dict[str, object]:
+    """The RegionDefinition as Crucible's JSON has it (region.json, the repair API's /region-info)."""
+    return {
         "block_size": d.block_size,
         "extent_size": {"value": d.extent_size.value, "shift": d.extent_size.shift},
         "extent_count": d.extent_count,
@@ -409,7 +474,10 @@ def _definition_json(d: RegionDefinition) -> str:
         "database_read_version": d.database_read_version,
         "database_write_version": d.database_write_version,
     }
-    return json.dumps(body, indent=2)
+
+
+def _definition_json(d: RegionDefinition) -> str:
+    return json.dumps(definition_dict(d), indent=2)
 
 
 def _parse_definition(text: str, where: Path) -> RegionDefinition:
@@ -445,6 +513,7 @@ class RawRegion:
         self.extents = extents
         self.read_only = read_only
         self.dirty_extents = {e.number for e in extents if e.dirty}
+        self.closed: set[int] = set()  # extents closed for repair (their last versions stay readable)
 
     @property
     def block_size(self) -> int:
@@ -548,16 +617,82 @@ class RawRegion:
             )
 
     def _pieces(self, start: int, count: int) -> list[tuple[RawExtent, int, int, int]]:
-        """(extent, extent-relative start, count, offset in blocks into the request)."""
+        """(extent, extent-relative start, count, offset in blocks into the request); an
+        IoError if one of them is closed (Crucible panics)."""
         out = []
         done = 0
         while done < count:
             block = start + done
             eid, rel = divmod(block, self.extent_blocks)
             n = min(count - done, self.extent_blocks - rel)
+            if eid in self.closed:
+                raise _fail(ErrorKind.IoError, f"extent {eid} is closed")
             out.append((self.extents[eid], rel, n, done))
             done += n
         return out
+
+    # -- repair: close, flush one, download into scratch directories, reopen -----------------------
+    def _check_extent(self, eid: int, *, is_open: bool) -> None:
+        """InvalidExtent if ``eid`` is not in the region; GenericError unless it is open (or
+        closed, as ``is_open`` says). Crucible panics on either."""
+        if not 0 <= eid < self.definition.extent_count:
+            raise _fail(
+                ErrorKind.InvalidExtent, f"extent {eid} is not in a region of {self.definition.extent_count}"
+            )
+        if (eid in self.closed) == is_open:
+            state = "closed" if is_open else "open"
+            raise _fail(ErrorKind.GenericError, f"extent {eid} is {state}")
+
+    def close_extent(self, eid: int) -> tuple[int, int, bool]:
+        """Close an open extent for repair; its (gen, flush, dirty) as ExtentLiveCloseAck carries."""
+        self._check_extent(eid, is_open=True)
+        ext = self.extents[eid]
+        ext.close()
+        self.closed.add(eid)
+        return ext.gen, ext.flush, ext.dirty
+
+    def flush_one(self, eid: int, flush_number: int, gen_number: int) -> None:
+        """Flush just extent ``eid`` (if dirty) with these numbers (ExtentFlush)."""
+        self._check_extent(eid, is_open=True)
+        if self.read_only and self.extents[eid].dirty:
+            raise _fail(ErrorKind.ModifyingReadOnlyRegion)
+        self.extents[eid].flush_extent(flush_number, gen_number)
+
+    def reopen_extent(self, eid: int) -> None:
+        """Open a closed extent again from its file (finishing a pending replacement first)."""
+        self._check_extent(eid, is_open=False)
+        ext = RawExtent.open(self.dir, eid, self.block_size, self.extent_blocks, self.read_only)
+        self.extents[eid] = ext
+        self.closed.discard(eid)
+        if ext.dirty:
+            self.dirty_extents.add(eid)
+
+    def begin_repair(self, eid: int) -> Path:
+        """The new, empty ``NNN.copy`` directory to download extent ``eid``'s file into; the
+        extent must be closed and no earlier repair's scratch directory may be left (IoError)."""
+        self._check_extent(eid, is_open=False)
+        if self.read_only:
+            raise _fail(ErrorKind.ModifyingReadOnlyRegion)
+        for stage in ("replace", "copy"):
+            if os.path.lexists(repair_dir(self.dir, eid, stage)):
+                raise _fail(ErrorKind.IoError, f"extent {eid}: the {stage} directory already exists")
+        copy = repair_dir(self.dir, eid, "copy")
+        try:
+            copy.mkdir(parents=True)
+        except OSError as exc:
+            raise _fail(ErrorKind.IoError, f"extent {eid}: creating the copy directory: {exc}") from exc
+        return copy
+
+    def commit_repair(self, eid: int) -> None:
+        """The download in ``NNN.copy`` is complete and synced: rename it to ``NNN.replace`` and
+        copy it over the extent (:func:`finish_replacement`). The extent stays closed."""
+        self._check_extent(eid, is_open=False)
+        try:
+            os.rename(repair_dir(self.dir, eid, "copy"), repair_dir(self.dir, eid, "replace"))
+            _fsync_path(extent_dir(self.dir, eid))
+            finish_replacement(self.dir, eid)
+        except OSError as exc:
+            raise _fail(ErrorKind.IoError, f"extent {eid}: replacing the extent: {exc}") from exc
 
     def read(self, start: int, count: int) -> tuple[bytes, list[ReadBlockContext]]:
         self.check_range(start, count)
@@ -602,7 +737,11 @@ class RawRegion:
         """Stamp every dirty extent (up to ``extent_limit`` inclusive), then fsync them."""
         if extent_limit is not None and extent_limit > self.definition.extent_count:
             raise _fail(ErrorKind.InvalidExtent)
-        chosen = sorted(e for e in self.dirty_extents if extent_limit is None or e <= extent_limit)
+        chosen = sorted(
+            e
+            for e in self.dirty_extents
+            if (extent_limit is None or e <= extent_limit) and e not in self.closed
+        )  # a closed extent stays a candidate for the flush after its reopen (Crucible panics)
         for eid in chosen:
             self.extents[eid].flush_extent(flush_number, gen_number)
         self.dirty_extents.difference_update(chosen)

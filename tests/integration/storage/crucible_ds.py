@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import http.client
+import json
 import os
 import shutil
 import socket
@@ -51,7 +53,8 @@ needs_binary = pytest.mark.skipif(
 
 @dataclass
 class CrucibleDownstairs:
-    """One downstairs ``run`` on 127.0.0.1:port over ``root/region`` (repair port = port + 4000).
+    """One downstairs ``run`` on 127.0.0.1:port over ``root/region`` (repair port = port + 4000;
+    ``start`` returns once both listen).
 
     A context manager: exit kills the process (if any) and always removes ``root``.
     """
@@ -141,16 +144,20 @@ class CrucibleDownstairs:
                     stderr=subprocess.STDOUT,
                     cwd=REPO,
                 )
-            if self._wait_listening():
+            if self._wait_listening(self.port) and self._wait_listening(
+                self.port + wire.negotiation.REPAIR_PORT_OFFSET
+            ):
                 return
         raise AssertionError(f"{self.kind} downstairs never listened; log tail:\n{self.log_tail()}")
 
-    def _wait_listening(self) -> bool:
-        """Poll a connect until it succeeds (True), the process exits (False) or the deadline."""
+    def _wait_listening(self, port: int | None = None) -> bool:
+        """Poll a connect to ``port`` (default: the downstairs'; then its repair server's) until
+        it succeeds (True), the process exits (False) or the deadline."""
         assert self.proc is not None
+        port = self.port if port is None else port
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
                 return True
             try:
                 self.proc.wait(timeout=0.02)  # the pause between connect attempts; ends early if it died
@@ -359,3 +366,49 @@ PRE_NEGOTIATION_CASES = {
     "length-0": (struct.pack("<I", 0) + bytes(12), "dies"),
     "length-3": (struct.pack("<I", 3) + bytes(12), "dies"),
 }
+
+
+# -- the repair HTTP server (port + 4000) ---------------------------------------------------------
+@dataclass(frozen=True)
+class HttpAnswer:
+    status: int
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+
+    def json(self) -> object:
+        return json.loads(self.body)
+
+
+def repair_get(ds: CrucibleDownstairs, path: str, method: str = "GET") -> HttpAnswer:
+    """One request to ``ds``'s repair server, the path sent exactly as given."""
+    conn = http.client.HTTPConnection(
+        "127.0.0.1", ds.port + wire.negotiation.REPAIR_PORT_OFFSET, timeout=REPLY_TIMEOUT_S
+    )
+    try:
+        conn.request(method, path)
+        resp = conn.getresponse()
+        body = resp.read()
+        return HttpAnswer(resp.status, {k.lower(): v for k, v in resp.getheaders()}, body)
+    finally:
+        conn.close()
+
+
+def exchange(peer: Peer, msg: wire.Message) -> wire.Message:
+    """Send ``msg`` and return the next reply."""
+    peer.send(msg)
+    return peer.recv()
+
+
+def region_snapshot(
+    ds: CrucibleDownstairs, generation: int, upstairs: uuid.UUID, session: uuid.UUID, blocks: int
+) -> tuple[m.ExtentVersions, m.ReadResponse]:
+    """A new upstairs (taking over at ``generation``): its ExtentVersions and a read of the
+    first ``blocks`` blocks (data and contexts)."""
+    peer, versions = negotiate(ds, upstairs, session, generation)
+    try:
+        peer.send(m.ReadRequest(upstairs, session, 1, (), 0, blocks))
+        read = peer.recv()
+        assert isinstance(read, m.ReadResponse), read
+        return versions, read
+    finally:
+        peer.close()

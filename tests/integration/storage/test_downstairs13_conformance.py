@@ -461,26 +461,6 @@ def test_ours_answers_a_bad_hash_with_an_error(ours: CrucibleDownstairs) -> None
         peer.close()
 
 
-def test_ours_answers_repair_messages_with_unsupported(ours: CrucibleDownstairs) -> None:
-    peer, _ = negotiate(ours)
-    try:
-        peer.send(m.ExtentClose(7, 1))
-        reply = peer.recv()
-        assert isinstance(reply, m.ExtentError) and (reply.repair_id, reply.extent_id) == (7, 1)
-        assert reply.error.kind == wire.ErrorKind.Unsupported
-        peer.send(m.ExtentLiveClose(U, S, 1000, (), 1))
-        close_ack = peer.recv()
-        assert isinstance(close_ack, m.ExtentLiveCloseAck) and isinstance(
-            close_ack.result, wire.CrucibleError
-        )
-        peer.send(m.ExtentLiveRepair(U, S, 1001, (), 1, 0, ours.repair_addr))
-        repair_ack = peer.recv()
-        assert isinstance(repair_ack, m.ExtentLiveRepairAckId)
-        assert isinstance(repair_ack.result, wire.CrucibleError)
-    finally:
-        peer.close()
-
-
 def test_ours_caps_frames_before_activation(ours: CrucibleDownstairs) -> None:
     peer = ours.connect()
     try:

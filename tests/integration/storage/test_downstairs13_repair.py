@@ -1,0 +1,206 @@
+"""Repair on our Crucible-protocol downstairs (sut.storage.downstairs13) against the REAL one.
+
+The repair HTTP server on port + 4000 (the same answers as the real binary's), reconciliation
+(ExtentFlush / ExtentClose / ExtentRepair / ExtentReopen) and live repair (ExtentLiveClose /
+ExtentLiveFlushClose / ExtentLiveRepair / ExtentLiveReopen / ExtentLiveNoOp) between downstairs
+of either kind: ours from a real source, the real one from our source, ours from ours. Each
+``test_interop_*`` runs on both kinds; ``test_real_*`` pins the real one where it aborts,
+``test_ours_*`` where ours answers instead, and the hostile requests to our repair server.
+"""
+
+from __future__ import annotations
+
+import http.client
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sut.storage import wire
+from sut.storage.extent_raw import RawExtent, extent_path
+from sut.storage.wire import messages as m
+from sut.storage.wire.blockhash import unencrypted_contexts
+from tests.integration.storage.crucible_ds import (
+    BLOCK_SIZE,
+    EXTENT_COUNT,
+    EXTENT_SIZE,
+    REPLY_TIMEOUT_S,
+    CrucibleDownstairs,
+    OurDownstairs,
+    RealDownstairs,
+    exchange,
+    needs_binary,
+    negotiate,
+    repair_get,
+)
+from tests.unit.storage.test_wire import ORACLE_REGION, ORACLE_SESSION, ORACLE_UPSTAIRS, oracle_pattern
+
+pytestmark = [pytest.mark.integration]
+
+U, S = ORACLE_UPSTAIRS, ORACLE_SESSION
+KINDS = {"real": RealDownstairs, "ours": OurDownstairs}
+REAL = pytest.param("real", marks=needs_binary)
+FILE_SIZE = RawExtent.file_size(BLOCK_SIZE, EXTENT_SIZE)
+UNREACHABLE = wire.SocketAddr.parse("127.0.0.1", 9)  # discard port: nothing listens on loopback
+# (source kind, destination kind)
+PAIRS = [
+    pytest.param("real", "ours", marks=needs_binary, id="ours-from-real"),
+    pytest.param("ours", "real", marks=needs_binary, id="real-from-ours"),
+    pytest.param("ours", "ours", id="ours-from-ours"),
+]
+
+
+def _start(tmp_path: Path, kind: str, flags: tuple[str, ...] = ()) -> CrucibleDownstairs:
+    root = Path(tempfile.mkdtemp(prefix=f"{kind}-ds-", dir=tmp_path))
+    ds = KINDS[kind](root, flags=flags)
+    try:
+        ds.create(ORACLE_REGION)
+        ds.start()
+    except BaseException:
+        ds.__exit__(None, None, None)
+        raise
+    return ds
+
+
+@pytest.fixture(params=[REAL, "ours"])
+def downstairs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[CrucibleDownstairs]:
+    with _start(tmp_path, request.param) as ds:
+        yield ds
+
+
+@pytest.fixture
+def ours(tmp_path: Path) -> Iterator[CrucibleDownstairs]:
+    with _start(tmp_path, "ours") as ds:
+        yield ds
+
+
+def write(
+    job: int, start: int, data: bytes, deps: tuple[int, ...] = (), u: uuid.UUID = U, s: uuid.UUID = S
+) -> m.Write:
+    return m.Write(wire.WriteHeader(u, s, job, deps, start, unencrypted_contexts(data, BLOCK_SIZE)), data)
+
+
+def _pattern(seed: int, blocks: int) -> bytes:
+    return bytes((seed * 37 + i * 11) & 0xFF for i in range(blocks * BLOCK_SIZE))
+
+
+# -- the repair API --------------------------------------------------------------------------------
+REGION_INFO_JSON = (
+    '{"block_size":512,"extent_size":{"value":64,"shift":9},"extent_count":4,'
+    f'"uuid":"{ORACLE_REGION}","encrypted":false,"database_read_version":1,"database_write_version":1}}'
+).encode()
+BAD_U32 = "bad parameter in URL path: unable to parse '{}' as u32"
+BAD_TYPE = "bad parameter in URL path: unknown variant `{}`, expected one of `data`, `db`, `db_shm`, `db_wal`"
+
+# path -> (status, body: exact JSON bytes for a 200, the error message for others, None: any)
+API_CASES: dict[str, tuple[int, bytes | str | None]] = {
+    "/region-info": (200, REGION_INFO_JSON),
+    "/region-mode": (200, b"false"),
+    "/work": (200, b"true"),
+    "/extent/0/files": (200, b'["000"]'),
+    "/extent/3/files": (200, b'["003"]'),
+    "/extent/0/repair-ready": (200, b"false"),
+    "/extent/4/files": (400, "EBADF"),
+    "/extent/4095/files": (400, "EBADF"),
+    "/extent/x/files": (400, BAD_U32.format("x")),
+    "/extent/-1/files": (400, BAD_U32.format("-1")),
+    "/extent/4294967296/files": (400, BAD_U32.format("4294967296")),
+    "/extent/99999999999999999999999/repair-ready": (400, BAD_U32.format("99999999999999999999999")),
+    "/newextent/0/junk": (400, BAD_TYPE.format("junk")),
+    "/newextent/0/Data": (400, BAD_TYPE.format("Data")),
+    "/newextent/0/db-shm": (400, BAD_TYPE.format("db-shm")),
+    "/newextent/x/junk": (400, BAD_U32.format("x")),  # the eid is checked first
+    "/newextent/0/db": (400, None),  # no SQLite file (the messages differ: the real one names the path)
+    "/newextent/0/db_wal": (400, None),
+    "/newextent/9/data": (400, None),  # no such extent
+    "/extent/0": (404, "Not Found"),
+    "/nothing": (404, "Not Found"),
+    "/newextent/0/data/more": (404, "Not Found"),
+    # dropshot's path handling, which ours copies
+    "/extent/00/files": (200, b'["000"]'),
+    "/extent/+1/files": (200, b'["001"]'),
+    "/extent/%31/files": (200, b'["001"]'),
+    "//region-info/": (200, REGION_INFO_JSON),
+    "/region-mode?x=1": (200, b"false"),
+    "/extent/0/../0/files": (400, "invalid path encoding"),
+    "/newextent/../data": (400, "invalid path encoding"),
+    "/newextent/./0/data": (400, "invalid path encoding"),
+}
+
+
+@pytest.mark.parametrize("path", sorted(API_CASES))
+def test_interop_repair_api_answers(downstairs: CrucibleDownstairs, path: str) -> None:
+    status, expected = API_CASES[path]
+    answer = repair_get(downstairs, path)
+    assert answer.status == status, answer
+    assert answer.headers["content-type"] == "application/json"
+    assert "date" in answer.headers
+    request_id = answer.headers["x-request-id"]
+    uuid.UUID(request_id)
+    if status == 200:
+        assert answer.body == expected
+        return
+    body = answer.json()
+    assert isinstance(body, dict) and set(body) == {"request_id", "message"}
+    assert body["request_id"] == request_id
+    assert answer.body.startswith(b'{\n  "request_id": ')  # indented, as dropshot's
+    if expected is not None:
+        assert body["message"] == expected
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "HEAD"])
+def test_interop_repair_api_other_methods(downstairs: CrucibleDownstairs, method: str) -> None:
+    answer = repair_get(downstairs, "/region-info", method)
+    assert answer.status == 405
+    assert answer.headers["allow"] == "GET"
+    if method != "HEAD":
+        assert answer.json() == {
+            "request_id": answer.headers["x-request-id"],
+            "message": "Method Not Allowed",
+        }
+    assert repair_get(downstairs, "/nothing", method).status == 404  # the route first
+
+
+def test_interop_repair_api_serves_the_extent_file(downstairs: CrucibleDownstairs) -> None:
+    data = oracle_pattern(2)
+    peer, _ = negotiate(downstairs)
+    try:
+        assert exchange(peer, write(1000, EXTENT_SIZE + 5, data)) == m.WriteAck(U, S, 1000, None)
+        assert exchange(peer, m.Flush(U, S, 1001, (1000,), 4, 2)) == m.FlushAck(U, S, 1001, None)
+        answer = repair_get(downstairs, "/newextent/1/data")
+        assert answer.status == 200
+        assert answer.headers["content-type"] == "application/octet-stream"
+        assert len(answer.body) == FILE_SIZE
+        assert answer.body == extent_path(downstairs.region_dir, 1).read_bytes()
+        assert answer.body[5 * BLOCK_SIZE : 7 * BLOCK_SIZE] == data
+        assert repair_get(downstairs, "/extent/1/repair-ready").body == b"false"  # open
+    finally:
+        peer.close()
+
+
+@pytest.mark.parametrize("kind", [REAL, "ours"])
+def test_interop_repair_api_read_only(tmp_path: Path, kind: str) -> None:
+    with _start(tmp_path, kind, ("--mode", "ro")) as ds:
+        assert repair_get(ds, "/region-mode").body == b"true"
+        assert repair_get(ds, "/extent/2/repair-ready").body == b"true"  # always, read-only
+
+
+@needs_binary
+def test_real_downstairs_aborts_on_repair_ready_past_the_end(tmp_path: Path) -> None:
+    """Pinned: /extent/{eid}/repair-ready indexes the extent table unchecked; eid = extent_count
+    panics and the process aborts (every session lost). Ours answers 400 (below)."""
+    with _start(tmp_path, "real") as ds:
+        with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
+            repair_get(ds, f"/extent/{EXTENT_COUNT}/repair-ready")
+        assert ds.proc is not None
+        assert ds.proc.wait(timeout=REPLY_TIMEOUT_S) != 0
+
+
+def test_ours_answers_repair_ready_past_the_end(ours: CrucibleDownstairs) -> None:
+    for eid in (EXTENT_COUNT, 4096, 0xFFFFFFFF):
+        answer = repair_get(ours, f"/extent/{eid}/repair-ready")
+        assert answer.status == 400
+        assert answer.json()["message"] == f"extent {eid} is not in this region of {EXTENT_COUNT} extents"  # type: ignore[index]
+    assert repair_get(ours, "/work").status == 200
