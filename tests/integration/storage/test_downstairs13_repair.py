@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from sut.storage import wire
-from sut.storage.extent_raw import RawExtent, extent_path
+from sut.storage.extent_raw import RawExtent, extent_path, repair_dir
 from sut.storage.wire import messages as m
 from sut.storage.wire.blockhash import unencrypted_contexts
 from tests.integration.storage.crucible_ds import (
@@ -33,6 +33,7 @@ from tests.integration.storage.crucible_ds import (
     exchange,
     needs_binary,
     negotiate,
+    region_snapshot,
     repair_get,
 )
 from tests.unit.storage.test_wire import ORACLE_REGION, ORACLE_SESSION, ORACLE_UPSTAIRS, oracle_pattern
@@ -46,9 +47,9 @@ FILE_SIZE = RawExtent.file_size(BLOCK_SIZE, EXTENT_SIZE)
 UNREACHABLE = wire.SocketAddr.parse("127.0.0.1", 9)  # discard port: nothing listens on loopback
 # (source kind, destination kind)
 PAIRS = [
-    pytest.param("real", "ours", marks=needs_binary, id="ours-from-real"),
-    pytest.param("ours", "real", marks=needs_binary, id="real-from-ours"),
-    pytest.param("ours", "ours", id="ours-from-ours"),
+    pytest.param(("real", "ours"), marks=needs_binary, id="ours-from-real"),
+    pytest.param(("ours", "real"), marks=needs_binary, id="real-from-ours"),
+    pytest.param(("ours", "ours"), id="ours-from-ours"),
 ]
 
 
@@ -204,3 +205,167 @@ def test_ours_answers_repair_ready_past_the_end(ours: CrucibleDownstairs) -> Non
         assert answer.status == 400
         assert answer.json()["message"] == f"extent {eid} is not in this region of {EXTENT_COUNT} extents"  # type: ignore[index]
     assert repair_get(ours, "/work").status == 200
+
+
+# -- reconciliation ----------------------------------------------------------------------------------
+SRC_U, SRC_S = uuid.UUID(int=0x50), uuid.UUID(int=0x51)
+DST_U, DST_S = uuid.UUID(int=0xD0), uuid.UUID(int=0xD1)
+ALL_BLOCKS = EXTENT_SIZE * EXTENT_COUNT
+
+
+def _io(
+    peer_ids: tuple[uuid.UUID, uuid.UUID], job: int, start: int, data: bytes, deps: tuple[int, ...] = ()
+) -> m.Write:
+    return write(job, start, data, deps, *peer_ids)
+
+
+def _seed(ds: CrucibleDownstairs, ids: tuple[uuid.UUID, uuid.UUID], seed: int, *, flush: bool) -> None:
+    """Writes to extents 1 and 2 (one session); flushed (flush 5, gen 1) or left dirty."""
+    peer, _ = negotiate(ds, *ids)
+    u, s = ids
+    try:
+        assert exchange(peer, _io(ids, 1000, EXTENT_SIZE + 3, _pattern(seed, 4))) == m.WriteAck(
+            u, s, 1000, None
+        )
+        assert exchange(peer, _io(ids, 1001, 2 * EXTENT_SIZE + 60, _pattern(seed + 1, 2))) == m.WriteAck(
+            u, s, 1001, None
+        )
+        if flush:
+            assert exchange(peer, m.Flush(u, s, 1002, (1000, 1001), 5, 1)) == m.FlushAck(u, s, 1002, None)
+        # one more rewrite of extent 1, never flushed: the extent is dirty
+        assert exchange(peer, _io(ids, 1003, EXTENT_SIZE + 4, _pattern(seed + 2, 1))) == m.WriteAck(
+            u, s, 1003, None
+        )
+    finally:
+        peer.close()
+
+
+def _extent_blocks(read: m.ReadResponse, eid: int) -> tuple[bytes, tuple[object, ...]]:
+    assert isinstance(read.header.blocks, tuple)
+    lo, hi = eid * EXTENT_SIZE, (eid + 1) * EXTENT_SIZE
+    return read.data[lo * BLOCK_SIZE : hi * BLOCK_SIZE], read.header.blocks[lo:hi]
+
+
+@pytest.fixture(params=PAIRS)
+def pair(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[CrucibleDownstairs, CrucibleDownstairs]]:
+    source_kind, dest_kind = request.param
+    with _start(tmp_path, source_kind) as source, _start(tmp_path, dest_kind) as dest:
+        yield source, dest
+
+
+def test_interop_reconciliation_repairs_an_extent(
+    pair: tuple[CrucibleDownstairs, CrucibleDownstairs],
+) -> None:
+    """The upstairs' sequence for one extent: ExtentFlush (source only), ExtentClose (all),
+    ExtentRepair (destination only), ExtentReopen (all). Afterwards the destination's extent
+    has the source's versions, data and contexts; its other extents are untouched."""
+    source, dest = pair
+    _seed(source, (SRC_U, SRC_S), 1, flush=True)
+    _seed(dest, (DST_U, DST_S), 9, flush=False)
+    _, dest_before = region_snapshot(dest, 2, DST_U, DST_S, ALL_BLOCKS)
+    src, src_versions = negotiate(source, SRC_U, SRC_S, 3)
+    dst, dst_versions = negotiate(dest, DST_U, DST_S, 3)
+    try:
+        assert src_versions.dirty_bits[1] and dst_versions.dirty_bits[1]
+        assert exchange(src, m.ExtentFlush(0, 1, 0, 7, 3)) == m.RepairAckId(0)
+        for peer in (src, dst):
+            assert exchange(peer, m.ExtentClose(1, 1)) == m.RepairAckId(1)
+        assert repair_get(source, "/extent/1/repair-ready").body == b"true"
+        assert repair_get(source, "/extent/2/repair-ready").body == b"false"
+        repair = m.ExtentRepair(2, 1, 0, source.repair_addr, (1,))
+        assert exchange(dst, repair) == m.RepairAckId(2)
+        for peer in (src, dst):
+            assert exchange(peer, m.ExtentReopen(3, 1)) == m.RepairAckId(3)
+        assert not repair_dir(dest.region_dir, 1, "copy").exists()
+        assert not repair_dir(dest.region_dir, 1, "replace").exists()
+        assert not repair_dir(dest.region_dir, 1, "completed").exists()
+    finally:
+        src.close()
+        dst.close()
+    src_versions, src_read = region_snapshot(source, 4, SRC_U, SRC_S, ALL_BLOCKS)
+    dst_versions, dst_read = region_snapshot(dest, 4, DST_U, DST_S, ALL_BLOCKS)
+    for field in ("gen_numbers", "flush_numbers", "dirty_bits"):
+        assert getattr(dst_versions, field)[1] == getattr(src_versions, field)[1], field
+    assert (src_versions.gen_numbers[1], src_versions.flush_numbers[1], src_versions.dirty_bits[1]) == (
+        3,
+        7,
+        False,
+    )
+    assert _extent_blocks(dst_read, 1) == _extent_blocks(src_read, 1)
+    for eid in (0, 2, 3):
+        assert _extent_blocks(dst_read, eid) == _extent_blocks(dest_before, eid)
+    assert extent_path(dest.region_dir, 1).read_bytes() == extent_path(source.region_dir, 1).read_bytes()
+
+
+def test_interop_reconciliation_messages_during_negotiation_are_ignored(
+    downstairs: CrucibleDownstairs,
+) -> None:
+    """Before ExtentVersionsPlease / LastFlush they are logged and dropped (no reply, the
+    extent stays open); afterwards they are served."""
+    peer = downstairs.connect()
+    try:
+        peer.send(hello_msg())
+        assert isinstance(peer.recv(), m.YesItsMe)
+        peer.send(m.ExtentClose(1, 0))
+        peer.send(m.PromoteToActive(U, S, 1))
+        assert peer.recv() == m.YouAreNowActive(U, S, 1)
+        peer.send(m.ExtentClose(2, 0))
+        peer.send(m.RegionInfoPlease())
+        assert isinstance(peer.recv(), m.RegionInfo)
+        peer.send(m.ExtentClose(3, 0))
+        peer.send(m.ExtentVersionsPlease())
+        assert isinstance(peer.recv(), m.ExtentVersions)
+        assert repair_get(downstairs, "/extent/0/repair-ready").body == b"false"
+        peer.send(m.ReadRequest(U, S, 1000, (), 0, 1))
+        assert isinstance(peer.recv(), m.ReadResponse)
+        assert exchange(peer, m.ExtentClose(4, 0)) == m.RepairAckId(4)
+        assert repair_get(downstairs, "/extent/0/repair-ready").body == b"true"
+        assert exchange(peer, m.ExtentReopen(5, 0)) == m.RepairAckId(5)
+    finally:
+        peer.close()
+
+
+def hello_msg() -> m.HereIAm:
+    return m.HereIAm(wire.MESSAGE_VERSION, U, S, 1, False, False, ())
+
+
+def test_interop_extent_repair_from_an_unreachable_source(downstairs: CrucibleDownstairs) -> None:
+    """RepairRequestError, leaving NNN.copy behind: a second attempt is an IoError (the copy
+    directory exists) until the extent is reopened, which removes it."""
+    peer, _ = negotiate(downstairs)
+    try:
+        assert exchange(peer, m.ExtentClose(1, 2)) == m.RepairAckId(1)
+        first = exchange(peer, m.ExtentRepair(2, 2, 0, UNREACHABLE, (1,)))
+        assert isinstance(first, m.ExtentError) and (first.repair_id, first.extent_id) == (2, 2)
+        assert first.error.kind == wire.ErrorKind.RepairRequestError
+        assert repair_dir(downstairs.region_dir, 2, "copy").is_dir()
+        second = exchange(peer, m.ExtentRepair(3, 2, 0, UNREACHABLE, (1,)))
+        assert isinstance(second, m.ExtentError) and second.error.kind == wire.ErrorKind.IoError
+        assert exchange(peer, m.ExtentReopen(4, 2)) == m.RepairAckId(4)
+        assert not repair_dir(downstairs.region_dir, 2, "copy").exists()
+        peer.send(m.ReadRequest(U, S, 1000, (), 2 * EXTENT_SIZE, 1))
+        read = peer.recv()
+        assert isinstance(read, m.ReadResponse) and read.header.blocks == (wire.ReadBlockEmpty(),)
+    finally:
+        peer.close()
+
+
+def test_interop_extent_repair_from_a_source_whose_extent_is_open(
+    pair: tuple[CrucibleDownstairs, CrucibleDownstairs],
+) -> None:
+    """The source's repair-ready is false after the download: RepairRequestError, the
+    destination's extent is left as it was."""
+    source, dest = pair
+    _seed(source, (SRC_U, SRC_S), 1, flush=True)
+    before = extent_path(dest.region_dir, 1).read_bytes()
+    dst, _ = negotiate(dest, DST_U, DST_S, 1)
+    try:
+        assert exchange(dst, m.ExtentClose(1, 1)) == m.RepairAckId(1)
+        reply = exchange(dst, m.ExtentRepair(2, 1, 0, source.repair_addr, (1,)))
+        assert isinstance(reply, m.ExtentError) and reply.error.kind == wire.ErrorKind.RepairRequestError
+        assert extent_path(dest.region_dir, 1).read_bytes() == before
+        assert exchange(dst, m.ExtentReopen(3, 1)) == m.RepairAckId(3)
+    finally:
+        dst.close()
