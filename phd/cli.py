@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import random
-import shlex
 import shutil
 import signal
 import sys
@@ -35,6 +34,7 @@ if TYPE_CHECKING:  # the run-time imports stay lazy so `phd sweep` starts fast
     from rich.progress import Progress, TaskID
 
     from phd.artifacts import ArtifactStore
+    from phd.downstairs import DsProgram
     from phd.dsc import DownstairsSet
     from phd.framework import Framework
 
@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from phd.downstairs import PROGRAM_KINDS
     from phd.dsc import ACTIONS
 
     parser = argparse.ArgumentParser(prog="phd", description="PHD framework tools")
@@ -80,10 +81,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--count", type=int, default=3, help="number of downstairs (default 3)")
     run.add_argument("--flavour", choices=("process", "docker"), default="process",
                      help="local processes (default) or Docker containers")
-    run.add_argument("--network", choices=("published", "host"), default="published",
-                     help="docker flavour: publish on 127.0.0.1 (default) or share the host network")
+    run.add_argument("--network", choices=("published", "host"), default=None,
+                     help="docker flavour: publish on 127.0.0.1 (default for legacy) or share the "
+                     "host network (the only choice for Crucible-protocol programs)")
+    run.add_argument("--program", choices=PROGRAM_KINDS, default=None,
+                     help="legacy (python -m sut.storage.downstairs), ours13 (python -m "
+                     "sut.storage.downstairs13) or binary (a crucible-downstairs: --downstairs-cmd "
+                     "PATH or --binary PATH); default: binary when one is given, else legacy")
     run.add_argument("--downstairs-cmd", default=None,
-                     help="process flavour: downstairs command (default: python -m sut.storage.downstairs)")
+                     help="process flavour: downstairs command (default: the program's own); the "
+                     "path of an ELF executable alone is a crucible-downstairs (program binary)")
+    run.add_argument("--binary", default=None, metavar="PATH",
+                     help="a crucible-downstairs; the docker flavour builds an image around it")
     run.add_argument("--port-base", type=int, default=DSC_DEFAULT_PORT_BASE,
                      help=f"first downstairs port; busy ports are skipped (default {DSC_DEFAULT_PORT_BASE})")
     run.add_argument("--block-size", type=int, default=512)
@@ -177,20 +186,37 @@ def _check_run_args(args: argparse.Namespace) -> None:
                                "fresh regions; pass an empty --dir or remove them (or use --cleanup)")
 
 
+def _program(args: argparse.Namespace) -> DsProgram:
+    """The downstairs program of `phd dsc run` (no upstairs here, so every program is allowed)."""
+    from phd.downstairs import LEGACY, choose_program
+    from phd.errors import HarnessError
+
+    # `phd dsc` runs without an upstairs, so its default stays the legacy downstairs
+    # whatever phd.downstairs.UPSTAIRS_PROTOCOL says.
+    kind = args.program or (None if args.downstairs_cmd or args.binary else LEGACY.kind)
+    program = choose_program(flavour=args.flavour, kind=kind, cmd=args.downstairs_cmd,
+                             binary=args.binary, names={"kind": "--program", "cmd": "--downstairs-cmd",
+                                                        "binary": "--binary", "flavour": "--flavour"})
+    if program.crucible and args.flavour == "docker" and args.network == "published":
+        raise HarnessError(f"--program {program.kind} needs --network host: the downstairs download "
+                           "extents from each other's repair port (port + 4000) on 127.0.0.1")
+    return program
+
+
 def _framework(args: argparse.Namespace, session_id: str) -> Framework:
     """The framework object tests use, so the CLI gets Docker, the image and labels the same
     way (`Framework.docker()`, `Framework.downstairs_image()`, `Framework.labels()`)."""
-    from phd.downstairs import default_process_cmd
     from phd.framework import Framework, PhdConfig
 
     root = Path(__file__).resolve().parent.parent
-    cmd = shlex.split(args.downstairs_cmd) if args.downstairs_cmd else default_process_cmd()
+    program = _program(args)
     config = PhdConfig(
         server_cmd=(), manifest=root / "artifacts" / "artifacts.toml",
         artifact_dir=Path.home() / ".cache" / "phd" / "artifacts",
         tmp_dir=Path(tempfile.gettempdir()) / "phd", default_guest="tiny", guests=("tiny",),
-        downstairs=args.flavour, downstairs_cmd=tuple(cmd), output_mode="file",
-        keep_on_failure=False, accel="tcg", regressions=(), repo_root=root)
+        downstairs=args.flavour, downstairs_cmd=program.cmd, output_mode="file",
+        keep_on_failure=False, accel="tcg", regressions=(), repo_root=root,
+        downstairs_program=program)
     return Framework(config, session_id)
 
 
@@ -209,7 +235,9 @@ def _dsc_run(args: argparse.Namespace) -> int:
         ports = PortAllocator(base=args.port_base, index=0, size=min(200, 65535 - args.port_base))
         members = members_for(fw, "phd dsc run", args.dir, network=args.network)
         started = time.monotonic()
-        dss = DownstairsSet(members, [ports.allocate() for _ in range(args.count)],
+        # A Crucible-protocol downstairs also listens on port + 4000 (its repair server).
+        take = ports.allocate_pair if fw.config.downstairs_program.crucible else ports.allocate
+        dss = DownstairsSet(members, [take() for _ in range(args.count)],
                             count=args.count, geometry=geometry)
         with dss:
             _print_ready(args, dss, time.monotonic() - started)
@@ -253,7 +281,9 @@ def _stop_on_signals() -> threading.Event:
 
 def _print_ready(args: argparse.Namespace, dss: DownstairsSet, took_s: float) -> None:
     g = dss.geometry
-    _say(f"{len(dss)} {args.flavour} downstairs up in {took_s:.2f}s; regions of {g.block_size} B "
+    program = dss.member(0).program if len(dss) else None
+    kind = f" {program.kind}" if program is not None else ""
+    _say(f"{len(dss)} {args.flavour}{kind} downstairs up in {took_s:.2f}s; regions of {g.block_size} B "
          f"blocks x {g.extent_size} blocks/extent x {g.extent_count} extents "
          f"({g.size_bytes / (1 << 20):.0f} MiB each); logs in {args.dir}")
     for record in dss.describe():

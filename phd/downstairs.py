@@ -19,6 +19,22 @@ container each time, so a downstairs that died on its own shows `stopped`.
 `destroy()` is idempotent, works in every state and never stops at the first error.
 Containers and volumes carry the CONTRACT labels so a sweeper can find the leftovers of a
 killed run.
+
+Which downstairs runs is a *program* (`DsProgram`), the same for both flavours:
+- `legacy`: `python -m sut.storage.downstairs`, our own protocol (the default today);
+- `ours13`: `python -m sut.storage.downstairs13`, Crucible's protocol (message version 13);
+- `binary`: a real `crucible-downstairs` executable (`--phd-downstairs-cmd` runs it as a
+  process, `--phd-downstairs-binary` in containers of an image built around it).
+A Crucible-protocol downstairs also listens on its repair port, port + 4000, which the OTHER
+downstairs of a disk download extents from (the upstairs passes on the address a downstairs
+named in its YesItsMe). So they take port pairs (`PortAllocator.allocate_pair`) and their
+containers use the host's network bound to 127.0.0.1, where that address is reachable.
+Readiness: the JSON `listening` line of our downstairs; for the real binary (bunyan JSON,
+logged asynchronously) a TCP connect to its port succeeding.
+
+The upstairs speaks one protocol, `UPSTAIRS_PROTOCOL`; the plugin refuses a program that
+speaks another (`upstairs_refusal`). When the v13 upstairs lands, flipping that one constant
+to "v13" makes `ours13` the default program and lets `binary` run the suite.
 """
 
 from __future__ import annotations
@@ -27,25 +43,39 @@ import contextlib
 import enum
 import json
 import os
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from phd.errors import HarnessError, SutError
 from phd.reaper import ledger
 from phd.wait import wait_until
 
 __all__ = [
+    "LEGACY",
     "NETWORKS",
+    "OURS13",
+    "PROGRAM_KINDS",
+    "REPAIR_PORT_OFFSET",
+    "UPSTAIRS_PROTOCOL",
     "DockerDownstairs",
     "Downstairs",
+    "DsProgram",
     "DsState",
     "ProcessDownstairs",
+    "binary_program",
+    "check_binary",
+    "choose_program",
     "default_process_cmd",
+    "default_program",
     "sweep_leftovers",
+    "upstairs_refusal",
 ]
 
 CONTAINER_PORT = 3810
@@ -56,6 +86,192 @@ STOP_TIMEOUT_S = 10.0
 # 127.0.0.1 (through docker-proxy). "host": the container shares the host's network namespace
 # and the downstairs binds 127.0.0.1:host_port itself - no proxy hop on the data path.
 NETWORKS = ("published", "host")
+REPAIR_PORT_OFFSET = 4000  # a Crucible downstairs' repair server: its port + 4000
+
+Protocol_ = Literal["legacy", "v13"]
+# THE SWITCH: the protocol the upstairs (sut/storage/client.py, upstairs.py) speaks. "legacy"
+# until it speaks Crucible's message version 13; then set "v13" - the default program becomes
+# `ours13` and the plugin accepts `binary` (and refuses `legacy`).
+UPSTAIRS_PROTOCOL: Protocol_ = "legacy"
+PROGRAM_KINDS = ("legacy", "ours13", "binary")
+BINARY_CHECK_TIMEOUT_S = 20.0
+
+
+@dataclass(frozen=True)
+class DsProgram:
+    """Which downstairs runs: its kind and the command a process downstairs starts with
+    (`create ...` / `run ...` follow). A container of it runs the program's image."""
+
+    kind: Literal["legacy", "ours13", "binary"]
+    cmd: tuple[str, ...]
+    binary: Path | None = None  # the executable of kind "binary"
+
+    @property
+    def protocol(self) -> Protocol_:
+        return "legacy" if self.kind == "legacy" else "v13"
+
+    @property
+    def crucible(self) -> bool:
+        """Speaks Crucible's protocol: port pairs, host networking, a repair port."""
+        return self.protocol == "v13"
+
+    @property
+    def ready(self) -> Literal["log", "connect"]:
+        """How a start is known to be done: our JSON `listening` line, or a TCP connect."""
+        return "connect" if self.kind == "binary" else "log"
+
+    @property
+    def network(self) -> str:
+        """The container network it needs (the repair port must be reachable by the others)."""
+        return "host" if self.crucible else "published"
+
+    @property
+    def init(self) -> bool:
+        """Needs Docker's init as pid 1: the binary ignores SIGTERM when it is pid 1."""
+        return self.kind == "binary"
+
+    def describe(self) -> str:
+        return f"{self.kind} ({self.binary or ' '.join(self.cmd)})"
+
+
+def default_process_cmd() -> list[str]:
+    return [sys.executable, "-m", "sut.storage.downstairs"]
+
+
+LEGACY = DsProgram("legacy", tuple(default_process_cmd()))
+OURS13 = DsProgram("ours13", (sys.executable, "-m", "sut.storage.downstairs13"))
+
+
+def binary_program(path: Path) -> DsProgram:
+    """A real crucible-downstairs; check it first with `check_binary`."""
+    resolved = path.resolve()
+    return DsProgram("binary", (str(resolved),), resolved)
+
+
+def default_program() -> DsProgram:
+    """The program the suite runs when none is chosen: the one the upstairs can talk to."""
+    return LEGACY if UPSTAIRS_PROTOCOL == "legacy" else OURS13
+
+
+def upstairs_refusal(program: DsProgram) -> str | None:
+    """Why the suite must not run with `program` (None when it may)."""
+    if program.protocol == UPSTAIRS_PROTOCOL:
+        return None
+    if program.crucible:
+        return (f"downstairs program {program.describe()} speaks Crucible's protocol v13, but the "
+                "upstairs (sut/storage/client.py, upstairs.py) does not yet speak v13: every "
+                "disk activation would fail. Run without --phd-downstairs-program/-binary (or "
+                "with a legacy --phd-downstairs-cmd) until it does; the switch is "
+                "phd.downstairs.UPSTAIRS_PROTOCOL = \"v13\"")
+    return (f"downstairs program {program.describe()} speaks our legacy protocol, but the upstairs "
+            "speaks Crucible's v13 (phd.downstairs.UPSTAIRS_PROTOCOL): use --phd-downstairs-program "
+            "ours13 or binary")
+
+
+def choose_program(*, flavour: str, kind: str | None = None, cmd: str | None = None,
+                   binary: str | None = None, binary_implies: bool = True,
+                   names: dict[str, str] | None = None) -> DsProgram:
+    """The program a session (or `phd dsc run`) runs, from its options; HarnessError naming
+    the option and the fix when they are wrong or contradict each other.
+
+    kind: legacy / ours13 / binary, or None to infer it: `binary` when `cmd` is a single
+    path to an ELF executable or `binary` is given (and `binary_implies`), else the default
+    program. cmd: the process command line (a multi-word one, or a script, is a wrapper around
+    a legacy/ours13 downstairs). binary: a crucible-downstairs; containers are built around it.
+    """
+    n = {"kind": "--phd-downstairs-program", "cmd": "--phd-downstairs-cmd",
+         "binary": "--phd-downstairs-binary", "flavour": "--phd-downstairs", **(names or {})}
+    if kind is not None and kind not in PROGRAM_KINDS:
+        raise HarnessError(f"{n['kind']} {kind!r} is unknown; use one of {PROGRAM_KINDS}")
+    argv = shlex.split(cmd) if cmd else []
+    cmd_binary: Path | None = None
+    if argv and ("/" in argv[0] or Path(argv[0]).exists()):
+        first = Path(argv[0])
+        if not first.exists():
+            raise HarnessError(f"{n['cmd']} {cmd!r}: {first} does not exist; give the path of the "
+                               "downstairs executable (a crucible-downstairs, or a wrapper script)")
+        if not os.access(first, os.X_OK) or not first.is_file():
+            raise HarnessError(f"{n['cmd']} {cmd!r}: {first} is not an executable file: `chmod +x {first}`")
+        if len(argv) == 1 and _is_elf(first):
+            cmd_binary = first
+    binary_path = Path(binary) if binary else None
+    if kind is None:
+        kind = "binary" if cmd_binary or (binary_path and binary_implies) else default_program().kind
+    if kind != "binary":
+        if cmd_binary is not None:
+            raise HarnessError(f"{n['cmd']} {cmd!r} is an executable binary (a crucible-downstairs?), "
+                               f"which the {kind} program is not: add {n['kind']} binary, or give "
+                               f"the {kind} downstairs' command line")
+        if binary_path is not None and binary_implies:
+            raise HarnessError(f"{n['binary']} {binary!r} names a crucible-downstairs for the binary "
+                               f"program, not {kind}: drop it or use {n['kind']} binary")
+        base = LEGACY if kind == "legacy" else OURS13
+        return DsProgram(base.kind, tuple(argv)) if argv else base
+    if flavour == "docker":
+        if binary_path is None:
+            raise HarnessError(f"containers of a crucible-downstairs need {n['binary']} PATH (an "
+                               f"image is built around it); {n['cmd']} runs PROCESS downstairs: add "
+                               f"{n['flavour']} process")
+        return _checked_binary(binary_path, n["binary"])
+    if argv:
+        if len(argv) != 1:
+            raise HarnessError(f"{n['cmd']} {cmd!r}: the binary program takes the path of the "
+                               "crucible-downstairs alone, no arguments")
+        return _checked_binary(Path(argv[0]), n["cmd"])
+    if binary_path is not None:
+        return _checked_binary(binary_path, n["binary"])
+    raise HarnessError(f"{n['kind']} binary needs a crucible-downstairs: {n['cmd']} PATH (process "
+                       f"downstairs) or {n['binary']} PATH (containers)")
+
+
+def _is_elf(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return False
+
+
+def _checked_binary(path: Path, option: str) -> DsProgram:
+    try:
+        check_binary(path)
+    except HarnessError as exc:
+        raise HarnessError(f"{option} {str(path)!r}: {exc}") from None
+    return binary_program(path)
+
+
+def check_binary(path: Path) -> str:
+    """Check that `path` is a crucible-downstairs we can run; returns what it says about its
+    version. Raises HarnessError naming the problem and the fix."""
+    if not path.exists():
+        raise HarnessError(f"{path} does not exist: give the path of a crucible-downstairs "
+                           "executable (build it with `cargo build --release -p crucible-downstairs`)")
+    if not path.is_file():
+        raise HarnessError(f"{path} is not a regular file: give the crucible-downstairs executable itself")
+    if not os.access(path, os.X_OK):
+        raise HarnessError(f"{path} is not executable: `chmod +x {path}`")
+    if not _is_elf(path):
+        raise HarnessError(f"{path} is not an ELF executable (a script or data file?): give the "
+                           "crucible-downstairs binary itself; a wrapper script speaking our legacy "
+                           "protocol goes in --phd-downstairs-cmd without --phd-downstairs-program binary")
+    answers = []
+    for argv in ([str(path), "version"], [str(path), "--help"]):
+        try:
+            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,  # noqa: S603
+                                  text=True, timeout=BINARY_CHECK_TIMEOUT_S, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            answers.append(f"`{' '.join(argv)}`: {exc}")
+            continue
+        out = proc.stdout + proc.stderr
+        if argv[-1] == "version" and proc.returncode == 0 and "Version" in out:
+            return out.strip()
+        # clap prints the usage and exits 1 (or 0) on --help
+        if argv[-1] == "--help" and "Usage:" in out and " run" in out and " create" in out:
+            return out.strip().splitlines()[0]
+        answers.append(f"`{' '.join(argv)}` exited {proc.returncode}: {out.strip()[-300:]!r}")
+    raise HarnessError(f"{path} does not answer like a crucible-downstairs (`version` or `--help`): "
+                       f"{'; '.join(answers)}; check that it is the right binary and that its "
+                       "libraries are installed (`ldd {path}`; Crucible needs libsqlite3-0)")
 
 
 class DsState(enum.StrEnum):
@@ -69,9 +285,12 @@ class DsState(enum.StrEnum):
 class Downstairs(Protocol):
     name: str
     host_port: int
+    program: DsProgram
 
     @property
     def address(self) -> str: ...
+    @property
+    def repair_address(self) -> str | None: ...
     @property
     def state(self) -> DsState: ...
     def create_region(self, uuid: str, block_size: int, extent_size: int, extent_count: int) -> None: ...
@@ -109,13 +328,30 @@ class _Lifecycle:
     name: str
     host_port: int
 
-    def __init__(self) -> None:
+    def __init__(self, program: DsProgram = LEGACY) -> None:
+        self.program = program
         self._region_ready = False
         self._destroyed = False
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.host_port}"
+
+    @property
+    def repair_address(self) -> str | None:
+        """Where a Crucible-protocol downstairs serves extents to the others (port + 4000)."""
+        return f"127.0.0.1:{self.host_port + REPAIR_PORT_OFFSET}" if self.program.crucible else None
+
+    def _seen(self) -> int:
+        """What a start compares against: the log's `listening` lines so far (log readiness)."""
+        return _listening_count(self.logs()) if self.program.ready == "log" else 0
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.host_port), timeout=1.0):
+                return True
+        except OSError:
+            return False
 
     @property
     def state(self) -> DsState:
@@ -191,7 +427,8 @@ class _Lifecycle:
         return state
 
     def _wait_listening(self, seen_before: int, probe: Callable[[], str | None]) -> None:
-        """Wait until the log reports one more `listening` than before this start.
+        """Wait until the log reports one more `listening` than before this start (our
+        downstairs), or until a TCP connect to the port succeeds (the real binary).
 
         `probe()` returns an exit description once the downstairs has died, so a crash at
         start fails at once with its log instead of after the whole timeout.
@@ -200,6 +437,8 @@ class _Lifecycle:
             died = probe()
             if died is not None:
                 return died
+            if self.program.ready == "connect":
+                return "listening" if self._answers() else "starting"
             return "listening" if _listening_count(self.logs()) > seen_before else "starting"
 
         seen = wait_until(look, lambda s: s != "starting", what=f"downstairs {self.name} to listen "
@@ -241,10 +480,15 @@ class DockerDownstairs(_Lifecycle):
 
     def __init__(self, client: Any, image: str, name: str, host_port: int,
                  labels: dict[str, str], log_path: Path | None, *,
-                 network: str = "published") -> None:
-        super().__init__()
+                 network: str | None = None, program: DsProgram = LEGACY) -> None:
+        super().__init__(program)
+        network = network or program.network
         if network not in NETWORKS:
             raise HarnessError(f"downstairs network {network!r} is unknown; use one of {NETWORKS}")
+        if program.crucible and network != "host":
+            raise HarnessError(f"downstairs {name} ({program.kind}) needs network 'host': the other "
+                               "downstairs download extents from its repair port (port + 4000) at "
+                               "the 127.0.0.1 address it reports, which a published port cannot serve")
         self.client = client
         self.image = image
         self.name = name
@@ -258,6 +502,8 @@ class DockerDownstairs(_Lifecycle):
 
     def _common(self) -> dict[str, Any]:
         extra: dict[str, Any] = {"network_mode": "host"} if self.network == "host" else {}
+        if self.program.init:
+            extra["init"] = True
         return {
             "volumes": {self.volume_name: {"bind": "/data", "mode": "rw"}},
             "read_only": True,  # only the region volume is writable
@@ -309,7 +555,7 @@ class DockerDownstairs(_Lifecycle):
         import docker.errors
 
         # Starting the same container again keeps its name, port, volume and log history.
-        seen = _listening_count(self.logs())
+        seen = self._seen()
         if self._docker_status() == "missing":
             ports = {} if self.network == "host" else {
                 f"{CONTAINER_PORT}/tcp": ("127.0.0.1", self.host_port)}
@@ -374,7 +620,8 @@ class DockerDownstairs(_Lifecycle):
             try:
                 self._volume.remove(force=True)
             except Exception as exc:  # noqa: BLE001
-                errors.append(exc)
+                if "no such volume" not in str(exc).lower():  # already gone (a sweeper's work)
+                    errors.append(exc)
             self._volume = None
         if errors:
             raise HarnessError(f"tearing down downstairs {self.name}: {errors}")
@@ -389,8 +636,8 @@ class ProcessDownstairs(_Lifecycle):
     """
 
     def __init__(self, cmd: list[str], name: str, host_port: int, data_dir: Path,
-                 log_path: Path | None) -> None:
-        super().__init__()
+                 log_path: Path | None, *, program: DsProgram = LEGACY) -> None:
+        super().__init__(program)
         self.cmd = cmd
         self.name = name
         self.host_port = host_port
@@ -416,7 +663,7 @@ class ProcessDownstairs(_Lifecycle):
 
     def _launch(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        seen = _listening_count(self.logs())  # the log is appended to across restarts
+        seen = self._seen()  # the log is appended to across restarts
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(  # noqa: S603 - argv list
                 [*self.cmd, "run", "-d", str(self.data_dir), "-a", "127.0.0.1",
@@ -497,10 +744,6 @@ def _proc_stopped(pid: int) -> bool:
         return False
     # The command name (field 2) may hold spaces and parentheses; the state follows the last ")".
     return stat.rsplit(")", 1)[1].split()[0] in ("T", "t")
-
-
-def default_process_cmd() -> list[str]:
-    return [sys.executable, "-m", "sut.storage.downstairs"]
 
 
 def sweep_leftovers(client: Any, keep_session: str) -> list[str]:

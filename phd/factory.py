@@ -277,8 +277,10 @@ class DiskFactory:
         """`count` downstairs with fresh regions, started side by side; all or none."""
         downstairs: list[Downstairs] = []
         try:
+            program = self.fw.config.downstairs_program
             for _ in range(count):
-                port = self.fw.ports.allocate()
+                # A Crucible-protocol downstairs' repair port (+4000) must be free as well.
+                port = self.fw.ports.allocate_pair() if program.crucible else self.fw.ports.allocate()
                 self._ports.append(port)
                 # ds0..ds2 for a disk's first three, ds3... for spares: log files sort by disk.
                 n = self._ds_count[disk_name] = self._ds_count.get(disk_name, -1) + 1
@@ -314,12 +316,13 @@ class DiskFactory:
 
     def _downstairs(self, name: str, port: int) -> Downstairs:
         cfg = self.fw.config
+        program = cfg.downstairs_program
         log = None if cfg.output_mode == "null" else self.test_dir / f"{name}.log"
         if cfg.downstairs == "docker":
-            return DockerDownstairs(self.fw.docker(), self.fw.downstairs_image(), name, port,
-                                    self.fw.labels(self.node_id), log)
-        return ProcessDownstairs(list(cfg.downstairs_cmd), name, port,
-                                 self.test_dir / f"{name}-region", log)
+            return DockerDownstairs(self.fw.docker(), self.fw.downstairs_image(program), name, port,
+                                    self.fw.labels(self.node_id), log, program=program)
+        return ProcessDownstairs(list(program.cmd), name, port,
+                                 self.test_dir / f"{name}-region", log, program=program)
 
     def close(self) -> None:
         try:

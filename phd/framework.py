@@ -12,11 +12,12 @@ import shlex
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from phd.artifacts import ArtifactStore
+from phd.downstairs import DsProgram, default_program
 from phd.errors import ArtifactUnavailable
 from phd.ports import PortAllocator
 
@@ -38,6 +39,8 @@ class PhdConfig:
     accel: str
     regressions: tuple[str, ...]
     repo_root: Path
+    # legacy / ours13 / binary (phd.downstairs); its `cmd` is what process downstairs run
+    downstairs_program: DsProgram = field(default_factory=default_program)
 
 
 class Framework:
@@ -47,7 +50,7 @@ class Framework:
         self.ports = PortAllocator()
         self.artifacts = ArtifactStore(config.manifest, config.artifact_dir, config.repo_root)
         self._docker: Any = None
-        self._image: str | None = None
+        self._images: dict[DsProgram, str] = {}
         self._lock = threading.Lock()
 
     def labels(self, node_id: str) -> dict[str, str]:
@@ -71,22 +74,26 @@ class Framework:
                 self._docker = client
             return self._docker
 
-    def downstairs_image(self) -> str:
-        """Build (once, under a file lock inside the builder) the downstairs image; its tag."""
+    def downstairs_image(self, program: DsProgram | None = None) -> str:
+        """Build (once, under a file lock inside the builder) the image of `program` (default:
+        the session's --phd-downstairs-program); its tag."""
+        program = program or self.config.downstairs_program
         with self._lock:
-            if self._image is None:
+            if program not in self._images:
                 argv = [sys.executable, "-m", "sut.storage.image", "ensure"]
+                argv += (["--binary", str(program.binary)] if program.binary is not None
+                         else ["--program", program.kind])
                 proc = subprocess.run(argv, cwd=self.config.repo_root,  # noqa: S603
                                       stdin=subprocess.DEVNULL, capture_output=True,
                                       text=True, check=False)
                 lines = proc.stdout.strip().splitlines()
                 if proc.returncode != 0 or not lines:
                     raise ArtifactUnavailable(
-                        "the downstairs container image",
+                        f"the {program.kind} downstairs container image",
                         f"`{shlex.join(argv)}` exited {proc.returncode}; it builds from Debian "
                         f"packages with mmdebstrap (run ci/bootstrap); output:\n{proc.stderr[-1500:]}")
-                self._image = lines[-1].strip()
-            return self._image
+                self._images[program] = lines[-1].strip()
+            return self._images[program]
 
     def close(self) -> None:
         if self._docker is not None:

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from phd.downstairs import default_process_cmd, sweep_leftovers
-from phd.errors import ArtifactUnavailable
+from phd.downstairs import PROGRAM_KINDS, DsProgram, choose_program, sweep_leftovers, upstairs_refusal
+from phd.errors import ArtifactUnavailable, HarnessError
 from phd.factory import DiskFactory, VmFactory
 from phd.framework import Framework, PhdConfig
 from phd.reaper import reap_dead_owners
@@ -34,7 +34,18 @@ _OPTIONS: list[tuple[str, dict[str, Any], str]] = [
     ("--phd-guest", {}, "default guest (default: tiny)"),
     ("--phd-guests", {}, "comma-separated guest matrix (default: the default guest)"),
     ("--phd-downstairs", {"choices": ["docker", "process"]}, "where downstairs run (default docker)"),
-    ("--phd-downstairs-cmd", {}, "downstairs command for process mode (default: the reference one)"),
+    ("--phd-downstairs-cmd", {},
+     "downstairs command for process mode (default: the program's own); a single path to an ELF "
+     "executable is a real crucible-downstairs (program binary)"),
+    ("--phd-downstairs-program", {"choices": list(PROGRAM_KINDS)},
+     "which downstairs: legacy (our old protocol), ours13 (python -m sut.storage.downstairs13) or "
+     "binary (a crucible-downstairs); default: the one the upstairs speaks to "
+     "(phd.downstairs.UPSTAIRS_PROTOCOL), binary when --phd-downstairs-binary or an executable "
+     "--phd-downstairs-cmd is given"),
+    ("--phd-downstairs-binary", {"metavar": "PATH"},
+     "a crucible-downstairs executable; docker mode runs containers of an image built around "
+     "it. On the command line it implies --phd-downstairs-program binary; PHD_DOWNSTAIRS_BINARY "
+     "alone only names it (the interop tests read it too)"),
     ("--phd-output-mode", {"choices": ["file", "stdio", "null"]},
      "where server/downstairs output goes (default file)"),
     ("--phd-keep-on-failure", {"action": "store_true", "default": None},
@@ -93,6 +104,7 @@ def _build_config(config: pytest.Config) -> PhdConfig:
         r for r in os.environ.get("PHD_REGRESSION", "").split(",") if r]
     keep = config.getoption("phd_keep_on_failure") or os.environ.get("PHD_KEEP_ON_FAILURE") == "1"
     default_guest = _opt(config, "--phd-guest", "tiny")
+    program = config.stash.get(_PROGRAM, None) or downstairs_program(config)
     return PhdConfig(
         server_cmd=tuple(shlex.split(_opt(config, "--phd-server-cmd",
                                           shlex.join([sys.executable, "-m", "sut.server"])))),
@@ -103,8 +115,8 @@ def _build_config(config: pytest.Config) -> PhdConfig:
         default_guest=default_guest,
         guests=_guests(config),
         downstairs=_opt(config, "--phd-downstairs", "docker"),
-        downstairs_cmd=tuple(shlex.split(_opt(config, "--phd-downstairs-cmd",
-                                              shlex.join(default_process_cmd())))),
+        downstairs_cmd=program.cmd,
+        downstairs_program=program,
         output_mode=_opt(config, "--phd-output-mode", "file"),
         keep_on_failure=bool(keep),
         accel=_opt(config, "--phd-accel", "tcg"),
@@ -123,6 +135,32 @@ MARKERS = (
 )
 
 _SHARD = pytest.StashKey[tuple[int, int]]()
+_PROGRAM = pytest.StashKey[DsProgram]()
+
+
+def downstairs_program(config: pytest.Config) -> DsProgram:
+    """The session's downstairs program from --phd-downstairs-program/-cmd/-binary (and their
+    PHD_* variables); a UsageError naming the option and the fix when they are wrong."""
+    flag_binary = config.getoption(_dest("--phd-downstairs-binary"))
+    try:
+        return choose_program(
+            flavour=_opt(config, "--phd-downstairs", "docker"),
+            kind=_opt(config, "--phd-downstairs-program", "") or None,
+            cmd=_opt(config, "--phd-downstairs-cmd", "") or None,
+            binary=_opt(config, "--phd-downstairs-binary", "") or None,
+            # PHD_DOWNSTAIRS_BINARY alone only names the binary: the interop tests
+            # (tests/integration/storage/crucible_ds.py) read it too.
+            binary_implies=flag_binary is not None)
+    except HarnessError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+def _check_downstairs_program(config: pytest.Config) -> None:
+    program = downstairs_program(config)
+    refusal = upstairs_refusal(program)
+    if refusal is not None:
+        raise pytest.UsageError(refusal)
+    config.stash[_PROGRAM] = program
 _SHARD_RX = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
 
@@ -150,6 +188,7 @@ def pytest_configure(config: pytest.Config) -> None:
     shard = _opt(config, "--phd-shard", "")
     if shard:
         config.stash[_SHARD] = parse_shard(shard)
+    _check_downstairs_program(config)
     workerinput = getattr(config, "workerinput", None)
     config._phd_session = (workerinput or {}).get("phd_session") or uuidlib.uuid4().hex[:8]  # type: ignore[attr-defined]
     if config.pluginmanager.hasplugin("xdist"):

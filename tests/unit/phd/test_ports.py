@@ -91,7 +91,7 @@ def test_pairs_have_their_partner_in_the_workers_partner_block_and_hold_both() -
         alloc.allocate()
     alloc.release(port)  # gives the partner back too
     assert alloc.allocate_pair() == port
-    assert port + PAIR_OFFSET in alloc._given  # noqa: SLF001 - the partner is held
+    assert port + PAIR_OFFSET in alloc._given  # the partner is held
 
 
 def test_pair_exhaustion_is_a_clear_error() -> None:
