@@ -369,3 +369,102 @@ def test_interop_extent_repair_from_a_source_whose_extent_is_open(
         assert exchange(dst, m.ExtentReopen(3, 1)) == m.RepairAckId(3)
     finally:
         dst.close()
+
+
+# -- live repair -------------------------------------------------------------------------------------
+def test_interop_live_repair_of_an_extent(pair: tuple[CrucibleDownstairs, CrucibleDownstairs]) -> None:
+    """Live repair of extent 1 while both serve I/O, all ordered by dependencies: a write before
+    (on the source only: the destination missed it), FlushClose on the source / Close on the
+    destination, Repair on the destination / NoOp on the source, Reopen on both, and a write
+    after that was SENT before the repair jobs but depends on the reopen."""
+    source, dest = pair
+    src, _ = negotiate(source, SRC_U, SRC_S, 1)
+    dst, _ = negotiate(dest, DST_U, DST_S, 1)
+    before, after = _pattern(3, 3), _pattern(4, 2)
+    try:
+        assert exchange(src, _io((SRC_U, SRC_S), 1000, EXTENT_SIZE + 10, before)) == m.WriteAck(
+            SRC_U, SRC_S, 1000, None
+        )
+        dst.send(m.ExtentLiveNoOp(DST_U, DST_S, 1000, ()))  # stands for the write it missed
+        assert dst.recv() == m.ExtentLiveAckId(DST_U, DST_S, 1000, None)
+        # the write after, first: it waits for the reopen (job 1003)
+        src.send(_io((SRC_U, SRC_S), 1004, EXTENT_SIZE + 11, after, (1003,)))
+        dst.send(_io((DST_U, DST_S), 1004, EXTENT_SIZE + 11, after, (1003,)))
+        src.send(m.ExtentLiveFlushClose(SRC_U, SRC_S, 1001, (1000,), 1, 6, 1))
+        assert src.recv() == m.ExtentLiveCloseAck(SRC_U, SRC_S, 1001, (1, 6, False))
+        dst.send(m.ExtentLiveClose(DST_U, DST_S, 1001, (1000,), 1))
+        assert dst.recv() == m.ExtentLiveCloseAck(DST_U, DST_S, 1001, (0, 0, False))
+        assert repair_get(source, "/extent/1/repair-ready").body == b"true"
+        src.send(m.ExtentLiveNoOp(SRC_U, SRC_S, 1002, (1001,)))
+        assert src.recv() == m.ExtentLiveAckId(SRC_U, SRC_S, 1002, None)
+        dst.send(m.ExtentLiveRepair(DST_U, DST_S, 1002, (1001,), 1, 0, source.repair_addr))
+        assert dst.recv() == m.ExtentLiveRepairAckId(DST_U, DST_S, 1002, None)
+        for peer, (u, s) in ((src, (SRC_U, SRC_S)), (dst, (DST_U, DST_S))):
+            peer.send(m.ExtentLiveReopen(u, s, 1003, (1002,), 1))
+            assert peer.recv() == m.ExtentLiveAckId(u, s, 1003, None)
+            assert peer.recv() == m.WriteAck(u, s, 1004, None)  # released by the reopen
+            peer.send(m.ReadRequest(u, s, 1005, (1004,), EXTENT_SIZE, EXTENT_SIZE))
+            read = peer.recv()
+            assert isinstance(read, m.ReadResponse)
+            assert read.data[10 * BLOCK_SIZE : 13 * BLOCK_SIZE] == before[:BLOCK_SIZE] + after
+            peer.send(m.Flush(u, s, 1006, (1005,), 7, 1))
+            assert peer.recv() == m.FlushAck(u, s, 1006, None)
+    finally:
+        src.close()
+        dst.close()
+    src_versions, src_read = region_snapshot(source, 2, SRC_U, SRC_S, ALL_BLOCKS)
+    dst_versions, dst_read = region_snapshot(dest, 2, DST_U, DST_S, ALL_BLOCKS)
+    assert src_versions == dst_versions
+    assert (src_versions.gen_numbers[1], src_versions.flush_numbers[1]) == (1, 7)
+    assert (src_read.data, src_read.header.blocks) == (dst_read.data, dst_read.header.blocks)
+
+
+def test_interop_failed_live_repair_reports_and_closes(downstairs: CrucibleDownstairs) -> None:
+    """ExtentLiveRepair from an unreachable source: ErrorReport(RepairRequestError), then the
+    downstairs ends the connection (the upstairs must start over); the process serves on."""
+    peer, _ = negotiate(downstairs)
+    try:
+        peer.send(m.ExtentLiveClose(U, S, 1000, (), 2))
+        assert peer.recv() == m.ExtentLiveCloseAck(U, S, 1000, (0, 0, False))
+        peer.send(m.ExtentLiveRepair(U, S, 1001, (1000,), 2, 0, UNREACHABLE))
+        report = peer.recv()
+        assert isinstance(report, m.ErrorReport) and report.job_id == 1001
+        assert report.error.kind == wire.ErrorKind.RepairRequestError
+        peer.expect_closed()
+    finally:
+        peer.close()
+    again, _ = negotiate(downstairs, uuid.UUID(int=7), uuid.UUID(int=8), 2)
+    again.close()
+
+
+@pytest.mark.parametrize("kind", [REAL, "ours"])
+def test_interop_live_close_on_a_read_only_downstairs(tmp_path: Path, kind: str) -> None:
+    """Read-only: ExtentLiveClose is served (it is not on the real one's list of writes) and the
+    extent is then repair-ready; ExtentLiveReopen closes the connection, so the extent stays
+    closed. The next upstairs' ExtentVersionsPlease then ABORTS the real one ("attempting to
+    get closed extent"); ours answers with the closed extent's last versions and serves on
+    (its reconciliation ExtentClose closes the connection, as the real one's would)."""
+    with _start(tmp_path, kind, ("--mode", "ro")) as ds:
+        peer, _ = negotiate(ds, read_only=True)
+        try:
+            peer.send(m.ExtentLiveClose(U, S, 1000, (), 1))
+            assert peer.recv() == m.ExtentLiveCloseAck(U, S, 1000, (0, 0, False))
+            assert repair_get(ds, "/extent/1/repair-ready").body == b"true"
+            peer.send(m.ExtentLiveReopen(U, S, 1001, (1000,), 1))
+            peer.expect_closed()
+        finally:
+            peer.close()
+        if kind == "real":
+            with pytest.raises(AssertionError, match="closed the connection"):
+                negotiate(ds, uuid.UUID(int=7), uuid.UUID(int=8), 1, read_only=True)
+            assert ds.proc is not None and ds.proc.wait(timeout=REPLY_TIMEOUT_S) != 0
+            return
+        peer, versions = negotiate(ds, uuid.UUID(int=7), uuid.UUID(int=8), 1, read_only=True)
+        try:
+            assert versions == m.ExtentVersions(
+                (0,) * EXTENT_COUNT, (0,) * EXTENT_COUNT, (False,) * EXTENT_COUNT
+            )
+            peer.send(m.ExtentClose(1, 2))
+            peer.expect_closed()
+        finally:
+            peer.close()
