@@ -468,3 +468,144 @@ def test_interop_live_close_on_a_read_only_downstairs(tmp_path: Path, kind: str)
             peer.expect_closed()
         finally:
             peer.close()
+
+
+# -- I/O and repair jobs on an extent in the wrong state -------------------------------------------
+@needs_binary
+def test_real_downstairs_aborts_on_io_to_a_closed_extent(tmp_path: Path) -> None:
+    """Pinned: a read of a closed extent panics ("attempting to get closed extent") and the
+    process aborts. Ours answers with IoError (below)."""
+    with _start(tmp_path, "real") as ds:
+        peer, _ = negotiate(ds)
+        try:
+            peer.send(m.ExtentLiveClose(U, S, 1000, (), 1))
+            assert peer.recv() == m.ExtentLiveCloseAck(U, S, 1000, (0, 0, False))
+            peer.send(m.ReadRequest(U, S, 1001, (1000,), EXTENT_SIZE, 1))
+            peer.expect_closed()
+        finally:
+            peer.close()
+        assert ds.proc is not None and ds.proc.wait(timeout=REPLY_TIMEOUT_S) != 0
+        assert "attempting to get closed extent 1" in ds.log_path.read_text(errors="replace")
+
+
+def test_ours_answers_io_to_a_closed_extent_with_an_error(ours: CrucibleDownstairs) -> None:
+    data = _pattern(5, 2)
+    peer, _ = negotiate(ours)
+    try:
+        assert exchange(peer, write(1000, EXTENT_SIZE - 1, data)) == m.WriteAck(U, S, 1000, None)
+        peer.send(m.ExtentLiveClose(U, S, 1001, (1000,), 1))
+        assert peer.recv() == m.ExtentLiveCloseAck(U, S, 1001, (0, 0, True))
+        peer.send(m.ReadRequest(U, S, 1002, (1001,), EXTENT_SIZE - 1, 2))  # spans extents 0 and 1
+        read = peer.recv()
+        assert isinstance(read, m.ReadResponse) and isinstance(read.header.blocks, wire.CrucibleError)
+        assert read.header.blocks.kind == wire.ErrorKind.IoError
+        reply = exchange(peer, write(1003, EXTENT_SIZE, data[:BLOCK_SIZE], (1001,)))
+        assert isinstance(reply, m.WriteAck) and isinstance(reply.result, wire.CrucibleError)
+        # a flush skips the closed (dirty) extent; after the reopen it is flushed
+        assert exchange(peer, m.Flush(U, S, 1004, (1001,), 3, 1)) == m.FlushAck(U, S, 1004, None)
+        peer.send(m.ExtentLiveReopen(U, S, 1005, (1004,), 1))
+        assert peer.recv() == m.ExtentLiveAckId(U, S, 1005, None)
+        peer.send(m.ReadRequest(U, S, 1006, (1005,), EXTENT_SIZE - 1, 2))
+        read = peer.recv()
+        assert isinstance(read, m.ReadResponse) and read.data == data
+        assert exchange(peer, m.Flush(U, S, 1007, (1006,), 4, 1)) == m.FlushAck(U, S, 1007, None)
+    finally:
+        peer.close()
+    versions, _ = region_snapshot(ours, 2, DST_U, DST_S, 1)
+    assert versions.flush_numbers[:2] == (3, 4) and versions.dirty_bits[:2] == (False, False)
+
+
+@pytest.mark.parametrize(
+    ("steps", "kind"),
+    [
+        pytest.param(
+            [m.ExtentClose(1, 0), m.ExtentClose(2, 0)], wire.ErrorKind.GenericError, id="close-twice"
+        ),
+        pytest.param([m.ExtentReopen(1, 0)], wire.ErrorKind.GenericError, id="reopen-open"),
+        pytest.param(
+            [m.ExtentRepair(1, 0, 0, UNREACHABLE, (1,))], wire.ErrorKind.GenericError, id="repair-open"
+        ),
+        pytest.param(
+            [m.ExtentClose(1, 0), m.ExtentFlush(2, 0, 0, 1, 1)],
+            wire.ErrorKind.GenericError,
+            id="flush-closed",
+        ),
+        pytest.param([m.ExtentClose(1, EXTENT_COUNT)], wire.ErrorKind.InvalidExtent, id="close-past-the-end"),
+        pytest.param(
+            [m.ExtentFlush(1, 0xFFFFFFFF, 0, 1, 1)], wire.ErrorKind.InvalidExtent, id="flush-past-the-end"
+        ),
+        pytest.param(
+            [m.ExtentReopen(1, EXTENT_COUNT)], wire.ErrorKind.InvalidExtent, id="reopen-past-the-end"
+        ),
+    ],
+)
+def test_ours_answers_reconciliation_in_the_wrong_state_with_extent_error(
+    ours: CrucibleDownstairs, steps: list[wire.Message], kind: wire.ErrorKind
+) -> None:
+    """The real one panics (an assert or an index out of range) and aborts on each of these."""
+    peer, _ = negotiate(ours)
+    try:
+        for msg in steps[:-1]:
+            assert isinstance(exchange(peer, msg), m.RepairAckId)
+        last = steps[-1]
+        reply = exchange(peer, last)
+        assert isinstance(reply, m.ExtentError), reply
+        assert (reply.repair_id, reply.extent_id) == (last.repair_id, last.extent_id)  # type: ignore[union-attr]
+        assert reply.error.kind == kind
+        peer.send(m.Ruok())
+        assert peer.recv() == m.Imok()
+    finally:
+        peer.close()
+
+
+def test_ours_answers_live_repair_jobs_in_the_wrong_state_with_their_ack(ours: CrucibleDownstairs) -> None:
+    peer, _ = negotiate(ours)
+    try:
+        peer.send(m.ExtentLiveReopen(U, S, 1000, (), 0))  # open already
+        reply = peer.recv()
+        assert isinstance(reply, m.ExtentLiveAckId) and isinstance(reply.result, wire.CrucibleError)
+        peer.send(m.ExtentLiveClose(U, S, 1001, (), EXTENT_COUNT))
+        close = peer.recv()
+        assert isinstance(close, m.ExtentLiveCloseAck) and close.result == wire.CrucibleError(
+            wire.ErrorKind.InvalidExtent
+        )
+        peer.send(m.ExtentLiveNoOp(U, S, 1002, (1001,)))  # a failed job is not done: this waits
+        peer.send(m.Ruok())
+        assert peer.recv() == m.Imok()
+    finally:
+        peer.close()
+
+
+# -- crash recovery of the scratch directories -------------------------------------------------------
+@pytest.mark.parametrize("kind", [REAL, "ours"])
+def test_interop_open_finishes_or_drops_an_interrupted_repair(tmp_path: Path, kind: str) -> None:
+    """A region left mid-repair (as after a crash): extent 1 has NNN.replace holding a complete
+    download (the replacement is finished on open), extent 2 a partial NNN.copy and extent 3
+    an NNN.completed (both removed, the extents unchanged)."""
+    donor = _start(tmp_path, "ours")
+    with donor:
+        _seed(donor, (SRC_U, SRC_S), 2, flush=True)
+        donor.stop()
+        new_extent_1 = extent_path(donor.region_dir, 1).read_bytes()
+    root = Path(tempfile.mkdtemp(prefix=f"{kind}-crash-", dir=tmp_path))
+    with KINDS[kind](root) as ds:
+        ds.create(ORACLE_REGION)
+        old = {eid: extent_path(ds.region_dir, eid).read_bytes() for eid in range(EXTENT_COUNT)}
+        replace = repair_dir(ds.region_dir, 1, "replace")
+        replace.mkdir()
+        (replace / "001").write_bytes(new_extent_1)
+        copy = repair_dir(ds.region_dir, 2, "copy")
+        copy.mkdir()
+        (copy / "002").write_bytes(b"partial")
+        completed = repair_dir(ds.region_dir, 3, "completed")
+        completed.mkdir()
+        (completed / "003").write_bytes(new_extent_1)
+        ds.start()
+        for stage_dir in (replace, copy, completed):
+            assert not stage_dir.exists()
+        assert extent_path(ds.region_dir, 1).read_bytes() == new_extent_1
+        for eid in (0, 2, 3):
+            assert extent_path(ds.region_dir, eid).read_bytes() == old[eid]
+        versions, read = region_snapshot(ds, 1, U, S, ALL_BLOCKS)
+        assert (versions.gen_numbers[1], versions.flush_numbers[1], versions.dirty_bits[1]) == (1, 5, True)
+        assert read.data[(EXTENT_SIZE + 3) * BLOCK_SIZE : (EXTENT_SIZE + 4) * BLOCK_SIZE] == _pattern(2, 1)
