@@ -11,7 +11,9 @@ of either kind: ours from a real source, the real one from our source, ours from
 from __future__ import annotations
 
 import http.client
+import socket
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +22,7 @@ import pytest
 
 from sut.storage import wire
 from sut.storage.extent_raw import RawExtent, extent_path, repair_dir
+from sut.storage.repair_http import MAX_REPAIR_CONNECTIONS, MAX_REQUEST_HEAD
 from sut.storage.wire import messages as m
 from sut.storage.wire.blockhash import unencrypted_contexts
 from tests.integration.storage.crucible_ds import (
@@ -609,3 +612,106 @@ def test_interop_open_finishes_or_drops_an_interrupted_repair(tmp_path: Path, ki
         versions, read = region_snapshot(ds, 1, U, S, ALL_BLOCKS)
         assert (versions.gen_numbers[1], versions.flush_numbers[1], versions.dirty_bits[1]) == (1, 5, True)
         assert read.data[(EXTENT_SIZE + 3) * BLOCK_SIZE : (EXTENT_SIZE + 4) * BLOCK_SIZE] == _pattern(2, 1)
+
+
+# -- hostile requests to our repair server -----------------------------------------------------------
+TRAVERSALS = [
+    "/newextent/..%2F..%2Fregion.json/data",
+    "/newextent/0/..%2F..%2Fregion.json",
+    "/newextent/0/data%00",
+    "/newextent/0/data%2F..%2F..%2Fregion.json",
+    "/newextent/%2e%2e/data",
+    "/extent/0/files/../../region.json",
+    "/../../region.json",
+    "/newextent/0/%",
+    "/newextent/0/%zz",
+    "/newextent/0/%ff",
+    "/extent/1e3/files",
+    "/extent/0x1/files",
+    "/extent/%20/files",
+    "/newextent/" + "9" * 5000 + "/data",
+]
+
+
+@pytest.mark.parametrize("path", TRAVERSALS)
+def test_ours_refuses_path_tricks(ours: CrucibleDownstairs, path: str) -> None:
+    answer = repair_get(ours, path)
+    assert answer.status in (400, 404), answer
+    assert b"extent_count" not in answer.body and len(answer.body) < 8192
+    assert repair_get(ours, "/work").status == 200
+
+
+def _raw_exchange(ds: CrucibleDownstairs, data: bytes) -> bytes:
+    """Send ``data`` on a fresh connection to the repair port; everything received until close."""
+    with socket.create_connection(("127.0.0.1", ds.port + 4000), timeout=REPLY_TIMEOUT_S) as sock:
+        sock.sendall(data)
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+        return out
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        pytest.param(b"\x00\x01\x02\xff\r\n\r\n", id="binary"),
+        pytest.param(b"GET /work\r\n\r\n", id="no-version"),
+        pytest.param(b"GET /work HTTP/2.0\r\n\r\n", id="http2"),
+        pytest.param(b"GET  /work HTTP/1.1\r\n\r\n", id="two-spaces"),
+        pytest.param(b"GET work HTTP/1.1\r\n\r\n", id="relative"),
+        pytest.param(b"GET /work HTTP/1.1\r\nno-colon\r\n\r\n", id="bad-header"),
+        pytest.param(b"GET /work HTTP/1.1\r\n" + b"x: y\r\n" * 100 + b"\r\n", id="100-headers"),
+        pytest.param(
+            b"GET /work HTTP/1.1\r\nx: " + b"y" * (MAX_REQUEST_HEAD + 10) + b"\r\n\r\n", id="huge-header"
+        ),
+        pytest.param(b"GET /" + b"a" * (MAX_REQUEST_HEAD + 10) + b" HTTP/1.1\r\n\r\n", id="huge-path"),
+    ],
+)
+def test_ours_answers_malformed_requests_with_400(ours: CrucibleDownstairs, request_bytes: bytes) -> None:
+    reply = _raw_exchange(ours, request_bytes)
+    assert reply.startswith(b"HTTP/1.1 400 Bad Request\r\n"), reply[:200]
+    assert repair_get(ours, "/work").status == 200
+
+
+def test_ours_answers_a_post_with_a_huge_body_without_reading_it(ours: CrucibleDownstairs) -> None:
+    reply = _raw_exchange(ours, b"POST /work HTTP/1.1\r\ncontent-length: 1000000000\r\n\r\n" + b"x" * 1000)
+    assert reply.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n")
+
+
+def test_ours_drops_a_slow_client_and_serves_others(tmp_path: Path) -> None:
+    """A client that never finishes its request head is closed after the deadline (here
+    --handshake-timeout 0.5, which the repair server shares); others are served meanwhile."""
+    with _start(tmp_path, "ours", ("--handshake-timeout", "0.5")) as ds:
+        with socket.create_connection(("127.0.0.1", ds.port + 4000), timeout=REPLY_TIMEOUT_S) as slow:
+            slow.sendall(b"GET /wo")
+            assert repair_get(ds, "/work").status == 200
+            started = time.monotonic()
+            assert slow.recv(1) == b""  # closed, without an answer
+            assert time.monotonic() - started < REPLY_TIMEOUT_S
+        ds.wait_for_log("repair_request_timeout")
+
+
+def test_ours_caps_repair_connections(ours: CrucibleDownstairs) -> None:
+    idle = [
+        socket.create_connection(("127.0.0.1", ours.port + 4000), timeout=REPLY_TIMEOUT_S)
+        for _ in range(MAX_REPAIR_CONNECTIONS)
+    ]
+    try:
+        deadline = time.monotonic() + REPLY_TIMEOUT_S
+        while True:  # until one more is refused (the idle ones are admitted in accept order)
+            with socket.create_connection(("127.0.0.1", ours.port + 4000), timeout=REPLY_TIMEOUT_S) as extra:
+                if extra.recv(1) == b"":
+                    break
+            assert time.monotonic() < deadline
+        ours.wait_for_log("connection_refused")
+    finally:
+        for sock in idle:
+            sock.close()
+    deadline = time.monotonic() + REPLY_TIMEOUT_S
+    while True:  # served again once the idle ones are gone
+        try:
+            if repair_get(ours, "/work").status == 200:
+                break
+        except (ConnectionError, http.client.HTTPException):
+            pass
+        assert time.monotonic() < deadline
