@@ -1,9 +1,8 @@
 """A downstairs that speaks Crucible's protocol (message version 13) over Crucible's raw extents.
 
-Issue 13 item 4, first slice: nothing in the repository depends on this module yet (the
-upstairs and ``sut.storage.downstairs`` still speak ``protocol.py``). Facts from
-oxidecomputer/crucible 6d037cb (``downstairs/src/lib.rs``); the behaviours of the real binary
-that its oracle tests pinned are listed at the end of ``sut/storage/README.md``.
+Issue 13 item 4. Facts from oxidecomputer/crucible 6d037cb (``downstairs/src/lib.rs``); the
+behaviours of the real binary that its oracle tests pinned are listed at the end of
+``sut/storage/README.md``.
 
 Negotiation, per connection, in this order (anything out of order closes the connection;
 I/O messages before the end are ignored; ``Ruok`` gets ``Imok`` at any time):
@@ -33,12 +32,40 @@ behave as the real ones: ``ErrorReport{GenericError("test error")}`` for a quart
 attempts, then the job is retried until it succeeds. A write to a read-only downstairs
 closes the connection (as the real one).
 
-TODO (issue 13, next slices): reconciliation (``ExtentFlush``, ``ExtentClose``,
-``ExtentRepair``, ``ExtentReopen``) and live repair (``ExtentLiveClose``,
-``ExtentLiveFlushClose``, ``ExtentLiveRepair``, ``ExtentLiveReopen``) are answered with an
-``Unsupported`` error reply (``ExtentError`` / the job's ack), and the repair HTTP server on
-port + 4000 is not started, although YesItsMe names it. ``ExtentLiveNoOp`` is served (it is
-a plain dependency-ordered job). Region I/O runs on the event loop thread.
+Repair (``sut.storage.repair_http``; facts from ``downstairs/src/lib.rs``, ``repair.rs``,
+``region.rs``, ``extent.rs``, and from probing the real binary):
+
+- The repair HTTP server listens on ``address:port+4000`` (the address YesItsMe names) and
+  answers as the real one's (routes, statuses, JSON, content types: see ``repair_http``);
+  ``/extent/{eid}/repair-ready`` is true while the extent is closed (always, read-only).
+- Reconciliation messages are served only once negotiation is over (ExtentVersionsPlease or
+  LastFlush answered); during negotiation they are ignored, as the real one does. They run at
+  once, in arrival order, and are answered ``RepairAckId{repair_id}`` or
+  ``ExtentError{repair_id, extent_id, error}``: ``ExtentFlush`` flushes that one extent with the
+  given flush/gen if it is dirty (``client_id`` is ignored, as there), ``ExtentClose`` closes it,
+  ``ExtentRepair`` downloads the SOURCE's file into ``NNN.copy`` (the file list must be exactly
+  ``["NNN"]`` - RepairFilesInvalid; the file exactly the size the geometry gives -
+  RepairStreamError; the source's extent still closed afterwards - RepairRequestError), renames
+  it ``NNN.replace``, copies it over the extent, then ``NNN.completed`` and removed, syncing each
+  step (``dest_clients`` is ignored). Opening an extent drops ``.copy`` / ``.completed`` and
+  finishes a ``.replace``, so a crash mid-way recovers as on the real one. A failed download
+  leaves ``NNN.copy`` behind, so a retry is IoError until ``ExtentReopen`` (as the real one).
+- Live-repair jobs are ordered by dependencies like I/O: ``ExtentLiveClose`` /
+  ``ExtentLiveFlushClose`` (flush, then close) -> ``ExtentLiveCloseAck(Ok((gen, flush, dirty)))``,
+  ``ExtentLiveRepair`` (the download above) -> ``ExtentLiveRepairAckId``, ``ExtentLiveReopen`` ->
+  ``ExtentLiveAckId``, ``ExtentLiveNoOp`` -> ``ExtentLiveAckId``. A failed ExtentLiveRepair is an
+  ``ErrorReport`` and then the connection closes, as on the real one.
+- Read-only: Write, WriteUnwritten, ExtentClose, ExtentLiveFlushClose, ExtentLiveRepair,
+  ExtentLiveReopen and ExtentLiveNoOp close the connection (the real one's list; ExtentLiveClose
+  is served).
+- Where the real one panics (the process aborts) ours answers with an error and serves on: I/O
+  touching a closed extent (IoError in the ack), a reconciliation or live-repair job on an extent
+  past the region (InvalidExtent) or in the wrong state - closing a closed one, reopening,
+  flushing or repairing an open/closed one (GenericError) - in ExtentError or the job's ack
+  (a failed job is not done); a repair-ready past the region (400). ExtentVersionsPlease while
+  an extent is closed reports its last versions (the real one aborts). A Flush skips closed
+  extents; they are flushed after their reopen. Region I/O runs on the event loop thread; a
+  download is asyncio, written in chunks of at most 1 MiB.
 
 Hardening (``sut.storage.stream``): ``ConnectionGuard`` (connection cap, handshake deadline),
 ``RecordStream`` with the codec's ``FrameSplitter`` (64 KiB until active, then 100 MiB; bulk
