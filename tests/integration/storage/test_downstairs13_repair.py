@@ -715,3 +715,38 @@ def test_ours_caps_repair_connections(ours: CrucibleDownstairs) -> None:
         except (ConnectionError, http.client.HTTPException):
             pass
         assert time.monotonic() < deadline
+
+
+# -- a source of another geometry --------------------------------------------------------------------
+@pytest.mark.parametrize("source_blocks", [EXTENT_SIZE * 2, EXTENT_SIZE // 2])
+@pytest.mark.parametrize("dest_kind", [REAL, "ours"])
+def test_repair_from_a_source_of_another_geometry(tmp_path: Path, dest_kind: str, source_blocks: int) -> None:
+    """The downloaded file is bounded by the destination's geometry: ours refuses a file of
+    another size (RepairStreamError) and keeps its extent. The real one takes any size, and
+    the extent then fails to reopen (its file size is checked on open)."""
+    root = Path(tempfile.mkdtemp(prefix="odd-source-", dir=tmp_path))
+    with OurDownstairs(root) as source, _start(tmp_path, dest_kind) as dest:
+        source.create(ORACLE_REGION, extent_size=source_blocks)
+        source.start()
+        src, _ = negotiate(source, SRC_U, SRC_S, 1)
+        dst, _ = negotiate(dest, DST_U, DST_S, 1)
+        before = extent_path(dest.region_dir, 1).read_bytes()
+        try:
+            assert exchange(src, m.ExtentClose(1, 1)) == m.RepairAckId(1)
+            assert exchange(dst, m.ExtentClose(1, 1)) == m.RepairAckId(1)
+            repaired = exchange(dst, m.ExtentRepair(2, 1, 0, source.repair_addr, (1,)))
+            reopened = exchange(dst, m.ExtentReopen(3, 1))
+        finally:
+            src.close()
+            dst.close()
+        if dest_kind == "ours":
+            assert isinstance(repaired, m.ExtentError)
+            assert repaired.error.kind == wire.ErrorKind.RepairStreamError
+            assert reopened == m.RepairAckId(3)
+            assert extent_path(dest.region_dir, 1).read_bytes() == before
+        else:
+            assert repaired == m.RepairAckId(2)
+            assert isinstance(reopened, m.ExtentError), reopened
+            assert reopened.error.kind == wire.ErrorKind.GenericError  # "IO Error: ... file size"
+            assert "does not match expected" in str(reopened.error.detail)
+            assert len(extent_path(dest.region_dir, 1).read_bytes()) != len(before)
