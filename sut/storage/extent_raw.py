@@ -661,7 +661,11 @@ class RawRegion:
     def reopen_extent(self, eid: int) -> None:
         """Open a closed extent again from its file (finishing a pending replacement first)."""
         self._check_extent(eid, is_open=False)
-        ext = RawExtent.open(self.dir, eid, self.block_size, self.extent_blocks, self.read_only)
+        try:
+            ext = RawExtent.open(self.dir, eid, self.block_size, self.extent_blocks, self.read_only)
+        except ExtentFailure as exc:
+            # as Crucible: the open's error reaches the wire as a GenericError carrying its text
+            raise _fail(ErrorKind.GenericError, str(exc)) from exc
         self.extents[eid] = ext
         self.closed.discard(eid)
         if ext.dirty:

@@ -718,6 +718,26 @@ def test_ours_caps_repair_connections(ours: CrucibleDownstairs) -> None:
 
 
 # -- a source of another geometry --------------------------------------------------------------------
+def test_interop_reopen_of_a_file_of_the_wrong_size(downstairs: CrucibleDownstairs) -> None:
+    """An extent file that no longer has its geometry's size fails ExtentReopen with a
+    GenericError (the open's error as text) and stays closed; restored, it reopens."""
+    path = extent_path(downstairs.region_dir, 2)
+    good = path.read_bytes()
+    peer, _ = negotiate(downstairs)
+    try:
+        assert exchange(peer, m.ExtentClose(1, 2)) == m.RepairAckId(1)
+        path.write_bytes(good + bytes(512))
+        reply = exchange(peer, m.ExtentReopen(2, 2))
+        assert isinstance(reply, m.ExtentError) and reply.error.kind == wire.ErrorKind.GenericError
+        # the texts differ: the real one reads the version tag at the file's end first
+        assert "IO Error" in str(reply.error.detail) or "IoError" in str(reply.error.detail)
+        assert repair_get(downstairs, "/extent/2/repair-ready").body == b"true"  # still closed
+        path.write_bytes(good)
+        assert exchange(peer, m.ExtentReopen(3, 2)) == m.RepairAckId(3)
+    finally:
+        peer.close()
+
+
 @pytest.mark.parametrize("source_blocks", [EXTENT_SIZE * 2, EXTENT_SIZE // 2])
 @pytest.mark.parametrize("dest_kind", [REAL, "ours"])
 def test_repair_from_a_source_of_another_geometry(tmp_path: Path, dest_kind: str, source_blocks: int) -> None:
