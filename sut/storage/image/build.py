@@ -6,7 +6,8 @@ Three images, one per downstairs *program* (see ``phd.downstairs``):
   protocol v13; Debian's python3-xxhash for the block hash);
 - ``binary``: ``phd-downstairs-bin:<binary sha256>-<recipe>``, a given ``crucible-downstairs``
   executable plus what its ``ldd`` needs: the Debian package of each library where ``dpkg -S``
-  names one (libsqlite3-0, say), a copy of the library only where none does.
+  names one (libsqlite3-0, say), a copy of the library only where none does; and
+  ca-certificates, which it loads at start although ldd cannot tell.
 
 Two layers of caching, both keyed by content hashes so a stale image is never reused:
 - base ``phd-downstairs-base:<hash>``: ``mmdebstrap --variant=minbase --include=<packages>``
@@ -58,6 +59,10 @@ _SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
 _HERE = Path(__file__).resolve().parent
 _SUT_ROOT = _HERE.parent.parent  # .../sut
 _LOCK_NAME = "phd-downstairs-image.lock"
+# Needed by a crucible-downstairs although ldd cannot tell: its repair client (reqwest with
+# rustls) loads the system's CA certificates at start and panics without any ("No CA
+# certificates were loaded from the system").
+_BINARY_EXTRA_PACKAGES = ("ca-certificates",)
 
 
 @dataclass(frozen=True)
@@ -322,6 +327,7 @@ def binary_runtime(binary: Path) -> BinaryRuntime:
             packages.add(pkg)
         elif not Path(path).name.startswith("ld-linux"):
             copied.append(Path(path).resolve())
+    packages.update(_BINARY_EXTRA_PACKAGES)
     return BinaryRuntime(tuple(sorted(packages)), tuple(copied))
 
 
@@ -347,8 +353,8 @@ def binary_image_tag(binary: Path, runtime: BinaryRuntime | None = None) -> str:
 
 def ensure_binary_image(binary: Path, lock_dir: Path | None = None) -> str:
     """Return the tag of an image running `binary` (a crucible-downstairs), building it if
-    missing; the build ends by running `version` in the image, so a library it lacks fails
-    here and not in a test."""
+    missing; the build ends by creating a region and running it in the image until it
+    listens, so a library or file it lacks fails here and not in a test."""
     binary = binary.resolve()
     if not binary.is_file() or not os.access(binary, os.X_OK):
         raise ImageBuildError(f"{binary} is not an executable file")
@@ -357,7 +363,7 @@ def ensure_binary_image(binary: Path, lock_dir: Path | None = None) -> str:
     sha = _sha256(binary)
 
     def build(started: float) -> None:
-        base = _ensure_base(runtime.packages or ("libc6",), started)
+        base = _ensure_base(runtime.packages, started)
         with tempfile.TemporaryDirectory(prefix="phd-downstairs-bin-ctx-") as ctx_name:
             ctx = Path(ctx_name)
             shutil.copy(_HERE / "Dockerfile.binary", ctx / "Dockerfile")
@@ -367,11 +373,17 @@ def ensure_binary_image(binary: Path, lock_dir: Path | None = None) -> str:
                 shutil.copy(lib, ctx / "lib" / lib.name)
             _docker_build(tag, base, ctx, {"phd.downstairs.program": "binary",
                                            "phd.downstairs.binary-sha256": sha})
-        check = ["docker", "run", "--rm", "--read-only", "--network", "none", tag, "version"]
+        # Smoke check: create a tiny region and run it until it listens, inside the image (a
+        # library or file the binary needs at start fails the build, not a test).
+        script = (f"{BIN_PATH} create -u 00000000-0000-4000-8000-000000000001 -d /tmp/r "
+                  f"--extent-size 8 --extent-count 1 >/dev/null && exec timeout -s KILL 5 "
+                  f"{BIN_PATH} run -d /tmp/r -a 127.0.0.1 -p 9000")
+        check = ["docker", "run", "--rm", "--read-only", "--tmpfs", "/tmp", "--network", "none",
+                 "--entrypoint", "/bin/sh", tag, "-c", script]
         proc = _run(check, timeout=120)
-        if proc.returncode != 0:
+        if b"downstairs listening on" not in proc.stdout:
             _run(["docker", "image", "rm", "-f", tag])
-            _fail("the built image's smoke check", check, proc)
+            _fail("the built image's smoke check (create, then run until it listens)", check, proc)
 
     return _locked_build(tag, lock_dir, build)
 

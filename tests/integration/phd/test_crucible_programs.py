@@ -1,0 +1,348 @@
+"""Crucible-protocol downstairs under the framework's handles: ours (`ours13`, python -m
+sut.storage.downstairs13) and the real `crucible-downstairs` (`binary`), each in a container
+of its image and as a local process. They answer a v13 HereIAm with YesItsMe naming their
+repair port (port + 4000) on 127.0.0.1, keep their region across stop/start and kill/start,
+go silent when paused, run non-root on a read-only root with the phd labels, and the
+sweeper removes what a dead session left.
+
+The real binary's cases skip without it (see tests/integration/storage/crucible_ds.py for
+how to get one).
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from phd.downstairs import (
+    OURS13,
+    REPAIR_PORT_OFFSET,
+    DockerDownstairs,
+    Downstairs,
+    DsProgram,
+    DsState,
+    ProcessDownstairs,
+    choose_program,
+    sweep_leftovers,
+)
+from phd.errors import ArtifactUnavailable, HarnessError
+from phd.framework import Framework
+from sut.storage import wire
+from sut.storage.wire import messages as m
+from sut.storage.wire.blockhash import block_hash
+from sut.storage.wire.fields import BlockContext, WriteHeader
+from tests.integration.storage.crucible_ds import (
+    BINARY,
+    HAVE_BINARY,
+    REPLY_TIMEOUT_S,
+    CrucibleDownstairs,
+    Peer,
+    hello,
+    needs_binary,
+    negotiate,
+)
+
+from .conftest import docker_leftovers, processes_under
+
+pytestmark = pytest.mark.integration
+
+BLOCK = 512
+EXTENT_SIZE = 64
+EXTENT_COUNT = 4
+PROGRAMS = [pytest.param("ours13", id="ours13"), pytest.param("binary", id="binary", marks=needs_binary)]
+FLAVOURS = ["docker", "process"]
+
+
+class Target:
+    """What crucible_ds's Peer and negotiate() need of a downstairs, over a framework handle."""
+
+    def __init__(self, ds: Downstairs) -> None:
+        self.ds = ds
+        self.kind = f"{ds.program.kind} {ds.name}"
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.ds.logs().splitlines()[-lines:])
+
+    def connect(self) -> Peer:
+        sock = socket.create_connection(("127.0.0.1", self.ds.host_port), timeout=REPLY_TIMEOUT_S)
+        return Peer(sock, cast(CrucibleDownstairs, self))
+
+
+def program_for(kind: str, flavour: str) -> DsProgram:
+    if kind == "ours13":
+        return OURS13
+    # through the options, as a user gives them
+    if flavour == "docker":
+        return choose_program(flavour="docker", binary=str(BINARY))
+    return choose_program(flavour="process", cmd=str(BINARY))
+
+
+class Made:
+    def __init__(self, fw: Framework, node_id: str, root: Path) -> None:
+        self.fw = fw
+        self.node_id = node_id
+        self.root = root
+        self.tag = uuid.uuid4().hex[:10]
+        self.all: list[Downstairs] = []
+        self.ports: list[int] = []
+
+    @property
+    def label(self) -> str:
+        return f"phd.cruc={self.tag}"
+
+    def docker(self) -> Any:
+        try:
+            return self.fw.docker()
+        except ArtifactUnavailable as exc:
+            pytest.skip(f"the docker flavour needs a Docker engine: {exc}")
+
+    def image(self, program: DsProgram) -> str:
+        try:
+            return self.fw.downstairs_image(program)
+        except ArtifactUnavailable as exc:
+            pytest.skip(f"the docker flavour needs the {program.kind} image: {exc}")
+
+    def make(self, program: DsProgram, flavour: str, *, labels: dict[str, str] | None = None) -> Downstairs:
+        port = self.fw.ports.allocate_pair()
+        self.ports.append(port)
+        name = f"phd-{self.fw.session_id}-{self.tag}-ds{len(self.all)}"
+        log = self.root / f"{name}.log"
+        ds: Downstairs
+        if flavour == "docker":
+            all_labels = labels or {**self.fw.labels(self.node_id), "phd.cruc": self.tag}
+            ds = DockerDownstairs(self.docker(), self.image(program), name, port, all_labels, log,
+                                  program=program)
+        else:
+            ds = ProcessDownstairs(list(program.cmd), name, port, self.root / name, log, program=program)
+        self.all.append(ds)
+        return ds
+
+
+@pytest.fixture
+def made(request: pytest.FixtureRequest, phd_framework: Framework, tmp_path: Path) -> Iterator[Made]:
+    made = Made(phd_framework, request.node.nodeid, tmp_path)
+    yield made
+    errors = []
+    for ds in made.all:
+        try:
+            ds.destroy()
+        except Exception as exc:  # noqa: BLE001 - destroy every one, report all
+            errors.append(exc)
+    for port in made.ports:
+        phd_framework.ports.release(port)
+    assert not errors, errors
+    assert processes_under(tmp_path) == []
+    if phd_framework._docker is not None:
+        assert docker_leftovers(phd_framework._docker, made.label) == []
+
+
+def started(made: Made, kind: str, flavour: str) -> tuple[Downstairs, uuid.UUID]:
+    ds = made.make(program_for(kind, flavour), flavour)
+    region = uuid.uuid4()
+    ds.create_region(str(region), BLOCK, EXTENT_SIZE, EXTENT_COUNT)
+    ds.start()
+    assert ds.state is DsState.RUNNING
+    return ds, region
+
+
+def yes_its_me(ds: Downstairs) -> m.YesItsMe:
+    peer = Target(ds).connect()
+    try:
+        peer.send(hello())
+        reply = peer.recv()
+    finally:
+        peer.close()
+    assert isinstance(reply, m.YesItsMe), reply
+    return reply
+
+
+def refused(ds: Downstairs) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", ds.host_port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+DATA = bytes([0x5A]) * BLOCK
+UP = uuid.UUID(int=0x1F)
+
+
+def activate(ds: Downstairs, generation: int) -> tuple[Peer, uuid.UUID, m.RegionInfo, m.ExtentVersions]:
+    """HereIAm .. ExtentVersions as an upstairs does; the connection is then ready for I/O."""
+    sess = uuid.uuid4()
+    peer = Target(ds).connect()
+    try:
+        peer.send(hello(upstairs_id=UP, session_id=sess, generation=generation))
+        assert isinstance(peer.recv(), m.YesItsMe)
+        peer.send(m.PromoteToActive(UP, sess, generation))
+        assert peer.recv() == m.YouAreNowActive(UP, sess, generation)
+        peer.send(m.RegionInfoPlease())
+        info = peer.recv()
+        assert isinstance(info, m.RegionInfo), info
+        peer.send(m.ExtentVersionsPlease())
+        versions = peer.recv()
+        assert isinstance(versions, m.ExtentVersions), versions
+    except BaseException:
+        peer.close()
+        raise
+    return peer, sess, info, versions
+
+
+def write_and_flush(ds: Downstairs, generation: int) -> None:
+    peer, sess, _info, versions = activate(ds, generation)
+    try:
+        assert versions.flush_numbers == (0,) * EXTENT_COUNT
+        head = WriteHeader(UP, sess, 1000, (), 3, (BlockContext(block_hash(DATA)),))
+        peer.send(m.Write(head, DATA))
+        ack = peer.recv()
+        assert isinstance(ack, m.WriteAck) and ack.result is None, ack
+        peer.send(m.Flush(UP, sess, 1001, (1000,), 7, generation))
+        flushed = peer.recv()
+        assert isinstance(flushed, m.FlushAck) and flushed.result is None, flushed
+    finally:
+        peer.close()
+
+
+def read_back(ds: Downstairs, generation: int) -> tuple[uuid.UUID, tuple[int, ...], bytes]:
+    """(region uuid, flush numbers, block 3) as a new upstairs session sees them."""
+    peer, sess, info, versions = activate(ds, generation)
+    try:
+        peer.send(m.ReadRequest(UP, sess, 1000, (), 3, 1))
+        reply = peer.recv()
+        assert isinstance(reply, m.ReadResponse), reply
+        return info.region_def.uuid, tuple(versions.flush_numbers), bytes(reply.data)
+    finally:
+        peer.close()
+
+
+# --- the tests ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("kind", PROGRAMS)
+def test_answers_here_i_am_with_its_repair_address_and_keeps_its_region(
+        made: Made, kind: str, flavour: str) -> None:
+    ds, region = started(made, kind, flavour)
+    repair = wire.SocketAddr.parse("127.0.0.1", ds.host_port + REPAIR_PORT_OFFSET)
+    assert yes_its_me(ds) == m.YesItsMe(wire.MESSAGE_VERSION, repair)
+    assert ds.repair_address == f"127.0.0.1:{ds.host_port + REPAIR_PORT_OFFSET}"
+    # crucible_ds's own negotiation works against it too
+    peer, versions = negotiate(cast(CrucibleDownstairs, Target(ds)))
+    peer.close()
+    assert len(versions.gen_numbers) == EXTENT_COUNT
+    write_and_flush(ds, 1)
+    for generation, how in enumerate(("stop", "kill", "restart"), start=2):
+        getattr(ds, how)()
+        if how != "restart":
+            assert ds.state is DsState.STOPPED
+            assert refused(ds), f"{ds.address} still answers after {how}"
+            ds.start()
+        assert ds.state is DsState.RUNNING
+        uid, flushes, data = read_back(ds, generation)
+        assert (uid, flushes[0], data) == (region, 7, DATA), f"after {how}"
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("kind", PROGRAMS)
+def test_pause_makes_it_silent_and_resume_brings_it_back(made: Made, kind: str, flavour: str) -> None:
+    ds, _region = started(made, kind, flavour)
+    ds.pause()
+    assert ds.state is DsState.PAUSED
+    with socket.create_connection(("127.0.0.1", ds.host_port), timeout=2) as sock:
+        # the kernel completes the connect; the frozen downstairs never answers
+        head, data = wire.encode_parts(hello())
+        sock.sendall(head + data)
+        sock.settimeout(1.0)
+        with pytest.raises(TimeoutError):
+            sock.recv(1)
+    ds.resume()
+    assert ds.state is DsState.RUNNING
+    assert yes_its_me(ds).version == wire.MESSAGE_VERSION
+    ds.pause()
+    ds.stop()  # graceful stop of a paused one: thawed so it can act on SIGTERM
+    assert ds.state is DsState.STOPPED
+    ds.start()
+    assert yes_its_me(ds).version == wire.MESSAGE_VERSION
+
+
+@pytest.mark.parametrize("kind", PROGRAMS)
+def test_containers_are_labelled_non_root_read_only_on_the_host_network(made: Made, kind: str) -> None:
+    ds, _region = started(made, kind, "docker")
+    assert isinstance(ds, DockerDownstairs)
+    container = made.docker().containers.get(ds.name)
+    labels = container.labels
+    assert labels["phd.image"] == "downstairs"
+    assert labels["phd.role"] == "downstairs"
+    assert labels["phd.session"] == made.fw.session_id
+    assert labels["phd.downstairs.program"] == kind
+    host = container.attrs["HostConfig"]
+    assert host["ReadonlyRootfs"] is True
+    assert host["NetworkMode"] == "host"
+    assert host.get("Init") is (True if kind == "binary" else None)
+    assert container.attrs["Config"]["User"] == "10001:10001"
+    top = container.top(ps_args="-o pid,uid,comm")
+    uid = top["Titles"].index("UID")
+    assert top["Processes"], top
+    assert all(row[uid] == "10001" for row in top["Processes"]), top  # nothing runs as root
+    image = made.docker().images.get(ds.image)
+    assert image.labels["phd.image"] == "downstairs"
+    if kind == "binary":
+        assert image.labels["phd.downstairs.binary-sha256"] == sha256_of(BINARY)
+        assert ds.image.startswith(f"phd-downstairs-bin:{sha256_of(BINARY)[:16]}-")
+    else:
+        assert ds.image.startswith("phd-downstairs13:")
+    # the root filesystem refuses writes; /data (the region volume) takes them
+    assert container.exec_run(["/bin/sh", "-c", "echo x > /opt/x"]).exit_code != 0
+    assert container.exec_run(["/bin/sh", "-c", "echo x > /data/probe && rm /data/probe"]).exit_code == 0
+    # the image of the binary has its libraries from Debian packages, nothing copied
+    if kind == "binary":
+        libs = container.exec_run(["/bin/sh", "-c", "ls /opt/phd/lib | wc -l"]).output.decode().strip()
+        assert libs == "0"
+        assert container.exec_run(["dpkg", "-s", "libsqlite3-0"]).exit_code == 0
+
+
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("kind", PROGRAMS)
+def test_the_sweeper_removes_a_dead_sessions_containers(made: Made, kind: str) -> None:
+    dead = subprocess.Popen(["true"])  # a pid that is gone once reaped
+    dead.wait()
+    labels = {**made.fw.labels(made.node_id), "phd.session": f"dead{made.tag}", "phd.pid": str(dead.pid),
+              "phd.cruc": made.tag}
+    program = program_for(kind, "docker")
+    ds = made.make(program, "docker", labels=labels)
+    ds.create_region(str(uuid.uuid4()), BLOCK, EXTENT_SIZE, EXTENT_COUNT)
+    ds.start()
+    client = made.docker()
+    assert docker_leftovers(client, made.label) != []
+    removed = sweep_leftovers(client, keep_session=made.fw.session_id)
+    assert ds.name in removed and f"{ds.name}-data" in removed
+    assert docker_leftovers(client, made.label) == []
+    assert ds.state is DsState.STOPPED  # the handle sees its container gone
+    ds.destroy()  # and its teardown copes
+
+
+def test_a_crucible_program_refuses_a_published_port(made: Made) -> None:
+    with pytest.raises(HarnessError, match="needs network 'host'"):
+        DockerDownstairs(None, "img", "x", 1, {}, None, network="published", program=OURS13)
+
+
+@pytest.mark.skipif(HAVE_BINARY, reason="checks the skip reason only when the binary is absent")
+def test_binary_cases_skip_with_a_how_to() -> None:
+    assert "cargo build --release -p crucible-downstairs" in str(needs_binary.kwargs["reason"])
+
+
+def test_ports_are_pairs_with_both_halves_in_this_workers_range(made: Made) -> None:
+    ds = made.make(OURS13, "process")
+    alloc = made.fw.ports
+    assert alloc.start <= ds.host_port < alloc.end
+    assert ds.host_port + REPAIR_PORT_OFFSET in alloc.partner_range
