@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,6 +52,7 @@ from tests.integration.storage.crucible_ds import (
 from .conftest import docker_leftovers, processes_under
 
 pytestmark = pytest.mark.integration
+pytest_plugins = ["pytester"]
 
 BLOCK = 512
 EXTENT_SIZE = 64
@@ -314,19 +316,26 @@ def sha256_of(path: Path) -> str:
 
 @pytest.mark.parametrize("kind", PROGRAMS)
 def test_the_sweeper_removes_a_dead_sessions_containers(made: Made, kind: str) -> None:
-    dead = subprocess.Popen(["true"])  # a pid that is gone once reaped
-    dead.wait()
-    labels = {**made.fw.labels(made.node_id), "phd.session": f"dead{made.tag}", "phd.pid": str(dead.pid),
-              "phd.cruc": made.tag}
-    program = program_for(kind, "docker")
-    ds = made.make(program, "docker", labels=labels)
-    ds.create_region(str(uuid.uuid4()), BLOCK, EXTENT_SIZE, EXTENT_COUNT)
-    ds.start()
-    client = made.docker()
-    assert docker_leftovers(client, made.label) != []
+    # The owner lives while the downstairs starts (other workers sweep too, at any time), then
+    # dies: its container and volume are a dead session's leftovers.
+    owner = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE)
+    try:
+        labels = {**made.fw.labels(made.node_id), "phd.session": f"dead{made.tag}",
+                  "phd.pid": str(owner.pid), "phd.cruc": made.tag}
+        ds = made.make(program_for(kind, "docker"), "docker", labels=labels)
+        ds.create_region(str(uuid.uuid4()), BLOCK, EXTENT_SIZE, EXTENT_COUNT)
+        ds.start()
+        client = made.docker()
+        assert sweep_leftovers(client, keep_session=made.fw.session_id).count(ds.name) == 0
+        assert len(docker_leftovers(client, made.label)) == 2  # container and volume
+    finally:
+        assert owner.stdin is not None
+        owner.stdin.close()
+        owner.wait(10)
     removed = sweep_leftovers(client, keep_session=made.fw.session_id)
-    assert ds.name in removed and f"{ds.name}-data" in removed
-    assert docker_leftovers(client, made.label) == []
+    # (another worker's sweep may have got there first: then it is just as gone)
+    assert docker_leftovers(client, made.label) == [], removed
     assert ds.state is DsState.STOPPED  # the handle sees its container gone
     ds.destroy()  # and its teardown copes
 
@@ -346,3 +355,71 @@ def test_ports_are_pairs_with_both_halves_in_this_workers_range(made: Made) -> N
     alloc = made.fw.ports
     assert alloc.start <= ds.host_port < alloc.end
     assert ds.host_port + REPAIR_PORT_OFFSET in alloc.partner_range
+
+
+# --- through the plugin, with the switch flipped --------------------------------------------------
+DISK_TEST = """
+import socket
+import uuid
+
+from sut.storage import wire
+from sut.storage.wire import messages as m
+
+
+def test_disk(disk_factory):
+    disk = disk_factory.create_crucible_disk("d", size_gib=1, extent_mib=64)
+    ports = [ds.host_port for ds in disk.downstairs]
+    for ds in disk.downstairs:
+        assert ds.program.kind == "{kind}"
+        assert ds.repair_address == f"127.0.0.1:{{ds.host_port + 4000}}"
+    for ds in disk.downstairs:
+        with socket.create_connection(("127.0.0.1", ds.host_port), timeout=10) as sock:
+            hello = m.HereIAm(wire.MESSAGE_VERSION, uuid.uuid4(), uuid.uuid4(), 1, False, False, ())
+            head, data = wire.encode_parts(hello)
+            sock.sendall(head + data)
+            got = b""
+            while len(got) < 22:
+                chunk = sock.recv(64)
+                assert chunk, "closed"
+                got += chunk
+            reply = wire.decode(got)
+            assert reply == m.YesItsMe(13, wire.SocketAddr.parse("127.0.0.1", ds.host_port + 4000))
+    disk.downstairs[1].kill()
+    disk.downstairs[1].start()
+    print("PORTS=" + " ".join(map(str, ports)))
+"""
+
+
+@pytest.mark.parametrize(("kind", "flavour"), [
+    pytest.param("ours13", "process", id="ours13-process"),
+    pytest.param("binary", "process", id="binary-process", marks=needs_binary),
+    pytest.param("binary", "docker", id="binary-docker", marks=needs_binary),
+])
+def test_disk_factory_runs_the_program_once_the_switch_is_flipped(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, phd_framework: Framework,
+        kind: str, flavour: str) -> None:
+    import phd.downstairs
+
+    monkeypatch.setattr(phd.downstairs, "UPSTAIRS_PROTOCOL", "v13")
+    monkeypatch.delenv("PHD_DOWNSTAIRS_BINARY", raising=False)
+    pytester.makepyfile(DISK_TEST.format(kind=kind))
+    args = ["-s", "-p", "no:cacheprovider", f"--phd-downstairs={flavour}",
+            f"--phd-tmp-dir={pytester.path / 'phd'}"]
+    if kind == "binary":
+        args.append(f"--phd-downstairs-{'cmd' if flavour == 'process' else 'binary'}={BINARY}")
+    if flavour == "docker":
+        try:
+            phd_framework.docker()
+        except ArtifactUnavailable as exc:
+            pytest.skip(f"needs Docker: {exc}")
+    result = pytester.runpytest(*args)
+    result.assert_outcomes(passed=1)
+    line = next(li for li in result.outlines if "PORTS=" in li)
+    ports = [int(p) for p in line.split("PORTS=")[1].split()]
+    assert len(ports) == 3
+    assert processes_under(pytester.path) == []
+    if flavour == "docker":
+        # every container of that inner session is gone
+        names = [c.name for c in phd_framework.docker().containers.list(all=True)
+                 if c.labels.get("phd.test", "").startswith("test_disk_factory_runs")]
+        assert names == []
