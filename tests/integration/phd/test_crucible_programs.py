@@ -11,6 +11,7 @@ how to get one).
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -359,6 +360,7 @@ def test_ports_are_pairs_with_both_halves_in_this_workers_range(made: Made) -> N
 
 # --- through the plugin, with the switch flipped --------------------------------------------------
 DISK_TEST = """
+import signal
 import socket
 import uuid
 
@@ -423,3 +425,88 @@ def test_disk_factory_runs_the_program_once_the_switch_is_flipped(
         names = [c.name for c in phd_framework.docker().containers.list(all=True)
                  if c.labels.get("phd.test", "").startswith("test_disk_factory_runs")]
         assert names == []
+
+
+# --- phd dsc run --program ------------------------------------------------------------------------
+def yes_its_me_at(target: str) -> m.YesItsMe:
+    host, port = target.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=REPLY_TIMEOUT_S) as sock:
+        head, data = wire.encode_parts(hello())
+        sock.sendall(head + data)
+        got = b""
+        while len(got) < 22:  # YesItsMe with a V4 address is 22 bytes
+            chunk = sock.recv(64)
+            assert chunk, f"{target} closed the connection"
+            got += chunk
+    reply = wire.decode(got)
+    assert isinstance(reply, m.YesItsMe), reply
+    return reply
+
+
+@pytest.fixture
+def pair_base(phd_framework: Framework) -> Iterator[int]:
+    """Three port pairs of this worker's range, held (in this process's allocator, not bound)
+    for the test; `phd dsc run` probes them itself from the lowest on."""
+    ports = sorted(phd_framework.ports.allocate_pair() for _ in range(3))
+    yield ports[0]
+    for port in ports:
+        phd_framework.ports.release(port)
+
+
+@pytest.mark.parametrize(("kind", "flavour"), [
+    pytest.param("ours13", "process", id="ours13-process"),
+    pytest.param("ours13", "docker", id="ours13-docker"),
+    pytest.param("binary", "process", id="binary-process", marks=needs_binary),
+    pytest.param("binary", "docker", id="binary-docker", marks=needs_binary),
+])
+def test_dsc_run_with_a_crucible_program(request: pytest.FixtureRequest, phd_framework: Framework,
+                                         tmp_path: Path, pair_base: int, kind: str, flavour: str) -> None:
+    from .test_dsc_cli import DscRun
+
+    if flavour == "docker":
+        try:
+            phd_framework.docker()
+        except ArtifactUnavailable as exc:
+            pytest.skip(f"needs Docker: {exc}")
+    extra = ["--program", kind]
+    if kind == "binary":
+        extra += ["--downstairs-cmd" if flavour == "process" else "--binary", str(BINARY)]
+    run = DscRun([sys.executable, "-m", "phd.cli", "dsc", "run", "--dir", str(tmp_path / "dsc"),
+                  "--flavour", flavour, "--control", "127.0.0.1:0", "--extent-size", "64",
+                  "--extent-count", "4", "--port-base", str(pair_base), *extra])
+    try:
+        run.wait_for("ready;", 300)
+        assert f"{flavour} {kind} downstairs up" in run.output
+        targets = run.value("targets:").split()
+        control = run.value("control:").split()[0]
+        for target in targets:
+            port = int(target.rsplit(":", 1)[1])
+            assert yes_its_me_at(target).repair_addr == wire.SocketAddr.parse(
+                "127.0.0.1", port + REPAIR_PORT_OFFSET)
+        import httpx
+
+        assert httpx.post(f"http://{control}/ds/1/kill", timeout=60).json()["state"] == "stopped"
+        assert httpx.post(f"http://{control}/ds/1/start", timeout=60).json()["state"] == "running"
+        assert yes_its_me_at(targets[1]).version == wire.MESSAGE_VERSION
+        session = run.value("session:").split()[0] if flavour == "docker" else ""
+        assert run.finish(signal.SIGINT) == 0, run.output
+    finally:
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.wait()
+    assert processes_under(tmp_path) == []
+    if flavour == "docker":
+        assert docker_leftovers(phd_framework.docker(), f"phd.session={session}") == []
+
+
+def test_dsc_run_refuses_a_published_crucible_program(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "phd.cli", "dsc", "run", "--dir", str(tmp_path),
+                           "--flavour", "docker", "--program", "ours13", "--network", "published"],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2
+    assert "--program ours13 needs --network host" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "phd.cli", "dsc", "run", "--dir", str(tmp_path),
+                           "--program", "binary", "--downstairs-cmd", "/nope/cd"],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2
+    assert "--downstairs-cmd '/nope/cd': /nope/cd does not exist" in done.stderr
