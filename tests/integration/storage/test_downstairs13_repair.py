@@ -10,9 +10,11 @@ of either kind: ours from a real source, the real one from our source, ours from
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -770,3 +772,83 @@ def test_repair_from_a_source_of_another_geometry(tmp_path: Path, dest_kind: str
             assert reopened.error.kind == wire.ErrorKind.GenericError  # "IO Error: ... file size"
             assert "does not match expected" in str(reopened.error.detail)
             assert len(extent_path(dest.region_dir, 1).read_bytes()) != len(before)
+
+
+# -- the download does not stall the downstairs ------------------------------------------------------
+class _StallingSource:
+    """A repair server (a thread on 127.0.0.1) for extent 1 whose file download sends half the
+    file, then waits for ``release`` before the rest: the destination is mid-download."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self.release = threading.Event()
+        self.midway = threading.Event()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    head += chunk
+                path = head.split(b" ")[1] if b" " in head else b""
+                if path == b"/extent/1/files":
+                    conn.sendall(b'HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n["001"]')
+                elif path == b"/extent/1/repair-ready":
+                    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ntrue")
+                elif path == b"/newextent/1/data":
+                    half = len(self.payload) // 2
+                    conn.sendall(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                    conn.sendall(b"%x\r\n%s\r\n" % (half, self.payload[:half]))
+                    self.midway.set()
+                    self.release.wait(REPLY_TIMEOUT_S)
+                    rest = self.payload[half:]
+                    conn.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(rest), rest))
+                else:
+                    conn.sendall(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+
+    def close(self) -> None:
+        self.release.set()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept
+        self.sock.close()
+        self.thread.join(REPLY_TIMEOUT_S)
+
+
+def test_ours_keeps_serving_while_a_download_stalls(tmp_path: Path) -> None:
+    """Mid-download (the source stalls after half the file, chunked as the real one sends it),
+    our destination's event loop still answers its repair server; once the rest arrives the
+    repair completes with the source's bytes."""
+    with _start(tmp_path, "ours") as donor:
+        _seed(donor, (SRC_U, SRC_S), 4, flush=True)
+        payload = extent_path(donor.region_dir, 1).read_bytes()
+    source = _StallingSource(payload)
+    try:
+        with _start(tmp_path, "ours") as dest:
+            peer, _ = negotiate(dest, DST_U, DST_S, 1)
+            try:
+                assert exchange(peer, m.ExtentClose(1, 1)) == m.RepairAckId(1)
+                peer.send(m.ExtentRepair(2, 1, 0, wire.SocketAddr.parse("127.0.0.1", source.port), (1,)))
+                assert source.midway.wait(REPLY_TIMEOUT_S)
+                started = time.monotonic()
+                assert repair_get(dest, "/extent/1/repair-ready").body == b"true"
+                assert repair_get(dest, "/work").status == 200
+                assert time.monotonic() - started < 2.0
+                source.release.set()
+                assert peer.recv() == m.RepairAckId(2)
+                assert exchange(peer, m.ExtentReopen(3, 1)) == m.RepairAckId(3)
+            finally:
+                peer.close()
+            assert extent_path(dest.region_dir, 1).read_bytes() == payload
+    finally:
+        source.close()
