@@ -311,6 +311,8 @@ def test_interop_reconciliation_messages_during_negotiation_are_ignored(
     extent stays open); afterwards they are served."""
     peer = downstairs.connect()
     try:
+        peer.send(m.ExtentClose(0, 0))
+        peer.send(m.ExtentFlush(0, 0, 0, 1, 1))
         peer.send(hello_msg())
         assert isinstance(peer.recv(), m.YesItsMe)
         peer.send(m.ExtentClose(1, 0))
