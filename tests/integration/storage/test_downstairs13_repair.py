@@ -26,7 +26,7 @@ from sut.storage import wire
 from sut.storage.extent_raw import RawExtent, extent_path, repair_dir
 from sut.storage.repair_http import MAX_REPAIR_CONNECTIONS, MAX_REQUEST_HEAD
 from sut.storage.wire import messages as m
-from sut.storage.wire.blockhash import unencrypted_contexts
+from sut.storage.wire.blockhash import encrypted_block_hash, unencrypted_contexts
 from tests.integration.storage.crucible_ds import (
     BLOCK_SIZE,
     EXTENT_COUNT,
@@ -854,3 +854,46 @@ def test_ours_keeps_serving_while_a_download_stalls(tmp_path: Path) -> None:
             assert extent_path(dest.region_dir, 1).read_bytes() == payload
     finally:
         source.close()
+
+
+# -- encrypted regions -----------------------------------------------------------------------------
+@pytest.mark.parametrize("kinds", PAIRS)
+def test_interop_reconciliation_of_an_encrypted_extent(tmp_path: Path, kinds: tuple[str, str]) -> None:
+    """The encryption contexts (nonce, tag) travel with the extent file."""
+    made = []
+    for kind in kinds:
+        root = Path(tempfile.mkdtemp(prefix=f"{kind}-enc-", dir=tmp_path))
+        ds = KINDS[kind](root)
+        made.append(ds)
+        ds.create(ORACLE_REGION, encrypted=True)
+        ds.start()
+    source, dest = made
+    try:
+        ciphertext = _pattern(6, 1)
+        enc = wire.EncryptionContext(bytes(range(12)), bytes(range(16, 32)))
+        ctx = wire.BlockContext(encrypted_block_hash(enc.nonce, enc.tag, ciphertext), enc)
+        src, _ = negotiate(source, SRC_U, SRC_S, 1, encrypted=True)
+        dst, _ = negotiate(dest, DST_U, DST_S, 1, encrypted=True)
+        try:
+            header = wire.WriteHeader(SRC_U, SRC_S, 1000, (), 3 * EXTENT_SIZE + 2, (ctx,))
+            assert exchange(src, m.Write(header, ciphertext)) == m.WriteAck(SRC_U, SRC_S, 1000, None)
+            assert exchange(src, m.ExtentFlush(0, 3, 0, 2, 1)) == m.RepairAckId(0)
+            for peer in (src, dst):
+                assert exchange(peer, m.ExtentClose(1, 3)) == m.RepairAckId(1)
+            assert exchange(dst, m.ExtentRepair(2, 3, 0, source.repair_addr, (1,))) == m.RepairAckId(2)
+            for peer in (src, dst):
+                assert exchange(peer, m.ExtentReopen(3, 3)) == m.RepairAckId(3)
+            dst.send(m.ReadRequest(DST_U, DST_S, 1001, (), 3 * EXTENT_SIZE + 1, 2))
+            read = dst.recv()
+            assert read == m.ReadResponse(
+                wire.ReadResponseHeader(
+                    DST_U, DST_S, 1001, (wire.ReadBlockEmpty(), wire.ReadBlockEncrypted(enc))
+                ),
+                bytes(BLOCK_SIZE) + ciphertext,
+            )
+        finally:
+            src.close()
+            dst.close()
+    finally:
+        for ds in made:
+            ds.__exit__(None, None, None)
