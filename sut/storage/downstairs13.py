@@ -528,27 +528,16 @@ class Downstairs13:
             files = await client.get_json(f"/extent/{eid}/files")
         except RepairClientError as exc:
             raise _failure(ErrorKind.RepairRequestError, f"Failed to get repair files: {exc}") from exc
-        if not isinstance(files, list) or sorted(map(str, files)) != [name]:
+        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+            # not a Vec<String>: the real one's client fails to decode it
+            raise _failure(ErrorKind.RepairRequestError, f"Failed to get repair files: {str(files)[:200]}")
+        if sorted(files) != [name]:
             raise _failure(ErrorKind.RepairFilesInvalid, f"Invalid repair file list: {str(files)[:200]}")
         expected = RawExtent.file_size(self.region.block_size, self.region.extent_blocks)
-        fd = os.open(copy_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
-
-            async def save(data: bytes) -> None:
-                os.write(fd, data)  # chunks of at most 1 MiB: a short stall of the loop
-
-            try:
-                got = await client.download(f"/newextent/{eid}/data", save, expected)
-            except RepairClientError as exc:
-                kind = ErrorKind.RepairStreamError if exc.in_body else ErrorKind.RepairRequestError
-                raise _failure(kind, f"extent {eid} data file: {exc}") from exc
-            if got != expected:
-                raise _failure(
-                    ErrorKind.RepairStreamError, f"extent {eid}: got {got} bytes, expected {expected}"
-                )
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            got = await self._download(client, eid, copy_dir / name, expected)
+        except OSError as exc:
+            raise _failure(ErrorKind.IoError, f"extent {eid}: saving the download: {exc}") from exc
         try:
             ready = await client.get_json(f"/extent/{eid}/repair-ready")
         except RepairClientError as exc:
@@ -561,6 +550,31 @@ class Downstairs13:
             )
         self.region.commit_repair(eid)
         log("extent_repaired", extent=eid, source=str(source), bytes=got)
+
+    @staticmethod
+    async def _download(client: RepairClient, eid: int, dest: Path, expected: int) -> int:
+        """The source's extent file into ``dest`` (new), exactly ``expected`` bytes, synced."""
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+
+            async def save(data: bytes) -> None:
+                view = memoryview(data)
+                while view:  # chunks of at most 1 MiB: a short stall of the loop each
+                    view = view[os.write(fd, view) :]
+
+            try:
+                got = await client.download(f"/newextent/{eid}/data", save, expected)
+            except RepairClientError as exc:
+                kind = ErrorKind.RepairStreamError if exc.in_body else ErrorKind.RepairRequestError
+                raise _failure(kind, f"extent {eid} data file: {exc}") from exc
+            if got != expected:
+                raise _failure(
+                    ErrorKind.RepairStreamError, f"extent {eid}: got {got} bytes, expected {expected}"
+                )
+            os.fsync(fd)
+            return got
+        finally:
+            os.close(fd)
 
     async def _run_ready(self, conn: _Conn) -> None:
         """Run waiting jobs whose dependencies are now done, oldest first, until none is."""

@@ -781,8 +781,9 @@ class _StallingSource:
     """A repair server (a thread on 127.0.0.1) for extent 1 whose file download sends half the
     file, then waits for ``release`` before the rest: the destination is mid-download."""
 
-    def __init__(self, payload: bytes) -> None:
+    def __init__(self, payload: bytes, files: bytes = b'["001"]') -> None:
         self.payload = payload
+        self.files = files
         self.release = threading.Event()
         self.midway = threading.Event()
         self.sock = socket.create_server(("127.0.0.1", 0))
@@ -805,7 +806,9 @@ class _StallingSource:
                     head += chunk
                 path = head.split(b" ")[1] if b" " in head else b""
                 if path == b"/extent/1/files":
-                    conn.sendall(b'HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n["001"]')
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(self.files), self.files)
+                    )
                 elif path == b"/extent/1/repair-ready":
                     conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ntrue")
                 elif path == b"/newextent/1/data":
@@ -897,3 +900,28 @@ def test_interop_reconciliation_of_an_encrypted_extent(tmp_path: Path, kinds: tu
     finally:
         for ds in made:
             ds.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("files", [b'["001","001.db"]', b"[]", b'["002"]', b"[1]", b'{"a":1}'])
+@pytest.mark.parametrize("kind", [REAL, "ours"])
+def test_interop_a_source_listing_other_files(tmp_path: Path, kind: str, files: bytes) -> None:
+    """Anything but exactly ["001"] from /extent/1/files is RepairFilesInvalid (a JSON body that
+    is not a list of strings: RepairRequestError, the real one's client fails to decode it)."""
+    source = _StallingSource(b"", files)
+    source.release.set()
+    try:
+        with _start(tmp_path, kind) as dest:
+            peer, _ = negotiate(dest)
+            try:
+                assert exchange(peer, m.ExtentClose(1, 1)) == m.RepairAckId(1)
+                reply = exchange(
+                    peer, m.ExtentRepair(2, 1, 0, wire.SocketAddr.parse("127.0.0.1", source.port), (1,))
+                )
+                assert isinstance(reply, m.ExtentError), reply
+                listed = files.startswith(b'["') or files == b"[]"  # a list of strings
+                kinds = wire.ErrorKind
+                assert reply.error.kind == (kinds.RepairFilesInvalid if listed else kinds.RepairRequestError)
+            finally:
+                peer.close()
+    finally:
+        source.close()
