@@ -779,7 +779,8 @@ def test_repair_from_a_source_of_another_geometry(tmp_path: Path, dest_kind: str
 # -- the download does not stall the downstairs ------------------------------------------------------
 class _StallingSource:
     """A repair server (a thread on 127.0.0.1) for extent 1 whose file download sends half the
-    file, then waits for ``release`` before the rest: the destination is mid-download."""
+    file, then waits for ``release`` before the rest: the destination is mid-download. One
+    request per connection, said in every response (the real one's client pools connections)."""
 
     def __init__(self, payload: bytes, files: bytes = b'["001"]') -> None:
         self.payload = payload
@@ -807,20 +808,23 @@ class _StallingSource:
                 path = head.split(b" ")[1] if b" " in head else b""
                 if path == b"/extent/1/files":
                     conn.sendall(
-                        b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(self.files), self.files)
+                        b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
+                        % (len(self.files), self.files)
                     )
                 elif path == b"/extent/1/repair-ready":
-                    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ntrue")
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 4\r\n\r\ntrue")
                 elif path == b"/newextent/1/data":
                     half = len(self.payload) // 2
-                    conn.sendall(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n"
+                    )
                     conn.sendall(b"%x\r\n%s\r\n" % (half, self.payload[:half]))
                     self.midway.set()
                     self.release.wait(REPLY_TIMEOUT_S)
                     rest = self.payload[half:]
                     conn.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(rest), rest))
                 else:
-                    conn.sendall(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                    conn.sendall(b"HTTP/1.1 404 Not Found\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
 
     def close(self) -> None:
         self.release.set()
@@ -923,5 +927,40 @@ def test_interop_a_source_listing_other_files(tmp_path: Path, kind: str, files: 
                 assert reply.error.kind == (kinds.RepairFilesInvalid if listed else kinds.RepairRequestError)
             finally:
                 peer.close()
+    finally:
+        source.close()
+
+
+@pytest.mark.parametrize("kind", [REAL, "ours"])
+def test_interop_killed_mid_download_restarts_with_the_old_extent(tmp_path: Path, kind: str) -> None:
+    """kill -9 while NNN.copy holds half a download: the restarted downstairs drops it and
+    serves the extent as it was (then a new repair succeeds)."""
+    with _start(tmp_path, "ours") as donor:
+        _seed(donor, (SRC_U, SRC_S), 8, flush=True)
+        payload = extent_path(donor.region_dir, 1).read_bytes()
+    source = _StallingSource(payload)
+    try:
+        with _start(tmp_path, kind) as dest:
+            before = extent_path(dest.region_dir, 1).read_bytes()
+            peer, _ = negotiate(dest)
+            try:
+                assert exchange(peer, m.ExtentClose(1, 1)) == m.RepairAckId(1)
+                peer.send(m.ExtentRepair(2, 1, 0, wire.SocketAddr.parse("127.0.0.1", source.port), (1,)))
+                assert source.midway.wait(REPLY_TIMEOUT_S)
+                copy = repair_dir(dest.region_dir, 1, "copy")
+                deadline = time.monotonic() + REPLY_TIMEOUT_S
+                while not (copy / "001").is_file() or (copy / "001").stat().st_size == 0:
+                    assert time.monotonic() < deadline, "no partial download appeared"
+                    time.sleep(0.01)  # poll interval of a deadline-bounded wait
+                dest.stop()  # kill -9
+            finally:
+                peer.close()
+            source.release.set()
+            assert copy.is_dir()
+            dest.start()
+            assert not copy.exists()
+            assert extent_path(dest.region_dir, 1).read_bytes() == before
+            _, read = region_snapshot(dest, 2, U, S, ALL_BLOCKS)
+            assert _extent_blocks(read, 1)[0] == bytes(EXTENT_SIZE * BLOCK_SIZE)
     finally:
         source.close()
