@@ -495,6 +495,24 @@ def test_real_downstairs_aborts_on_io_to_a_closed_extent(tmp_path: Path) -> None
         assert "attempting to get closed extent 1" in ds.log_path.read_text(errors="replace")
 
 
+@needs_binary
+def test_real_downstairs_aborts_on_a_flush_while_a_dirty_extent_is_closed(tmp_path: Path) -> None:
+    """Pinned: the closed extent is still a flush candidate ("can't flush closed extent"); the
+    process aborts. Ours skips it and flushes it after the reopen (below)."""
+    with _start(tmp_path, "real") as ds:
+        peer, _ = negotiate(ds)
+        try:
+            assert exchange(peer, write(1000, EXTENT_SIZE, _pattern(1, 1))) == m.WriteAck(U, S, 1000, None)
+            peer.send(m.ExtentLiveClose(U, S, 1001, (1000,), 1))
+            assert peer.recv() == m.ExtentLiveCloseAck(U, S, 1001, (0, 0, True))
+            peer.send(m.Flush(U, S, 1002, (1001,), 3, 1))
+            peer.expect_closed()
+        finally:
+            peer.close()
+        assert ds.proc is not None and ds.proc.wait(timeout=REPLY_TIMEOUT_S) != 0
+        assert "can't flush closed extent" in ds.log_path.read_text(errors="replace")
+
+
 def test_ours_answers_io_to_a_closed_extent_with_an_error(ours: CrucibleDownstairs) -> None:
     data = _pattern(5, 2)
     peer, _ = negotiate(ours)
