@@ -540,30 +540,24 @@ def test_ours_answers_io_to_a_closed_extent_with_an_error(ours: CrucibleDownstai
     assert versions.flush_numbers[:2] == (3, 4) and versions.dirty_bits[:2] == (False, False)
 
 
-@pytest.mark.parametrize(
-    ("steps", "kind"),
-    [
-        pytest.param(
-            [m.ExtentClose(1, 0), m.ExtentClose(2, 0)], wire.ErrorKind.GenericError, id="close-twice"
-        ),
-        pytest.param([m.ExtentReopen(1, 0)], wire.ErrorKind.GenericError, id="reopen-open"),
-        pytest.param(
-            [m.ExtentRepair(1, 0, 0, UNREACHABLE, (1,))], wire.ErrorKind.GenericError, id="repair-open"
-        ),
-        pytest.param(
-            [m.ExtentClose(1, 0), m.ExtentFlush(2, 0, 0, 1, 1)],
-            wire.ErrorKind.GenericError,
-            id="flush-closed",
-        ),
-        pytest.param([m.ExtentClose(1, EXTENT_COUNT)], wire.ErrorKind.InvalidExtent, id="close-past-the-end"),
-        pytest.param(
-            [m.ExtentFlush(1, 0xFFFFFFFF, 0, 1, 1)], wire.ErrorKind.InvalidExtent, id="flush-past-the-end"
-        ),
-        pytest.param(
-            [m.ExtentReopen(1, EXTENT_COUNT)], wire.ErrorKind.InvalidExtent, id="reopen-past-the-end"
-        ),
-    ],
-)
+WRONG_STATE = [
+    pytest.param([m.ExtentClose(1, 0), m.ExtentClose(2, 0)], wire.ErrorKind.GenericError, id="close-twice"),
+    pytest.param([m.ExtentReopen(1, 0)], wire.ErrorKind.GenericError, id="reopen-open"),
+    pytest.param([m.ExtentRepair(1, 0, 0, UNREACHABLE, (1,))], wire.ErrorKind.GenericError, id="repair-open"),
+    pytest.param(
+        [m.ExtentClose(1, 0), m.ExtentFlush(2, 0, 0, 1, 1)],
+        wire.ErrorKind.GenericError,
+        id="flush-closed",
+    ),
+    pytest.param([m.ExtentClose(1, EXTENT_COUNT)], wire.ErrorKind.InvalidExtent, id="close-past-the-end"),
+    pytest.param(
+        [m.ExtentFlush(1, 0xFFFFFFFF, 0, 1, 1)], wire.ErrorKind.InvalidExtent, id="flush-past-the-end"
+    ),
+    pytest.param([m.ExtentReopen(1, EXTENT_COUNT)], wire.ErrorKind.InvalidExtent, id="reopen-past-the-end"),
+]
+
+
+@pytest.mark.parametrize(("steps", "kind"), WRONG_STATE)
 def test_ours_answers_reconciliation_in_the_wrong_state_with_extent_error(
     ours: CrucibleDownstairs, steps: list[wire.Message], kind: wire.ErrorKind
 ) -> None:
@@ -581,6 +575,26 @@ def test_ours_answers_reconciliation_in_the_wrong_state_with_extent_error(
         assert peer.recv() == m.Imok()
     finally:
         peer.close()
+
+
+@needs_binary
+@pytest.mark.parametrize("steps", [p.values[0] for p in WRONG_STATE], ids=[str(p.id) for p in WRONG_STATE])
+def test_real_downstairs_aborts_on_reconciliation_in_the_wrong_state(
+    tmp_path: Path, steps: list[wire.Message]
+) -> None:
+    """Pinned: each case ours answers with ExtentError (above) panics the real one (an assert
+    or an index out of range) and the process aborts."""
+    with _start(tmp_path, "real") as ds:
+        peer, _ = negotiate(ds)
+        try:
+            for msg in steps[:-1]:
+                assert isinstance(exchange(peer, msg), m.RepairAckId)
+            peer.send(steps[-1])
+            peer.expect_closed()
+        finally:
+            peer.close()
+        assert ds.proc is not None and ds.proc.wait(timeout=REPLY_TIMEOUT_S) != 0
+        assert "panicked" in ds.log_path.read_text(errors="replace")
 
 
 def test_ours_answers_live_repair_jobs_in_the_wrong_state_with_their_ack(ours: CrucibleDownstairs) -> None:
