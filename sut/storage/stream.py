@@ -249,6 +249,7 @@ class RecordStream(FlowControlMixin, asyncio.BufferedProtocol):
         self._hi += nbytes
         if self._splitter is not None:
             self._split()
+            self._room_for_a_long_head()
         self._wake()
         self._maybe_pause()
 
@@ -380,6 +381,28 @@ class RecordStream(FlowControlMixin, asyncio.BufferedProtocol):
                 return
         if self._lo == self._hi:
             self._lo = self._hi = 0
+            if len(stage) > _STAGE_BYTES:
+                self._stage = bytearray(_STAGE_BYTES)  # a long head has passed: give it back
+
+    def _room_for_a_long_head(self) -> None:
+        """Grow the staging buffer when it is full of ONE record whose head is not complete.
+
+        A record's head must be staged whole before the splitter can place its payload, and a
+        head can outgrow the stage (Crucible's Write carries a 9-byte context per block: 590 KB
+        for 32 MiB). Pausing then would wait forever for a consumer with nothing to consume.
+        The stage doubles as the bytes arrive, never past the record cap, and shrinks back
+        once the record is split (see :meth:`_split`). A new buffer, not ``extend``: the
+        transport may still hold a view of the old one.
+        """
+        staged = self._hi - self._lo
+        if self._records or self._direct is not None or staged <= len(self._stage) - 2 * _RECV_CHUNK:
+            return
+        limit = self._max_record + _RECV_CHUNK
+        if len(self._stage) >= limit:
+            return
+        stage = bytearray(min(limit, 2 * len(self._stage)))
+        stage[:staged] = memoryview(self._stage)[self._lo : self._hi]
+        self._stage, self._lo, self._hi = stage, 0, staged
 
     def _set_lowat(self, nbytes: int) -> None:
         """Wake up only once ``nbytes`` have arrived (the rest of an in-place payload).

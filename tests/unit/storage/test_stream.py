@@ -214,3 +214,29 @@ def test_bytes_pushed_by_the_loop_are_split_the_same_way() -> None:
                 assert await stream.read_record() == (head, payload)
 
     run(main())
+
+
+def long_head_split(data: memoryview) -> tuple[int, int] | None:
+    """Records whose HEAD is long: u32 head length | u32 payload length | head | payload."""
+    if len(data) < 8:
+        return None
+    head_len, payload_len = struct.unpack_from(">II", data)
+    return 8 + head_len, payload_len
+
+
+@pytest.mark.parametrize("head_len", [600_000, 3 << 20])
+def test_a_head_longer_than_the_staging_buffer_still_arrives(head_len: int) -> None:
+    # Crucible's Write of 32 MiB has a 590 KB head (a context per block); the stage is 512 KiB
+    async def main() -> None:
+        async with connected(long_head_split) as (stream, _w, client):
+            head = struct.pack(">II", head_len, 70_000) + bytes([7]) * head_len
+            payload = bytes([9]) * 70_000
+            small = struct.pack(">II", 3, 1) + b"abc" + b"z"
+            client.write(head + payload + small)
+            got = await stream.read_record()
+            assert got is not None and got[0] == head and got[1] == payload
+            got = await stream.read_record()
+            assert got is not None and got == (small[:-1], b"z")
+            assert len(stream._stage) <= 512 * 1024  # given back once the long head passed
+
+    run(main())
