@@ -510,3 +510,44 @@ def test_dsc_run_refuses_a_published_crucible_program(tmp_path: Path) -> None:
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2
     assert "--downstairs-cmd '/nope/cd': /nope/cd does not exist" in done.stderr
+
+
+# --- the repair port, seen by another downstairs --------------------------------------------------
+def repair_port_listens(ds: Downstairs) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", ds.host_port + REPAIR_PORT_OFFSET), timeout=2).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("kind", PROGRAMS)
+def test_another_downstairs_reaches_the_repair_port(made: Made, kind: str, flavour: str) -> None:
+    """What reconciliation needs: downstairs A can fetch from B's repair server at the address
+    B named in YesItsMe (127.0.0.1:port+4000) - from inside A's container in docker mode."""
+    a, _ = started(made, kind, flavour)
+    b, b_region = started(made, kind, flavour)
+    addr = yes_its_me(b).repair_addr
+    if not repair_port_listens(b):
+        pytest.skip(f"{kind} does not serve its repair port yet (YesItsMe names {addr}); the "
+                    "downstairs13 repair server is a later slice of issue 13")
+    request = f"GET /region-info HTTP/1.0\r\nHost: {addr}\r\n\r\n"
+    if flavour == "docker":
+        assert isinstance(a, DockerDownstairs)
+        container = made.docker().containers.get(a.name)
+        # bash's /dev/tcp: the image has no HTTP client, and needs none
+        script = (f"exec 3<>/dev/tcp/{addr.ip}/{addr.port} && "
+                  "printf 'GET /region-info HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3")
+        out = container.exec_run(["/bin/bash", "-c", script])
+        assert out.exit_code == 0, out.output
+        text = out.output.decode(errors="replace")
+    else:
+        with socket.create_connection((str(addr.ip), addr.port), timeout=REPLY_TIMEOUT_S) as sock:
+            sock.sendall(request.encode())
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        text = b"".join(chunks).decode(errors="replace")
+    assert " 200 " in text.splitlines()[0], text[:500]
+    assert str(b_region) in text, text[:1000]
