@@ -1,0 +1,75 @@
+"""The image builder's pure parts: which packages and libraries a binary needs, and tags."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sut.storage.image import build
+from sut.storage.image.build import BinaryRuntime, ImageBuildError, binary_image_tag, binary_runtime
+
+LDD = """\tlinux-vdso.so.1 (0x00007ffd)
+\tlibsqlite3.so.0 => /lib/x86_64-linux-gnu/libsqlite3.so.0 (0x00007f88)
+\tlibodd.so.2 => /opt/odd/lib/libodd.so.2 (0x00007f89)
+\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f8a)
+\t/lib64/ld-linux-x86-64.so.2 (0x00007f8b)
+"""
+
+
+def fake_ldd(text: str) -> object:
+    def ldd(_binary: Path) -> list[tuple[str, str]]:
+        out = []
+        for line in text.splitlines():
+            match = build._LDD_LINE.match(line)
+            assert match is not None, line
+            name, path = match.group(1) or match.group(2), match.group(2)
+            if "vdso" not in name:
+                out.append((name, path))
+        return out
+    return ldd
+
+
+def test_packaged_libraries_become_packages_and_the_rest_is_copied(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(build, "_ldd", fake_ldd(LDD))
+    owners = {"libsqlite3.so.0": "libsqlite3-0", "libc.so.6": "libc6", "ld-linux-x86-64.so.2": "libc6"}
+    monkeypatch.setattr(build, "_package_of", lambda path: owners.get(path.name))
+    runtime = binary_runtime(Path("/bin/true"))
+    assert runtime.packages == ("ca-certificates", "libc6", "libsqlite3-0")
+    assert runtime.copied == (Path("/opt/odd/lib/libodd.so.2"),)
+
+
+def test_a_library_missing_here_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(build, "_ldd", fake_ldd("\tlibgone.so.1 => not found\n"))
+    with pytest.raises(ImageBuildError, match=r"needs libgone\.so\.1, which is not installed here"):
+        binary_runtime(Path("/bin/true"))
+
+
+@pytest.mark.skipif(shutil.which("dpkg") is None or shutil.which("ldd") is None,
+                    reason="needs a Debian host (dpkg, ldd)")
+def test_a_real_binary_needs_only_packages() -> None:
+    runtime = binary_runtime(Path(shutil.which("true") or "/bin/true"))
+    assert "libc6" in runtime.packages and runtime.copied == ()
+
+
+def test_the_tag_starts_with_the_binarys_sha256_and_follows_the_recipe(tmp_path: Path) -> None:
+    binary = tmp_path / "crucible-downstairs"
+    binary.write_bytes(b"\x7fELF fake")
+    sha = hashlib.sha256(binary.read_bytes()).hexdigest()
+    one = binary_image_tag(binary, BinaryRuntime(("libc6",), ()))
+    assert one.startswith(f"phd-downstairs-bin:{sha[:16]}-")
+    assert binary_image_tag(binary, BinaryRuntime(("libc6",), ())) == one
+    assert binary_image_tag(binary, BinaryRuntime(("libc6", "libsqlite3-0"), ())) != one
+    binary.write_bytes(b"\x7fELF other")
+    assert binary_image_tag(binary, BinaryRuntime(("libc6",), ())).split(":")[1][:16] != sha[:16]
+
+
+def test_each_program_has_its_own_repo_and_sources() -> None:
+    assert build.image_tag("legacy").startswith("phd-downstairs:")
+    assert build.image_tag("ours13").startswith("phd-downstairs13:")
+    ours = {p.name for p in build.downstairs_sources("ours13")}
+    assert "downstairs13.py" in ours and "downstairs.py" not in ours
+    with pytest.raises(ImageBuildError, match="unknown downstairs program 'cobol'"):
+        build.image_tag("cobol")
