@@ -119,6 +119,8 @@ def test_the_real_binary_is_recognised_from_either_option() -> None:
     assert (from_cmd.kind, from_cmd.binary, from_cmd.cmd) == ("binary", resolved, (str(resolved),))
     from_flag = choose_program(flavour="docker", binary=str(BINARY))
     assert from_flag == from_cmd
+    # process downstairs from --phd-downstairs-binary alone run the same binary
+    assert choose_program(flavour="process", binary=str(BINARY)) == from_cmd
     # PHD_DOWNSTAIRS_BINARY alone (binary_implies=False) only names it
     assert choose_program(flavour="docker", binary=str(BINARY), binary_implies=False) is LEGACY
 
