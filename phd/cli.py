@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
                      "host network (the only choice for Crucible-protocol programs)")
     run.add_argument("--program", choices=PROGRAM_KINDS, default=None,
                      help="legacy (python -m sut.storage.downstairs), ours13 (python -m "
-                     "sut.storage.downstairs13) or binary (a crucible-downstairs: --downstairs-cmd "
+                     "sut.storage.downstairs) or binary (a crucible-downstairs: --downstairs-cmd "
                      "PATH or --binary PATH); default: binary when one is given, else legacy")
     run.add_argument("--downstairs-cmd", default=None,
                      help="process flavour: downstairs command (default: the program's own); the "

@@ -22,7 +22,7 @@ killed run.
 
 Which downstairs runs is a *program* (`DsProgram`), the same for both flavours:
 - `legacy`: `python -m sut.storage.downstairs`, our own protocol (the default today);
-- `ours13`: `python -m sut.storage.downstairs13`, Crucible's protocol (message version 13);
+- `ours13`: `python -m sut.storage.downstairs`, Crucible's protocol (message version 13);
 - `binary`: a real `crucible-downstairs` executable (`--phd-downstairs-cmd` runs it as a
   process, `--phd-downstairs-binary` in containers of an image built around it).
 A Crucible-protocol downstairs also listens on its repair port, port + 4000, which the OTHER
@@ -92,7 +92,7 @@ Protocol_ = Literal["legacy", "v13"]
 # THE SWITCH: the protocol the upstairs (sut/storage/client.py, upstairs.py) speaks. "legacy"
 # until it speaks Crucible's message version 13; then set "v13" - the default program becomes
 # `ours13` and the plugin accepts `binary` (and refuses `legacy`).
-UPSTAIRS_PROTOCOL: Protocol_ = "legacy"
+UPSTAIRS_PROTOCOL: Protocol_ = "v13"
 PROGRAM_KINDS = ("legacy", "ours13", "binary")
 BINARY_CHECK_TIMEOUT_S = 20.0
 
@@ -139,7 +139,7 @@ def default_process_cmd() -> list[str]:
 
 
 LEGACY = DsProgram("legacy", tuple(default_process_cmd()))
-OURS13 = DsProgram("ours13", (sys.executable, "-m", "sut.storage.downstairs13"))
+OURS13 = DsProgram("ours13", (sys.executable, "-m", "sut.storage.downstairs"))
 
 
 def binary_program(path: Path) -> DsProgram:

@@ -38,7 +38,7 @@ _OPTIONS: list[tuple[str, dict[str, Any], str]] = [
      "downstairs command for process mode (default: the program's own); a single path to an ELF "
      "executable is a real crucible-downstairs (program binary)"),
     ("--phd-downstairs-program", {"choices": list(PROGRAM_KINDS)},
-     "which downstairs: legacy (our old protocol), ours13 (python -m sut.storage.downstairs13) or "
+     "which downstairs: legacy (our old protocol), ours13 (python -m sut.storage.downstairs) or "
      "binary (a crucible-downstairs); default: the one the upstairs speaks to "
      "(phd.downstairs.UPSTAIRS_PROTOCOL), binary when --phd-downstairs-binary or an executable "
      "--phd-downstairs-cmd is given"),

@@ -1,31 +1,34 @@
-"""One upstairs' connection to one downstairs: connect loop, negotiation, jobs, replay.
+"""One upstairs' connection to one downstairs, in Crucible's protocol (message version 13).
 
 The client connects FOREVER (an unreachable target is retried on a fixed delay, as Crucible
-does) until it reaches ``WAIT_QUORUM``; the owning :class:`~sut.storage.upstairs.Upstairs`
-decides what happens next (join an activation, replay a backlog, or live-repair).
+does), negotiates (HereIAm -> YesItsMe -> PromoteToActive -> YouAreNowActive ->
+RegionInfoPlease -> RegionInfo, then ExtentVersionsPlease -> ExtentVersions, or LastFlush
+when it comes back with a backlog to replay) and reaches ``WAIT_QUORUM``; the owning
+:class:`~sut.storage.upstairs.Upstairs` decides what happens next (join an activation,
+replay, or live-repair).
 
-Jobs are matched to replies by ``job_id`` so many can be in flight; frames are written
-synchronously, so the order in which the upstairs submits jobs is the order every downstairs
-executes them.
+Jobs carry the UPSTAIRS' job id (the same id goes to every downstairs) and dependencies; a
+downstairs runs a job once its dependencies are done, so dependencies - not the order of
+frames - order the work. A downstairs forgets what completed before its last Flush or Barrier
+and cannot know a job it was never sent (a job skipped while it was being repaired, a read sent
+to another downstairs, anything from before it (re)connected): such dependencies would never
+be satisfied. So every job is sent with its dependencies cut down to the ids THIS connection
+carried since the downstairs' last flush (or the ``LastFlush`` it was told), as Crucible prunes
+a client's skipped jobs.
 
 Writes a downstairs acknowledged are KEPT until a later flush is acknowledged by it: until
-then they carry no durability promise there (a killed downstairs loses its in-memory
-per-block "written" marks, a crashed machine its page cache), exactly as in Crucible.
+then they carry no durability promise there. Losing an ACTIVE downstairs (it died, restarted
+or stopped answering for ``io_timeout_s``) makes the client OFFLINE: its writes, flushes and
+barriers since its last flush are kept, new ones queue behind them, and on reconnection it
+sends ``LastFlush{its last acknowledged flush}`` and replays the backlog, in job order, before
+anything new. A backlog over the policy's limits or an outage longer than
+``offline_timeout_s`` FAULTS the client instead (live repair when it returns).
 
-Losing an ACTIVE downstairs (it died, it was restarted, or it stopped answering - a paused
-container - for ``io_timeout_s``) makes the client OFFLINE: its writes since its last flush
-(acknowledged or not) and its pending flushes are kept, new ones are queued behind them,
-and on reconnection the whole backlog is replayed in order before anything new (writes and
-flushes are idempotent when replayed in order). A backlog that outgrows the policy's
-limits, or an outage longer than ``offline_timeout_s``, FAULTS the client instead: the
-backlog is dropped and the downstairs must be live-repaired when it returns. Crucible draws
-the same line between "offline" and "faulted".
-
-A downstairs is input from outside too: its frames are capped (64 KiB until it promoted us,
-then :func:`~sut.storage.protocol.active_frame_limit`), buffers grow with the bytes that
-arrive (sut.storage.stream), and every reply is checked against its job before it is used.
-A reply that breaks the protocol FAULTS that downstairs (the copy cannot be trusted; it is
-live-repaired when it returns); a connection that merely ends mid-frame is a lost connection.
+Every reply is checked before it is used: ids, a read's block count and data length, and each
+block's hash (xxHash64 of the data; an Empty block must read as zeros). A hash that does not
+match FAULTS this downstairs and fails the read, which the upstairs then serves from another;
+any other reply that breaks the protocol faults it too. Frames are capped at 64 KiB until the
+downstairs promoted us (then ``ExtentVersions``' size, then 100 MiB).
 """
 
 from __future__ import annotations
@@ -33,26 +36,44 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import itertools
 import logging
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
-from sut.storage.errors import ProtocolError, StorageError, StorageFatalError, TruncatedFrameError
-from sut.storage.protocol import (
-    PROTOCOL_VERSION,
-    BatchedWriter,
-    FrameReader,
-    Message,
-    active_frame_limit,
-    open_connection,
-    read_message,
-)
+from sut.storage.bincode import SocketAddr
+from sut.storage.errors import ProtocolError, StorageError, StorageFatalError
+from sut.storage.stream import BatchedWriter, RecordStream, open_stream
 from sut.storage.vcr import parse_target
+from sut.storage.wire import messages as m
+from sut.storage.wire.blockhash import block_hash
+from sut.storage.wire.crucible_error import CrucibleError
+from sut.storage.wire.fields import (
+    BlockContext,
+    ReadBlockEmpty,
+    ReadBlockEncrypted,
+    ReadBlockUnencrypted,
+    WriteHeader,
+)
+from sut.storage.wire.framing import NEGOTIATION_FRAME_CAP, FrameSplitter, extent_versions_frame_len
+from sut.storage.wire.messages import MAX_FRAME, MESSAGE_VERSION, Message, decode_record, encode_parts
 
-__all__ = ["ClientState", "DownstairsClient", "RetryPolicy", "SessionInfo"]
+__all__ = [
+    "BarrierOp",
+    "ClientState",
+    "DownstairsClient",
+    "FlushOp",
+    "LiveCloseOp",
+    "LiveNoOp",
+    "LiveReopenOp",
+    "LiveRepairOp",
+    "Op",
+    "ReadOp",
+    "RetryPolicy",
+    "SessionInfo",
+    "WriteOp",
+]
 
 
 @dataclass(frozen=True)
@@ -65,9 +86,9 @@ class RetryPolicy:
 
     connect_timeout_s: float = 2.0
     reconnect_delay_s: float = 1.0
-    # A connected downstairs that sends nothing (not even the answer to a keepalive) for this
-    # long while we wait for it is treated as gone: a paused container keeps its TCP
-    # connection open forever, so silence is the only sign.
+    # A connected downstairs that sends nothing (not even Imok to a Ruok) for this long while
+    # we wait for it is treated as gone: a paused container keeps its TCP connection open
+    # forever, so silence is the only sign.
     io_timeout_s: float = 10.0
     keepalive_s: float = 1.0
     # Limits of an OFFLINE downstairs' backlog; beyond them it is faulted (live repair).
@@ -78,8 +99,8 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class SessionInfo:
-    upstairs_id: str
-    session_id: str
+    upstairs_id: uuid.UUID
+    session_id: uuid.UUID
     gen: int
     read_only: bool
     encrypted: bool
@@ -100,11 +121,65 @@ class ClientState(enum.Enum):
     DISABLED = "disabled"  # fatal: will not reconnect (refused, taken over, removed)
 
 
-# Jobs that are replayed after a reconnection. Everything else (reads, keepalives, repair
-# transfers) is failed when the connection drops and retried by its owner if it still matters.
-_REPLAYABLE = frozenset({"Write", "WriteUnwritten", "Flush"})
-# An error reply to one of these means the copy may now differ from the others: fault it.
-_FAULT_ON_ERROR = frozenset({"Write", "WriteUnwritten", "Flush", "ExtentPut"})
+# -- operations: what a job asks of one downstairs (the message is built per connection) ------
+@dataclass(frozen=True)
+class WriteOp:
+    start: int
+    data: bytes
+    contexts: tuple[BlockContext, ...]
+    unwritten: bool = False
+
+
+@dataclass(frozen=True)
+class ReadOp:
+    start: int
+    count: int
+
+
+@dataclass(frozen=True)
+class FlushOp:
+    flush_number: int
+    gen: int
+    extent_limit: int | None = None
+
+
+@dataclass(frozen=True)
+class BarrierOp:
+    pass
+
+
+@dataclass(frozen=True)
+class LiveCloseOp:
+    """ExtentLiveFlushClose (flush_number given) or ExtentLiveClose (the repaired copy)."""
+
+    extent_id: int
+    flush_number: int | None = None
+    gen: int = 0
+
+
+@dataclass(frozen=True)
+class LiveRepairOp:
+    extent_id: int
+    source_client_id: int
+    source_repair_address: SocketAddr
+
+
+@dataclass(frozen=True)
+class LiveNoOp:
+    pass
+
+
+@dataclass(frozen=True)
+class LiveReopenOp:
+    extent_id: int
+
+
+Op = WriteOp | ReadOp | FlushOp | BarrierOp | LiveCloseOp | LiveRepairOp | LiveNoOp | LiveReopenOp
+
+# Jobs replayed after a reconnection. Reads and live-repair steps are failed when the
+# connection drops (their owner retries them if they still matter).
+_REPLAYABLE = (WriteOp, FlushOp, BarrierOp)
+_RESETS_DONE = (FlushOp, BarrierOp)  # a downstairs forgets older completions once these finish
 
 
 class _Disconnected(StorageError):
@@ -116,20 +191,31 @@ def _short(value: object, limit: int = 200) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
-    kind: str
-    fields: dict[str, Any]
-    payload: bytes
+    job_id: int
+    deps: tuple[int, ...]
+    op: Op
     future: asyncio.Future[Message]
-    sent: bool = False
+
+    @property
+    def size(self) -> int:
+        return len(self.op.data) if isinstance(self.op, WriteOp) else 0
 
 
 def _consume_result(future: asyncio.Future[Message]) -> None:
-    # Nobody may await a job that was acknowledged by enough other downstairs already;
-    # retrieving its exception here keeps asyncio from logging it as "never retrieved".
+    # Nobody may await a job that enough other downstairs acknowledged already; retrieving
+    # its exception here keeps asyncio from logging it as "never retrieved".
     if not future.cancelled():
         future.exception()
+
+
+@dataclass
+class _Reconcile:
+    """The one reconciliation request in flight (repair ids are answered one at a time)."""
+
+    repair_id: int
+    future: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 class DownstairsClient:
@@ -138,12 +224,14 @@ class DownstairsClient:
     def __init__(
         self,
         target: str,
+        client_id: int,
         session: SessionInfo,
         retry: RetryPolicy,
         on_change: Callable[[DownstairsClient], None],
         logger: logging.Logger,
     ) -> None:
         self.target = target
+        self.client_id = client_id
         self.host, self.port = parse_target(target)
         self.session = session
         self.retry = retry
@@ -153,13 +241,15 @@ class DownstairsClient:
         self.last_error: str | None = None
         self.fatal_error: StorageFatalError | None = None
         self.taken_over = False
+        self.repair_addr: SocketAddr | None = None
         self.extent_versions: tuple[list[int], list[int], list[bool]] | None = None
-        # Counters for status and tests: how often this downstairs went offline / was
-        # faulted, how many jobs were replayed, how many live repairs completed.
+        # Counters for status and tests.
         self.offline_count = 0
         self.fault_count = 0
         self.replayed_jobs = 0
         self.repairs_done = 0
+        self.hash_mismatches = 0
+        self.error_reports = 0
         self.repair_upto = 0  # extents below this are repaired (meaningful while REPAIRING)
         self._offline_since: float | None = None
         self._on_change = on_change
@@ -167,13 +257,14 @@ class DownstairsClient:
         self._task: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._writer: asyncio.StreamWriter | None = None
-        self._out: BatchedWriter | None = None  # all frames to self._writer go through it
-        self._jobs: dict[int, _Job] = {}  # awaiting a reply; insertion order = submission order
-        # writes acknowledged by this downstairs but not yet covered by its flush
-        self._unflushed: dict[int, _Job] = {}
-        self._backlog_bytes = 0  # payload bytes of replayable jobs in both dicts
-        self._holding = False  # OFFLINE: queue jobs, send them on replay()
-        self._job_ids = itertools.count(1)
+        self._out: BatchedWriter | None = None
+        self._jobs: dict[int, _Job] = {}  # sent (or held), awaiting a reply; job-id order
+        self._unflushed: dict[int, _Job] = {}  # acknowledged, not yet covered by its flush
+        self._backlog_bytes = 0
+        self._holding = False  # OFFLINE: queue replayable jobs, send them on replay()
+        self._known: set[int] = set()  # job ids this connection may name as dependencies
+        self._last_flush: int | None = None  # the last flush (or barrier) this downstairs finished
+        self._reconcile: _Reconcile | None = None
         self._last_rx = time.monotonic()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -191,10 +282,7 @@ class DownstairsClient:
                 await task
 
     def disable(self, reason: str) -> asyncio.Task[None] | None:
-        """Synchronously: stop reconnecting, close the socket, fail every job.
-
-        Returns the (cancelled) task so an async caller can wait for it to end.
-        """
+        """Synchronously: stop reconnecting, close the socket, fail every job."""
         task, self._task = self._task, None
         if task is not None and task is not asyncio.current_task():
             task.cancel()
@@ -205,10 +293,7 @@ class DownstairsClient:
         return task
 
     def fault(self, reason: str) -> None:
-        """This copy can no longer be trusted: drop the connection and the backlog.
-
-        The connect loop reconnects and the upstairs live-repairs the downstairs.
-        """
+        """This copy can no longer be trusted: drop the connection and the backlog."""
         if self.state is ClientState.DISABLED:
             return
         self._log.warning("downstairs %s faulted: %s", self.target, reason)
@@ -234,7 +319,7 @@ class DownstairsClient:
     def backlog(self) -> int:
         return len(self._jobs) + len(self._unflushed)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> dict[str, object]:
         return {
             "target": self.target,
             "state": self.state.value,
@@ -247,6 +332,8 @@ class DownstairsClient:
             "fault_count": self.fault_count,
             "replayed_jobs": self.replayed_jobs,
             "repairs_done": self.repairs_done,
+            "hash_mismatches": self.hash_mismatches,
+            "error_reports": self.error_reports,
             "repair_progress": (
                 [self.repair_upto, self.session.extent_count] if self.state is ClientState.REPAIRING else None
             ),
@@ -254,12 +341,10 @@ class DownstairsClient:
 
     # -- connect loop ----------------------------------------------------------------------
     def _keep_state_while_reconnecting(self) -> bool:
-        # An OFFLINE or FAULTED downstairs stays so in status while it reconnects, so a
-        # reader sees WHY it is not serving rather than a bare "connecting".
         return self.state in (ClientState.OFFLINE, ClientState.FAULTED)
 
     def _stopped(self) -> bool:
-        return self._task is not asyncio.current_task()  # disable() let go of this task
+        return self._task is not asyncio.current_task()
 
     async def _run(self) -> None:
         while not self._stopped():
@@ -268,7 +353,12 @@ class DownstairsClient:
             self.connect_attempts += 1
             try:
                 async with asyncio.timeout(self.retry.connect_timeout_s):
-                    reader, writer = await open_connection(self.host, self.port)
+                    reader, writer = await open_stream(
+                        self.host,
+                        self.port,
+                        FrameSplitter(NEGOTIATION_FRAME_CAP),
+                        max_record=NEGOTIATION_FRAME_CAP,
+                    )
             except (OSError, TimeoutError) as exc:
                 self.failed_attempts += 1
                 self.last_error = f"connect: {exc!r}"
@@ -279,11 +369,10 @@ class DownstairsClient:
                     self.last_error,
                 )
                 self._check_offline_limits()
-                # Crucible's policy: a fixed delay, no backoff, no limit.
-                await asyncio.sleep(self.retry.reconnect_delay_s)
+                await asyncio.sleep(self.retry.reconnect_delay_s)  # Crucible: fixed delay, no limit
                 continue
             if self._stopped():
-                writer.transport.abort()  # stopped while connecting: own no socket
+                writer.transport.abort()
                 return
             self._writer = writer
             self._out = BatchedWriter(writer)
@@ -308,19 +397,18 @@ class DownstairsClient:
                 self._fail_jobs(str(exc), keep_replayable=False)
                 self.set_state(ClientState.DISABLED)
                 return
-            except (OSError, ProtocolError, _Disconnected, TimeoutError) as exc:
+            except (OSError, ProtocolError, _Disconnected, TimeoutError, asyncio.IncompleteReadError) as exc:
                 if self._writer is writer or self.last_error is None:
                     self.last_error = _short(f"{type(exc).__name__}: {exc}", 400)
-                if isinstance(exc, ProtocolError) and not isinstance(exc, TruncatedFrameError):
+                if isinstance(exc, ProtocolError):
                     self._untrusted(writer, self.last_error)
             except Exception as exc:  # noqa: BLE001 - hostile input we did not foresee, or a bug
                 self._log.error("downstairs %s: unexpected %r; dropping the connection", self.target, exc)
                 self.last_error = _short(f"unexpected {type(exc).__name__}: {exc}", 400)
                 self._untrusted(writer, self.last_error)
             if self._stopped():
-                return  # disable() already closed the socket and failed every job
+                return
             if self.taken_over:
-                # another upstairs owns the region now: never reconnect, replay nothing
                 reason = self.last_error or "taken over"
                 self.fatal_error = self.fatal_error or StorageFatalError(reason)
                 self._close_socket(reason)
@@ -333,8 +421,8 @@ class DownstairsClient:
             await asyncio.sleep(self.retry.reconnect_delay_s)
 
     def _untrusted(self, writer: asyncio.StreamWriter, reason: str) -> None:
-        """The downstairs broke the protocol: a serving copy is faulted (its replies, and so
-        what it stored, cannot be trusted); during negotiation the attempt just fails."""
+        """The downstairs broke the protocol: a serving copy is faulted; during negotiation
+        the attempt just fails."""
         if self._writer is writer and self.state in (ClientState.ACTIVE, ClientState.REPAIRING):
             self.fault(f"protocol violation: {reason}")
 
@@ -342,7 +430,6 @@ class DownstairsClient:
         was = self.state
         self._close_socket(reason)
         if was is ClientState.ACTIVE or (was is ClientState.OFFLINE and self._holding):
-            # keep the writes it has not acknowledged; they are replayed on reconnection
             if not self._holding:
                 self._holding = True
                 self.offline_count += 1
@@ -372,149 +459,240 @@ class DownstairsClient:
         if why is not None:
             self.fault(why)
 
-    async def _negotiate(self, reader: FrameReader) -> None:
+    # -- negotiation -----------------------------------------------------------------------
+    async def _negotiate(self, reader: RecordStream) -> None:
         s = self.session
         timeout = self.retry.connect_timeout_s
-        reply = await self._exchange(
-            reader,
-            Message(
-                "HereIAm",
-                {
-                    "version": PROTOCOL_VERSION,
-                    "upstairs_id": s.upstairs_id,
-                    "session_id": s.session_id,
-                    "gen": s.gen,
-                    "read_only": s.read_only,
-                    "encrypted": s.encrypted,
-                },
-            ),
-            timeout,
-        )
-        if reply.kind != "YesItsMe":
+        hello = m.HereIAm(MESSAGE_VERSION, s.upstairs_id, s.session_id, s.gen, s.read_only, s.encrypted, ())
+        reply = await self._exchange(reader, hello, timeout)
+        if isinstance(reply, m.VersionMismatch):
             raise StorageFatalError(
-                f"downstairs {self.target} refused negotiation: {reply.kind} {reply.fields}"
+                f"downstairs {self.target} speaks message version {reply.version}, we speak {MESSAGE_VERSION}"
             )
-        reply = await self._exchange(
-            reader,
-            Message(
-                "PromoteToActive", {"upstairs_id": s.upstairs_id, "session_id": s.session_id, "gen": s.gen}
-            ),
-            timeout,
-        )
-        if reply.kind == "PromoteRefused":
+        if isinstance(reply, m.ReadOnlyMismatch):
             raise StorageFatalError(
-                f"downstairs {self.target} refused promotion at generation {s.gen}: {reply['reason']}"
+                f"downstairs {self.target} read-only mode is {reply.expected}, the VCR asks for "
+                f"{s.read_only}: run it with --mode {'ro' if s.read_only else 'rw'}"
             )
-        if reply.kind != "YouAreNowActive":
-            raise ProtocolError(f"expected YouAreNowActive, got {reply.kind}")
-        # the downstairs accepted us: frames up to the largest legitimate one from now on
-        reader.negotiated(active_frame_limit(s.block_size * s.extent_size))
-        info = await self._exchange(reader, Message("RegionInfoPlease"), timeout)
-        got = (info.get("block_size"), info.get("extent_size"), info.get("extent_count"))
-        want = (s.block_size, s.extent_size, s.extent_count)
+        if isinstance(reply, m.EncryptedMismatch):
+            raise StorageFatalError(
+                f"downstairs {self.target} region encrypted={reply.expected}, the VCR "
+                f"{'has' if s.encrypted else 'has no'} key"
+            )
+        if not isinstance(reply, m.YesItsMe):
+            raise ProtocolError(f"expected YesItsMe, got {type(reply).__name__}")
+        self.repair_addr = reply.repair_addr
+        # A promote the downstairs refuses (a lower generation than its active upstairs') is a
+        # closed connection: the loop retries, as Crucible does.
+        reply = await self._exchange(reader, m.PromoteToActive(s.upstairs_id, s.session_id, s.gen), timeout)
+        if isinstance(reply, m.UuidMismatch):
+            raise ProtocolError(f"downstairs {self.target} answered our promote with UuidMismatch")
+        if not isinstance(reply, m.YouAreNowActive):
+            raise ProtocolError(f"expected YouAreNowActive, got {type(reply).__name__}")
+        reader.negotiated(max(NEGOTIATION_FRAME_CAP, extent_versions_frame_len(s.extent_count)))
+        reader.set_splitter(
+            FrameSplitter(max(NEGOTIATION_FRAME_CAP, extent_versions_frame_len(s.extent_count)))
+        )
+        info = await self._exchange(reader, m.RegionInfoPlease(), timeout)
+        if not isinstance(info, m.RegionInfo):
+            raise ProtocolError(f"expected RegionInfo, got {type(info).__name__}")
+        d = info.region_def
+        got = (d.block_size, d.extent_size.value, d.extent_count, d.encrypted)
+        want = (s.block_size, s.extent_size, s.extent_count, s.encrypted)
         if got != want:
             raise StorageFatalError(
-                f"downstairs {self.target} region geometry (block_size, extent_size, "
-                f"extent_count)={got} does not match the VCR's {want}"
+                f"downstairs {self.target} region (block_size, extent_size, extent_count, encrypted)="
+                f"{got} does not match the VCR's {want}"
             )
-        versions = await self._exchange(reader, Message("ExtentVersionsPlease"), timeout)
-        if versions.kind != "ExtentVersions":
-            raise ProtocolError(f"expected ExtentVersions, got {versions.kind}")
-        self.extent_versions = _extent_versions(versions, s.extent_count)
+        self._known = set()
+        if self._holding:
+            # back after an outage: it keeps what it flushed; replay() sends the rest
+            self._write(m.LastFlush(self._last_flush))
+            if self._last_flush is not None:
+                self._known.add(self._last_flush)
+        else:
+            versions = await self._exchange(reader, m.ExtentVersionsPlease(), timeout)
+            if not isinstance(versions, m.ExtentVersions):
+                raise ProtocolError(f"expected ExtentVersions, got {type(versions).__name__}")
+            self.extent_versions = _extent_versions(versions, s.extent_count)
+            self._last_flush = None
+        reader.negotiated(MAX_FRAME)
+        reader.set_splitter(FrameSplitter(MAX_FRAME))
 
-    async def _exchange(self, reader: FrameReader, msg: Message, timeout: float) -> Message:
-        if self._out is None:  # stopped or faulted while the previous step was in flight
-            raise _Disconnected(f"connection to {self.target} closed during negotiation")
-        self._out.write_message(msg)
-        await self._out.drain()
+    def _write(self, msg: Message) -> None:
+        if self._out is None:
+            raise _Disconnected(f"connection to {self.target} closed")
+        head, data = encode_parts(msg)
+        self._out.write(head)
+        if data:
+            self._out.write(data)
+
+    async def _exchange(self, reader: RecordStream, msg: Message, timeout: float) -> Message:
+        self._write(msg)
+        if self._out is not None:
+            await self._out.drain()
         # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel() that lands
         # as the read completes, and a stopped client would carry on negotiating
         async with asyncio.timeout(timeout):
-            reply = await read_message(reader)
-        if reply is None:
-            raise _Disconnected(f"downstairs closed the connection after {msg.kind}")
-        self._last_rx = time.monotonic()
-        if reply.kind == "YouAreNoLongerActive":
+            while True:
+                record = await reader.read_record()
+                if record is None:
+                    raise _Disconnected(f"downstairs closed the connection after {type(msg).__name__}")
+                reply = decode_record(*record)
+                self._last_rx = time.monotonic()
+                if not isinstance(reply, m.Imok):
+                    break
+        if isinstance(reply, m.YouAreNoLongerActive):
             self.taken_over = True
-            raise StorageFatalError(f"downstairs {self.target}: taken over by generation {reply['new_gen']}")
+            raise StorageFatalError(f"downstairs {self.target}: taken over by generation {reply.new_gen}")
         return reply
 
-    async def _read_replies(self, reader: FrameReader) -> None:
+    # -- replies ---------------------------------------------------------------------------
+    async def _read_replies(self, reader: RecordStream) -> None:
+        s = self.session
         while True:
-            msg = await read_message(reader)
-            if msg is None:
+            record = await reader.read_record()
+            if record is None:
                 return
+            msg = decode_record(*record)
             self._last_rx = time.monotonic()
-            if msg.kind == "YouAreNoLongerActive":
+            if isinstance(msg, m.Imok):
+                continue
+            if isinstance(msg, m.YouAreNoLongerActive):
                 self.taken_over = True
-                self.last_error = (
-                    f"taken over by upstairs {msg['new_upstairs_id']} at generation {msg['new_gen']}"
-                )
+                self.last_error = f"taken over by upstairs {msg.new_upstairs_id} at generation {msg.new_gen}"
                 self.fatal_error = StorageFatalError(self.last_error)
                 return
-            job_id = msg.get("job_id", -1)
-            if type(job_id) is not int:
-                raise ProtocolError(f"{msg.kind}: job_id must be an integer, got {_short(job_id, 60)}")
+            if isinstance(msg, m.RepairAckId | m.ExtentError):
+                self._reconcile_reply(msg)
+                continue
+            if isinstance(msg, m.UuidMismatch):
+                raise ProtocolError(f"downstairs says our ids are wrong (expected {msg.expected_id})")
+            if isinstance(msg, m.ErrorReport):
+                # the downstairs retries the job itself; its ack follows once it succeeds
+                self.error_reports += 1
+                self._log.info("downstairs %s: job %s reported %s", self.target, msg.job_id, msg.error)
+                continue
+            header = msg.header if isinstance(msg, m.ReadResponse) else msg
+            if not isinstance(
+                msg,
+                m.WriteAck
+                | m.WriteUnwrittenAck
+                | m.FlushAck
+                | m.BarrierAck
+                | m.ReadResponse
+                | m.ExtentLiveCloseAck
+                | m.ExtentLiveRepairAckId
+                | m.ExtentLiveAckId,
+            ):
+                raise ProtocolError(f"unexpected {type(msg).__name__} from an active downstairs")
+            ids = (header.upstairs_id, header.session_id)  # type: ignore[union-attr]
+            if ids != (s.upstairs_id, s.session_id):
+                raise ProtocolError(f"{type(msg).__name__} for another session {ids}")
+            job_id: int = header.job_id  # type: ignore[union-attr]
             job = self._jobs.pop(job_id, None)
             if job is None:
-                continue  # keepalive answer, or a job failed/dropped meanwhile
-            if not msg.get("error"):
-                wrong = self._misfit(job, msg)
-                if wrong is not None:
-                    if not job.future.done():
-                        job.future.set_exception(StorageError(f"downstairs {self.target}: {wrong}"))
-                    raise ProtocolError(wrong)
-                self._retire(job_id, job)
-            if msg.get("error") and job.kind in _FAULT_ON_ERROR:
-                # the replies behind this one must not be used: this copy now differs
+                continue  # a job failed or dropped meanwhile
+            error = msg.header.blocks if isinstance(msg, m.ReadResponse) else msg.result
+            if isinstance(error, CrucibleError):
+                self._job_failed(job, msg, error)
+                if isinstance(job.op, WriteOp | FlushOp | LiveCloseOp | LiveRepairOp | LiveReopenOp):
+                    # this copy may now differ from the others: the replies behind it are moot
+                    self.fault(f"{type(job.op).__name__} job {job_id} failed: {_short(error)}")
+                    return
+                continue
+            wrong = self._misfit(job, msg)
+            if wrong is not None:
                 if not job.future.done():
-                    job.future.set_result(msg)
-                self.fault(f"{job.kind} failed: {_short(msg['error'])}")
+                    job.future.set_exception(StorageError(f"downstairs {self.target}: {wrong}"))
+                raise ProtocolError(wrong)
+            bad = self._bad_hashes(job, msg)
+            if bad:
+                self.hash_mismatches += 1
+                text = (
+                    f"read job {job_id}: blocks {bad[:8]} of {job.op.start}+{len(bad)} do not match their "  # type: ignore[union-attr]
+                    "hashes"
+                )
+                if not job.future.done():
+                    job.future.set_exception(StorageError(f"downstairs {self.target}: {text}"))
+                self.fault(text)
                 return
+            self._retire(job)
             if not job.future.done():
                 job.future.set_result(msg)
 
+    def _job_failed(self, job: _Job, msg: Message, error: CrucibleError) -> None:
+        if not job.future.done():
+            job.future.set_exception(
+                StorageError(f"downstairs {self.target} {type(job.op).__name__} failed: {_short(error)}")
+            )
+
     def _misfit(self, job: _Job, msg: Message) -> str | None:
         """Why a successful reply does not fit its job (None if it does)."""
-        s = self.session
-        if job.kind == "Read":
-            count = int(job.fields["count"])
-            written = msg.get("written")
-            if (
-                len(msg.payload) != count * s.block_size
-                or type(written) is not str
-                or written.count("0") + written.count("1") != count
-            ):
-                size = len(written) if isinstance(written, str) else _short(written, 40)
+        expected = {
+            WriteOp: m.WriteUnwrittenAck if isinstance(job.op, WriteOp) and job.op.unwritten else m.WriteAck,
+            ReadOp: m.ReadResponse,
+            FlushOp: m.FlushAck,
+            BarrierOp: m.BarrierAck,
+            LiveCloseOp: m.ExtentLiveCloseAck,
+            LiveRepairOp: m.ExtentLiveRepairAckId,
+            LiveNoOp: m.ExtentLiveAckId,
+            LiveReopenOp: m.ExtentLiveAckId,
+        }[type(job.op)]
+        if not isinstance(msg, expected):
+            return f"job {job.job_id} ({type(job.op).__name__}) answered with {type(msg).__name__}"
+        if isinstance(msg, m.ReadResponse):
+            assert isinstance(job.op, ReadOp)
+            blocks = msg.header.blocks
+            assert not isinstance(blocks, CrucibleError)
+            if len(blocks) != job.op.count or len(msg.data) != job.op.count * self.session.block_size:
                 return (
-                    f"{msg.kind} to a read of {count} blocks has {len(msg.payload)} bytes and a "
-                    f"written map of {size} blocks"
+                    f"ReadResponse to a read of {job.op.count} blocks has {len(blocks)} block contexts and "
+                    f"{len(msg.data)} bytes"
                 )
-        elif job.kind == "ExtentFetch":
-            extent_bytes = s.block_size * s.extent_size
-            written = msg.get("written")
-            if (
-                msg.kind != "ExtentData"
-                or len(msg.payload) != extent_bytes
-                or type(written) is not str
-                or len(written) != 2 * ((s.extent_size + 7) // 8)
-                or any(type(msg.get(k)) is not int for k in ("gen", "flush"))
-                or type(msg.get("dirty")) is not bool
-            ):
-                return f"{msg.kind} does not describe one extent of {extent_bytes} bytes"
         return None
 
-    def _retire(self, job_id: int, job: _Job) -> None:
-        """Bookkeeping of a successful reply: keep writes until a flush covers them."""
-        if job.kind == "Flush":
-            if "extent_limit" in job.fields:
-                return  # a live-repair flush covers only some extents: keep everything
-            self._backlog_bytes -= len(job.payload)
-            covered = [i for i in self._unflushed if i < job_id]
+    def _bad_hashes(self, job: _Job, msg: Message) -> list[int]:
+        """Blocks of a read whose data does not match their context."""
+        if not isinstance(msg, m.ReadResponse):
+            return []
+        blocks = msg.header.blocks
+        assert not isinstance(blocks, CrucibleError)
+        bs = self.session.block_size
+        view = memoryview(msg.data)
+        zero = bytes(bs)
+        bad = []
+        for i, ctx in enumerate(blocks):
+            block = view[i * bs : (i + 1) * bs]
+            if isinstance(ctx, ReadBlockUnencrypted):
+                ok = block_hash(block) == ctx.hash
+            elif isinstance(ctx, ReadBlockEmpty):
+                ok = block == zero
+            else:
+                ok = isinstance(ctx, ReadBlockEncrypted) and self.session.encrypted
+            if not ok:
+                bad.append(i)
+        return bad
+
+    def _retire(self, job: _Job) -> None:
+        """Bookkeeping of a success: keep writes until a flush covers them."""
+        if isinstance(job.op, _RESETS_DONE):
+            if isinstance(job.op, FlushOp) and job.op.extent_limit is not None:
+                # a live-repair flush covers only some extents: keep everything
+                self._unflushed[job.job_id] = job
+                return
+            covered = [i for i in self._unflushed if i < job.job_id]
             for i in covered:
-                self._backlog_bytes -= len(self._unflushed.pop(i).payload)
-        elif job.kind in _REPLAYABLE:
-            self._unflushed[job_id] = job  # bytes stay counted
+                self._backlog_bytes -= self._unflushed.pop(i).size
+            # the downstairs forgot what completed before this job: so do we
+            self._known = {i for i in self._known if i >= job.job_id}
+            if isinstance(job.op, FlushOp):
+                self._last_flush = job.job_id
+            else:
+                # a barrier does not make writes durable: keep them and the barrier for replay
+                self._unflushed[job.job_id] = job
+        elif isinstance(job.op, WriteOp):
+            self._unflushed[job.job_id] = job
 
     async def _watch(self, writer: asyncio.StreamWriter) -> None:
         """Keepalive + hang detection for one connection (a periodic timer, not a wait)."""
@@ -528,105 +706,151 @@ class DownstairsClient:
                     reason = f"no reply for {silent:.1f} s (io_timeout_s={self.retry.io_timeout_s}): hung?"
                     self._log.warning("downstairs %s: %s", self.target, reason)
                     self.last_error = reason
-                    self._close_socket(reason)  # the read loop ends; offline/faulted follows
+                    self._close_socket(reason)
                     return
-                self._out.write_message(Message("Ruok"))
-        except asyncio.CancelledError:
+                self._write(m.Ruok())
+        except (asyncio.CancelledError, _Disconnected):
             pass
 
     # -- jobs ------------------------------------------------------------------------------
-    def submit(self, msg_kind: str, fields: dict[str, Any], payload: bytes = b"") -> asyncio.Future[Message]:
+    def submit(self, job_id: int, deps: tuple[int, ...], op: Op) -> asyncio.Future[Message]:
         """Send a job NOW (synchronously, preserving order) and return its reply future.
 
-        While OFFLINE, writes and flushes are queued for replay instead.
+        While OFFLINE, replayable jobs are queued for the replay instead; others fail.
         """
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         future.add_done_callback(_consume_result)
         connected = not (self._writer is None or self._out is None or self._writer.is_closing())
-        # An ACTIVE client whose socket just closed (the watchdog, or a close we have not
-        # processed yet) is about to go OFFLINE: its writes must be kept for the replay,
-        # not failed, or this copy would silently miss them.
+        # An ACTIVE client whose socket just closed is about to go OFFLINE: its writes must be
+        # kept for the replay, not failed, or this copy would silently miss them.
         lost = not connected and self.state is ClientState.ACTIVE
-        if (self._holding or lost) and msg_kind in _REPLAYABLE:
-            job = _Job(msg_kind, fields, payload, future)
-            self._jobs[next(self._job_ids)] = job
-            self._backlog_bytes += len(payload)
+        job = _Job(job_id, deps, op, future)
+        if (self._holding or lost) and isinstance(op, _REPLAYABLE):
+            self._jobs[job_id] = job
+            self._backlog_bytes += job.size
             self._check_offline_limits()
             return future
         if self._holding or not connected:
             future.set_exception(_Disconnected(f"downstairs {self.target} is not connected"))
             return future
-        assert self._out is not None
-        job_id = next(self._job_ids)
-        self._jobs[job_id] = _Job(msg_kind, fields, payload, future, sent=True)
-        if msg_kind in _REPLAYABLE:
-            self._backlog_bytes += len(payload)
-        # queued in order; sent together with other jobs submitted in this loop iteration
-        self._out.write_message(Message(msg_kind, {"job_id": job_id, **fields}, payload))
+        self._jobs[job_id] = job
+        if isinstance(op, _REPLAYABLE):
+            self._backlog_bytes += job.size
+        self._send(job)
         return future
 
+    def reserve(self, job_ids: tuple[int, ...]) -> None:
+        """Jobs that will be sent on this connection later, which jobs sent before them may
+        already name as dependencies (a live repair's steps go out one at a time)."""
+        if self._out is not None:
+            self._known.update(job_ids)
+
+    def _send(self, job: _Job) -> None:
+        deps = tuple(d for d in job.deps if d in self._known)
+        self._known.add(job.job_id)
+        self._write(self._message(job.job_id, deps, job.op))
+
+    def _message(self, job_id: int, deps: tuple[int, ...], op: Op) -> Message:
+        u, s = self.session.upstairs_id, self.session.session_id
+        if isinstance(op, WriteOp):
+            header = WriteHeader(u, s, job_id, deps, op.start, op.contexts)
+            return m.WriteUnwritten(header, op.data) if op.unwritten else m.Write(header, op.data)
+        if isinstance(op, ReadOp):
+            return m.ReadRequest(u, s, job_id, deps, op.start, op.count)
+        if isinstance(op, FlushOp):
+            return m.Flush(u, s, job_id, deps, op.flush_number, op.gen, None, op.extent_limit)
+        if isinstance(op, BarrierOp):
+            return m.Barrier(u, s, job_id, deps)
+        if isinstance(op, LiveCloseOp):
+            if op.flush_number is None:
+                return m.ExtentLiveClose(u, s, job_id, deps, op.extent_id)
+            return m.ExtentLiveFlushClose(u, s, job_id, deps, op.extent_id, op.flush_number, op.gen)
+        if isinstance(op, LiveRepairOp):
+            return m.ExtentLiveRepair(
+                u, s, job_id, deps, op.extent_id, op.source_client_id, op.source_repair_address
+            )
+        if isinstance(op, LiveReopenOp):
+            return m.ExtentLiveReopen(u, s, job_id, deps, op.extent_id)
+        return m.ExtentLiveNoOp(u, s, job_id, deps)
+
     def replay(self) -> int:
-        """Send the kept backlog, in order, ahead of anything new; back to serving."""
+        """Send the kept backlog, in job order, ahead of anything new; back to serving."""
         if self._out is None:
             raise StorageError(f"downstairs {self.target}: replay without a connection")
-        count = 0
-        for job_id, job in self._jobs.items():
-            self._out.write_message(Message(job.kind, {"job_id": job_id, **job.fields}, job.payload))
-            job.sent = True
-            count += 1
+        kept = sorted({**self._unflushed, **self._jobs}.items())
+        self._unflushed = {}
+        self._jobs = dict(kept)
+        for _, job in kept:
+            self._send(job)
         self._holding = False
         self._offline_since = None
-        self.replayed_jobs += count
-        self._log.info("downstairs %s back: replayed %s jobs", self.target, count)
-        return count
+        self.replayed_jobs += len(kept)
+        self._log.info(
+            "downstairs %s back: replayed %s jobs after flush %s", self.target, len(kept), self._last_flush
+        )
+        return len(kept)
 
-    async def call(self, msg_kind: str, fields: dict[str, Any], payload: bytes = b"") -> Message:
-        reply = await self.submit(msg_kind, fields, payload)
-        if reply.get("error"):
-            raise StorageError(f"downstairs {self.target} {msg_kind} failed: {reply['error']}")
-        return reply
+    async def reconcile(
+        self, msg: m.ExtentFlush | m.ExtentClose | m.ExtentRepair | m.ExtentReopen, timeout_s: float
+    ) -> None:
+        """Send one reconciliation request and wait for its RepairAckId (ExtentError raises)."""
+        pending = _Reconcile(msg.repair_id)
+        self._reconcile = pending
+        try:
+            self._write(msg)
+            async with asyncio.timeout(timeout_s):
+                await pending.future
+        finally:
+            if self._reconcile is pending:
+                self._reconcile = None
+
+    def _reconcile_reply(self, msg: m.RepairAckId | m.ExtentError) -> None:
+        pending = self._reconcile
+        if pending is None or pending.repair_id != msg.repair_id or pending.future.done():
+            raise ProtocolError(f"{type(msg).__name__} for repair {msg.repair_id}, which we did not ask for")
+        if isinstance(msg, m.ExtentError):
+            pending.future.set_exception(
+                StorageError(
+                    f"downstairs {self.target}: repair {msg.repair_id} of extent {msg.extent_id} "
+                    f"failed: {_short(msg.error)}"
+                )
+            )
+        else:
+            pending.future.set_result(None)
 
     def _fail_jobs(self, reason: str, *, keep_replayable: bool) -> None:
         kept: dict[int, _Job] = dict(self._unflushed) if keep_replayable else {}
         self._unflushed = {}
         for job_id, job in self._jobs.items():
-            if keep_replayable and job.kind in _REPLAYABLE and not job.future.done():
+            if keep_replayable and isinstance(job.op, _REPLAYABLE) and not job.future.done():
                 kept[job_id] = job
             elif not job.future.done():
                 job.future.set_exception(_Disconnected(f"downstairs {self.target}: {reason}"))
-        # replay order = original submission order (job ids grow monotonically)
         self._jobs = dict(sorted(kept.items()))
-        for job in self._jobs.values():
-            job.sent = False
-        self._backlog_bytes = sum(len(j.payload) for j in self._jobs.values())
+        self._backlog_bytes = sum(j.size for j in self._jobs.values())
+        if not keep_replayable:
+            self._last_flush = None
+        pending = self._reconcile
+        if pending is not None and not pending.future.done():
+            pending.future.set_exception(_Disconnected(f"downstairs {self.target}: {reason}"))
 
     def _close_socket(self, reason: str) -> asyncio.StreamWriter | None:
         writer, self._writer = self._writer, None
-        self._out = None  # frames still queued for this socket are dropped with it
+        self._out = None
         watchdog, self._watchdog = self._watchdog, None
         if watchdog is not None and watchdog is not asyncio.current_task():
             watchdog.cancel()
         if writer is not None:
-            # abort, not close: close() keeps the socket open until queued data has been
-            # sent, which never happens to a hung (paused) downstairs - the read loop would
-            # not see the loss and the client would look active while it is cut off
+            # abort, not close: close() waits for queued data a hung downstairs never takes
             writer.transport.abort()
         return writer
 
 
-def _extent_versions(msg: Message, extent_count: int) -> tuple[list[int], list[int], list[bool]]:
-    """ExtentVersions as (gens, flushes, dirty), checked to describe ``extent_count`` extents."""
-    gens, flushes, dirty = msg.get("gen"), msg.get("flush"), msg.get("dirty")
-    if (
-        not isinstance(gens, list)
-        or not isinstance(flushes, list)
-        or not isinstance(dirty, list)
-        or not len(gens) == len(flushes) == len(dirty) == extent_count
-        or any(type(v) is not int or v < 0 for v in gens + flushes)
-        or any(type(v) is not bool for v in dirty)
-    ):
+def _extent_versions(msg: m.ExtentVersions, extent_count: int) -> tuple[list[int], list[int], list[bool]]:
+    gens, flushes, dirty = list(msg.gen_numbers), list(msg.flush_numbers), list(msg.dirty_bits)
+    if not len(gens) == len(flushes) == len(dirty) == extent_count:
         raise ProtocolError(
-            f"ExtentVersions does not describe {extent_count} extents: "
-            f"{_short({'gen': gens, 'flush': flushes, 'dirty': dirty}, 120)}"
+            f"ExtentVersions describes {len(gens)}/{len(flushes)}/{len(dirty)} extents, "
+            f"the region has {extent_count}"
         )
     return gens, flushes, dirty

@@ -1,22 +1,32 @@
-"""The upstairs of one region: three downstairs clients, activation, replication, replacement.
+"""The upstairs of one region in Crucible's protocol: three downstairs, activation, I/O, repair.
 
-Activation (read-write): every client must reach ``wait_quorum``; then collate (the requested
-generation must exceed every stored extent generation, else :class:`StorageFatalError`),
-reconcile extents that are dirty or differ by copying the highest ``(gen, flush, dirty)``
-copy to the others, then go active.
+Activation (read-write): every downstairs must reach ``wait_quorum``; then collate (the
+requested generation must exceed every stored extent generation, else
+:class:`StorageFatalError`) and RECONCILE the extents whose ``(gen, flush, dirty)`` differ or
+are dirty, as Crucible does: for each, ``ExtentFlush`` to the chosen source (the highest
+``(gen, flush)``), ``ExtentClose`` to all, ``ExtentRepair`` to the others (each downloads the
+extent from the source's repair server), ``ExtentReopen`` to all; every request is answered by
+every downstairs it went to before the next is sent. Then the region is active.
 
-I/O while active: writes and flushes go to every member and complete once TWO downstairs
-(or every member, if fewer remain) acknowledged them; reads go to one active downstairs.
-A member that drops is OFFLINE: its writes queue up and are replayed when it returns (see
-:mod:`sut.storage.client`). A member that failed a write, outgrew its backlog, or joined fresh
-(a replacement) is FAULTED and live-repaired extent by extent while guest I/O continues:
-writes to extents already repaired go to it too, writes to the extent being copied wait for
-that one copy, writes to extents not yet reached skip it (the copy brings them later). The
-copy of an extent is ordered after every write submitted before it because each downstairs
-executes its jobs in submission order.
+I/O: every job gets one upstairs-wide job id and its dependencies (:class:`DependencyTracker`,
+Crucible's rule: a write depends on every earlier job touching its blocks, a read on earlier
+writes to its blocks, a flush or barrier on everything since the previous one, and everything
+on the last flush or barrier). Writes and flushes go to every member and complete once TWO
+downstairs (or every member, if fewer remain) acknowledged them; reads go to one active
+downstairs and are retried on another if that one fails or returns a block whose hash does
+not match (which also faults it). A member that drops is OFFLINE and replays its backlog
+after ``LastFlush`` when it returns (see :mod:`sut.storage.client`).
 
-A takeover (another upstairs at a higher generation) disables this upstairs at once: every
-pending and later I/O fails with :class:`StorageError`, which the NBD export turns into EIO.
+LIVE REPAIR of a downstairs that joined while active (a replacement, or a faulted one
+returning) goes extent by extent while guest I/O continues: four jobs per extent, with
+dependencies like I/O (``ExtentLiveClose`` on the repaired copy and ``ExtentLiveFlushClose``
+elsewhere; ``ExtentLiveRepair`` on the repaired copy, a NoOp elsewhere; a NoOp; then
+``ExtentLiveReopen``). Guest writes to extents whose repair has been submitted go to the
+repaired copy too (ordered after the reopen by their dependencies); writes to later extents
+skip it (their extent's repair brings them); flushes reach it with ``extent_limit``.
+
+A takeover (another upstairs at a higher generation; ``YouAreNoLongerActive``) disables this
+upstairs at once: every pending and later I/O fails with :class:`StorageError`.
 """
 
 from __future__ import annotations
@@ -29,19 +39,36 @@ import logging
 import uuid
 from collections.abc import Sequence
 
-from sut.storage.client import ClientState, DownstairsClient, RetryPolicy, SessionInfo
+from sut.storage.client import (
+    BarrierOp,
+    ClientState,
+    DownstairsClient,
+    FlushOp,
+    LiveCloseOp,
+    LiveNoOp,
+    LiveReopenOp,
+    LiveRepairOp,
+    Op,
+    ReadOp,
+    RetryPolicy,
+    SessionInfo,
+    WriteOp,
+)
 from sut.storage.errors import ReplaceRuleError, StorageError, StorageFatalError
-from sut.storage.protocol import Message
 from sut.storage.vcr import RegionVcr
+from sut.storage.wire import messages as m
+from sut.storage.wire.blockhash import unencrypted_contexts
+from sut.storage.wire.fields import ReadBlockEmpty
 
-__all__ = ["Activation", "Upstairs"]
+__all__ = ["Activation", "DependencyTracker", "Upstairs"]
 
 
 _LARGE_READ = 64 * 1024  # bytes; reads at least this big are spread over the downstairs
 _WRITE_QUORUM = 2  # acknowledgements a write or flush needs (Crucible: two of three)
-# Crucible flushes on its own when the guest has not for this long (VCR opts.flush_timeout):
-# a downstairs keeps every write until a flush covers it, so flushes bound that memory.
-_DEFAULT_FLUSH_TIMEOUT_S = 0.5
+_DEFAULT_FLUSH_TIMEOUT_S = 0.5  # Crucible flushes on its own when the guest has not
+_FIRST_JOB_ID = 1000  # where Crucible's job ids start
+_RECONCILE_TIMEOUT_S = 60.0  # one reconciliation request on every downstairs it went to
+_MAX_JOBS_SINCE_FLUSH = 4096  # more and the upstairs flushes on its own (bounds deps and backlogs)
 
 
 class Activation(enum.Enum):
@@ -52,12 +79,86 @@ class Activation(enum.Enum):
     CLOSED = "closed"
 
 
+class DependencyTracker:
+    """Which earlier jobs a new job must wait for (Crucible's rule, see the module docstring).
+
+    Jobs since the last flush or barrier are kept in buckets of ``bucket`` blocks, so a job
+    only compares itself with jobs near its blocks. A write that covers an earlier job's
+    blocks entirely replaces it (whatever waits for the write waits for it too); a finished
+    read is forgotten (nothing can have to wait for a read that is done).
+    """
+
+    def __init__(self, bucket: int = 256) -> None:
+        self.bucket = bucket
+        self.barrier: int | None = None  # the last flush or barrier
+        self._buckets: dict[
+            int, dict[int, tuple[int, int, bool]]
+        ] = {}  # bucket -> id -> (first, last, write)
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def _add(self, job_id: int, first: int, last: int, write: bool) -> tuple[int, ...]:
+        deps: set[int] = set()
+        covered: list[tuple[int, int]] = []
+        for b in range(first // self.bucket, last // self.bucket + 1):
+            for other, (f, la, w) in self._buckets.get(b, {}).items():
+                if f <= last and first <= la and (write or w):
+                    deps.add(other)
+                    if write and first <= f and la <= last:
+                        covered.append((b, other))
+        for b, other in covered:
+            if self._buckets[b].pop(other, None) is not None and not self._anywhere(other):
+                self._count -= 1
+        new = False
+        for b in range(first // self.bucket, last // self.bucket + 1):
+            self._buckets.setdefault(b, {})[job_id] = (first, last, write)
+            new = True
+        if new:
+            self._count += 1
+        if self.barrier is not None:
+            deps.add(self.barrier)
+        return tuple(sorted(deps))
+
+    def _anywhere(self, job_id: int) -> bool:
+        return any(job_id in jobs for jobs in self._buckets.values())
+
+    def write(self, job_id: int, first: int, last: int) -> tuple[int, ...]:
+        return self._add(job_id, first, last, True)
+
+    def read(self, job_id: int, first: int, last: int) -> tuple[int, ...]:
+        return self._add(job_id, first, last, False)
+
+    def done(self, job_id: int, first: int, last: int) -> None:
+        """A read finished: later writes need not wait for it."""
+        found = False
+        for b in range(first // self.bucket, last // self.bucket + 1):
+            jobs = self._buckets.get(b)
+            if jobs is not None and jobs.pop(job_id, None) is not None:
+                found = True
+                if not jobs:
+                    del self._buckets[b]
+        if found:
+            self._count -= 1
+
+    def flush(self, job_id: int) -> tuple[int, ...]:
+        """A flush or barrier: it waits for everything since the last one; later jobs wait for it."""
+        deps = {j for jobs in self._buckets.values() for j in jobs}
+        if self.barrier is not None:
+            deps.add(self.barrier)
+        self._buckets = {}
+        self._count = 0
+        self.barrier = job_id
+        return tuple(sorted(deps))
+
+
 class _Quorum:
     """Completes when ``needed`` jobs succeeded, or when every job has ended."""
 
-    def __init__(self, kind: str, clients: Sequence[DownstairsClient],
-                 futures: Sequence[asyncio.Future[Message]], needed: int) -> None:
-        self.kind = kind
+    def __init__(
+        self, clients: Sequence[DownstairsClient], futures: Sequence[asyncio.Future[m.Message]], needed: int
+    ) -> None:
         self.needed = needed
         self.ok = 0
         self.left = len(futures)
@@ -68,14 +169,12 @@ class _Quorum:
         if not futures:
             self.done.set_result(None)
 
-    def _one(self, client: DownstairsClient, future: asyncio.Future[Message]) -> None:
+    def _one(self, client: DownstairsClient, future: asyncio.Future[m.Message]) -> None:
         self.left -= 1
         if future.cancelled():
             self.errors.append(f"{client.target}: cancelled")
         elif future.exception() is not None:
             self.errors.append(f"{client.target}: {future.exception()}")
-        elif future.result().get("error"):
-            self.errors.append(f"{client.target}: {future.result()['error']}")
         else:
             self.ok += 1
         if not self.done.done() and (self.ok >= self.needed or self.left == 0):
@@ -101,14 +200,16 @@ class Upstairs:
         self.failure: StorageFatalError | None = None
         self.targets: list[str] = list(region.opts.target)
         self._gen = region.gen
-        self._session_id = str(uuid.uuid4())
+        self._upstairs_id = uuid.UUID(str(region.opts.id))
+        self._session_id = uuid.uuid4()
         self._clients: dict[str, DownstairsClient] = {}
         self._changed = asyncio.Event()
         self._io_open = asyncio.Event()  # set once I/O may be submitted (active, or failed)
         self._activating = False
         self._flush_number = 0
+        self._next_job = _FIRST_JOB_ID
+        self._deps = DependencyTracker()
         self._repairs: dict[str, asyncio.Task[None]] = {}
-        self._locked: dict[int, asyncio.Event] = {}  # extents being live-repaired right now
         self._dying: list[asyncio.Task[None]] = []  # client tasks cancelled by a takeover
         self._read_cursor = 0
         self._read_batch_open = False
@@ -121,7 +222,7 @@ class Upstairs:
     def _session(self) -> SessionInfo:
         r = self.region
         return SessionInfo(
-            r.opts.id,
+            self._upstairs_id,
             self._session_id,
             self._gen,
             self.read_only,
@@ -132,7 +233,9 @@ class Upstairs:
         )
 
     def _new_client(self, target: str) -> DownstairsClient:
-        client = DownstairsClient(target, self._session(), self.retry, self._client_changed, self.log)
+        client = DownstairsClient(
+            target, self.targets.index(target), self._session(), self.retry, self._client_changed, self.log
+        )
         self._clients[target] = client
         client.start()
         return client
@@ -159,7 +262,6 @@ class Upstairs:
             self.failure = exc
             self.log.error("upstairs %s failed: %s", self.region.opts.id, exc)
         self.state = Activation.FAILED
-        # synchronously: every pending job fails now, nothing reconnects
         for task in self._repairs.values():
             task.cancel()
         if self._autoflush is not None:
@@ -169,8 +271,6 @@ class Upstairs:
             if client_task is not None:
                 self._dying.append(client_task)
         self._io_open.set()  # held I/O must wake up and see the failure
-        for event in self._locked.values():
-            event.set()
 
     def clients(self) -> list[DownstairsClient]:
         return [self._clients[t] for t in self.targets if t in self._clients]
@@ -216,11 +316,13 @@ class Upstairs:
                     break
                 except StorageFatalError:
                     raise
-                except StorageError as exc:
-                    # a downstairs dropped or failed mid-reconcile: it reconnects on its own,
-                    # so wait for quorum again rather than failing an activation that the
-                    # caller expects to retry forever
+                except (StorageError, TimeoutError) as exc:
+                    # a downstairs dropped or failed mid-reconcile: it reconnects on its own
+                    # (and reports fresh extent versions), so wait for quorum again
                     self.log.warning("reconciliation interrupted, retrying: %s", exc)
+                    for c in self.clients():
+                        if c.state is ClientState.WAIT_QUORUM:
+                            c.fault(f"reconciliation interrupted: {exc}")
                     await asyncio.sleep(self.retry.reconnect_delay_s)
             self.state = Activation.ACTIVE
             for c in self.clients():
@@ -236,7 +338,6 @@ class Upstairs:
             await self._stop_clients()
             raise
         except BaseException:
-            # cancelled (or a bug): leave nothing behind, a later activate() starts afresh
             await self._stop_clients()
             if self.state is Activation.ACTIVATING:
                 self.state = Activation.INACTIVE
@@ -272,9 +373,11 @@ class Upstairs:
                 f"generation {self._gen} is not greater than the stored extent generation "
                 f"{max_gen}; activate with a generation of at least {max_gen + 1}"
             )
-        self._flush_number = max((max(v[1], default=0) for v in versions.values() if v), default=0)
+        max_flush = max((max(v[1], default=0) for v in versions.values() if v), default=0)
+        self._flush_number = max_flush
         if self.read_only or len(members) < 2:
             return
+        repair_id = 0
         for eid in range(self.region.extent_count):
             stamps = {}
             for c in members:
@@ -284,35 +387,30 @@ class Upstairs:
             if len(set(stamps.values())) == 1 and not any(s[2] for s in stamps.values()):
                 continue
             source = max(members, key=lambda c: stamps[c.target])
-            src_stamp = stamps[source.target]
-            # a dirty source is rewritten too so every copy ends clean with the same stamp
-            dests = [c for c in members if c is not source or src_stamp[2]]
+            dests = [c for c in members if c is not source]
+            addr = source.repair_addr
+            assert addr is not None  # every negotiated client has one
             self.log.info(
                 "reconciling extent %s from %s %s to %s",
                 eid,
                 source.target,
-                src_stamp,
+                stamps[source.target],
                 [c.target for c in dests],
             )
-            await self._copy_extent(eid, source, dests)
-
-    async def _copy_extent(
-        self, eid: int, source: DownstairsClient, dests: Sequence[DownstairsClient], *, live: bool = False
-    ) -> None:
-        data = await source.call("ExtentFetch", {"eid": eid})
-        # reconciliation leaves every copy clean; a live repair copies the dirty mark too, so
-        # the next flush stamps source and copy alike (the copy missed no write since)
-        dirty = bool(data["dirty"]) if live else False
-        fields = {"eid": eid, "gen": data["gen"], "flush": data["flush"], "written": data["written"],
-                  "dirty": dirty}
-        futures = [
-            d.submit("ExtentPut", fields, data.payload)
-            for d in dests
-        ]
-        for d, fut in zip(dests, futures, strict=True):
-            reply = await fut
-            if reply.get("error"):
-                raise StorageError(f"extent {eid} put to {d.target} failed: {reply['error']}")
+            steps: list[tuple[m.Message, Sequence[DownstairsClient]]] = [
+                (m.ExtentFlush(repair_id, eid, source.client_id, max_flush, max_gen), [source]),
+                (m.ExtentClose(repair_id + 1, eid), members),
+                (
+                    m.ExtentRepair(
+                        repair_id + 2, eid, source.client_id, addr, tuple(d.client_id for d in dests)
+                    ),
+                    dests,
+                ),
+                (m.ExtentReopen(repair_id + 3, eid), members),
+            ]
+            repair_id += 4
+            for msg, to in steps:
+                await asyncio.gather(*(c.reconcile(msg, _RECONCILE_TIMEOUT_S) for c in to))  # type: ignore[arg-type]
 
     async def _flush_when_idle(self) -> None:
         """Flush written data the guest has not flushed within the flush timeout."""
@@ -344,12 +442,20 @@ class Upstairs:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
+    # -- jobs ------------------------------------------------------------------------------
+    def _job_id(self) -> int:
+        job_id = self._next_job
+        self._next_job += 1
+        return job_id
+
+    def _extent_blocks(self, eid: int) -> tuple[int, int]:
+        per = self.region.blocks_per_extent
+        return eid * per, (eid + 1) * per - 1
+
     # -- live repair -----------------------------------------------------------------------
     def _start_repair(self, client: DownstairsClient) -> None:
         stale = self._repairs.pop(client.target, None)
         if stale is not None:
-            # the previous repair of this target is being abandoned (its downstairs faulted
-            # and came back before that task noticed): it must not hold up the new one
             stale.cancel()
         client.repair_upto = 0
         client.set_state(ClientState.REPAIRING)
@@ -379,30 +485,62 @@ class Upstairs:
             for eid in range(self.region.extent_count):
                 while True:
                     source = await self._repair_source(client)
-                    # writes to this extent wait for this copy; others carry on
-                    lock = self._locked[eid] = asyncio.Event()
                     try:
-                        await self._copy_extent(eid, source, [client], live=True)
+                        await self._repair_extent(eid, source, client)
                     except StorageError as exc:
                         if client.state is not ClientState.REPAIRING:
                             raise  # the repaired downstairs itself failed: it is faulted
                         self.log.warning("repair of extent %s from %s failed: %s", eid, source.target, exc)
                         continue  # the source failed: take another one
-                    finally:
-                        if self._locked.get(eid) is lock:
-                            del self._locked[eid]
-                        lock.set()
-                    client.repair_upto = eid + 1
-                    # let the writes and flushes that waited for this copy go first; a flush
-                    # waits for whichever extent is being copied and would otherwise starve
-                    await asyncio.sleep(0)
                     break
             client.repairs_done += 1
             client.set_state(ClientState.ACTIVE)
             self.log.info("live repair of %s complete", client.target)
         except StorageError as exc:
-            if client.state is ClientState.REPAIRING:  # else it faulted already, with its cause
+            if client.state is ClientState.REPAIRING:
                 client.fault(f"live repair failed: {exc}")
+
+    async def _repair_extent(self, eid: int, source: DownstairsClient, client: DownstairsClient) -> None:
+        """Submit the four jobs of one extent's repair and wait until the repaired copy did them."""
+        self._check_usable()
+        addr = source.repair_addr
+        assert addr is not None
+        close_id, repair_id, noop_id, reopen_id = (self._job_id() for _ in range(4))
+        first, last = self._extent_blocks(eid)
+        deps = self._deps.write(reopen_id, first, last)
+        # jobs of this extent from now on go to the repaired copy too, after the reopen
+        client.repair_upto = max(client.repair_upto, eid + 1)
+        self._flush_number += 1
+        others = [c for c in self.clients() if c is not client and c.state is ClientState.ACTIVE]
+        steps: list[tuple[int, tuple[int, ...], Op, Op]] = [
+            (close_id, deps, LiveCloseOp(eid), LiveCloseOp(eid, self._flush_number, self._gen)),
+            (repair_id, (close_id,), LiveRepairOp(eid, source.client_id, addr), LiveNoOp()),
+            (noop_id, (repair_id,), LiveNoOp(), LiveNoOp()),
+            (reopen_id, (noop_id,), LiveReopenOp(eid), LiveReopenOp(eid)),
+        ]
+        # The ids are reserved now, so guest I/O submitted meanwhile can wait for the reopen;
+        # the steps themselves go out one at a time: the copy may only be fetched once the
+        # source has closed its extent, which no dependency can express across downstairs.
+        for c in (client, *others):
+            c.reserve((close_id, repair_id, noop_id, reopen_id))
+        sent = 0
+        try:
+            for job_id, job_deps, mine, theirs in steps:
+                waits = [client.submit(job_id, job_deps, mine)]
+                for c in others:
+                    future = c.submit(job_id, job_deps, theirs)
+                    if c is source:
+                        waits.append(future)
+                sent += 1
+                await asyncio.gather(*waits)
+        finally:
+            # abandoned half way: the others still get the remaining steps (the reopen above
+            # all), or their closed extent and the I/O waiting for these ids would hang
+            for job_id, job_deps, _mine, theirs in steps[sent:]:
+                for c in others:
+                    c.submit(job_id, job_deps, theirs)
+        # let the I/O that queued behind this extent go first
+        await asyncio.sleep(0)
 
     # -- replacement -----------------------------------------------------------------------
     async def replace_downstairs(self, old: str, new: str, *, guard_in_flux: bool = True) -> str:
@@ -440,8 +578,7 @@ class Upstairs:
         if client is not None:
             await client.stop()
         if self.state in (Activation.ACTIVATING, Activation.ACTIVE):
-            # pending activation: the new member joins it; active: it is live-repaired
-            self._new_client(new)
+            self._new_client(new)  # pending activation: joins it; active: live-repaired
         self._changed.set()
         return "Started"
 
@@ -460,14 +597,12 @@ class Upstairs:
 
     async def read(self, block: int, count: int) -> tuple[bytes, str]:
         """Return data and a per-block written map ("0"/"1") from one downstairs."""
-        last: Exception | None = None
+        last_error: Exception | None = None
         for attempt in range(5):
             await self._gate()
             members = await self._readable()
-            # Small reads issued in the same loop iteration go to the same downstairs so that
-            # its connection sends them (and it answers them) in one batch; the next batch goes
-            # to the next downstairs. Large reads (and retries) rotate per request so several
-            # downstairs copy data in parallel. Any active downstairs has every acked write.
+            # Small reads issued in the same loop iteration go to the same downstairs (one
+            # batch on its connection); large reads and retries rotate per request.
             if count * self.region.block_size >= _LARGE_READ or attempt:
                 self._read_cursor += 1
             elif not self._read_batch_open:
@@ -475,14 +610,22 @@ class Upstairs:
                 self._read_cursor += 1
                 asyncio.get_running_loop().call_soon(self._end_read_batch)
             client = members[self._read_cursor % len(members)]
+            job_id = self._job_id()
+            first, last = block, block + max(count, 1) - 1
+            deps = self._deps.read(job_id, first, last)
             try:
-                reply = await client.call("Read", {"block": block, "count": count})
-                return reply.payload, str(reply["written"])
+                reply = await client.submit(job_id, deps, ReadOp(block, count))
             except StorageError as exc:
                 # a failed read does not make the copy differ: try another downstairs
-                last = exc
+                last_error = exc
                 self._check_usable()
-        raise StorageError(f"read of blocks {block}+{count} failed on every attempt: {last}")
+                continue
+            finally:
+                self._deps.done(job_id, first, last)
+            assert isinstance(reply, m.ReadResponse) and isinstance(reply.header.blocks, tuple)
+            written = "".join("0" if isinstance(b, ReadBlockEmpty) else "1" for b in reply.header.blocks)
+            return bytes(reply.data), written
+        raise StorageError(f"read of blocks {block}+{count} failed on every attempt: {last_error}")
 
     async def _readable(self) -> list[DownstairsClient]:
         while True:
@@ -496,13 +639,6 @@ class Upstairs:
     def _end_read_batch(self) -> None:
         self._read_batch_open = False
 
-    async def _wait_unlocked(self, first: int, last: int) -> None:
-        while self._locked:
-            event = next((self._locked[e] for e in range(first, last + 1) if e in self._locked), None)
-            if event is None:
-                return
-            await event.wait()
-
     def _members(self) -> list[DownstairsClient]:
         """Full members: active, or offline with a backlog that will be replayed."""
         return [
@@ -511,60 +647,86 @@ class Upstairs:
             if c.state is ClientState.ACTIVE or (c.state is ClientState.OFFLINE and c.replayable)
         ]
 
-    async def _to_all(self, kind: str, fields: dict[str, object], payload: bytes = b"",
-                      extents: tuple[int, int] | None = None) -> None:
-        await self._gate()
-        # a write waits for the copy of its extents; a flush for any copy in progress
-        await self._wait_unlocked(*(extents or (0, self.region.extent_count - 1)))
-        self._check_usable()
-        # from here to the submits: no await, so no repair step can slip in between
+    async def _to_all(
+        self,
+        job_id: int,
+        deps: tuple[int, ...],
+        op: Op,
+        extents: tuple[int, int] | None,
+        *,
+        every_active: bool = False,
+    ) -> None:
+        """Submit one job to every member (and to a repaired copy where it applies); wait for
+        the quorum. Called without an await between allocating ``job_id`` and here."""
         members = self._members()
         if not members:
-            raise StorageError(f"{kind}: no downstairs can take it")
-        futures = [c.submit(kind, dict(fields), payload) for c in members]
+            raise StorageError(f"{type(op).__name__}: no downstairs can take it")
+        futures = [c.submit(job_id, deps, op) for c in members]
         for c in self.clients():
-            # A downstairs under live repair gets writes to the extents it already has and
-            # flushes limited to those extents (it does not count towards the quorum).
-            if c.state is not ClientState.REPAIRING:
+            if c.state is not ClientState.REPAIRING or c.repair_upto == 0:
                 continue
-            if extents is None:
-                c.submit(kind, {**fields, "extent_limit": c.repair_upto})
-            elif extents[1] < c.repair_upto:
-                c.submit(kind, dict(fields), payload)
+            if extents is None:  # a flush or barrier: only the extents it has so far
+                c.submit(
+                    job_id,
+                    deps,
+                    FlushOp(op.flush_number, op.gen, c.repair_upto - 1) if isinstance(op, FlushOp) else op,
+                )
             elif extents[0] < c.repair_upto:
-                # the write straddles the repair point: the repaired part must reach this
-                # copy now (no later copy brings it); the rest comes with its extent's copy
-                first_block = int(fields["block"])  # type: ignore[call-overload]
-                cut = (c.repair_upto * self.region.blocks_per_extent - first_block) * self.region.block_size
-                c.submit(kind, dict(fields), payload[:cut])
-        quorum = _Quorum(kind, members, futures, min(_WRITE_QUORUM, len(members)))
+                c.submit(job_id, deps, op)
+        needed = min(_WRITE_QUORUM, len(members))
+        if every_active:
+            needed = max(needed, sum(c.state is ClientState.ACTIVE for c in members))
+        quorum = _Quorum(members, futures, needed)
         await quorum.done
         self._check_usable()
         if quorum.ok == 0:
-            raise StorageError(f"{kind} failed on every downstairs: {'; '.join(quorum.errors)}")
+            raise StorageError(f"{type(op).__name__} failed on every downstairs: {'; '.join(quorum.errors)}")
 
     async def write(self, block: int, data: bytes, *, only_unwritten: bool = False) -> None:
         if self.read_only:
             raise StorageError("region is read-only")
-        count = len(data) // self.region.block_size
+        await self._gate()
+        bs = self.region.block_size
+        count = len(data) // bs
         per = self.region.blocks_per_extent
-        extents = (block // per, (block + max(count, 1) - 1) // per)
+        last_block = block + max(count, 1) - 1
+        op = WriteOp(block, data, unencrypted_contexts(data, bs), only_unwritten)
         self._writes_since_flush = True
-        await self._to_all(
-            "WriteUnwritten" if only_unwritten else "Write", {"block": block}, data, extents=extents
-        )
+        job_id = self._job_id()
+        deps = self._deps.write(job_id, block, last_block)
+        await self._to_all(job_id, deps, op, (block // per, last_block // per))
+        if len(self._deps) > _MAX_JOBS_SINCE_FLUSH:
+            await self.flush()
 
-    async def flush(self) -> None:
+    async def flush(self, *, every_active: bool = False) -> None:
+        """Flush; with ``every_active``, wait for every active downstairs, not just two
+        (before closing: the slowest copy must not be cut off with work queued)."""
         if self.read_only:
             return
+        await self._gate()
         self._flush_number += 1
         self._writes_since_flush = False
-        await self._to_all("Flush", {"flush_number": self._flush_number, "gen": self._gen})
+        job_id = self._job_id()
+        await self._to_all(
+            job_id,
+            self._deps.flush(job_id),
+            FlushOp(self._flush_number, self._gen),
+            None,
+            every_active=every_active,
+        )
+
+    async def barrier(self) -> None:
+        """Order everything before against everything after, without making it durable."""
+        if self.read_only:
+            return
+        await self._gate()
+        job_id = self._job_id()
+        await self._to_all(job_id, self._deps.flush(job_id), BarrierOp(), None)
 
     async def close(self) -> None:
         if self.state is Activation.ACTIVE:
             with contextlib.suppress(StorageError, TimeoutError):
-                await asyncio.wait_for(self.flush(), 10)
+                await asyncio.wait_for(self.flush(every_active=True), 10)
         await self._stop_clients()
         self.state = Activation.CLOSED
         self._io_open.set()  # held I/O fails instead of waiting forever

@@ -2,7 +2,7 @@
 
 Three images, one per downstairs *program* (see ``phd.downstairs``):
 - ``legacy``: ``phd-downstairs:<hash>``, ``python -m sut.storage.downstairs`` (our own protocol);
-- ``ours13``: ``phd-downstairs13:<hash>``, ``python -m sut.storage.downstairs13`` (Crucible's
+- ``ours13``: ``phd-downstairs13:<hash>``, ``python -m sut.storage.downstairs`` (Crucible's
   protocol v13; Debian's python3-xxhash for the block hash);
 - ``binary``: ``phd-downstairs-bin:<binary sha256>-<recipe>``, a given ``crucible-downstairs``
   executable plus what its ``ldd`` needs: the Debian package of each library where ``dpkg -S``
@@ -77,7 +77,7 @@ class _Recipe:
 _RECIPES = {
     "legacy": _Recipe("phd-downstairs", "Dockerfile", ("python3",), "sut.storage.downstairs"),
     "ours13": _Recipe("phd-downstairs13", "Dockerfile.ours13", ("python3", "python3-xxhash"),
-                      "sut.storage.downstairs13"),
+                      "sut.storage.downstairs"),
 }
 PROGRAMS = tuple(_RECIPES)
 

@@ -1,5 +1,5 @@
 """Crucible-protocol downstairs under the framework's handles: ours (`ours13`, python -m
-sut.storage.downstairs13) and the real `crucible-downstairs` (`binary`), each in a container
+sut.storage.downstairs) and the real `crucible-downstairs` (`binary`), each in a container
 of its image and as a local process. They answer a v13 HereIAm with YesItsMe naming their
 repair port (port + 4000) on 127.0.0.1, keep their region across stop/start and kill/start,
 go silent when paused, run non-root on a read-only root with the phd labels, and the

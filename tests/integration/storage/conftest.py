@@ -1,4 +1,5 @@
-"""Fixtures for storage integration tests: real downstairs processes on loopback port 0."""
+"""Fixtures for storage integration tests: real downstairs processes (ours, speaking Crucible's
+protocol) on loopback port pairs (the repair server listens on port + 4000)."""
 
 from __future__ import annotations
 
@@ -18,11 +19,34 @@ from typing import Any
 
 import pytest
 
+from sut.storage.extent_raw import RawRegion
 from sut.storage.vcr import FileVcr, dump_vcr, region_volume
+from sut.storage.wire.negotiation import REPAIR_PORT_OFFSET
 
 BLOCK_SIZE = 512
 EXTENT_SIZE = 1024  # blocks: 512 KiB extents
 EXTENT_COUNT = 8  # 4 MiB region: small, so reconciliation copies stay fast
+
+
+class _Exited(AssertionError):
+    pass
+
+
+def port_pair() -> int:
+    """A free loopback port p with p + 4000 free as well (the repair server's port)."""
+    for _ in range(100):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = int(a.getsockname()[1])
+            if port + REPAIR_PORT_OFFSET > 0xFFFF:
+                continue
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + REPAIR_PORT_OFFSET))
+                except OSError:
+                    continue
+                return port
+    raise AssertionError("no free loopback port pair")
 
 
 @dataclass
@@ -40,6 +64,16 @@ class DownstairsProc:
         return f"127.0.0.1:{self.port}"
 
     def start(self, port: int = 0, timeout_s: float = 15.0) -> None:
+        """Start on ``port``, or on a free port pair; a lost race for a free pair is retried."""
+        for attempt in range(5):
+            try:
+                self._start(port or port_pair(), timeout_s)
+                return
+            except _Exited:
+                if port or attempt == 4:
+                    raise
+
+    def _start(self, port: int, timeout_s: float) -> None:
         skip = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed right after Popen dups it
         try:
@@ -72,10 +106,11 @@ class DownstairsProc:
                 last = line
                 if '"event": "listening"' in line:
                     self.port = int(json.loads(line)["port"])
-            if self.port and (port == 0 or self.port == port):
+            if self.port == port:
                 return
             if self.proc.poll() is not None:
-                break
+                self.proc = None
+                raise _Exited(f"downstairs exited before listening on {port}; last log line: {last}")
             time.sleep(0.05)  # polling interval of a deadline-bounded wait
         self.stop()
         raise AssertionError(f"downstairs did not report listening; last log line: {last}")
@@ -249,9 +284,8 @@ def open_fds() -> set[str]:
 
 
 def extent_bytes(ds: DownstairsProc) -> bytes:
-    """All extent data of a region, read straight from its files."""
-    files = sorted((ds.data_dir / "extents").glob("*.dat"))
-    return b"".join(f.read_bytes() for f in files)
+    """All block data of a region, read straight from its extent files."""
+    return region_on_disk(ds.data_dir).data
 
 
 # -- helpers for tests that drive a backend on an asyncio loop ---------------------------------
@@ -306,24 +340,19 @@ class RegionOnDisk:
 
     stamps: tuple[tuple[int, int, bool], ...]
     data: bytes
-    tmp_files: tuple[str, ...]  # leftovers of an interrupted atomic metadata write
+    tmp_files: tuple[str, ...]  # leftovers of an interrupted repair (scratch directories)
 
 
 def region_on_disk(data_dir: Path) -> RegionOnDisk:
-    """Parse every extent's ``.meta`` strictly (a torn or half-written file fails here)."""
-    extents = data_dir / "extents"
-    stamps = []
-    for meta_path in sorted(extents.glob("*.meta")):
-        raw = json.loads(meta_path.read_text())
-        assert set(raw) == {"gen", "flush", "dirty", "written"}, f"{meta_path}: unexpected keys {raw}"
-        assert isinstance(raw["gen"], int) and isinstance(raw["flush"], int), f"{meta_path}: {raw}"
-        assert isinstance(raw["dirty"], bool), f"{meta_path}: {raw}"
-        assert len(bytes.fromhex(raw["written"])) == (EXTENT_SIZE + 7) // 8, f"{meta_path}: bitmap length"
-        stamps.append((raw["gen"], raw["flush"], raw["dirty"]))
-    assert len(stamps) == EXTENT_COUNT, f"{extents}: {len(stamps)} .meta files, expected {EXTENT_COUNT}"
-    data = b"".join(f.read_bytes() for f in sorted(extents.glob("*.dat")))
-    tmp = tuple(sorted(p.name for p in extents.glob("*.tmp")))
-    return RegionOnDisk(tuple(stamps), data, tmp)
+    """Read a region as its files say, with our reader of Crucible's raw extents (which refuses
+    a torn extent: a dirty one whose context slots match none of its data)."""
+    with RawRegion.open(data_dir, read_only=True) as region:
+        gens, flushes, dirty = region.versions()
+        data, _contexts = region.read(0, region.total_blocks)
+    stamps = tuple(zip(gens, flushes, dirty, strict=True))
+    stages = (".copy", ".replace", ".completed")
+    scratch = tuple(sorted(p.name for p in data_dir.rglob("*") if p.suffix in stages))
+    return RegionOnDisk(stamps, data, scratch)
 
 
 def assert_regions_identical(dss: list[DownstairsProc]) -> RegionOnDisk:
@@ -342,5 +371,5 @@ def assert_regions_identical(dss: list[DownstairsProc]) -> RegionOnDisk:
             )
     assert not any(dirty for _g, _f, dirty in first.stamps), f"dirty extents left: {first.stamps}"
     leftovers = {str(d.data_dir): r.tmp_files for d, r in zip(dss, regions, strict=True) if r.tmp_files}
-    assert not leftovers, f"interrupted metadata writes never cleaned up: {leftovers}"
+    assert not leftovers, f"interrupted repairs never cleaned up: {leftovers}"
     return first

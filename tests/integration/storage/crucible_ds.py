@@ -1,5 +1,5 @@
 """Crucible-protocol downstairs processes for tests: the REAL ``crucible-downstairs`` and ours
-(``python -m sut.storage.downstairs13``), behind one interface, plus a raw upstairs-side
+(``python -m sut.storage.downstairs``), behind one interface, plus a raw upstairs-side
 ``Peer`` that speaks only through our codec (sut.storage.wire).
 
 The real binary is looked up at ``$PHD_DOWNSTAIRS_BINARY``, else ``<repo>/../shared/crucible/
@@ -211,12 +211,12 @@ class RealDownstairs(CrucibleDownstairs):
 
 @dataclass
 class OurDownstairs(CrucibleDownstairs):
-    """``python -m sut.storage.downstairs13``: ours, speaking Crucible's protocol."""
+    """``python -m sut.storage.downstairs``: ours, speaking Crucible's protocol."""
 
     kind: str = "ours"
 
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", "sut.storage.downstairs13"]
+        return [sys.executable, "-m", "sut.storage.downstairs"]
 
 
 def port_pair() -> int:

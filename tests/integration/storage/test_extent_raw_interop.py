@@ -133,7 +133,7 @@ def test_real_downstairs_interop_serves_a_region_ours_wrote(real: RealDownstairs
 @pytest.mark.parametrize("encrypted", [False, True])
 @needs_binary
 def test_real_downstairs_interop_create_is_byte_identical(tmp_path: Path, encrypted: bool) -> None:
-    """``crucible-downstairs create`` and ``python -m sut.storage.downstairs13 create`` write
+    """``crucible-downstairs create`` and ``python -m sut.storage.downstairs create`` write
     the same files, byte for byte (region.json included, and its mode)."""
     trees = []
     for cls in (RealDownstairs, OurDownstairs):

@@ -8,7 +8,7 @@ check them without the binary and these tests notice if the binary ever disagree
 
 The binary is looked up at ``$PHD_DOWNSTAIRS_BINARY``, else ``<repo>/../shared/crucible/
 crucible-downstairs`` (``crucible_ds.py``, shared with the conformance tests of our own
-downstairs, test_downstairs13_conformance.py); without it the tests skip. Never send it a
+downstairs, test_downstairs_conformance.py); without it the tests skip. Never send it a
 Write with a wrong block hash: it never answers and logs in a tight loop (crucible-wire.md).
 """
 

@@ -61,7 +61,7 @@ def test_programs_know_their_protocol_network_and_readiness() -> None:
         "legacy", "published", "log", False)
     assert (OURS13.protocol, OURS13.network, OURS13.ready, OURS13.crucible) == (
         "v13", "host", "log", True)
-    assert OURS13.cmd == (sys.executable, "-m", "sut.storage.downstairs13")
+    assert OURS13.cmd == (sys.executable, "-m", "sut.storage.downstairs")
     real = binary_program(TRUE)
     assert (real.protocol, real.network, real.ready, real.init) == ("v13", "host", "connect", True)
 
@@ -187,4 +187,4 @@ def test_plugin_after_the_switch_takes_the_binary(pytester: pytest.Pytester,
     result.stdout.fnmatch_lines([f"*PROGRAM=binary CMD={BINARY.resolve()}"])
     result = pytester.runpytest("-s")
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["*PROGRAM=ours13*sut.storage.downstairs13"])
+    result.stdout.fnmatch_lines(["*PROGRAM=ours13*sut.storage.downstairs"])

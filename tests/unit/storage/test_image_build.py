@@ -70,6 +70,6 @@ def test_each_program_has_its_own_repo_and_sources() -> None:
     assert build.image_tag("legacy").startswith("phd-downstairs:")
     assert build.image_tag("ours13").startswith("phd-downstairs13:")
     ours = {p.name for p in build.downstairs_sources("ours13")}
-    assert "downstairs13.py" in ours and "downstairs.py" not in ours
+    assert "downstairs.py" in ours and "downstairs.py" not in ours
     with pytest.raises(ImageBuildError, match="unknown downstairs program 'cobol'"):
         build.image_tag("cobol")

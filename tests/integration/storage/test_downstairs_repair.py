@@ -1,4 +1,4 @@
-"""Repair on our Crucible-protocol downstairs (sut.storage.downstairs13) against the REAL one.
+"""Repair on our Crucible-protocol downstairs (sut.storage.downstairs) against the REAL one.
 
 The repair HTTP server on port + 4000 (the same answers as the real binary's), reconciliation
 (ExtentFlush / ExtentClose / ExtentRepair / ExtentReopen) and live repair (ExtentLiveClose /

@@ -1,7 +1,7 @@
-"""Our Crucible-protocol downstairs (sut.storage.downstairs13) against the REAL one: same replies.
+"""Our Crucible-protocol downstairs (sut.storage.downstairs) against the REAL one: same replies.
 
 Every ``test_interop_*`` runs twice, once against the real ``crucible-downstairs`` (skipped
-without the binary) and once against ``python -m sut.storage.downstairs13``, both created by
+without the binary) and once against ``python -m sut.storage.downstairs``, both created by
 their own ``create`` command, and asserts the same answers - byte for byte where the oracle
 captured golden frames (tests/unit/storage/test_wire.py ``ORACLE_FRAMES``). The ``test_ours_*``
 tests pin where ours deliberately differs: where the real one aborts or spins, ours answers

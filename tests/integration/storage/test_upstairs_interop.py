@@ -1,5 +1,5 @@
-"""Our v13 upstairs (sut.storage.upstairs13) against three downstairs speaking Crucible's
-protocol: the REAL crucible-downstairs, ours (sut.storage.downstairs13), and mixed sets.
+"""Our v13 upstairs (sut.storage.upstairs) against three downstairs speaking Crucible's
+protocol: the REAL crucible-downstairs, ours (sut.storage.downstairs), and mixed sets.
 
 Each scenario drives the upstairs directly on an asyncio loop and then checks the regions on
 disk with our reader of Crucible's raw extents (the real binary's files and ours are the same
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from sut.storage.client13 import ClientState, RetryPolicy
+from sut.storage.client import ClientState, RetryPolicy
 from sut.storage.errors import StorageError
 from sut.storage.extent_raw import RawRegion, extent_path
-from sut.storage.upstairs13 import Activation, DependencyTracker, Upstairs
+from sut.storage.upstairs import Activation, DependencyTracker, Upstairs
 from sut.storage.vcr import region_volume
 from tests.integration.storage.conftest import poll_until, run_bounded
 from tests.integration.storage.crucible_ds import (
@@ -40,7 +40,7 @@ pytestmark = [pytest.mark.timeout(240)]
 
 RETRY = RetryPolicy(connect_timeout_s=2.0, reconnect_delay_s=0.2, io_timeout_s=5.0, keepalive_s=0.5)
 REGION_BLOCKS = EXTENT_SIZE * EXTENT_COUNT
-LOG = logging.getLogger("test.upstairs13")
+LOG = logging.getLogger("test.upstairs")
 
 # sets of downstairs implementations: all real, all ours, and both mixes
 SETS = {

@@ -1,5 +1,5 @@
-"""sut.storage.downstairs13 in-process: the per-connection job bounds (the protocol itself is
-tested against the real binary in tests/integration/storage/test_downstairs13_conformance.py)."""
+"""sut.storage.downstairs in-process: the per-connection job bounds (the protocol itself is
+tested against the real binary in tests/integration/storage/test_downstairs_conformance.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sut.storage import downstairs13, wire
+from sut.storage import downstairs, wire
 from sut.storage.extent_raw import RawRegion
 from sut.storage.wire import messages as m
 
@@ -20,7 +20,7 @@ TIMEOUT_S = 10.0
 async def _session(tmp_path: Path, jobs: list[wire.Message]) -> tuple[list[wire.Message], bool]:
     """Negotiate, send ``jobs``; return the replies to them and whether the connection closed."""
     region = RawRegion.create(tmp_path / "r", uuid.UUID(int=3), block_size=512, extent_size=8, extent_count=2)
-    ds = downstairs13.Downstairs13(region, read_only=False)
+    ds = downstairs.Downstairs(region, read_only=False)
     port = await ds.start("127.0.0.1", 0)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     assembler = wire.FrameAssembler(wire.MAX_FRAME)
@@ -56,14 +56,14 @@ async def _session(tmp_path: Path, jobs: list[wire.Message]) -> tuple[list[wire.
 
 
 def test_jobs_waiting_for_dependencies_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(downstairs13, "MAX_PENDING_JOBS", 3)
+    monkeypatch.setattr(downstairs, "MAX_PENDING_JOBS", 3)
     jobs: list[wire.Message] = [m.Barrier(U, S, 1000 + i, (999,)) for i in range(4)]  # 999 never comes
     replies, closed = asyncio.run(_session(tmp_path, jobs))
     assert replies == [] and closed
 
 
 def test_jobs_done_between_flushes_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(downstairs13, "MAX_DONE_SINCE_FLUSH", 3)
+    monkeypatch.setattr(downstairs, "MAX_DONE_SINCE_FLUSH", 3)
     reads: list[wire.Message] = [m.ReadRequest(U, S, 1000 + i, (), 0, 0) for i in range(3)]
     flush: list[wire.Message] = [m.Flush(U, S, 1003, (), 1, 1)]
     more: list[wire.Message] = [m.ReadRequest(U, S, 1004 + i, (), 0, 0) for i in range(4)]
