@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import logging
 import time
@@ -43,6 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sut.storage.bincode import SocketAddr
+from sut.storage.crypt import BlockCipher
 from sut.storage.errors import ProtocolError, StorageError, StorageFatalError
 from sut.storage.stream import BatchedWriter, RecordStream, open_stream
 from sut.storage.vcr import parse_target
@@ -52,7 +54,6 @@ from sut.storage.wire.crucible_error import CrucibleError
 from sut.storage.wire.fields import (
     BlockContext,
     ReadBlockEmpty,
-    ReadBlockEncrypted,
     ReadBlockUnencrypted,
     WriteHeader,
 )
@@ -229,8 +230,10 @@ class DownstairsClient:
         retry: RetryPolicy,
         on_change: Callable[[DownstairsClient], None],
         logger: logging.Logger,
+        cipher: BlockCipher | None = None,
     ) -> None:
         self.target = target
+        self.cipher = cipher  # the region's key: reads are opened (and so checked) with it
         self.client_id = client_id
         self.host, self.port = parse_target(target)
         self.session = session
@@ -606,7 +609,7 @@ class DownstairsClient:
                 if not job.future.done():
                     job.future.set_exception(StorageError(f"downstairs {self.target}: {wrong}"))
                 raise ProtocolError(wrong)
-            bad = self._bad_hashes(job, msg)
+            msg, bad = self._verify_read(msg)
             if bad:
                 self.hash_mismatches += 1
                 text = (
@@ -652,13 +655,17 @@ class DownstairsClient:
                 )
         return None
 
-    def _bad_hashes(self, job: _Job, msg: Message) -> list[int]:
-        """Blocks of a read whose data does not match their context."""
+    def _verify_read(self, msg: Message) -> tuple[Message, list[int]]:
+        """A read's blocks checked against their contexts: (the reply, with plaintext if the
+        region is encrypted; indices of the blocks that do not match)."""
         if not isinstance(msg, m.ReadResponse):
-            return []
+            return msg, []
         blocks = msg.header.blocks
         assert not isinstance(blocks, CrucibleError)
         bs = self.session.block_size
+        if self.cipher is not None:
+            plain, bad = self.cipher.open(blocks, msg.data, bs)
+            return dataclasses.replace(msg, data=plain), bad
         view = memoryview(msg.data)
         zero = bytes(bs)
         bad = []
@@ -666,13 +673,12 @@ class DownstairsClient:
             block = view[i * bs : (i + 1) * bs]
             if isinstance(ctx, ReadBlockUnencrypted):
                 ok = block_hash(block) == ctx.hash
-            elif isinstance(ctx, ReadBlockEmpty):
-                ok = block == zero
             else:
-                ok = isinstance(ctx, ReadBlockEncrypted) and self.session.encrypted
+                # an Encrypted context from an unencrypted region is as wrong as a bad hash
+                ok = isinstance(ctx, ReadBlockEmpty) and block == zero
             if not ok:
                 bad.append(i)
-        return bad
+        return msg, bad
 
     def _retire(self, job: _Job) -> None:
         """Bookkeeping of a success: keep writes until a flush covers them."""

@@ -54,6 +54,7 @@ from sut.storage.client import (
     SessionInfo,
     WriteOp,
 )
+from sut.storage.crypt import BlockCipher
 from sut.storage.errors import ReplaceRuleError, StorageError, StorageFatalError
 from sut.storage.vcr import RegionVcr
 from sut.storage.wire import messages as m
@@ -201,6 +202,8 @@ class Upstairs:
         self.targets: list[str] = list(region.opts.target)
         self._gen = region.gen
         self._upstairs_id = uuid.UUID(str(region.opts.id))
+        key = region.opts.key
+        self._cipher = BlockCipher(key) if key is not None else None
         self._session_id = uuid.uuid4()
         self._clients: dict[str, DownstairsClient] = {}
         self._changed = asyncio.Event()
@@ -234,7 +237,13 @@ class Upstairs:
 
     def _new_client(self, target: str) -> DownstairsClient:
         client = DownstairsClient(
-            target, self.targets.index(target), self._session(), self.retry, self._client_changed, self.log
+            target,
+            self.targets.index(target),
+            self._session(),
+            self.retry,
+            self._client_changed,
+            self.log,
+            self._cipher,
         )
         self._clients[target] = client
         client.start()
@@ -690,7 +699,11 @@ class Upstairs:
         count = len(data) // bs
         per = self.region.blocks_per_extent
         last_block = block + max(count, 1) - 1
-        op = WriteOp(block, data, unencrypted_contexts(data, bs), only_unwritten)
+        if self._cipher is not None:  # sealed once: every copy stores the same ciphertext
+            sealed, contexts = self._cipher.seal(data, bs)
+            op = WriteOp(block, sealed, contexts, only_unwritten)
+        else:
+            op = WriteOp(block, data, unencrypted_contexts(data, bs), only_unwritten)
         self._writes_since_flush = True
         job_id = self._job_id()
         deps = self._deps.write(job_id, block, last_block)

@@ -9,6 +9,7 @@ format): after every scenario the three copies hold the same data and the same v
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import os
@@ -21,10 +22,10 @@ from pathlib import Path
 import pytest
 
 from sut.storage.client import ClientState, RetryPolicy
-from sut.storage.errors import StorageError
+from sut.storage.errors import StorageError, StorageFatalError
 from sut.storage.extent_raw import RawRegion, extent_path
 from sut.storage.upstairs import Activation, DependencyTracker, Upstairs
-from sut.storage.vcr import region_volume
+from sut.storage.vcr import RegionVcr, region_volume
 from tests.integration.storage.conftest import poll_until, run_bounded
 from tests.integration.storage.crucible_ds import (
     BLOCK_SIZE,
@@ -63,20 +64,31 @@ def _param(name: str) -> object:
 ALL_SETS = [_param(n) for n in SETS]
 
 
-@pytest.fixture
-def trio(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[list[CrucibleDownstairs]]:
-    kinds = SETS[request.param]
+def _trio(root: Path, name: str, *, encrypted: bool = False) -> Iterator[list[CrucibleDownstairs]]:
     region_id = uuid.uuid4()
-    dss = [_make(k, tmp_path / f"ds{i}") for i, k in enumerate(kinds)]
+    dss = [_make(k, root / f"ds{i}") for i, k in enumerate(SETS[name])]
     try:
         for ds in dss:
             ds.root.mkdir(parents=True)
-            ds.create(region_id)
+            ds.create(region_id, encrypted=encrypted)
             ds.start()
         yield dss
     finally:
         for ds in dss:
             ds.__exit__(None)
+
+
+@pytest.fixture
+def trio(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[list[CrucibleDownstairs]]:
+    yield from _trio(tmp_path, request.param)
+
+
+@pytest.fixture
+def encrypted_trio(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[list[CrucibleDownstairs]]:
+    yield from _trio(tmp_path, request.param, encrypted=True)
+
+
+KEY = base64.b64encode(bytes(range(32))).decode()
 
 
 def restart(ds: CrucibleDownstairs) -> None:
@@ -98,6 +110,7 @@ def make_upstairs(
     gen: int = 1,
     region_id: str | None = None,
     targets: list[str] | None = None,
+    key: str | None = None,
 ) -> Upstairs:
     rid = region_id or _region_uuid(dss[0])
     vcr = region_volume(
@@ -109,7 +122,10 @@ def make_upstairs(
         extent_count=EXTENT_COUNT,
     )
     region = vcr.sub_volumes[0]
-    return Upstairs(region, read_only=False, retry=RETRY, logger=LOG)  # type: ignore[arg-type]
+    assert isinstance(region, RegionVcr)
+    if key is not None:
+        region = region.model_copy(update={"opts": region.opts.model_copy(update={"key": key})})
+    return Upstairs(region, read_only=False, retry=RETRY, logger=LOG)
 
 
 def _region_uuid(ds: CrucibleDownstairs) -> str:
@@ -324,3 +340,86 @@ def test_a_higher_generation_takes_over_and_the_old_upstairs_stops(trio: list[Cr
             assert "taken over" in str(old.failure) or "deactivated" in str(old.failure)
 
     run_bounded(go(), 120)
+
+
+# -- encrypted regions (the key stays in the upstairs; the downstairs checks hashes only) ----
+@pytest.mark.parametrize("encrypted_trio", ALL_SETS, indirect=True)
+def test_encrypted_region_round_trip_replay_and_repair(
+    encrypted_trio: list[CrucibleDownstairs], tmp_path: Path
+) -> None:
+    dss = encrypted_trio
+    data = pattern(11, REGION_BLOCKS)
+    later = pattern(12, 8)
+    fresh = _make(dss[2].kind, tmp_path / "fresh")
+    fresh.root.mkdir()
+    fresh.create(uuid.UUID(_region_uuid(dss[0])), encrypted=True)
+    fresh.start()
+
+    async def go() -> None:
+        async with active(dss, key=KEY) as up:
+            assert (await up.read(0, 4))[0] == bytes(4 * BLOCK_SIZE)  # never written: zeros
+            await up.write(0, data)
+            await up.flush()
+            got, written = await up.read(0, REGION_BLOCKS)
+            assert got == data and written == "1" * REGION_BLOCKS
+            # offline and back: LastFlush replay of sealed blocks
+            victim = up.clients()[1]
+            dss[1].stop()
+            await poll_until(lambda: victim.state is ClientState.OFFLINE, "offline", last=victim.status)
+            await up.write(40, later)
+            restart(dss[1])
+            await poll_until(lambda: victim.state is ClientState.ACTIVE, "the replay", last=victim.status)
+            # a replacement is live-repaired from the sealed extents
+            old, new_target = f"127.0.0.1:{dss[2].port}", f"127.0.0.1:{fresh.port}"
+            assert await up.replace_downstairs(old, new_target) == "Started"
+            new = up.clients()[2]
+            await poll_until(lambda: new.state is ClientState.ACTIVE, "the live repair", last=new.status)
+            for _ in range(6):
+                got, _ = await up.read(0, REGION_BLOCKS)
+                assert got[40 * BLOCK_SIZE : 48 * BLOCK_SIZE] == later
+            assert all(c.hash_mismatches == 0 for c in up.clients())
+
+    try:
+        run_bounded(go(), 180)
+        assert_copies_equal([dss[0], dss[1], fresh])
+        stored, _ = region_image(dss[0])
+        assert stored[: len(data)] != data and later not in stored  # ciphertext at rest
+    finally:
+        fresh.__exit__(None)
+
+
+@pytest.mark.parametrize("encrypted_trio", ALL_SETS, indirect=True)
+def test_tampered_ciphertext_faults_that_copy(encrypted_trio: list[CrucibleDownstairs]) -> None:
+    dss = encrypted_trio
+    data = pattern(13, 16)
+
+    async def go() -> None:
+        async with active(dss, key=KEY) as up:
+            await up.write(0, data)
+            await up.flush()
+            path = extent_path(dss[0].region_dir, 0)
+            fd = os.open(path, os.O_RDWR)
+            try:
+                byte = os.pread(fd, 1, 5 * BLOCK_SIZE + 7)
+                os.pwrite(fd, bytes([byte[0] ^ 0x01]), 5 * BLOCK_SIZE + 7)
+            finally:
+                os.close(fd)
+            for _ in range(12):
+                assert (await up.read(0, 16))[0] == data
+            victim = up.clients()[0]
+            assert victim.hash_mismatches == 1 and victim.fault_count >= 1, victim.status()
+
+    run_bounded(go(), 120)
+
+
+@pytest.mark.parametrize("trio", [_param("real"), _param("ours")], indirect=True)
+def test_a_key_for_an_unencrypted_region_is_refused_by_name(trio: list[CrucibleDownstairs]) -> None:
+    async def go() -> None:
+        up = make_upstairs(trio, key=KEY)
+        try:
+            with pytest.raises(StorageFatalError, match="encrypted"):
+                await up.activate()
+        finally:
+            await up.close()
+
+    run_bounded(go(), 60)
