@@ -23,6 +23,7 @@ import struct
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,9 +32,11 @@ from typing import Any, cast
 
 import pytest
 
+from sut.storage import wire
 from sut.storage.backend import CrucibleBackend, RetryPolicy
-from sut.storage.protocol import PROTOCOL_VERSION, Message, encode, read_message
-from sut.storage.region import Region
+from sut.storage.extent_raw import CONTEXT_SLOT_BYTES, META_BYTES, RawRegion, extent_path
+from sut.storage.wire import messages as m
+from sut.storage.wire.blockhash import unencrypted_contexts
 
 from .conftest import (
     BLOCK_SIZE,
@@ -355,10 +358,13 @@ def test_upstairs_sigkill_at_random_points_loses_no_flushed_write(
                 await kill_task
             tally.kills += 1
             # A downstairs still runs the jobs it received before the upstairs died; once it
-            # ended that session its files are at rest and every .meta must parse.
+            # ended that session its files are at rest: every extent must open (region_on_disk
+            # refuses a torn one) and no repair scratch directory is left.
             for d, since in zip(dss, offsets, strict=True):
                 await wait_session_over(d, since)
-                assert not region_on_disk(d.data_dir).tmp_files, f"{d.data_dir}: leftover .tmp files"
+                assert not region_on_disk(d.data_dir).tmp_files, (
+                    f"{d.data_dir}: leftover repair scratch directories"
+                )
         finally:
             await child.kill()
         tally.rounds += 1
@@ -454,14 +460,15 @@ def test_downstairs_sigkill_mid_write_io_continues_and_copies_converge(
                 await asyncio.sleep(rng.uniform(0.0, 0.05))  # the random kill point inside a batch
                 port = victim.port
                 await asyncio.to_thread(victim.kill)
-                # its own metadata survived the kill: the region opens and every .meta parses
+                # its own metadata survived the kill: the region opens (a dirty extent's
+                # active slots are recomputed from its data; a torn one would be refused)
                 on_disk = region_on_disk(victim.data_dir)
-                Region.open(victim.data_dir).close()
+                RawRegion.open(victim.data_dir).close()
                 events.append(
                     {
                         "round": rnd,
                         "victim": victim_index,
-                        "tmp_files": on_disk.tmp_files,
+                        "scratch_dirs": on_disk.tmp_files,
                         "dirty_extents": sum(s[2] for s in on_disk.stamps),
                     }
                 )
@@ -499,59 +506,116 @@ def test_downstairs_sigkill_mid_write_io_continues_and_copies_converge(
 
 
 # -- fsync before the acknowledgement, seen from outside with strace ---------------------------
+# The raw extent rules (sut/storage/extent_raw.py, as Crucible's extent_inner_raw.rs): before
+# the first write since a flush lands, the extent's dirty byte is written and fsynced; a block
+# written twice since the last fsync is fsynced first; the new contexts go to the block's
+# INACTIVE slot, then the data. At a flush, each dirty extent gets its bitmap + metadata
+# written and then an fsync - all before FlushAck; clean extents are not touched.
+U_STRACE = uuid.UUID("0f0e0d0c-0b0a-4908-8706-050403020100")
+S_STRACE = uuid.UUID("1f1e1d1c-1b1a-4918-9716-151413121110")
+_VARIANT = {cls.__name__: i for i, cls in enumerate(m.VARIANTS)}
+# offsets inside one extent file (the layout table of extent_raw's docstring)
+_DATA_END = EXTENT_SIZE * BLOCK_SIZE
+_SLOT_A = _DATA_END
+_SLOT_B = _DATA_END + EXTENT_SIZE * CONTEXT_SLOT_BYTES
+_BITMAP = _DATA_END + 2 * EXTENT_SIZE * CONTEXT_SLOT_BYTES
+_META = _BITMAP + (EXTENT_SIZE + 7) // 8
+
+
 @dataclass
 class Syscall:
     name: str
     line: str
+    fd_path: str = ""  # what strace -y names the first argument (a path, or socket:[inode])
+    data: bytes = b""  # the buffer (-xx: every byte as \xNN; -s 120 keeps its head)
+    count: int = -1  # pwrite64's count
+    offset: int = -1  # pwrite64's offset
+
+    @property
+    def variant(self) -> int | None:
+        """The Message variant index of a frame that starts this socket buffer."""
+        return struct.unpack_from("<I", self.data, 4)[0] if len(self.data) >= 8 else None
+
+
+_CALL = re.compile(r'^\d+\s+(\w+)\((\d+)<([^>]*)>(?:, "((?:\\x[0-9a-f]{2})*)"(?:\.\.\.)?)?(.*)\) = (-?\d+)')
 
 
 def parse_strace(text: str) -> list[Syscall]:
+    """Completed calls that succeeded (unfinished / resumed halves and failures are skipped)."""
     calls = []
     for line in text.splitlines():
-        m = re.match(r"^\d+\s+(\w+)\(", line)
-        if m:
-            calls.append(Syscall(m.group(1), line))
+        got = _CALL.match(line)
+        if got is None or int(got.group(6)) < 0:
+            continue
+        name, _fd, path, hexdata, rest = got.group(1, 2, 3, 4, 5)
+        if "\\x" in path:  # -xx escapes the -y names too
+            path = bytes.fromhex(path.replace("\\x", "")).decode(errors="replace")
+        call = Syscall(name, line, path, bytes.fromhex((hexdata or "").replace("\\x", "")))
+        if name.startswith("pwrite"):
+            count, offset = (int(x) for x in rest.strip(", ").split(", ")[:2])
+            call.count, call.offset = count, offset
+        calls.append(call)
     return calls
 
 
-async def raw_active_session(port: int, gen: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    ids = {"upstairs_id": "0f0e0d0c-0b0a-4908-8706-050403020100", "session_id": "s-strace", "gen": gen}
-    writer.write(
-        encode(
-            Message("HereIAm", {"version": PROTOCOL_VERSION, "read_only": False, "encrypted": False, **ids})
-        )
-    )
-    writer.write(encode(Message("PromoteToActive", ids)))
-    await writer.drain()
-    for want in ("YesItsMe", "YouAreNowActive"):
-        msg = await asyncio.wait_for(read_message(reader), 10)
-        assert msg is not None and msg.kind == want, f"negotiation: expected {want}, got {msg}"
-    return reader, writer
+class RawSession:
+    """An upstairs-side connection speaking v13 frames (sut.storage.wire), one job at a time."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.assembler = wire.FrameAssembler(wire.MAX_FRAME)
+        self.pending: list[wire.Message] = []
+
+    @classmethod
+    async def active(cls, port: int, gen: int) -> RawSession:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        self = cls(reader, writer)
+        hello = m.HereIAm(wire.MESSAGE_VERSION, U_STRACE, S_STRACE, gen, False, False, ())
+        assert isinstance(await self.ask(hello), m.YesItsMe)
+        assert isinstance(await self.ask(m.PromoteToActive(U_STRACE, S_STRACE, gen)), m.YouAreNowActive)
+        assert isinstance(await self.ask(m.RegionInfoPlease()), m.RegionInfo)
+        assert isinstance(await self.ask(m.ExtentVersionsPlease()), m.ExtentVersions)
+        return self
+
+    async def ask(self, msg: wire.Message) -> wire.Message:
+        self.writer.write(wire.encode(msg))
+        await self.writer.drain()
+        while not self.pending:
+            chunk = await asyncio.wait_for(self.reader.read(1 << 16), 10)
+            assert chunk, f"the downstairs closed the connection after {type(msg).__name__}"
+            self.pending += self.assembler.feed(chunk)
+        return self.pending.pop(0)
+
+    async def job(self, msg: wire.Message, reply: type) -> None:
+        got = await self.ask(msg)
+        assert isinstance(got, reply) and getattr(got, "result", "?") is None, f"{type(msg).__name__}: {got}"
+
+    def close(self) -> None:
+        self.writer.close()
 
 
-async def job(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, msg: Message, reply: str) -> None:
-    writer.write(encode(msg))
-    await writer.drain()
-    got = await asyncio.wait_for(read_message(reader), 10)
-    assert got is not None and got.kind == reply and got["error"] is None, f"{msg.kind}: {got}"
+def _write(job_id: int, block: int, byte: int, deps: tuple[int, ...] = ()) -> m.Write:
+    data = bytes([byte]) * BLOCK_SIZE
+    header = wire.WriteHeader(U_STRACE, S_STRACE, job_id, deps, block, unencrypted_contexts(data, BLOCK_SIZE))
+    return m.Write(header, data)
 
 
-def _between(calls: list[Syscall], start: int, end: int, name: str, needle: str) -> list[int]:
-    """Indexes of ``name`` calls (a prefix: "rename" also matches renameat2) naming ``needle``."""
-    return [i for i in range(start, end) if calls[i].name.startswith(name) and needle in calls[i].line]
-
-
-_SENDS = ("sendto", "sendmsg", "writev", "write")
+def _on(calls: list[Syscall], start: int, end: int, eid: int, name: str) -> list[int]:
+    """Indexes in [start, end) of ``name`` calls (a prefix: "pwrite" matches pwrite64) on the
+    file of extent ``eid``."""
+    tail = "/" + extent_path(Path("r"), eid).relative_to("r").as_posix()
+    return [
+        i for i in range(start, end) if calls[i].name.startswith(name) and calls[i].fd_path.endswith(tail)
+    ]
 
 
 def test_flush_ack_is_sent_only_after_fsync_strace(downstairs: DownstairsFactory, tmp_path: Path) -> None:
-    """strace a real downstairs: dirty mark durable before WriteAck; data fsync, metadata
-    fsync + rename + directory fsync before FlushAck."""
+    """strace a real downstairs process through three Writes and a Flush (v13 frames): the raw
+    extent order of writes, fsyncs and acks as extent_raw's docstring (and Crucible) has it."""
     if shutil.which("strace") is None:
         pytest.skip(
-            "strace is not installed (apt-get install strace); the unit test "
-            "test_dirty_mark_and_flush_stamp_are_fsynced_in_order checks the same order"
+            "strace is not installed (apt-get install strace); tests/unit/storage/test_extent_raw.py "
+            "checks the file contents the same steps leave"
         )
     ds = downstairs.create()
     assert ds.proc is not None
@@ -563,10 +627,12 @@ def test_flush_ack_is_sent_only_after_fsync_strace(downstairs: DownstairsFactory
                 "strace",
                 "-f",
                 "-y",
+                "-xx",
                 "-s",
                 "120",
                 "-e",
-                "trace=fsync,fdatasync,rename,renameat,renameat2,recvfrom,recvmsg,sendto,sendmsg,writev,write",
+                "trace=fsync,fdatasync,pwrite64,pwritev,pwritev2,write,writev,"
+                "recvfrom,recvmsg,read,sendto,sendmsg",
                 "-o",
                 str(trace),
                 "-p",
@@ -576,6 +642,7 @@ def test_flush_ack_is_sent_only_after_fsync_strace(downstairs: DownstairsFactory
             stdout=subprocess.DEVNULL,
             stderr=err_file,
         )
+    second_extent_block = 3 * EXTENT_SIZE + 5
     try:
         deadline = time.monotonic() + 10
         while b"attached" not in err.read_bytes():
@@ -585,54 +652,83 @@ def test_flush_ack_is_sent_only_after_fsync_strace(downstairs: DownstairsFactory
             time.sleep(0.02)  # poll interval of a deadline-bounded wait
 
         async def main() -> None:
-            reader, writer = await raw_active_session(ds.port, gen=1)
+            session = await RawSession.active(ds.port, gen=1)
             try:
-                second_extent_block = 3 * EXTENT_SIZE + 5
-                for job_id, block in ((1, 0), (2, second_extent_block)):
-                    write = Message("Write", {"job_id": job_id, "block": block}, b"\x5a" * BLOCK_SIZE)
-                    await job(reader, writer, write, "WriteAck")
-                await job(
-                    reader, writer, Message("Flush", {"job_id": 3, "flush_number": 1, "gen": 1}), "FlushAck"
-                )
+                await session.job(_write(1000, 0, 0x5A), m.WriteAck)
+                await session.job(_write(1001, second_extent_block, 0x5B), m.WriteAck)
+                await session.job(_write(1002, 0, 0x5C, (1000,)), m.WriteAck)  # block 0 again
+                flush = m.Flush(U_STRACE, S_STRACE, 1003, (1000, 1001, 1002), 1, 1)
+                await session.job(flush, m.FlushAck)
             finally:
-                writer.close()
+                session.close()
 
         run_bounded(main(), 30)
     finally:
         tracer.send_signal(signal.SIGINT)  # detaches from the downstairs, which keeps running
         tracer.wait(10)
-    calls = parse_strace(trace.read_text())
-    # Requests go one at a time and each gets exactly one reply, so the downstairs' sends on
-    # the socket are, in order: YesItsMe, YouAreNowActive (negotiation), WriteAck, WriteAck,
-    # FlushAck; its receives after negotiation: HereIAm+Promote, Write, Write, Flush. (The
-    # I/O messages are binary frames, so they are told apart by position, not by name.)
-    done = [i for i, c in enumerate(calls) if "socket:" in c.line and " = -1 " not in c.line]
-    sends = [i for i in done if calls[i].name in _SENDS]
-    ack_write, ack_flush = sends[2:4], sends[4:5]
-    # the Flush request: the last receive before its ack
-    flush_in = (
-        [max(i for i in done if calls[i].name.startswith("recv") and i < ack_flush[0])] if ack_flush else []
-    )
-    assert len(ack_write) == 2 and len(flush_in) == 1 and len(ack_flush) == 1, trace.read_text()
-    # first write to a clean extent: its dirty mark (atomic .meta replace) is durable before the ack
-    assert _between(calls, 0, ack_write[0], "fsync", "00000.meta.tmp>"), trace.read_text()
-    assert _between(calls, 0, ack_write[0], "rename", "00000.meta"), trace.read_text()
-    assert _between(calls, ack_write[0], ack_write[1], "rename", "00003.meta"), trace.read_text()
-    start, end = flush_in[0], ack_flush[0]
-    for eid in ("00000", "00003"):
-        data_sync = _between(calls, start, end, "fsync", f"{eid}.dat>")
-        meta_sync = _between(calls, start, end, "fsync", f"{eid}.meta.tmp>")
-        renamed = _between(calls, start, end, "rename", f"{eid}.meta")
-        assert data_sync and meta_sync and renamed, (
-            f"extent {eid} not made durable before FlushAck:\n"
-            + "\n".join(c.line for c in calls[start : end + 1])
+    text = trace.read_text()
+    calls = parse_strace(text)
+    sock = [i for i, c in enumerate(calls) if c.fd_path.startswith("socket:")]
+
+    def frames(direction: tuple[str, ...], variant: str) -> list[int]:
+        return [
+            i for i in sock if calls[i].name.startswith(direction) and calls[i].variant == _VARIANT[variant]
+        ]
+
+    writes_in = frames(("recv", "read"), "Write")
+    flush_in = frames(("recv", "read"), "Flush")
+    write_acks = frames(("send", "write"), "WriteAck")
+    flush_acks = frames(("send", "write"), "FlushAck")
+    assert len(writes_in) == len(write_acks) == 3 and len(flush_in) == len(flush_acks) == 1, text
+    where = "\n".join(c.line for c in calls)
+
+    def step(i: int, eid: int, block: int, *, first_since_flush: bool, rewrite: bool, slot_base: int) -> None:
+        start, ack = writes_in[i], write_acks[i]
+        pw = _on(calls, start, ack, eid, "pwrite")
+        syncs = _on(calls, start, ack, eid, "fsync") + _on(calls, start, ack, eid, "fdatasync")
+        dirty = [j for j in pw if calls[j].offset == _META and calls[j].data == b"\x01"]
+        contexts = [j for j in pw if calls[j].offset == slot_base + block * CONTEXT_SLOT_BYTES]
+        data = [j for j in pw if calls[j].offset == block * BLOCK_SIZE and calls[j].count == BLOCK_SIZE]
+        label = f"write {i} (extent {eid}, block {block})"
+        assert len(contexts) == 1 and len(data) == 1, (
+            f"{label}: contexts/data not written before its ack:\n{where}"
         )
-        assert data_sync[0] < renamed[0], f"extent {eid}: metadata stamped before its data was fsynced"
-    assert _between(calls, start, end, "fsync", "/extents>"), (
-        "the directory holding the renames was not fsynced"
-    )
+        assert contexts[0] < data[0], f"{label}: data written before its contexts:\n{where}"
+        if first_since_flush:
+            assert dirty and syncs, f"{label}: no dirty byte + fsync before the ack:\n{where}"
+            assert dirty[0] < syncs[0] < contexts[0], (
+                f"{label}: dirty byte not durable before the write:\n{where}"
+            )
+        else:
+            assert not dirty, f"{label}: the dirty byte written again:\n{where}"
+        if rewrite:
+            assert syncs and syncs[0] < contexts[0], f"{label}: a rewritten block not fsynced first:\n{where}"
+        elif not first_since_flush:
+            assert not syncs, f"{label}: an fsync nobody needs:\n{where}"
+        # nothing on the bitmap or metadata besides the dirty byte until the flush
+        assert not [j for j in pw if calls[j].offset >= _BITMAP and j not in dirty], where
+
+    # a fresh block's active slot is A (bitmap 0), so its first contexts go to B, the next to A
+    step(0, 0, 0, first_since_flush=True, rewrite=False, slot_base=_SLOT_B)
+    step(1, 3, 5, first_since_flush=True, rewrite=False, slot_base=_SLOT_B)
+    step(2, 0, 0, first_since_flush=False, rewrite=True, slot_base=_SLOT_A)
+
+    start, end = flush_in[0], flush_acks[0]
+    for eid in (0, 3):
+        stamp = [j for j in _on(calls, start, end, eid, "pwrite") if calls[j].offset == _BITMAP]
+        syncs = _on(calls, start, end, eid, "fsync") + _on(calls, start, end, eid, "fdatasync")
+        assert stamp and calls[stamp[0]].count == _META - _BITMAP + META_BYTES, (
+            f"extent {eid}: bitmap + metadata not written before FlushAck:\n{where}"
+        )
+        assert syncs and stamp[0] < max(syncs), (
+            f"extent {eid}: not fsynced after its stamp, before FlushAck:\n{where}"
+        )
+    for eid in set(range(EXTENT_COUNT)) - {0, 3}:
+        assert not _on(calls, 0, len(calls), eid, "pwrite"), f"clean extent {eid} was written:\n{where}"
     on_disk = region_on_disk(ds.data_dir)
     assert on_disk.stamps[0] == on_disk.stamps[3] == (1, 1, False)
+    assert on_disk.data[:BLOCK_SIZE] == b"\x5c" * BLOCK_SIZE
+    assert on_disk.data[second_extent_block * BLOCK_SIZE :][:BLOCK_SIZE] == b"\x5b" * BLOCK_SIZE
 
 
 async def copy_without_flush(src: Path, sock: Path) -> None:

@@ -7,7 +7,7 @@ process, and ``qemu-io`` writing 4-64 KiB patterns at random offsets, flushing n
 One fault at a time (Crucible tolerates one downstairs in flux): wait until all three are
 active, inject, let the writer run on, heal. At the end: every acknowledged write reads back
 through NBD (the upstairs never died, so not only flushed ones), and the three copies are
-identical byte for byte and in their extent metadata.
+identical in data, block contexts and extent versions (gen, flush, dirty).
 
 Knobs: ``PHD_FAULT_SEEDS`` (comma-separated, default "1,2"), ``PHD_FAULT_COUNT`` (faults per
 run, default 6), ``PHD_FAULT_KINDS`` (default "kill,stop,pause,replace"). Each run appends a
@@ -27,6 +27,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -36,6 +37,7 @@ from phd.downstairs import DockerDownstairs, ProcessDownstairs
 from phd.dsc import DownstairsSet, RegionGeometry, docker_members, process_members
 from phd.framework import Framework
 from sut.storage.backend import CrucibleBackend, RetryPolicy
+from sut.storage.extent_raw import RawRegion
 from sut.storage.vcr import dump_vcr, region_volume
 
 from .conftest import qemu_io
@@ -147,41 +149,53 @@ class Run:
             await asyncio.to_thread(self.dss.act, "resume" if action == "pause" else "start", member)
 
 
-def region_files(member: object) -> dict[str, bytes]:
-    """Extent data and metadata files of a member's region, whatever its flavour."""
-    if isinstance(member, ProcessDownstairs):
-        root = member.data_dir / "extents"
-        return {p.name: p.read_bytes() for p in sorted(root.iterdir()) if not p.name.endswith(".tmp")}
-    assert isinstance(member, DockerDownstairs)
-    container = member.client.containers.get(member.name)
-    stream: Iterable[bytes]
-    stream, _ = container.get_archive("/data/extents")
-    out = {}
-    with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
-        for info in tar.getmembers():
-            f = tar.extractfile(info)
-            if f is not None and not info.name.endswith(".tmp"):
-                out[Path(info.name).name] = f.read()
-    return out
+@dataclass(frozen=True)
+class Copy:
+    """One member's region as its raw extent files say (read with our reader of Crucible's
+    format, which refuses a torn extent): per-extent (gen, flush, dirty), data, contexts."""
+
+    versions: list[tuple[int, int, bool]]
+    data: bytes
+    contexts: list[object]
+
+
+def read_copy(member: object) -> Copy:
+    """The region of a member, whatever its flavour (a container's /data is copied out)."""
+    with tempfile.TemporaryDirectory(prefix="phd-fr-copy-") as tmp:
+        if isinstance(member, ProcessDownstairs):
+            root = member.data_dir
+        else:
+            assert isinstance(member, DockerDownstairs)
+            container = member.client.containers.get(member.name)
+            stream: Iterable[bytes]
+            stream, _ = container.get_archive("/data")
+            with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+                tar.extractall(tmp, filter="data")
+            root = Path(tmp) / "data"
+        with RawRegion.open(root, read_only=True) as region:
+            gens, flushes, dirty = region.versions()
+            data, contexts = region.read(0, region.total_blocks)
+    return Copy(list(zip(gens, flushes, dirty, strict=True)), data, list(contexts))
 
 
 def assert_copies_identical(dss: DownstairsSet, members: list[int]) -> None:
-    copies = [region_files(dss.member(i)) for i in members]
-    for name in sorted(copies[0]):
-        got = [c.get(name) for c in copies]
-        if name.endswith(".meta"):
-            metas = [json.loads(g) if g is not None else None for g in got]
-            assert metas[0] == metas[1] == metas[2], f"extent metadata {name} differs: {metas}"
-        else:
-            if not got[0] == got[1] == got[2]:
-                odd = [i for i in range(3) if got[i] != got[(i + 1) % 3] and got[i] != got[(i + 2) % 3]]
-                a, b = (got[0], got[1]) if got[0] != got[1] else (got[0], got[2])
-                assert a is not None and b is not None
-                at = next(k for k in range(min(len(a), len(b))) if a[k] != b[k])
-                raise AssertionError(
-                    f"extent data {name} differs between the copies (first at byte {at}); "
-                    f"odd one out: {[f'ds{members[i]}' for i in odd]}\n{dss.format_steps()}"
-                )
+    """Same (gen, flush, dirty) per extent, same data and block contexts on all three. (The
+    files themselves may differ: which context slot a block uses, and the bonus fsync count,
+    depend on each copy's history - a replay or a repair - as in Crucible.)"""
+    copies = [read_copy(dss.member(i)) for i in members]
+    versions = [c.versions for c in copies]
+    assert versions[0] == versions[1] == versions[2], f"extent versions differ: {versions}"
+    got = [c.data for c in copies]
+    if not got[0] == got[1] == got[2]:
+        odd = [i for i in range(3) if got[i] != got[(i + 1) % 3] and got[i] != got[(i + 2) % 3]]
+        a, b = (got[0], got[1]) if got[0] != got[1] else (got[0], got[2])
+        at = next(k for k in range(min(len(a), len(b))) if a[k] != b[k])
+        raise AssertionError(
+            f"extent data differs between the copies (first at block {at // GEOMETRY.block_size}); "
+            f"odd one out: {[f'ds{members[i]}' for i in odd]}\n{dss.format_steps()}"
+        )
+    contexts = [c.contexts for c in copies]
+    assert contexts[0] == contexts[1] == contexts[2], "block contexts differ between the copies"
 
 
 def make_set(flavour: str, fw: Framework, node_id: str, root: Path) -> DownstairsSet:
@@ -190,8 +204,8 @@ def make_set(flavour: str, fw: Framework, node_id: str, root: Path) -> Downstair
         make = docker_members(fw.docker(), fw.downstairs_image(), fw.labels(node_id), prefix, log_dir=root)
     else:
         make = process_members(fw.config.downstairs_cmd, root)
-    # 3 members + up to one replacement per fault
-    ports = [fw.ports.allocate() for _ in range(3 + FAULTS_PER_RUN)]
+    # 3 members + up to one replacement per fault; each a port pair (its repair server: + 4000)
+    ports = [fw.ports.allocate_pair() for _ in range(3 + FAULTS_PER_RUN)]
     return DownstairsSet(make, ports, geometry=GEOMETRY)
 
 
