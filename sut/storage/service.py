@@ -1,8 +1,9 @@
-"""What every downstairs process shares: JSON log lines, the connection-limit flags, the serve loop.
+"""What the downstairs process needs besides its protocol: JSON log lines, the connection-limit
+flags, the serve loop.
 
-Both downstairs (``downstairs`` on our framed protocol, ``downstairs13`` on Crucible's message
-version 13) run the same way: JSON lines on stderr and never a traceback, a handshake deadline
-and a connection cap from the command line, serving until SIGTERM or SIGINT.
+The downstairs (``sut.storage.downstairs``, Crucible's message version 13) logs JSON lines on
+stderr and never a traceback, takes a handshake deadline and a connection cap from the command
+line, and serves until SIGTERM or SIGINT.
 Stdlib only: the downstairs container image imports this module.
 """
 

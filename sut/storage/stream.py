@@ -20,8 +20,8 @@ Rules for input from anyone who can connect (whatever protocol runs on top; they
 - Record cap: until the connection's owner calls :meth:`RecordStream.negotiated`, a record
   (head + payload) may be at most ``HANDSHAKE_MAX_RECORD`` (64 KiB); a head declaring more is
   a ProtocolError before a byte of its payload is stored. Negotiation raises the cap to what
-  the protocol needs once the peer is known (for the downstairs wire: the largest legitimate
-  frame, see ``sut.storage.protocol.active_frame_limit``).
+  the protocol needs once the peer is known (for Crucible's wire: its largest frame,
+  ``sut.storage.wire.MAX_FRAME``).
 - Memory follows bytes that ARRIVED, not bytes a head declares: a large payload's buffer
   starts at 64 KiB and doubles as it fills (still received in place). A size the peer has
   already delivered on this connection (or a recycled buffer of that size) is allocated
