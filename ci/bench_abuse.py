@@ -13,9 +13,10 @@ Two systems under abuse at once, each with a well-behaved client measured alongs
               GET /instance back to back.
   downstairs  three downstairs processes serving a CrucibleBackend NBD export (a helper
               process, as in ci/bench storage). Abuse: --half-open (default 100) connections
-              to EACH downstairs that send a frame head and part of its payload, then nothing
-              (half declare the largest frame, half one just under the limit before
-              negotiation); a connection the downstairs closes is opened again at once.
+              to EACH downstairs that send the head of a Crucible v13 HereIAm frame and part of
+              its payload, then nothing (half declare Crucible's largest frame, 100 MiB, half
+              one just under the 64 KiB cap before negotiation); a connection the downstairs
+              closes is opened again at once.
               Well-behaved client: 4 KiB NBD reads and writes at random offsets, one at a
               time, through the export (upstairs -> all three downstairs).
 
@@ -57,16 +58,30 @@ import httpx
 from bench_storage import Downstairs, make_vcr, start_export, stop_proc
 from benchlib import REPO, factories, framework, log
 
+from sut.storage import wire
+from sut.storage.wire import messages as m
+
 TARGETS = {"server_peak_rss_mb": 300.0, "downstairs_peak_rss_mb": 300.0, "served_during_abuse_p99_ms": 100.0}
 MIB = 1024 * 1024
 BODY_LIMIT = MIB  # the server's default --max-body-bytes
-# The downstairs' frame prefix today (sut/storage/protocol.py): u32 frame_len counting what
-# follows it, u32 header length, then the header. Half the abusers declare the largest frame
-# (which a hardened downstairs refuses at once); half declare a frame just under the limit
-# before negotiation, send half of it and stall (which it must hold until its handshake
+# Crucible's v13 framing (sut/storage/wire, ../shared/reference/crucible-wire.md): a u32
+# little-endian frame length COUNTING ITS OWN 4 BYTES, then the bincode message (u32 LE variant
+# index first; HereIAm is 0). Half the abusers declare Crucible's largest frame, 100 MiB (which
+# the downstairs refuses at once: before negotiation its cap is 64 KiB); half declare a frame
+# just under that cap, send half of it and stall (which it must hold until its handshake
 # deadline without holding memory for what never comes).
-_FRAME_PREFIX = struct.Struct(">II")
-_DECLARED_FRAMES = (80 * MIB, 48 * 1024)
+_FRAME_LEN = struct.Struct("<I")
+_DECLARED_FRAMES = (wire.MAX_FRAME, wire.NEGOTIATION_FRAME_CAP - 16 * 1024)
+
+
+def half_open_head(declared: int) -> bytes:
+    """The first bytes of a HereIAm frame whose length prefix says ``declared`` bytes: a real
+    HereIAm's encoding (variant index and fields) under the inflated prefix, then zeros up to
+    half the declared frame (at most 64 KiB); the rest never comes."""
+    hello = wire.encode(m.HereIAm(wire.MESSAGE_VERSION, uuid.uuid4(), uuid.uuid4(), 1, False, False))
+    body = hello[_FRAME_LEN.size:]
+    sent = max(len(hello), min(declared // 2, 64 * 1024))
+    return _FRAME_LEN.pack(declared) + body + bytes(sent - len(hello))
 
 
 # -- measuring ---------------------------------------------------------------------------------
@@ -213,9 +228,7 @@ async def _abuse_http(port: int, workers: int, duration_s: float) -> dict[str, A
 
 
 async def _abuse_wire(targets: list[str], per_target: int, duration_s: float) -> dict[str, Any]:
-    header = json.dumps({"type": "HereIAm"}).encode()
-    heads = [_FRAME_PREFIX.pack(declared, len(header)) + header + bytes(min(declared // 2, 64 * 1024))
-             for declared in _DECLARED_FRAMES]
+    heads = [half_open_head(declared) for declared in _DECLARED_FRAMES]
     closed_after: list[float] = []
     outcomes: Counter[str] = Counter()
     deadline = time.monotonic() + duration_s

@@ -81,13 +81,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--count", type=int, default=3, help="number of downstairs (default 3)")
     run.add_argument("--flavour", choices=("process", "docker"), default="process",
                      help="local processes (default) or Docker containers")
-    run.add_argument("--network", choices=("published", "host"), default=None,
-                     help="docker flavour: publish on 127.0.0.1 (default for legacy) or share the "
-                     "host network (the only choice for Crucible-protocol programs)")
-    run.add_argument("--program", choices=PROGRAM_KINDS, default=None,
-                     help="legacy (python -m sut.storage.downstairs), ours13 (python -m "
-                     "sut.storage.downstairs) or binary (a crucible-downstairs: --downstairs-cmd "
-                     "PATH or --binary PATH); default: binary when one is given, else legacy")
+    run.add_argument("--program", default=None, metavar="|".join(PROGRAM_KINDS),
+                     help="ours (python -m sut.storage.downstairs) or binary (a "
+                     "crucible-downstairs: --downstairs-cmd PATH or --binary PATH); default: "
+                     "binary when one is given, else ours. Containers share the host's network "
+                     "and every downstairs takes a port pair (its repair port is + 4000)")
     run.add_argument("--downstairs-cmd", default=None,
                      help="process flavour: downstairs command (default: the program's own); the "
                      "path of an ELF executable alone is a crucible-downstairs (program binary)")
@@ -166,13 +164,14 @@ def _say(line: str) -> None:
 def _check_run_args(args: argparse.Namespace) -> None:
     from phd.dsc import parse_loopback
     from phd.errors import HarnessError
+    from phd.ports import PAIR_OFFSET
 
     parse_loopback(args.control)
     if args.count < 1:
         raise HarnessError(f"--count must be at least 1, got {args.count}")
-    if not 1024 <= args.port_base <= 65535 - args.count:
+    if not 1024 <= args.port_base <= 65535 - PAIR_OFFSET - args.count:
         raise HarnessError(f"--port-base {args.port_base} must leave room for {args.count} ports "
-                           "between 1024 and 65535")
+                           f"and their repair ports (+ {PAIR_OFFSET}) between 1024 and 65535")
     stops = (args.random_stop_min, args.random_stop_max)
     if (stops[0] is None) != (stops[1] is None):
         raise HarnessError("--random-stop-min and --random-stop-max go together: give both or neither")
@@ -187,29 +186,20 @@ def _check_run_args(args: argparse.Namespace) -> None:
 
 
 def _program(args: argparse.Namespace) -> DsProgram:
-    """The downstairs program of `phd dsc run` (no upstairs here, so every program is allowed)."""
-    from phd.downstairs import LEGACY, choose_program
-    from phd.errors import HarnessError
+    """The downstairs program of `phd dsc run`, chosen as the plugin chooses it."""
+    from phd.downstairs import choose_program
 
-    # `phd dsc` runs without an upstairs, so its default stays the legacy downstairs
-    # whatever phd.downstairs.UPSTAIRS_PROTOCOL says.
-    kind = args.program or (None if args.downstairs_cmd or args.binary else LEGACY.kind)
-    program = choose_program(flavour=args.flavour, kind=kind, cmd=args.downstairs_cmd,
-                             binary=args.binary, names={"kind": "--program", "cmd": "--downstairs-cmd",
-                                                        "binary": "--binary", "flavour": "--flavour"})
-    if program.crucible and args.flavour == "docker" and args.network == "published":
-        raise HarnessError(f"--program {program.kind} needs --network host: the downstairs download "
-                           "extents from each other's repair port (port + 4000) on 127.0.0.1")
-    return program
+    return choose_program(flavour=args.flavour, kind=args.program, cmd=args.downstairs_cmd,
+                          binary=args.binary, names={"kind": "--program", "cmd": "--downstairs-cmd",
+                                                     "binary": "--binary", "flavour": "--flavour"})
 
 
-def _framework(args: argparse.Namespace, session_id: str) -> Framework:
+def _framework(args: argparse.Namespace, session_id: str, program: DsProgram) -> Framework:
     """The framework object tests use, so the CLI gets Docker, the image and labels the same
     way (`Framework.docker()`, `Framework.downstairs_image()`, `Framework.labels()`)."""
     from phd.framework import Framework, PhdConfig
 
     root = Path(__file__).resolve().parent.parent
-    program = _program(args)
     config = PhdConfig(
         server_cmd=(), manifest=root / "artifacts" / "artifacts.toml",
         artifact_dir=Path.home() / ".cache" / "phd" / "artifacts",
@@ -222,22 +212,23 @@ def _framework(args: argparse.Namespace, session_id: str) -> Framework:
 
 def _dsc_run(args: argparse.Namespace) -> int:
     from phd.dsc import DownstairsSet, RegionGeometry, members_for
-    from phd.ports import PortAllocator
+    from phd.ports import PAIR_OFFSET, PortAllocator
 
     _check_run_args(args)
+    program = _program(args)  # a bad program or path fails before anything is made
     geometry = RegionGeometry(args.block_size, args.extent_size, args.extent_count)
     args.dir.mkdir(parents=True, exist_ok=True)
     stop = _stop_on_signals()
-    fw = _framework(args, f"dsc{uuidlib.uuid4().hex[:6]}")
+    fw = _framework(args, f"dsc{uuidlib.uuid4().hex[:6]}", program)
     try:
         if args.flavour == "docker":
             _sweep_dead_sessions(fw)
-        ports = PortAllocator(base=args.port_base, index=0, size=min(200, 65535 - args.port_base))
-        members = members_for(fw, "phd dsc run", args.dir, network=args.network)
+        ports = PortAllocator(base=args.port_base, index=0,
+                              size=min(200, 65536 - PAIR_OFFSET - args.port_base))
+        members = members_for(fw, "phd dsc run", args.dir)
         started = time.monotonic()
-        # A Crucible-protocol downstairs also listens on port + 4000 (its repair server).
-        take = ports.allocate_pair if fw.config.downstairs_program.crucible else ports.allocate
-        dss = DownstairsSet(members, [take() for _ in range(args.count)],
+        # Every downstairs also listens on port + 4000 (its repair server).
+        dss = DownstairsSet(members, [ports.allocate_pair() for _ in range(args.count)],
                             count=args.count, geometry=geometry)
         with dss:
             _print_ready(args, dss, time.monotonic() - started)

@@ -20,21 +20,17 @@ container each time, so a downstairs that died on its own shows `stopped`.
 Containers and volumes carry the CONTRACT labels so a sweeper can find the leftovers of a
 killed run.
 
-Which downstairs runs is a *program* (`DsProgram`), the same for both flavours:
-- `legacy`: `python -m sut.storage.downstairs`, our own protocol (the default today);
-- `ours13`: `python -m sut.storage.downstairs`, Crucible's protocol (message version 13);
+Every downstairs speaks Crucible's protocol (message version 13). Which one runs is a
+*program* (`DsProgram`), the same for both flavours:
+- `ours` (the default): `python -m sut.storage.downstairs`, image `phd-downstairs:<hash>`;
 - `binary`: a real `crucible-downstairs` executable (`--phd-downstairs-cmd` runs it as a
   process, `--phd-downstairs-binary` in containers of an image built around it).
-A Crucible-protocol downstairs also listens on its repair port, port + 4000, which the OTHER
-downstairs of a disk download extents from (the upstairs passes on the address a downstairs
-named in its YesItsMe). So they take port pairs (`PortAllocator.allocate_pair`) and their
-containers use the host's network bound to 127.0.0.1, where that address is reachable.
+A downstairs also listens on its repair port, port + 4000, which the OTHER downstairs of a
+disk download extents from (the upstairs passes on the address a downstairs named in its
+YesItsMe). So every downstairs takes a port pair (`PortAllocator.allocate_pair`) and its
+container uses the host's network, bound to 127.0.0.1, where that address is reachable.
 Readiness: the JSON `listening` line of our downstairs; for the real binary (bunyan JSON,
 logged asynchronously) a TCP connect to its port succeeding.
-
-The upstairs speaks one protocol, `UPSTAIRS_PROTOCOL`; the plugin refuses a program that
-speaks another (`upstairs_refusal`). When the v13 upstairs lands, flipping that one constant
-to "v13" makes `ours13` the default program and lets `binary` run the suite.
 """
 
 from __future__ import annotations
@@ -58,12 +54,9 @@ from phd.reaper import ledger
 from phd.wait import wait_until
 
 __all__ = [
-    "LEGACY",
-    "NETWORKS",
-    "OURS13",
+    "OURS",
     "PROGRAM_KINDS",
     "REPAIR_PORT_OFFSET",
-    "UPSTAIRS_PROTOCOL",
     "DockerDownstairs",
     "Downstairs",
     "DsProgram",
@@ -75,25 +68,20 @@ __all__ = [
     "default_process_cmd",
     "default_program",
     "sweep_leftovers",
-    "upstairs_refusal",
 ]
 
-CONTAINER_PORT = 3810
 READY_EVENT = "listening"  # the downstairs logs a JSON line with this event once it accepts
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
-# "published": the container has its own network namespace and Docker publishes its port on
-# 127.0.0.1 (through docker-proxy). "host": the container shares the host's network namespace
-# and the downstairs binds 127.0.0.1:host_port itself - no proxy hop on the data path.
-NETWORKS = ("published", "host")
 REPAIR_PORT_OFFSET = 4000  # a Crucible downstairs' repair server: its port + 4000
-
-Protocol_ = Literal["legacy", "v13"]
-# THE SWITCH: the protocol the upstairs (sut/storage/client.py, upstairs.py) speaks. "legacy"
-# until it speaks Crucible's message version 13; then set "v13" - the default program becomes
-# `ours13` and the plugin accepts `binary` (and refuses `legacy`).
-UPSTAIRS_PROTOCOL: Protocol_ = "v13"
-PROGRAM_KINDS = ("legacy", "ours13", "binary")
+ProgramKind = Literal["ours", "binary"]
+PROGRAM_KINDS: tuple[ProgramKind, ...] = ("ours", "binary")
+# Program names that are gone, and what to use instead (named in the UsageError).
+_GONE_KINDS = {
+    "legacy": "the legacy program and its protocol were removed: every downstairs speaks "
+              "Crucible's protocol v13; use ours (the default) or binary",
+    "ours13": "ours13 is now called ours (the default)",
+}
 BINARY_CHECK_TIMEOUT_S = 20.0
 
 
@@ -102,28 +90,14 @@ class DsProgram:
     """Which downstairs runs: its kind and the command a process downstairs starts with
     (`create ...` / `run ...` follow). A container of it runs the program's image."""
 
-    kind: Literal["legacy", "ours13", "binary"]
+    kind: ProgramKind
     cmd: tuple[str, ...]
     binary: Path | None = None  # the executable of kind "binary"
-
-    @property
-    def protocol(self) -> Protocol_:
-        return "legacy" if self.kind == "legacy" else "v13"
-
-    @property
-    def crucible(self) -> bool:
-        """Speaks Crucible's protocol: port pairs, host networking, a repair port."""
-        return self.protocol == "v13"
 
     @property
     def ready(self) -> Literal["log", "connect"]:
         """How a start is known to be done: our JSON `listening` line, or a TCP connect."""
         return "connect" if self.kind == "binary" else "log"
-
-    @property
-    def network(self) -> str:
-        """The container network it needs (the repair port must be reachable by the others)."""
-        return "host" if self.crucible else "published"
 
     @property
     def init(self) -> bool:
@@ -138,8 +112,7 @@ def default_process_cmd() -> list[str]:
     return [sys.executable, "-m", "sut.storage.downstairs"]
 
 
-LEGACY = DsProgram("legacy", tuple(default_process_cmd()))
-OURS13 = DsProgram("ours13", (sys.executable, "-m", "sut.storage.downstairs"))
+OURS = DsProgram("ours", tuple(default_process_cmd()))
 
 
 def binary_program(path: Path) -> DsProgram:
@@ -149,23 +122,8 @@ def binary_program(path: Path) -> DsProgram:
 
 
 def default_program() -> DsProgram:
-    """The program the suite runs when none is chosen: the one the upstairs can talk to."""
-    return LEGACY if UPSTAIRS_PROTOCOL == "legacy" else OURS13
-
-
-def upstairs_refusal(program: DsProgram) -> str | None:
-    """Why the suite must not run with `program` (None when it may)."""
-    if program.protocol == UPSTAIRS_PROTOCOL:
-        return None
-    if program.crucible:
-        return (f"downstairs program {program.describe()} speaks Crucible's protocol v13, but the "
-                "upstairs (sut/storage/client.py, upstairs.py) does not yet speak v13: every "
-                "disk activation would fail. Run without --phd-downstairs-program/-binary (or "
-                "with a legacy --phd-downstairs-cmd) until it does; the switch is "
-                "phd.downstairs.UPSTAIRS_PROTOCOL = \"v13\"")
-    return (f"downstairs program {program.describe()} speaks our legacy protocol, but the upstairs "
-            "speaks Crucible's v13 (phd.downstairs.UPSTAIRS_PROTOCOL): use --phd-downstairs-program "
-            "ours13 or binary")
+    """The program the suite runs when none is chosen: our downstairs."""
+    return OURS
 
 
 def choose_program(*, flavour: str, kind: str | None = None, cmd: str | None = None,
@@ -174,15 +132,16 @@ def choose_program(*, flavour: str, kind: str | None = None, cmd: str | None = N
     """The program a session (or `phd dsc run`) runs, from its options; HarnessError naming
     the option and the fix when they are wrong or contradict each other.
 
-    kind: legacy / ours13 / binary, or None to infer it: `binary` when `cmd` is a single
-    path to an ELF executable or `binary` is given (and `binary_implies`), else the default
-    program. cmd: the process command line (a multi-word one, or a script, is a wrapper around
-    a legacy/ours13 downstairs). binary: a crucible-downstairs; containers are built around it.
+    kind: ours / binary, or None to infer it: `binary` when `cmd` is a single path to an ELF
+    executable or `binary` is given (and `binary_implies`), else `ours`. cmd: the process
+    command line (a multi-word one, or a script, is a wrapper around our downstairs).
+    binary: a crucible-downstairs; containers are built around it.
     """
     n = {"kind": "--phd-downstairs-program", "cmd": "--phd-downstairs-cmd",
          "binary": "--phd-downstairs-binary", "flavour": "--phd-downstairs", **(names or {})}
     if kind is not None and kind not in PROGRAM_KINDS:
-        raise HarnessError(f"{n['kind']} {kind!r} is unknown; use one of {PROGRAM_KINDS}")
+        why = _GONE_KINDS.get(kind, f"use one of {', '.join(PROGRAM_KINDS)}")
+        raise HarnessError(f"{n['kind']} {kind!r} is unknown: {why}")
     argv = shlex.split(cmd) if cmd else []
     cmd_binary: Path | None = None
     if argv and ("/" in argv[0] or Path(argv[0]).exists()):
@@ -197,7 +156,7 @@ def choose_program(*, flavour: str, kind: str | None = None, cmd: str | None = N
     binary_path = Path(binary) if binary else None
     if kind is None:
         kind = "binary" if cmd_binary or (binary_path and binary_implies) else default_program().kind
-    if kind != "binary":
+    if kind == "ours":
         if cmd_binary is not None:
             raise HarnessError(f"{n['cmd']} {cmd!r} is an executable binary (a crucible-downstairs?), "
                                f"which the {kind} program is not: add {n['kind']} binary, or give "
@@ -205,8 +164,7 @@ def choose_program(*, flavour: str, kind: str | None = None, cmd: str | None = N
         if binary_path is not None and binary_implies:
             raise HarnessError(f"{n['binary']} {binary!r} names a crucible-downstairs for the binary "
                                f"program, not {kind}: drop it or use {n['kind']} binary")
-        base = LEGACY if kind == "legacy" else OURS13
-        return DsProgram(base.kind, tuple(argv)) if argv else base
+        return DsProgram("ours", tuple(argv)) if argv else OURS
     if flavour == "docker":
         if binary_path is None:
             raise HarnessError(f"containers of a crucible-downstairs need {n['binary']} PATH (an "
@@ -252,8 +210,8 @@ def check_binary(path: Path) -> str:
         raise HarnessError(f"{path} is not executable: `chmod +x {path}`")
     if not _is_elf(path):
         raise HarnessError(f"{path} is not an ELF executable (a script or data file?): give the "
-                           "crucible-downstairs binary itself; a wrapper script speaking our legacy "
-                           "protocol goes in --phd-downstairs-cmd without --phd-downstairs-program binary")
+                           "crucible-downstairs binary itself; a wrapper script around our downstairs goes "
+                           "in --phd-downstairs-cmd without --phd-downstairs-program binary")
     answers = []
     for argv in ([str(path), "version"], [str(path), "--help"]):
         try:
@@ -290,7 +248,7 @@ class Downstairs(Protocol):
     @property
     def address(self) -> str: ...
     @property
-    def repair_address(self) -> str | None: ...
+    def repair_address(self) -> str: ...
     @property
     def state(self) -> DsState: ...
     def create_region(self, uuid: str, block_size: int, extent_size: int, extent_count: int) -> None: ...
@@ -328,7 +286,7 @@ class _Lifecycle:
     name: str
     host_port: int
 
-    def __init__(self, program: DsProgram = LEGACY) -> None:
+    def __init__(self, program: DsProgram = OURS) -> None:
         self.program = program
         self._region_ready = False
         self._destroyed = False
@@ -338,9 +296,9 @@ class _Lifecycle:
         return f"127.0.0.1:{self.host_port}"
 
     @property
-    def repair_address(self) -> str | None:
-        """Where a Crucible-protocol downstairs serves extents to the others (port + 4000)."""
-        return f"127.0.0.1:{self.host_port + REPAIR_PORT_OFFSET}" if self.program.crucible else None
+    def repair_address(self) -> str:
+        """Where the downstairs serves extents to the others (port + 4000)."""
+        return f"127.0.0.1:{self.host_port + REPAIR_PORT_OFFSET}"
 
     def _seen(self) -> int:
         """What a start compares against: the log's `listening` lines so far (log readiness)."""
@@ -476,24 +434,21 @@ class _Lifecycle:
 
 
 class DockerDownstairs(_Lifecycle):
-    """A downstairs in a container; its region lives in a named volume (`<name>-data`)."""
+    """A downstairs in a container; its region lives in a named volume (`<name>-data`).
+
+    The container shares the host's network namespace and the downstairs binds
+    127.0.0.1:host_port (and its repair port, + 4000) itself: the other downstairs download
+    extents from the 127.0.0.1 address it names in YesItsMe, and no proxy sits on the data path.
+    """
 
     def __init__(self, client: Any, image: str, name: str, host_port: int,
                  labels: dict[str, str], log_path: Path | None, *,
-                 network: str | None = None, program: DsProgram = LEGACY) -> None:
+                 program: DsProgram = OURS) -> None:
         super().__init__(program)
-        network = network or program.network
-        if network not in NETWORKS:
-            raise HarnessError(f"downstairs network {network!r} is unknown; use one of {NETWORKS}")
-        if program.crucible and network != "host":
-            raise HarnessError(f"downstairs {name} ({program.kind}) needs network 'host': the other "
-                               "downstairs download extents from its repair port (port + 4000) at "
-                               "the 127.0.0.1 address it reports, which a published port cannot serve")
         self.client = client
         self.image = image
         self.name = name
         self.host_port = host_port
-        self.network = network
         self.labels = {**labels, "phd.role": "downstairs"}
         self.log_path = log_path
         self.volume_name = f"{name}-data"
@@ -501,7 +456,7 @@ class DockerDownstairs(_Lifecycle):
         self._volume: Any = None
 
     def _common(self) -> dict[str, Any]:
-        extra: dict[str, Any] = {"network_mode": "host"} if self.network == "host" else {}
+        extra: dict[str, Any] = {"network_mode": "host"}
         if self.program.init:
             extra["init"] = True
         return {
@@ -513,11 +468,7 @@ class DockerDownstairs(_Lifecycle):
         }
 
     def _run_argv(self) -> list[str]:
-        if self.network == "host":
-            return ["run", "-d", "/data", "-a", "127.0.0.1", "-p", str(self.host_port)]
-        # In its own namespace the downstairs must accept the proxy's connections from the
-        # bridge; only the published side is restricted to the host's loopback.
-        return ["run", "-d", "/data", "-a", "0.0.0.0", "-p", str(CONTAINER_PORT)]
+        return ["run", "-d", "/data", "-a", "127.0.0.1", "-p", str(self.host_port)]
 
     def _create_region(self, uuid: str, block_size: int, extent_size: int, extent_count: int) -> None:
         import docker.errors
@@ -557,12 +508,10 @@ class DockerDownstairs(_Lifecycle):
         # Starting the same container again keeps its name, port, volume and log history.
         seen = self._seen()
         if self._docker_status() == "missing":
-            ports = {} if self.network == "host" else {
-                f"{CONTAINER_PORT}/tcp": ("127.0.0.1", self.host_port)}
-            # create, then start: if the start fails (the host port is taken) the container
-            # is already ours to remove, where `containers.run` would leak it.
+            # create, then start: if the start fails the container is already ours to
+            # remove, where `containers.run` would leak it.
             self._container = self.client.containers.create(
-                self.image, self._run_argv(), name=self.name, ports=ports, **self._common())
+                self.image, self._run_argv(), name=self.name, **self._common())
             seen = 0
         try:
             self._container.start()
@@ -636,7 +585,7 @@ class ProcessDownstairs(_Lifecycle):
     """
 
     def __init__(self, cmd: list[str], name: str, host_port: int, data_dir: Path,
-                 log_path: Path | None, *, program: DsProgram = LEGACY) -> None:
+                 log_path: Path | None, *, program: DsProgram = OURS) -> None:
         super().__init__(program)
         self.cmd = cmd
         self.name = name

@@ -30,8 +30,7 @@ from types import TracebackType
 from typing import Any
 
 from phd.downstairs import (
-    LEGACY,
-    NETWORKS,
+    OURS,
     DockerDownstairs,
     Downstairs,
     DsProgram,
@@ -93,7 +92,7 @@ class Step:
 
 
 # --- member factories: how a set makes one downstairs -------------------------------------------
-def process_members(cmd: Sequence[str], root: Path, *, program: DsProgram = LEGACY) -> MemberFactory:
+def process_members(cmd: Sequence[str], root: Path, *, program: DsProgram = OURS) -> MemberFactory:
     """Processes with their regions in `root/ds<i>` and logs in `root/ds<i>.log`."""
     def make(i: int, port: int) -> Downstairs:
         return ProcessDownstairs(list(cmd), f"ds{i}", port, root / f"ds{i}", root / f"ds{i}.log",
@@ -102,32 +101,25 @@ def process_members(cmd: Sequence[str], root: Path, *, program: DsProgram = LEGA
 
 
 def docker_members(client: Any, image: str, labels: dict[str, str], prefix: str, *,
-                   log_dir: Path | None = None, network: str | None = None,
-                   program: DsProgram = LEGACY) -> MemberFactory:
-    """Containers named `<prefix>-ds<i>` (volumes `<prefix>-ds<i>-data`) carrying `labels`.
-    `network` defaults to the program's ("host" for a Crucible-protocol downstairs)."""
-    network = network or program.network
-    if network not in NETWORKS:
-        raise HarnessError(f"downstairs network {network!r} is unknown; use one of {NETWORKS}")
-
+                   log_dir: Path | None = None, program: DsProgram = OURS) -> MemberFactory:
+    """Containers named `<prefix>-ds<i>` (volumes `<prefix>-ds<i>-data`) carrying `labels`, on
+    the host's network (see `DockerDownstairs`)."""
     def make(i: int, port: int) -> Downstairs:
         log = None if log_dir is None else log_dir / f"ds{i}.log"
-        return DockerDownstairs(client, image, f"{prefix}-ds{i}", port, labels, log, network=network,
-                                program=program)
+        return DockerDownstairs(client, image, f"{prefix}-ds{i}", port, labels, log, program=program)
     return make
 
 
-def members_for(fw: Framework, node_id: str, directory: Path, *,
-                network: str | None = None) -> MemberFactory:
+def members_for(fw: Framework, node_id: str, directory: Path) -> MemberFactory:
     """Members of the session's flavour (`--phd-downstairs`) and program, made the way
     DiskFactory makes a disk's downstairs: the framework's Docker client, image and labels.
-    A Crucible-protocol program needs port pairs (`PortAllocator.allocate_pair`)."""
+    Give each member a port pair (`PortAllocator.allocate_pair`): its repair port is + 4000."""
     cfg = fw.config
     program = cfg.downstairs_program
     if cfg.downstairs == "docker":
         prefix = f"phd-{fw.session_id}-{uuidlib.uuid4().hex[:6]}"
         return docker_members(fw.docker(), fw.downstairs_image(program), fw.labels(node_id), prefix,
-                              log_dir=directory, network=network, program=program)
+                              log_dir=directory, program=program)
     return process_members(program.cmd, directory, program=program)
 
 

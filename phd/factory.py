@@ -277,10 +277,9 @@ class DiskFactory:
         """`count` downstairs with fresh regions, started side by side; all or none."""
         downstairs: list[Downstairs] = []
         try:
-            program = self.fw.config.downstairs_program
             for _ in range(count):
-                # A Crucible-protocol downstairs' repair port (+4000) must be free as well.
-                port = self.fw.ports.allocate_pair() if program.crucible else self.fw.ports.allocate()
+                # A downstairs' repair port (+4000) must be free as well.
+                port = self.fw.ports.allocate_pair()
                 self._ports.append(port)
                 # ds0..ds2 for a disk's first three, ds3... for spares: log files sort by disk.
                 n = self._ds_count[disk_name] = self._ds_count.get(disk_name, -1) + 1

@@ -39,7 +39,7 @@ class PhdConfig:
     accel: str
     regressions: tuple[str, ...]
     repo_root: Path
-    # legacy / ours13 / binary (phd.downstairs); its `cmd` is what process downstairs run
+    # ours / binary (phd.downstairs); its `cmd` is what process downstairs run
     downstairs_program: DsProgram = field(default_factory=default_program)
 
 

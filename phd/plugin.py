@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from phd.downstairs import PROGRAM_KINDS, DsProgram, choose_program, sweep_leftovers, upstairs_refusal
+from phd.downstairs import PROGRAM_KINDS, DsProgram, choose_program, sweep_leftovers
 from phd.errors import ArtifactUnavailable, HarnessError
 from phd.factory import DiskFactory, VmFactory
 from phd.framework import Framework, PhdConfig
@@ -37,11 +37,10 @@ _OPTIONS: list[tuple[str, dict[str, Any], str]] = [
     ("--phd-downstairs-cmd", {},
      "downstairs command for process mode (default: the program's own); a single path to an ELF "
      "executable is a real crucible-downstairs (program binary)"),
-    ("--phd-downstairs-program", {"choices": list(PROGRAM_KINDS)},
-     "which downstairs: legacy (our old protocol), ours13 (python -m sut.storage.downstairs) or "
-     "binary (a crucible-downstairs); default: the one the upstairs speaks to "
-     "(phd.downstairs.UPSTAIRS_PROTOCOL), binary when --phd-downstairs-binary or an executable "
-     "--phd-downstairs-cmd is given"),
+    ("--phd-downstairs-program", {"metavar": "|".join(PROGRAM_KINDS)},
+     "which downstairs (each speaks Crucible's protocol v13): ours (python -m "
+     "sut.storage.downstairs) or binary (a crucible-downstairs); default: binary when "
+     "--phd-downstairs-binary or an executable --phd-downstairs-cmd is given, else ours"),
     ("--phd-downstairs-binary", {"metavar": "PATH"},
      "a crucible-downstairs executable; docker mode runs containers of an image built around "
      "it. On the command line it implies --phd-downstairs-program binary; PHD_DOWNSTAIRS_BINARY "
@@ -156,11 +155,10 @@ def downstairs_program(config: pytest.Config) -> DsProgram:
 
 
 def _check_downstairs_program(config: pytest.Config) -> None:
-    program = downstairs_program(config)
-    refusal = upstairs_refusal(program)
-    if refusal is not None:
-        raise pytest.UsageError(refusal)
-    config.stash[_PROGRAM] = program
+    """Choose (and check) the program once, at configure time: a bad option stops the run."""
+    config.stash[_PROGRAM] = downstairs_program(config)
+
+
 _SHARD_RX = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
 

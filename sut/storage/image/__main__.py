@@ -1,7 +1,7 @@
 """``python -m sut.storage.image ensure``: build a downstairs image if missing, print its tag.
 
-    ensure [--program legacy|ours13]    our Python downstairs (default legacy)
-    ensure --binary PATH                 an image around a crucible-downstairs executable
+    ensure [--program ours]    our downstairs, phd-downstairs:<hash> (the default)
+    ensure --binary PATH        an image around a crucible-downstairs executable
 
 Progress goes to stderr; the tag is the LAST line of stdout so scripts can capture it.
 """
@@ -36,10 +36,18 @@ def main(argv: list[str] | None = None) -> int:
     tag = sub.add_parser("tag", help="print the tag the current sources would produce")
     for p in (ensure, tag):
         which = p.add_mutually_exclusive_group()
-        which.add_argument("--program", choices=PROGRAMS, default="legacy",
-                           help="which Python downstairs (default legacy)")
-        which.add_argument("--binary", type=Path, default=None,
-                           help="a crucible-downstairs executable to build an image around")
+        which.add_argument(
+            "--program",
+            choices=PROGRAMS,
+            default="ours",
+            help="our downstairs (python -m sut.storage.downstairs; the default)",
+        )
+        which.add_argument(
+            "--binary",
+            type=Path,
+            default=None,
+            help="a crucible-downstairs executable to build an image around",
+        )
     args = parser.parse_args(argv)
     started = time.monotonic()
     try:

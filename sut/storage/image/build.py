@@ -1,9 +1,9 @@
 """Build downstairs container images offline, only when they are missing.
 
-Three images, one per downstairs *program* (see ``phd.downstairs``):
-- ``legacy``: ``phd-downstairs:<hash>``, ``python -m sut.storage.downstairs`` (our own protocol);
-- ``ours13``: ``phd-downstairs13:<hash>``, ``python -m sut.storage.downstairs`` (Crucible's
-  protocol v13; Debian's python3-xxhash for the block hash);
+Two images, one per downstairs *program* (see ``phd.downstairs``); both speak Crucible's
+protocol v13:
+- ``ours``: ``phd-downstairs:<hash>``, ``python -m sut.storage.downstairs`` (Debian's python3
+  and python3-xxhash for the block hash);
 - ``binary``: ``phd-downstairs-bin:<binary sha256>-<recipe>``, a given ``crucible-downstairs``
   executable plus what its ``ldd`` needs: the Debian package of each library where ``dpkg -S``
   names one (libsqlite3-0, say), a copy of the library only where none does; and
@@ -73,11 +73,9 @@ class _Recipe:
     entry_module: str
 
 
-# The Python programs; the binary one is built by ensure_binary_image.
+# Our Python program; the binary one is built by ensure_binary_image.
 _RECIPES = {
-    "legacy": _Recipe("phd-downstairs", "Dockerfile", ("python3",), "sut.storage.downstairs"),
-    "ours13": _Recipe("phd-downstairs13", "Dockerfile.ours13", ("python3", "python3-xxhash"),
-                      "sut.storage.downstairs"),
+    "ours": _Recipe("phd-downstairs", "Dockerfile", ("python3", "python3-xxhash"), "sut.storage.downstairs"),
 }
 PROGRAMS = tuple(_RECIPES)
 
@@ -94,8 +92,10 @@ def _recipe(program: str) -> _Recipe:
     try:
         return _RECIPES[program]
     except KeyError:
-        raise ImageBuildError(f"unknown downstairs program {program!r}; use one of {PROGRAMS} "
-                              "(or ensure_binary_image for a crucible-downstairs binary)") from None
+        raise ImageBuildError(
+            f"unknown downstairs program {program!r}; use one of {PROGRAMS} "
+            "(or ensure_binary_image for a crucible-downstairs binary)"
+        ) from None
 
 
 def _module_file(module: str) -> Path | None:
@@ -109,7 +109,7 @@ def _module_file(module: str) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def downstairs_sources(program: str = "legacy") -> list[Path]:
+def downstairs_sources(program: str = "ours") -> list[Path]:
     """Every ``sut`` source file the program's downstairs imports (transitively), package
     inits included."""
     seen: set[Path] = set()
@@ -146,7 +146,7 @@ def _base_tag(packages: Sequence[str] = ("python3",)) -> str:
     return f"{BASE_REPO}:{_digest([('recipe', recipe), ('sources', sources)])}"
 
 
-def image_tag(program: str = "legacy") -> str:
+def image_tag(program: str = "ours") -> str:
     """The tag the current sources would produce for a Python program (no Docker needed)."""
     recipe = _recipe(program)
     parts = [
@@ -160,8 +160,13 @@ def image_tag(program: str = "legacy") -> str:
 
 def _run(argv: list[str], timeout: float | None = None) -> subprocess.CompletedProcess[bytes]:
     # argv is built here from constants, our own tags and a path the caller vouched for
-    return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,  # noqa: S603
-                          check=False, timeout=timeout)
+    return subprocess.run(  # noqa: S603
+        argv,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        check=False,
+        timeout=timeout,
+    )
 
 
 def _image_exists(tag: str) -> bool:
@@ -175,8 +180,15 @@ def _fail(what: str, argv: list[str], proc: subprocess.CompletedProcess[bytes]) 
 
 def _build_base(tag: str, packages: Sequence[str]) -> None:
     mirror = str(_SOURCES) if _SOURCES.is_file() else "http://deb.debian.org/debian"
-    mm = ["mmdebstrap", "--variant=minbase", f"--include={','.join(packages)}", "--quiet",
-          _SUITE, "-", mirror]
+    mm = [
+        "mmdebstrap",
+        "--variant=minbase",
+        f"--include={','.join(packages)}",
+        "--quiet",
+        _SUITE,
+        "-",
+        mirror,
+    ]
     imp = ["docker", "import", "--change", "LABEL phd.image=downstairs-base", "-", tag]
     _progress(f"bootstrapping Debian {_SUITE} rootfs: {' '.join(mm)}")
     with tempfile.TemporaryFile() as mm_err, tempfile.TemporaryFile() as imp_err:
@@ -245,12 +257,13 @@ def _ensure_base(packages: Sequence[str], started: float) -> str:
     return base
 
 
-def ensure_image(lock_dir: Path | None = None, program: str = "legacy") -> str:
+def ensure_image(lock_dir: Path | None = None, program: str = "ours") -> str:
     """Return the tag of an up-to-date image of a Python program, building it if missing."""
     tag = image_tag(program)
     packages = _recipe(program).packages
-    return _locked_build(tag, lock_dir, lambda started: _build_final(
-        tag, _ensure_base(packages, started), program))
+    return _locked_build(
+        tag, lock_dir, lambda started: _build_final(tag, _ensure_base(packages, started), program)
+    )
 
 
 # --- the image around a crucible-downstairs binary ---------------------------------------------
@@ -319,9 +332,11 @@ def binary_runtime(binary: Path) -> BinaryRuntime:
     copied: list[Path] = []
     for name, path in _ldd(binary):
         if path == "not found":
-            raise ImageBuildError(f"{binary} needs {name}, which is not installed here either: "
-                                  "install its Debian package on this machine first (ldd says "
-                                  "'not found')")
+            raise ImageBuildError(
+                f"{binary} needs {name}, which is not installed here either: "
+                "install its Debian package on this machine first (ldd says "
+                "'not found')"
+            )
         pkg = _package_of(Path(path))
         if pkg is not None:
             packages.add(pkg)
@@ -371,15 +386,31 @@ def ensure_binary_image(binary: Path, lock_dir: Path | None = None) -> str:
             (ctx / "lib").mkdir()
             for lib in runtime.copied:
                 shutil.copy(lib, ctx / "lib" / lib.name)
-            _docker_build(tag, base, ctx, {"phd.downstairs.program": "binary",
-                                           "phd.downstairs.binary-sha256": sha})
+            _docker_build(
+                tag, base, ctx, {"phd.downstairs.program": "binary", "phd.downstairs.binary-sha256": sha}
+            )
         # Smoke check: create a tiny region and run it until it listens, inside the image (a
         # library or file the binary needs at start fails the build, not a test).
-        script = (f"{BIN_PATH} create -u 00000000-0000-4000-8000-000000000001 -d /tmp/r "
-                  f"--extent-size 8 --extent-count 1 >/dev/null && exec timeout -s KILL 5 "
-                  f"{BIN_PATH} run -d /tmp/r -a 127.0.0.1 -p 9000")
-        check = ["docker", "run", "--rm", "--read-only", "--tmpfs", "/tmp", "--network", "none",
-                 "--entrypoint", "/bin/sh", tag, "-c", script]
+        script = (
+            f"{BIN_PATH} create -u 00000000-0000-4000-8000-000000000001 -d /tmp/r "
+            f"--extent-size 8 --extent-count 1 >/dev/null && exec timeout -s KILL 5 "
+            f"{BIN_PATH} run -d /tmp/r -a 127.0.0.1 -p 9000"
+        )
+        check = [
+            "docker",
+            "run",
+            "--rm",
+            "--read-only",
+            "--tmpfs",
+            "/tmp",
+            "--network",
+            "none",
+            "--entrypoint",
+            "/bin/sh",
+            tag,
+            "-c",
+            script,
+        ]
         proc = _run(check, timeout=120)
         if b"downstairs listening on" not in proc.stdout:
             _run(["docker", "image", "rm", "-f", tag])

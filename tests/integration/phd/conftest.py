@@ -1,10 +1,10 @@
-"""Fixtures for the downstairs controller against REAL downstairs: local processes and
-Docker containers (the docker flavour skips, with the reason, where there is no engine)."""
+"""Fixtures for the downstairs controller against REAL downstairs (ours, python -m
+sut.storage.downstairs): local processes and Docker containers (the docker flavour skips, with
+the reason, where there is no engine)."""
 
 from __future__ import annotations
 
 import socket
-import struct
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,11 +12,12 @@ from typing import Any
 
 import pytest
 
-from phd.downstairs import default_process_cmd
+from phd.downstairs import OURS
 from phd.dsc import DownstairsSet, MemberFactory, RegionGeometry, docker_members, process_members
 from phd.errors import ArtifactUnavailable
 from phd.framework import Framework
-from sut.storage.protocol import PROTOCOL_VERSION, Message, decode_frame, encode
+from sut.storage import wire
+from sut.storage.wire import messages as m
 
 # Small regions: 8 extents of 512 KiB, so creating three is quick in either flavour.
 GEOMETRY = RegionGeometry(block_size=512, extent_size=1024, extent_count=8)
@@ -27,9 +28,9 @@ SetFactory = Callable[..., DownstairsSet]
 
 @pytest.fixture(scope="session")
 def docker_env(phd_framework: Framework) -> tuple[Any, str]:
-    """The framework's Docker client and downstairs image, as DiskFactory gets them."""
+    """The framework's Docker client and our downstairs' image, as DiskFactory gets them."""
     try:
-        return phd_framework.docker(), phd_framework.downstairs_image()
+        return phd_framework.docker(), phd_framework.downstairs_image(OURS)
     except ArtifactUnavailable as exc:
         pytest.skip(f"docker flavour needs Docker and the downstairs image: {exc}")
 
@@ -56,13 +57,13 @@ def made(tmp_path: Path) -> Made:
 @pytest.fixture
 def make_set(request: pytest.FixtureRequest, flavour: str, made: Made,
              phd_framework: Framework) -> Iterator[SetFactory]:
-    """`make_set(count=3, spares=0, given=None)` -> an opened DownstairsSet of this test's
-    flavour, on ports from the worker's range (or on the `given` ones)."""
+    """`make_set(count=3, spares=0, given=None)` -> an opened DownstairsSet of our downstairs
+    in this test's flavour, on port pairs from the worker's range (or on the `given` ones)."""
     ports: list[int] = []
 
     def members() -> MemberFactory:
         if flavour == "process":
-            return process_members(default_process_cmd(), made.root / f"set{len(made.sets)}")
+            return process_members(OURS.cmd, made.root / f"set{len(made.sets)}")
         client, image = request.getfixturevalue("docker_env")
         labels = {**phd_framework.labels(request.node.nodeid), "phd.dsc": made.tag}
         return docker_members(client, image, labels, f"phd-{phd_framework.session_id}-{made.tag}"
@@ -70,7 +71,8 @@ def make_set(request: pytest.FixtureRequest, flavour: str, made: Made,
 
     def make(count: int = 3, spares: int = 0, *, given: list[int] | None = None) -> DownstairsSet:
         factory = members()
-        mine = [phd_framework.ports.allocate() for _ in range(count + spares)]
+        # each downstairs also listens on its repair port, + 4000
+        mine = [phd_framework.ports.allocate_pair() for _ in range(count + spares)]
         ports.extend(mine)
         dss = DownstairsSet(factory, given or mine, count=count, geometry=GEOMETRY)
         made.sets.append(dss)
@@ -87,25 +89,27 @@ def make_set(request: pytest.FixtureRequest, flavour: str, made: Made,
 
 # --- probes of a real downstairs -----------------------------------------------------------------
 def handshake(target: str, timeout_s: float = 2.0) -> str:
-    """Open a connection and say HereIAm; returns the downstairs' answer (YesItsMe).
+    """Open a connection and say HereIAm (Crucible's v13); returns the name of the downstairs'
+    answer ("YesItsMe").
 
     Raises OSError when the connection is refused and TimeoutError when nobody answers
     (a paused downstairs: the kernel accepts the connection, the process never replies).
     """
     host, port = target.rsplit(":", 1)
-    hello = Message("HereIAm", {"version": PROTOCOL_VERSION, "upstairs_id": str(uuid.uuid4()),
-                                "session_id": str(uuid.uuid4()), "gen": 1, "read_only": False,
-                                "encrypted": False})
+    hello = m.HereIAm(wire.MESSAGE_VERSION, uuid.uuid4(), uuid.uuid4(), generation=1,
+                      read_only=False, encrypted=False)
     with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
-        sock.sendall(encode(hello))
-        data = b""
-        # a frame is complete once its u32 length prefix and that many bytes are in
-        while len(data) < 4 or len(data) < 4 + struct.unpack_from(">I", data)[0]:
+        sock.sendall(wire.encode(hello))
+        frames = wire.FrameAssembler()
+        received = 0
+        while True:
             chunk = sock.recv(65536)
             if not chunk:
-                raise ConnectionError(f"{target} closed the connection after {len(data)} bytes")
-            data += chunk
-        return decode_frame(data)[0].kind
+                raise ConnectionError(f"{target} closed the connection after {received} bytes")
+            received += len(chunk)
+            replies = frames.feed(chunk)
+            if replies:
+                return type(replies[0]).__name__
 
 
 def answer(target: str, timeout_s: float = 2.0) -> str:

@@ -1,4 +1,4 @@
-"""Crucible-protocol downstairs under the framework's handles: ours (`ours13`, python -m
+"""The downstairs programs under the framework's handles: ours (`ours`, python -m
 sut.storage.downstairs) and the real `crucible-downstairs` (`binary`), each in a container
 of its image and as a local process. They answer a v13 HereIAm with YesItsMe naming their
 repair port (port + 4000) on 127.0.0.1, keep their region across stop/start and kill/start,
@@ -23,7 +23,7 @@ from typing import Any, cast
 import pytest
 
 from phd.downstairs import (
-    OURS13,
+    OURS,
     REPAIR_PORT_OFFSET,
     DockerDownstairs,
     Downstairs,
@@ -33,7 +33,7 @@ from phd.downstairs import (
     choose_program,
     sweep_leftovers,
 )
-from phd.errors import ArtifactUnavailable, HarnessError
+from phd.errors import ArtifactUnavailable
 from phd.framework import Framework
 from sut.storage import wire
 from sut.storage.wire import messages as m
@@ -58,7 +58,7 @@ pytest_plugins = ["pytester"]
 BLOCK = 512
 EXTENT_SIZE = 64
 EXTENT_COUNT = 4
-PROGRAMS = [pytest.param("ours13", id="ours13"), pytest.param("binary", id="binary", marks=needs_binary)]
+PROGRAMS = [pytest.param("ours", id="ours"), pytest.param("binary", id="binary", marks=needs_binary)]
 FLAVOURS = ["docker", "process"]
 
 
@@ -78,8 +78,8 @@ class Target:
 
 
 def program_for(kind: str, flavour: str) -> DsProgram:
-    if kind == "ours13":
-        return OURS13
+    if kind == "ours":
+        return OURS
     # through the options, as a user gives them
     if flavour == "docker":
         return choose_program(flavour="docker", binary=str(BINARY))
@@ -298,7 +298,8 @@ def test_containers_are_labelled_non_root_read_only_on_the_host_network(made: Ma
         assert image.labels["phd.downstairs.binary-sha256"] == sha256_of(BINARY)
         assert ds.image.startswith(f"phd-downstairs-bin:{sha256_of(BINARY)[:16]}-")
     else:
-        assert ds.image.startswith("phd-downstairs13:")
+        assert ds.image.startswith("phd-downstairs:")
+        assert image.labels["phd.downstairs.program"] == "ours"
     # the root filesystem refuses writes; /data (the region volume) takes them
     assert container.exec_run(["/bin/sh", "-c", "echo x > /opt/x"]).exit_code != 0
     assert container.exec_run(["/bin/sh", "-c", "echo x > /data/probe && rm /data/probe"]).exit_code == 0
@@ -341,24 +342,19 @@ def test_the_sweeper_removes_a_dead_sessions_containers(made: Made, kind: str) -
     ds.destroy()  # and its teardown copes
 
 
-def test_a_crucible_program_refuses_a_published_port(made: Made) -> None:
-    with pytest.raises(HarnessError, match="needs network 'host'"):
-        DockerDownstairs(None, "img", "x", 1, {}, None, network="published", program=OURS13)
-
-
 @pytest.mark.skipif(HAVE_BINARY, reason="checks the skip reason only when the binary is absent")
 def test_binary_cases_skip_with_a_how_to() -> None:
     assert "cargo build --release -p crucible-downstairs" in str(needs_binary.kwargs["reason"])
 
 
 def test_ports_are_pairs_with_both_halves_in_this_workers_range(made: Made) -> None:
-    ds = made.make(OURS13, "process")
+    ds = made.make(OURS, "process")
     alloc = made.fw.ports
     assert alloc.start <= ds.host_port < alloc.end
     assert ds.host_port + REPAIR_PORT_OFFSET in alloc.partner_range
 
 
-# --- through the plugin, with the switch flipped --------------------------------------------------
+# --- through the plugin ---------------------------------------------------------------------------
 DISK_TEST = """
 import signal
 import socket
@@ -393,17 +389,17 @@ def test_disk(disk_factory):
 
 
 @pytest.mark.parametrize(("kind", "flavour"), [
-    pytest.param("ours13", "process", id="ours13-process"),
+    pytest.param("ours", "process", id="ours-process"),
+    pytest.param("ours", "docker", id="ours-docker"),
     pytest.param("binary", "process", id="binary-process", marks=needs_binary),
     pytest.param("binary", "docker", id="binary-docker", marks=needs_binary),
 ])
-def test_disk_factory_runs_the_program_once_the_switch_is_flipped(
+def test_disk_factory_runs_the_program(
         pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, phd_framework: Framework,
         kind: str, flavour: str) -> None:
-    import phd.downstairs
-
-    monkeypatch.setattr(phd.downstairs, "UPSTAIRS_PROTOCOL", "v13")
+    """ours by default (no program option at all), binary from the path options."""
     monkeypatch.delenv("PHD_DOWNSTAIRS_BINARY", raising=False)
+    monkeypatch.delenv("PHD_DOWNSTAIRS_PROGRAM", raising=False)
     pytester.makepyfile(DISK_TEST.format(kind=kind))
     args = ["-s", "-p", "no:cacheprovider", f"--phd-downstairs={flavour}",
             f"--phd-tmp-dir={pytester.path / 'phd'}"]
@@ -423,7 +419,8 @@ def test_disk_factory_runs_the_program_once_the_switch_is_flipped(
     if flavour == "docker":
         # every container of that inner session is gone
         names = [c.name for c in phd_framework.docker().containers.list(all=True)
-                 if c.labels.get("phd.test", "").startswith("test_disk_factory_runs")]
+                 if c.labels.get("phd.test", "").startswith("test_disk_factory_runs")
+                 and c.labels.get("phd.session") != phd_framework.session_id]
         assert names == []
 
 
@@ -454,8 +451,8 @@ def pair_base(phd_framework: Framework) -> Iterator[int]:
 
 
 @pytest.mark.parametrize(("kind", "flavour"), [
-    pytest.param("ours13", "process", id="ours13-process"),
-    pytest.param("ours13", "docker", id="ours13-docker"),
+    pytest.param("ours", "process", id="ours-process"),
+    pytest.param("ours", "docker", id="ours-docker"),
     pytest.param("binary", "process", id="binary-process", marks=needs_binary),
     pytest.param("binary", "docker", id="binary-docker", marks=needs_binary),
 ])
@@ -499,12 +496,23 @@ def test_dsc_run_with_a_crucible_program(request: pytest.FixtureRequest, phd_fra
         assert docker_leftovers(phd_framework.docker(), f"phd.session={session}") == []
 
 
-def test_dsc_run_refuses_a_published_crucible_program(tmp_path: Path) -> None:
+def test_dsc_run_refuses_bad_programs_naming_the_fix(tmp_path: Path) -> None:
+    for program, message in (("legacy", "--program 'legacy' is unknown: the legacy program and its "
+                                        "protocol were removed"),
+                             ("ours13", "--program 'ours13' is unknown: ours13 is now called ours")):
+        done = subprocess.run([sys.executable, "-m", "phd.cli", "dsc", "run", "--dir",
+                               str(tmp_path / "dsc"), "--flavour", "docker", "--program", program],
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+                              check=False)
+        assert done.returncode == 2
+        assert message in done.stderr, done.stderr
+        assert not (tmp_path / "dsc").exists()  # refused before anything was made
+    # there is one network (the host's): the option is gone
     done = subprocess.run([sys.executable, "-m", "phd.cli", "dsc", "run", "--dir", str(tmp_path),
-                           "--flavour", "docker", "--program", "ours13", "--network", "published"],
+                           "--network", "published"],
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2
-    assert "--program ours13 needs --network host" in done.stderr
+    assert "unrecognized arguments: --network" in done.stderr
     done = subprocess.run([sys.executable, "-m", "phd.cli", "dsc", "run", "--dir", str(tmp_path),
                            "--program", "binary", "--downstairs-cmd", "/nope/cd"],
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, check=False)
@@ -530,8 +538,7 @@ def test_another_downstairs_reaches_the_repair_port(made: Made, kind: str, flavo
     b, b_region = started(made, kind, flavour)
     addr = yes_its_me(b).repair_addr
     if not repair_port_listens(b):
-        pytest.skip(f"{kind} does not serve its repair port yet (YesItsMe names {addr}); the "
-                    "downstairs13 repair server is a later slice of issue 13")
+        pytest.fail(f"{kind} does not serve its repair port (YesItsMe names {addr})")
     request = f"GET /region-info HTTP/1.0\r\nHost: {addr}\r\n\r\n"
     if flavour == "docker":
         assert isinstance(a, DockerDownstairs)

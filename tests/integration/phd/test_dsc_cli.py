@@ -76,8 +76,9 @@ class DscRun:
 
 @pytest.fixture
 def port_base(phd_framework: Framework) -> Iterator[int]:
-    """Three ports of this worker's range for the downstairs (dsc skips busy ones)."""
-    ports = [phd_framework.ports.allocate() for _ in range(3)]
+    """Three port pairs (port, port + 4000) of this worker's range for the downstairs (dsc
+    skips busy ones)."""
+    ports = [phd_framework.ports.allocate_pair() for _ in range(3)]
     yield min(ports)
     for port in ports:
         phd_framework.ports.release(port)

@@ -143,9 +143,8 @@ def test_docker_host_network_member_listens_on_loopback_itself(
         request: pytest.FixtureRequest) -> None:
     client, image = docker_env
     labels = {**phd_framework.labels(request.node.nodeid), "phd.dsc": made.tag}
-    members = docker_members(client, image, labels, f"phd-{phd_framework.session_id}-{made.tag}",
-                             network="host")
-    port = phd_framework.ports.allocate()
+    members = docker_members(client, image, labels, f"phd-{phd_framework.session_id}-{made.tag}")
+    port = phd_framework.ports.allocate_pair()
     try:
         with DownstairsSet(members, [port], count=1, geometry=GEOMETRY) as dss:
             attrs = client.containers.get(dss.member(0).name).attrs
@@ -153,7 +152,8 @@ def test_docker_host_network_member_listens_on_loopback_itself(
             assert not attrs["HostConfig"]["PortBindings"]  # nothing published: no docker-proxy
             listening = [json.loads(line) for line in dss.member(0).logs().splitlines()
                          if '"listening"' in line]
-            assert [(r["address"], r["port"]) for r in listening] == [("127.0.0.1", port)]
+            assert [(r["address"], r["port"], r["repair_port"]) for r in listening] == [
+                ("127.0.0.1", port, port + 4000)]
             assert answer(dss.targets[0]) == "YesItsMe"
             dss.kill(0)
             assert answer(dss.targets[0]).startswith("refused")
@@ -170,7 +170,7 @@ def test_docker_host_network_member_listens_on_loopback_itself(
 def test_a_taken_port_fails_the_open_clearly_and_leaves_nothing(
         make_set: SetFactory, made: Made, flavour: str, phd_framework: Framework,
         request: pytest.FixtureRequest) -> None:
-    free = [phd_framework.ports.allocate() for _ in range(2)]
+    free = [phd_framework.ports.allocate_pair() for _ in range(2)]
     try:
         with socket.socket() as squatter:
             squatter.bind(("127.0.0.1", free[1]))

@@ -1,8 +1,11 @@
-"""The downstairs container image: built offline, read-only root, named volume at /data."""
+"""The downstairs container image (`phd-downstairs:<hash>`, our Crucible-protocol downstairs):
+built offline, read-only root, named volume at /data, on the host's network with its repair
+server at port + 4000."""
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import shutil
 import subprocess
@@ -14,12 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from phd.framework import Framework
 from sut.storage.backend import CrucibleBackend, RetryPolicy
 
 from .conftest import BLOCK_SIZE, EXTENT_COUNT, EXTENT_SIZE, make_vcr, qemu_io
 
 pytestmark = pytest.mark.integration
-CONTAINER_PORT = 3810
+REPAIR_PORT_OFFSET = 4000
 
 
 def docker(*args: str, check: bool = True) -> str:
@@ -62,8 +66,18 @@ def session_label() -> Iterator[str]:
     assert docker("ps", "-aq", "--filter", f"label={label}") == ""
 
 
-def start_downstairs(tag: str, label: str, name: str) -> str:
-    """Create a region in a fresh named volume, then serve it; returns "127.0.0.1:PORT"."""
+@pytest.fixture
+def port_pairs(phd_framework: Framework) -> Iterator[list[int]]:
+    """Three ports of this worker's range whose repair ports (+ 4000) are free too."""
+    ports = [phd_framework.ports.allocate_pair() for _ in range(3)]
+    yield ports
+    for port in ports:
+        phd_framework.ports.release(port)
+
+
+def start_downstairs(tag: str, label: str, name: str, port: int, region: uuid.UUID) -> str:
+    """Create a region in a fresh named volume, then serve it on the host's network at
+    127.0.0.1:port (repair server at port + 4000); returns "127.0.0.1:PORT"."""
     volume = docker("volume", "create", "--label", label, f"{name}-data")
     common = ["--read-only", "--label", label, "-v", f"{volume}:/data"]
     docker(
@@ -73,7 +87,7 @@ def start_downstairs(tag: str, label: str, name: str) -> str:
         tag,
         "create",
         "-u",
-        str(uuid.uuid4()),
+        str(region),
         "-d",
         "/data/region",
         "--block-size",
@@ -89,16 +103,16 @@ def start_downstairs(tag: str, label: str, name: str) -> str:
         "--name",
         name,
         *common,
-        "-p",
-        f"127.0.0.1::{CONTAINER_PORT}",
+        "--network",
+        "host",
         tag,
         "run",
         "-d",
         "/data/region",
         "-a",
-        "0.0.0.0",
+        "127.0.0.1",
         "-p",
-        str(CONTAINER_PORT),
+        str(port),
     )
     deadline = time.monotonic() + 30
     logs = ""
@@ -112,18 +126,41 @@ def start_downstairs(tag: str, label: str, name: str) -> str:
         time.sleep(0.1)  # polling interval of a deadline-bounded wait
     else:
         raise AssertionError(f"container {name} never listened; logs:\n{logs}")
-    host_port = docker("port", cid, f"{CONTAINER_PORT}/tcp").splitlines()[0].rsplit(":", 1)[1]
-    return f"127.0.0.1:{host_port}"
+    listening = [json.loads(line) for line in logs.splitlines() if '"event": "listening"' in line]
+    assert [(r["address"], r["port"], r["repair_port"]) for r in listening] == [
+        ("127.0.0.1", port, port + REPAIR_PORT_OFFSET)
+    ], logs
+    return f"127.0.0.1:{port}"
+
+
+def region_info(port: int) -> tuple[int, str]:
+    """GET /region-info from the repair server at port + 4000: (status, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port + REPAIR_PORT_OFFSET, timeout=10)
+    try:
+        conn.request("GET", "/region-info")
+        response = conn.getresponse()
+        return response.status, response.read().decode(errors="replace")
+    finally:
+        conn.close()
 
 
 def test_image_runs_downstairs_with_read_only_root(
-    image_tag: str, session_label: str, tmp_path: Path
+    image_tag: str, session_label: str, port_pairs: list[int], tmp_path: Path
 ) -> None:
     labels = json.loads(docker("image", "inspect", "--format", "{{json .Config.Labels}}", image_tag))
     assert labels["phd.image"] == "downstairs"
+    assert labels["phd.downstairs.program"] == "ours"
     assert docker("image", "inspect", "--format", "{{.Config.User}}", image_tag) != ""
     suffix = session_label.rsplit("-", 1)[1]
-    targets = [start_downstairs(image_tag, session_label, f"phd-ds{i}-{suffix}") for i in range(3)]
+    regions = [uuid.uuid4() for _ in port_pairs]
+    targets = [
+        start_downstairs(image_tag, session_label, f"phd-ds{i}-{suffix}", port, region)
+        for i, (port, region) in enumerate(zip(port_pairs, regions, strict=True))
+    ]
+    # each one's repair server answers on the host's loopback with its own region
+    for port, region in zip(port_pairs, regions, strict=True):
+        status, body = region_info(port)
+        assert status == 200 and str(region) in body, body[:500]
     # `create` on an existing region fails with a clear message, from the container too
     again = subprocess.run(
         [

@@ -1,5 +1,5 @@
-"""Choosing the downstairs program (legacy / ours13 / binary) from the options, checking a
-crucible-downstairs binary, and the plugin's refusal while the upstairs speaks only legacy."""
+"""Choosing the downstairs program (ours / binary; both speak Crucible's protocol v13) from the
+options, checking a crucible-downstairs binary, and the plugin's UsageErrors."""
 
 from __future__ import annotations
 
@@ -11,14 +11,12 @@ import pytest
 
 import phd.downstairs as ds_mod
 from phd.downstairs import (
-    LEGACY,
-    OURS13,
-    UPSTAIRS_PROTOCOL,
+    OURS,
+    PROGRAM_KINDS,
     binary_program,
     check_binary,
     choose_program,
     default_program,
-    upstairs_refusal,
 )
 from phd.errors import HarnessError
 from tests.integration.storage.crucible_ds import BINARY, needs_binary
@@ -36,43 +34,30 @@ def script(tmp_path: Path) -> Path:
     return path
 
 
-def test_the_switch_is_legacy_until_the_v13_upstairs_lands() -> None:
-    assert UPSTAIRS_PROTOCOL == "legacy"
-    assert default_program() is LEGACY
-    assert choose_program(flavour="docker") is LEGACY
-    assert upstairs_refusal(LEGACY) is None
-    refusal = upstairs_refusal(OURS13)
-    assert refusal is not None
-    assert "does not yet speak v13" in refusal and 'UPSTAIRS_PROTOCOL = "v13"' in refusal
+def test_ours_is_the_default_and_there_is_nothing_to_switch() -> None:
+    assert PROGRAM_KINDS == ("ours", "binary")
+    assert default_program() is OURS
+    assert choose_program(flavour="docker") is OURS
+    assert choose_program(flavour="process") is OURS
+    assert choose_program(flavour="process", kind="ours") is OURS
+    for gone in ("LEGACY", "OURS13", "UPSTAIRS_PROTOCOL", "NETWORKS", "upstairs_refusal"):
+        assert not hasattr(ds_mod, gone), gone
 
 
-def test_flipping_the_switch_makes_ours13_the_default_and_refuses_legacy(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ds_mod, "UPSTAIRS_PROTOCOL", "v13")
-    assert default_program() is OURS13
-    assert choose_program(flavour="process") is OURS13
-    assert upstairs_refusal(OURS13) is None
-    assert upstairs_refusal(binary_program(TRUE)) is None
-    assert "speaks our legacy protocol" in (upstairs_refusal(LEGACY) or "")
-
-
-def test_programs_know_their_protocol_network_and_readiness() -> None:
-    assert (LEGACY.protocol, LEGACY.network, LEGACY.ready, LEGACY.crucible) == (
-        "legacy", "published", "log", False)
-    assert (OURS13.protocol, OURS13.network, OURS13.ready, OURS13.crucible) == (
-        "v13", "host", "log", True)
-    assert OURS13.cmd == (sys.executable, "-m", "sut.storage.downstairs")
+def test_programs_know_their_readiness_and_init() -> None:
+    assert (OURS.kind, OURS.ready, OURS.init) == ("ours", "log", False)
+    assert OURS.cmd == (sys.executable, "-m", "sut.storage.downstairs")
     real = binary_program(TRUE)
-    assert (real.protocol, real.network, real.ready, real.init) == ("v13", "host", "connect", True)
+    assert (real.kind, real.ready, real.init) == ("binary", "connect", True)
 
 
-def test_a_wrapper_command_keeps_the_legacy_program(script: Path) -> None:
+def test_a_wrapper_command_is_the_ours_program(script: Path) -> None:
     program = choose_program(flavour="process", cmd=f"{script} --verbose")
-    assert program.kind == "legacy"
+    assert program.kind == "ours"
     assert program.cmd == (str(script), "--verbose")
-    assert choose_program(flavour="process", cmd="python3 -m sut.storage.downstairs").kind == "legacy"
-    ours = choose_program(flavour="process", kind="ours13", cmd=str(script))
-    assert (ours.kind, ours.cmd) == ("ours13", (str(script),))
+    assert choose_program(flavour="process", cmd="python3 -m sut.storage.downstairs").kind == "ours"
+    ours = choose_program(flavour="process", kind="ours", cmd=str(script))
+    assert (ours.kind, ours.cmd) == ("ours", (str(script),))
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -84,10 +69,13 @@ def test_a_wrapper_command_keeps_the_legacy_program(script: Path) -> None:
     ({"kind": "binary", "cmd": f"{TRUE} --flag"}, "takes the path of the crucible-downstairs alone"),
     ({"kind": "binary"},
      "needs a crucible-downstairs: --phd-downstairs-cmd PATH .* or --phd-downstairs-binary"),
-    ({"kind": "legacy", "binary": str(TRUE)},
-     "names a crucible-downstairs for the binary program, not legacy"),
-    ({"kind": "ours13", "cmd": str(TRUE)}, "is an executable binary .* add --phd-downstairs-program binary"),
-    ({"kind": "cobol"}, "is unknown"),
+    ({"kind": "ours", "binary": str(TRUE)},
+     "names a crucible-downstairs for the binary program, not ours"),
+    ({"kind": "ours", "cmd": str(TRUE)}, "is an executable binary .* add --phd-downstairs-program binary"),
+    ({"kind": "cobol"}, "--phd-downstairs-program 'cobol' is unknown: use one of ours, binary"),
+    ({"kind": "legacy"}, "'legacy' is unknown: the legacy program and its protocol were removed.*"
+                         "use ours .* or binary"),
+    ({"kind": "ours13"}, "'ours13' is unknown: ours13 is now called ours"),
 ])
 def test_bad_choices_name_the_option_and_the_fix(kwargs: dict[str, str], message: str) -> None:
     with pytest.raises(HarnessError, match=message):
@@ -122,7 +110,7 @@ def test_the_real_binary_is_recognised_from_either_option() -> None:
     # process downstairs from --phd-downstairs-binary alone run the same binary
     assert choose_program(flavour="process", binary=str(BINARY)) == from_cmd
     # PHD_DOWNSTAIRS_BINARY alone (binary_implies=False) only names it
-    assert choose_program(flavour="docker", binary=str(BINARY), binary_implies=False) is LEGACY
+    assert choose_program(flavour="docker", binary=str(BINARY), binary_implies=False) is OURS
 
 
 # --- the plugin -----------------------------------------------------------------------------
@@ -133,12 +121,22 @@ CONFIG_TEST = """
 """
 
 
-def test_plugin_refuses_a_v13_program_while_the_upstairs_is_legacy(pytester: pytest.Pytester) -> None:
+@pytest.mark.parametrize(("value", "message"), [
+    ("legacy", "*--phd-downstairs-program 'legacy' is unknown: the legacy program and its protocol "
+               "were removed*use ours (the default) or binary*"),
+    ("ours13", "*--phd-downstairs-program 'ours13' is unknown: ours13 is now called ours*"),
+    ("cobol", "*--phd-downstairs-program 'cobol' is unknown: use one of ours, binary*"),
+])
+def test_plugin_refuses_an_unknown_program_naming_the_choices(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, value: str, message: str) -> None:
     pytester.makepyfile(CONFIG_TEST)
-    result = pytester.runpytest("--phd-downstairs-program", "ours13")
+    result = pytester.runpytest("--phd-downstairs-program", value)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*ours13*speaks Crucible's protocol v13*the upstairs*does not yet "
-                                 "speak v13*UPSTAIRS_PROTOCOL = \"v13\"*"])
+    result.stderr.fnmatch_lines([message])
+    monkeypatch.setenv("PHD_DOWNSTAIRS_PROGRAM", value)  # the same from the environment
+    result = pytester.runpytest()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
 
 
 def test_plugin_names_the_option_of_a_bad_path(pytester: pytest.Pytester) -> None:
@@ -151,40 +149,44 @@ def test_plugin_names_the_option_of_a_bad_path(pytester: pytest.Pytester) -> Non
     result.stderr.fnmatch_lines(["*--phd-downstairs-binary*does not answer like a crucible-downstairs*"])
 
 
-def test_plugin_default_and_legacy_wrapper(pytester: pytest.Pytester, script: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_plugin_default_and_a_wrapper(pytester: pytest.Pytester, script: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
     pytester.makepyfile(CONFIG_TEST)
     result = pytester.runpytest("-s")
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines([f"*PROGRAM=legacy CMD={sys.executable} -m sut.storage.downstairs"])
+    result.stdout.fnmatch_lines([f"*PROGRAM=ours CMD={sys.executable} -m sut.storage.downstairs"])
+    result = pytester.runpytest("-s", "--phd-downstairs-program", "ours")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*PROGRAM=ours CMD=*"])
     monkeypatch.setenv("PHD_DOWNSTAIRS_CMD", str(script))
     result = pytester.runpytest("-s")
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines([f"*PROGRAM=legacy CMD={script}"])
+    result.stdout.fnmatch_lines([f"*PROGRAM=ours CMD={script}"])
 
 
 @needs_binary
 def test_plugin_env_binary_alone_only_names_it(pytester: pytest.Pytester,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    # The interop tests read PHD_DOWNSTAIRS_BINARY too: setting it must not stop a legacy run.
+    # The interop tests read PHD_DOWNSTAIRS_BINARY too: setting it alone keeps our downstairs.
     pytester.makepyfile(CONFIG_TEST)
     monkeypatch.setenv("PHD_DOWNSTAIRS_BINARY", str(BINARY))
     result = pytester.runpytest("-s")
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["*PROGRAM=legacy*"])
-    result = pytester.runpytest("--phd-downstairs-binary", str(BINARY))
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*binary*speaks Crucible's protocol v13*does not yet speak v13*"])
+    result.stdout.fnmatch_lines(["*PROGRAM=ours*"])
+    # the option on the command line (or the program named) takes it
+    for args in (["--phd-downstairs-binary", str(BINARY)], ["--phd-downstairs-program", "binary"]):
+        result = pytester.runpytest("-s", *args)
+        result.assert_outcomes(passed=1)
+        result.stdout.fnmatch_lines([f"*PROGRAM=binary CMD={BINARY.resolve()}"])
 
 
 @needs_binary
-def test_plugin_after_the_switch_takes_the_binary(pytester: pytest.Pytester,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ds_mod, "UPSTAIRS_PROTOCOL", "v13")
+def test_plugin_takes_the_binary_from_the_cmd_option(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(CONFIG_TEST)
     result = pytester.runpytest("-s", "--phd-downstairs", "process", "--phd-downstairs-cmd", str(BINARY))
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines([f"*PROGRAM=binary CMD={BINARY.resolve()}"])
-    result = pytester.runpytest("-s")
+    result = pytester.runpytest("-s", "--phd-downstairs", "process", "--phd-downstairs-program",
+                                "binary", "--phd-downstairs-binary", str(BINARY))
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["*PROGRAM=ours13*sut.storage.downstairs"])
+    result.stdout.fnmatch_lines([f"*PROGRAM=binary CMD={BINARY.resolve()}"])

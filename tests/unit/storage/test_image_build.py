@@ -66,10 +66,42 @@ def test_the_tag_starts_with_the_binarys_sha256_and_follows_the_recipe(tmp_path:
     assert binary_image_tag(binary, BinaryRuntime(("libc6",), ())).split(":")[1][:16] != sha[:16]
 
 
-def test_each_program_has_its_own_repo_and_sources() -> None:
-    assert build.image_tag("legacy").startswith("phd-downstairs:")
-    assert build.image_tag("ours13").startswith("phd-downstairs13:")
-    ours = {p.name for p in build.downstairs_sources("ours13")}
-    assert "downstairs.py" in ours and "downstairs.py" not in ours
-    with pytest.raises(ImageBuildError, match="unknown downstairs program 'cobol'"):
-        build.image_tag("cobol")
+def test_our_program_is_phd_downstairs_with_its_import_closure() -> None:
+    assert build.PROGRAMS == ("ours",)
+    tag = build.image_tag()
+    assert tag.startswith("phd-downstairs:") and tag == build.image_tag("ours")
+    sources = build.downstairs_sources()
+    root = Path(build.__file__).resolve().parents[3]
+    names = {str(p.relative_to(root)) for p in sources}
+    # the downstairs, the wire codec it speaks, and every package init on the way
+    assert {"sut/__init__.py", "sut/storage/__init__.py", "sut/storage/downstairs.py",
+            "sut/storage/wire/__init__.py", "sut/storage/wire/messages.py",
+            "sut/storage/extent_raw.py"} <= names, sorted(names)
+    assert "sut/storage/image/build.py" not in names
+    for gone in ("legacy", "ours13", "cobol"):
+        with pytest.raises(ImageBuildError, match=f"unknown downstairs program '{gone}'"):
+            build.image_tag(gone)
+
+
+def test_one_dockerfile_for_ours_running_the_downstairs() -> None:
+    here = Path(build.__file__).resolve().parent
+    assert sorted(p.name for p in here.glob("Dockerfile*")) == ["Dockerfile", "Dockerfile.binary"]
+    dockerfile = (here / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["python3", "-m", "sut.storage.downstairs"]' in dockerfile
+    assert build._RECIPES["ours"].packages == ("python3", "python3-xxhash")
+    assert build._RECIPES["ours"].dockerfile == "Dockerfile"
+
+
+def test_the_tag_follows_the_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hash covers the downstairs' import closure: a changed source file is a new tag."""
+    before = build.image_tag()
+    sources = build.downstairs_sources()
+    copy = tmp_path / "copy.py"
+    copy.write_bytes(sources[-1].read_bytes() + b"\n# changed\n")
+    original = Path.read_bytes
+
+    def read_bytes(path: Path) -> bytes:
+        return original(copy) if path == sources[-1] else original(path)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    assert build.image_tag() != before
