@@ -14,6 +14,7 @@ failed meanwhile). The real downstairs is exercised in tests/integration/storage
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import struct
@@ -118,19 +119,26 @@ ACTIVE_CASES: list[tuple[str, Reply, str]] = [
 class FakeDownstairs:
     """Negotiates like a downstairs, except where ``negotiation`` names a request whose answer
     is replaced by raw bytes (then it waits for the client to hang up); once running, answers
-    every ReadRequest with ``reply`` (or with ``replies``, one list per connection's reads).
-    Counts its connections."""
+    every ReadRequest, Write or Flush with what ``replies`` build, then what ``reply`` builds.
+    Counts its connections and records what arrived on each; connection i (from 0) reports
+    region ``region_uuids[i]`` (the last one for later connections); ``hang_up_after_job``
+    ends the first connection right after its first job's answer."""
 
     def __init__(
         self,
         reply: Reply | None = None,
         negotiation: dict[type, bytes] | None = None,
         replies: list[Reply] | None = None,
+        region_uuids: list[uuid.UUID] | None = None,
+        hang_up_after_job: bool = False,
     ) -> None:
         self.reply = reply
         self.replies = replies or []
         self.negotiation = negotiation or {}
+        self.region_uuids = region_uuids or [REGION.uuid]
+        self.hang_up_after_job = hang_up_after_job
         self.connections = 0
+        self.received: list[list[type]] = []
         self.port = 0
 
     def answer(self, msg: wire.Message) -> bytes:
@@ -141,7 +149,8 @@ class FakeDownstairs:
         if isinstance(msg, m.PromoteToActive):
             return wire.encode(m.YouAreNowActive(msg.upstairs_id, msg.session_id, msg.generation))
         if isinstance(msg, m.RegionInfoPlease):
-            return wire.encode(m.RegionInfo(REGION))
+            region_uuid = self.region_uuids[min(self.connections, len(self.region_uuids)) - 1]
+            return wire.encode(m.RegionInfo(dataclasses.replace(REGION, uuid=region_uuid)))
         if isinstance(msg, m.ExtentVersionsPlease):
             return wire.encode(m.ExtentVersions((1,) * COUNT, (1,) * COUNT, (False,) * COUNT))
         if isinstance(msg, m.Ruok):
@@ -153,14 +162,20 @@ class FakeDownstairs:
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        received: list[type] = []
+        self.received.append(received)
         frames = wire.FrameAssembler(wire.MAX_FRAME)
         try:
             while chunk := await reader.read(1 << 16):
                 for msg in frames.feed(chunk):
+                    received.append(type(msg))
                     writer.write(self.answer(msg))
                     if type(msg) in self.negotiation:
                         await writer.drain()
                         await reader.read()  # until the client gives up on us
+                        return
+                    if self.hang_up_after_job and self.connections == 1 and isinstance(msg, m.Write):
+                        await writer.drain()
                         return
                 await writer.drain()
         except (ConnectionError, wire.BincodeError):
@@ -169,16 +184,18 @@ class FakeDownstairs:
             writer.close()
 
 
-async def with_client(fake: FakeDownstairs, body: Callable[[DownstairsClient], Awaitable[None]]) -> list[Any]:
+async def with_client(
+    fake: FakeDownstairs,
+    body: Callable[[DownstairsClient], Awaitable[None]],
+    on_change: Callable[[DownstairsClient], None] = lambda _c: None,
+) -> list[Any]:
     """Run ``body`` against a client of ``fake``; returns what reached the loop's exception handler."""
     loop = asyncio.get_running_loop()
     leaked: list[Any] = []
     loop.set_exception_handler(lambda _loop, context: leaked.append(context))
     server = await asyncio.start_server(fake.handle, "127.0.0.1", 0)
     fake.port = server.sockets[0].getsockname()[1]
-    client = DownstairsClient(
-        f"127.0.0.1:{fake.port}", 0, SESSION, POLICY, lambda _c: None, logging.getLogger("t")
-    )
+    client = DownstairsClient(f"127.0.0.1:{fake.port}", 0, SESSION, POLICY, on_change, logging.getLogger("t"))
     client.start()
     try:
         await body(client)
@@ -383,3 +400,102 @@ def test_a_hostile_negotiation_fails_that_attempt_only(
     assert re.search(reason, str(status["last_error"])), status
     assert fake.connections >= 2
     assert seen["peak"] < 8 << 20, f"{name}: {seen['peak']} bytes allocated"
+
+
+def _promoted_as(**change: object) -> Callable[[m.PromoteToActive], bytes]:
+    def answer(promote: m.PromoteToActive) -> bytes:
+        fields = {"upstairs_id": promote.upstairs_id, "session_id": promote.session_id}
+        fields["generation"] = promote.generation  # type: ignore[assignment]
+        fields.update(change)  # type: ignore[arg-type]
+        return wire.encode(m.YouAreNowActive(**fields))  # type: ignore[arg-type]
+
+    return answer
+
+
+FOREIGN_CASES: list[tuple[str, type, Callable[[Any], bytes], str]] = [
+    (
+        "yes-its-me-version-12",
+        m.HereIAm,
+        lambda _hello: wire.encode(m.YesItsMe(12, wire.SocketAddr.parse("127.0.0.1", 1))),
+        r"(?i)version",
+    ),
+    ("now-active-other-upstairs", m.PromoteToActive, _promoted_as(upstairs_id=OTHER), r"YouAreNowActive"),
+    ("now-active-other-session", m.PromoteToActive, _promoted_as(session_id=OTHER), r"YouAreNowActive"),
+    ("now-active-other-generation", m.PromoteToActive, _promoted_as(generation=9), r"YouAreNowActive"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "request_type", "answer", "reason"), FOREIGN_CASES, ids=[c[0] for c in FOREIGN_CASES]
+)
+def test_a_negotiation_answer_for_someone_else_is_refused(
+    name: str, request_type: type, answer: Callable[[Any], bytes], reason: str
+) -> None:
+    """Crucible's upstairs (upstairs/src/client.rs, ``continue_negotiation``) refuses a YesItsMe
+    whose version is not 13 (IncompatibleVersion) and a YouAreNowActive whose upstairs id,
+    session id or generation is not its own (UpstairsIdMismatch / SessionIdMismatch /
+    GenerationNumberTooLow): a downstairs that promoted someone else has not promoted us. The
+    attempt fails (or the client gives up on that downstairs); it never reaches wait_quorum."""
+    fake = FakeDownstairs()
+    plain = fake.answer
+    fake.answer = lambda msg: answer(msg) if isinstance(msg, request_type) else plain(msg)  # type: ignore[method-assign]
+    seen: dict[str, Any] = {}
+    states: list[str] = []
+
+    async def body(client: DownstairsClient) -> None:
+        await poll(
+            lambda: (
+                client.failed_attempts >= 1 or client.state in (ClientState.DISABLED, ClientState.WAIT_QUORUM)
+            ),
+            "the attempt to end",
+            client.status,
+            timeout_s=5,
+        )
+        seen["status"] = client.status()
+
+    leaked = run(with_client(fake, body, on_change=lambda c: states.append(c.state.value)))
+    assert not leaked, leaked
+    assert "wait_quorum" not in states, f"{name}: negotiated with it anyway ({states})"
+    assert re.search(reason, str(seen["status"]["last_error"])), seen["status"]
+
+
+def test_a_downstairs_back_with_another_region_is_not_replayed_onto() -> None:
+    """Crucible's upstairs remembers each downstairs' region UUID (client.rs, RegionInfo): one
+    that comes back with another region while active is not the copy it left - Crucible
+    panics rather than go on. The backlog of an offline downstairs (writes since its last
+    flush) may only be replayed (``LastFlush`` + the jobs) onto the SAME region; replayed onto
+    another it would leave a copy that holds only those writes, taken for a good one."""
+    other_region = uuid.UUID(int=0x0DD)
+    fake = FakeDownstairs(
+        lambda req: wire.encode(m.WriteAck(U, S, req.header.job_id, None)),
+        region_uuids=[REGION.uuid, other_region],
+        hang_up_after_job=True,
+    )
+    seen: dict[str, Any] = {}
+
+    async def body(client: DownstairsClient) -> None:
+        await negotiated(client)
+        await asyncio.wait_for(client.submit(JOB, (), WriteOp(0, BLOCK, unencrypted_contexts(BLOCK, BS))), 10)
+        # the downstairs hung up after the ack: offline, the write kept for a replay
+        await poll(lambda: fake.connections >= 2, "a reconnection", client.status)
+        await poll(
+            lambda: (
+                (
+                    len(fake.received) >= 2
+                    and (m.LastFlush in fake.received[1] or m.ExtentVersionsPlease in fake.received[1])
+                )
+                or client.state is ClientState.DISABLED
+                or client.failed_attempts >= 2
+            ),
+            "the second negotiation to end",
+            client.status,
+        )
+        seen["status"] = client.status()
+
+    leaked = run(with_client(fake, body))
+    assert not leaked, leaked
+    assert m.Write in fake.received[0]
+    assert m.LastFlush not in fake.received[1], (
+        f"replayed onto region {other_region} the backlog kept for region {REGION.uuid}: {fake.received[1]}, "
+        f"status {seen['status']}"
+    )
