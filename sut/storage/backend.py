@@ -11,7 +11,7 @@ import enum
 import logging
 from pathlib import Path
 
-from sut.storage.client import RetryPolicy
+from sut.storage.client import Flaws, RetryPolicy
 from sut.storage.errors import ReplaceRuleError, StorageError, StorageFatalError, VcrError
 from sut.storage.nbd import NbdServer
 from sut.storage.upstairs import Activation, Upstairs
@@ -29,6 +29,8 @@ __all__ = [
 
 REGRESSION_MULTI_TARGET = "multi-target-replace"
 REGRESSION_NO_FENCE = "no-generation-fence"
+REGRESSION_NO_READ_HASH_CHECK = "no-read-hash-check"
+REGRESSION_NO_REPLAY = "no-replay"
 
 
 class _Lifecycle(enum.Enum):
@@ -58,7 +60,11 @@ class CrucibleBackend:
             self._vcr,
             read_only=read_only,
             retry=retry,
-            generation_fence=REGRESSION_NO_FENCE not in regressions,
+            flaws=Flaws(
+                no_generation_fence=REGRESSION_NO_FENCE in regressions,
+                no_read_hash_check=REGRESSION_NO_READ_HASH_CHECK in regressions,
+                no_replay=REGRESSION_NO_REPLAY in regressions,
+            ),
             logger=self._log,
         )
         self._nbd = NbdServer(self._volume, self._socket_path, self._log)

@@ -61,9 +61,11 @@ from sut.storage.wire.framing import NEGOTIATION_FRAME_CAP, FrameSplitter, exten
 from sut.storage.wire.messages import MAX_FRAME, MESSAGE_VERSION, Message, decode_record, encode_parts
 
 __all__ = [
+    "NO_FLAWS",
     "BarrierOp",
     "ClientState",
     "DownstairsClient",
+    "Flaws",
     "FlushOp",
     "LiveCloseOp",
     "LiveNoOp",
@@ -96,6 +98,19 @@ class RetryPolicy:
     max_backlog_jobs: int = 20_000
     max_backlog_bytes: int = 256 * 1024 * 1024
     offline_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class Flaws:
+    """Historical storage bugs re-created on request (the server's ``--regression``), so the
+    suite can prove it catches them. All off by default; each is one isolated branch."""
+
+    no_generation_fence: bool = False  # activate although a copy holds a newer generation
+    no_read_hash_check: bool = False  # hand out a read's data without checking its hashes
+    no_replay: bool = False  # a copy back from an outage resumes without what it missed
+
+
+NO_FLAWS = Flaws()
 
 
 @dataclass(frozen=True)
@@ -231,8 +246,10 @@ class DownstairsClient:
         on_change: Callable[[DownstairsClient], None],
         logger: logging.Logger,
         cipher: BlockCipher | None = None,
+        flaws: Flaws = NO_FLAWS,
     ) -> None:
         self.target = target
+        self.flaws = flaws
         self.cipher = cipher  # the region's key: reads are opened (and so checked) with it
         self.client_id = client_id
         self.host, self.port = parse_target(target)
@@ -665,7 +682,9 @@ class DownstairsClient:
         bs = self.session.block_size
         if self.cipher is not None:
             plain, bad = self.cipher.open(blocks, msg.data, bs)
-            return dataclasses.replace(msg, data=plain), bad
+            return dataclasses.replace(msg, data=plain), [] if self.flaws.no_read_hash_check else bad
+        if self.flaws.no_read_hash_check:
+            return msg, []  # REGRESSION no-read-hash-check: whatever the copy says is the data
         view = memoryview(msg.data)
         zero = bytes(bs)
         bad = []
@@ -783,6 +802,9 @@ class DownstairsClient:
         """Send the kept backlog, in job order, ahead of anything new; back to serving."""
         if self._out is None:
             raise StorageError(f"downstairs {self.target}: replay without a connection")
+        if self.flaws.no_replay:
+            # REGRESSION no-replay: the backlog is dropped and the copy serves without it
+            self._unflushed, self._jobs, self._backlog_bytes = {}, {}, 0
         kept = sorted({**self._unflushed, **self._jobs}.items())
         self._unflushed = {}
         self._jobs = dict(kept)

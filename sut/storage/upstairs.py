@@ -40,9 +40,11 @@ import uuid
 from collections.abc import Sequence
 
 from sut.storage.client import (
+    NO_FLAWS,
     BarrierOp,
     ClientState,
     DownstairsClient,
+    Flaws,
     FlushOp,
     LiveCloseOp,
     LiveNoOp,
@@ -189,13 +191,13 @@ class Upstairs:
         *,
         read_only: bool,
         retry: RetryPolicy,
-        generation_fence: bool = True,
+        flaws: Flaws = NO_FLAWS,
         logger: logging.Logger,
     ) -> None:
         self.region = region
         self.read_only = read_only or region.opts.read_only
         self.retry = retry
-        self.generation_fence = generation_fence
+        self.flaws = flaws
         self.log = logger
         self.state = Activation.INACTIVE
         self.failure: StorageFatalError | None = None
@@ -244,6 +246,7 @@ class Upstairs:
             self._client_changed,
             self.log,
             self._cipher,
+            self.flaws,
         )
         self._clients[target] = client
         client.start()
@@ -377,7 +380,7 @@ class Upstairs:
         members = [c for c in self.clients() if c.state is ClientState.WAIT_QUORUM]
         versions = {c.target: c.extent_versions for c in members}
         max_gen = max((max(v[0], default=0) for v in versions.values() if v), default=0)
-        if self.generation_fence and self._gen <= max_gen:
+        if not self.flaws.no_generation_fence and self._gen <= max_gen:
             raise StorageFatalError(
                 f"generation {self._gen} is not greater than the stored extent generation "
                 f"{max_gen}; activate with a generation of at least {max_gen + 1}"

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 
 from sut.path_policy import PathPolicyError, open_for_storage
-from sut.storage.client import RetryPolicy
+from sut.storage.client import Flaws, RetryPolicy
 from sut.storage.errors import StorageError, VcrError
 from sut.storage.upstairs import Activation, Upstairs
 from sut.storage.vcr import FileVcr, RegionVcr, VolumeVcr
@@ -65,7 +65,7 @@ class Volume:
         *,
         read_only: bool,
         retry: RetryPolicy,
-        generation_fence: bool,
+        flaws: Flaws,
         logger: logging.Logger,
     ) -> None:
         self.vcr = vcr
@@ -77,9 +77,7 @@ class Volume:
         for sub in vcr.sub_volumes:
             if not isinstance(sub, RegionVcr):  # parse_volume guarantees regions only
                 raise VcrError("sub_volumes: only regions are supported")
-            up = Upstairs(
-                sub, read_only=read_only, retry=retry, generation_fence=generation_fence, logger=logger
-            )
+            up = Upstairs(sub, read_only=read_only, retry=retry, flaws=flaws, logger=logger)
             self._parts.append(_Extent(offset, sub.size_bytes, up))
             offset += sub.size_bytes
         self.size_bytes = offset

@@ -1,9 +1,10 @@
-"""Proof that the suite catches the seed's historical bug.
+"""Proof that the suite catches the historical bugs the reference system can re-create.
 
-Runs the two seed tests in a nested pytest against the reference server with a
-`--regression NAME` switch (e.g. `blocking-start`, the livelock of Propolis issue 841) and
-asserts that the tests which must catch that bug fail, each with a message that names the
-broken behaviour - a suite that stays green against a known bug proves nothing.
+Runs the two seed tests (and the tests named for the switch) in a nested pytest against the
+reference server with a `--regression NAME` switch (e.g. `blocking-start`, the livelock of
+Propolis issue 841) and asserts that the tests which must catch that bug fail, each with a
+message that names the broken behaviour - a suite that stays green against a known bug proves
+nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ pytestmark = [pytest.mark.vm, pytest.mark.crucible]
 VCR_TEST = "tests/suite/test_crucible.py::test_vcr_replace_during_start"
 STOP_TEST = "tests/suite/test_server_state_machine.py::test_stop_while_blocked_on_start"
 SEED_TESTS = (VCR_TEST, STOP_TEST)
+REPLAY_TEST = "tests/suite/test_crucible.py::test_a_restarted_downstairs_catches_up_by_replay"
+BITROT_TEST = "tests/suite/test_crucible.py::test_a_corrupted_block_on_one_copy_is_never_served"
 
 # regression switch -> {test that must fail: text its failure message must contain}
 EXPECTED_FAILURES: dict[str, dict[str, str]] = {
@@ -37,6 +40,12 @@ EXPECTED_FAILURES: dict[str, dict[str, str]] = {
     "stop-ignored-while-starting": {
         STOP_TEST: "a stop during a blocked start did not abort the start",
     },
+    "no-replay": {
+        REPLAY_TEST: "its backlog was not replayed after LastFlush",
+    },
+    "no-read-hash-check": {
+        BITROT_TEST: "the upstairs served data whose block hash does not match",
+    },
 }
 
 
@@ -49,7 +58,7 @@ def _run_nested(regression: str, phd_config: PhdConfig, tmp_path: Path) -> dict[
     argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q",
             f"--junitxml={junit}", f"--phd-regression={regression}",
             f"--phd-downstairs={phd_config.downstairs}", f"--phd-artifact-dir={phd_config.artifact_dir}",
-            f"--phd-tmp-dir={tmp_path / 'phd'}", *SEED_TESTS]
+            f"--phd-tmp-dir={tmp_path / 'phd'}", *sorted({*SEED_TESTS, *EXPECTED_FAILURES[regression]})]
     proc = subprocess.run(argv, cwd=phd_config.repo_root, env=env, stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=900, check=False)
     if not junit.exists():

@@ -58,3 +58,27 @@ def wait_all_active(vm: TestVm, disk: CrucibleDisk, timeout_s: float = 120.0) ->
     return wait_until(lambda: vm.disk_status(disk), done,
                       what=f"all three downstairs of disk {disk.name} to be active", timeout_s=timeout_s,
                       interval_s=0.25)
+
+
+def corrupt_copy(disk: CrucibleDisk, index: int, *, offset: int, length: int = 16) -> None:
+    """Overwrite ``length`` bytes of block data at byte ``offset`` of the disk in ONE
+    downstairs' region, under the running downstairs (bit rot on one copy): the bytes become
+    0xA5, which no pattern a test writes carries. Crucible's raw extent files hold the block
+    data first, so the offset within the extent is the offset within its file."""
+    from phd.downstairs import DockerDownstairs, ProcessDownstairs
+
+    eid, within = divmod(offset, disk.blocks_per_extent * disk.block_size)
+    rel = f"{eid >> 24:02X}/{(eid >> 12) & 0xFFF:03X}/{eid & 0xFFF:03X}"
+    ds = disk.downstairs[index]
+    if isinstance(ds, ProcessDownstairs):
+        with open(ds.data_dir / rel, "r+b") as f:
+            f.seek(within)
+            f.write(b"\xa5" * length)
+            f.flush()
+        return
+    assert isinstance(ds, DockerDownstairs), f"cannot reach the region of {ds!r}"
+    # the region volume is mounted at /data; the image has a shell and dd (Debian minbase)
+    script = f"printf '\\245%.0s' $(seq {length}) | dd of=/data/{rel} bs=1 seek={within} conv=notrunc"
+    code, out = ds._container.exec_run(["sh", "-c", script])
+    if code != 0:
+        raise SutError(f"corrupting {rel} in {ds.name} failed ({code}): {out!r}")

@@ -24,6 +24,7 @@ from phd import (
     wait_until,
 )
 from tests.suite.helpers import (
+    corrupt_copy,
     read_md5,
     wait_all_active,
     wait_blocked_on_black_hole,
@@ -350,3 +351,51 @@ def test_a_successor_fences_its_running_predecessor(vm_factory: VmFactory,
                lambda states: states == {"disabled"},
                what="the fenced VM's upstairs to disable all three downstairs", timeout_s=30.0)
     assert read_md5(new, disk, offset_mib=0, size_mib=4) == written, "the fenced VM's write got through"
+
+
+def test_a_restarted_downstairs_catches_up_by_replay(vm_factory: VmFactory,
+                                                     disk_factory: DiskFactory) -> None:
+    """A downstairs killed (SIGKILL) under a running VM and started again within the offline
+    window is not repaired: the upstairs tells it the last flush it acknowledged and replays
+    every write since, so the copy holds what the guest wrote while it was down."""
+    disk = disk_factory.create_crucible_disk("data", size_gib=1, extent_mib=16)
+    vm = vm_factory.new_vm("replay")
+    vm.add_crucible_disk(disk)
+    _running(vm)
+    before = write_pattern(vm, disk, offset_mib=0, size_mib=8)
+
+    disk.downstairs[1].kill()
+    wait_until(lambda: vm.disk_status(disk),
+               lambda s: s["downstairs"][1]["state"] == "offline",
+               what="the upstairs to see the killed downstairs offline", timeout_s=60.0)
+    during = write_pattern(vm, disk, offset_mib=64, size_mib=8)
+    disk.downstairs[1].start()
+    status = wait_all_active(vm, disk)
+    back = status["downstairs"][1]
+    assert back["repairs_done"] == 0 and back["fault_count"] == 0, f"repaired instead of replayed: {back}"
+    with _only_the_repaired_copy_answers(vm, disk, repaired=1):
+        assert read_md5(vm, disk, offset_mib=0, size_mib=8) == before, "the restarted copy lost flushed data"
+        assert read_md5(vm, disk, offset_mib=64, size_mib=8) == during, (
+            "the downstairs that came back lacks the writes it missed while down: "
+            "its backlog was not replayed after LastFlush")
+
+
+def test_a_corrupted_block_on_one_copy_is_never_served(vm_factory: VmFactory,
+                                                       disk_factory: DiskFactory) -> None:
+    """Bit rot on one downstairs: every block carries its hash, the upstairs checks each one
+    it reads, faults the copy that lied and serves the read from another, so the guest never
+    sees the damage (and the damaged copy is repaired)."""
+    disk = disk_factory.create_crucible_disk("data", size_gib=1, extent_mib=16)
+    vm = vm_factory.new_vm("bitrot")
+    vm.add_crucible_disk(disk)
+    _running(vm)
+    written = write_pattern(vm, disk, offset_mib=1, size_mib=1)
+    corrupt_copy(disk, 2, offset=(1 << 20) + 4096)
+    # large reads rotate over the copies: six reads of the same MiB reach each copy
+    seen = [read_md5(vm, disk, offset_mib=1, size_mib=1) for _ in range(6)]
+    assert all(md5 == written for md5 in seen), (
+        f"the guest read a corrupted block ({seen.count(written)} of 6 reads intact): the upstairs "
+        "served data whose block hash does not match")
+    status = vm.disk_status(disk)
+    assert status["downstairs"][2]["hash_mismatches"] >= 1, f"the damaged copy was never read: {status}"
+    wait_all_active(vm, disk)  # faulted, then live-repaired
