@@ -777,3 +777,69 @@ def test_live_repair_of_a_dirty_extent_leaves_matching_stamps(
 
     run_bounded(main(), 60)
     assert_regions_identical(dss)
+
+
+def test_downstairs_back_with_another_region_is_not_trusted_with_the_old_data(
+    downstairs: DownstairsFactory, tmp_path: Path
+) -> None:
+    """A downstairs goes away and comes back at the same address with ANOTHER region (its
+    region re-created: a new UUID, none of the flushed data). Crucible's upstairs remembers
+    each downstairs' region UUID and does not take a different one back (client.rs, RegionInfo;
+    it panics). Ours must not replay the offline backlog onto it and call it a good copy: it
+    must repair it, or leave it out; either way every read of flushed data stays right."""
+    dss = [downstairs.create() for _ in range(3)]
+    sock = tmp_path / "r.nbd"
+    seen: dict[str, object] = {}
+
+    async def main() -> None:
+        backend = CrucibleBackend("r", make_vcr([d.target for d in dss]), sock, retry=FAST)
+        try:
+            await backend.start_export()
+            await backend.activate()
+            await qemu_io(sock, "write -P 0x41 0 1M", "flush")
+            port = dss[1].port
+            await asyncio.to_thread(dss[1].kill)
+            await wait_not_active(backend, 1)
+            shutil.rmtree(dss[1].data_dir)
+            created = await asyncio.to_thread(
+                subprocess.run,
+                [
+                    sys.executable,
+                    "-m",
+                    "sut.storage.downstairs",
+                    "create",
+                    "-u",
+                    str(uuid.uuid4()),
+                    "-d",
+                    str(dss[1].data_dir),
+                    "--block-size",
+                    str(BLOCK_SIZE),
+                    "--extent-size",
+                    str(EXTENT_SIZE),
+                    "--extent-count",
+                    str(EXTENT_COUNT),
+                ],
+                capture_output=True,
+                check=False,
+            )
+            assert created.returncode == 0, created.stderr
+            await qemu_io(sock, "write -P 0x42 2M 64k")  # a backlog for the offline copy
+            await asyncio.to_thread(dss[1].start, port)
+            await poll_until(
+                lambda: (
+                    ds_states(backend)[1] in ("active", "disabled")
+                    and ds_states(backend).count("active") >= 2
+                ),
+                "the returning downstairs to be dealt with",
+                STEP_S,
+                last=lambda: backend.status()["downstairs"],
+            )
+            seen["returned"] = backend.status()["downstairs"][1]  # type: ignore[index]
+            # reads of 1 MiB rotate over the active copies: six cover each one twice
+            for _ in range(6):
+                await qemu_io(sock, "read -q -P 0x41 0 1M", "read -q -P 0x42 2M 64k")
+        finally:
+            await backend.close()
+
+    run_bounded(main(), 90)
+    print(f"\nreturning downstairs: {seen['returned']}")
