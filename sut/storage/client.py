@@ -262,6 +262,7 @@ class DownstairsClient:
         self.fatal_error: StorageFatalError | None = None
         self.taken_over = False
         self.repair_addr: SocketAddr | None = None
+        self.region_uuid: uuid.UUID | None = None  # the region it served when first negotiated
         self.extent_versions: tuple[list[int], list[int], list[bool]] | None = None
         # Counters for status and tests.
         self.offline_count = 0
@@ -501,6 +502,12 @@ class DownstairsClient:
             )
         if not isinstance(reply, m.YesItsMe):
             raise ProtocolError(f"expected YesItsMe, got {type(reply).__name__}")
+        if reply.version != MESSAGE_VERSION:
+            # it accepted our version and then named another: nothing it says can be trusted
+            raise StorageFatalError(
+                f"downstairs {self.target} answered YesItsMe with message version {reply.version}, "
+                f"we speak {MESSAGE_VERSION}"
+            )
         self.repair_addr = reply.repair_addr
         # A promote the downstairs refuses (a lower generation than its active upstairs') is a
         # closed connection: the loop retries, as Crucible does.
@@ -509,6 +516,13 @@ class DownstairsClient:
             raise ProtocolError(f"downstairs {self.target} answered our promote with UuidMismatch")
         if not isinstance(reply, m.YouAreNowActive):
             raise ProtocolError(f"expected YouAreNowActive, got {type(reply).__name__}")
+        promoted = (reply.upstairs_id, reply.session_id, reply.generation)
+        if promoted != (s.upstairs_id, s.session_id, s.gen):
+            # as Crucible's upstairs: a downstairs that promoted someone else did not promote us
+            raise ProtocolError(
+                f"YouAreNowActive for upstairs {reply.upstairs_id} session {reply.session_id} generation "
+                f"{reply.generation}, not ours ({s.upstairs_id} {s.session_id} {s.gen})"
+            )
         reader.negotiated(max(NEGOTIATION_FRAME_CAP, extent_versions_frame_len(s.extent_count)))
         reader.set_splitter(
             FrameSplitter(max(NEGOTIATION_FRAME_CAP, extent_versions_frame_len(s.extent_count)))
@@ -524,6 +538,17 @@ class DownstairsClient:
                 f"downstairs {self.target} region (block_size, extent_size, extent_count, encrypted)="
                 f"{got} does not match the VCR's {want}"
             )
+        if self.region_uuid is not None and d.uuid != self.region_uuid and self._holding:
+            # Not the copy it left: what it missed cannot be replayed onto it (that would leave a
+            # region holding only those writes, taken for a good copy). Crucible panics here; we
+            # drop the backlog and let the upstairs repair it like any new downstairs.
+            reason = f"came back with region {d.uuid}, not {self.region_uuid}: repaired instead of replayed"
+            self._log.warning("downstairs %s %s", self.target, reason)
+            self.last_error = reason
+            self.fault_count += 1
+            self._holding = False
+            self._fail_jobs(reason, keep_replayable=False)
+        self.region_uuid = d.uuid
         self._known = set()
         if self._holding:
             # back after an outage: it keeps what it flushed; replay() sends the rest
