@@ -238,6 +238,8 @@ def fresh_allure_dir() -> Path:
 # --- ci/test -----------------------------------------------------------------------------------
 PR_SUITE_GUESTS = "debian,tiny"
 PR_SELECTION = "not nightly"
+# A real crucible-downstairs for the interop tests and the suite-real stage (empty: skipped).
+REAL_DOWNSTAIRS = os.environ.get("PHD_DOWNSTAIRS_BINARY", "")
 
 
 def test_stages(extra: list[str]) -> list[Stage]:
@@ -258,6 +260,12 @@ def test_stages(extra: list[str]) -> list[Stage]:
         Stage("suite", [*PYTEST, "tests/suite", "--phd-guests", PR_SUITE_GUESTS, "-m", PR_SELECTION,
                         "-n", "2", f"--junitxml={RESULTS / 'junit-suite.xml'}", allure, *extra],
               junit=RESULTS / "junit-suite.xml", empty_ok=narrowed),
+        # The same suite on three REAL crucible-downstairs containers (issue 13), when CI names
+        # the binary (.ci/run does when ../shared/crucible/crucible-downstairs exists).
+        *([Stage("suite-real", [*PYTEST, "tests/suite", "--phd-downstairs-binary", REAL_DOWNSTAIRS,
+                                "-m", PR_SELECTION, "-n", "2",
+                                f"--junitxml={RESULTS / 'junit-suite-real.xml'}", allure, *extra],
+                 junit=RESULTS / "junit-suite-real.xml", empty_ok=narrowed)] if REAL_DOWNSTAIRS else []),
         # The default guest; the PR selection, so the matrix stays inside the hour (nightly
         # runs it over every test). It writes results/junit-regression-<switch>.xml itself.
         Stage("regressions", [sys.executable, str(ROOT / "ci" / "regressions.py"), "-n", "2",
