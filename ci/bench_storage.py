@@ -1,16 +1,24 @@
-"""Storage benchmark: our Crucible-style stack vs qemu-nbd, both over NBD on a unix socket.
+"""Storage benchmark: qemu-nbd vs our upstairs on our downstairs vs our upstairs on the REAL
+crucible-downstairs, all over NBD on a unix socket, in one run.
 
-Usage: ci/bench storage [--size-mib N] [--target-s S] [--no-docker] [--no-published]
-                         [--flush-timeout S] [--out PATH]
+Usage: ci/bench storage [--size-mib N] [--target-s S] [--no-docker]
+                         [--downstairs-binary PATH] [--flush-timeout S] [--out PATH]
 
 Reference: ``qemu-nbd --format=raw --persistent`` serving a sparse raw file in a temp dir.
-Ours: three downstairs (containers from ``python -m sut.storage.image ensure``; local
-``python -m sut.storage.downstairs`` processes if Docker is missing) and a ``CrucibleBackend``
-export in a helper process (this file, ``_serve`` mode). The containers share the host's
-network namespace (``--network host``) and the downstairs bind 127.0.0.1:PORT themselves: with
-ports published by Docker every byte also crosses docker-proxy (two more copies and process
-wake-ups per transfer). That published-port setup is measured too, as an extra run
-(``published`` in the JSON), so its cost stays visible.
+Ours: three downstairs and a ``CrucibleBackend`` export (our upstairs) in a helper process
+(this file, ``_serve`` mode). The downstairs run the way the framework runs them
+(``phd.dsc.DownstairsSet`` of ``phd.downstairs`` members, each on a port pair from
+``PortAllocator.allocate_pair``: a Crucible downstairs' repair server listens on port + 4000
+and the OTHER downstairs connect to it): containers of ``python -m sut.storage.image ensure``
+on the host's network, bound to 127.0.0.1, or local processes with ``--no-docker`` (or when
+Docker is missing). The same upstairs then runs on three REAL ``crucible-downstairs``
+(``--downstairs-binary``, default ``$PHD_DOWNSTAIRS_BINARY``, else
+``<repo>/../shared/crucible/crucible-downstairs`` if it exists; containers of
+``python -m sut.storage.image ensure --binary PATH``, or processes of the binary); without one
+that part is skipped with the reason printed and in the JSON.
+There is no "published ports" run any more: Docker-published ports put each downstairs in its
+own network namespace, where the repair address it names (127.0.0.1:port+4000) is not the
+address the other downstairs could reach, so a Crucible-protocol set must use host networking.
 
 Workloads (``qemu-img bench``, queue depth 4, ``-t none -i threads -f raw``):
   seq_write / seq_read      1 MiB requests, step 1 MiB (sequential, wraps at the end)
@@ -19,13 +27,18 @@ Workloads (``qemu-img bench``, queue depth 4, ``-t none -i threads -f raw``):
                             4 KiB * 7919 (a prime): offsets advance by that step modulo the image
                             size (qemu-img wraps the offset), which visits every 4 KiB block once
                             per cycle in a scattered, non-sequential order.
-Before the workloads both targets are filled with one untimed sequential 1 MiB write pass so
-reads hit written data (our region files are sparse; unwritten reads would be cheaper).
+Before the workloads every target is filled with one untimed sequential 1 MiB write pass so
+reads hit written data (region files are sparse; unwritten reads would be cheaper).
 Each workload runs a short probe, then a run sized to about ``--target-s`` seconds (clamped).
 MB/s = bytes / seconds (10^6), IOPS = requests / seconds, seconds = qemu-img's "Run completed in".
 qemu-img bench sends no flush until it closes the image (after the timed part), so qemu-nbd's
 writes stay in the page cache. An upstairs that flushes on its own (the VCR's flush_timeout)
 must get three copies to the disk meanwhile; ``--flush-timeout`` sets it, to show that cost.
+
+The JSON keeps ``<workload>_ratio`` (ours on ours / qemu-nbd) and adds
+``real_downstairs_ratios`` (ours on the real downstairs / qemu-nbd) and
+``ours_vs_real_downstairs`` (our downstairs' MB/s / the real downstairs' MB/s, same upstairs),
+plus ``targets``: each target with its value and pass/fail.
 """
 
 from __future__ import annotations
@@ -48,15 +61,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from phd.downstairs import OURS, DsProgram, binary_program, check_binary
+from phd.dsc import DownstairsSet, RegionGeometry, docker_members, process_members
+from phd.errors import HarnessError
+from phd.ports import PortAllocator
 from sut.storage.vcr import dump_vcr, region_volume
 
 REPO = Path(__file__).resolve().parent.parent
 BLOCK_SIZE = 512
 EXTENT_BLOCKS = 32768  # 16 MiB extents
-CONTAINER_PORT = 3810
 MIB = 1024 * 1024
 RAND_STEP_BLOCKS = 7919  # prime, coprime with any power-of-two number of 4 KiB blocks
 RUN_TIMEOUT_S = 120.0
+# Our own block of loopback port pairs (PortAllocator worker index), clear of the blocks of
+# pytest-xdist workers gw0..gw7 that may run beside a benchmark; a bind probe guards anyway.
+PORT_BLOCK_INDEX = 8
+# Targets (issue 13 item 8): ours / qemu-nbd not below these; our downstairs / the real one
+# (behind the same upstairs) not below REAL_TARGET on any workload.
+QEMU_TARGETS = {"seq_write": 0.33, "seq_read": 0.84, "rand_read_4k": 0.30, "rand_write_4k": 0.21}
+REAL_TARGET = 0.7
 
 
 @dataclass(frozen=True)
@@ -207,76 +230,26 @@ def bench_qemu_nbd(tmp: Path, size_bytes: int, target_s: float) -> dict[str, Any
 
 @dataclass
 class Downstairs:
-    mode: str  # "docker" or "local"
+    """Local downstairs processes on kernel-chosen ports, for ci/bench_abuse.py (the storage
+    benchmark itself runs its downstairs through ``phd.dsc.DownstairsSet``)."""
+
+    mode: str  # "local" only (containers: see bench_set)
     label: str
     tmp: Path
-    image: str = ""
-    network: str = "host"  # containers: "host" (share the host's loopback) or "published"
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     targets: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if self.mode != "local":
+            raise ValueError(f"Downstairs runs local processes only, not {self.mode!r}")
+
     def start(self, n: int, extent_count: int) -> None:
         for i in range(n):
-            if self.mode == "docker":
-                self.targets.append(self._start_container(i, extent_count))
-            else:
-                self.targets.append(self._start_local(i, extent_count))
+            self.targets.append(self._start_local(i, extent_count))
 
     def _create_args(self, data_dir: str, extent_count: int) -> list[str]:
-        return [
-            "create",
-            "-u",
-            str(uuid.uuid4()),
-            "-d",
-            data_dir,
-            "--block-size",
-            str(BLOCK_SIZE),
-            "--extent-size",
-            str(EXTENT_BLOCKS),
-            "--extent-count",
-            str(extent_count),
-        ]
-
-    def _start_container(self, i: int, extent_count: int) -> str:
-        sess = self.label.split("=", 1)[1]
-        name = f"{sess}-{self.network}-ds{i}"
-        volume = run(["docker", "volume", "create", "--label", self.label, f"{name}-data"]).stdout.strip()
-        common = ["--read-only", "--label", self.label, "-v", f"{volume}:/data"]
-        run(["docker", "run", "--rm", *common, self.image, *self._create_args("/data/region", extent_count)])
-        last_err = ""
-        for _attempt in range(5):  # the free port may be taken between probe and bind/publish
-            port = free_port()
-            if self.network == "host":
-                # the host's network namespace: the downstairs binds loopback itself, no proxy
-                net = ["--network", "host"]
-                listen = ["-a", "127.0.0.1", "-p", str(port)]
-            else:
-                net = ["-p", f"127.0.0.1:{port}:{CONTAINER_PORT}"]
-                listen = ["-a", "0.0.0.0", "-p", str(CONTAINER_PORT)]  # inside its own namespace
-            argv = ["docker", "run", "-d", "--name", name, *common, *net, self.image]
-            proc = run([*argv, "run", "-d", "/data/region", *listen], check=False)
-            if proc.returncode == 0:
-                listening, logs = self._wait_listening(proc.stdout.strip())
-                if listening:
-                    return f"127.0.0.1:{port}"
-                last_err = logs[-2000:]
-            else:
-                last_err = proc.stderr.strip()
-            run(["docker", "rm", "-f", name], check=False)
-        raise RuntimeError(f"could not start container {name}: {last_err}")
-
-    def _wait_listening(self, cid: str) -> tuple[bool, str]:
-        deadline = time.monotonic() + 30
-        logs = ""
-        while time.monotonic() < deadline:
-            logs = run(["docker", "logs", cid], check=False).stderr
-            if '"event": "listening"' in logs:
-                return True, logs
-            state = run(["docker", "inspect", "-f", "{{.State.Running}}", cid], check=False).stdout.strip()
-            if state != "true":
-                return False, logs  # exited, e.g. the port was taken meanwhile
-            time.sleep(0.1)  # polling interval of a deadline-bounded wait
-        return False, f"never listened within 30 s; logs:\n{logs}"
+        return ["create", "-u", str(uuid.uuid4()), "-d", data_dir, "--block-size", str(BLOCK_SIZE),
+                "--extent-size", str(EXTENT_BLOCKS), "--extent-count", str(extent_count)]
 
     def _start_local(self, i: int, extent_count: int) -> str:
         data = self.tmp / f"ds{i}"
@@ -284,18 +257,8 @@ class Downstairs:
         run([sys.executable, "-m", "sut.storage.downstairs", *self._create_args(str(data), extent_count)])
         with open(logp, "wb") as logf:
             proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
-                [
-                    sys.executable,
-                    "-m",
-                    "sut.storage.downstairs",
-                    "run",
-                    "-d",
-                    str(data),
-                    "-a",
-                    "127.0.0.1",
-                    "-p",
-                    "0",
-                ],
+                [sys.executable, "-m", "sut.storage.downstairs", "run", "-d", str(data),
+                 "-a", "127.0.0.1", "-p", "0"],
                 stdin=subprocess.DEVNULL,
                 stdout=logf,
                 stderr=logf,
@@ -315,16 +278,6 @@ class Downstairs:
     def close(self) -> None:
         for proc in self.procs:
             stop_proc(proc)
-        if self.mode == "docker":
-            ids = run(["docker", "ps", "-aq", "--filter", f"label={self.label}"], check=False).stdout.split()
-            if ids:
-                run(["docker", "stop", "-t", "10", *ids], check=False)
-                run(["docker", "rm", "-f", *ids], check=False)
-            vols = run(
-                ["docker", "volume", "ls", "-q", "--filter", f"label={self.label}"], check=False
-            ).stdout.split()
-            if vols:
-                run(["docker", "volume", "rm", "-f", *vols], check=False)
 
 
 def make_vcr(targets: list[str], extent_count: int, flush_timeout: float | None = None) -> str:
@@ -377,40 +330,86 @@ def start_export(tmp: Path, vcr: str) -> tuple[subprocess.Popen[bytes], Path]:
     raise RuntimeError(f"export helper never became ready; stdout {buf!r}; log:\n{tail}")
 
 
-def downstairs_image(use_docker: bool) -> str:
-    """The downstairs image tag, or "" to run the downstairs as local processes."""
-    if not use_docker:
-        return ""
-    if not shutil.which("docker") or run(["docker", "info"], check=False, timeout=30).returncode != 0:
-        print("NOTE: Docker is not available; downstairs run as local processes")
-        return ""
-    proc = run([sys.executable, "-m", "sut.storage.image", "ensure"], check=False, timeout=900)
-    if proc.returncode == 0 and proc.stdout.strip():
-        return proc.stdout.strip().splitlines()[-1]
-    print(f"NOTE: downstairs image unavailable ({proc.stderr.strip()[-300:]}); using local processes")
-    return ""
+def docker_client() -> Any | None:
+    """A Docker client when the engine answers, else None (the downstairs run as processes)."""
+    if not shutil.which("docker"):
+        return None
+    try:
+        import docker
+
+        client = docker.from_env(timeout=120)
+        client.ping()
+    except Exception:  # noqa: BLE001 - any failure means "no engine here"
+        return None
+    return client
 
 
-def bench_ours(
-    tmp: Path, size_bytes: int, target_s: float, image: str, label: str, network: str,
+def ensure_image(extra: list[str]) -> tuple[str, str]:
+    """(tag, "") of ``python -m sut.storage.image ensure EXTRA``, or ("", why it failed)."""
+    proc = run([sys.executable, "-m", "sut.storage.image", "ensure", *extra], check=False, timeout=900)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode == 0 and lines:
+        return lines[-1].strip(), ""
+    why = f"`sut.storage.image ensure {' '.join(extra)}` exited {proc.returncode}"
+    return "", f"{why}: {proc.stderr.strip()[-300:]}"
+
+
+def default_binary() -> Path | None:
+    """$PHD_DOWNSTAIRS_BINARY, else <repo>/../shared/crucible/crucible-downstairs if it exists."""
+    env = os.environ.get("PHD_DOWNSTAIRS_BINARY")
+    if env:
+        return Path(env)
+    beside = REPO.parent / "shared" / "crucible" / "crucible-downstairs"
+    return beside if beside.exists() else None
+
+
+@dataclass
+class Setup:
+    """How this run starts downstairs: Docker (client + labels) or processes, and its ports."""
+
+    tmp: Path
+    client: Any | None  # None: processes
+    labels: dict[str, str]
+    ports: PortAllocator
+
+    @property
+    def flavour(self) -> str:
+        return "docker" if self.client is not None else "process"
+
+
+def bench_set(
+    setup: Setup, name: str, program: DsProgram, image: str, size_bytes: int, target_s: float,
     flush_timeout: float | None,
 ) -> dict[str, Any]:
-    mode = "docker" if image else "local"
+    """Three downstairs of ``program`` (containers of ``image`` on the host's network, or
+    processes when ``setup.client`` is None) behind our upstairs' NBD export, measured."""
     extent_count = size_bytes // (BLOCK_SIZE * EXTENT_BLOCKS)
-    ds = Downstairs(mode, label, tmp, image=image, network=network)
+    work = setup.tmp / name
+    work.mkdir()
+    if setup.client is not None:
+        sess = setup.labels["phd.session"]
+        make = docker_members(setup.client, image, setup.labels, f"phd-{sess}-{name}", log_dir=work,
+                              program=program)
+    else:
+        make = process_members(program.cmd, work, program=program)
+    ports = [setup.ports.allocate_pair() for _ in range(3)]
     export: subprocess.Popen[bytes] | None = None
     try:
-        ds.start(3, extent_count)
-        where = f"docker, network {network}, {image}" if image else "local processes"
-        log(f"  downstairs ({where}): {', '.join(ds.targets)}")
-        export, sock = start_export(tmp, make_vcr(ds.targets, extent_count, flush_timeout))
-        return measure(sock, size_bytes, target_s)
+        geometry = RegionGeometry(BLOCK_SIZE, EXTENT_BLOCKS, extent_count)
+        with DownstairsSet(make, ports, count=3, geometry=geometry) as dss:
+            try:
+                where = f"{setup.flavour}, {image or program.describe()}"
+                log(f"  downstairs {program.kind} ({where}): {', '.join(dss.targets)}")
+                export, sock = start_export(work, make_vcr(dss.targets, extent_count, flush_timeout))
+                return measure(sock, size_bytes, target_s)
+            finally:
+                if export is not None:
+                    stop_proc(export, timeout=30)
+                    if export.stdout is not None:
+                        export.stdout.close()
     finally:
-        if export is not None:
-            stop_proc(export, timeout=30)
-            if export.stdout is not None:
-                export.stdout.close()
-        ds.close()
+        for port in ports:
+            setup.ports.release(port)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,15 +451,16 @@ def serve(sock: Path, vcr_path: Path) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def leftovers(tmp: Path, label: str) -> list[str]:
-    """What this run started and did not remove: processes naming its temp dir, labelled
-    containers and volumes (other users' downstairs on the same machine are not ours)."""
+def leftovers(tmp: Path, session: str) -> list[str]:
+    """What this run started and did not remove: processes naming its temp dir, containers and
+    volumes with its session label (other users' downstairs on the same machine are not ours)."""
     found = []
-    pg = run(["pgrep", "-af", "qemu-nbd|sut.storage|bench_storage"], check=False).stdout.strip()
-    found += [f"process: {line}" for line in pg.splitlines() if str(tmp) in line]
+    pg = run(["pgrep", "-af", "qemu-nbd|sut.storage|bench_storage|crucible-downstairs"], check=False)
+    found += [f"process: {line}" for line in pg.stdout.strip().splitlines() if str(tmp) in line]
     if shutil.which("docker"):
-        ids = run(["docker", "ps", "-aq", "--filter", f"label={label}"], check=False).stdout.split()
-        vols = run(["docker", "volume", "ls", "-q", "--filter", f"label={label}"], check=False).stdout.split()
+        label = f"label=phd.session={session}"
+        ids = run(["docker", "ps", "-aq", "--filter", label], check=False).stdout.split()
+        vols = run(["docker", "volume", "ls", "-q", "--filter", label], check=False).stdout.split()
         found += [f"container: {c}" for c in ids] + [f"volume: {v}" for v in vols]
     return found
 
@@ -469,14 +469,35 @@ def ratios_of(ours: dict[str, Any], ref: dict[str, Any], names: list[str]) -> di
     return {n: round(ours[n]["mb_s"] / ref[n]["mb_s"], 4) if ref[n]["mb_s"] else None for n in names}
 
 
-def print_table(title: str, ref: dict[str, Any], ours: dict[str, Any], names: list[str]) -> None:
+def judge(values: dict[str, float | None], minimum: dict[str, float]) -> dict[str, Any]:
+    """Each workload's value against its minimum: {"min", "value", "pass"}; "pass" overall."""
+    out: dict[str, Any] = {}
+    for n, m in minimum.items():
+        value = values.get(n)
+        out[n] = {"min": m, "value": value, "pass": value is not None and value >= m}
+    out["pass"] = all(v["pass"] for v in out.values())
+    return out
+
+
+def print_table(title: str, ref: dict[str, Any], ours: dict[str, Any], names: list[str],
+                ref_name: str = "qemu-nbd", ours_name: str = "ours") -> None:
     ratios = ratios_of(ours, ref, names)
     print(title)
-    print(f"{'workload':<15} {'qemu-nbd MB/s':>14} {'IOPS':>10} {'ours MB/s':>11} {'IOPS':>10} {'ratio':>8}")
+    head = f"{ref_name + ' MB/s':>16} {'IOPS':>9} {ours_name + ' MB/s':>16} {'IOPS':>9}"
+    print(f"{'workload':<15} {head} {'ratio':>7}")
     for n in names:
         r, o = ref[n], ours[n]
-        cols = f"{r['mb_s']:>14.1f} {r['iops']:>10.0f} {o['mb_s']:>11.1f} {o['iops']:>10.0f}"
-        print(f"{n:<15} {cols} {ratios[n]:>8.3f}")
+        cols = f"{r['mb_s']:>16.1f} {r['iops']:>9.0f} {o['mb_s']:>16.1f} {o['iops']:>9.0f}"
+        print(f"{n:<15} {cols} {ratios[n]:>7.3f}")
+
+
+def print_targets(title: str, verdict: dict[str, Any]) -> None:
+    print(f"{title}: {'PASS' if verdict['pass'] else 'FAIL'}")
+    for n, v in verdict.items():
+        if n == "pass":
+            continue
+        value = "n/a" if v["value"] is None else f"{v['value']:.3f}"
+        print(f"  {n:<15} {value:>7} >= {v['min']:.2f}  {'pass' if v['pass'] else 'FAIL'}")
 
 
 def main(argv: list[str]) -> int:
@@ -490,9 +511,14 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="ci/bench storage", description=__doc__.split("\n")[0])
     p.add_argument("--size-mib", type=int, default=256, help="image size (multiple of 16 MiB)")
     p.add_argument("--target-s", type=float, default=2.0, help="approximate seconds per workload run")
-    p.add_argument("--no-docker", action="store_true", help="always run the downstairs as local processes")
+    p.add_argument("--no-docker", action="store_true", help="run the downstairs as local processes")
     p.add_argument(
-        "--no-published", action="store_true", help="skip the extra run with ports published by Docker"
+        "--downstairs-binary",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="a real crucible-downstairs to run our upstairs on as well (default: $PHD_DOWNSTAIRS_BINARY,"
+        " else ../shared/crucible/crucible-downstairs beside the repo if it exists; none: skipped)",
     )
     p.add_argument(
         "--flush-timeout",
@@ -507,6 +533,7 @@ def main(argv: list[str]) -> int:
     if a.size_mib <= 0 or a.size_mib % 16:
         p.error("--size-mib must be a positive multiple of 16")
     size_bytes = a.size_mib * MIB
+    binary: Path | None = a.downstairs_binary or default_binary()
 
     def on_term(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)
@@ -515,64 +542,114 @@ def main(argv: list[str]) -> int:
     t0 = time.monotonic()
     load_before = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="phd-bench-storage-"))
-    label = f"phd.session=bench-{secrets.token_hex(6)}"
-    published: dict[str, Any] | None = None
+    session = f"bench-{secrets.token_hex(6)}"
+    labels = {"phd.session": session, "phd.test": "ci/bench storage", "phd.pid": str(os.getpid()),
+              "phd.host": os.uname().nodename}
+    client = None if a.no_docker else docker_client()
+    if client is None and not a.no_docker:
+        print("NOTE: Docker is not available; downstairs run as local processes")
+    real: dict[str, Any] | None = None
+    real_skipped = ""
+    real_program: DsProgram | None = None
+    images = {"ours": "", "binary": ""}
     try:
-        image = downstairs_image(not a.no_docker)
+        if binary is None:
+            real_skipped = ("no crucible-downstairs: pass --downstairs-binary PATH or set "
+                            "PHD_DOWNSTAIRS_BINARY (or place it at ../shared/crucible/crucible-downstairs)")
+        else:
+            try:
+                check_binary(binary)
+                real_program = binary_program(binary)
+            except HarnessError as exc:
+                real_skipped = f"--downstairs-binary {binary}: {exc}"
+        if client is not None:
+            images["ours"], why = ensure_image(["--program", "ours"])
+            if not images["ours"]:
+                print(f"NOTE: our downstairs image is unavailable ({why}); downstairs run as local processes")
+                client.close()
+                client = None
+            elif real_program is not None:
+                images["binary"], why = ensure_image(["--binary", str(binary)])
+                if not images["binary"]:
+                    real_skipped, real_program = f"the real downstairs' image is unavailable: {why}", None
+        setup = Setup(tmp, client, labels, PortAllocator(index=PORT_BLOCK_INDEX))
         log(f"reference: qemu-nbd, {a.size_mib} MiB raw file")
         ref = bench_qemu_nbd(tmp, size_bytes, a.target_s)
-        log(f"ours: 3 downstairs + CrucibleBackend export, {a.size_mib} MiB region")
-        ours = bench_ours(tmp, size_bytes, a.target_s, image, label, "host", a.flush_timeout)
-        if image and not a.no_published:
-            log("ours again, downstairs ports published by Docker (docker-proxy on the data path)")
-            published = bench_ours(tmp, size_bytes, a.target_s, image, label, "published", a.flush_timeout)
+        log(f"ours: our upstairs (CrucibleBackend export) on 3 of our downstairs, {a.size_mib} MiB region")
+        ours = bench_set(setup, "ours", OURS, images["ours"], size_bytes, a.target_s, a.flush_timeout)
+        if real_program is not None:
+            log(f"real: our upstairs on 3 real crucible-downstairs ({binary}), {a.size_mib} MiB region")
+            real = bench_set(setup, "real", real_program, images["binary"], size_bytes, a.target_s,
+                             a.flush_timeout)
+        else:
+            print(f"NOTE: real downstairs part skipped: {real_skipped}")
     finally:
+        if client is not None:
+            client.close()
         shutil.rmtree(tmp, ignore_errors=True)
     wall = time.monotonic() - t0
 
     names = [w.name for w in workloads(size_bytes)]
     ratios = ratios_of(ours, ref, names)
+    real_ratios = ratios_of(real, ref, names) if real is not None else None
+    ours_vs_real = ratios_of(ours, real, names) if real is not None else None
+    targets: dict[str, Any] = {"ours_vs_qemu_nbd": judge(ratios, QEMU_TARGETS)}
+    if ours_vs_real is not None:
+        targets["ours_vs_real_downstairs"] = judge(ours_vs_real, dict.fromkeys(names, REAL_TARGET))
     result: dict[str, Any] = {
         "seq_read_ratio": ratios["seq_read"],
         "seq_write_ratio": ratios["seq_write"],
         "rand_read_4k_ratio": ratios["rand_read_4k"],
         "rand_write_4k_ratio": ratios["rand_write_4k"],
+        "real_downstairs_ratios": real_ratios,
+        "ours_vs_real_downstairs": ours_vs_real,
+        "targets": targets,
         "size_mib": a.size_mib,
-        "downstairs_mode": "docker" if image else "local",
-        "downstairs_network": "host" if image else "loopback (local processes)",
+        "downstairs_mode": setup.flavour,
+        "downstairs_network": "host (127.0.0.1)" if client is not None else "loopback (local processes)",
+        "images": images if client is not None else None,
+        "downstairs_binary": str(binary) if binary is not None else None,
+        "real_downstairs_skipped": real_skipped or None,
         "flush_timeout_s": a.flush_timeout if a.flush_timeout is not None else "upstairs default",
         "method": {
             "tool": "qemu-img bench -f raw -t none -i threads -d 4 over nbd+unix",
             "seq": "1 MiB requests, step 1 MiB",
             "rand_4k": f"4 KiB requests, step 4 KiB * {RAND_STEP_BLOCKS} (prime) modulo image size",
             "fill": "one untimed sequential 1 MiB write pass before the workloads",
-            "ratio": "ours MB/s / qemu-nbd MB/s (equal to the IOPS ratio)",
-            "network": "ours: containers share the host's network namespace and bind 127.0.0.1:PORT;"
-            " published: the same with -p 127.0.0.1:PORT:3810 (docker-proxy), same qemu-nbd reference",
+            "ratio": "<workload>_ratio: ours (our upstairs on our downstairs) MB/s / qemu-nbd MB/s;"
+            " real_downstairs_ratios: our upstairs on the real downstairs / qemu-nbd;"
+            " ours_vs_real_downstairs: our downstairs / the real downstairs, same upstairs (MB/s ="
+            " IOPS ratios)",
+            "downstairs": "3 per set via phd.dsc.DownstairsSet, each on a port pair (repair server"
+            " at port + 4000); containers share the host's network namespace and bind 127.0.0.1",
         },
         "qemu_nbd": ref,
         "ours": ours,
+        "real_downstairs": real,
         "wall_seconds": round(wall, 1),
         # other work on the machine skews both sides; a ratio is comparable only at similar load
         "loadavg_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
         "cpus": os.cpu_count(),
     }
-    if published is not None:
-        result["published"] = {
-            "ratios": ratios_of(published, ref, names),
-            "ours": published,
-        }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
 
-    where = f"docker ({image}), network host" if image else "local processes"
-    print_table(f"ours: downstairs {where}", ref, ours, names)
-    if published is not None:
-        print_table("ours: downstairs docker, ports published (docker-proxy)", ref, published, names)
+    where = f"{setup.flavour} ({images['ours']}), network host" if client is not None else "local processes"
+    print_table(f"ours: our upstairs on our downstairs, {where}", ref, ours, names)
+    if real is not None:
+        print_table(f"real: our upstairs on the real downstairs ({binary})", ref, real, names,
+                    ours_name="real")
+        print_table("our downstairs vs the real one, same upstairs", real, ours, names, ref_name="real",
+                    ours_name="ours")
+    print_targets("targets ours / qemu-nbd", targets["ours_vs_qemu_nbd"])
+    if "ours_vs_real_downstairs" in targets:
+        print_targets("targets ours / real downstairs", targets["ours_vs_real_downstairs"])
+    else:
+        print(f"targets ours / real downstairs: not measured ({real_skipped})")
     load = result["loadavg_1min"]
     print(f"image {a.size_mib} MiB; wall {wall:.1f} s; load {load['before']} -> {load['after']} on "
           f"{result['cpus']} CPUs; results in {a.out}")
-    left = leftovers(tmp, label)
+    left = leftovers(tmp, session)
     if left:
         print("WARNING: left behind:\n  " + "\n  ".join(left))
         return 1
