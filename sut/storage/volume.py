@@ -1,8 +1,12 @@
 """A volume: regions laid end to end, plus an optional read-only parent.
 
 Reads of blocks that were never written in the region come from the read-only parent (a
-``file`` VCR), which is how a guest image backs a fresh Crucible disk. Offsets here are in
-bytes and must be block aligned; the NBD layer advertises the block size so QEMU aligns.
+``file`` VCR), which is how a guest image backs a fresh Crucible disk. What a read fetched from
+the parent is then written into the region with WriteUnwritten (as Crucible fills a region
+from its parent): it lands only on blocks still never written, so it can never overwrite a
+guest write, whichever order the two reach the downstairs in, and the next read of those
+blocks is served by the region. Offsets here are in bytes and must be block aligned; the NBD
+layer advertises the block size so QEMU aligns.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from sut.storage.upstairs import Activation, Upstairs
 from sut.storage.vcr import FileVcr, RegionVcr, VolumeVcr
 
 _UNWRITTEN_RUN = re.compile("0+")  # in a read's written map: blocks the parent supplies
+_MAX_FILLS = 64  # background WriteUnwritten fills from the parent in flight
 
 __all__ = ["Volume"]
 
@@ -81,6 +86,7 @@ class Volume:
             self._parts.append(_Extent(offset, sub.size_bytes, up))
             offset += sub.size_bytes
         self.size_bytes = offset
+        self._fills: set[asyncio.Task[None]] = set()  # parent data on its way into the region
         self._parent: _Parent | None = None
         parent = vcr.read_only_parent
         if isinstance(parent, FileVcr):
@@ -119,6 +125,10 @@ class Volume:
         return Activation.ACTIVE
 
     async def close(self) -> None:
+        fills, self._fills = self._fills, set()
+        for task in fills:
+            task.cancel()
+        await asyncio.gather(*fills, return_exceptions=True)
         errors: list[BaseException] = []
         for part in self._parts:
             try:
@@ -181,7 +191,26 @@ class Volume:
         # runs of hundreds of blocks, and a pread per block dominated the read path.
         for run in _UNWRITTEN_RUN.finditer(written):
             lo, hi = run.start() * bs, run.end() * bs
-            out[pos + lo : pos + hi] = self._parent.read(part.start + local + lo, hi - lo)
+            data = self._parent.read(part.start + local + lo, hi - lo)
+            out[pos + lo : pos + hi] = data
+            self._fill(part, (local + lo) // bs, data)
+
+    def _fill(self, part: _Extent, block: int, data: bytes) -> None:
+        """Write parent data into the region's never-written blocks, in the background (the
+        read does not wait for two acknowledgements); at most _MAX_FILLS at a time - beyond,
+        the blocks just keep coming from the parent until a later read fills them."""
+        if self.read_only or len(self._fills) >= _MAX_FILLS:
+            return
+        task = asyncio.get_running_loop().create_task(self._fill_one(part, block, data))
+        self._fills.add(task)
+        task.add_done_callback(self._fills.discard)
+
+    async def _fill_one(self, part: _Extent, block: int, data: bytes) -> None:
+        try:
+            await part.upstairs.write(block, data, only_unwritten=True)
+        except StorageError as exc:
+            self.log.info("filling %s blocks at %s from the parent failed: %s", len(data) // self.block_size,
+                          block, exc)
 
     async def write(self, offset: int, data: bytes) -> None:
         if self.read_only:

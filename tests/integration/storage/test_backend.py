@@ -238,10 +238,17 @@ def test_read_only_parent_fills_unwritten_blocks(
             await qemu_io(sock, "read -P 0x7e 0 1M", "read -P 0 1M 1M")
             await qemu_io(sock, "write -P 0x01 4k 4k")
             await qemu_io(sock, "read -P 0x7e 0 4k", "read -P 0x01 4k 4k", "read -P 0x7e 8k 4k")
+            await qemu_io(sock, "flush")
         finally:
             await backend.close()
 
     run(main())
+    # what the reads took from the parent was written into every copy with WriteUnwritten
+    # (Crucible's fill), and the guest's later write to 4k was not overwritten by it
+    for ds in dss:
+        region = extent_bytes(ds)
+        assert region[:4096] == b"\x7e" * 4096 and region[8192 : 1 << 20] == b"\x7e" * ((1 << 20) - 8192)
+        assert region[4096:8192] == b"\x01" * 4096
 
 
 def test_replacement_while_active_live_repairs_new_downstairs(
