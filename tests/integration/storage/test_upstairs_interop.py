@@ -190,6 +190,7 @@ def test_activate_write_read_flush(trio: list[CrucibleDownstairs]) -> None:
             empty, written = await up.read(0, 8)
             assert empty == bytes(8 * BLOCK_SIZE) and written == "0" * 8
             await up.write(0, data)
+            await up.barrier()  # orders what follows after what came before, no fsync
             await up.write(10, data[:BLOCK_SIZE], only_unwritten=True)  # written already: no-op
             for _ in range(6):  # reads rotate over the three copies; each checks hashes
                 got, written = await up.read(0, REGION_BLOCKS)
