@@ -37,7 +37,7 @@ from tests.integration.storage.crucible_ds import (
     needs_binary,
 )
 
-pytestmark = [pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.timeout(240), pytest.mark.interop]
 
 RETRY = RetryPolicy(connect_timeout_s=2.0, reconnect_delay_s=0.2, io_timeout_s=5.0, keepalive_s=0.5)
 REGION_BLOCKS = EXTENT_SIZE * EXTENT_COUNT
