@@ -89,6 +89,11 @@ REPAIR_STAGES = ("copy", "replace", "completed")
 _META = struct.Struct("<BQQIII")  # dirty, gen, flush, ext_version, bonus_sync_count, defrag_count
 _SLOT_HEAD = struct.Struct("<BQB")  # Some, hash, encryption Option tag
 _SLOT_TAIL = struct.Struct("<QH")  # on_disk_hash, flush_id
+# A whole unencrypted slot in one pack/unpack (the hot paths): Some, hash, None, on_disk_hash,
+# flush_id, zero padding; byte for byte what _encode_slot writes for such a slot.
+_SLOT_PLAIN = struct.Struct(f"<BQBQH{CONTEXT_SLOT_BYTES - 20}x")
+_SLOT_FRONT = struct.Struct(f"<BQB{CONTEXT_SLOT_BYTES - 10}x")  # Some, hash, encryption tag
+_EMPTY_READ = ReadBlockEmpty()
 
 
 class ExtentFailure(Exception):
@@ -377,14 +382,25 @@ class RawExtent:
     # -- I/O ---------------------------------------------------------------------------------
     def read(self, start: int, count: int) -> tuple[bytes, list[ReadBlockContext]]:
         """Data and one context per block: Empty (never written), Encrypted or Unencrypted."""
+        self._check(start, count)
         contexts: list[ReadBlockContext] = []
-        for slot in self.active_contexts(start, count):
-            if slot is None:
-                contexts.append(ReadBlockEmpty())
-            elif slot.context.encryption_context is not None:
-                contexts.append(ReadBlockEncrypted(slot.context.encryption_context))
-            else:
-                contexts.append(ReadBlockUnencrypted(slot.context.hash))
+        for first, n, slot_no in self._runs(range(start, start + count), self._active):
+            raw = os.pread(self._fd, n * CONTEXT_SLOT_BYTES, self._slot_offset(first, slot_no))
+            if len(raw) != n * CONTEXT_SLOT_BYTES:
+                raise _fail(ErrorKind.IoError, f"extent {self.number}: incomplete context read")
+            # the common slots (empty, unencrypted) straight from one unpack per slot; anything
+            # else through _decode_slot, which also reports a malformed one
+            for i, (some, hash_, enc_tag) in enumerate(_SLOT_FRONT.iter_unpack(raw)):
+                if some == 0:
+                    contexts.append(_EMPTY_READ)
+                elif some == 1 and enc_tag == 0:
+                    contexts.append(ReadBlockUnencrypted(hash_))
+                else:
+                    off = i * CONTEXT_SLOT_BYTES
+                    where = f"extent {self.number} block {first + i}"
+                    slot = _decode_slot(raw[off : off + CONTEXT_SLOT_BYTES], where)
+                    assert slot is not None and slot.context.encryption_context is not None
+                    contexts.append(ReadBlockEncrypted(slot.context.encryption_context))
         data = os.pread(self._fd, count * self.block_size, start * self.block_size)
         if len(data) != count * self.block_size:
             raise _fail(ErrorKind.IoError, f"extent {self.number}: incomplete read")
@@ -396,8 +412,11 @@ class RawExtent:
         data: bytes | memoryview,
         contexts: Sequence[BlockContext],
         only_unwritten: bool = False,
+        validated: bool = False,
     ) -> None:
-        """Write whole blocks from extent-relative ``start`` (hashes are the caller's check)."""
+        """Write whole blocks from extent-relative ``start`` (hashes are the caller's check;
+        ``validated``: they were checked, so an unencrypted block's on-disk hash is its
+        context's hash and is not computed again)."""
         bs = self.block_size
         self._check(start, len(contexts))
         if len(data) != len(contexts) * bs:
@@ -421,19 +440,28 @@ class RawExtent:
         self._unsynced.update(blocks)
         # contexts first (one pwrite per run of blocks going to the same slot), then the data
         # (one pwrite per run of consecutive blocks)
+        flush_id = self.flush & 0xFFFF
+        pack = _SLOT_PLAIN.pack
         for first, n, slot in self._runs(blocks, lambda b: 1 - self._active(b)):
-            encoded = b"".join(
-                _encode_slot(
-                    SlotContext(contexts[i], block_hash(view[i * bs : (i + 1) * bs]), self.flush & 0xFFFF)
-                )
-                for i in range(first - start, first - start + n)
-            )
-            os.pwrite(self._fd, encoded, self._slot_offset(first, slot))
-        for first, n, _ in self._runs(blocks, lambda _b: 0):
-            i = first - start
-            os.pwrite(self._fd, view[i * bs : (i + n) * bs], first * bs)
-        for block in blocks:
-            self._set_active(block, 1 - self._active(block))
+            encoded = []
+            for i in range(first - start, first - start + n):
+                ctx = contexts[i]
+                if ctx.encryption_context is None:
+                    on_disk = ctx.hash if validated else block_hash(view[i * bs : (i + 1) * bs])
+                    encoded.append(pack(1, ctx.hash, 0, on_disk, flush_id))
+                else:
+                    on_disk = block_hash(view[i * bs : (i + 1) * bs])
+                    encoded.append(_encode_slot(SlotContext(ctx, on_disk, flush_id)))
+            os.pwrite(self._fd, b"".join(encoded), self._slot_offset(first, slot))
+        if len(todo) == len(contexts):  # one run: every block, consecutive
+            os.pwrite(self._fd, view, start * bs)
+        else:
+            for first, n, _ in self._runs(blocks, lambda _b: 0):
+                i = first - start
+                os.pwrite(self._fd, view[i * bs : (i + n) * bs], first * bs)
+        active = self.active_b
+        for block in blocks:  # each written block's other slot becomes the active one
+            active[block >> 3] ^= 1 << (block & 7)
 
     # -- flush ---------------------------------------------------------------------------------
     def _write_bitmap_and_meta(self, *, dirty: bool, gen: int, flush: int) -> None:
@@ -735,7 +763,8 @@ class RawRegion:
         bs = self.block_size
         for ext, rel, n, off in self._pieces(start, len(contexts)):
             self.dirty_extents.add(ext.number)
-            ext.write(rel, view[off * bs : (off + n) * bs], contexts[off : off + n], only_unwritten)
+            ext.write(rel, view[off * bs : (off + n) * bs], contexts[off : off + n], only_unwritten,
+                      validated=True)
 
     def flush(self, flush_number: int, gen_number: int, extent_limit: int | None = None) -> None:
         """Stamp every dirty extent (up to ``extent_limit`` inclusive), then fsync them."""
