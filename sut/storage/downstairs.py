@@ -413,16 +413,33 @@ class Downstairs:
             if conn.phase is not Phase.REGION_INFO:
                 raise _Close(f"ExtentVersionsPlease out of order ({conn.phase.value})")
             conn.phase = Phase.RUNNING
+            self._reopen_abandoned(conn)
             conn.send(m.ExtentVersions(*self.region.versions()))
         elif isinstance(msg, m.LastFlush):
             if conn.phase is not Phase.REGION_INFO:
                 raise _Close(f"LastFlush out of order ({conn.phase.value})")
             conn.phase = Phase.RUNNING
+            self._reopen_abandoned(conn)
             if msg.last_flush_number is not None:
                 conn.done.add(msg.last_flush_number)
             log("last_flush", peer=conn.peer, last_flush_number=msg.last_flush_number)
         else:
             log("ignored", peer=conn.peer, phase=conn.phase.value, message=type(msg).__name__)
+
+    def _reopen_abandoned(self, conn: _Conn) -> None:
+        """A read-write session starts with every extent open: one still closed was left by a
+        repair whose upstairs went away half way (its session is over; ours is the only one).
+        Without this the next repair's close fails for good (the real downstairs aborts on the
+        ExtentVersionsPlease instead)."""
+        if self.read_only:
+            return
+        for eid in sorted(self.region.closed):
+            try:
+                self.region.reopen_extent(eid)
+            except ExtentFailure as exc:
+                log("reopen_error", peer=conn.peer, extent=eid, error=str(exc))
+            else:
+                log("reopened_abandoned", peer=conn.peer, extent=eid)
 
     def _promote(self, conn: _Conn) -> None:
         """Make ``conn`` the active upstairs (read-write: the only one), or raise _Close."""

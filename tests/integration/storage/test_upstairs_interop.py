@@ -523,3 +523,52 @@ def test_an_older_generation_is_refused_while_a_newer_one_is_active(
             assert current.state is Activation.ACTIVE
 
     run_bounded(go(), 120)
+
+
+@pytest.mark.parametrize("trio", ALL_SETS, indirect=True)
+def test_live_repair_survives_losing_its_source(trio: list[CrucibleDownstairs], tmp_path: Path) -> None:
+    """The source of a live repair is killed half way: the repair goes on from the other
+    copy (the abandoned extent's remaining steps still reach every copy, and a downstairs
+    starts a new session with every extent open, so nothing stays closed), and the
+    replacement ends with everything."""
+    base = pattern(40, REGION_BLOCKS)
+    fresh = _make(trio[0].kind, tmp_path / "fresh")
+    fresh.root.mkdir()
+    fresh.create(uuid.UUID(_region_uuid(trio[0])))
+    fresh.start()
+
+    async def go() -> None:
+        async with active(trio) as up:
+            await up.write(0, base)
+            await up.flush()
+            assert (
+                await up.replace_downstairs(f"127.0.0.1:{trio[0].port}", f"127.0.0.1:{fresh.port}")
+                == "Started"
+            )
+            new = up.clients()[0]
+            source = up.clients()[1]  # the first active copy is the source
+            # kill the source as soon as the repair has begun (repairing these 4 small extents
+            # is quick: a 50 ms poll could miss it, so watch on the event loop itself)
+            async with asyncio.timeout(20):
+                while new.state is not ClientState.REPAIRING and new.repairs_done == 0:
+                    await asyncio.sleep(0)
+            trio[1].stop()
+            await poll_until(
+                lambda: new.state is ClientState.ACTIVE,
+                "the repair to finish from the other copy",
+                last=lambda: (new.status(), source.status()),
+                timeout_s=60,
+            )
+            restart(trio[1])
+            await poll_until(
+                lambda: source.state is ClientState.ACTIVE, "the killed source back", last=source.status
+            )
+            got, _ = await up.read(0, REGION_BLOCKS)
+            assert got == base
+            await up.flush()
+
+    try:
+        run_bounded(go(), 180)
+        assert_copies_equal([fresh, trio[1], trio[2]], base)
+    finally:
+        fresh.__exit__(None)
