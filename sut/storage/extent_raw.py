@@ -373,6 +373,25 @@ class RawExtent:
                 runs.append((block, 1, slot))
         return runs
 
+    def _slot_runs(self, blocks: Sequence[int], flip: int) -> list[tuple[int, int, int]]:
+        """``_runs`` of ``blocks`` by active slot (``flip`` 0) or inactive slot (``flip`` 1),
+        the bitmap read inline: this runs once per block of every read and write."""
+        active = self.active_b
+        runs: list[tuple[int, int, int]] = []
+        first = prev = cur = -2
+        for b in blocks:
+            slot = ((active[b >> 3] >> (b & 7)) & 1) ^ flip
+            if b == prev + 1 and slot == cur:
+                prev = b
+                continue
+            if cur >= 0:
+                runs.append((first, prev - first + 1, cur))
+            first = prev = b
+            cur = slot
+        if cur >= 0:
+            runs.append((first, prev - first + 1, cur))
+        return runs
+
     def _check(self, start: int, count: int) -> None:
         if start < 0 or count < 0 or start + count > self.blocks:
             raise _fail(
@@ -384,7 +403,7 @@ class RawExtent:
         """Data and one context per block: Empty (never written), Encrypted or Unencrypted."""
         self._check(start, count)
         contexts: list[ReadBlockContext] = []
-        for first, n, slot_no in self._runs(range(start, start + count), self._active):
+        for first, n, slot_no in self._slot_runs(range(start, start + count), 0):
             raw = os.pread(self._fd, n * CONTEXT_SLOT_BYTES, self._slot_offset(first, slot_no))
             if len(raw) != n * CONTEXT_SLOT_BYTES:
                 raise _fail(ErrorKind.IoError, f"extent {self.number}: incomplete context read")
@@ -442,7 +461,7 @@ class RawExtent:
         # (one pwrite per run of consecutive blocks)
         flush_id = self.flush & 0xFFFF
         pack = _SLOT_PLAIN.pack
-        for first, n, slot in self._runs(blocks, lambda b: 1 - self._active(b)):
+        for first, n, slot in self._slot_runs(blocks, 1):
             encoded = []
             for i in range(first - start, first - start + n):
                 ctx = contexts[i]
