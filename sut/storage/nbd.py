@@ -214,8 +214,8 @@ class NbdServer:
                     await asyncio.gather(*inflight, return_exceptions=True)
                     out.flush()
                     return
-                # A large payload is the bytearray the kernel wrote into; the export only
-                # reads it (see sut.storage.protocol.decode_record).
+                # A large payload is the bytearray the kernel wrote into (sut.storage.stream
+                # receives it in place); the export only reads it.
                 payload = cast(bytes, received)
                 await slots.acquire()
                 task = asyncio.create_task(self._request(out, cmd, handle, offset, length, payload))
