@@ -32,7 +32,7 @@ from pipeline import PYTEST, RESULTS, ROOT, Case, junit_cases, run_child, split_
 from sut.server.regressions import ALL_REGRESSIONS
 
 sys.path.insert(0, str(ROOT))  # the tests package, for the meta test's expectations
-from tests.meta.test_regressions_caught import EXPECTED_FAILURES
+from tests.meta.test_regressions_caught import EXPECTED_FAILURES, is_case_of
 
 
 @dataclass
@@ -79,15 +79,16 @@ def unexpected(r: Run) -> list[str]:
     """The meta test's expectations (switch -> test -> text its failure must contain), checked
     for the tests this run ran (a -k may leave some out), so the matrix proves what it proves."""
     out = []
-    by_id = {c.id: c for c in r.cases}
     for test, text in EXPECTED_FAILURES.get(r.switch, {}).items():
-        case = by_id.get(test)
-        if case is None or case.outcome == "skipped":
-            continue
-        if case.outcome != "failed":
-            out.append(f"{r.switch}: {test} {case.outcome}, expected it to fail with {text!r}")
-        elif text not in case.full_message:
-            out.append(f"{r.switch}: {test} failed for another reason than {text!r}: {case.message[:200]}")
+        # every parametrized case of the test (test[plain], test[encrypted]) must catch it
+        for case in (c for c in r.cases if is_case_of(c.id, test)):
+            if case.outcome == "skipped":
+                continue
+            if case.outcome != "failed":
+                out.append(f"{r.switch}: {case.id} {case.outcome}, expected it to fail with {text!r}")
+            elif text not in case.full_message:
+                out.append(f"{r.switch}: {case.id} failed for another reason than {text!r}: "
+                           f"{case.message[:200]}")
     return out
 
 

@@ -96,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--block-size", type=int, default=512)
     run.add_argument("--extent-size", type=int, default=131072, help="blocks per extent")
     run.add_argument("--extent-count", type=int, default=16)
+    run.add_argument("--encrypted", action="store_true",
+                     help="create the regions --encrypted (the VCR must then carry a key)")
     run.add_argument("--control", default=DSC_DEFAULT_CONTROL,
                      help="control API address, loopback only; port 0 picks one "
                      f"(default {DSC_DEFAULT_CONTROL})")
@@ -216,7 +218,7 @@ def _dsc_run(args: argparse.Namespace) -> int:
 
     _check_run_args(args)
     program = _program(args)  # a bad program or path fails before anything is made
-    geometry = RegionGeometry(args.block_size, args.extent_size, args.extent_count)
+    geometry = RegionGeometry(args.block_size, args.extent_size, args.extent_count, args.encrypted)
     args.dir.mkdir(parents=True, exist_ok=True)
     stop = _stop_on_signals()
     fw = _framework(args, f"dsc{uuidlib.uuid4().hex[:6]}", program)
@@ -282,7 +284,7 @@ def _print_ready(args: argparse.Namespace, dss: DownstairsSet, took_s: float) ->
               f"  ({record['name']})")
     print(f"targets: {' '.join(dss.targets)}")
     vcr = {"block_size": g.block_size, "blocks_per_extent": g.extent_size,
-           "extent_count": g.extent_count, "target": dss.targets}
+           "extent_count": g.extent_count, "encrypted": g.encrypted, "target": dss.targets}
     print(f"vcr: {json.dumps(vcr)}", flush=True)
 
 

@@ -6,10 +6,18 @@ stop, pause, resume, restart); `replace_downstairs` swaps a fresh one in for a d
 The disk owns its downstairs and the black hole; the VCR is generated on demand from the
 current generation and black-hole switch, exactly as PHD does, so a test reads as
 `disk.set_generation(2); vm.replace_crucible_vcr(disk)`.
+
+An encrypted disk (`encrypted=True`) has regions created `--encrypted` and a key of its own
+(32 random bytes, base64 in the VCR's `opts.key`, as Crucible takes it), fixed for the disk's
+life so every VCR - a successor's, a replacement at a higher generation - opens the same data.
+The key is secret: `redacted_vcr` is what the framework writes to results files.
 """
 
 from __future__ import annotations
 
+import base64
+import copy
+import secrets
 import uuid as uuidlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,15 +27,37 @@ from phd.downstairs import Downstairs
 from phd.errors import HarnessError
 from phd.ports import BlackHole, BlackHoleKind
 
-__all__ = ["CrucibleDisk"]
+__all__ = ["REDACTED", "CrucibleDisk", "redacted_vcr"]
 
 MIB = 1 << 20
+KEY_BYTES = 32  # AES-256-GCM-SIV, Crucible's block cipher
+REDACTED = "<redacted>"
+
+
+def redacted_vcr(vcr: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a volume VCR with every region's secrets (`key`, `key_pem`) replaced by
+    REDACTED, fit for logs and results files; the original is left alone."""
+    out = copy.deepcopy(vcr)
+    stack: list[Any] = [out]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            opts = node.get("opts")
+            if node.get("type") == "region" and isinstance(opts, dict):
+                for secret in ("key", "key_pem"):
+                    if opts.get(secret) is not None:
+                        opts[secret] = REDACTED
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return out
 
 
 class CrucibleDisk:
     def __init__(self, name: str, size_bytes: int, block_size: int, extent_bytes: int,
                  downstairs: Sequence[Downstairs], black_holes: Sequence[BlackHole],
-                 disk_id: str | None = None, read_only_parent: Path | None = None) -> None:
+                 disk_id: str | None = None, read_only_parent: Path | None = None,
+                 encrypted: bool = False) -> None:
         if len(downstairs) != 3:
             raise HarnessError(f"a Crucible region needs exactly 3 downstairs, got {len(downstairs)}")
         if extent_bytes % block_size or size_bytes % extent_bytes:
@@ -39,7 +69,14 @@ class CrucibleDisk:
         self.block_size = block_size
         self.blocks_per_extent = extent_bytes // block_size
         self.extent_count = size_bytes // extent_bytes
+        wrong = [ds.name for ds in downstairs if ds.encrypted != encrypted]
+        if wrong:
+            raise HarnessError(f"disk {name} is {'' if encrypted else 'not '}encrypted but the "
+                               f"regions of {wrong} are {'not ' if encrypted else ''}encrypted")
         self.downstairs = list(downstairs)
+        self.encrypted = encrypted
+        # Never logged: `redacted_vcr` hides it wherever the framework writes a VCR down.
+        self._key = base64.b64encode(secrets.token_bytes(KEY_BYTES)).decode() if encrypted else None
         # Downstairs this disk owns but its VCR no longer (or not yet) names: spares made by
         # DiskFactory.add_downstairs and the ones replace_downstairs swapped out.
         self._others: list[Downstairs] = []
@@ -86,6 +123,10 @@ class CrucibleDisk:
         """Take a spare downstairs into this disk's care (torn down with the disk)."""
         self._others.append(ds)
 
+    def __repr__(self) -> str:  # no key in it, ever
+        return (f"CrucibleDisk({self.name!r}, id={self.id}, gen={self.generation}, "
+                f"encrypted={self.encrypted}, targets={self.targets()})")
+
     def replace_downstairs(self, index: int, new: Downstairs) -> Downstairs:
         """Name `new` instead of downstairs `index` in the next VCRs (send one with
         `vm.replace_crucible_vcr(disk)` at a higher generation); returns the old one, which
@@ -94,6 +135,10 @@ class CrucibleDisk:
             raise HarnessError(f"disk {self.name} has downstairs 0..{len(self.downstairs) - 1}, not {index}")
         if new in self.downstairs:
             raise HarnessError(f"{new.address} already serves disk {self.name}")
+        if new.encrypted != self.encrypted:
+            raise HarnessError(f"{new.name}'s region is {'' if new.encrypted else 'not '}encrypted, "
+                               f"disk {self.name} is {'' if self.encrypted else 'not '}encrypted: "
+                               "make spares with disk_factory.add_downstairs(disk)")
         old = self.downstairs[index]
         self.downstairs[index] = new
         if new in self._others:
@@ -111,7 +156,7 @@ class CrucibleDisk:
             "gen": self.generation,
             "opts": {
                 "id": self.id, "target": self.targets(), "lossy": False, "flush_timeout": None,
-                "key": None, "cert_pem": None, "key_pem": None, "root_cert_pem": None,
+                "key": self._key, "cert_pem": None, "key_pem": None, "root_cert_pem": None,
                 "control": None, "read_only": False,
             },
         }

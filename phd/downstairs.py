@@ -251,7 +251,10 @@ class Downstairs(Protocol):
     def repair_address(self) -> str: ...
     @property
     def state(self) -> DsState: ...
-    def create_region(self, uuid: str, block_size: int, extent_size: int, extent_count: int) -> None: ...
+    @property
+    def encrypted(self) -> bool: ...
+    def create_region(self, uuid: str, block_size: int, extent_size: int, extent_count: int, *,
+                      encrypted: bool = False) -> None: ...
     def start(self) -> None: ...
     def stop(self) -> None: ...
     def kill(self) -> None: ...
@@ -263,9 +266,12 @@ class Downstairs(Protocol):
 
 
 def _region_args(uuid: str, block_size: int, extent_size: int, extent_count: int,
-                 data_dir: str) -> list[str]:
+                 data_dir: str, encrypted: bool = False) -> list[str]:
+    """`create` argv; `--encrypted` makes a region only an upstairs with a key may activate
+    (both programs take it; Crucible answers a mismatch with EncryptedMismatch)."""
     return ["create", "-u", uuid, "-d", data_dir, "--block-size", str(block_size),
-            "--extent-size", str(extent_size), "--extent-count", str(extent_count)]
+            "--extent-size", str(extent_size), "--extent-count", str(extent_count),
+            *(["--encrypted"] if encrypted else [])]
 
 
 def _listening_count(log_text: str) -> int:
@@ -289,6 +295,7 @@ class _Lifecycle:
     def __init__(self, program: DsProgram = OURS) -> None:
         self.program = program
         self._region_ready = False
+        self._encrypted = False
         self._destroyed = False
 
     @property
@@ -315,14 +322,21 @@ class _Lifecycle:
     def state(self) -> DsState:
         return DsState.DESTROYED if self._destroyed else self._observe()
 
+    @property
+    def encrypted(self) -> bool:
+        """Whether its region was created `--encrypted` (only a VCR with a key activates it)."""
+        return self._encrypted
+
     # --- operations -------------------------------------------------------------------------
-    def create_region(self, uuid: str, block_size: int, extent_size: int, extent_count: int) -> None:
+    def create_region(self, uuid: str, block_size: int, extent_size: int, extent_count: int, *,
+                      encrypted: bool = False) -> None:
         state = self._usable("create a region in")
         if self._region_ready or state is not DsState.NEW:
             raise HarnessError(f"downstairs {self.name} already has a region; a downstairs serves "
                                "exactly one region - make a new downstairs for another")
-        self._create_region(uuid, block_size, extent_size, extent_count)
+        self._create_region(uuid, block_size, extent_size, extent_count, encrypted)
         self._region_ready = True
+        self._encrypted = encrypted
 
     def start(self) -> None:
         """Serve the region on the same port; a no-op when already running."""
@@ -408,7 +422,8 @@ class _Lifecycle:
     def _observe(self) -> DsState:
         raise NotImplementedError
 
-    def _create_region(self, uuid: str, block_size: int, extent_size: int, extent_count: int) -> None:
+    def _create_region(self, uuid: str, block_size: int, extent_size: int, extent_count: int,
+                       encrypted: bool) -> None:
         raise NotImplementedError
 
     def _launch(self) -> None:
@@ -470,13 +485,14 @@ class DockerDownstairs(_Lifecycle):
     def _run_argv(self) -> list[str]:
         return ["run", "-d", "/data", "-a", "127.0.0.1", "-p", str(self.host_port)]
 
-    def _create_region(self, uuid: str, block_size: int, extent_size: int, extent_count: int) -> None:
+    def _create_region(self, uuid: str, block_size: int, extent_size: int, extent_count: int,
+                       encrypted: bool) -> None:
         import docker.errors
 
         self._volume = self.client.volumes.create(self.volume_name, labels=self.labels)
         try:
             self.client.containers.run(
-                self.image, _region_args(uuid, block_size, extent_size, extent_count, "/data"),
+                self.image, _region_args(uuid, block_size, extent_size, extent_count, "/data", encrypted),
                 name=f"{self.name}-create", remove=True, detach=False, **self._common())
         except docker.errors.ContainerError as exc:
             raise SutError(f"downstairs create in {self.name} failed (exit {exc.exit_status}): "
@@ -595,10 +611,12 @@ class ProcessDownstairs(_Lifecycle):
         self._proc: subprocess.Popen[bytes] | None = None
         self._ledger_entry: Path | None = None
 
-    def _create_region(self, uuid: str, block_size: int, extent_size: int, extent_count: int) -> None:
+    def _create_region(self, uuid: str, block_size: int, extent_size: int, extent_count: int,
+                       encrypted: bool) -> None:
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         proc = subprocess.run(  # noqa: S603 - argv list
-            [*self.cmd, *_region_args(uuid, block_size, extent_size, extent_count, str(self.data_dir))],
+            [*self.cmd, *_region_args(uuid, block_size, extent_size, extent_count, str(self.data_dir),
+                                      encrypted)],
             stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise SutError(f"downstairs create for {self.name} failed: {proc.stderr[-1500:]}")

@@ -67,6 +67,7 @@ class RegionGeometry:
     block_size: int = 512
     extent_size: int = 131072  # blocks per extent, as the downstairs CLI counts it
     extent_count: int = 16
+    encrypted: bool = False  # regions created `--encrypted`: only a VCR with a key activates them
 
     def __post_init__(self) -> None:
         if self.block_size < 512 or self.block_size & (self.block_size - 1):
@@ -186,10 +187,13 @@ class DownstairsSet:
         self._uuids.append(str(uuidlib.uuid4()))
         return i
 
-    def _create_and_start(self, i: int) -> None:
+    def _create(self, i: int) -> None:
         g = self.geometry
         self._step("create", i, lambda: self._members[i].create_region(
-            self._uuids[i], g.block_size, g.extent_size, g.extent_count))
+            self._uuids[i], g.block_size, g.extent_size, g.extent_count, encrypted=g.encrypted))
+
+    def _create_and_start(self, i: int) -> None:
+        self._create(i)
         self._step("start", i, self._members[i].start)
 
     def add(self, *, port: int | None = None, start: bool = True) -> int:
@@ -206,9 +210,7 @@ class DownstairsSet:
             if start:
                 self._create_and_start(i)
             else:
-                g = self.geometry
-                self._step("create", i, lambda: self._members[i].create_region(
-                    self._uuids[i], g.block_size, g.extent_size, g.extent_count))
+                self._create(i)
             return i
 
     def close(self) -> None:

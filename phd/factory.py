@@ -224,8 +224,14 @@ class DiskFactory:
 
     def create_crucible_disk(self, name: str = "data", *, size_gib: int | None = None,
                              block_size: int = 512, extent_mib: int = 64,
-                             read_only_parent: Path | None = None) -> CrucibleDisk:
+                             read_only_parent: Path | None = None,
+                             encrypted: bool = False) -> CrucibleDisk:
         """A Crucible disk: three fresh regions, each served by its own downstairs.
+
+        encrypted: the regions (and every spare `add_downstairs` makes for the disk) are
+        created `--encrypted` and the VCR carries a random key of the disk's own, the same
+        for its whole life; the upstairs seals every block (AES-256-GCM-SIV), so the
+        downstairs store only ciphertext.
 
         read_only_parent: a raw image (a guest's disk, say) whose blocks the disk shows until
         they are written; the size then defaults to the image's, rounded up to whole extents.
@@ -253,27 +259,28 @@ class DiskFactory:
         try:
             for kind in BLACK_HOLE_KINDS:  # both kinds held, so a test can pick either
                 black_holes.append(self.fw.ports.black_hole(kind))
-            downstairs = self._start_downstairs(name, geometry, 3)
+            downstairs = self._start_downstairs(name, geometry, 3, encrypted=encrypted)
         except BaseException:
             for hole in black_holes:
                 hole.close()
             raise
         disk = CrucibleDisk(name, size, block_size, extent, downstairs, black_holes, disk_id,
-                            read_only_parent=read_only_parent)
+                            read_only_parent=read_only_parent, encrypted=encrypted)
         self._disks.append(disk.destroy)
         return disk
 
     def add_downstairs(self, disk: CrucibleDisk) -> Downstairs:
         """A spare downstairs for `disk`: a fresh, empty region of the same geometry, started
         and owned by the disk. Swap it in with `disk.replace_downstairs(i, spare)`; the next
-        replacement VCR makes the upstairs repair it from the others."""
+        replacement VCR makes the upstairs repair it from the others. An encrypted disk's
+        spare is encrypted too."""
         geometry = (disk.id, disk.block_size, disk.blocks_per_extent, disk.extent_count)
-        (spare,) = self._start_downstairs(disk.name, geometry, 1)
+        (spare,) = self._start_downstairs(disk.name, geometry, 1, encrypted=disk.encrypted)
         disk.own(spare)
         return spare
 
     def _start_downstairs(self, disk_name: str, geometry: tuple[str, int, int, int],
-                          count: int) -> list[Downstairs]:
+                          count: int, *, encrypted: bool = False) -> list[Downstairs]:
         """`count` downstairs with fresh regions, started side by side; all or none."""
         downstairs: list[Downstairs] = []
         try:
@@ -287,7 +294,7 @@ class DiskFactory:
                 downstairs.append(self._downstairs(name, port))
 
             def bring_up(ds: Downstairs) -> None:
-                ds.create_region(*geometry)
+                ds.create_region(*geometry, encrypted=encrypted)
                 ds.start()
 
             # Each start is mostly waiting on Docker, so they come up side by side; every

@@ -21,7 +21,7 @@ import httpx
 
 from phd.artifacts import GuestArtifact
 from phd.client import InstanceState, ServerClient
-from phd.crucible import CrucibleDisk
+from phd.crucible import CrucibleDisk, redacted_vcr
 from phd.errors import HarnessError, SutError, WaitTimeout
 from phd.guest import CommandResult, GuestAdapter, adapter_for
 from phd.serial import SerialConsole
@@ -333,9 +333,10 @@ class TestVm:
             return "unknown"
 
     def _record_vcr(self, att: _Attached, vcr: dict[str, Any]) -> None:
+        """Append the VCR to `<vm>.<device>.vcr.jsonl`, its key redacted (results are kept)."""
         path = self.test_dir / f"{self.config.name}.{att.device}.vcr.jsonl"
         with path.open("a") as f:
-            f.write(json.dumps(vcr) + "\n")
+            f.write(json.dumps(redacted_vcr(vcr)) + "\n")
 
     # --- teardown -------------------------------------------------------------------
     def how_to_reach(self) -> str:

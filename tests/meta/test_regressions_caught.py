@@ -81,21 +81,30 @@ def _run_nested(regression: str, phd_config: PhdConfig, tmp_path: Path) -> dict[
     return outcomes
 
 
-def _find(outcomes: dict[str, str], test_id: str) -> str:
-    name = test_id.split("::")[-1]
-    for node, outcome in outcomes.items():
-        if node.endswith(name):
-            return outcome
-    return "<not run>"
+def is_case_of(node: str, test_id: str) -> bool:
+    """Whether the node id `node` is test `test_id` or one of its parametrized cases
+    (`...::test_x[encrypted]`). A node without its module (`::test_x[plain]`, as the nested
+    run's JUnit names it) matches on the name; `test_x_other` and another module's `test_x`
+    never do."""
+    module, _, name = test_id.rpartition("::")
+    node_module, _, node_name = node.split("[", 1)[0].rpartition("::")
+    return node_name == name and node_module in ("", module)
+
+
+def _find(outcomes: dict[str, str], test_id: str) -> dict[str, str]:
+    """Every case of `test_id` in the nested run (one per parameter), or {test_id: "<not run>"}."""
+    found = {node: outcome for node, outcome in outcomes.items() if is_case_of(node, test_id)}
+    return found or {test_id: "<not run>"}
 
 
 @pytest.mark.parametrize("regression", sorted(EXPECTED_FAILURES))
 def test_regression_is_caught(regression: str, phd_config: PhdConfig, tmp_path: Path) -> None:
     outcomes = _run_nested(regression, phd_config, tmp_path)
     for test_id, expected in EXPECTED_FAILURES[regression].items():
-        outcome = _find(outcomes, test_id)
-        if outcome.startswith("skipped"):
-            pytest.skip(f"{test_id} skipped in the nested run: {outcome}")
-        assert outcome.startswith("failed"), (
-            f"{test_id} did not fail against --regression {regression}: {outcome}")
-        assert expected in outcome, f"{test_id} failed for another reason: {outcome[:2000]}"
+        # a parametrized test (plain / encrypted disk) must catch the bug in every case
+        for node, outcome in _find(outcomes, test_id).items():
+            if outcome.startswith("skipped"):
+                pytest.skip(f"{node} skipped in the nested run: {outcome}")
+            assert outcome.startswith("failed"), (
+                f"{node} did not fail against --regression {regression}: {outcome}")
+            assert expected in outcome, f"{node} failed for another reason: {outcome[:2000]}"

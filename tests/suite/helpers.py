@@ -60,6 +60,36 @@ def wait_all_active(vm: TestVm, disk: CrucibleDisk, timeout_s: float = 120.0) ->
                       interval_s=0.25)
 
 
+def _extent_file(disk: CrucibleDisk, offset: int) -> tuple[str, int]:
+    """The raw extent file (relative to the region directory) holding the disk's byte
+    ``offset``, and the offset within it (Crucible's raw extent files hold block data first)."""
+    eid, within = divmod(offset, disk.blocks_per_extent * disk.block_size)
+    return f"{eid >> 24:02X}/{(eid >> 12) & 0xFFF:03X}/{eid & 0xFFF:03X}", within
+
+
+def stored_bytes(disk: CrucibleDisk, index: int, *, offset: int, length: int) -> bytes:
+    """The ``length`` bytes ONE downstairs stores for the disk's bytes at ``offset`` (read
+    from its region's extent file, under the running downstairs): the plaintext on a plain
+    disk, the ciphertext on an encrypted one."""
+    from phd.downstairs import DockerDownstairs, ProcessDownstairs
+
+    rel, within = _extent_file(disk, offset)
+    ds = disk.downstairs[index]
+    if isinstance(ds, ProcessDownstairs):
+        with open(ds.data_dir / rel, "rb") as f:
+            f.seek(within)
+            return f.read(length)
+    assert isinstance(ds, DockerDownstairs), f"cannot reach the region of {ds!r}"
+    assert within % 512 == 0 and length % 512 == 0, "reads whole 512-byte units"
+    code, out = ds._container.exec_run(
+        ["dd", f"if=/data/{rel}", "bs=512", f"skip={within // 512}", f"count={length // 512}",
+         "status=none"], stderr=False)
+    if code != 0:
+        raise SutError(f"reading {rel} in {ds.name} failed ({code}): {out!r}")
+    data: bytes = out
+    return data
+
+
 def corrupt_copy(disk: CrucibleDisk, index: int, *, offset: int, length: int = 16) -> None:
     """Overwrite ``length`` bytes of block data at byte ``offset`` of the disk in ONE
     downstairs' region, under the running downstairs (bit rot on one copy): the bytes become
@@ -67,8 +97,7 @@ def corrupt_copy(disk: CrucibleDisk, index: int, *, offset: int, length: int = 1
     data first, so the offset within the extent is the offset within its file."""
     from phd.downstairs import DockerDownstairs, ProcessDownstairs
 
-    eid, within = divmod(offset, disk.blocks_per_extent * disk.block_size)
-    rel = f"{eid >> 24:02X}/{(eid >> 12) & 0xFFF:03X}/{eid & 0xFFF:03X}"
+    rel, within = _extent_file(disk, offset)
     ds = disk.downstairs[index]
     if isinstance(ds, ProcessDownstairs):
         with open(ds.data_dir / rel, "r+b") as f:

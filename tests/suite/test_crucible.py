@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -26,6 +27,7 @@ from phd import (
 from tests.suite.helpers import (
     corrupt_copy,
     read_md5,
+    stored_bytes,
     wait_all_active,
     wait_blocked_on_black_hole,
     write_pattern,
@@ -34,9 +36,12 @@ from tests.suite.helpers import (
 pytestmark = [pytest.mark.vm, pytest.mark.crucible]
 
 
-def test_vcr_replace_during_start(vm_factory: VmFactory, disk_factory: DiskFactory) -> None:
-    """A start blocked on an unreachable downstairs is unblocked by a VCR replacement."""
-    disk = disk_factory.create_crucible_disk("data", size_gib=1)
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+def test_vcr_replace_during_start(vm_factory: VmFactory, disk_factory: DiskFactory,
+                                  encrypted: bool) -> None:
+    """A start blocked on an unreachable downstairs is unblocked by a VCR replacement (on a
+    plain and on an encrypted disk: the replacement carries the disk's key unchanged)."""
+    disk = disk_factory.create_crucible_disk("data", size_gib=1, encrypted=encrypted)
     disk.enable_vcr_black_hole()
     vm = vm_factory.new_vm("vcr-replace")
     vm.add_crucible_disk(disk, device="data0", interface="virtio")
@@ -399,3 +404,58 @@ def test_a_corrupted_block_on_one_copy_is_never_served(vm_factory: VmFactory,
     status = vm.disk_status(disk)
     assert status["downstairs"][2]["hash_mismatches"] >= 1, f"the damaged copy was never read: {status}"
     wait_all_active(vm, disk)  # faulted, then live-repaired
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+def test_an_encrypted_disk_round_trips_and_stores_no_plaintext(
+        vm_factory: VmFactory, disk_factory: DiskFactory, phd_test_dir: Path, encrypted: bool) -> None:
+    """What the guest writes reads back the same - also on a successor, whose VCR carries the
+    disk's same key at a higher generation, and from a spare repaired from the others - while
+    every downstairs of an encrypted disk stores only ciphertext, and the key is written to no
+    results file (VCR records, server and downstairs logs). The plain disk is the control: its
+    downstairs hold the very bytes the guest wrote, at the place the check reads."""
+    mib = 1 << 20
+    marker = "phd-plaintext-marker-0123456789"
+    plaintext = ((marker + "\n") * (mib // (len(marker) + 1) + 1)).encode()[:mib]
+    disk = disk_factory.create_crucible_disk("data", size_gib=1, extent_mib=16, encrypted=encrypted)
+    vm = vm_factory.new_vm("crypt")
+    vm.add_crucible_disk(disk)
+    _running(vm)
+    dev = vm.device_path(disk)
+    written = vm.run_shell_command(
+        f"yes {marker} | head -c {mib} > /tmp/plain && dd if=/tmp/plain of={dev} bs=1M seek=1"
+        " conv=fsync 2>/dev/null && md5sum < /tmp/plain && rm /tmp/plain").output.split()[0]
+    assert written == hashlib.md5(plaintext).hexdigest(), "the guest wrote another pattern"
+
+    def reads_back(v: TestVm) -> None:
+        assert read_md5(v, disk, offset_mib=1, size_mib=1) == written, \
+            f"the guest does not read back what it wrote (encrypted={encrypted})"
+
+    vm = run_lifecycle(vm_factory, vm, [Action.STOP_AND_START], reads_back)
+    assert vm.disk_status(disk)["generation"] == 2
+    # A spare (made encrypted like the disk) is repaired from the others and serves the data.
+    _replace_with_spare(vm, disk_factory, disk, 0)
+    wait_all_active(vm, disk)
+    with _only_the_repaired_copy_answers(vm, disk, repaired=0):
+        reads_back(vm)
+
+    for i in range(3):  # the repaired spare too
+        stored = stored_bytes(disk, i, offset=mib, length=64 << 10)
+        if not encrypted:
+            assert stored == plaintext[:64 << 10], f"downstairs {i} does not hold the written bytes"
+            continue
+        assert marker.encode() not in stored, (
+            f"downstairs {i} of an encrypted disk stores the guest's plaintext: {stored[:64]!r}")
+        assert stored != bytes(len(stored)), f"downstairs {i} stores nothing where the guest wrote"
+
+    if not encrypted:
+        return
+    key = disk.vcr()["sub_volumes"][0]["opts"]["key"]
+    forms = [key.encode(), base64.b64decode(key).hex().encode()]
+    vm_factory.close()  # the servers' logs and run directories land in the test directory
+    disk_factory.close()  # and so do the downstairs' logs
+    assert list(phd_test_dir.glob("*.vcr.jsonl")), f"no VCR record in {phd_test_dir} to check"
+    leaks = [str(p.relative_to(phd_test_dir)) for p in phd_test_dir.rglob("*")
+             if p.is_file() and p.stat().st_size < (8 << 20)  # not the regions' extent files
+             and any(form in p.read_bytes() for form in forms)]
+    assert not leaks, f"the encrypted disk's key is written in clear in {leaks}"

@@ -13,9 +13,12 @@ pytestmark = [pytest.mark.vm]
 
 
 @pytest.mark.crucible
-def test_stop_while_blocked_on_start(vm_factory: VmFactory, disk_factory: DiskFactory) -> None:
-    """A stop during a start blocked on storage activation aborts the start promptly."""
-    disk = disk_factory.create_crucible_disk("data", size_gib=1)
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+def test_stop_while_blocked_on_start(vm_factory: VmFactory, disk_factory: DiskFactory,
+                                     encrypted: bool) -> None:
+    """A stop during a start blocked on storage activation aborts the start promptly (on a
+    plain and on an encrypted disk)."""
+    disk = disk_factory.create_crucible_disk("data", size_gib=1, encrypted=encrypted)
     disk.enable_vcr_black_hole()
     vm = vm_factory.new_vm("stop-blocked")
     vm.add_crucible_disk(disk, device="data0")

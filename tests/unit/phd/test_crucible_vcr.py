@@ -1,20 +1,24 @@
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from pathlib import Path
 
 import pytest
 
-from phd.crucible import CrucibleDisk
+from phd.crucible import REDACTED, CrucibleDisk, redacted_vcr
+from phd.downstairs import _region_args
 from phd.errors import HarnessError
 from phd.ports import PortAllocator
-from sut.storage.vcr import parse_volume
+from sut.storage.vcr import RegionVcr, parse_volume
 
 
 class FakeDownstairs:
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, *, encrypted: bool = False) -> None:
         self.name = f"ds{port}"
         self.host_port = port
+        self.encrypted = encrypted
         self.destroyed = False
 
     @property
@@ -25,11 +29,16 @@ class FakeDownstairs:
         self.destroyed = True
 
 
-def _disk() -> tuple[CrucibleDisk, list[FakeDownstairs]]:
-    ds = [FakeDownstairs(p) for p in (4001, 4002, 4003)]
+def _disk(*, encrypted: bool = False) -> tuple[CrucibleDisk, list[FakeDownstairs]]:
+    ds = [FakeDownstairs(p, encrypted=encrypted) for p in (4001, 4002, 4003)]
     alloc = PortAllocator(base=31300, index=0, size=10)
     holes = [alloc.black_hole("refused"), alloc.black_hole("silent")]
-    return CrucibleDisk("d", 1 << 30, 512, 64 << 20, ds, holes), ds  # type: ignore[arg-type]
+    return (CrucibleDisk("d", 1 << 30, 512, 64 << 20, ds, holes,  # type: ignore[arg-type]
+                         encrypted=encrypted), ds)
+
+
+def _key(vcr: dict[str, object]) -> object:
+    return vcr["sub_volumes"][0]["opts"]["key"]  # type: ignore[index]
 
 
 def test_vcr_geometry_and_targets() -> None:
@@ -94,3 +103,102 @@ def test_replace_downstairs_swaps_one_target_and_keeps_the_old_one_for_teardown(
         disk.replace_downstairs(3, FakeDownstairs(4005))  # type: ignore[arg-type]
     disk.destroy()
     assert ds[1].destroyed and spare.destroyed and all(d.destroyed for d in ds)
+
+
+# --- encryption ------------------------------------------------------------------------------
+def test_a_plain_disk_has_no_key() -> None:
+    disk, _ = _disk()
+    assert not disk.encrypted and _key(disk.vcr()) is None
+    disk.destroy()
+
+
+def test_an_encrypted_disk_carries_base64_of_32_random_bytes_that_the_storage_parses() -> None:
+    disk, _ = _disk(encrypted=True)
+    vcr = disk.vcr()
+    key = _key(vcr)
+    assert isinstance(key, str)
+    try:
+        raw = base64.b64decode(key, validate=True)
+    except binascii.Error as exc:
+        pytest.fail(f"the VCR key {len(key)} chars is not base64: {exc}")
+    assert len(raw) == 32, f"the key is {len(raw)} bytes, not 32 (AES-256)"
+    assert base64.b64encode(raw).decode() == key  # canonical, padded
+    parsed = parse_volume(json.dumps(vcr)).sub_volumes[0]  # the storage accepts it as written
+    assert isinstance(parsed, RegionVcr) and parsed.opts.key == key
+    other, _ = _disk(encrypted=True)
+    assert _key(other.vcr()) != key, "two disks share a key: it is not random"
+    disk.destroy()
+    other.destroy()
+
+
+def test_the_key_stays_the_same_for_the_disks_life() -> None:
+    disk, _ = _disk(encrypted=True)
+    key = _key(disk.vcr())
+    disk.set_generation(2)
+    disk.enable_vcr_black_hole()
+    at_2 = disk.vcr()
+    disk.disable_vcr_black_hole()
+    spare = FakeDownstairs(4004, encrypted=True)
+    disk.own(spare)  # type: ignore[arg-type]
+    disk.replace_downstairs(0, spare)  # type: ignore[arg-type]
+    disk.set_generation(3)
+    at_3 = disk.vcr()
+    assert at_2["sub_volumes"][0]["gen"] == 2 and at_3["sub_volumes"][0]["gen"] == 3
+    assert _key(at_2) == _key(at_3) == key, "the key changed with the generation or a replacement"
+    # Only the generation and one target differ: a replacement the storage takes.
+    old_opts = {k: v for k, v in at_2["sub_volumes"][0]["opts"].items() if k != "target"}
+    new_opts = {k: v for k, v in at_3["sub_volumes"][0]["opts"].items() if k != "target"}
+    assert old_opts == new_opts
+    disk.destroy()
+
+
+def test_regions_and_spares_must_match_the_disks_encryption() -> None:
+    alloc = PortAllocator(base=31320, index=0, size=10)
+    holes = [alloc.black_hole("refused")]
+    mixed = [FakeDownstairs(4001, encrypted=True), FakeDownstairs(4002), FakeDownstairs(4003, encrypted=True)]
+    with pytest.raises(HarnessError, match=r"ds4002.*not encrypted"):
+        CrucibleDisk("d", 1 << 30, 512, 64 << 20, mixed, holes, encrypted=True)  # type: ignore[arg-type]
+    holes[0].close()
+    disk, _ = _disk(encrypted=True)
+    with pytest.raises(HarnessError, match="add_downstairs"):
+        disk.replace_downstairs(1, FakeDownstairs(4005))  # type: ignore[arg-type]
+    disk.destroy()
+
+
+def test_redacted_vcr_hides_the_key_and_leaves_the_vcr_alone() -> None:
+    disk, _ = _disk(encrypted=True)
+    vcr = disk.vcr()
+    key = _key(vcr)
+    assert isinstance(key, str)
+    shown = redacted_vcr(vcr)
+    assert _key(shown) == REDACTED and key not in json.dumps(shown)
+    assert _key(vcr) == key, "redacting changed the VCR that is sent"
+    assert {**shown, "sub_volumes": None} == {**vcr, "sub_volumes": None}
+    assert key not in repr(disk)
+    disk.destroy()
+    plain, _ = _disk()
+    assert _key(redacted_vcr(plain.vcr())) is None, "a plain VCR has nothing to redact"
+    plain.destroy()
+
+
+def test_region_create_args_carry_encrypted_only_when_asked() -> None:
+    plain = _region_args("u", 512, 8, 2, "/data")
+    assert "--encrypted" not in plain
+    assert _region_args("u", 512, 8, 2, "/data", encrypted=True) == [*plain, "--encrypted"]
+
+
+def test_the_vcr_record_in_the_results_directory_is_redacted(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from phd.vm import TestVm, _Attached
+
+    disk, _ = _disk(encrypted=True)
+    vcr = disk.vcr()
+    key = _key(vcr)
+    assert isinstance(key, str)
+    vm = SimpleNamespace(test_dir=tmp_path, config=SimpleNamespace(name="v"))
+    TestVm._record_vcr(vm, _Attached("data0", "virtio", disk), vcr)  # type: ignore[arg-type]
+    record = (tmp_path / "v.data0.vcr.jsonl").read_text()
+    assert key not in record and _key(json.loads(record)) == REDACTED
+    assert _key(vcr) == key
+    disk.destroy()

@@ -34,7 +34,7 @@ class FakeDs(_Lifecycle):
         self.host_port = port
         self.fail_on = fail_on
         self._sim: DsState = DsState.NEW
-        self.region: tuple[str, int, int, int] | None = None
+        self.region: tuple[str, int, int, int, bool] | None = None
         self.calls: list[str] = []
 
     def _fail(self, what: str) -> None:
@@ -45,9 +45,10 @@ class FakeDs(_Lifecycle):
     def _observe(self) -> DsState:
         return self._sim
 
-    def _create_region(self, uuid: str, block_size: int, extent_size: int, extent_count: int) -> None:
+    def _create_region(self, uuid: str, block_size: int, extent_size: int, extent_count: int,
+                       encrypted: bool) -> None:
         self._fail("create")
-        self.region = (uuid, block_size, extent_size, extent_count)
+        self.region = (uuid, block_size, extent_size, extent_count, encrypted)
 
     def _launch(self) -> None:
         self._fail("launch")
@@ -114,6 +115,17 @@ def dss(fakes: Fakes) -> Iterator[DownstairsSet]:
 
 
 # --- one member's lifecycle -----------------------------------------------------------------
+def test_an_encrypted_geometry_creates_every_region_encrypted(fakes: Fakes) -> None:
+    geometry = RegionGeometry(block_size=512, extent_size=8, extent_count=2, encrypted=True)
+    with DownstairsSet(fakes, [5000, 5001, 5002, 5003], geometry=geometry, clock=Clock()) as dss:
+        dss.add()
+        assert [ds.region and ds.region[1:] for ds in fakes.made] == [(512, 8, 2, True)] * 4
+        assert all(ds.encrypted for ds in fakes.made)
+    plain = FakeDs(0, 1)
+    plain.create_region("u", 512, 8, 2)
+    assert plain.region == ("u", 512, 8, 2, False) and not plain.encrypted
+
+
 def test_start_needs_a_region_first() -> None:
     ds = FakeDs(0, 1)
     with pytest.raises(HarnessError, match="create_region"):
@@ -190,7 +202,7 @@ def test_set_arguments_are_checked(kwargs: dict[str, Any], match: str) -> None:
     ({"block_size": 1000}, "power of two"),
     ({"extent_count": 0}, "positive"),
 ])
-def test_geometry_is_checked(geometry: dict[str, int], match: str) -> None:
+def test_geometry_is_checked(geometry: dict[str, Any], match: str) -> None:
     with pytest.raises(HarnessError, match=match):
         RegionGeometry(**geometry)
 
@@ -199,7 +211,7 @@ def test_open_makes_regions_with_one_geometry_and_own_uuids(dss: DownstairsSet, 
     assert dss.targets == ["127.0.0.1:5000", "127.0.0.1:5001", "127.0.0.1:5002"]
     assert dss.states() == [DsState.RUNNING] * 3
     regions = [ds.region for ds in fakes.made]
-    assert all(r is not None and r[1:] == (512, 8, 2) for r in regions)
+    assert all(r is not None and r[1:] == (512, 8, 2, False) for r in regions)
     assert len({r[0] for r in regions if r is not None}) == 3
     assert {dss.region_uuid(i) for i in range(3)} == {r[0] for r in regions if r is not None}
 
