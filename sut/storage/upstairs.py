@@ -546,10 +546,11 @@ class Upstairs:
                 sent += 1
                 await asyncio.gather(*waits)
         finally:
-            # abandoned half way: the others still get the remaining steps (the reopen above
-            # all), or their closed extent and the I/O waiting for these ids would hang
+            # Abandoned half way: every copy still gets the remaining steps as the others get
+            # them (NoOps, then the reopen), or an extent would stay closed and the I/O waiting
+            # for these ids would hang; the repaired copy keeps its old extent until the retry.
             for job_id, job_deps, _mine, theirs in steps[sent:]:
-                for c in others:
+                for c in (client, *others):
                     c.submit(job_id, job_deps, theirs)
         # let the I/O that queued behind this extent go first
         await asyncio.sleep(0)
