@@ -14,7 +14,7 @@ from sut.server.spec import InstanceSpec
 
 def test_all_contract_regressions_are_known() -> None:
     regs = Regressions.parse(sorted(ALL_REGRESSIONS))
-    assert regs.storage == {"multi-target-replace", "no-generation-fence"}
+    assert regs.storage == {"multi-target-replace", "no-generation-fence", "no-read-hash-check", "no-replay"}
 
 
 def test_unknown_regression_lists_valid_names() -> None:
