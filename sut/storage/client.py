@@ -40,7 +40,7 @@ import enum
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from sut.storage.bincode import SocketAddr
@@ -49,10 +49,11 @@ from sut.storage.errors import ProtocolError, StorageError, StorageFatalError
 from sut.storage.stream import BatchedWriter, RecordStream, open_stream
 from sut.storage.vcr import parse_target
 from sut.storage.wire import messages as m
-from sut.storage.wire.blockhash import block_hash
+from sut.storage.wire.blockhash import block_hash, verify_unencrypted
 from sut.storage.wire.crucible_error import CrucibleError
 from sut.storage.wire.fields import (
     BlockContext,
+    PlainReadContexts,
     ReadBlockEmpty,
     ReadBlockUnencrypted,
     WriteHeader,
@@ -142,7 +143,7 @@ class ClientState(enum.Enum):
 class WriteOp:
     start: int
     data: bytes
-    contexts: tuple[BlockContext, ...]
+    contexts: Sequence[BlockContext]
     unwritten: bool = False
 
 
@@ -710,6 +711,8 @@ class DownstairsClient:
             return dataclasses.replace(msg, data=plain), [] if self.flaws.no_read_hash_check else bad
         if self.flaws.no_read_hash_check:
             return msg, []  # REGRESSION no-read-hash-check: whatever the copy says is the data
+        if type(blocks) is PlainReadContexts:
+            return msg, verify_unencrypted(blocks, msg.data, bs)
         view = memoryview(msg.data)
         zero = bytes(bs)
         bad = []

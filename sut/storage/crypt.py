@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import os
+from collections.abc import Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
@@ -57,7 +58,7 @@ class BlockCipher:
         return bytes(out), tuple(contexts)
 
     def open(
-        self, blocks: tuple[ReadBlockContext, ...], data: bytes | bytearray | memoryview, block_size: int
+        self, blocks: Sequence[ReadBlockContext], data: bytes | bytearray | memoryview, block_size: int
     ) -> tuple[bytes, list[int]]:
         """Plaintext of a ReadResponse and the indices of blocks that do not open (an Empty
         block must be zeros and reads as zeros; an unencrypted context is wrong here)."""

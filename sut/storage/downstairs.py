@@ -104,7 +104,7 @@ from sut.storage.service import JsonLog, add_limit_flags, limits_from, serve_unt
 from sut.storage.stream import ConnectionGuard, ConnectionLimits, RecordStream, create_server
 from sut.storage.wire import messages as m
 from sut.storage.wire.crucible_error import CrucibleError, ErrorKind
-from sut.storage.wire.fields import BlockContext, ReadResponseHeader
+from sut.storage.wire.fields import BlockContext, PlainReadContexts, ReadResponseHeader
 from sut.storage.wire.framing import NEGOTIATION_FRAME_CAP, FrameSplitter
 from sut.storage.wire.messages import MAX_FRAME, Message, decode_record, encode_parts
 from sut.storage.wire.negotiation import REPAIR_PORT_OFFSET, answer_here_i_am
@@ -640,7 +640,9 @@ class Downstairs:
                 conn.send(m.ReadResponse(ReadResponseHeader(u, s, job_id, exc.error), b""))
                 ok = False
             else:
-                conn.send(m.ReadResponse(ReadResponseHeader(u, s, job_id, tuple(contexts)), data))
+                if type(contexts) is not PlainReadContexts:  # a packed one is encoded in bulk
+                    contexts = tuple(contexts)
+                conn.send(m.ReadResponse(ReadResponseHeader(u, s, job_id, contexts), data))
         elif isinstance(msg, m.Flush):
             while self._injected(conn, job_id, self.faults.flush_errors):
                 pass

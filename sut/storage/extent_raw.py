@@ -49,17 +49,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sut.storage import bincode
-from sut.storage.wire.blockhash import block_hash, encrypted_block_hash
+from sut.storage.wire.blockhash import block_hash, block_hashes, encrypted_block_hash
 from sut.storage.wire.crucible_error import ERROR_DETAIL, CrucibleError, ErrorKind, MissingContextSlot
 from sut.storage.wire.fields import (
     BlockContext,
     EncryptionContext,
     ExtentSize,
+    PlainContexts,
+    PlainReadContexts,
     ReadBlockContext,
     ReadBlockEmpty,
     ReadBlockEncrypted,
     ReadBlockUnencrypted,
     RegionDefinition,
+    gather_hashes,
+    interleave_hashes,
 )
 
 __all__ = [
@@ -94,6 +98,16 @@ _SLOT_TAIL = struct.Struct("<QH")  # on_disk_hash, flush_id
 _SLOT_PLAIN = struct.Struct(f"<BQBQH{CONTEXT_SLOT_BYTES - 20}x")
 _SLOT_FRONT = struct.Struct(f"<BQB{CONTEXT_SLOT_BYTES - 10}x")  # Some, hash, encryption tag
 _EMPTY_READ = ReadBlockEmpty()
+_PLAIN_SOME = b"\x01"  # byte 0 of a slot holding a context; byte 9 is its encryption tag
+
+
+def _joined(parts: Sequence[PlainReadContexts]) -> PlainReadContexts:
+    if len(parts) == 1:
+        return parts[0]
+    hashes = parts[0].hashes[:]
+    for part in parts[1:]:
+        hashes.extend(part.hashes)
+    return PlainReadContexts(hashes)
 
 
 class ExtentFailure(Exception):
@@ -392,6 +406,26 @@ class RawExtent:
             runs.append((first, prev - first + 1, cur))
         return runs
 
+    def _range_runs(self, start: int, count: int, flip: int) -> list[tuple[int, int, int]]:
+        """``_slot_runs`` of the consecutive blocks ``start .. start+count``, in one step when
+        their active slots are all the same (the bitmap bits read as one integer)."""
+        if count <= 0:
+            return []
+        lo, hi = start >> 3, (start + count + 7) >> 3
+        every = (1 << count) - 1
+        bits = (int.from_bytes(self.active_b[lo:hi], "little") >> (start & 7)) & every
+        if bits == 0:
+            return [(start, count, flip)]
+        if bits == every:
+            return [(start, count, 1 ^ flip)]
+        return self._slot_runs(range(start, start + count), flip)
+
+    def _flip_range(self, start: int, count: int) -> None:
+        """Toggle the active slot of the consecutive blocks ``start .. start+count``."""
+        lo, hi = start >> 3, (start + count + 7) >> 3
+        bits = int.from_bytes(self.active_b[lo:hi], "little") ^ (((1 << count) - 1) << (start & 7))
+        self.active_b[lo:hi] = bits.to_bytes(hi - lo, "little")
+
     def _check(self, start: int, count: int) -> None:
         if start < 0 or count < 0 or start + count > self.blocks:
             raise _fail(
@@ -399,14 +433,23 @@ class RawExtent:
             )
 
     # -- I/O ---------------------------------------------------------------------------------
-    def read(self, start: int, count: int) -> tuple[bytes, list[ReadBlockContext]]:
-        """Data and one context per block: Empty (never written), Encrypted or Unencrypted."""
+    def read(self, start: int, count: int) -> tuple[bytes, Sequence[ReadBlockContext]]:
+        """Data and one context per block: Empty (never written), Encrypted or Unencrypted
+        (all Unencrypted: one PlainReadContexts)."""
         self._check(start, count)
+        plain: list[PlainReadContexts] = []  # while every slot so far holds a plain context
         contexts: list[ReadBlockContext] = []
-        for first, n, slot_no in self._slot_runs(range(start, start + count), 0):
+        for first, n, slot_no in self._range_runs(start, count, 0):
             raw = os.pread(self._fd, n * CONTEXT_SLOT_BYTES, self._slot_offset(first, slot_no))
             if len(raw) != n * CONTEXT_SLOT_BYTES:
                 raise _fail(ErrorKind.IoError, f"extent {self.number}: incomplete context read")
+            if not contexts and self._all_plain(raw, n):
+                # the common case, in bulk: every slot written and unencrypted
+                plain.append(PlainReadContexts(gather_hashes(raw, n, CONTEXT_SLOT_BYTES, 1)))
+                continue
+            for run in plain:
+                contexts += run
+            plain = []
             # the common slots (empty, unencrypted) straight from one unpack per slot; anything
             # else through _decode_slot, which also reports a malformed one
             for i, (some, hash_, enc_tag) in enumerate(_SLOT_FRONT.iter_unpack(raw)):
@@ -423,7 +466,13 @@ class RawExtent:
         data = os.pread(self._fd, count * self.block_size, start * self.block_size)
         if len(data) != count * self.block_size:
             raise _fail(ErrorKind.IoError, f"extent {self.number}: incomplete read")
+        if plain and not contexts:
+            return data, _joined(plain)
         return data, contexts
+
+    @staticmethod
+    def _all_plain(raw: bytes, n: int) -> bool:
+        return raw[0::CONTEXT_SLOT_BYTES] == _PLAIN_SOME * n and raw[9::CONTEXT_SLOT_BYTES] == bytes(n)
 
     def write(
         self,
@@ -452,7 +501,7 @@ class RawExtent:
             os.fsync(self._fd)
             self.dirty = True
         blocks = [start + i for i in todo]
-        if any(b in self._unsynced for b in blocks):
+        if not self._unsynced.isdisjoint(blocks):
             os.fsync(self._fd)
             self._unsynced.clear()
             self._bonus_sync_count += 1
@@ -460,27 +509,43 @@ class RawExtent:
         # contexts first (one pwrite per run of blocks going to the same slot), then the data
         # (one pwrite per run of consecutive blocks)
         flush_id = self.flush & 0xFFFF
-        pack = _SLOT_PLAIN.pack
-        for first, n, slot in self._slot_runs(blocks, 1):
-            encoded = []
-            for i in range(first - start, first - start + n):
-                ctx = contexts[i]
-                if ctx.encryption_context is None:
-                    on_disk = ctx.hash if validated else block_hash(view[i * bs : (i + 1) * bs])
-                    encoded.append(pack(1, ctx.hash, 0, on_disk, flush_id))
-                else:
-                    on_disk = block_hash(view[i * bs : (i + 1) * bs])
-                    encoded.append(_encode_slot(SlotContext(ctx, on_disk, flush_id)))
-            os.pwrite(self._fd, b"".join(encoded), self._slot_offset(first, slot))
-        if len(todo) == len(contexts):  # one run: every block, consecutive
+        consecutive = len(todo) == len(contexts)  # one run of blocks: every block of the write
+        if type(contexts) is PlainContexts and validated:
+            # the common case, in bulk: every slot is Some(hash), no encryption, the same hash
+            # on disk (validated), this flush id
+            base = _SLOT_PLAIN.pack(1, 0, 0, 0, flush_id)
+            slots = interleave_hashes(contexts.hashes, CONTEXT_SLOT_BYTES, (1, 10), base)
+            runs = self._range_runs(start, len(todo), 1) if consecutive else self._slot_runs(blocks, 1)
+            for first, n, slot in runs:
+                i = first - start
+                os.pwrite(
+                    self._fd,
+                    slots[i * CONTEXT_SLOT_BYTES : (i + n) * CONTEXT_SLOT_BYTES],
+                    self._slot_offset(first, slot),
+                )
+        else:
+            pack = _SLOT_PLAIN.pack
+            for first, n, slot in self._slot_runs(blocks, 1):
+                encoded = []
+                for i in range(first - start, first - start + n):
+                    ctx = contexts[i]
+                    if ctx.encryption_context is None:
+                        on_disk = ctx.hash if validated else block_hash(view[i * bs : (i + 1) * bs])
+                        encoded.append(pack(1, ctx.hash, 0, on_disk, flush_id))
+                    else:
+                        on_disk = block_hash(view[i * bs : (i + 1) * bs])
+                        encoded.append(_encode_slot(SlotContext(ctx, on_disk, flush_id)))
+                os.pwrite(self._fd, b"".join(encoded), self._slot_offset(first, slot))
+        if consecutive:
             os.pwrite(self._fd, view, start * bs)
+            self._flip_range(start, len(todo))  # each written block's other slot becomes active
         else:
             for first, n, _ in self._runs(blocks, lambda _b: 0):
                 i = first - start
                 os.pwrite(self._fd, view[i * bs : (i + n) * bs], first * bs)
-        active = self.active_b
-        for block in blocks:  # each written block's other slot becomes the active one
-            active[block >> 3] ^= 1 << (block & 7)
+            active = self.active_b
+            for block in blocks:  # each written block's other slot becomes the active one
+                active[block >> 3] ^= 1 << (block & 7)
 
     # -- flush ---------------------------------------------------------------------------------
     def _write_bitmap_and_meta(self, *, dirty: bool, gen: int, flush: int) -> None:
@@ -745,15 +810,18 @@ class RawRegion:
         except OSError as exc:
             raise _fail(ErrorKind.IoError, f"extent {eid}: replacing the extent: {exc}") from exc
 
-    def read(self, start: int, count: int) -> tuple[bytes, list[ReadBlockContext]]:
+    def read(self, start: int, count: int) -> tuple[bytes, Sequence[ReadBlockContext]]:
         self.check_range(start, count)
-        data = bytearray()
+        pieces = [ext.read(rel, n) for ext, rel, n, _ in self._pieces(start, count)]
+        if len(pieces) == 1:
+            return pieces[0]
+        data = b"".join(d for d, _ in pieces)
+        if pieces and all(type(c) is PlainReadContexts for _, c in pieces):
+            return data, _joined([c for _, c in pieces])  # type: ignore[misc]
         contexts: list[ReadBlockContext] = []
-        for ext, rel, n, _ in self._pieces(start, count):
-            d, c = ext.read(rel, n)
-            data += d
+        for _, c in pieces:
             contexts += c
-        return bytes(data), contexts
+        return data, contexts
 
     def validate_hashes(self, data: bytes | memoryview, contexts: Sequence[BlockContext]) -> None:
         bs = self.block_size
@@ -761,6 +829,10 @@ class RawRegion:
             raise _fail(
                 ErrorKind.DataLenUnaligned, f"{len(data)} bytes of data for {len(contexts)} block contexts"
             )
+        if type(contexts) is PlainContexts:
+            if block_hashes(data, bs) != contexts.hashes:
+                raise _fail(ErrorKind.HashMismatch)
+            return
         view = memoryview(data)
         for i, ctx in enumerate(contexts):
             if _stored_hash(ctx, view[i * bs : (i + 1) * bs]) != ctx.hash:
@@ -782,8 +854,9 @@ class RawRegion:
         bs = self.block_size
         for ext, rel, n, off in self._pieces(start, len(contexts)):
             self.dirty_extents.add(ext.number)
-            ext.write(rel, view[off * bs : (off + n) * bs], contexts[off : off + n], only_unwritten,
-                      validated=True)
+            ext.write(
+                rel, view[off * bs : (off + n) * bs], contexts[off : off + n], only_unwritten, validated=True
+            )
 
     def flush(self, flush_number: int, gen_number: int, extent_limit: int | None = None) -> None:
         """Stamp every dirty extent (up to ``extent_limit`` inclusive), then fsync them."""

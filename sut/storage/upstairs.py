@@ -61,7 +61,8 @@ from sut.storage.errors import ReplaceRuleError, StorageError, StorageFatalError
 from sut.storage.vcr import RegionVcr
 from sut.storage.wire import messages as m
 from sut.storage.wire.blockhash import unencrypted_contexts
-from sut.storage.wire.fields import ReadBlockEmpty
+from sut.storage.wire.crucible_error import CrucibleError
+from sut.storage.wire.fields import PlainReadContexts, ReadBlockEmpty
 
 __all__ = ["Activation", "DependencyTracker", "Upstairs"]
 
@@ -635,8 +636,13 @@ class Upstairs:
                 continue
             finally:
                 self._deps.done(job_id, first, last)
-            assert isinstance(reply, m.ReadResponse) and isinstance(reply.header.blocks, tuple)
-            written = "".join("0" if isinstance(b, ReadBlockEmpty) else "1" for b in reply.header.blocks)
+            assert isinstance(reply, m.ReadResponse)
+            blocks = reply.header.blocks
+            assert not isinstance(blocks, CrucibleError)
+            if type(blocks) is PlainReadContexts:
+                written = "1" * len(blocks)  # every block has a hash: all were written
+            else:
+                written = "".join("0" if isinstance(b, ReadBlockEmpty) else "1" for b in blocks)
             return bytes(reply.data), written
         raise StorageError(f"read of blocks {block}+{count} failed on every attempt: {last_error}")
 

@@ -8,10 +8,12 @@ decode to tuples; ``Result<T, CrucibleError>`` is the T value itself, or the Cru
 from __future__ import annotations
 
 import struct
+import sys
 import uuid
-from collections.abc import Sequence
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Generic, TypeVar, overload
 
 from sut.storage import bincode
 from sut.storage.bincode import SocketAddr
@@ -26,6 +28,8 @@ __all__ = [
     "BlockContext",
     "EncryptionContext",
     "ExtentSize",
+    "PlainContexts",
+    "PlainReadContexts",
     "ReadBlockContext",
     "ReadBlockEmpty",
     "ReadBlockEncrypted",
@@ -34,6 +38,9 @@ __all__ = [
     "RegionDefinition",
     "SnapshotDetails",
     "WriteHeader",
+    "gather_hashes",
+    "hash_array",
+    "interleave_hashes",
 ]
 
 # -- scalar wire types ---------------------------------------------------------------------------
@@ -80,7 +87,107 @@ class BlockContext:
 
 
 BLOCK_CONTEXT = bincode.dataclass_codec(BlockContext)
-_HASH_NONE = struct.Struct("<QB")  # an unencrypted BlockContext: hash, Option tag 0
+
+_T = TypeVar("_T")
+_LITTLE = sys.byteorder == "little"
+
+
+def hash_array(raw: bytes | bytearray | memoryview) -> array[int]:
+    """Little-endian u64s (as on the wire) as an array of ints."""
+    out = array("Q")
+    out.frombytes(raw)
+    if not _LITTLE:
+        out.byteswap()
+    return out
+
+
+def _le_bytes(hashes: array[int]) -> bytes:
+    if _LITTLE:
+        return hashes.tobytes()
+    swapped = array("Q", hashes)
+    swapped.byteswap()
+    return swapped.tobytes()
+
+
+def interleave_hashes(
+    hashes: array[int], record: int, offsets: tuple[int, ...], base: bytes | None = None
+) -> bytearray:
+    """``len(hashes)`` records of ``record`` bytes with each hash (LE u64) at every offset in
+    ``offsets``; the other bytes from ``base`` (one record, repeated) or zero. Eight strided
+    slice copies per offset instead of a Python step per block."""
+    n = len(hashes)
+    out = bytearray(base * n) if base is not None else bytearray(record * n)
+    raw = _le_bytes(hashes)
+    for at in offsets:
+        for k in range(8):
+            out[at + k :: record] = raw[k::8]
+    return out
+
+
+def gather_hashes(chunk: bytes | bytearray | memoryview, n: int, record: int, at: int) -> array[int]:
+    """The LE u64 at offset ``at`` of each of ``n`` records of ``record`` bytes."""
+    raw = bytearray(8 * n)
+    for k in range(8):
+        raw[k::8] = chunk[at + k :: record]
+    return hash_array(raw)
+
+
+class _Hashes(Sequence[_T], Generic[_T]):
+    """Many contexts that are each just a hash, held as one array: what most blocks are, and
+    what a 1 MiB request of 512-byte blocks carries 2048 of. Equal to any sequence of the same
+    contexts; the per-block objects are only made when someone iterates."""
+
+    __slots__ = ("_wire", "hashes")
+
+    def __init__(self, hashes: array[int] | Sequence[int]) -> None:
+        self.hashes = hashes if isinstance(hashes, array) and hashes.typecode == "Q" else array("Q", hashes)
+        self._wire: bytes | None = None
+
+    def _make(self, h: int) -> _T:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    @overload
+    def __getitem__(self, index: int) -> _T: ...
+    @overload
+    def __getitem__(self, index: slice) -> _Hashes[_T]: ...
+    def __getitem__(self, index: int | slice) -> _T | _Hashes[_T]:
+        if isinstance(index, slice):
+            return type(self)(self.hashes[index])
+        return self._make(self.hashes[index])
+
+    def __iter__(self) -> Iterator[_T]:
+        return map(self._make, self.hashes)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is type(self):
+            return self.hashes == other.hashes
+        if isinstance(other, tuple | list | _Hashes):
+            return tuple(self) == tuple(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self.hashes)} blocks)"
+
+
+class PlainContexts(_Hashes[BlockContext]):
+    """The contexts of a Write to an unencrypted region (``BlockContext(hash)`` per block)."""
+
+    __slots__ = ()
+
+    def _make(self, h: int) -> BlockContext:
+        return BlockContext(h)
+
+    def wire(self) -> bytes:
+        """The encoded contexts after the length: hash + Option tag 0, 9 bytes per block."""
+        if self._wire is None:
+            self._wire = bytes(interleave_hashes(self.hashes, 9, (0,)))
+        return self._wire
 
 
 class _BlockContexts(bincode.VecOf[BlockContext]):
@@ -92,18 +199,19 @@ class _BlockContexts(bincode.VecOf[BlockContext]):
         super().__init__(BLOCK_CONTEXT)
 
     def encode(self, w: bincode.Writer, value: Sequence[BlockContext]) -> None:
+        if type(value) is PlainContexts:
+            w.u64(len(value))
+            w.raw(value.wire())
+            return
         n = len(value) if isinstance(value, tuple | list) else 0
         if n and all(type(c) is BlockContext and c.encryption_context is None for c in value):
             try:
-                hashes = struct.pack(f"<{n}Q", *(c.hash for c in value))
-            except struct.error:
+                hashes = array("Q", [c.hash for c in value])
+            except (OverflowError, TypeError):
                 pass  # a hash out of range: the generic path names it
             else:
-                packed = bytearray(9 * n)  # the Option tags stay 0
-                for k in range(8):
-                    packed[k::9] = hashes[k::8]
                 w.u64(n)
-                w.raw(packed)
+                w.raw(interleave_hashes(hashes, 9, (0,)))  # the Option tags stay 0
                 return
         super().encode(w, value)
 
@@ -117,10 +225,10 @@ class _BlockContexts(bincode.VecOf[BlockContext]):
         r.pos = start
         return None
 
-    def decode(self, r: bincode.Reader) -> tuple[BlockContext, ...]:
+    def decode(self, r: bincode.Reader) -> Sequence[BlockContext]:  # type: ignore[override]
         chunk = self._unencrypted(r)
         if chunk is not None:
-            return tuple(BlockContext(h) for h, _ in _HASH_NONE.iter_unpack(chunk))
+            return PlainContexts(gather_hashes(chunk, len(chunk) // 9, 9, 0))
         return super().decode(r)
 
     def skip(self, r: bincode.Reader) -> None:
@@ -152,8 +260,23 @@ READ_BLOCK_CONTEXT = bincode.EnumOf(
         bincode.dataclass_codec(ReadBlockUnencrypted, "Unencrypted"),
     ],
 )
-_UNENCRYPTED = struct.Struct("<IQ")  # ReadBlockContext::Unencrypted: index 2, hash
-_UNENCRYPTED_TAG = struct.pack("<I", 2)
+_UNENCRYPTED_TAG = struct.pack("<I", 2)  # ReadBlockContext::Unencrypted: index 2, then the hash
+_UNENCRYPTED_BASE = _UNENCRYPTED_TAG + bytes(8)
+
+
+class PlainReadContexts(_Hashes[ReadBlockUnencrypted]):
+    """The contexts of a read of written blocks of an unencrypted region."""
+
+    __slots__ = ()
+
+    def _make(self, h: int) -> ReadBlockUnencrypted:
+        return ReadBlockUnencrypted(h)
+
+    def wire(self) -> bytes:
+        """The encoded contexts after the length: u32 variant 2 + hash, 12 bytes per block."""
+        if self._wire is None:
+            self._wire = bytes(interleave_hashes(self.hashes, 12, (4,), _UNENCRYPTED_BASE))
+        return self._wire
 
 
 class _ReadBlockContexts(bincode.VecOf[ReadBlockContext]):
@@ -164,19 +287,19 @@ class _ReadBlockContexts(bincode.VecOf[ReadBlockContext]):
         super().__init__(READ_BLOCK_CONTEXT)
 
     def encode(self, w: bincode.Writer, value: Sequence[ReadBlockContext]) -> None:
+        if type(value) is PlainReadContexts:
+            w.u64(len(value))
+            w.raw(value.wire())
+            return
         n = len(value) if isinstance(value, tuple | list) else 0
         if n and all(type(c) is ReadBlockUnencrypted for c in value):
             try:
-                hashes = struct.pack(f"<{n}Q", *(c.hash for c in value))  # type: ignore[union-attr]
-            except struct.error:
+                hashes = array("Q", [c.hash for c in value])  # type: ignore[union-attr]
+            except (OverflowError, TypeError):
                 pass
             else:
-                packed = bytearray(12 * n)
-                packed[0::12] = _UNENCRYPTED_TAG[:1] * n
-                for k in range(8):
-                    packed[4 + k :: 12] = hashes[k::8]
                 w.u64(n)
-                w.raw(packed)
+                w.raw(interleave_hashes(hashes, 12, (4,), _UNENCRYPTED_BASE))
                 return
         super().encode(w, value)
 
@@ -193,10 +316,10 @@ class _ReadBlockContexts(bincode.VecOf[ReadBlockContext]):
         r.pos = start
         return None
 
-    def decode(self, r: bincode.Reader) -> tuple[ReadBlockContext, ...]:
+    def decode(self, r: bincode.Reader) -> Sequence[ReadBlockContext]:  # type: ignore[override]
         chunk = self._unencrypted(r)
         if chunk is not None:
-            return tuple(ReadBlockUnencrypted(h) for _, h in _UNENCRYPTED.iter_unpack(chunk))
+            return PlainReadContexts(gather_hashes(chunk, len(chunk) // 12, 12, 4))
         return super().decode(r)
 
     def skip(self, r: bincode.Reader) -> None:
@@ -245,7 +368,7 @@ class WriteHeader:
     job_id: JobId
     dependencies: JobIds
     start: BlockIndex
-    contexts: Annotated[tuple[BlockContext, ...], _BlockContexts()]
+    contexts: Annotated[Sequence[BlockContext], _BlockContexts()]
 
 
 WRITE_HEADER = bincode.dataclass_codec(WriteHeader)
@@ -259,7 +382,7 @@ class ReadResponseHeader:
     session_id: Uuid
     job_id: JobId
     blocks: Annotated[
-        tuple[ReadBlockContext, ...] | CrucibleError,
+        Sequence[ReadBlockContext] | CrucibleError,
         bincode.ResultOf(_ReadBlockContexts(), CRUCIBLE_ERROR, CrucibleError),
     ]
 
