@@ -250,7 +250,7 @@ class RawExtent:
         self.flush = 0
         self._bonus_sync_count = 0
         self._defrag_count = 0
-        self._unsynced: set[int] = set()  # blocks written since the last fsync
+        self._unsynced = 0  # bit b set: block b was written since the last fsync
 
     @staticmethod
     def file_size(block_size: int, blocks: int) -> int:
@@ -490,7 +490,7 @@ class RawExtent:
         if len(data) != len(contexts) * bs:
             raise _fail(ErrorKind.DataLenUnaligned, f"{len(data)} bytes for {len(contexts)} blocks")
         view = memoryview(data)
-        todo = list(range(len(contexts)))
+        todo: Sequence[int] = range(len(contexts))
         if only_unwritten:
             current = self.active_contexts(start, len(contexts))
             todo = [i for i in todo if current[i] is None]
@@ -500,16 +500,22 @@ class RawExtent:
             os.pwrite(self._fd, b"\x01", self.meta_offset)
             os.fsync(self._fd)
             self.dirty = True
-        blocks = [start + i for i in todo]
-        if not self._unsynced.isdisjoint(blocks):
+        consecutive = len(todo) == len(contexts)  # one run of blocks: every block of the write
+        blocks: Sequence[int] = range(start, start + len(todo)) if consecutive else [start + i for i in todo]
+        if consecutive:
+            written = ((1 << len(todo)) - 1) << start
+        else:
+            written = 0
+            for b in blocks:
+                written |= 1 << b
+        if self._unsynced & written:  # a block rewritten before an fsync: sync first
             os.fsync(self._fd)
-            self._unsynced.clear()
+            self._unsynced = 0
             self._bonus_sync_count += 1
-        self._unsynced.update(blocks)
+        self._unsynced |= written
         # contexts first (one pwrite per run of blocks going to the same slot), then the data
         # (one pwrite per run of consecutive blocks)
         flush_id = self.flush & 0xFFFF
-        consecutive = len(todo) == len(contexts)  # one run of blocks: every block of the write
         if type(contexts) is PlainContexts and validated:
             # the common case, in bulk: every slot is Some(hash), no encryption, the same hash
             # on disk (validated), this flush id
@@ -565,7 +571,7 @@ class RawExtent:
 
     def sync(self) -> None:
         os.fsync(self._fd)
-        self._unsynced.clear()
+        self._unsynced = 0
 
     def flush_extent(self, flush_number: int, gen_number: int) -> bool:
         if not self.pre_flush(flush_number, gen_number):
