@@ -82,7 +82,7 @@ def stages(guests: list[str], repeat: int, shard: str | None, extra: list[str]) 
                                         f"--junitxml={junit}", allure, *extra],
                          junit=junit, empty_ok=narrowed))
     regress = ["--shard", shard] if shard else []
-    out.append(Stage("regressions", [sys.executable, str(ROOT / "ci" / "regressions.py"), *regress,
+    out.append(Stage("regressions", [sys.executable, "-m", "ci.regressions", *regress,
                                      "-n", "2", *extra], on_sigterm=signal.SIGTERM))
     return out
 

@@ -268,7 +268,7 @@ def test_stages(extra: list[str]) -> list[Stage]:
                  junit=RESULTS / "junit-suite-real.xml", empty_ok=narrowed)] if REAL_DOWNSTAIRS else []),
         # The default guest; the PR selection, so the matrix stays inside the hour (nightly
         # runs it over every test). It writes results/junit-regression-<switch>.xml itself.
-        Stage("regressions", [sys.executable, str(ROOT / "ci" / "regressions.py"), "-n", "2",
+        Stage("regressions", [sys.executable, "-m", "ci.regressions", "-n", "2",
                               "-m", PR_SELECTION, *extra], on_sigterm=signal.SIGTERM),
     ]
 

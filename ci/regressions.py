@@ -1,6 +1,7 @@
 """Run the PHD suite once per regression switch and once with none; tabulate the failures.
 
-Usage: ci/regressions [--shard i/N] [extra pytest args, e.g. -n 2 -m "not nightly"]
+Usage: ci/regressions [--switches none,NAME,...] [--shard i/N] [extra pytest args, e.g. -n 2]
+   or: python -m ci.regressions ... (from the repository root: it imports tests.meta)
 
 Writes results/regressions.json ({switch: [node ids of failed tests]} plus "none"),
 results/junit-regression-<switch>.xml and the failed tests' results directories under
@@ -13,9 +14,15 @@ Exit status 1 when the run without a switch has failures, when a switch is caugh
 tests/meta/test_regressions_caught.py expects to catch a switch ran but did not fail with the
 text it names, or when a run produced no report; 0 otherwise.
 
+--switches runs only the named entries ("none" is the run without a switch): with a -k that
+selects a switch's catching test it checks one row of the table in minutes.
+
 --shard i/N runs every N-th entry of [none, switch, ...] (1-based i), so N machines share the
 matrix. Sharding by switch, not by test, keeps "caught" decidable on each machine: a switch's
 whole suite runs in one place.
+
+The switches are sut.regressions' table; what each must make fail is the meta test's
+EXPECTED_FAILURES (keyed by the same names), so both checks prove the same thing.
 """
 
 from __future__ import annotations
@@ -27,11 +34,11 @@ import sys
 import time
 from dataclasses import dataclass
 
-from pipeline import PYTEST, RESULTS, ROOT, Case, junit_cases, run_child, split_own_args
+import pytest
 
-from sut.server.regressions import ALL_REGRESSIONS
-
-sys.path.insert(0, str(ROOT))  # the tests package, for the meta test's expectations
+from ci.pipeline import PYTEST, RESULTS, ROOT, Case, junit_cases, run_child, split_own_args
+from phd.plugin import parse_shard
+from sut.regressions import ALL_REGRESSIONS
 from tests.meta.test_regressions_caught import EXPECTED_FAILURES, is_case_of
 
 
@@ -93,14 +100,13 @@ def unexpected(r: Run) -> list[str]:
 
 
 def shard_entries(entries: list[str], shard: str | None) -> list[str]:
+    """Entry i, i+N, ... of the list for shard i/N (the plugin's own i/N rule and parser)."""
     if not shard:
         return entries
     try:
-        index, count = (int(x) for x in shard.split("/"))
-    except ValueError:
-        raise SystemExit(f"--shard must be i/N, e.g. 2/4; got {shard!r}") from None
-    if count < 1 or not 1 <= index <= count:
-        raise SystemExit(f"--shard i/N needs 1 <= i <= N (i is 1-based); got {shard!r}")
+        index, count = parse_shard(shard)
+    except pytest.UsageError as exc:
+        raise SystemExit(f"--shard: {exc}") from None
     return entries[index - 1::count]
 
 
@@ -124,10 +130,25 @@ def print_table(runs: list[Run]) -> None:
             print(f"{'':<{width}}            {kind}{case.message[:200] or '<no message>'}")
 
 
+def selected_entries(switches: str | None) -> list[str]:
+    """[none, every switch of the table], or the ones --switches names (in that order)."""
+    everything = ["none", *sorted(ALL_REGRESSIONS)]
+    if switches is None:
+        return everything
+    names = [n.strip() for n in switches.split(",") if n.strip()]
+    unknown = [n for n in names if n not in everything]
+    if unknown or not names:
+        raise SystemExit(f"--switches takes names from: {', '.join(everything)}; got {switches!r}")
+    return [e for e in everything if e in names]
+
+
 def main(argv: list[str]) -> int:
-    own, extra = split_own_args(argv, ["--shard"])
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    own, extra = split_own_args(argv, ["--shard", "--switches"])
+    entries = shard_entries(selected_entries(own.get("--switches")), own.get("--shard"))
     RESULTS.mkdir(exist_ok=True)
-    entries = shard_entries(["none", *sorted(ALL_REGRESSIONS)], own.get("--shard"))
     runs = [run(None if e == "none" else e, extra) for e in entries]
 
     table = {r.switch: sorted(c.id for c in r.failed) for r in runs}

@@ -2,20 +2,25 @@
 
 Only Crucible disks have a live backend object (an upstairs that must activate
 before vCPUs run); file disks are plain QEMU ``raw`` blockdevs. The storage
-engineer's facade ``sut.storage.backend.CrucibleBackend`` is imported lazily so
-the server (and its unit tests) work before or without that package, and its
-exceptions are translated here into the server's own two error types.
+facade ``sut.storage.backend.CrucibleBackend`` is wrapped here, and its exceptions
+are translated into the server's own two error types.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from sut.path_policy import PathPolicy, installed
 from sut.server.policy import TargetNotAllowedError, TargetPolicy, check_vcr_targets
+from sut.storage.backend import (
+    CrucibleBackend,
+    ReplaceRuleError,
+    StorageError,
+    StorageFatalError,
+    VcrError,
+)
 
 # Replacement results the storage facade may return (CONTRACT values).
 REPLACE_RESULTS = frozenset({"Started", "StartedAlready", "CompletedAlready", "VcrMatches", "Missing"})
@@ -72,15 +77,13 @@ class CrucibleDisk:
         targets: TargetPolicy | None = None,
         paths: PathPolicy | None = None,
     ) -> None:
-        storage = _storage_module()
-        self._storage = storage
         self._targets = targets or TargetPolicy.default()
         self._backend_id = backend_id
         try:
             self._check_targets(vcr_json)
             # The storage opens a read_only_parent through the path policy installed here.
             with installed(paths or PathPolicy([socket_path.parent])):
-                self._inner: Any = storage.CrucibleBackend(
+                self._inner = CrucibleBackend(
                     backend_id,
                     vcr_json,
                     socket_path,
@@ -88,7 +91,7 @@ class CrucibleDisk:
                     regressions=regressions,
                     logger=logger,
                 )
-        except storage.VcrError as exc:
+        except VcrError as exc:
             raise ReplacementRejectedError(f"invalid VCR for {backend_id}: {exc}") from exc
 
     def _check_targets(self, vcr_json: str) -> None:
@@ -105,7 +108,7 @@ class CrucibleDisk:
 
     @property
     def size_bytes(self) -> int:
-        return int(self._inner.size_bytes)
+        return self._inner.size_bytes
 
     async def start_export(self) -> None:
         await self._inner.start_export()
@@ -113,31 +116,23 @@ class CrucibleDisk:
     async def activate(self) -> None:
         try:
             await self._inner.activate()
-        except self._storage.StorageFatalError as exc:
+        except StorageFatalError as exc:
             raise ActivationFatalError(f"{self._backend_id}: {exc}") from exc
 
     async def replace(self, new_vcr_json: str) -> str:
         try:
             self._check_targets(new_vcr_json)
             result = await self._inner.replace(new_vcr_json)
-        except self._storage.VcrError as exc:
-            raise ReplacementRejectedError(str(exc), getattr(exc, "rule", None)) from exc
-        except self._storage.StorageError as exc:
+        except VcrError as exc:
+            rule = exc.rule if isinstance(exc, ReplaceRuleError) else None
+            raise ReplacementRejectedError(str(exc), rule) from exc
+        except StorageError as exc:
             raise ReplacementRejectedError(str(exc)) from exc
-        return str(result)
+        return result
 
     def status(self) -> dict[str, object]:
-        return dict(self._inner.status())
+        return self._inner.status()
 
     async def close(self) -> None:
         await self._inner.close()
 
-
-def _storage_module() -> Any:
-    try:
-        return importlib.import_module("sut.storage.backend")
-    except ImportError as exc:
-        raise BackendError(
-            "crucible disks need sut.storage.backend, which is not importable here "
-            f"({exc}); use a file backend or install the storage package"
-        ) from exc

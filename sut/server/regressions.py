@@ -1,31 +1,44 @@
-"""Regression switches: known historical bugs the server can re-create on purpose.
+"""The server's view of the regression switches: which ones a run enabled.
 
-The suite proves it catches each bug by running against a server started with
-``--regression NAME``. Server-side switches are implemented here and in the
-driver/queue as small isolated branches; storage-side switches are handed to
-the storage backend unchanged.
+The names and what each re-creates are the one table in ``sut.regressions`` (re-exported here
+for the driver and the queue). Server-side switches are implemented in the driver/queue as
+small isolated branches; storage-side switches are handed to the storage backend unchanged.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Server-side switches (implemented in sut.server).
-BLOCKING_START = "blocking-start"
-VCR_DENIED_WHILE_STARTING = "vcr-denied-while-starting"
-VCR_DENIED_AFTER_STOP = "vcr-denied-after-stop"
-STOP_IGNORED_WHILE_STARTING = "stop-ignored-while-starting"
-# Storage-side switches (implemented in sut.storage, passed through).
-MULTI_TARGET_REPLACE = "multi-target-replace"
-NO_GENERATION_FENCE = "no-generation-fence"
-NO_READ_HASH_CHECK = "no-read-hash-check"
-NO_REPLAY = "no-replay"
-
-SERVER_REGRESSIONS = frozenset(
-    {BLOCKING_START, VCR_DENIED_WHILE_STARTING, VCR_DENIED_AFTER_STOP, STOP_IGNORED_WHILE_STARTING}
+from sut.regressions import (
+    ALL_REGRESSIONS,
+    BLOCKING_START,
+    MULTI_TARGET_REPLACE,
+    NO_GENERATION_FENCE,
+    NO_READ_HASH_CHECK,
+    NO_REPLAY,
+    SERVER_REGRESSIONS,
+    STOP_IGNORED_WHILE_STARTING,
+    STORAGE_REGRESSIONS,
+    VCR_DENIED_AFTER_STOP,
+    VCR_DENIED_WHILE_STARTING,
 )
-STORAGE_REGRESSIONS = frozenset({MULTI_TARGET_REPLACE, NO_GENERATION_FENCE, NO_READ_HASH_CHECK, NO_REPLAY})
-ALL_REGRESSIONS = SERVER_REGRESSIONS | STORAGE_REGRESSIONS
+
+__all__ = [
+    "ALL_REGRESSIONS",
+    "BLOCKING_START",
+    "MULTI_TARGET_REPLACE",
+    "NO_GENERATION_FENCE",
+    "NO_READ_HASH_CHECK",
+    "NO_REGRESSIONS",
+    "NO_REPLAY",
+    "SERVER_REGRESSIONS",
+    "STOP_IGNORED_WHILE_STARTING",
+    "STORAGE_REGRESSIONS",
+    "VCR_DENIED_AFTER_STOP",
+    "VCR_DENIED_WHILE_STARTING",
+    "Regressions",
+    "UnknownRegressionError",
+]
 
 
 class UnknownRegressionError(ValueError):

@@ -11,6 +11,13 @@ import enum
 import logging
 from pathlib import Path
 
+from sut.regressions import (
+    MULTI_TARGET_REPLACE,
+    NO_GENERATION_FENCE,
+    NO_READ_HASH_CHECK,
+    NO_REPLAY,
+    STORAGE_REGRESSIONS,
+)
 from sut.storage.client import Flaws, RetryPolicy
 from sut.storage.errors import ReplaceRuleError, StorageError, StorageFatalError, VcrError
 from sut.storage.nbd import NbdServer
@@ -27,10 +34,19 @@ __all__ = [
     "VcrError",
 ]
 
-REGRESSION_MULTI_TARGET = "multi-target-replace"
-REGRESSION_NO_FENCE = "no-generation-fence"
-REGRESSION_NO_READ_HASH_CHECK = "no-read-hash-check"
-REGRESSION_NO_REPLAY = "no-replay"
+
+def flaws_for(regressions: frozenset[str]) -> Flaws:
+    """The upstairs' share of the storage switches (sut.regressions); multi-target-replace is
+    the backend's own (``replace``). A name that is no storage switch is a caller's mistake."""
+    unknown = regressions - STORAGE_REGRESSIONS
+    if unknown:
+        raise ValueError(f"not storage regression switches: {sorted(unknown)}; "
+                         f"storage implements {sorted(STORAGE_REGRESSIONS)}")
+    return Flaws(
+        no_generation_fence=NO_GENERATION_FENCE in regressions,
+        no_read_hash_check=NO_READ_HASH_CHECK in regressions,
+        no_replay=NO_REPLAY in regressions,
+    )
 
 
 class _Lifecycle(enum.Enum):
@@ -60,11 +76,7 @@ class CrucibleBackend:
             self._vcr,
             read_only=read_only,
             retry=retry,
-            flaws=Flaws(
-                no_generation_fence=REGRESSION_NO_FENCE in regressions,
-                no_read_hash_check=REGRESSION_NO_READ_HASH_CHECK in regressions,
-                no_replay=REGRESSION_NO_REPLAY in regressions,
-            ),
+            flaws=flaws_for(regressions),
             logger=self._log,
         )
         self._nbd = NbdServer(self._volume, self._socket_path, self._log)
@@ -113,7 +125,7 @@ class CrucibleBackend:
         async with self._replace_lock:
             try:
                 outcome = compare(
-                    self._vcr, new, allow_multiple_targets=REGRESSION_MULTI_TARGET in self._regressions
+                    self._vcr, new, allow_multiple_targets=MULTI_TARGET_REPLACE in self._regressions
                 )
             except ReplaceRuleError as exc:
                 last = self._last_replacement

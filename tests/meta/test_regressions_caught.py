@@ -19,31 +19,55 @@ import pytest
 
 from phd.framework import PhdConfig
 from phd.ports import worker_index
+from sut.regressions import (
+    BLOCKING_START,
+    MULTI_TARGET_REPLACE,
+    NO_GENERATION_FENCE,
+    NO_READ_HASH_CHECK,
+    NO_REPLAY,
+    STOP_IGNORED_WHILE_STARTING,
+    VCR_DENIED_AFTER_STOP,
+    VCR_DENIED_WHILE_STARTING,
+)
 
 pytestmark = [pytest.mark.vm, pytest.mark.crucible]
 
 VCR_TEST = "tests/suite/test_crucible.py::test_vcr_replace_during_start"
 STOP_TEST = "tests/suite/test_server_state_machine.py::test_stop_while_blocked_on_start"
 SEED_TESTS = (VCR_TEST, STOP_TEST)
+AFTER_STOP_TEST = ("tests/suite/test_server_state_machine.py::"
+                   "test_vcr_replacement_after_a_queued_stop_is_queued")
+RULES_TEST = "tests/suite/test_crucible.py::test_replacements_that_break_a_rule_are_refused"
+FENCE_TEST = "tests/suite/test_crucible.py::test_a_stale_generation_cannot_activate"
 REPLAY_TEST = "tests/suite/test_crucible.py::test_a_restarted_downstairs_catches_up_by_replay"
 BITROT_TEST = "tests/suite/test_crucible.py::test_a_corrupted_block_on_one_copy_is_never_served"
 
-# regression switch -> {test that must fail: text its failure message must contain}
+# regression switch (every one of sut.regressions' table) -> {test that must fail: text its
+# failure message must contain}. ci/regressions checks the same expectations over the suite.
 EXPECTED_FAILURES: dict[str, dict[str, str]] = {
-    "blocking-start": {
+    BLOCKING_START: {
         VCR_TEST: "VCR replacement during a blocked start was never applied",
         STOP_TEST: "a stop during a blocked start did not abort the start",
     },
-    "vcr-denied-while-starting": {
+    VCR_DENIED_WHILE_STARTING: {
         VCR_TEST: "VCR replacement during a blocked start was refused",
     },
-    "stop-ignored-while-starting": {
+    VCR_DENIED_AFTER_STOP: {
+        AFTER_STOP_TEST: "a VCR replacement sent after a queued stop was refused",
+    },
+    STOP_IGNORED_WHILE_STARTING: {
         STOP_TEST: "a stop during a blocked start did not abort the start",
     },
-    "no-replay": {
+    MULTI_TARGET_REPLACE: {
+        RULES_TEST: "two-targets-changed: a replacement breaking this rule was accepted",
+    },
+    NO_GENERATION_FENCE: {
+        FENCE_TEST: "the generation fence is missing, so a stale VCR can roll the disk back",
+    },
+    NO_REPLAY: {
         REPLAY_TEST: "its backlog was not replayed after LastFlush",
     },
-    "no-read-hash-check": {
+    NO_READ_HASH_CHECK: {
         BITROT_TEST: "the upstairs served data whose block hash does not match",
     },
 }
