@@ -11,6 +11,7 @@ from phd.errors import (
     PhdError,
     ServerError,
     SutError,
+    SutTimeout,
     WaitTimeout,
 )
 from phd.factory import DiskFactory, VmFactory
@@ -38,6 +39,7 @@ __all__ = [
     "SshSession",
     "StatusCheck",
     "SutError",
+    "SutTimeout",
     "TestVm",
     "VmConfig",
     "VmFactory",

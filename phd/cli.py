@@ -60,8 +60,22 @@ def main(argv: list[str] | None = None) -> int:
     except PhdError as exc:
         print(f"phd: error: {exc}", file=sys.stderr)
         return 2
+    except ExceptionGroup as group:
+        # Teardown raises every error together (phd.teardown); one line each when all are
+        # ours, the full tracebacks otherwise.
+        if group.split(PhdError)[1] is not None:
+            raise
+        print(f"phd: error: {group.message}:", file=sys.stderr)
+        for leaf in _leaves(group):
+            print(f"  {leaf}", file=sys.stderr)
+        return 2
     parser.error(f"unknown command {args.cmd}")
     return 2  # not reached: parser.error exits
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    return [leaf for exc in group.exceptions
+            for leaf in (_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])]
 
 
 def _parser() -> argparse.ArgumentParser:

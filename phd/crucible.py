@@ -21,11 +21,12 @@ import secrets
 import uuid as uuidlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from phd.downstairs import Downstairs
 from phd.errors import HarnessError
 from phd.ports import BlackHole, BlackHoleKind
+from phd.teardown import Teardown
 
 __all__ = ["REDACTED", "CrucibleDisk", "redacted_vcr"]
 
@@ -51,6 +52,12 @@ def redacted_vcr(vcr: dict[str, Any]) -> dict[str, Any]:
         elif isinstance(node, list):
             stack.extend(node)
     return out
+
+
+class _Closeable(Protocol):
+    """What a disk needs of a VM that uses it (TestVm, without importing phd.vm)."""
+
+    def close(self) -> None: ...
 
 
 class CrucibleDisk:
@@ -86,6 +93,9 @@ class CrucibleDisk:
         self._black_holes = {hole.kind: hole for hole in black_holes}
         self._black_hole: BlackHole | None = None  # the one the VCR names now, if any
         self.generation = 1
+        # The VMs that attached this disk, in attachment order: DiskFactory.close stops them
+        # before their downstairs go (a stopping VM flushes to them).
+        self._users: list[_Closeable] = []
 
     # --- generation and faults ------------------------------------------------------
     def set_generation(self, gen: int) -> None:
@@ -118,6 +128,16 @@ class CrucibleDisk:
         if self._black_hole is not None:
             targets[0] = self._black_hole.address
         return targets
+
+    def attached_to(self, vm: _Closeable) -> None:
+        """Record a VM that uses this disk (TestVm.attach calls it)."""
+        if all(user is not vm for user in self._users):  # identity: TestVm compares by fields
+            self._users.append(vm)
+
+    @property
+    def users(self) -> tuple[_Closeable, ...]:
+        """The VMs that attached this disk (successors included), oldest first."""
+        return tuple(self._users)
 
     def own(self, ds: Downstairs) -> None:
         """Take a spare downstairs into this disk's care (torn down with the disk)."""
@@ -168,13 +188,11 @@ class CrucibleDisk:
                 "sub_volumes": [region], "read_only_parent": parent}
 
     def destroy(self) -> None:
-        errors: list[BaseException] = []
+        teardown = Teardown(f"tearing down disk {self.name}")
         for ds in [*self.downstairs, *self._others]:
-            try:
+            with teardown.step():
                 ds.destroy()
-            except Exception as exc:  # noqa: BLE001 - teardown never stops at the first error
-                errors.append(exc)
         for hole in self._black_holes.values():
-            hole.close()
-        if errors:
-            raise HarnessError(f"tearing down disk {self.name}: {errors}")
+            with teardown.step():
+                hole.close()
+        teardown.finish()

@@ -49,8 +49,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from phd.errors import HarnessError, SutError
+from phd.errors import HarnessError, SutError, SutTimeout
 from phd.reaper import ledger
+from phd.teardown import Teardown
 from phd.wait import wait_until
 
 __all__ = [
@@ -402,21 +403,23 @@ class _Lifecycle:
         """Wait until the log reports one more `listening` than before this start (our
         downstairs), or until a TCP connect to the port succeeds (the real binary).
 
-        `probe()` returns an exit description once the downstairs has died, so a crash at
-        start fails at once with its log instead of after the whole timeout.
+        `probe()` returns an exit description once the downstairs has died: a dead
+        downstairs never listens, so that ends the wait at once (`fatal`) with its log
+        instead of after the whole timeout.
         """
-        def look() -> str:
-            died = probe()
-            if died is not None:
-                return died
+        def listening() -> bool:
             if self.program.ready == "connect":
-                return "listening" if self._answers() else "starting"
-            return "listening" if _listening_count(self.logs()) > seen_before else "starting"
+                return self._answers()
+            return _listening_count(self.logs()) > seen_before
 
-        seen = wait_until(look, lambda s: s != "starting", what=f"downstairs {self.name} to listen "
-                          f"on {self.address}", timeout_s=START_TIMEOUT_S, interval_s=0.05)
-        if seen != "listening":
-            raise SutError(f"downstairs {self.name} {seen}; log tail:\n{self.logs()[-1500:]}")
+        def died() -> None:
+            how = probe()
+            if how is not None:
+                raise SutError(f"downstairs {self.name} {how}; log tail:\n{self.logs()[-1500:]}")
+
+        wait_until(listening, lambda yes: yes, what=f"downstairs {self.name} to listen on "
+                   f"{self.address}", timeout_s=START_TIMEOUT_S, interval_s=0.05, fatal=died,
+                   timeout_error=SutTimeout)
 
     # --- primitives of a flavour ------------------------------------------------------------
     def _observe(self) -> DsState:
@@ -570,26 +573,22 @@ class DockerDownstairs(_Lifecycle):
         return ""
 
     def _teardown(self) -> None:
-        errors: list[BaseException] = []
-        if self._container is not None:
-            if self.log_path is not None:
-                with contextlib.suppress(OSError):
-                    self.log_path.write_text(self.logs())
-            try:
-                self._container.remove(force=True)  # SIGKILLs it, paused or not
-            except Exception as exc:  # noqa: BLE001 - collected, raised together
-                if "No such container" not in str(exc):
-                    errors.append(exc)
-            self._container = None
-        if self._volume is not None:
-            try:
-                self._volume.remove(force=True)
-            except Exception as exc:  # noqa: BLE001
-                if "no such volume" not in str(exc).lower():  # already gone (a sweeper's work)
-                    errors.append(exc)
-            self._volume = None
-        if errors:
-            raise HarnessError(f"tearing down downstairs {self.name}: {errors}")
+        import docker.errors
+
+        teardown = Teardown(f"tearing down downstairs {self.name}")
+        if self._container is not None and self.log_path is not None:
+            with contextlib.suppress(OSError):
+                self.log_path.write_text(self.logs())
+        container, self._container = self._container, None
+        if container is not None:
+            with teardown.step(), contextlib.suppress(docker.errors.NotFound):
+                container.remove(force=True)  # SIGKILLs it, paused or not
+        volume, self._volume = self._volume, None
+        if volume is not None:
+            # NotFound: already gone (a sweeper's work, or removed by hand).
+            with teardown.step(), contextlib.suppress(docker.errors.NotFound):
+                volume.remove(force=True)
+        teardown.finish()
 
 
 class ProcessDownstairs(_Lifecycle):

@@ -39,6 +39,7 @@ from phd.downstairs import (
 )
 from phd.errors import HarnessError, PhdError
 from phd.framework import Framework
+from phd.teardown import Teardown, note_undo_failure, raise_together
 
 __all__ = [
     "ACTIONS",
@@ -173,10 +174,8 @@ class DownstairsSet:
         # members come up in parallel; every error is collected before anything is undone.
         with ThreadPoolExecutor(max_workers=len(members), thread_name_prefix="phd-dsc") as pool:
             futures = [pool.submit(self._create_and_start, i) for i in members]
-        errors = [exc for f in futures if (exc := f.exception()) is not None]
-        if errors:
-            raise errors[0] if len(errors) == 1 else HarnessError(
-                f"{len(errors)} downstairs failed to start: {errors}")
+        raise_together([exc for f in futures if (exc := f.exception()) is not None],
+                       "starting downstairs")
 
     def _new_member(self) -> int:
         i = len(self._members)
@@ -219,22 +218,22 @@ class DownstairsSet:
             if self._closed:
                 return
             self._closed = True
-            errors: list[BaseException] = []
+            teardown = Teardown("tearing down the downstairs set")
             for i, ds in enumerate(self._members):
-                try:
+                with teardown.step():
                     self._step("destroy", i, ds.destroy)
-                except Exception as exc:  # noqa: BLE001 - teardown never stops at the first error
-                    errors.append(exc)
-            if errors:
-                raise HarnessError(f"{len(errors)} error(s) tearing down the downstairs set: "
-                                   f"{errors}\nsteps:\n{self.format_steps()}")
+            try:
+                teardown.finish()
+            except BaseException as exc:
+                exc.add_note(f"steps:\n{self.format_steps()}")
+                raise
 
     def _close_after(self, exc: BaseException) -> None:
         """Tear down while `exc` propagates: `exc` stays the error, teardown errors become a note."""
         try:
             self.close()
-        except HarnessError as teardown:
-            exc.add_note(f"and tearing the downstairs set down failed too: {teardown}")
+        except BaseException as teardown:  # noqa: BLE001 - kept on `exc`, which stays the error
+            note_undo_failure(exc, "tearing the downstairs set down", teardown)
 
     def __enter__(self) -> DownstairsSet:
         return self.open()

@@ -3,6 +3,12 @@
 One root (`PhdError`). Two branches keep "the system under test misbehaved" apart from
 "the harness broke", because a CI dashboard must never blame the server for a missing
 Docker daemon, nor blame the harness for a VM that never reached `Running`.
+
+A deadline passing says nothing by itself about whose fault it is, so `WaitTimeout` sits on
+neither branch: `wait_until` raises it as is (it cannot know what its predicate waits on),
+and the framework's own waits on the system under test (a state, console text, sshd) raise
+`SutTimeout`, which is both. `except WaitTimeout` catches every timeout; `except SutError`
+no longer catches a harness-side wait (a container that will not die, a lock).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ __all__ = [
     "PhdError",
     "ServerError",
     "SutError",
+    "SutTimeout",
     "WaitTimeout",
 ]
 
@@ -49,11 +56,16 @@ class ServerError(SutError):
         self.body = body
 
 
-class WaitTimeout(SutError):
-    """A condition did not hold before its deadline; carries what was last observed."""
+class WaitTimeout(PhdError):
+    """A condition did not hold before its deadline; carries what was awaited and last seen."""
 
     def __init__(self, what: str, timeout_s: float, last_seen: object) -> None:
         super().__init__(f"timed out after {timeout_s:.1f}s waiting for {what}; last seen: {last_seen!r}")
         self.what = what
         self.timeout_s = timeout_s
         self.last_seen = last_seen
+
+
+class SutTimeout(WaitTimeout, SutError):
+    """The system under test did not get where it should before the deadline (a VM state,
+    a login prompt, sshd accepting the key)."""

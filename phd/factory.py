@@ -1,7 +1,9 @@
 """Factories that tests call to get VMs and disks; each owns and tears down what it built.
 
-Teardown runs every finalizer and raises the errors together (pytest's own habit), VMs
-first (their servers hold the disks' connections), then disks.
+Teardown runs every step and raises the errors together (phd.teardown, pytest's own habit).
+VMs go before their disks (their servers hold the disks' connections): the disk factory
+stops every VM that attached one of its disks before it destroys the disks, whichever
+fixture pytest happens to tear down first.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import shutil
 import subprocess
 import tempfile
 import uuid as uuidlib
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from phd.framework import Framework
 from phd.guest import adapter_for
 from phd.ports import BLACK_HOLE_KINDS, BlackHole
 from phd.server import ServerProcess
+from phd.teardown import Teardown, note_undo_failure, raise_together
 from phd.vm import BOOT_DEVICE, TERMINAL, FileDisk, TestVm, VmConfig
 
 __all__ = ["DiskFactory", "VmFactory", "create_file_disk", "overlay_argv"]
@@ -70,24 +72,11 @@ def create_file_disk(path: Path, *, base: Path | None = None, size_gib: int = 1)
     return FileDisk(name, path, "qcow2", base.stat().st_size, base=base)
 
 
-def _teardown_all(finalizers: list[Callable[[], None]], what: str) -> None:
-    """Run every finalizer, newest first, and raise the errors together."""
-    errors: list[BaseException] = []
-    while finalizers:
-        try:
-            finalizers.pop()()
-        except Exception as exc:  # noqa: BLE001 - collected, raised together below
-            errors.append(exc)
-    if errors:
-        raise HarnessError(f"{len(errors)} error(s) tearing down {what}: {errors}")
-
-
 class VmFactory:
     def __init__(self, framework: Framework, node_id: str, test_dir: Path) -> None:
         self.fw = framework
         self.node_id = node_id
         self.test_dir = test_dir
-        self._vms: list[Callable[[], None]] = []
         self.vms: list[TestVm] = []
         self._ports: list[int] = []
         self._data_dirs: list[tuple[Path, Path]] = []
@@ -170,21 +159,26 @@ class VmFactory:
                                env={"SUT_SERVER_ACCEL": cfg.accel},
                                allow_paths=(cfg.tmp_dir, cfg.artifact_dir))
         vm = TestVm(dataclasses.replace(config, ssh_port=ssh_port), server, artifact, self.test_dir)
-        self._vms.append(vm.close)
         self.vms.append(vm)
         if boot is not None:
             vm.attach(boot, BOOT_DEVICE, "virtio")
         return vm
 
     def close(self) -> None:
-        """Tear every VM down; idempotent (the disk fixture calls it first when both exist)."""
-        try:
-            _teardown_all(self._vms, "VMs")
-        finally:
-            while self._ports:
+        """Tear every VM down, newest first, then keep their run directories' files and free
+        their ports; idempotent (a VM's close is, and the disk factory may have stopped the
+        VMs on its disks already)."""
+        teardown = Teardown("tearing down VMs")
+        for vm in reversed(self.vms):
+            with teardown.step():
+                vm.close()
+        while self._ports:
+            with teardown.step():
                 self.fw.ports.release(self._ports.pop())
-            while self._data_dirs:
+        while self._data_dirs:
+            with teardown.step():
                 _collect(*self._data_dirs.pop())
+        teardown.finish()
 
     def keep_running(self) -> str:
         """--phd-keep-on-failure: leave every VM of this test up; returns how to reach them.
@@ -192,8 +186,7 @@ class VmFactory:
         notes = []
         for vm in self.vms:
             notes.append(vm.how_to_reach())
-            vm.close(keep_running=True)
-        self._vms.clear()
+            vm.close(keep_running=True)  # closed for this process: close() skips it
         for run_dir, keep_as in self._data_dirs:
             _collect(run_dir, keep_as)
         return "\n".join(notes)
@@ -217,7 +210,7 @@ class DiskFactory:
         self.fw = framework
         self.node_id = node_id
         self.test_dir = test_dir
-        self._disks: list[Callable[[], None]] = []
+        self._disks: list[CrucibleDisk] = []
         self._ports: list[int] = []
         self._ds_count: dict[str, int] = {}
         self._tag = uuidlib.uuid4().hex[:6]  # container names stay unique across tests
@@ -266,7 +259,7 @@ class DiskFactory:
             raise
         disk = CrucibleDisk(name, size, block_size, extent, downstairs, black_holes, disk_id,
                             read_only_parent=read_only_parent, encrypted=encrypted)
-        self._disks.append(disk.destroy)
+        self._disks.append(disk)
         return disk
 
     def add_downstairs(self, disk: CrucibleDisk) -> Downstairs:
@@ -301,13 +294,15 @@ class DiskFactory:
             # error is collected before anything is torn down.
             with ThreadPoolExecutor(max_workers=count, thread_name_prefix="phd-ds") as pool:
                 futures = [pool.submit(bring_up, ds) for ds in downstairs]
-            errors = [exc for f in futures if (exc := f.exception()) is not None]
-            if errors:
-                raise errors[0] if len(errors) == 1 else HarnessError(
-                    f"{len(errors)} downstairs of disk {disk_name} failed to start: {errors}")
-        except BaseException:
+            raise_together([exc for f in futures if (exc := f.exception()) is not None],
+                           f"starting the downstairs of disk {disk_name}")
+        except BaseException as exc:
+            # All or none; the start error stays the error, teardown failures become notes.
             for ds in downstairs:
-                ds.destroy()
+                try:
+                    ds.destroy()
+                except Exception as teardown:  # noqa: BLE001 - noted on the start error
+                    note_undo_failure(exc, f"destroying {ds.name}", teardown)
             raise
         return downstairs
 
@@ -331,8 +326,21 @@ class DiskFactory:
                                  self.test_dir / f"{name}-region", log, program=program)
 
     def close(self) -> None:
-        try:
-            _teardown_all(self._disks, "disks")
-        finally:
-            for port in self._ports:
-                self.fw.ports.release(port)
+        """Stop every VM that uses one of these disks, then destroy the disks (newest first)
+        and free their ports; every step runs, the errors are raised together."""
+        teardown = Teardown("tearing down disks")
+        # VMs before their disks: a server stopping its VM flushes to the downstairs, which
+        # must still be there to answer. TestVm.close is idempotent, so the VM factory's own
+        # close later only keeps the logs and frees the ports.
+        for disk in self._disks:
+            for vm in disk.users:
+                with teardown.step():
+                    vm.close()
+        while self._disks:
+            disk = self._disks.pop()
+            with teardown.step():
+                disk.destroy()
+        while self._ports:
+            with teardown.step():
+                self.fw.ports.release(self._ports.pop())
+        teardown.finish()

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from phd.client import InstanceState
-from phd.errors import SutError
+from phd.errors import PhdError
 
 if TYPE_CHECKING:
     from phd.factory import VmFactory
@@ -62,5 +62,8 @@ def _checked(check: Callable[[TestVm], None], vm: TestVm, when: str) -> None:
         check(vm)
     except AssertionError as exc:
         raise AssertionError(f"lifecycle check failed {when} on VM {vm.config.name}: {exc}") from exc
-    except SutError as exc:
-        raise SutError(f"lifecycle check failed {when} on VM {vm.config.name}: {exc}") from exc
+    except PhdError as exc:
+        # A note, not a new exception: the error keeps its class (SutTimeout stays a
+        # timeout and a SUT error, a HarnessError stays the harness's) and its traceback.
+        exc.add_note(f"lifecycle check failed {when} on VM {vm.config.name}")
+        raise

@@ -258,7 +258,6 @@ def pytest_runtest_makereport(
 
 _REPORTS = pytest.StashKey[dict[str, Any]]()
 _RESULTS_DIR = pytest.StashKey[Path]()
-_VM_FACTORY = pytest.StashKey[VmFactory]()
 _RESULTS_HELP = ("server logs (<vm>.server.log, QEMU argv in its 'launching qemu' line), serial "
                  "transcripts (<vm>.serial.log), step logs (<vm>.steps.jsonl), VCRs sent "
                  "(<vm>.<device>.vcr.jsonl), downstairs logs, server run dirs (QEMU log)")
@@ -297,7 +296,6 @@ def _attach_to_allure(config: pytest.Config, path: Path, max_bytes: int = 4 << 2
 def vm_factory(request: pytest.FixtureRequest, phd_framework: Framework,
                phd_test_dir: Path) -> Iterator[VmFactory]:
     factory = VmFactory(phd_framework, request.node.nodeid, phd_test_dir)
-    request.node.stash[_VM_FACTORY] = factory
     yield factory
     if _keep_alive(request, phd_framework):
         notes = factory.keep_running()
@@ -335,14 +333,9 @@ def disk_factory(request: pytest.FixtureRequest, phd_framework: Framework, phd_t
     yield factory
     if _keep_alive(request, phd_framework):
         return  # the kept VMs still use these disks; they stay in the ledger / carry labels
-    # VMs go before their disks whatever order the test named the fixtures in: a server
-    # stopping a VM flushes to its downstairs, which must still be there to answer.
-    vms = request.node.stash.get(_VM_FACTORY, None)
-    try:
-        if vms is not None:
-            vms.close()
-    finally:
-        factory.close()
+    # The disk factory stops the VMs on its disks first (VMs before their disks), whatever
+    # order the test named the fixtures in.
+    factory.close()
 
 
 @pytest.hookimpl(wrapper=True)

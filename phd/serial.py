@@ -17,7 +17,7 @@ from pathlib import Path
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from phd.errors import HarnessError, SutError, WaitTimeout
+from phd.errors import HarnessError, SutError, SutTimeout
 
 __all__ = ["GuestPanic", "SerialConsole"]
 
@@ -148,7 +148,7 @@ class SerialConsole:
                 if remaining <= 0:
                     warnings = [w.pattern for w in DEFAULT_WARNING_PATTERNS if w.search(self._text)]
                     seen = f" (the console also shows {', '.join(warnings)})" if warnings else ""
-                    raise WaitTimeout(f"console text {rx.pattern!r}{seen}", timeout_s, self._tail_locked())
+                    raise SutTimeout(f"console text {rx.pattern!r}{seen}", timeout_s, self._tail_locked())
                 self._cond.wait(remaining)
 
     def _tail_locked(self, lines: int = 20) -> str:

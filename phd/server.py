@@ -20,11 +20,26 @@ from typing import BinaryIO
 
 import httpx
 
-from phd.errors import HarnessError, PhdError
+from phd.errors import HarnessError, WaitTimeout
 from phd.reaper import ledger
 from phd.wait import wait_until
 
-__all__ = ["ServerProcess"]
+__all__ = ["ServerProcess", "ServerStartFailure"]
+
+
+class ServerStartFailure(HarnessError):
+    """The server process exited, or never answered, while starting (QEMU's VMLaunchFailure).
+
+    A harness error: the usual cause is the command line (--phd-server-cmd) or the machine;
+    a server that starts but then misbehaves is a SutError.
+    """
+
+    def __init__(self, reason: str, argv: Sequence[str], exit_code: int | None, log_tail: str) -> None:
+        super().__init__(f"{reason}: {shlex.join(argv)}; exit code {exit_code}; last log lines:\n"
+                         f"{log_tail}")
+        self.argv = list(argv)
+        self.exit_code = exit_code
+        self.log_tail = log_tail
 
 
 class ServerProcess:
@@ -69,24 +84,31 @@ class ServerProcess:
         self._ledger = [ledger().record_process(self._proc.pid, f"server on port {self.port}"),
                         ledger().record_dir(self.data_dir)]
         try:
-            wait_until(self._probe, lambda ok: ok, what=f"server on port {self.port} to answer",
-                       timeout_s=self.ready_timeout_s, interval_s=0.05)
-        except PhdError:
+            # `fatal`: a server that exits while starting will never answer, so the start
+            # fails at once with its exit code rather than after ready_timeout_s.
+            wait_until(self._answers, lambda ok: ok, what=f"server on port {self.port} to answer",
+                       timeout_s=self.ready_timeout_s, interval_s=0.05, fatal=self._raise_if_exited)
+        except WaitTimeout as exc:
+            self.stop()  # a failed start undoes itself: process, log handle, ledger entries
+            raise ServerStartFailure(
+                f"server did not answer within {self.ready_timeout_s:.0f}s (it was running; "
+                "phd stopped it)", self.argv, None, self.log_tail()) from exc
+        except BaseException:
             self.stop()
-            raise HarnessError(
-                f"server did not come up: {shlex.join(self.argv)}; exit code "
-                f"{self._proc.returncode if self._proc else None}; last log lines:\n"
-                f"{self.log_tail()}") from None
+            raise
 
-    def _probe(self) -> bool:
-        assert self._proc is not None
-        if self._proc.poll() is not None:
-            raise HarnessError(f"server exited with {self._proc.returncode}")
+    def _answers(self) -> bool:
         try:
             httpx.get(self.base_url + "/instance", timeout=1.0)
         except httpx.TransportError:
             return False
         return True
+
+    def _raise_if_exited(self) -> None:
+        assert self._proc is not None
+        code = self._proc.poll()
+        if code is not None:
+            raise ServerStartFailure("server exited while starting", self.argv, code, self.log_tail())
 
     @property
     def pid(self) -> int | None:

@@ -21,7 +21,7 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from phd.errors import HarnessError, SutError, WaitTimeout
+from phd.errors import HarnessError, SutError, SutTimeout
 from phd.status import StatusCheck, check_ok, status_check
 from phd.wait import wait_until
 
@@ -153,7 +153,7 @@ class SshSession:
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise WaitTimeout(f"ssh command {command!r} to finish", timeout_s,
+                    raise SutTimeout(f"ssh command {command!r} to finish", timeout_s,
                                       {"stdout": out[-500:].decode(errors="replace"),
                                        "stderr": err[-500:].decode(errors="replace")})
                 # The channel's fileno turns readable on new data on either stream and on close.
@@ -210,4 +210,5 @@ def connect_when_ready(port: int, key_path: Path, *, user: str = "root", timeout
         what=f"sshd behind 127.0.0.1:{port} to accept the VM's key for {user}",
         timeout_s=timeout_s,
         interval_s=0.5,
+        timeout_error=SutTimeout,  # the guest's sshd never took the key
     )

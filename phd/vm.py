@@ -22,12 +22,13 @@ import httpx
 from phd.artifacts import GuestArtifact
 from phd.client import InstanceState, ServerClient
 from phd.crucible import CrucibleDisk, redacted_vcr
-from phd.errors import HarnessError, SutError, WaitTimeout
+from phd.errors import HarnessError, SutError, SutTimeout
 from phd.guest import CommandResult, GuestAdapter, adapter_for
 from phd.serial import SerialConsole
 from phd.server import ServerProcess
 from phd.ssh import SshSession, authorized_keys_command, connect_when_ready, generate_key
 from phd.status import StatusCheck, check_ok
+from phd.teardown import Teardown
 
 __all__ = ["FileDisk", "TestVm", "VmConfig"]
 
@@ -146,6 +147,8 @@ class TestVm:
         if any(a.device == att.device for a in self.disks):
             raise HarnessError(f"VM {self.config.name} already has a disk device {att.device!r}")
         self.disks.append(att)
+        if isinstance(att.disk, CrucibleDisk):
+            att.disk.attached_to(self)
 
     def spec(self) -> dict[str, Any]:
         # Attachment order is device order: the boot disk, attached first, becomes vda.
@@ -214,7 +217,7 @@ class TestVm:
                 raise SutError(f"VM {self.config.name} reached {state} while waiting for {wanted}")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise WaitTimeout(f"VM {self.config.name} to reach {wanted}", timeout_s, state)
+                raise SutTimeout(f"VM {self.config.name} to reach {wanted}", timeout_s, state)
             try:
                 state, gen = self.client.state_monitor(gen + 1, timeout_s=min(remaining, 10.0))
             except httpx.TimeoutException:
@@ -318,7 +321,7 @@ class TestVm:
             with self.step("replace_crucible_vcr", backend=att.backend_id, gen=gen):
                 return self.client.replace_vcr(att.backend_id, vcr, timeout_s=timeout_s)
         except httpx.TimeoutException:
-            raise WaitTimeout(
+            raise SutTimeout(
                 f"the server to answer a VCR replacement for {att.backend_id} (state "
                 f"{self._state_or_unknown()}); the server is not serving its request queue",
                 timeout_s, self.disk_status(disk)) from None
@@ -367,24 +370,18 @@ class TestVm:
         if self._phase is _Phase.CLOSED:
             return
         self._phase = _Phase.CLOSED
-        errors: list[BaseException] = []
-        if self._ssh is not None:
-            try:
-                self._ssh.close()
-            except Exception as exc:  # noqa: BLE001
-                errors.append(exc)
-            self._ssh = None
+        teardown = Teardown(f"tearing down VM {self.config.name}")
+        ssh, self._ssh = self._ssh, None
+        if ssh is not None:
+            with teardown.step():
+                ssh.close()
         if self._console is not None:
-            try:
+            with teardown.step():
                 self._console.close()
-            except Exception as exc:  # noqa: BLE001
-                errors.append(exc)
         if self._client is not None:
-            self._client.close()
+            with teardown.step():
+                self._client.close()
         if not keep_running:
-            try:
+            with teardown.step():
                 self.server.stop()
-            except Exception as exc:  # noqa: BLE001
-                errors.append(exc)
-        if errors:
-            raise HarnessError(f"tearing down VM {self.config.name}: {errors}")
+        teardown.finish()

@@ -296,10 +296,13 @@ def test_close_destroys_every_member_and_reports_errors_together() -> None:
     fakes = Fakes({0: "teardown", 2: "teardown"})
     dss = DownstairsSet(fakes, [1, 2, 3], geometry=G).open()
     dss.pause(1)
-    with pytest.raises(HarnessError, match="2 error") as info:
+    with pytest.raises(ExceptionGroup, match="2 errors tearing down the downstairs set") as info:
         dss.close()
-    assert "ds0: simulated teardown" in str(info.value)
-    assert "ds2: simulated teardown" in str(info.value)
+    # Each member's error is kept as itself (type, traceback), not flattened into a string.
+    assert [str(e) for e in info.value.exceptions] == ["ds0: simulated teardown failure",
+                                                       "ds2: simulated teardown failure"]
+    assert all(isinstance(e, HarnessError) for e in info.value.exceptions)
+    assert any("ds2 destroy FAILED" in note for note in info.value.__notes__)
     assert [ds.state for ds in fakes.made] == [DsState.DESTROYED] * 3
     dss.close()  # idempotent
     with pytest.raises(HarnessError, match="closed"):
