@@ -47,7 +47,8 @@ class Framework:
     def __init__(self, config: PhdConfig, session_id: str) -> None:
         self.config = config
         self.session_id = session_id
-        self.ports = PortAllocator()
+        # A slot of loopback ports claimed for this process (phd.ports), named for this session.
+        self.ports = PortAllocator(owner=f"session {session_id}")
         self.artifacts = ArtifactStore(config.manifest, config.artifact_dir, config.repo_root)
         self._docker: Any = None
         self._images: dict[DsProgram, str] = {}
@@ -96,8 +97,11 @@ class Framework:
             return self._images[program]
 
     def close(self) -> None:
-        if self._docker is not None:
-            self._docker.close()
+        try:
+            if self._docker is not None:
+                self._docker.close()
+        finally:
+            self.ports.close()
 
     def test_dir(self, node_id: str) -> Path:
         safe = "".join(c if c.isalnum() or c in "-_.[]" else "_" for c in node_id)[-180:]

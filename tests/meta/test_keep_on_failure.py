@@ -18,7 +18,6 @@ import httpx
 import pytest
 
 from phd.framework import PhdConfig
-from phd.ports import worker_index
 from phd.reaper import reap_dead_owners
 from phd.wait import wait_until
 
@@ -43,9 +42,9 @@ def test_failed_vm_is_left_running_and_reachable(phd_config: PhdConfig, tmp_path
     project = tmp_path / "project"
     project.mkdir()
     (project / "test_kept.py").write_text(FAILING_TEST)
-    # Clear of the outer workers' ports (20000..) and their +4000 partner blocks (24000..).
-    env = dict(os.environ, TMPDIR=str(tmp), PHD_PORT_BASE=str(28500 + 500 * worker_index()))
+    env = dict(os.environ, TMPDIR=str(tmp))
     env.pop("PYTEST_XDIST_WORKER", None)
+    env.pop("PHD_PORT_BASE", None)  # the nested session claims a port slot of its own (phd.ports)
     argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q",
             "--phd-keep-on-failure", f"--phd-artifact-dir={phd_config.artifact_dir}",
             f"--phd-tmp-dir={tmp / 'results'}", "test_kept.py"]

@@ -19,7 +19,6 @@ import pytest
 
 from phd.downstairs import sweep_leftovers
 from phd.framework import Framework, PhdConfig
-from phd.ports import worker_index
 from phd.reaper import reap_dead_owners, start_time
 from phd.wait import wait_until
 
@@ -37,8 +36,9 @@ def test_sigkilled_run_is_cleaned_up_by_the_next(
     # ledger, its process downstairs' regions. That is how this test finds (only) its own.
     tmp = Path(f"/tmp/phd-kill-{os.getpid()}")  # short: unix socket paths are capped
     tmp.mkdir()
-    env = dict(os.environ, TMPDIR=str(tmp), PHD_PORT_BASE=str(26000 + 1000 * worker_index()))
+    env = dict(os.environ, TMPDIR=str(tmp))
     env.pop("PYTEST_XDIST_WORKER", None)
+    env.pop("PHD_PORT_BASE", None)  # the nested session claims a port slot of its own (phd.ports)
     argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q",
             f"--phd-downstairs={phd_config.downstairs}", f"--phd-artifact-dir={phd_config.artifact_dir}",
             f"--phd-tmp-dir={tmp / 'results'}", TEST]

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from phd.framework import PhdConfig
-from phd.ports import worker_index
 from sut.regressions import (
     BLOCKING_START,
     MULTI_TARGET_REPLACE,
@@ -77,8 +76,9 @@ def _run_nested(regression: str, phd_config: PhdConfig, tmp_path: Path) -> dict[
     junit = tmp_path / "junit.xml"
     env = dict(os.environ)
     env.pop("PYTEST_XDIST_WORKER", None)
-    # A port block of its own, clear of every worker of the outer run.
-    env["PHD_PORT_BASE"] = str(28000 + 2000 * worker_index())
+    # No PHD_PORT_BASE: the nested session claims a port slot of its own (phd.ports), clear of
+    # every worker of the outer run, as any second session on this machine does.
+    env.pop("PHD_PORT_BASE", None)
     argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q",
             f"--junitxml={junit}", f"--phd-regression={regression}",
             f"--phd-downstairs={phd_config.downstairs}", f"--phd-artifact-dir={phd_config.artifact_dir}",

@@ -1,7 +1,11 @@
 from __future__ import annotations
 
 import contextlib
+import gc
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,3 +127,130 @@ def test_default_partner_blocks_stay_below_the_kernels_ephemeral_ports() -> None
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     assert low >= DEFAULT_BASE + PAIR_OFFSET + 8 * PORTS_PER_WORKER, (DEFAULT_BASE, low)
     assert PortAllocator(base=DEFAULT_BASE, index=7).partner_range.stop <= low
+
+
+# --- slots claimed per session (no PHD_PORT_BASE) ---------------------------------------------
+@pytest.fixture
+def claims(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A lock directory of this test's own, and no PHD_PORT_BASE override."""
+    monkeypatch.delenv("PHD_PORT_BASE", raising=False)
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    return tmp_path / "locks"
+
+
+def _ranges(alloc: PortAllocator) -> set[int]:
+    return {*range(alloc.start, alloc.end), *alloc.partner_range}
+
+
+def test_two_sessions_get_disjoint_slots(claims: Path) -> None:
+    # Two sessions started independently: both are "master" (worker index 0) and prefer slot 0.
+    with PortAllocator(lock_dir=claims) as first, PortAllocator(lock_dir=claims) as second:
+        assert first.slot == 0
+        assert second.slot not in (None, 0)
+        assert _ranges(first).isdisjoint(_ranges(second))
+
+
+def test_the_workers_of_two_sessions_are_all_disjoint(claims: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    held = []
+    try:
+        for _session in range(2):
+            for wid in ("gw0", "gw1", "gw2"):
+                monkeypatch.setenv("PYTEST_XDIST_WORKER", wid)
+                held.append(PortAllocator(lock_dir=claims))
+        assert [a.slot for a in held[:3]] == [0, 1, 2]  # a lone session's layout is unchanged
+        taken: set[int] = set()
+        for alloc in held:
+            assert taken.isdisjoint(_ranges(alloc)), alloc.slot
+            taken |= _ranges(alloc)
+    finally:
+        for alloc in held:
+            alloc.close()
+
+
+def test_a_closed_or_dropped_allocator_gives_its_slot_back(claims: Path) -> None:
+    alloc = PortAllocator(lock_dir=claims)
+    alloc.close()
+    alloc.close()  # idempotent
+    with pytest.raises(HarnessError, match="closed"):
+        alloc.allocate()
+    dropped = PortAllocator(lock_dir=claims)
+    assert dropped.slot == 0
+    del dropped
+    gc.collect()
+    with PortAllocator(lock_dir=claims) as again:
+        assert again.slot == 0
+
+
+def test_a_killed_sessions_claim_is_reclaimed(claims: Path) -> None:
+    # Another session's process: claims a slot, says which, then holds it until killed.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from phd.ports import PortAllocator; "
+         "a = PortAllocator(lock_dir=Path(sys.argv[1]), owner='session dead'); "
+         "print(a.slot, flush=True); sys.stdin.read()", str(claims)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={k: v for k, v in os.environ.items() if k not in ("PHD_PORT_BASE", "PYTEST_XDIST_WORKER")})
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "0"
+        assert f"pid {holder.pid} worker master session dead" in (claims / "slot-0.lock").read_text()
+        with PortAllocator(lock_dir=claims) as beside:
+            assert beside.slot == 1  # the live session keeps its slot
+    finally:
+        holder.kill()  # SIGKILL: nothing of the session runs its cleanup
+        holder.wait()
+        for pipe in (holder.stdin, holder.stdout):
+            if pipe is not None:
+                pipe.close()
+    with PortAllocator(lock_dir=claims) as after:
+        assert after.slot == 0  # the kernel dropped the dead session's lock
+
+
+def test_when_every_slot_is_claimed_the_error_names_the_holders(claims: Path) -> None:
+    from phd.ports import SLOT_COUNT
+
+    held = [PortAllocator(lock_dir=claims, owner=f"session s{k}") for k in range(SLOT_COUNT)]
+    try:
+        assert sorted(a.slot for a in held if a.slot is not None) == list(range(SLOT_COUNT))
+        with pytest.raises(HarnessError,
+                           match=r"all \d+ loopback port slots are claimed.*session s0.*PHD_PORT_BASE"):
+            PortAllocator(lock_dir=claims)
+    finally:
+        for alloc in held:
+            alloc.close()
+
+
+def test_phd_port_base_overrides_the_claim(claims: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PHD_PORT_BASE", "30000")
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
+    alloc = PortAllocator(lock_dir=claims)
+    assert alloc.slot is None
+    assert (alloc.start, alloc.end) == (30400, 30800)  # the worker's block, derived as before
+    assert not claims.exists()
+    monkeypatch.setenv("PHD_PORT_BASE", "lots")
+    with pytest.raises(HarnessError, match="PHD_PORT_BASE must be a port number"):
+        PortAllocator(lock_dir=claims)
+
+
+def test_a_claimed_slot_holds_at_most_a_slots_ports(claims: Path) -> None:
+    from phd.ports import PORTS_PER_WORKER
+
+    with PortAllocator(lock_dir=claims, size=10) as small:
+        assert small.end - small.start == 10
+    with pytest.raises(HarnessError, match="needs an explicit base"):
+        PortAllocator(lock_dir=claims, size=PORTS_PER_WORKER + 1)
+
+
+def test_claimable_slots_never_meet_and_stay_below_the_kernels_ephemeral_ports() -> None:
+    from phd.ports import PAIR_OFFSET, PORTS_PER_WORKER, SLOT_COUNT, slot_start
+
+    low = 32768
+    with contextlib.suppress(OSError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    taken: set[int] = set()
+    for slot in range(SLOT_COUNT):
+        start = slot_start(slot)
+        block = {*range(start, start + PORTS_PER_WORKER),
+                 *range(start + PAIR_OFFSET, start + PAIR_OFFSET + PORTS_PER_WORKER)}
+        assert taken.isdisjoint(block), slot
+        taken |= block
+    assert min(taken) >= 1024 and max(taken) < low, (min(taken), max(taken), low)
