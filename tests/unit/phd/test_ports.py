@@ -6,12 +6,31 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from phd.errors import HarnessError
 from phd.ports import PortAllocator
+
+Ports = Callable[[int], PortAllocator]
+
+
+@pytest.fixture
+def ports(monkeypatch: pytest.MonkeyPatch) -> Iterator[Ports]:
+    """Allocators of `size` ports in slots claimed as a session claims them (this machine's lock
+    directory): the ports these tests bind are never another session's."""
+    monkeypatch.delenv("PHD_PORT_BASE", raising=False)
+    made: list[PortAllocator] = []
+
+    def make(size: int) -> PortAllocator:
+        made.append(PortAllocator(size=size))
+        return made[-1]
+
+    yield make
+    for alloc in made:
+        alloc.close()
 
 
 def test_workers_get_disjoint_ranges() -> None:
@@ -20,8 +39,8 @@ def test_workers_get_disjoint_ranges() -> None:
     assert a.end <= b.start
 
 
-def test_skips_ports_in_use_and_never_repeats() -> None:
-    alloc = PortAllocator(base=31000, index=0, size=20)
+def test_skips_ports_in_use_and_never_repeats(ports: Ports) -> None:
+    alloc = ports(20)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", alloc.start))
         ports = [alloc.allocate() for _ in range(5)]
@@ -29,16 +48,16 @@ def test_skips_ports_in_use_and_never_repeats() -> None:
     assert len(set(ports)) == 5
 
 
-def test_exhaustion_is_a_clear_error() -> None:
-    alloc = PortAllocator(base=31100, index=0, size=3)
+def test_exhaustion_is_a_clear_error(ports: Ports) -> None:
+    alloc = ports(3)
     for _ in range(3):
         alloc.allocate()
     with pytest.raises(HarnessError, match="no free loopback port"):
         alloc.allocate()
 
 
-def test_black_hole_refuses_connections() -> None:
-    alloc = PortAllocator(base=31200, index=0, size=10)
+def test_black_hole_refuses_connections(ports: Ports) -> None:
+    alloc = ports(10)
     hole = alloc.black_hole()
     try:
         assert hole.address.startswith("127.0.0.1:")
@@ -48,8 +67,8 @@ def test_black_hole_refuses_connections() -> None:
         hole.close()
 
 
-def test_silent_black_hole_accepts_the_handshake_then_never_answers() -> None:
-    alloc = PortAllocator(base=31200, index=0, size=10)
+def test_silent_black_hole_accepts_the_handshake_then_never_answers(ports: Ports) -> None:
+    alloc = ports(10)
     hole = alloc.black_hole("silent")
     try:
         with socket.create_connection(("127.0.0.1", hole.port), timeout=2) as s:
@@ -61,8 +80,8 @@ def test_silent_black_hole_accepts_the_handshake_then_never_answers() -> None:
         hole.close()
 
 
-def test_unknown_black_hole_kind_is_a_clear_error() -> None:
-    alloc = PortAllocator(base=31200, index=0, size=10)
+def test_unknown_black_hole_kind_is_a_clear_error(ports: Ports) -> None:
+    alloc = ports(10)
     with pytest.raises(HarnessError, match="black hole kind must be one of"):
         alloc.black_hole("dropped")  # type: ignore[arg-type]
 
@@ -78,10 +97,10 @@ def test_default_ranges_stay_below_the_kernels_ephemeral_ports() -> None:
     assert low >= DEFAULT_BASE + 8 * PORTS_PER_WORKER, (DEFAULT_BASE, low)
 
 
-def test_pairs_have_their_partner_in_the_workers_partner_block_and_hold_both() -> None:
+def test_pairs_have_their_partner_in_the_workers_partner_block_and_hold_both(ports: Ports) -> None:
     from phd.ports import PAIR_OFFSET
 
-    alloc = PortAllocator(base=30000, index=1, size=10)
+    alloc = ports(10)
     assert alloc.partner_range == range(alloc.start + PAIR_OFFSET, alloc.end + PAIR_OFFSET)
     with socket.socket() as busy:  # the first port's partner is taken: that port is skipped
         busy.bind(("127.0.0.1", alloc.start + PAIR_OFFSET))
@@ -98,8 +117,8 @@ def test_pairs_have_their_partner_in_the_workers_partner_block_and_hold_both() -
     assert port + PAIR_OFFSET in alloc._given  # the partner is held
 
 
-def test_pair_exhaustion_is_a_clear_error() -> None:
-    alloc = PortAllocator(base=31400, index=0, size=2)
+def test_pair_exhaustion_is_a_clear_error(ports: Ports) -> None:
+    alloc = ports(2)
     alloc.allocate_pair()
     alloc.allocate_pair()
     with pytest.raises(HarnessError, match=r"no free loopback port pair \(p, p\+4000\)"):
