@@ -86,8 +86,8 @@ class SlotClaim:
     def __init__(self, slot: int, fd: int, path: Path) -> None:
         self.slot = slot
         self.path = path
-        self._fd: int | None = fd
-        # An allocator dropped without close() must not hold its slot until the process ends.
+        # Closing the descriptor drops the lock. A finalizer, so that an allocator dropped
+        # without close() does not hold its slot until the process ends.
         self._finalizer = weakref.finalize(self, os.close, fd)
 
     @classmethod
@@ -117,14 +117,12 @@ class SlotClaim:
 
     @property
     def held(self) -> bool:
-        return self._fd is not None
+        return self._finalizer.alive
 
     def release(self) -> None:
-        """Drop the claim; idempotent. The lock file stays: unlinking a lock file races with
-        another process opening it."""
-        if self._fd is not None:
-            self._fd = None
-            self._finalizer()
+        """Drop the claim; idempotent (a finalizer runs once). The lock file stays: unlinking
+        a lock file races with another process opening it."""
+        self._finalizer()
 
 
 def _make_shared_dir(path: Path) -> None:
