@@ -251,8 +251,9 @@ def test_stages(extra: list[str]) -> list[Stage]:
         Stage("ruff", ["ruff", "check", "phd", "sut", "tests", "guests", "ci"]),
         Stage("mypy", ["mypy"]),
         # Two workers: every port, name and directory derives from the xdist worker id.
-        # tests/meta/test_regressions_caught.py re-runs the seed tests under three switches;
-        # the regressions stage below runs every switch and checks the same failure texts.
+        # tests/meta/test_regressions_caught.py re-runs each switch's catching tests (and the
+        # seed tests) under it; the regressions stage below runs the whole suite under every
+        # switch and checks the same failure texts.
         Stage("tests", [*PYTEST, "tests", "--ignore=tests/suite",
                         "--ignore=tests/meta/test_regressions_caught.py", "-n", "2",
                         f"--junitxml={RESULTS / 'junit-tests.xml'}", allure, *extra],
