@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import enum
 import os
@@ -120,6 +121,8 @@ MAX_DONE_SINCE_FLUSH = 262_144
 kept for dependency checks; an upstairs flushes far more often); more closes it."""
 _READ_RESPONSE_OVERHEAD = 64 * 1024  # frame bytes besides the data, generously
 _ERROR_RATE = 0.25  # as the real downstairs' --*-errors flags
+_LOSSY_RATE = 0.25  # as the real downstairs' --lossy: skips and pauses
+LOSSY_PAUSE_S = 0.1
 
 _JOBS = (
     m.Write,
@@ -153,6 +156,10 @@ class FaultConfig:
     read_errors: bool = False
     write_errors: bool = False
     flush_errors: bool = False
+    # as the real one's --lossy: a ready job is put back behind the others a quarter of the
+    # time (dependencies, not arrival order, must keep the results right), and a quarter of
+    # the jobs wait LOSSY_PAUSE_S before they run
+    lossy: bool = False
 
 
 class Phase(enum.Enum):
@@ -183,6 +190,7 @@ class _Conn:
     pending: list[tuple[int, Message]] = field(default_factory=list)
     pending_bytes: int = 0
     done: set[int] = field(default_factory=set)
+    worker: asyncio.Task[None] | None = None  # lossy only: runs the jobs apart from the reader
 
     def send(self, msg: Message) -> None:
         if self.evicted or self.writer.is_closing():
@@ -358,6 +366,8 @@ class Downstairs:
         except Exception as exc:  # noqa: BLE001 - a bug costs one connection, not the process
             log("connection_error", peer=conn.peer, error=f"{type(exc).__name__}: {exc}"[:300])
         finally:
+            if conn.worker is not None:
+                conn.worker.cancel()
             self._conns.discard(conn)
             if self._active.get(conn.upstairs_id) is conn:
                 del self._active[conn.upstairs_id]
@@ -498,7 +508,7 @@ class Downstairs:
                 # as the real one: a malformed write ends the connection when it arrives
                 raise _Close(f"{len(msg.data)} bytes of data for {len(msg.header.contexts)} block contexts")
         job_id = _job_id(msg)
-        if all(d in conn.done for d in _deps(msg)):
+        if not self.faults.lossy and all(d in conn.done for d in _deps(msg)):
             await self._run(conn, job_id, msg)
             await self._run_ready(conn)
             return
@@ -509,6 +519,17 @@ class Downstairs:
             )
         conn.pending.append((job_id, msg))
         conn.pending_bytes += size
+        if self.faults.lossy and (conn.worker is None or conn.worker.done()):
+            # lossy: the jobs run in a task of their own, so frames keep arriving (and queue
+            # up behind a paused job) as they do on the real one
+            conn.worker = asyncio.get_running_loop().create_task(self._lossy_worker(conn))
+
+    async def _lossy_worker(self, conn: _Conn) -> None:
+        try:
+            await self._run_ready(conn)
+        except Exception as exc:  # noqa: BLE001 - as in _handle: a bug costs one connection
+            log("connection_error", peer=conn.peer, error=f"{type(exc).__name__}: {exc}"[:300])
+            conn.writer.close()
 
     # -- reconciliation (after negotiation, before I/O; done at once, in arrival order) ----------
     async def _reconcile(
@@ -594,18 +615,29 @@ class Downstairs:
             os.close(fd)
 
     async def _run_ready(self, conn: _Conn) -> None:
-        """Run waiting jobs whose dependencies are now done, oldest first, until none is."""
-        progress = True
-        while progress and conn.pending and not conn.evicted:
-            progress = False
-            for i, (job_id, msg) in enumerate(conn.pending):
-                if all(d in conn.done for d in _deps(msg)):
-                    del conn.pending[i]
-                    if isinstance(msg, m.Write | m.WriteUnwritten):
-                        conn.pending_bytes -= len(msg.data)
-                    await self._run(conn, job_id, msg)
-                    progress = True
-                    break
+        """Run waiting jobs whose dependencies are now done, oldest first, until none is.
+
+        Lossy (the real one's ``--lossy``): a ready job is moved behind the others a quarter of
+        the time, to run after them in this same pass."""
+        put_back: collections.deque[tuple[int, Message]] = collections.deque()
+        while not conn.evicted:
+            job = self._next_ready(conn) or (put_back.popleft() if put_back else None)
+            if job is None:
+                return
+            if self.faults.lossy and self._rng.random() < _LOSSY_RATE:
+                put_back.append(job)
+                continue
+            await self._run(conn, *job)
+
+    @staticmethod
+    def _next_ready(conn: _Conn) -> tuple[int, Message] | None:
+        for i, (job_id, msg) in enumerate(conn.pending):
+            if all(d in conn.done for d in _deps(msg)):
+                del conn.pending[i]
+                if isinstance(msg, m.Write | m.WriteUnwritten):
+                    conn.pending_bytes -= len(msg.data)
+                return job_id, msg
+        return None
 
     def _injected(self, conn: _Conn, job_id: int, enabled: bool) -> bool:
         if enabled and self._rng.random() < _ERROR_RATE:
@@ -618,6 +650,8 @@ class Downstairs:
         """Do one job and send its reply; a success marks it done."""
         if len(conn.done) >= MAX_DONE_SINCE_FLUSH and not isinstance(msg, m.Flush | m.Barrier):
             raise ProtocolError(f"more than {MAX_DONE_SINCE_FLUSH} jobs without a Flush or Barrier")
+        if self.faults.lossy and self._rng.random() < _LOSSY_RATE:
+            await asyncio.sleep(LOSSY_PAUSE_S)  # lossy: a slow job, as the real one pauses
         u, s = conn.upstairs_id, conn.session_id
         ok = True
         if isinstance(msg, m.Write | m.WriteUnwritten):
@@ -751,6 +785,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--read-errors", action="store_true")
     run.add_argument("--write-errors", action="store_true")
     run.add_argument("--flush-errors", action="store_true")
+    run.add_argument(
+        "--lossy", action="store_true", help="test flag: reorder ready jobs, pause some (as Crucible)"
+    )
     add_limit_flags(run)
     return parser
 
@@ -759,7 +796,7 @@ async def _run(args: argparse.Namespace) -> None:
     read_only = args.mode == "ro"
     region = RawRegion.open(args.data, read_only=read_only)
     limits = limits_from(args)
-    faults = FaultConfig(args.read_errors, args.write_errors, args.flush_errors)
+    faults = FaultConfig(args.read_errors, args.write_errors, args.flush_errors, args.lossy)
     ds = Downstairs(region, read_only=read_only, limits=limits, faults=faults)
     await serve_until_signal(ds, args.address, args.port, log)
 

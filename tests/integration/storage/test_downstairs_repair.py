@@ -246,7 +246,7 @@ def _seed(ds: CrucibleDownstairs, ids: tuple[uuid.UUID, uuid.UUID], seed: int, *
 
 
 def _extent_blocks(read: m.ReadResponse, eid: int) -> tuple[bytes, tuple[object, ...]]:
-    assert isinstance(read.header.blocks, tuple)
+    assert not isinstance(read.header.blocks, wire.CrucibleError)
     lo, hi = eid * EXTENT_SIZE, (eid + 1) * EXTENT_SIZE
     return read.data[lo * BLOCK_SIZE : hi * BLOCK_SIZE], read.header.blocks[lo:hi]
 

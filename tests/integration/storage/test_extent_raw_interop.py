@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from sut.storage import wire
 from sut.storage.extent_raw import RawRegion
 from sut.storage.wire import messages as m
 from sut.storage.wire.blockhash import unencrypted_contexts
@@ -48,7 +49,7 @@ def read_all(peer: Peer, job: int) -> tuple[bytes, tuple[ReadBlockContext, ...]]
     peer.send(m.ReadRequest(U, S, job, (), 0, TOTAL))
     reply = peer.recv()
     assert isinstance(reply, m.ReadResponse)
-    assert isinstance(reply.header.blocks, tuple), reply.header.blocks
+    assert not isinstance(reply.header.blocks, wire.CrucibleError), reply.header.blocks
     return bytes(reply.data), reply.header.blocks
 
 
@@ -194,7 +195,7 @@ def read_all_as(
     peer.send(m.ReadRequest(upstairs, session, job, (), 0, TOTAL))
     reply = peer.recv()
     assert isinstance(reply, m.ReadResponse)
-    assert isinstance(reply.header.blocks, tuple), reply.header.blocks
+    assert not isinstance(reply.header.blocks, wire.CrucibleError), reply.header.blocks
     return bytes(reply.data), reply.header.blocks
 
 
