@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 import uuid as uuidlib
@@ -34,7 +32,7 @@ if TYPE_CHECKING:  # the run-time imports stay lazy so `phd sweep` starts fast
     from rich.progress import Progress, TaskID
 
     from phd.artifacts import ArtifactStore
-    from phd.downstairs import DsProgram
+    from phd.config import PhdConfig
     from phd.dsc import DownstairsSet
     from phd.framework import Framework
 
@@ -137,7 +135,8 @@ def _artifacts_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     # unset copy from overwriting the group's.
     def locations(parser: argparse.ArgumentParser, default: object) -> None:
         parser.add_argument("--manifest", type=Path, default=default,
-                            help="artifact manifest (default: $PHD_MANIFEST, else artifacts/artifacts.toml)")
+                            help="artifact manifest (default: $PHD_MANIFEST, else the project's "
+                            "artifacts/artifacts.toml here or in a parent folder, else phd's own)")
         parser.add_argument("--artifact-dir", type=Path, default=default,
                             help="artifact cache (default: $PHD_ARTIFACT_DIR, else ~/.cache/phd/artifacts)")
 
@@ -201,41 +200,33 @@ def _check_run_args(args: argparse.Namespace) -> None:
                                "fresh regions; pass an empty --dir or remove them (or use --cleanup)")
 
 
-def _program(args: argparse.Namespace) -> DsProgram:
-    """The downstairs program of `phd dsc run`, chosen as the plugin chooses it."""
-    from phd.downstairs import choose_program
+def _dsc_config(args: argparse.Namespace) -> PhdConfig:
+    """`phd dsc run` configured as pytest configures a session (phd.config: the PHD_*
+    variables apply, this command's flags win), so it gets Docker, the image and labels from
+    the same `Framework` tests use. A bad program or path is a ConfigError naming the flag."""
+    from phd.config import build_config
 
-    return choose_program(flavour=args.flavour, kind=args.program, cmd=args.downstairs_cmd,
-                          binary=args.binary, names={"kind": "--program", "cmd": "--downstairs-cmd",
-                                                     "binary": "--binary", "flavour": "--flavour"})
+    return build_config(
+        {"downstairs": args.flavour, "downstairs_program": args.program,
+         "downstairs_cmd": args.downstairs_cmd, "downstairs_binary": args.binary},
+        project_dir=Path.cwd(), flags=_DSC_FLAGS)
 
 
-def _framework(args: argparse.Namespace, session_id: str, program: DsProgram) -> Framework:
-    """The framework object tests use, so the CLI gets Docker, the image and labels the same
-    way (`Framework.docker()`, `Framework.downstairs_image()`, `Framework.labels()`)."""
-    from phd.framework import Framework, PhdConfig
-
-    root = Path(__file__).resolve().parent.parent
-    config = PhdConfig(
-        server_cmd=(), manifest=root / "artifacts" / "artifacts.toml",
-        artifact_dir=Path.home() / ".cache" / "phd" / "artifacts",
-        tmp_dir=Path(tempfile.gettempdir()) / "phd", default_guest="tiny", guests=("tiny",),
-        downstairs=args.flavour, downstairs_cmd=program.cmd, output_mode="file",
-        keep_on_failure=False, accel="tcg", regressions=(), repo_root=root,
-        downstairs_program=program)
-    return Framework(config, session_id)
+_DSC_FLAGS = {"downstairs_program": "--program", "downstairs_cmd": "--downstairs-cmd",
+              "downstairs_binary": "--binary", "downstairs": "--flavour"}
 
 
 def _dsc_run(args: argparse.Namespace) -> int:
     from phd.dsc import DownstairsSet, RegionGeometry, members_for
+    from phd.framework import Framework
     from phd.ports import PAIR_OFFSET, PortAllocator
 
     _check_run_args(args)
-    program = _program(args)  # a bad program or path fails before anything is made
+    config = _dsc_config(args)  # a bad program or path fails before anything is made
     geometry = RegionGeometry(args.block_size, args.extent_size, args.extent_count, args.encrypted)
     args.dir.mkdir(parents=True, exist_ok=True)
     stop = _stop_on_signals()
-    fw = _framework(args, f"dsc{uuidlib.uuid4().hex[:6]}", program)
+    fw = Framework(config, f"dsc{uuidlib.uuid4().hex[:6]}")
     try:
         if args.flavour == "docker":
             _sweep_dead_sessions(fw)
@@ -350,16 +341,20 @@ def _dsc_cmd(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 # --- phd artifacts ---------------------------------------------------------------------------
 def _artifact_store(args: argparse.Namespace) -> ArtifactStore:
-    """The store with the pytest plugin's defaults, so the CLI sees the cache tests use."""
+    """The store as the pytest plugin makes it (phd.config: --manifest > PHD_MANIFEST > the
+    project's artifacts/artifacts.toml, from here upwards > phd's own), so the CLI sees the
+    manifest and cache tests use."""
     from phd.artifacts import ArtifactStore
+    from phd.config import build_config
 
-    root = Path(__file__).resolve().parent.parent
-    manifest = args.manifest or Path(os.environ.get("PHD_MANIFEST") or root / "artifacts" / "artifacts.toml")
-    artifact_dir = args.artifact_dir or Path(
-        os.environ.get("PHD_ARTIFACT_DIR") or Path.home() / ".cache" / "phd" / "artifacts")
+    config = build_config({"manifest": args.manifest, "artifact_dir": args.artifact_dir},
+                          project_dir=Path.cwd(), flags=_ARTIFACT_FLAGS)
     # Errors name this tool's options, not the pytest plugin's (--phd-manifest, ...).
-    return ArtifactStore(manifest, artifact_dir, root, manifest_option="--manifest",
-                         artifact_dir_option="--artifact-dir")
+    return ArtifactStore(config.manifest, config.artifact_dir, config.repo_root,
+                         manifest_option="--manifest", artifact_dir_option="--artifact-dir")
+
+
+_ARTIFACT_FLAGS = {"manifest": "--manifest", "artifact_dir": "--artifact-dir"}
 
 
 def _printable(text: str) -> str:

@@ -12,35 +12,16 @@ import shlex
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from phd.artifacts import ArtifactStore
-from phd.downstairs import DsProgram, default_program
+from phd.config import PhdConfig
+from phd.downstairs import DsProgram
 from phd.errors import ArtifactUnavailable
 from phd.ports import PortAllocator
 
 __all__ = ["Framework", "PhdConfig"]
-
-
-@dataclass(frozen=True)
-class PhdConfig:
-    server_cmd: tuple[str, ...]
-    manifest: Path
-    artifact_dir: Path
-    tmp_dir: Path
-    default_guest: str
-    guests: tuple[str, ...]
-    downstairs: str  # "docker" | "process"
-    downstairs_cmd: tuple[str, ...]
-    output_mode: str  # "file" | "stdio" | "null"
-    keep_on_failure: bool
-    accel: str
-    regressions: tuple[str, ...]
-    repo_root: Path
-    # ours / binary (phd.downstairs); its `cmd` is what process downstairs run
-    downstairs_program: DsProgram = field(default_factory=default_program)
 
 
 class Framework:
@@ -79,6 +60,8 @@ class Framework:
         """Build (once, under a file lock inside the builder) the image of `program` (default:
         the session's --phd-downstairs-program); its tag."""
         program = program or self.config.downstairs_program
+        if self.config.downstairs_image is not None and program.kind == "ours":
+            return self._given_image(self.config.downstairs_image)
         with self._lock:
             if program not in self._images:
                 argv = [sys.executable, "-m", "sut.storage.image", "ensure"]
@@ -95,6 +78,19 @@ class Framework:
                         f"packages with mmdebstrap (run ci/bootstrap); output:\n{proc.stderr[-1500:]}")
                 self._images[program] = lines[-1].strip()
             return self._images[program]
+
+    def _given_image(self, tag: str) -> str:
+        """--phd-downstairs-image: used as it is, once Docker confirms it is there (no
+        registry here, so a missing image cannot be pulled)."""
+        client = self.docker()
+        try:
+            client.images.get(tag)
+        except Exception as exc:  # noqa: BLE001 - docker.errors.ImageNotFound, APIError
+            raise ArtifactUnavailable(
+                f"the downstairs image {tag!r} (--phd-downstairs-image / PHD_DOWNSTAIRS_IMAGE)",
+                f"Docker cannot find it ({exc}); build or load it (`docker images` lists what is "
+                "there), or leave the option out to build phd-downstairs:<hash>") from None
+        return tag
 
     def close(self) -> None:
         try:

@@ -1,18 +1,15 @@
 """The pytest plugin (entry point `phd`): options, fixtures, per-test results, cleanup.
 
 Every option can also come from an environment variable (`--phd-guest` <- PHD_GUEST), so
-CI and nightly jobs configure the suite without editing command lines.
+CI and nightly jobs configure the suite without editing command lines; the options, their
+variables and defaults are phd.config's (SETTINGS, build_config), which the CLI uses too.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import re
-import shlex
 import shutil
 import sys
-import tempfile
 import uuid as uuidlib
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -20,67 +17,31 @@ from typing import Any
 
 import pytest
 
-from phd.downstairs import PROGRAM_KINDS, DsProgram, choose_program, sweep_leftovers
-from phd.errors import ArtifactUnavailable, HarnessError
+from phd.config import SETTINGS, ConfigError, PhdConfig, build_config
+from phd.config import parse_shard as config_parse_shard
+from phd.downstairs import sweep_leftovers
+from phd.errors import ArtifactUnavailable
 from phd.factory import DiskFactory, VmFactory
-from phd.framework import Framework, PhdConfig
+from phd.framework import Framework
 from phd.reaper import reap_dead_owners
-
-_OPTIONS: list[tuple[str, dict[str, Any], str]] = [
-    ("--phd-server-cmd", {}, "server under test, as a command line (default: the reference server)"),
-    ("--phd-manifest", {}, "artifact manifest (default: artifacts/artifacts.toml)"),
-    ("--phd-artifact-dir", {}, "artifact cache directory (default: ~/.cache/phd/artifacts)"),
-    ("--phd-tmp-dir", {}, "per-test results/run directories (default: $TMPDIR/phd)"),
-    ("--phd-guest", {}, "default guest (default: tiny)"),
-    ("--phd-guests", {}, "comma-separated guest matrix (default: the default guest)"),
-    ("--phd-downstairs", {"choices": ["docker", "process"]}, "where downstairs run (default docker)"),
-    ("--phd-downstairs-cmd", {},
-     "downstairs command for process mode (default: the program's own); a single path to an ELF "
-     "executable is a real crucible-downstairs (program binary)"),
-    ("--phd-downstairs-program", {"metavar": "|".join(PROGRAM_KINDS)},
-     "which downstairs (each speaks Crucible's protocol v13): ours (python -m "
-     "sut.storage.downstairs) or binary (a crucible-downstairs); default: binary when "
-     "--phd-downstairs-binary or an executable --phd-downstairs-cmd is given, else ours"),
-    ("--phd-downstairs-binary", {"metavar": "PATH"},
-     "a crucible-downstairs executable; docker mode runs containers of an image built around "
-     "it. On the command line it implies --phd-downstairs-program binary; PHD_DOWNSTAIRS_BINARY "
-     "alone only names it (the interop tests read it too)"),
-    ("--phd-output-mode", {"choices": ["file", "stdio", "null"]},
-     "where server/downstairs output goes (default file)"),
-    ("--phd-keep-on-failure", {"action": "store_true", "default": None},
-     "leave a failed test's VMs and disks running and print how to reach them; keep every "
-     "test's results directory"),
-    ("--phd-accel", {"choices": ["tcg", "kvm"]}, "QEMU accelerator (default tcg)"),
-    ("--phd-regression", {"action": "append"},
-     "re-create a historical bug in the reference server (repeatable)"),
-    ("--phd-shard", {"metavar": "i/N"},
-     "run only shard i of N (1-based): the items whose stable hash of their node id, modulo N, "
-     "is i-1; the others are deselected, so N machines running 1/N..N/N share a run exactly"),
-]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("phd", "PHD framework (each option also reads PHD_<NAME>)")
-    for flag, extra, help_text in _OPTIONS:
-        group.addoption(flag, dest=_dest(flag), help=help_text, **extra)
+    for setting in SETTINGS:
+        extra: dict[str, Any] = {"action": setting.action}
+        if setting.action == "store_true":
+            extra["default"] = None  # None: not given, so PHD_KEEP_ON_FAILURE decides
+        if setting.choices:
+            extra["choices"] = list(setting.choices)
+        if setting.metavar:
+            extra["metavar"] = setting.metavar
+        group.addoption(setting.flag, dest=setting.dest, help=setting.help, **extra)
 
 
-def _dest(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")
-
-
-def _opt(config: pytest.Config, flag: str, default: str) -> str:
-    value = config.getoption(_dest(flag))
-    if value is None:
-        env = "PHD_" + flag.removeprefix("--phd-").replace("-", "_").upper()
-        value = os.environ.get(env, default)
-    return str(value)
-
-
-def _guests(config: pytest.Config) -> tuple[str, ...]:
-    """The guest matrix (--phd-guests), defaulting to the default guest alone."""
-    default_guest = _opt(config, "--phd-guest", "tiny")
-    return tuple(g.strip() for g in _opt(config, "--phd-guests", default_guest).split(",") if g.strip())
+def _options(config: pytest.Config) -> dict[str, object]:
+    """The --phd-* values given on the command line (None: not given), by setting name."""
+    return {s.name: config.getoption(s.dest) for s in SETTINGS}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -88,40 +49,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     # id (`test_x[debian]`); ids come from the options alone, so every xdist worker
     # collects the same items.
     if "phd_guest" in metafunc.fixturenames:
-        guests = _guests(metafunc.config)
+        guests = metafunc.config.stash[_CONFIG].guests
         metafunc.parametrize("phd_guest", guests, ids=list(guests))
-
-
-def _build_config(config: pytest.Config) -> PhdConfig:
-    # Recipes (guests/<name>/) ship with phd, wherever the project using the plugin lives; a
-    # project's own artifacts/artifacts.toml is preferred over phd's when it has one.
-    root = Path(__file__).resolve().parent.parent
-    project_manifest = Path(str(config.rootpath)) / "artifacts" / "artifacts.toml"
-    own_manifest = root / "artifacts" / "artifacts.toml"
-    default_manifest = project_manifest if project_manifest.is_file() else own_manifest
-    regressions = config.getoption("phd_regression") or [
-        r for r in os.environ.get("PHD_REGRESSION", "").split(",") if r]
-    keep = config.getoption("phd_keep_on_failure") or os.environ.get("PHD_KEEP_ON_FAILURE") == "1"
-    default_guest = _opt(config, "--phd-guest", "tiny")
-    program = config.stash.get(_PROGRAM, None) or downstairs_program(config)
-    return PhdConfig(
-        server_cmd=tuple(shlex.split(_opt(config, "--phd-server-cmd",
-                                          shlex.join([sys.executable, "-m", "sut.server"])))),
-        manifest=Path(_opt(config, "--phd-manifest", str(default_manifest))),
-        artifact_dir=Path(_opt(config, "--phd-artifact-dir",
-                               str(Path.home() / ".cache" / "phd" / "artifacts"))),
-        tmp_dir=Path(_opt(config, "--phd-tmp-dir", str(Path(tempfile.gettempdir()) / "phd"))),
-        default_guest=default_guest,
-        guests=_guests(config),
-        downstairs=_opt(config, "--phd-downstairs", "docker"),
-        downstairs_cmd=program.cmd,
-        downstairs_program=program,
-        output_mode=_opt(config, "--phd-output-mode", "file"),
-        keep_on_failure=bool(keep),
-        accel=_opt(config, "--phd-accel", "tcg"),
-        regressions=tuple(regressions),
-        repo_root=root,
-    )
 
 
 # Registered by the plugin, so a project using phd can run with --strict-markers without
@@ -133,45 +62,15 @@ MARKERS = (
     "nightly: too slow for the per-PR run; only the nightly job runs it (-m 'not nightly' leaves it out)",
 )
 
-_SHARD = pytest.StashKey[tuple[int, int]]()
-_PROGRAM = pytest.StashKey[DsProgram]()
-
-
-def downstairs_program(config: pytest.Config) -> DsProgram:
-    """The session's downstairs program from --phd-downstairs-program/-cmd/-binary (and their
-    PHD_* variables); a UsageError naming the option and the fix when they are wrong."""
-    flag_binary = config.getoption(_dest("--phd-downstairs-binary"))
-    try:
-        return choose_program(
-            flavour=_opt(config, "--phd-downstairs", "docker"),
-            kind=_opt(config, "--phd-downstairs-program", "") or None,
-            cmd=_opt(config, "--phd-downstairs-cmd", "") or None,
-            binary=_opt(config, "--phd-downstairs-binary", "") or None,
-            # PHD_DOWNSTAIRS_BINARY alone only names the binary: the interop tests
-            # (tests/integration/storage/crucible_ds.py) read it too.
-            binary_implies=flag_binary is not None)
-    except HarnessError as exc:
-        raise pytest.UsageError(str(exc)) from None
-
-
-def _check_downstairs_program(config: pytest.Config) -> None:
-    """Choose (and check) the program once, at configure time: a bad option stops the run."""
-    config.stash[_PROGRAM] = downstairs_program(config)
-
-
-_SHARD_RX = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+_CONFIG = pytest.StashKey[PhdConfig]()
 
 
 def parse_shard(value: str) -> tuple[int, int]:
     """`i/N` (1-based i) -> (i, N); a UsageError naming the option and the rule otherwise."""
-    match = _SHARD_RX.match(value)
-    if match is None:
-        raise pytest.UsageError(f"--phd-shard (PHD_SHARD) must be i/N, e.g. 2/4; got {value!r}")
-    index, count = int(match.group(1)), int(match.group(2))
-    if count < 1 or not 1 <= index <= count:
-        raise pytest.UsageError(f"--phd-shard (PHD_SHARD) i/N needs 1 <= i <= N (i is 1-based); "
-                                f"got {value!r}")
-    return index, count
+    try:
+        return config_parse_shard(value)
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 def shard_of(nodeid: str, count: int) -> int:
@@ -183,10 +82,12 @@ def shard_of(nodeid: str, count: int) -> int:
 def pytest_configure(config: pytest.Config) -> None:
     for marker in MARKERS:
         config.addinivalue_line("markers", marker)
-    shard = _opt(config, "--phd-shard", "")
-    if shard:
-        config.stash[_SHARD] = parse_shard(shard)
-    _check_downstairs_program(config)
+    # Built and checked once, here: a bad option or PHD_* variable stops the run before
+    # collection, with a message naming it and the fix.
+    try:
+        config.stash[_CONFIG] = build_config(_options(config), project_dir=config.rootpath)
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from None
     workerinput = getattr(config, "workerinput", None)
     config._phd_session = (workerinput or {}).get("phd_session") or uuidlib.uuid4().hex[:8]  # type: ignore[attr-defined]
     if config.pluginmanager.hasplugin("xdist"):
@@ -194,7 +95,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
-    shard = config.stash.get(_SHARD, None)
+    shard = config.stash[_CONFIG].shard if _CONFIG in config.stash else None
     return None if shard is None else f"phd shard: {shard[0]}/{shard[1]}"
 
 
@@ -203,7 +104,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # Last, so -k/-m have already deselected what they deselect: shards then only split what
     # would run. A hash of the node id (not the position in the list) keeps an item's shard
     # the same whatever else is collected, on every machine and every xdist worker.
-    shard = config.stash.get(_SHARD, None)
+    shard = config.stash[_CONFIG].shard
     if shard is None:
         return
     index, count = shard
@@ -225,7 +126,7 @@ class _XdistHooks:
 
 @pytest.fixture(scope="session")
 def phd_config(pytestconfig: pytest.Config) -> PhdConfig:
-    return _build_config(pytestconfig)
+    return pytestconfig.stash[_CONFIG]
 
 
 @pytest.fixture(scope="session")

@@ -133,10 +133,10 @@ def test_plugin_refuses_an_unknown_program_naming_the_choices(
     result = pytester.runpytest("--phd-downstairs-program", value)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([message])
-    monkeypatch.setenv("PHD_DOWNSTAIRS_PROGRAM", value)  # the same from the environment
-    result = pytester.runpytest()
+    monkeypatch.setenv("PHD_DOWNSTAIRS_PROGRAM", value)  # the same from the environment,
+    result = pytester.runpytest()                       # which the message then names
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines([message])
+    result.stderr.fnmatch_lines([message.replace("--phd-downstairs-program", "PHD_DOWNSTAIRS_PROGRAM")])
 
 
 def test_plugin_names_the_option_of_a_bad_path(pytester: pytest.Pytester) -> None:
