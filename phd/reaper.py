@@ -3,7 +3,7 @@
 Containers carry labels, so `sweep_leftovers` finds them. Processes carry nothing, so every
 process the framework starts (server under test, process downstairs) is written to a ledger
 file the moment it starts, together with the directories it owns. A run killed with SIGKILL
-cannot clean up; the next run (or `phd reap`) finds ledgers whose owner is gone and stops
+cannot clean up; the next run (or `phd sweep`) finds ledgers whose owner is gone and stops
 what they list.
 
 A PID alone is not an identity (PIDs are reused), so every entry also records the process's

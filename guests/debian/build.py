@@ -82,11 +82,18 @@ def _log(message: str) -> None:
 # every machine a one-minute rebuild.
 _SHAPING_FILES = ("build", "build.py", "assemble.py")
 _SHAPING_DIRS = ("rootfs", "initramfs")
+# Shared modules the recipe imports that shape its output, relative to guests/: tiny's Debian
+# helpers (apt-cache parsing that pins every package version, the tool runner and its
+# environment). Like alpine's SHARED_FILES; guests/recipe.py only caches and publishes.
+SHARED_FILES = ("tiny/debian.py",)
+GUESTS_DIR = RECIPE_DIR.parent
 
 
-def recipe_files_digest(recipe_dir: Path = RECIPE_DIR) -> str:
+def recipe_files_digest(recipe_dir: Path = RECIPE_DIR, guests_dir: Path = GUESTS_DIR) -> str:
     parts = [recipe_digest(recipe_dir / d) for d in _SHAPING_DIRS]
     parts += [hashlib.sha256((recipe_dir / name).read_bytes()).hexdigest() for name in _SHAPING_FILES]
+    parts += [f"{name}:{hashlib.sha256((guests_dir / name).read_bytes()).hexdigest()}"
+              for name in SHARED_FILES]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
