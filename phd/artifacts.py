@@ -16,7 +16,8 @@ Each artifact has exactly one source:
   verified once per process; a corrupt cached copy is deleted and fetched again.
 - ``local_path``: a file the user already has (relative paths are read against the
   manifest's folder), checked against ``sha256`` when one is given, used in place.
-- ``recipe``: built by ``<repo>/<recipe>/build --out <artifact_dir>/guests/<key>``; the
+- ``recipe``: built by ``<root>/<recipe>/build --out <artifact_dir>/guests/<key>``, where
+  ``<root>`` holds the ``guests`` package (the checkout, or site-packages when installed); the
   recipe keeps its own cache keyed by a hash of its inputs. ``inputs`` names other
   artifacts, handed over as ``--input NAME=PATH`` once they are available.
 
@@ -44,6 +45,7 @@ import secrets
 import shlex
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import tomllib
@@ -1182,6 +1184,16 @@ def _last_line(lines: list[str]) -> str:
     return _escaped(_one_line(last), 500)
 
 
+def _recipe_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The recipe's environment: this interpreter's folder first on PATH. A recipe's `build`
+    runs `python3` (unless a checkout's .venv is beside it), and that must be the Python phd
+    runs on, whose site-packages has the recipe's imports (guests, filelock), also when phd
+    is installed in a virtualenv that was never activated."""
+    bindir = os.path.dirname(sys.executable)
+    path = env.get("PATH", os.defpath)
+    return {**env, "PATH": f"{bindir}{os.pathsep}{path}" if bindir else path}
+
+
 def _run_recipe(argv: list[str], on_line: Callable[[str], None]) -> tuple[int, list[str]]:
     """Run a recipe, handing each output line to ``on_line``; (exit code, all lines).
 
@@ -1192,7 +1204,8 @@ def _run_recipe(argv: list[str], on_line: Callable[[str], None]) -> tuple[int, l
     lines: list[str] = []
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,  # noqa: S603
-                                stderr=subprocess.STDOUT, text=True, errors="replace")
+                                stderr=subprocess.STDOUT, text=True, errors="replace",
+                                env=_recipe_env(os.environ))
     except OSError as exc:
         raise HarnessError(f"cannot run {shlex.join(argv)}: {exc}") from exc
 
