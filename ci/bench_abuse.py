@@ -55,9 +55,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from bench_storage import Downstairs, make_vcr, start_export, stop_proc
+from bench_storage import local_downstairs, make_vcr, start_export
 from benchlib import REPO, factories, framework, log
 
+from phd.downstairs import Downstairs, ProcessDownstairs
+from phd.dsc import DownstairsSet
+from phd.errors import HarnessError
+from phd.process import ManagedProcess
+from phd.teardown import Teardown
 from sut.storage import wire
 from sut.storage.wire import messages as m
 
@@ -285,17 +290,25 @@ def collect(proc: subprocess.Popen[str], timeout_s: float) -> dict[str, Any]:
     try:
         out, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        stop_proc(proc)
+        proc.kill()  # a bounded client run that overran: nothing to shut down gracefully
+        proc.communicate()
         return {"error": "abuser did not finish"}
     lines = out.strip().splitlines()
     return json.loads(lines[-1]) if lines else {"error": f"abuser exited {proc.returncode} with no result"}
 
 
 # -- the run ------------------------------------------------------------------------------------
+def pid_of(ds: Downstairs) -> int:
+    if not isinstance(ds, ProcessDownstairs) or ds.pid is None:
+        raise HarnessError(f"downstairs {ds.name} is not a running process")
+    return ds.pid
+
+
 def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     fw = framework("process", tmp)
-    ds = Downstairs("local", f"phd.session=bench-abuse-{uuid.uuid4().hex[:6]}", tmp)
-    export: subprocess.Popen[bytes] | None = None
+    ports: list[int] = []
+    dss: DownstairsSet | None = None
+    export: ManagedProcess | None = None
     try:
         with factories(fw, tmp, "abuse", "server") as (vms, _disks):
             vm = vms.new_vm("abuse")
@@ -306,9 +319,10 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             assert server_pid is not None
             api = httpx.Client(base_url=vm.server.base_url, timeout=10)
 
-            ds.start(3, 2)
-            ds_pids = [p.pid for p in ds.procs]
-            export, sock = start_export(tmp, make_vcr(ds.targets, 2))
+            ports = [fw.ports.allocate_pair() for _ in range(3)]  # a repair port at + 4000 each
+            dss = local_downstairs(tmp / "downstairs", ports, 2).open()
+            ds_pids = [pid_of(dss.member(i)) for i in range(len(dss))]
+            export, sock = start_export(tmp, make_vcr(dss.targets, 2))
             nbd = NbdClient(sock)
             rng = random.Random(12)
             block = os.urandom(4096)
@@ -336,7 +350,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 log(f"abuse: {args.bodies} x 1 MiB bodies to the server, {args.half_open} half-open "
                     f"connections to each of 3 downstairs, {args.duration_s:g} s")
                 http = spawn("_abuse_http", vm.server.port, args.duration_s, args.bodies)
-                wire = spawn("_abuse_wire", ",".join(ds.targets), args.duration_s, args.half_open)
+                wire = spawn("_abuse_wire", ",".join(dss.targets), args.duration_s, args.half_open)
                 peak_now = {k: [0.0 for _ in v] for k, v in pids.items()}
                 end = time.monotonic() + args.duration_s
                 while time.monotonic() < end:  # RSS samples during the window (VmHWM is the peak)
@@ -363,12 +377,19 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             after_ok = {"server_api": api_after, "storage_io": storage_after}
             hwm = {k: [round(rss_mb(p, "VmHWM"), 1) for p in v] for k, v in pids.items()}
     finally:
+        teardown = Teardown("tearing down the abuse run")
         if export is not None:
-            stop_proc(export, timeout=30)
-            if export.stdout is not None:
-                export.stdout.close()
-        ds.close()
-        fw.close()
+            with teardown.step():
+                export.stop()
+        if dss is not None:
+            with teardown.step():
+                dss.close()
+        for port in ports:
+            with teardown.step():
+                fw.ports.release(port)
+        with teardown.step():
+            fw.close()
+        teardown.finish()
 
     served = {name: percentiles(samples) for name, (samples, _errors) in busy.items()}
     return {

@@ -48,16 +48,14 @@ import json
 import os
 import re
 import secrets
-import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +63,7 @@ from phd.downstairs import OURS, DsProgram, binary_program, check_binary
 from phd.dsc import DownstairsSet, RegionGeometry, docker_members, process_members
 from phd.errors import HarnessError
 from phd.ports import PortAllocator
+from phd.process import ManagedProcess, ready_when_logged, ready_when_unix_socket
 from sut.storage.vcr import dump_vcr, region_volume
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,12 +108,6 @@ def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run(argv: list[str], *, timeout: float = 300.0, check: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(  # noqa: S603 - argv lists built here, no shell
         argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False, timeout=timeout
@@ -122,33 +115,6 @@ def run(argv: list[str], *, timeout: float = 300.0, check: bool = True) -> subpr
     if check and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
     return proc
-
-
-def stop_proc(proc: subprocess.Popen[Any] | None, timeout: float = 10.0) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def wait_socket(path: Path, proc: subprocess.Popen[Any], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists():
-            try:
-                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                    s.connect(str(path))
-                return
-            except OSError:
-                pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited ({proc.returncode}) before {path} was ready")
-        time.sleep(0.05)  # polling interval of a deadline-bounded wait
-    raise RuntimeError(f"timed out waiting for {path}")
 
 
 _COMPLETED = re.compile(r"Run completed in ([0-9.]+) seconds")
@@ -207,20 +173,12 @@ def bench_qemu_nbd(tmp: Path, size_bytes: int, target_s: float) -> dict[str, Any
     with open(raw, "wb") as f:
         f.truncate(size_bytes)
     sock = tmp / "ref.nbd"
-    proc: subprocess.Popen[bytes] | None = None
-    logf = open(tmp / "qemu-nbd.log", "wb")  # noqa: SIM115 - closed in finally
     try:
-        proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
-            ["qemu-nbd", "--format=raw", f"--socket={sock}", "--persistent", str(raw)],
-            stdin=subprocess.DEVNULL,
-            stdout=logf,
-            stderr=logf,
-        )
-        wait_socket(sock, proc)
-        return measure(sock, size_bytes, target_s)
+        with ManagedProcess(["qemu-nbd", "--format=raw", f"--socket={sock}", "--persistent", str(raw)],
+                            name="qemu-nbd", log_path=tmp / "qemu-nbd.log",
+                            ready=ready_when_unix_socket(sock), ready_timeout_s=15.0):
+            return measure(sock, size_bytes, target_s)
     finally:
-        stop_proc(proc)
-        logf.close()
         raw.unlink(missing_ok=True)
 
 
@@ -228,56 +186,11 @@ def bench_qemu_nbd(tmp: Path, size_bytes: int, target_s: float) -> dict[str, Any
 # ours: downstairs + CrucibleBackend helper
 
 
-@dataclass
-class Downstairs:
-    """Local downstairs processes on kernel-chosen ports, for ci/bench_abuse.py (the storage
-    benchmark itself runs its downstairs through ``phd.dsc.DownstairsSet``)."""
-
-    mode: str  # "local" only (containers: see bench_set)
-    label: str
-    tmp: Path
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    targets: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if self.mode != "local":
-            raise ValueError(f"Downstairs runs local processes only, not {self.mode!r}")
-
-    def start(self, n: int, extent_count: int) -> None:
-        for i in range(n):
-            self.targets.append(self._start_local(i, extent_count))
-
-    def _create_args(self, data_dir: str, extent_count: int) -> list[str]:
-        return ["create", "-u", str(uuid.uuid4()), "-d", data_dir, "--block-size", str(BLOCK_SIZE),
-                "--extent-size", str(EXTENT_BLOCKS), "--extent-count", str(extent_count)]
-
-    def _start_local(self, i: int, extent_count: int) -> str:
-        data = self.tmp / f"ds{i}"
-        logp = self.tmp / f"ds{i}.log"
-        run([sys.executable, "-m", "sut.storage.downstairs", *self._create_args(str(data), extent_count)])
-        with open(logp, "wb") as logf:
-            proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
-                [sys.executable, "-m", "sut.storage.downstairs", "run", "-d", str(data),
-                 "-a", "127.0.0.1", "-p", "0"],
-                stdin=subprocess.DEVNULL,
-                stdout=logf,
-                stderr=logf,
-                cwd=REPO,
-            )
-        self.procs.append(proc)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            for line in logp.read_text(errors="replace").splitlines():
-                if '"event": "listening"' in line:
-                    return f"127.0.0.1:{json.loads(line)['port']}"
-            if proc.poll() is not None:
-                break
-            time.sleep(0.05)  # polling interval of a deadline-bounded wait
-        raise RuntimeError(f"local downstairs {i} did not listen: {logp.read_text(errors='replace')[-2000:]}")
-
-    def close(self) -> None:
-        for proc in self.procs:
-            stop_proc(proc)
+def local_downstairs(tmp: Path, ports: list[int], extent_count: int) -> DownstairsSet:
+    """Three of our downstairs as local processes on `ports` (pairs), not yet opened: for
+    ci/bench_abuse.py (the storage benchmark itself runs its sets in ``bench_set``)."""
+    geometry = RegionGeometry(BLOCK_SIZE, EXTENT_BLOCKS, extent_count)
+    return DownstairsSet(process_members(OURS.cmd, tmp), ports, count=3, geometry=geometry)
 
 
 def make_vcr(targets: list[str], extent_count: int, flush_timeout: float | None = None) -> str:
@@ -288,46 +201,18 @@ def make_vcr(targets: list[str], extent_count: int, flush_timeout: float | None 
     return json.dumps(vcr)
 
 
-def start_export(tmp: Path, vcr: str) -> tuple[subprocess.Popen[bytes], Path]:
+def start_export(tmp: Path, vcr: str) -> tuple[ManagedProcess, Path]:
+    """Our upstairs' NBD export in a helper process (this file, ``_serve`` mode), ready once it
+    has activated against the VCR's downstairs."""
     sock = tmp / "ours.nbd"
     vcr_file = tmp / "vcr.json"
     vcr_file.write_text(vcr)
-    logf = open(tmp / "export.log", "wb")  # noqa: SIM115 - the child holds its own copy
-    try:
-        proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
-            [
-                sys.executable,
-                str(Path(__file__).resolve()),
-                "_serve",
-                "--socket",
-                str(sock),
-                "--vcr",
-                str(vcr_file),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=logf,
-            cwd=REPO,
-        )
-    finally:
-        logf.close()
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 90
-    buf = b""
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
-        if ready:
-            chunk = os.read(proc.stdout.fileno(), 4096)
-            if not chunk:
-                break
-            buf += chunk
-            if b'"ready"' in buf:
-                return proc, sock
-        elif proc.poll() is not None:
-            break
-    stop_proc(proc)
-    tail = (tmp / "export.log").read_text(errors="replace")[-2000:]
-    raise RuntimeError(f"export helper never became ready; stdout {buf!r}; log:\n{tail}")
+    export = ManagedProcess(
+        [sys.executable, str(Path(__file__).resolve()), "_serve", "--socket", str(sock),
+         "--vcr", str(vcr_file)],
+        name="export helper", log_path=tmp / "export.log", cwd=REPO,
+        ready=ready_when_logged('"event": "ready"'), ready_timeout_s=90.0, stop_timeout_s=30.0)
+    return export.start(), sock
 
 
 def docker_client() -> Any | None:
@@ -393,20 +278,16 @@ def bench_set(
     else:
         make = process_members(program.cmd, work, program=program)
     ports = [setup.ports.allocate_pair() for _ in range(3)]
-    export: subprocess.Popen[bytes] | None = None
     try:
         geometry = RegionGeometry(BLOCK_SIZE, EXTENT_BLOCKS, extent_count)
         with DownstairsSet(make, ports, count=3, geometry=geometry) as dss:
+            where = f"{setup.flavour}, {image or program.describe()}"
+            log(f"  downstairs {program.kind} ({where}): {', '.join(dss.targets)}")
+            export, sock = start_export(work, make_vcr(dss.targets, extent_count, flush_timeout))
             try:
-                where = f"{setup.flavour}, {image or program.describe()}"
-                log(f"  downstairs {program.kind} ({where}): {', '.join(dss.targets)}")
-                export, sock = start_export(work, make_vcr(dss.targets, extent_count, flush_timeout))
                 return measure(sock, size_bytes, target_s)
             finally:
-                if export is not None:
-                    stop_proc(export, timeout=30)
-                    if export.stdout is not None:
-                        export.stdout.close()
+                export.stop()
     finally:
         for port in ports:
             setup.ports.release(port)

@@ -28,7 +28,8 @@ xdist_speedup
     (one run each): wall(-n 1) / wall(-n 2). --skip-xdist leaves it out.
 
 One VM at a time (the xdist part is pytest's own). Everything is torn down on success, failure and
-Ctrl-C; raw QEMU runs with PR_SET_PDEATHSIG, so even a SIGKILLed bench takes it down.
+Ctrl-C; raw QEMU runs with PR_SET_PDEATHSIG (phd.process's die_with_parent), so even a SIGKILLed
+bench takes it down.
 Writes results/bench-suite.json (CONTRACT) and prints a table.
 """
 
@@ -36,12 +37,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import re
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -60,6 +59,7 @@ from phd.artifacts import GuestArtifact
 from phd.factory import overlay_argv
 from phd.framework import Framework
 from phd.guest import adapter_for
+from phd.process import ManagedProcess
 from phd.serial import SerialConsole
 
 TARGET_BOOT_RATIO = 1.15
@@ -90,21 +90,12 @@ def framework_boot(fw: Framework, tmp: Path, guest: str, run: int) -> tuple[floa
 
 
 # --- boot: raw QEMU ----------------------------------------------------------------------------
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: the kernel kills QEMU if the bench dies, even by SIGKILL."""
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
 class PipeConsole(SerialConsole):
     """The framework's console matcher (escape cleaning, cursor, failure patterns) fed from
     QEMU's stdio serial instead of the server's websocket, so both sides wait the same way."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], transcript: Path) -> None:
+    def __init__(self, proc: ManagedProcess, transcript: Path) -> None:
         super().__init__(ws_url="stdio:", transcript=transcript)
-        assert proc.stdout is not None and proc.stdin is not None
         self._out: IO[bytes] = proc.stdout
         self._in: IO[bytes] = proc.stdin
         self._pipe_thread: threading.Thread | None = None
@@ -164,7 +155,7 @@ def raw_boot(fw: Framework, tmp: Path, guest: GuestArtifact, spec: dict[str, Any
     work = tmp / f"raw-{guest.name}-{run}"
     work.mkdir(parents=True)
     ports: list[int] = []
-    proc: subprocess.Popen[bytes] | None = None
+    proc: ManagedProcess | None = None
     console: PipeConsole | None = None
     try:
         t0 = time.monotonic()
@@ -183,10 +174,10 @@ def raw_boot(fw: Framework, tmp: Path, guest: GuestArtifact, spec: dict[str, Any
             ssh_port = fw.ports.allocate()
             ports.append(ssh_port)
         argv = raw_argv(spec, fw.config.accel, disks, ssh_port)
-        with (work / "qemu.log").open("wb") as qemu_log:
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,  # noqa: S603
-                                    stderr=qemu_log, start_new_session=True,
-                                    preexec_fn=_die_with_parent)
+        # The serial console on stdio pipes; PR_SET_PDEATHSIG: the kernel takes QEMU down with
+        # this (main) thread, even when the bench is SIGKILLed.
+        proc = ManagedProcess(argv, name=f"raw QEMU ({guest.name} run {run})", log_path=work / "qemu.log",
+                              pipe_stdio=True, die_with_parent=True).start()
         console = PipeConsole(proc, work / "serial.log")
         console.connect()
         adapter = adapter_for(guest.guest_os or guest.name)(console)
@@ -201,25 +192,11 @@ def raw_boot(fw: Framework, tmp: Path, guest: GuestArtifact, spec: dict[str, Any
         raise
     finally:
         if proc is not None:
-            _stop(proc)
+            proc.stop()  # SIGTERM, SIGKILL after 10 s; closes the pipes
         if console is not None:
             console.close()
         for port in ports:
             fw.ports.release(port)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    for pipe in (proc.stdin, proc.stdout):
-        if pipe is not None:
-            with contextlib.suppress(OSError):  # stdin of a dead QEMU: EPIPE on the final flush
-                pipe.close()
 
 
 def measure_boot(fw: Framework, tmp: Path, guest: str, runs: int) -> dict[str, Any]:

@@ -49,8 +49,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from phd.errors import HarnessError, SutError, SutTimeout
-from phd.reaper import ledger
+from phd.errors import HarnessError, ProcessStartFailure, SutError, SutTimeout
+from phd.process import ManagedProcess, ReadyCheck, ready_when_connects
 from phd.teardown import Teardown
 from phd.wait import wait_until
 
@@ -60,6 +60,7 @@ __all__ = [
     "REPAIR_PORT_OFFSET",
     "DockerDownstairs",
     "Downstairs",
+    "DownstairsStartFailure",
     "DsProgram",
     "DsState",
     "ProcessDownstairs",
@@ -591,12 +592,18 @@ class DockerDownstairs(_Lifecycle):
         teardown.finish()
 
 
+class DownstairsStartFailure(ProcessStartFailure, SutError):
+    """A process downstairs exited, or never listened, while starting: the storage under
+    test's fault (a bad region, a flag it refuses), with its exit code and log tail."""
+
+
 class ProcessDownstairs(_Lifecycle):
     """A downstairs as a local process (`--phd-downstairs process`): no Docker needed.
 
-    It runs in its own session (so a Ctrl-C at the terminal reaches the harness, which
-    tears it down in order) and every signal goes to its process group, so a wrapper
-    script given as `--phd-downstairs-cmd` is stopped with its child.
+    Each start is one `phd.process.ManagedProcess` (a restart is a new one on the same port
+    and region, its output appended to the same log): its own session, a ledger entry, every
+    signal to its process group (a wrapper script given as `--phd-downstairs-cmd` is stopped
+    with its child), and a start that fails at once when the downstairs exits.
     """
 
     def __init__(self, cmd: list[str], name: str, host_port: int, data_dir: Path,
@@ -607,8 +614,12 @@ class ProcessDownstairs(_Lifecycle):
         self.host_port = host_port
         self.data_dir = data_dir
         self.log_path = log_path or (data_dir.parent / f"{name}.log")
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._ledger_entry: Path | None = None
+        self._proc: ManagedProcess | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The pid of the current (or last) process; None before the first start."""
+        return None if self._proc is None else self._proc.pid
 
     def _create_region(self, uuid: str, block_size: int, extent_size: int, extent_count: int,
                        encrypted: bool) -> None:
@@ -623,69 +634,44 @@ class ProcessDownstairs(_Lifecycle):
     def _observe(self) -> DsState:
         if self._proc is None:
             return DsState.NEW
-        if self._proc.poll() is not None:
+        if not self._proc.alive():
             return DsState.STOPPED
         return DsState.PAUSED if _proc_stopped(self._proc.pid) else DsState.RUNNING
 
     def _launch(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        seen = self._seen()  # the log is appended to across restarts
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(  # noqa: S603 - argv list
-                [*self.cmd, "run", "-d", str(self.data_dir), "-a", "127.0.0.1",
-                 "-p", str(self.host_port)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-        # Written before anything can fail, so a SIGKILLed run's next run reaps it.
-        self._ledger_entry = ledger().record_process(self._proc.pid, f"downstairs {self.name}")
-        self._wait_listening(seen, self._exited)
+        if self._proc is not None:
+            self._proc.stop()  # the last life, if it died on its own: forget its ledger entry
+        ready: ReadyCheck = (ready_when_connects(self.host_port) if self.program.ready == "connect"
+                             else lambda proc: _listening_count(proc.output()) > 0)
+        self._proc = ManagedProcess(
+            [*self.cmd, "run", "-d", str(self.data_dir), "-a", "127.0.0.1", "-p", str(self.host_port)],
+            name=f"downstairs {self.name}", log_path=self.log_path, ready=ready,
+            ready_timeout_s=START_TIMEOUT_S, stop_timeout_s=STOP_TIMEOUT_S,
+            start_error=DownstairsStartFailure)
+        self._proc.start()
 
-    def _exited(self) -> str | None:
-        assert self._proc is not None  # only called while a launch is in progress
-        code = self._proc.poll()
-        return None if code is None else f"exited with code {code}"
-
-    def _signal(self, sig: signal.Signals) -> None:
-        assert self._proc is not None
-        if self._proc.poll() is None:  # never signal a reaped pid: it may be reused
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._proc.pid, sig)
+    def _running(self) -> ManagedProcess:
+        assert self._proc is not None  # the lifecycle calls the primitives only after a launch
+        return self._proc
 
     def _terminate(self, *, paused: bool) -> None:
-        assert self._proc is not None
-        self._signal(signal.SIGTERM)
-        if paused:  # SIGTERM stays pending in a stopped process until it continues
-            self._signal(signal.SIGCONT)
-        try:
-            self._proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self._sigkill(paused=False)
-        self._forget()
+        self._running().stop()  # SIGTERM and SIGCONT (a paused one), SIGKILL after the grace
 
     def _sigkill(self, *, paused: bool) -> None:
-        assert self._proc is not None
-        self._signal(signal.SIGKILL)  # kills a SIGSTOPped process too
-        self._proc.wait()
-        self._forget()
-
-    def _forget(self) -> None:
-        if self._ledger_entry is not None:
-            ledger().forget(self._ledger_entry)
-            self._ledger_entry = None
+        self._running().kill()  # kills a SIGSTOPped process too
 
     def _freeze(self) -> None:
-        assert self._proc is not None
-        self._signal(signal.SIGSTOP)
-        pid = self._proc.pid
-        wait_until(lambda: _proc_stopped(pid), lambda stopped: stopped,
-                   what=f"downstairs {self.name} (pid {pid}) to stop on SIGSTOP", timeout_s=5.0,
+        proc = self._running()
+        proc.signal(signal.SIGSTOP)
+        wait_until(lambda: _proc_stopped(proc.pid), lambda stopped: stopped,
+                   what=f"downstairs {self.name} (pid {proc.pid}) to stop on SIGSTOP", timeout_s=5.0,
                    interval_s=0.01)
 
     def _thaw(self) -> None:
-        assert self._proc is not None
-        self._signal(signal.SIGCONT)
-        pid = self._proc.pid
-        wait_until(lambda: _proc_stopped(pid), lambda stopped: not stopped,
-                   what=f"downstairs {self.name} (pid {pid}) to continue on SIGCONT",
+        proc = self._running()
+        proc.signal(signal.SIGCONT)
+        wait_until(lambda: _proc_stopped(proc.pid), lambda stopped: not stopped,
+                   what=f"downstairs {self.name} (pid {proc.pid}) to continue on SIGCONT",
                    timeout_s=5.0, interval_s=0.01)
 
     def logs(self) -> str:
@@ -697,13 +683,14 @@ class ProcessDownstairs(_Lifecycle):
     def _teardown(self) -> None:
         # The region directory stays: it belongs to the caller's directory (the test's
         # results directory, or `phd dsc run --dir`).
-        state = self._observe()
-        if state in (DsState.RUNNING, DsState.PAUSED):
-            self._terminate(paused=state is DsState.PAUSED)
+        if self._proc is not None:
+            self._proc.stop()
 
 
-def _proc_stopped(pid: int) -> bool:
+def _proc_stopped(pid: int | None) -> bool:
     """Whether the process is in job-control stop (state T in /proc/PID/stat)."""
+    if pid is None:
+        return False
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:

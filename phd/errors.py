@@ -13,10 +13,14 @@ no longer catches a harness-side wait (a container that will not die, a lock).
 
 from __future__ import annotations
 
+import shlex
+from collections.abc import Sequence
+
 __all__ = [
     "ArtifactUnavailable",
     "HarnessError",
     "PhdError",
+    "ProcessStartFailure",
     "ServerError",
     "SutError",
     "SutTimeout",
@@ -26,6 +30,25 @@ __all__ = [
 
 class PhdError(Exception):
     """Root of every exception the framework raises."""
+
+
+class ProcessStartFailure(PhdError):
+    """A process the framework started exited, or never became ready, while starting (QEMU's
+    VMLaunchFailure): carries the argv, the exit code (None: it was still running and phd
+    stopped it) and the last lines of its log.
+
+    Like WaitTimeout it sits on neither branch by itself, since whose fault it is depends on
+    the process: `ServerStartFailure` is a HarnessError (the command line, the machine),
+    `DownstairsStartFailure` a SutError (the storage under test).
+    """
+
+    def __init__(self, reason: str, argv: Sequence[str], exit_code: int | None, log_tail: str) -> None:
+        super().__init__(f"{reason}: {shlex.join(argv)}; exit code {exit_code}; last log lines:\n"
+                         f"{log_tail}")
+        self.reason = reason
+        self.argv = list(argv)
+        self.exit_code = exit_code
+        self.log_tail = log_tail
 
 
 class HarnessError(PhdError):

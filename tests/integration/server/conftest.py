@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -16,13 +14,23 @@ from pathlib import Path
 import httpx
 import pytest
 
+from phd.process import ManagedProcess
+
 START_DEADLINE_S = 20.0
 STOP_DEADLINE_S = 30.0
 
 
+def listening_port(log_text: str) -> int | None:
+    """The port of the server's JSON `listening` line, once it has logged one."""
+    for raw in log_text.splitlines():
+        if '"listening"' in raw:
+            return int(json.loads(raw)["port"])
+    return None
+
+
 @dataclass
 class ServerProcess:
-    proc: subprocess.Popen[bytes]
+    process: ManagedProcess
     base_url: str
     data_dir: Path
     log_path: Path
@@ -50,15 +58,12 @@ class ServerProcess:
             shutil.rmtree(top, ignore_errors=True)
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(STOP_DEADLINE_S)
-            except subprocess.TimeoutExpired as exc:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError(f"server ignored SIGTERM; log:\n{self.log_path.read_text()}") from exc
-        return self.proc.returncode
+        """SIGTERM; a server that needs the SIGKILL after STOP_DEADLINE_S fails the test."""
+        code = self.process.stop(STOP_DEADLINE_S)
+        if self.process.killed:
+            raise AssertionError(f"server ignored SIGTERM; log:\n{self.log_path.read_text()}")
+        assert code is not None
+        return code
 
 
 def start_server(tmp_path: Path, *extra: str, allow_tmp: bool = True,
@@ -72,36 +77,12 @@ def start_server(tmp_path: Path, *extra: str, allow_tmp: bool = True,
     if allow_tmp:
         extra = ("--allow-path", str(tmp_path), *extra)
     log_path = tmp_path / "server.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "sut.server",
-                "--listen",
-                "127.0.0.1:0",
-                "--data-dir",
-                str(data_dir),
-                *extra,
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + START_DEADLINE_S
-    last = ""
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited {proc.returncode}:\n{log_path.read_text()}")
-        last = log_path.read_text(errors="replace")
-        for raw in last.splitlines():
-            if '"listening"' in raw:
-                entry = json.loads(raw)
-                return ServerProcess(proc, f"http://127.0.0.1:{entry['port']}", data_dir, log_path)
-        time.sleep(0.05)  # poll interval of a deadline-bounded wait
-    proc.kill()
-    proc.wait()
-    raise AssertionError(f"server did not report its port within {START_DEADLINE_S}s:\n{last}")
+    process = ManagedProcess(
+        [sys.executable, "-m", "sut.server", "--listen", "127.0.0.1:0", "--data-dir", str(data_dir), *extra],
+        name="sut.server", log_path=log_path, ready=lambda proc: listening_port(proc.output()) is not None,
+        ready_timeout_s=START_DEADLINE_S, stop_timeout_s=STOP_DEADLINE_S).start()
+    port = listening_port(process.output())
+    return ServerProcess(process, f"http://127.0.0.1:{port}", data_dir, log_path)
 
 
 @pytest.fixture

@@ -150,7 +150,7 @@ class Fuzzer:
         case.validate_response(response, additional_checks=[error_body_shape])
 
     def assert_server_healthy(self) -> None:
-        assert self.server.proc.poll() is None, f"server exited; log:\n{self.server.log_path.read_text()}"
+        assert self.server.process.alive(), f"server exited; log:\n{self.server.log_path.read_text()}"
         logged = self.server.log_lines()
         unhandled = [line for line in logged if line.get("msg") == "unhandled error in request"]
         assert not unhandled, f"the server logged unhandled errors: {unhandled}"

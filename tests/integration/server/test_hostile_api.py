@@ -97,7 +97,7 @@ def assert_error(response: httpx.Response, status: int, *needles: str) -> dict[s
 def assert_serving(server: ServerProcess) -> None:
     """A well-behaved client still gets answers: GET /instance, and a long-poll when there is
     an instance (it answers within the server's bound)."""
-    assert server.proc.poll() is None, f"server died; log:\n{server.log_path.read_text()}"
+    assert server.process.alive(), f"server died; log:\n{server.log_path.read_text()}"
     with server.client(timeout=ANSWER_DEADLINE_S) as http:
         got = http.get("/instance")
         assert got.status_code in (200, 404), got.text
@@ -184,14 +184,14 @@ def test_chunked_oversized_body_is_413_and_memory_stays_bounded(hostile: ServerP
             sent += len(chunk)
             yield chunk
 
-    before = rss_peak_kib(hostile.proc.pid)
+    before = rss_peak_kib(hostile.process.pid)
     with hostile.client(timeout=30) as http:
         try:
             response = http.put("/instance", content=body(), headers={"content-type": "application/json"})
         except httpx.TransportError as exc:  # the server may close while we still send
             raise AssertionError(f"no answer to a chunked oversized body: {exc!r}") from exc
     assert_error(response, 413, "1048576", "--max-body-bytes")
-    grown_mib = (rss_peak_kib(hostile.proc.pid) - before) / 1024
+    grown_mib = (rss_peak_kib(hostile.process.pid) - before) / 1024
     assert grown_mib < 64, f"server peak RSS grew {grown_mib:.0f} MiB for a rejected body"
     assert_serving(hostile)
 
@@ -550,7 +550,7 @@ def _open_fds(pid: int) -> int:
 
 def test_hundreds_of_idle_connections_do_not_starve_a_client(hostile: ServerProcess) -> None:
     host, port = hostile.base_url.removeprefix("http://").split(":")
-    baseline = _open_fds(hostile.proc.pid)
+    baseline = _open_fds(hostile.process.pid)
     idle = [socket.create_connection((host, int(port)), timeout=5) for _ in range(400)]
     try:
         started = time.monotonic()
@@ -558,9 +558,9 @@ def test_hundreds_of_idle_connections_do_not_starve_a_client(hostile: ServerProc
         assert time.monotonic() - started < 5.0
         # Idle sockets are closed by the server (header deadline / eviction), not kept forever.
         deadline = time.monotonic() + SLOW_DEADLINE_S + 10
-        while _open_fds(hostile.proc.pid) > baseline + 20:
+        while _open_fds(hostile.process.pid) > baseline + 20:
             assert time.monotonic() < deadline, (
-                f"server still holds {_open_fds(hostile.proc.pid) - baseline} extra fds")
+                f"server still holds {_open_fds(hostile.process.pid) - baseline} extra fds")
             time.sleep(0.2)  # poll interval of a deadline-bounded wait
     finally:
         for sock in idle:

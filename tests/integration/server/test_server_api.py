@@ -376,7 +376,7 @@ def test_lifecycle_without_qemu_and_424_after_destroyed(server: ServerProcess, s
 
 
 def test_sigint_is_ignored_and_sigterm_exits_zero(server: ServerProcess) -> None:
-    server.proc.send_signal(signal.SIGINT)
+    server.process.signal(signal.SIGINT)
     with server.client() as http:
         assert http.get("/openapi.json").status_code == 200
     assert server.stop() == 0

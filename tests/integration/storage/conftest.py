@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from phd.errors import ProcessStartFailure
+from phd.process import ManagedProcess
 from sut.storage.extent_raw import RawRegion
 from sut.storage.vcr import FileVcr, dump_vcr, region_volume
 from sut.storage.wire.negotiation import REPAIR_PORT_OFFSET
@@ -28,8 +29,13 @@ EXTENT_SIZE = 1024  # blocks: 512 KiB extents
 EXTENT_COUNT = 8  # 4 MiB region: small, so reconciliation copies stay fast
 
 
-class _Exited(AssertionError):
-    pass
+def _listening_port(log_text: str) -> int | None:
+    """The port of the last `listening` line in a downstairs' log."""
+    port = None
+    for line in log_text.splitlines():
+        if '"event": "listening"' in line:
+            port = int(json.loads(line)["port"])
+    return port
 
 
 def port_pair() -> int:
@@ -55,7 +61,7 @@ class DownstairsProc:
 
     data_dir: Path
     log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
+    process: ManagedProcess | None = None  # the current life; a restart is a new one
     port: int = 0
     flags: tuple[str, ...] = ()  # extra `run` flags, e.g. ("--write-errors",); kept on restart
 
@@ -69,71 +75,31 @@ class DownstairsProc:
             try:
                 self._start(port or port_pair(), timeout_s)
                 return
-            except _Exited:
-                if port or attempt == 4:
+            except ProcessStartFailure as exc:
+                if port or attempt == 4 or exc.exit_code is None:
                     raise
 
     def _start(self, port: int, timeout_s: float) -> None:
-        skip = self.log_path.stat().st_size if self.log_path.exists() else 0
-        log = open(self.log_path, "ab")  # noqa: SIM115 - closed right after Popen dups it
-        try:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "sut.storage.downstairs",
-                    "run",
-                    "-d",
-                    str(self.data_dir),
-                    "-a",
-                    "127.0.0.1",
-                    "-p",
-                    str(port),
-                    *self.flags,
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-            )
-        finally:
-            log.close()
-        deadline = time.monotonic() + timeout_s
-        last = ""
         self.port = 0
-        while time.monotonic() < deadline:
-            # only lines written after this start count (a restart appends to the same log)
-            for line in self.log_path.read_bytes()[skip:].decode().splitlines():
-                last = line
-                if '"event": "listening"' in line:
-                    self.port = int(json.loads(line)["port"])
-            if self.port == port:
-                return
-            if self.proc.poll() is not None:
-                self.proc = None
-                raise _Exited(f"downstairs exited before listening on {port}; last log line: {last}")
-            time.sleep(0.05)  # polling interval of a deadline-bounded wait
-        self.stop()
-        raise AssertionError(f"downstairs did not report listening; last log line: {last}")
+        self.process = ManagedProcess(
+            [sys.executable, "-m", "sut.storage.downstairs", "run", "-d", str(self.data_dir),
+             "-a", "127.0.0.1", "-p", str(port), *self.flags],
+            name=f"downstairs {self.data_dir.name} on {port}", log_path=self.log_path,
+            # only lines of this start count (a restart appends to the same log)
+            ready=lambda proc: _listening_port(proc.output()) == port, ready_timeout_s=timeout_s)
+        self.process.start()
+        self.port = port
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+        if self.process is not None:
+            self.process.stop()
+        self.process = None
 
     def kill(self) -> None:
         """SIGKILL (no chance to clean up) and reap; the port is free for a restart after."""
-        if self.proc is None:
-            return
-        self.proc.kill()
-        self.proc.wait(10)
-        self.proc = None
+        if self.process is not None:
+            self.process.kill()
+        self.process = None
 
     def log_offset(self) -> int:
         """Where the log ends now: pass to :meth:`events` to see only what comes later."""

@@ -32,17 +32,15 @@ POLICY = RetryPolicy(connect_timeout_s=1.0, reconnect_delay_s=0.2, io_timeout_s=
 
 
 def signal_ds(ds: DownstairsProc, sig: signal.Signals) -> None:
-    assert ds.proc is not None and ds.proc.poll() is None, "downstairs is not running"
-    ds.proc.send_signal(sig)
+    assert ds.process is not None and ds.process.alive(), "downstairs is not running"
+    ds.process.signal(sig)
 
 
 def kill_ds(ds: DownstairsProc) -> int:
     """SIGKILL (no clean shutdown); returns the port so it can come back on it."""
     port = ds.port
-    signal_ds(ds, signal.SIGKILL)
-    assert ds.proc is not None
-    ds.proc.wait(10)
-    ds.proc = None
+    assert ds.process is not None and ds.process.alive(), "downstairs is not running"
+    ds.kill()
     return port
 
 

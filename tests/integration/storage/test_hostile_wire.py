@@ -152,9 +152,9 @@ def rss_line(base: int, status: dict[str, int]) -> str:
 
 def proc_status(ds: DownstairsProc) -> dict[str, int]:
     """VmRSS and VmHWM (peak) of the downstairs process, in bytes."""
-    assert ds.proc is not None
+    assert ds.process is not None
     out = {}
-    for line in Path(f"/proc/{ds.proc.pid}/status").read_text().splitlines():
+    for line in Path(f"/proc/{ds.process.pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
         if key in ("VmRSS", "VmHWM"):
             out[key] = int(value.split()[0]) * 1024
@@ -227,7 +227,7 @@ class Hostile:
     async def done(self, *, read_only: bool = False) -> None:
         assert_json_only(self.ds, self.since)
         assert region_hash(self.ds) == self.before, "the hostile peer changed the region files"
-        assert self.ds.proc is not None and self.ds.proc.poll() is None, "the downstairs died"
+        assert self.ds.process is not None and self.ds.process.alive(), "the downstairs died"
         await upstairs_works(self.ds, read_only=read_only)
         assert_json_only(self.ds, self.since)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from phd import reaper
-from phd.downstairs import ProcessDownstairs
+from phd.downstairs import DownstairsStartFailure, ProcessDownstairs
 from phd.errors import SutError
 from phd.server import ServerProcess, ServerStartFailure
 
@@ -21,8 +21,7 @@ from phd.server import ServerProcess, ServerStartFailure
 @pytest.fixture(autouse=True)
 def private_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     book = reaper.Ledger(tmp_path / "ledger")
-    monkeypatch.setattr("phd.server.ledger", lambda: book)
-    monkeypatch.setattr("phd.downstairs.ledger", lambda: book)
+    monkeypatch.setattr("phd.process.ledger", lambda: book)
 
 
 def _server(tmp_path: Path, script: str, ready_timeout_s: float) -> ServerProcess:
@@ -47,7 +46,7 @@ def test_a_server_that_exits_during_start_fails_at_once_with_its_exit_code(tmp_p
 def test_a_server_that_never_answers_times_out_and_is_stopped(tmp_path: Path) -> None:
     server = _server(tmp_path, "import time; print('thinking', flush=True); time.sleep(60)",
                      ready_timeout_s=1.0)
-    with pytest.raises(ServerStartFailure, match="did not answer within 1s") as info:
+    with pytest.raises(ServerStartFailure, match="not ready within 1s") as info:
         server.start()
     assert info.value.exit_code is None  # it was still running when the wait gave up
     assert "thinking" in info.value.log_tail
@@ -62,8 +61,9 @@ def test_a_process_downstairs_that_exits_during_start_fails_at_once(tmp_path: Pa
                            tmp_path / "ds0.log")
     ds.create_region("00000000-0000-0000-0000-000000000000", 512, 8, 2)
     start = time.monotonic()
-    with pytest.raises(SutError, match="exited with code 4") as info:
+    with pytest.raises(DownstairsStartFailure, match="exited while starting") as info:
         ds.start()
+    assert info.value.exit_code == 4 and isinstance(info.value, SutError)
     assert time.monotonic() - start < 10.0, "the exit must end the wait, not the 30 s timeout"
     assert "cannot open region" in str(info.value)
     ds.destroy()
