@@ -4,6 +4,7 @@ bad values named with their fix, and the same manifest whichever tool reads it."
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -228,3 +229,27 @@ def test_the_readme_table_lists_every_option_and_variable() -> None:
     missing = [s.flag for s in SETTINGS if f"`{s.flag}" not in table]
     missing += [s.env for s in SETTINGS if s.env not in table]
     assert missing == [], f"README's options table lacks {missing}"
+
+
+# --- the CLI's other users of the config ------------------------------------------------------
+def test_phd_dsc_run_reads_the_same_variables_and_its_flags_win(monkeypatch: pytest.MonkeyPatch,
+                                                               tmp_path: Path) -> None:
+    args = cli._parser().parse_args(["dsc", "run", "--dir", str(tmp_path), "--program", "cobol"])
+    monkeypatch.setenv("PHD_DOWNSTAIRS", "docker")  # --flavour's default (process) wins
+    monkeypatch.setenv("PHD_DOWNSTAIRS_IMAGE", "mine:2")
+    with pytest.raises(ConfigError, match=r"^--program 'cobol' is unknown"):
+        cli._dsc_config(args)
+    args = cli._parser().parse_args(["dsc", "run", "--dir", str(tmp_path)])
+    config = cli._dsc_config(args)
+    assert (config.downstairs, config.downstairs_program.kind, config.downstairs_image) == (
+        "process", "ours", "mine:2")
+
+
+def test_recipes_run_with_the_interpreter_phd_runs_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recipe's `build` runs `python3` from PATH when no checkout .venv is beside it (phd
+    installed with pip): that must be this interpreter, which has guests and filelock."""
+    from phd.artifacts import _recipe_env
+
+    env = _recipe_env({"PATH": "/usr/bin:/bin", "HOME": "/root"})
+    assert env["PATH"].split(":") == [str(Path(sys.executable).parent), "/usr/bin", "/bin"]
+    assert env["HOME"] == "/root"
