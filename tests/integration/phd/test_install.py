@@ -24,6 +24,7 @@ import pytest
 from guests.recipe import recipe_digest
 from guests.tiny.build import RECIPE_DIR as TINY_RECIPE
 from phd.config import PhdConfig
+from sut.storage.image.build import image_tag
 
 INSTALL_TIMEOUT_S = 900
 # pytest-timeout's 600 s default (pyproject) is too short for a cold pip cache.
@@ -118,6 +119,12 @@ def test_installed_package_runs_a_suite_test_outside_the_repo(
     assert installed_digest == recipe_digest(TINY_RECIPE), (
         "the installed guests/tiny differs from the checkout's (a file missing from the package "
         "data, or an exec bit lost): its build would not be the cached one")
+
+    # The downstairs image is built from the installed sut (its Dockerfile is package data)
+    # and gets the tag the checkout's sources give: the image already built is reused.
+    tag = _run([str(python), "-m", "sut.storage.image", "tag"], project, 60)
+    assert tag.returncode == 0, _tail(tag)
+    assert tag.stdout.strip() == image_tag(), "the installed sut's downstairs image is not the checkout's"
 
     shutil.copy(SMOKE, project / "test_smoke.py")
     (project / "test_where.py").write_text(WHERE_TEST)
