@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from sut.storage.bincode import SocketAddr
 from sut.storage.crypt import BlockCipher
 from sut.storage.errors import ProtocolError, StorageError, StorageFatalError
-from sut.storage.stream import BatchedWriter, RecordStream, open_stream
+from sut.storage.stream import BatchedWriter, RecordStream, RecordWriter, open_stream
 from sut.storage.vcr import parse_target
 from sut.storage.wire import messages as m
 from sut.storage.wire.blockhash import block_hash, verify_unencrypted
@@ -278,7 +278,7 @@ class DownstairsClient:
         self._log = logger
         self._task: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._writer: RecordWriter | None = None
         self._out: BatchedWriter | None = None
         self._jobs: dict[int, _Job] = {}  # sent (or held), awaiting a reply; job-id order
         self._unflushed: dict[int, _Job] = {}  # acknowledged, not yet covered by its flush
@@ -442,7 +442,7 @@ class DownstairsClient:
             self.failed_attempts += 1
             await asyncio.sleep(self.retry.reconnect_delay_s)
 
-    def _untrusted(self, writer: asyncio.StreamWriter, reason: str) -> None:
+    def _untrusted(self, writer: RecordWriter, reason: str) -> None:
         """The downstairs broke the protocol: a serving copy is faulted; during negotiation
         the attempt just fails."""
         if self._writer is writer and self.state in (ClientState.ACTIVE, ClientState.REPAIRING):
@@ -747,7 +747,7 @@ class DownstairsClient:
         elif isinstance(job.op, WriteOp):
             self._unflushed[job.job_id] = job
 
-    async def _watch(self, writer: asyncio.StreamWriter) -> None:
+    async def _watch(self, writer: RecordWriter) -> None:
         """Keepalive + hang detection for one connection (a periodic timer, not a wait)."""
         try:
             while self._writer is writer:
@@ -890,7 +890,7 @@ class DownstairsClient:
         if pending is not None and not pending.future.done():
             pending.future.set_exception(_Disconnected(f"downstairs {self.target}: {reason}"))
 
-    def _close_socket(self, reason: str) -> asyncio.StreamWriter | None:
+    def _close_socket(self, reason: str) -> RecordWriter | None:
         writer, self._writer = self._writer, None
         self._out = None
         watchdog, self._watchdog = self._watchdog, None

@@ -102,7 +102,7 @@ from sut.storage.extent_raw import (
 )
 from sut.storage.repair_http import FileType, HttpError, RepairClient, RepairClientError, RepairServer
 from sut.storage.service import JsonLog, add_limit_flags, limits_from, serve_until_signal
-from sut.storage.stream import ConnectionGuard, ConnectionLimits, RecordStream, create_server
+from sut.storage.stream import ConnectionGuard, ConnectionLimits, RecordStream, RecordWriter, create_server
 from sut.storage.wire import messages as m
 from sut.storage.wire.crucible_error import CrucibleError, ErrorKind
 from sut.storage.wire.fields import BlockContext, PlainReadContexts, ReadResponseHeader
@@ -181,7 +181,7 @@ class _Close(Exception):
 class _Conn:
     peer: object
     stream: RecordStream
-    writer: asyncio.StreamWriter
+    writer: RecordWriter
     phase: Phase = Phase.OPEN
     upstairs_id: uuid.UUID = _NIL
     session_id: uuid.UUID = _NIL
@@ -341,7 +341,7 @@ class Downstairs:
         self.region.close()
 
     # -- connections ---------------------------------------------------------------------------
-    async def _handle(self, stream: RecordStream, writer: asyncio.StreamWriter) -> None:
+    async def _handle(self, stream: RecordStream, writer: RecordWriter) -> None:
         conn = _Conn(writer.get_extra_info("peername"), stream, writer)
         self._conns.add(conn)
         try:

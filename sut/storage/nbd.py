@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Protocol, cast
 
 from sut.storage.errors import ProtocolError, StorageError
-from sut.storage.stream import BatchedWriter, RecordStream, create_unix_server
+from sut.storage.stream import BatchedWriter, RecordStream, RecordWriter, create_unix_server
 
 __all__ = ["NbdExport", "NbdServer"]
 
@@ -111,7 +111,7 @@ class NbdServer:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
 
-    async def _accept(self, reader: RecordStream, writer: asyncio.StreamWriter) -> None:
+    async def _accept(self, reader: RecordStream, writer: RecordWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
@@ -139,10 +139,10 @@ class NbdServer:
             flags |= TF_SEND_TRIM | TF_SEND_WRITE_ZEROES
         return flags
 
-    def _opt_reply(self, writer: asyncio.StreamWriter, opt: int, rtype: int, data: bytes = b"") -> None:
+    def _opt_reply(self, writer: RecordWriter, opt: int, rtype: int, data: bytes = b"") -> None:
         writer.write(struct.pack(">QIII", OPT_REPLY_MAGIC, opt, rtype, len(data)) + data)
 
-    async def _handshake(self, reader: RecordStream, writer: asyncio.StreamWriter) -> bool:
+    async def _handshake(self, reader: RecordStream, writer: RecordWriter) -> bool:
         writer.write(NBD_MAGIC + struct.pack(">QH", IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
         await writer.drain()
         (client_flags,) = struct.unpack(">I", await reader.readexactly(4))
@@ -179,7 +179,7 @@ class NbdServer:
                 self._opt_reply(writer, opt, REP_ERR_UNSUP)
             await writer.drain()
 
-    def _info_replies(self, writer: asyncio.StreamWriter, opt: int) -> None:
+    def _info_replies(self, writer: RecordWriter, opt: int) -> None:
         # any export name is accepted: one socket serves exactly one disk
         bs = self.export.block_size
         self._opt_reply(
@@ -191,7 +191,7 @@ class NbdServer:
         self._opt_reply(writer, opt, REP_ACK)
 
     # -- transmission ----------------------------------------------------------------------
-    async def _transmission(self, reader: RecordStream, writer: asyncio.StreamWriter) -> None:
+    async def _transmission(self, reader: RecordStream, writer: RecordWriter) -> None:
         slots = asyncio.Semaphore(_MAX_INFLIGHT)
         out = BatchedWriter(writer)
         inflight: set[asyncio.Task[None]] = set()

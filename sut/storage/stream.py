@@ -40,7 +40,6 @@ import collections
 import contextlib
 import os
 import socket
-from asyncio.streams import FlowControlMixin
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, cast
@@ -57,6 +56,7 @@ __all__ = [
     "Data",
     "Record",
     "RecordStream",
+    "RecordWriter",
     "Splitter",
     "create_server",
     "create_unix_server",
@@ -99,7 +99,7 @@ Splitter = Callable[[memoryview], "tuple[int, int] | None"]
 """Given the bytes available at the start of a record, return ``(head_len, payload_len)`` once
 they are known, None if more bytes are needed; raise ProtocolError for an invalid record."""
 
-ConnectedCallback = Callable[["RecordStream", asyncio.StreamWriter], Coroutine[Any, Any, None]]
+ConnectedCallback = Callable[["RecordStream", "RecordWriter"], Coroutine[Any, Any, None]]
 EventLog = Callable[..., None]
 """``on_event(event, **fields)``: how a :class:`ConnectionGuard` reports (e.g. a JSON log line)."""
 
@@ -146,8 +146,12 @@ class ConnectionGuard:
         self.connections -= 1
 
 
-class RecordStream(FlowControlMixin, asyncio.BufferedProtocol):
-    """The receiving half of a connection (and the protocol behind its StreamWriter)."""
+class RecordStream(asyncio.BufferedProtocol):
+    """The receiving half of a connection (and the protocol behind its :class:`RecordWriter`).
+
+    Written on asyncio's public protocol API only: the write-side flow control a
+    StreamWriter would take from asyncio's private FlowControlMixin is our own
+    (:meth:`pause_writing` / :meth:`resume_writing` / :meth:`writable`)."""
 
     def __init__(
         self,
@@ -158,8 +162,10 @@ class RecordStream(FlowControlMixin, asyncio.BufferedProtocol):
         guard: ConnectionGuard | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
-        super().__init__(loop)
         self._event_loop = loop
+        self._write_paused = False  # the transport's buffer is over its high-water mark
+        self._drain_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._lost = False
         self._splitter = splitter
         self._on_connect = on_connect
         self._transport: asyncio.Transport | None = None
@@ -208,7 +214,7 @@ class RecordStream(FlowControlMixin, asyncio.BufferedProtocol):
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 self._sock = sock
         if self._on_connect is not None:
-            writer = asyncio.StreamWriter(self._transport, self, None, self._event_loop)
+            writer = RecordWriter(self._transport, self)
             self._task = self._event_loop.create_task(self._on_connect(self, writer))
             self._task.add_done_callback(self._connection_task_done)
 
@@ -254,8 +260,8 @@ class RecordStream(FlowControlMixin, asyncio.BufferedProtocol):
         self._maybe_pause()
 
     def data_received(self, data: bytes) -> None:
-        # Loops that see a Protocol (FlowControlMixin is one) before a BufferedProtocol hand
-        # over bytes instead of asking for a buffer (uvloop does): copy them in the same way.
+        # A loop that does not support buffered protocols hands over bytes instead of asking
+        # for a buffer: copy them in the same way.
         view = memoryview(data)
         while view:
             target = self.get_buffer(len(view))
@@ -295,10 +301,39 @@ class RecordStream(FlowControlMixin, asyncio.BufferedProtocol):
         self._wake()
         if not self._closed.done():
             self._closed.set_result(None)
-        super().connection_lost(exc)
+        self._lost = True
+        while self._drain_waiters:
+            waiter = self._drain_waiters.popleft()
+            if not waiter.done():
+                if exc is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(exc)
 
-    def _get_close_waiter(self, stream: asyncio.StreamWriter) -> asyncio.Future[None]:
-        return self._closed
+    # -- write-side flow control (the transport calls these) ---------------------------------
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        while self._drain_waiters:
+            waiter = self._drain_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def writable(self) -> None:
+        """Return once the transport takes more data; ConnectionResetError once it is gone."""
+        if self._lost:
+            raise ConnectionResetError("Connection lost")
+        if not self._write_paused:
+            return
+        waiter = self._event_loop.create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
+
+    async def closed(self) -> None:
+        """Return once the connection is closed."""
+        await asyncio.shield(self._closed)
 
     # -- limits ------------------------------------------------------------------------------
     @property
@@ -547,14 +582,14 @@ def _set_send_buffer(sock: Any) -> None:
 
 async def open_stream(
     host: str, port: int, splitter: Splitter | None = None, *, max_record: int = HANDSHAKE_MAX_RECORD
-) -> tuple[RecordStream, asyncio.StreamWriter]:
+) -> tuple[RecordStream, RecordWriter]:
     """``asyncio.open_connection`` for a :class:`RecordStream` (records up to ``max_record``
     bytes until :meth:`RecordStream.negotiated`)."""
     loop = asyncio.get_running_loop()
     transport, stream = await loop.create_connection(
         lambda: RecordStream(splitter, max_record=max_record), host, port
     )
-    return stream, asyncio.StreamWriter(transport, stream, None, loop)
+    return stream, RecordWriter(transport, stream)
 
 
 async def create_server(
@@ -582,6 +617,42 @@ async def create_unix_server(
     return await loop.create_unix_server(lambda: RecordStream(splitter, on_connect, guard=guard), path)
 
 
+class RecordWriter:
+    """The sending half of a :class:`RecordStream` connection: the part of
+    ``asyncio.StreamWriter`` this package uses, on public transport API only."""
+
+    def __init__(self, transport: asyncio.Transport, stream: RecordStream) -> None:
+        self._transport = transport
+        self._stream = stream
+
+    @property
+    def transport(self) -> asyncio.Transport:
+        return self._transport
+
+    def write(self, data: Data) -> None:
+        self._transport.write(data)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def close(self) -> None:
+        self._transport.close()
+
+    async def wait_closed(self) -> None:
+        await self._stream.closed()
+
+    async def drain(self) -> None:
+        """Wait until the transport's buffer is below its high-water mark; raise
+        ConnectionResetError (or the connection's error) once the connection is lost."""
+        if self._transport.is_closing():
+            # let connection_lost run first, so a lost connection raises instead of hanging
+            await asyncio.sleep(0)
+        await self._stream.writable()
+
+
 class BatchedWriter:
     """Sends the parts queued during one event-loop iteration together, in one writev().
 
@@ -595,7 +666,7 @@ class BatchedWriter:
     the connection's owner.
     """
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, writer: RecordWriter) -> None:
         self.writer = writer
         self._parts: list[Data] = []
         self._scheduled = False

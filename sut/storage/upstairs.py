@@ -105,16 +105,20 @@ class DependencyTracker:
 
     def _add(self, job_id: int, first: int, last: int, write: bool) -> tuple[int, ...]:
         deps: set[int] = set()
-        covered: list[tuple[int, int]] = []
+        covered: dict[int, tuple[int, int]] = {}  # id -> its (first, last)
         for b in range(first // self.bucket, last // self.bucket + 1):
             for other, (f, la, w) in self._buckets.get(b, {}).items():
                 if f <= last and first <= la and (write or w):
                     deps.add(other)
                     if write and first <= f and la <= last:
-                        covered.append((b, other))
-        for b, other in covered:
-            if self._buckets[b].pop(other, None) is not None and not self._anywhere(other):
-                self._count -= 1
+                        covered[other] = (f, la)
+        for other, (f, la) in covered.items():
+            # entirely inside this write: every bucket holding it is one this write spans
+            for b in range(f // self.bucket, la // self.bucket + 1):
+                jobs = self._buckets.get(b)
+                if jobs is not None and jobs.pop(other, None) is not None and not jobs:
+                    del self._buckets[b]
+            self._count -= 1
         new = False
         for b in range(first // self.bucket, last // self.bucket + 1):
             self._buckets.setdefault(b, {})[job_id] = (first, last, write)
@@ -124,9 +128,6 @@ class DependencyTracker:
         if self.barrier is not None:
             deps.add(self.barrier)
         return tuple(sorted(deps))
-
-    def _anywhere(self, job_id: int) -> bool:
-        return any(job_id in jobs for jobs in self._buckets.values())
 
     def write(self, job_id: int, first: int, last: int) -> tuple[int, ...]:
         return self._add(job_id, first, last, True)

@@ -20,8 +20,10 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +31,7 @@ import pytest
 
 from sut.storage import wire
 from sut.storage.wire import messages as m
-from tests.unit.storage.test_wire import ORACLE_SESSION, ORACLE_UPSTAIRS, SENT_FRAMES
+from tests.unit.storage.test_wire import ORACLE_REGION, ORACLE_SESSION, ORACLE_UPSTAIRS, SENT_FRAMES
 
 REPO = Path(__file__).resolve().parents[3]
 BINARY = Path(os.environ.get("PHD_DOWNSTAIRS_BINARY") or REPO.parent / "shared/crucible/crucible-downstairs")
@@ -219,6 +221,25 @@ class OurDownstairs(CrucibleDownstairs):
         return [sys.executable, "-m", "sut.storage.downstairs"]
 
 
+KINDS: dict[str, type[CrucibleDownstairs]] = {"real": RealDownstairs, "ours": OurDownstairs}
+
+
+def start_downstairs(
+    where: Path, kind: str, flags: tuple[str, ...] = (), region: uuid.UUID = ORACLE_REGION
+) -> CrucibleDownstairs:
+    """A started downstairs of ``kind`` ("real" or "ours") over a new region in a fresh
+    directory below ``where``; removed again if it does not start."""
+    root = Path(tempfile.mkdtemp(prefix=f"{kind}-ds-", dir=where))
+    ds = KINDS[kind](root, flags=flags)
+    try:
+        ds.create(region)
+        ds.start()
+    except BaseException:
+        ds.__exit__(None, None, None)
+        raise
+    return ds
+
+
 def port_pair() -> int:
     """A free loopback port p with p + 4000 free as well (the repair server's port)."""
     for _ in range(100):
@@ -302,6 +323,24 @@ HELLO = m.HereIAm(wire.MESSAGE_VERSION, ORACLE_UPSTAIRS, ORACLE_SESSION, 1, Fals
 
 def hello(**overrides: object) -> m.HereIAm:
     return dataclasses.replace(HELLO, **overrides)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def negotiated(
+    ds: CrucibleDownstairs,
+    upstairs: uuid.UUID = ORACLE_UPSTAIRS,
+    session: uuid.UUID = ORACLE_SESSION,
+    generation: int = 1,
+    *,
+    read_only: bool = False,
+    encrypted: bool = False,
+) -> Iterator[Peer]:
+    """:func:`negotiate`, as a context manager that closes the connection."""
+    peer, _ = negotiate(ds, upstairs, session, generation, read_only=read_only, encrypted=encrypted)
+    try:
+        yield peer
+    finally:
+        peer.close()
 
 
 def negotiate(

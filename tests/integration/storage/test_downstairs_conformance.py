@@ -32,15 +32,16 @@ from tests.integration.storage.crucible_ds import (
     BLOCK_SIZE,
     EXTENT_COUNT,
     EXTENT_SIZE,
+    KINDS,
     PRE_NEGOTIATION_CASES,
     CrucibleDownstairs,
-    OurDownstairs,
     Peer,
-    RealDownstairs,
     hello,
     needs_binary,
     negotiate,
+    negotiated,
     refit,
+    start_downstairs,
 )
 from tests.unit.storage.test_wire import (
     ORACLE_FRAMES,
@@ -54,31 +55,18 @@ pytestmark = [pytest.mark.integration]
 
 U, S = ORACLE_UPSTAIRS, ORACLE_SESSION
 NEW_U, NEW_S = uuid.UUID(int=0xABC), uuid.UUID(int=0xDEF)
-KINDS = {"real": RealDownstairs, "ours": OurDownstairs}
-
-
-def _start(tmp_path: Path, kind: str, flags: tuple[str, ...] = ()) -> CrucibleDownstairs:
-    root = Path(tempfile.mkdtemp(prefix=f"{kind}-ds-", dir=tmp_path))
-    ds = KINDS[kind](root, flags=flags)
-    try:
-        ds.create(ORACLE_REGION)
-        ds.start()
-    except BaseException:
-        ds.__exit__(None, None, None)
-        raise
-    return ds
 
 
 @pytest.fixture(params=[pytest.param("real", marks=needs_binary), "ours"])
 def downstairs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[CrucibleDownstairs]:
     """The real downstairs or ours, over a fresh region of the oracle's geometry."""
-    with _start(tmp_path, request.param) as ds:
+    with start_downstairs(tmp_path, request.param) as ds:
         yield ds
 
 
 @pytest.fixture
 def ours(tmp_path: Path) -> Iterator[CrucibleDownstairs]:
-    with _start(tmp_path, "ours") as ds:
+    with start_downstairs(tmp_path, "ours") as ds:
         yield ds
 
 
@@ -197,8 +185,7 @@ def test_interop_io_before_negotiation_is_ignored(downstairs: CrucibleDownstairs
 # -- I/O ---------------------------------------------------------------------------------------
 def test_interop_write_flush_read_barrier(downstairs: CrucibleDownstairs) -> None:
     data = oracle_pattern(3)
-    peer, _ = negotiate(downstairs)
-    try:
+    with negotiated(downstairs) as peer:
         peer.send(write(1000, 5, data))
         assert peer.recv_frame() == ORACLE_FRAMES["WriteAck"]
         peer.send(m.Flush(U, S, 1001, (1000,), 1, 1))
@@ -213,14 +200,11 @@ def test_interop_write_flush_read_barrier(downstairs: CrucibleDownstairs) -> Non
         assert peer.recv_frame() == ORACLE_FRAMES["ReadResponseEmpty"]
         peer.send(m.Barrier(U, S, 1004, (1003,)))
         assert peer.recv_frame() == ORACLE_FRAMES["BarrierAck"]
-    finally:
-        peer.close()
 
 
 def test_interop_write_unwritten_skips_written_blocks(downstairs: CrucibleDownstairs) -> None:
     first, second = oracle_pattern(1), bytes(range(256)) * 4
-    peer, _ = negotiate(downstairs)
-    try:
+    with negotiated(downstairs) as peer:
         peer.send(write(1000, 10, first))
         assert peer.recv() == m.WriteAck(U, S, 1000, None)
         header = wire.WriteHeader(U, S, 1001, (1000,), 10, unencrypted_contexts(second, BLOCK_SIZE))
@@ -234,15 +218,12 @@ def test_interop_write_unwritten_skips_written_blocks(downstairs: CrucibleDownst
             wire.ReadBlockUnencrypted(block_hash(first)),
             wire.ReadBlockUnencrypted(block_hash(second[BLOCK_SIZE:])),
         )
-    finally:
-        peer.close()
 
 
 def test_interop_jobs_run_by_dependencies_not_arrival(downstairs: CrucibleDownstairs) -> None:
     """A read that depends on a later-sent write waits for it; an independent read does not."""
     data = oracle_pattern(2)
-    peer, _ = negotiate(downstairs)
-    try:
+    with negotiated(downstairs) as peer:
         peer.send(m.ReadRequest(U, S, 1002, (1001,), 20, 2))  # waits for 1001
         peer.send(m.ReadRequest(U, S, 1000, (), 30, 1))  # ready: answered first
         first = peer.recv()
@@ -252,13 +233,10 @@ def test_interop_jobs_run_by_dependencies_not_arrival(downstairs: CrucibleDownst
         read = peer.recv()
         assert isinstance(read, m.ReadResponse) and read.header.job_id == 1002
         assert read.data == data
-    finally:
-        peer.close()
 
 
 def test_interop_uuid_mismatch_takeover_and_lower_generation(downstairs: CrucibleDownstairs) -> None:
-    old, _ = negotiate(downstairs)
-    try:
+    with negotiated(downstairs) as old:
         old.send(m.ReadRequest(uuid.UUID(int=5), S, 1000, (), 0, 1))
         assert old.recv_frame() == ORACLE_FRAMES["UuidMismatch"]
         old.send(m.ReadRequest(U, uuid.UUID(int=6), 1001, (), 0, 1))
@@ -289,14 +267,11 @@ def test_interop_uuid_mismatch_takeover_and_lower_generation(downstairs: Crucibl
             assert new.recv() == m.Imok()  # the active one is untouched
         finally:
             new.close()
-    finally:
-        old.close()
 
 
 def test_interop_flush_options_live_noop_and_last_flush(downstairs: CrucibleDownstairs) -> None:
     data = oracle_pattern(1)
-    peer, _ = negotiate(downstairs)
-    try:
+    with negotiated(downstairs) as peer:
         peer.send(write(1001, 70, data))
         assert peer.recv() == m.WriteAck(U, S, 1001, None)
         peer.send(m.Flush(U, S, 1002, (1001,), 7, 1, None, 0))
@@ -307,8 +282,6 @@ def test_interop_flush_options_live_noop_and_last_flush(downstairs: CrucibleDown
         assert peer.recv() == m.FlushAck(U, S, 1004, None)
         peer.send(m.ReadRequest(U, S, 1005, (1004,), 0, 0))
         assert peer.recv_frame() == ORACLE_FRAMES["ReadResponseNone"]
-    finally:
-        peer.close()
     new, _ = negotiate(downstairs, NEW_U, NEW_S, 2)
     new.close()
     assert new.received[-1] == ORACLE_FRAMES["ExtentVersionsAfterFlush"]
@@ -341,26 +314,22 @@ def _job(op: str, job: int) -> wire.Message:
 def test_interop_error_report_then_retried_ack(tmp_path: Path, kind: str, op: str) -> None:
     """--write/read/flush-errors: a quarter of the attempts fail with ErrorReport(GenericError
     "test error"); the job is retried until it succeeds and then acked normally."""
-    with _start(tmp_path, kind, (f"--{op}-errors",)) as ds:
-        peer, _ = negotiate(ds)
-        try:
-            reports = 0
-            for job in range(1000, 1060):  # P(no failure in 60 jobs) = 0.75**60 ~ 3e-8
-                peer.send(_job(op, job))
-                while isinstance(reply := peer.recv(), m.ErrorReport):
-                    assert reply == m.ErrorReport(
-                        U, S, job, wire.CrucibleError(wire.ErrorKind.GenericError, "test error")
-                    )
-                    reports += 1
-                assert _job_id_of(reply) == job
-                assert getattr(reply, "result", None) is None
-                if isinstance(reply, m.ReadResponse):
-                    assert not isinstance(reply.header.blocks, wire.CrucibleError)
-                if reports:
-                    break
-            assert reports, "no job failed in 60"
-        finally:
-            peer.close()
+    with start_downstairs(tmp_path, kind, (f"--{op}-errors",)) as ds, negotiated(ds) as peer:
+        reports = 0
+        for job in range(1000, 1060):  # P(no failure in 60 jobs) = 0.75**60 ~ 3e-8
+            peer.send(_job(op, job))
+            while isinstance(reply := peer.recv(), m.ErrorReport):
+                assert reply == m.ErrorReport(
+                    U, S, job, wire.CrucibleError(wire.ErrorKind.GenericError, "test error")
+                )
+                reports += 1
+            assert _job_id_of(reply) == job
+            assert getattr(reply, "result", None) is None
+            if isinstance(reply, m.ReadResponse):
+                assert not isinstance(reply.header.blocks, wire.CrucibleError)
+            if reports:
+                break
+        assert reports, "no job failed in 60"
 
 
 def _job_id_of(reply: wire.Message) -> int:
@@ -376,9 +345,8 @@ def test_interop_same_data_same_versions_on_both(tmp_path: Path) -> None:
     results = []
     dirs = []
     for kind in ("real", "ours"):
-        with _start(tmp_path, kind) as ds:
-            peer, _ = negotiate(ds)
-            try:
+        with start_downstairs(tmp_path, kind) as ds:
+            with negotiated(ds) as peer:
                 for n, start in enumerate((0, EXTENT_SIZE - 3, 2 * EXTENT_SIZE + 9)):
                     data = oracle_pattern(n + 2)
                     peer.send(write(1000 + 2 * n, start, data))
@@ -388,8 +356,6 @@ def test_interop_same_data_same_versions_on_both(tmp_path: Path) -> None:
                         assert peer.recv() == m.FlushAck(U, S, 1001 + 2 * n, None)
                 peer.send(m.ReadRequest(U, S, 1100, (), 0, EXTENT_SIZE * EXTENT_COUNT))
                 read = peer.recv()
-            finally:
-                peer.close()
             again, versions = negotiate(ds, NEW_U, NEW_S, 2)
             again.close()
             results.append((read, versions))
@@ -408,13 +374,10 @@ def test_interop_write_with_a_context_count_unlike_its_blocks_closes(
     """Checked when the Write arrives, before its dependencies: the connection ends."""
     data = oracle_pattern(2)
     contexts = unencrypted_contexts(data, BLOCK_SIZE)
-    peer, _ = negotiate(downstairs)
-    try:
+    with negotiated(downstairs) as peer:
         body = oracle_pattern(data_blocks)
         peer.send(m.Write(wire.WriteHeader(U, S, 1000, (999,), 4, contexts), body))
         peer.expect_closed()
-    finally:
-        peer.close()
     again, _ = negotiate(downstairs, NEW_U, NEW_S, 2)  # the process serves on
     again.close()
 
@@ -426,8 +389,7 @@ def test_interop_write_with_a_context_count_unlike_its_blocks_closes(
 def test_ours_answers_io_past_the_end_with_an_error(ours: CrucibleDownstairs, start: int, count: int) -> None:
     """The real downstairs aborts on these (test_wire_oracle pins it); ours answers and serves on."""
     data = oracle_pattern(1)
-    peer, _ = negotiate(ours)
-    try:
+    with negotiated(ours) as peer:
         peer.send(m.ReadRequest(U, S, 1000, (), start, count))
         read = peer.recv()
         assert isinstance(read, m.ReadResponse)
@@ -437,15 +399,12 @@ def test_ours_answers_io_past_the_end_with_an_error(ours: CrucibleDownstairs, st
         assert peer.recv() == m.WriteAck(U, S, 1001, wire.CrucibleError(wire.ErrorKind.OffsetInvalid))
         peer.send(write(1002, 0, data))
         assert peer.recv() == m.WriteAck(U, S, 1002, None)
-    finally:
-        peer.close()
 
 
 def test_ours_answers_a_bad_hash_with_an_error(ours: CrucibleDownstairs) -> None:
     """The real one retries a bad hash forever; ours acks with HashMismatch, writes nothing."""
     data = oracle_pattern(2)
-    peer, _ = negotiate(ours)
-    try:
+    with negotiated(ours) as peer:
         contexts = (wire.BlockContext(block_hash(data[:BLOCK_SIZE])), wire.BlockContext(12345))
         peer.send(m.Write(wire.WriteHeader(U, S, 1000, (), 4, contexts), data))
         assert peer.recv() == m.WriteAck(U, S, 1000, wire.CrucibleError(wire.ErrorKind.HashMismatch))
@@ -457,8 +416,6 @@ def test_ours_answers_a_bad_hash_with_an_error(ours: CrucibleDownstairs) -> None
         peer.send(m.ReadRequest(U, S, 1003, (1000,), 4, 1))
         peer.send(m.Ruok())
         assert peer.recv() == m.Imok()
-    finally:
-        peer.close()
 
 
 def test_ours_caps_frames_before_activation(ours: CrucibleDownstairs) -> None:
@@ -474,7 +431,7 @@ def test_ours_caps_frames_before_activation(ours: CrucibleDownstairs) -> None:
 
 
 def test_ours_handshake_deadline_and_connection_cap(tmp_path: Path) -> None:
-    with _start(tmp_path, "ours", ("--handshake-timeout", "0.5", "--max-connections", "2")) as ds:
+    with start_downstairs(tmp_path, "ours", ("--handshake-timeout", "0.5", "--max-connections", "2")) as ds:
         silent = ds.connect()
         try:
             silent.expect_closed()  # no HereIAm within 0.5 s
@@ -499,7 +456,7 @@ def test_ours_handshake_deadline_and_connection_cap(tmp_path: Path) -> None:
 def test_interop_read_only_mode(tmp_path: Path, kind: str) -> None:
     """--mode ro: a read-write HereIAm is ReadOnlyMismatch; several upstairs may be active at
     once, a second session of the same upstairs replaces the first; a write closes."""
-    with _start(tmp_path, kind, ("--mode", "ro")) as ds:
+    with start_downstairs(tmp_path, kind, ("--mode", "ro")) as ds:
         rw = ds.connect()
         try:
             rw.send(hello())
@@ -517,8 +474,7 @@ def test_interop_read_only_mode(tmp_path: Path, kind: str) -> None:
             )
             b.send(m.Flush(NEW_U, NEW_S, 1000, (), 1, 1))
             assert b.recv() == m.FlushAck(NEW_U, NEW_S, 1000, None)
-            a2, _ = negotiate(ds, U, uuid.UUID(int=99), 1, read_only=True)
-            try:
+            with negotiated(ds, U, uuid.UUID(int=99), 1, read_only=True) as a2:
                 assert a.recv() == m.YouAreNoLongerActive(U, uuid.UUID(int=99), 1)
                 a.expect_closed()
                 b.send(
@@ -530,8 +486,6 @@ def test_interop_read_only_mode(tmp_path: Path, kind: str) -> None:
                 b.expect_closed()
                 a2.send(m.Ruok())
                 assert a2.recv() == m.Imok()
-            finally:
-                a2.close()
         finally:
             a.close()
             b.close()
@@ -550,14 +504,10 @@ def test_interop_encrypted_region(tmp_path: Path, kind: str) -> None:
             plain.expect_closed()
         finally:
             plain.close()
-        peer, _ = negotiate(ds, encrypted=True)
-        try:
+        with negotiated(ds, encrypted=True) as peer:
             peer.send(m.RegionInfoPlease())  # after negotiation: not a job, the connection ends
             peer.expect_closed()
-        finally:
-            peer.close()
-        peer, _ = negotiate(ds, NEW_U, NEW_S, 2, encrypted=True)
-        try:
+        with negotiated(ds, NEW_U, NEW_S, 2, encrypted=True) as peer:
             ciphertext = oracle_pattern(1)
             enc = wire.EncryptionContext(bytes(range(12)), bytes(range(16, 32)))
             ctx = wire.BlockContext(encrypted_block_hash(enc.nonce, enc.tag, ciphertext), enc)
@@ -571,8 +521,6 @@ def test_interop_encrypted_region(tmp_path: Path, kind: str) -> None:
                 ),
                 bytes(512) + ciphertext,
             )
-        finally:
-            peer.close()
 
 
 @needs_binary
@@ -580,28 +528,21 @@ def test_real_downstairs_spins_on_a_failing_flush(tmp_path: Path) -> None:
     """Pinned: a Flush whose extent_limit is beyond the region fails (InvalidExtent) and the
     real downstairs retries it in a loop that never yields: no reply at all, not even its
     ErrorReport, and Ruok goes unanswered too. Ours acks it with the error (test below)."""
-    with _start(tmp_path, "real") as ds:
-        peer, _ = negotiate(ds)
-        try:
-            peer.send(m.Flush(U, S, 1000, (), 1, 1, None, EXTENT_COUNT + 1))
-            peer.send(m.Ruok())
-            peer.sock.settimeout(2.0)
-            with pytest.raises(TimeoutError):
-                peer.sock.recv(1)
-            assert ds.proc is not None and ds.proc.poll() is None  # alive, busy
-        finally:
-            peer.close()
+    with start_downstairs(tmp_path, "real") as ds, negotiated(ds) as peer:
+        peer.send(m.Flush(U, S, 1000, (), 1, 1, None, EXTENT_COUNT + 1))
+        peer.send(m.Ruok())
+        peer.sock.settimeout(2.0)
+        with pytest.raises(TimeoutError):
+            peer.sock.recv(1)
+        assert ds.proc is not None and ds.proc.poll() is None  # alive, busy
 
 
 def test_ours_acks_a_failing_flush_with_its_error(ours: CrucibleDownstairs) -> None:
-    peer, _ = negotiate(ours)
-    try:
+    with negotiated(ours) as peer:
         peer.send(m.Flush(U, S, 1000, (), 1, 1, None, EXTENT_COUNT + 1))
         assert peer.recv() == m.FlushAck(U, S, 1000, wire.CrucibleError(wire.ErrorKind.InvalidExtent))
         peer.send(m.Flush(U, S, 1001, (), 1, 1, None, EXTENT_COUNT))  # == extent_count is allowed
         assert peer.recv() == m.FlushAck(U, S, 1001, None)
-    finally:
-        peer.close()
 
 
 def test_interop_identical_reconnect_and_the_two_generations(downstairs: CrucibleDownstairs) -> None:
@@ -669,7 +610,7 @@ def test_real_downstairs_refused_promote_of_the_active_upstairs_id_unregisters_i
     """Pinned (a bug of the real one, not copied): closing the refused connection removes the
     ACTIVE entry of its upstairs id, so the next upstairs becomes active without a takeover;
     the old connection is never told and keeps getting its writes acked: two writers."""
-    with _start(tmp_path, "real") as ds:
+    with start_downstairs(tmp_path, "real") as ds:
         old, new = _refused_same_upstairs_then_takeover(ds)
         try:
             data = oracle_pattern(1)
@@ -712,16 +653,10 @@ def test_ours_closes_on_a_write_with_junk_before_its_data(ours: CrucibleDownstai
     """The real one takes the LAST count bytes as the data and acks; ours refuses the frame."""
     data = oracle_pattern(2)
     head, _ = wire.encode_parts(write(1000, 5, data))
-    peer, _ = negotiate(ours)
-    try:
+    with negotiated(ours) as peer:
         peer.sock.sendall(refit(head + b"JUNK" + data))
         peer.expect_closed()
-    finally:
-        peer.close()
-    again, _ = negotiate(ours, NEW_U, NEW_S, 2)
-    try:
+    with negotiated(ours, NEW_U, NEW_S, 2) as again:
         again.send(m.ReadRequest(NEW_U, NEW_S, 1, (), 5, 2))
         read = again.recv()
         assert isinstance(read, m.ReadResponse) and read.data == bytes(2 * BLOCK_SIZE)  # nothing written
-    finally:
-        again.close()

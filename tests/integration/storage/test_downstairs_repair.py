@@ -31,22 +31,23 @@ from tests.integration.storage.crucible_ds import (
     BLOCK_SIZE,
     EXTENT_COUNT,
     EXTENT_SIZE,
+    KINDS,
     REPLY_TIMEOUT_S,
     CrucibleDownstairs,
     OurDownstairs,
-    RealDownstairs,
     exchange,
     needs_binary,
     negotiate,
+    negotiated,
     region_snapshot,
     repair_get,
+    start_downstairs,
 )
 from tests.unit.storage.test_wire import ORACLE_REGION, ORACLE_SESSION, ORACLE_UPSTAIRS, oracle_pattern
 
 pytestmark = [pytest.mark.integration]
 
 U, S = ORACLE_UPSTAIRS, ORACLE_SESSION
-KINDS = {"real": RealDownstairs, "ours": OurDownstairs}
 REAL = pytest.param("real", marks=needs_binary)
 FILE_SIZE = RawExtent.file_size(BLOCK_SIZE, EXTENT_SIZE)
 UNREACHABLE = wire.SocketAddr.parse("127.0.0.1", 9)  # discard port: nothing listens on loopback
@@ -58,27 +59,15 @@ PAIRS = [
 ]
 
 
-def _start(tmp_path: Path, kind: str, flags: tuple[str, ...] = ()) -> CrucibleDownstairs:
-    root = Path(tempfile.mkdtemp(prefix=f"{kind}-ds-", dir=tmp_path))
-    ds = KINDS[kind](root, flags=flags)
-    try:
-        ds.create(ORACLE_REGION)
-        ds.start()
-    except BaseException:
-        ds.__exit__(None, None, None)
-        raise
-    return ds
-
-
 @pytest.fixture(params=[REAL, "ours"])
 def downstairs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[CrucibleDownstairs]:
-    with _start(tmp_path, request.param) as ds:
+    with start_downstairs(tmp_path, request.param) as ds:
         yield ds
 
 
 @pytest.fixture
 def ours(tmp_path: Path) -> Iterator[CrucibleDownstairs]:
-    with _start(tmp_path, "ours") as ds:
+    with start_downstairs(tmp_path, "ours") as ds:
         yield ds
 
 
@@ -171,8 +160,7 @@ def test_interop_repair_api_other_methods(downstairs: CrucibleDownstairs, method
 
 def test_interop_repair_api_serves_the_extent_file(downstairs: CrucibleDownstairs) -> None:
     data = oracle_pattern(2)
-    peer, _ = negotiate(downstairs)
-    try:
+    with negotiated(downstairs) as peer:
         assert exchange(peer, write(1000, EXTENT_SIZE + 5, data)) == m.WriteAck(U, S, 1000, None)
         assert exchange(peer, m.Flush(U, S, 1001, (1000,), 4, 2)) == m.FlushAck(U, S, 1001, None)
         answer = repair_get(downstairs, "/newextent/1/data")
@@ -182,13 +170,11 @@ def test_interop_repair_api_serves_the_extent_file(downstairs: CrucibleDownstair
         assert answer.body == extent_path(downstairs.region_dir, 1).read_bytes()
         assert answer.body[5 * BLOCK_SIZE : 7 * BLOCK_SIZE] == data
         assert repair_get(downstairs, "/extent/1/repair-ready").body == b"false"  # open
-    finally:
-        peer.close()
 
 
 @pytest.mark.parametrize("kind", [REAL, "ours"])
 def test_interop_repair_api_read_only(tmp_path: Path, kind: str) -> None:
-    with _start(tmp_path, kind, ("--mode", "ro")) as ds:
+    with start_downstairs(tmp_path, kind, ("--mode", "ro")) as ds:
         assert repair_get(ds, "/region-mode").body == b"true"
         assert repair_get(ds, "/extent/2/repair-ready").body == b"true"  # always, read-only
 
@@ -197,7 +183,7 @@ def test_interop_repair_api_read_only(tmp_path: Path, kind: str) -> None:
 def test_real_downstairs_aborts_on_repair_ready_past_the_end(tmp_path: Path) -> None:
     """Pinned: /extent/{eid}/repair-ready indexes the extent table unchecked; eid = extent_count
     panics and the process aborts (every session lost). Ours answers 400 (below)."""
-    with _start(tmp_path, "real") as ds:
+    with start_downstairs(tmp_path, "real") as ds:
         with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
             repair_get(ds, f"/extent/{EXTENT_COUNT}/repair-ready")
         assert ds.proc is not None
@@ -256,7 +242,7 @@ def pair(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[tuple[CrucibleDownstairs, CrucibleDownstairs]]:
     source_kind, dest_kind = request.param
-    with _start(tmp_path, source_kind) as source, _start(tmp_path, dest_kind) as dest:
+    with start_downstairs(tmp_path, source_kind) as source, start_downstairs(tmp_path, dest_kind) as dest:
         yield source, dest
 
 
@@ -341,8 +327,7 @@ def hello_msg() -> m.HereIAm:
 def test_interop_extent_repair_from_an_unreachable_source(downstairs: CrucibleDownstairs) -> None:
     """RepairRequestError, leaving NNN.copy behind: a second attempt is an IoError (the copy
     directory exists) until the extent is reopened, which removes it."""
-    peer, _ = negotiate(downstairs)
-    try:
+    with negotiated(downstairs) as peer:
         assert exchange(peer, m.ExtentClose(1, 2)) == m.RepairAckId(1)
         first = exchange(peer, m.ExtentRepair(2, 2, 0, UNREACHABLE, (1,)))
         assert isinstance(first, m.ExtentError) and (first.repair_id, first.extent_id) == (2, 2)
@@ -355,8 +340,6 @@ def test_interop_extent_repair_from_an_unreachable_source(downstairs: CrucibleDo
         peer.send(m.ReadRequest(U, S, 1000, (), 2 * EXTENT_SIZE, 1))
         read = peer.recv()
         assert isinstance(read, m.ReadResponse) and read.header.blocks == (wire.ReadBlockEmpty(),)
-    finally:
-        peer.close()
 
 
 def test_interop_extent_repair_from_a_source_whose_extent_is_open(
@@ -367,15 +350,12 @@ def test_interop_extent_repair_from_a_source_whose_extent_is_open(
     source, dest = pair
     _seed(source, (SRC_U, SRC_S), 1, flush=True)
     before = extent_path(dest.region_dir, 1).read_bytes()
-    dst, _ = negotiate(dest, DST_U, DST_S, 1)
-    try:
+    with negotiated(dest, DST_U, DST_S, 1) as dst:
         assert exchange(dst, m.ExtentClose(1, 1)) == m.RepairAckId(1)
         reply = exchange(dst, m.ExtentRepair(2, 1, 0, source.repair_addr, (1,)))
         assert isinstance(reply, m.ExtentError) and reply.error.kind == wire.ErrorKind.RepairRequestError
         assert extent_path(dest.region_dir, 1).read_bytes() == before
         assert exchange(dst, m.ExtentReopen(3, 1)) == m.RepairAckId(3)
-    finally:
-        dst.close()
 
 
 # -- live repair -------------------------------------------------------------------------------------
@@ -429,8 +409,7 @@ def test_interop_live_repair_of_an_extent(pair: tuple[CrucibleDownstairs, Crucib
 def test_interop_failed_live_repair_reports_and_closes(downstairs: CrucibleDownstairs) -> None:
     """ExtentLiveRepair from an unreachable source: ErrorReport(RepairRequestError), then the
     downstairs ends the connection (the upstairs must start over); the process serves on."""
-    peer, _ = negotiate(downstairs)
-    try:
+    with negotiated(downstairs) as peer:
         peer.send(m.ExtentLiveClose(U, S, 1000, (), 2))
         assert peer.recv() == m.ExtentLiveCloseAck(U, S, 1000, (0, 0, False))
         peer.send(m.ExtentLiveRepair(U, S, 1001, (1000,), 2, 0, UNREACHABLE))
@@ -438,8 +417,6 @@ def test_interop_failed_live_repair_reports_and_closes(downstairs: CrucibleDowns
         assert isinstance(report, m.ErrorReport) and report.job_id == 1001
         assert report.error.kind == wire.ErrorKind.RepairRequestError
         peer.expect_closed()
-    finally:
-        peer.close()
     again, _ = negotiate(downstairs, uuid.UUID(int=7), uuid.UUID(int=8), 2)
     again.close()
 
@@ -451,16 +428,13 @@ def test_interop_live_close_on_a_read_only_downstairs(tmp_path: Path, kind: str)
     closed. The next upstairs' ExtentVersionsPlease then ABORTS the real one ("attempting to
     get closed extent"); ours answers with the closed extent's last versions and serves on
     (its reconciliation ExtentClose closes the connection, as the real one's would)."""
-    with _start(tmp_path, kind, ("--mode", "ro")) as ds:
-        peer, _ = negotiate(ds, read_only=True)
-        try:
+    with start_downstairs(tmp_path, kind, ("--mode", "ro")) as ds:
+        with negotiated(ds, read_only=True) as peer:
             peer.send(m.ExtentLiveClose(U, S, 1000, (), 1))
             assert peer.recv() == m.ExtentLiveCloseAck(U, S, 1000, (0, 0, False))
             assert repair_get(ds, "/extent/1/repair-ready").body == b"true"
             peer.send(m.ExtentLiveReopen(U, S, 1001, (1000,), 1))
             peer.expect_closed()
-        finally:
-            peer.close()
         if kind == "real":
             with pytest.raises(AssertionError, match="closed the connection"):
                 negotiate(ds, uuid.UUID(int=7), uuid.UUID(int=8), 1, read_only=True)
@@ -482,15 +456,12 @@ def test_interop_live_close_on_a_read_only_downstairs(tmp_path: Path, kind: str)
 def test_real_downstairs_aborts_on_io_to_a_closed_extent(tmp_path: Path) -> None:
     """Pinned: a read of a closed extent panics ("attempting to get closed extent") and the
     process aborts. Ours answers with IoError (below)."""
-    with _start(tmp_path, "real") as ds:
-        peer, _ = negotiate(ds)
-        try:
+    with start_downstairs(tmp_path, "real") as ds:
+        with negotiated(ds) as peer:
             peer.send(m.ExtentLiveClose(U, S, 1000, (), 1))
             assert peer.recv() == m.ExtentLiveCloseAck(U, S, 1000, (0, 0, False))
             peer.send(m.ReadRequest(U, S, 1001, (1000,), EXTENT_SIZE, 1))
             peer.expect_closed()
-        finally:
-            peer.close()
         assert ds.proc is not None and ds.proc.wait(timeout=REPLY_TIMEOUT_S) != 0
         assert "attempting to get closed extent 1" in ds.log_path.read_text(errors="replace")
 
@@ -499,24 +470,20 @@ def test_real_downstairs_aborts_on_io_to_a_closed_extent(tmp_path: Path) -> None
 def test_real_downstairs_aborts_on_a_flush_while_a_dirty_extent_is_closed(tmp_path: Path) -> None:
     """Pinned: the closed extent is still a flush candidate ("can't flush closed extent"); the
     process aborts. Ours skips it and flushes it after the reopen (below)."""
-    with _start(tmp_path, "real") as ds:
-        peer, _ = negotiate(ds)
-        try:
+    with start_downstairs(tmp_path, "real") as ds:
+        with negotiated(ds) as peer:
             assert exchange(peer, write(1000, EXTENT_SIZE, _pattern(1, 1))) == m.WriteAck(U, S, 1000, None)
             peer.send(m.ExtentLiveClose(U, S, 1001, (1000,), 1))
             assert peer.recv() == m.ExtentLiveCloseAck(U, S, 1001, (0, 0, True))
             peer.send(m.Flush(U, S, 1002, (1001,), 3, 1))
             peer.expect_closed()
-        finally:
-            peer.close()
         assert ds.proc is not None and ds.proc.wait(timeout=REPLY_TIMEOUT_S) != 0
         assert "can't flush closed extent" in ds.log_path.read_text(errors="replace")
 
 
 def test_ours_answers_io_to_a_closed_extent_with_an_error(ours: CrucibleDownstairs) -> None:
     data = _pattern(5, 2)
-    peer, _ = negotiate(ours)
-    try:
+    with negotiated(ours) as peer:
         assert exchange(peer, write(1000, EXTENT_SIZE - 1, data)) == m.WriteAck(U, S, 1000, None)
         peer.send(m.ExtentLiveClose(U, S, 1001, (1000,), 1))
         assert peer.recv() == m.ExtentLiveCloseAck(U, S, 1001, (0, 0, True))
@@ -534,8 +501,6 @@ def test_ours_answers_io_to_a_closed_extent_with_an_error(ours: CrucibleDownstai
         read = peer.recv()
         assert isinstance(read, m.ReadResponse) and read.data == data
         assert exchange(peer, m.Flush(U, S, 1007, (1006,), 4, 1)) == m.FlushAck(U, S, 1007, None)
-    finally:
-        peer.close()
     versions, _ = region_snapshot(ours, 2, DST_U, DST_S, 1)
     assert versions.flush_numbers[:2] == (3, 4) and versions.dirty_bits[:2] == (False, False)
 
@@ -562,8 +527,7 @@ def test_ours_answers_reconciliation_in_the_wrong_state_with_extent_error(
     ours: CrucibleDownstairs, steps: list[wire.Message], kind: wire.ErrorKind
 ) -> None:
     """The real one panics (an assert or an index out of range) and aborts on each of these."""
-    peer, _ = negotiate(ours)
-    try:
+    with negotiated(ours) as peer:
         for msg in steps[:-1]:
             assert isinstance(exchange(peer, msg), m.RepairAckId)
         last = steps[-1]
@@ -573,8 +537,6 @@ def test_ours_answers_reconciliation_in_the_wrong_state_with_extent_error(
         assert reply.error.kind == kind
         peer.send(m.Ruok())
         assert peer.recv() == m.Imok()
-    finally:
-        peer.close()
 
 
 @needs_binary
@@ -584,22 +546,18 @@ def test_real_downstairs_aborts_on_reconciliation_in_the_wrong_state(
 ) -> None:
     """Pinned: each case ours answers with ExtentError (above) panics the real one (an assert
     or an index out of range) and the process aborts."""
-    with _start(tmp_path, "real") as ds:
-        peer, _ = negotiate(ds)
-        try:
+    with start_downstairs(tmp_path, "real") as ds:
+        with negotiated(ds) as peer:
             for msg in steps[:-1]:
                 assert isinstance(exchange(peer, msg), m.RepairAckId)
             peer.send(steps[-1])
             peer.expect_closed()
-        finally:
-            peer.close()
         assert ds.proc is not None and ds.proc.wait(timeout=REPLY_TIMEOUT_S) != 0
         assert "panicked" in ds.log_path.read_text(errors="replace")
 
 
 def test_ours_answers_live_repair_jobs_in_the_wrong_state_with_their_ack(ours: CrucibleDownstairs) -> None:
-    peer, _ = negotiate(ours)
-    try:
+    with negotiated(ours) as peer:
         peer.send(m.ExtentLiveReopen(U, S, 1000, (), 0))  # open already
         reply = peer.recv()
         assert isinstance(reply, m.ExtentLiveAckId) and isinstance(reply.result, wire.CrucibleError)
@@ -611,8 +569,6 @@ def test_ours_answers_live_repair_jobs_in_the_wrong_state_with_their_ack(ours: C
         peer.send(m.ExtentLiveNoOp(U, S, 1002, (1001,)))  # a failed job is not done: this waits
         peer.send(m.Ruok())
         assert peer.recv() == m.Imok()
-    finally:
-        peer.close()
 
 
 # -- crash recovery of the scratch directories -------------------------------------------------------
@@ -621,7 +577,7 @@ def test_interop_open_finishes_or_drops_an_interrupted_repair(tmp_path: Path, ki
     """A region left mid-repair (as after a crash): extent 1 has NNN.replace holding a complete
     download (the replacement is finished on open), extent 2 a partial NNN.copy and extent 3
     an NNN.completed (both removed, the extents unchanged)."""
-    donor = _start(tmp_path, "ours")
+    donor = start_downstairs(tmp_path, "ours")
     with donor:
         _seed(donor, (SRC_U, SRC_S), 2, flush=True)
         donor.stop()
@@ -717,7 +673,7 @@ def test_ours_answers_a_post_with_a_huge_body_without_reading_it(ours: CrucibleD
 def test_ours_drops_a_slow_client_and_serves_others(tmp_path: Path) -> None:
     """A client that never finishes its request head is closed after the deadline (here
     --handshake-timeout 0.5, which the repair server shares); others are served meanwhile."""
-    with _start(tmp_path, "ours", ("--handshake-timeout", "0.5")) as ds:
+    with start_downstairs(tmp_path, "ours", ("--handshake-timeout", "0.5")) as ds:
         with socket.create_connection(("127.0.0.1", ds.port + 4000), timeout=REPLY_TIMEOUT_S) as slow:
             slow.sendall(b"GET /wo")
             assert repair_get(ds, "/work").status == 200
@@ -759,8 +715,7 @@ def test_interop_reopen_of_a_file_of_the_wrong_size(downstairs: CrucibleDownstai
     GenericError (the open's error as text) and stays closed; restored, it reopens."""
     path = extent_path(downstairs.region_dir, 2)
     good = path.read_bytes()
-    peer, _ = negotiate(downstairs)
-    try:
+    with negotiated(downstairs) as peer:
         assert exchange(peer, m.ExtentClose(1, 2)) == m.RepairAckId(1)
         path.write_bytes(good + bytes(512))
         reply = exchange(peer, m.ExtentReopen(2, 2))
@@ -770,8 +725,6 @@ def test_interop_reopen_of_a_file_of_the_wrong_size(downstairs: CrucibleDownstai
         assert repair_get(downstairs, "/extent/2/repair-ready").body == b"true"  # still closed
         path.write_bytes(good)
         assert exchange(peer, m.ExtentReopen(3, 2)) == m.RepairAckId(3)
-    finally:
-        peer.close()
 
 
 @pytest.mark.parametrize("source_blocks", [EXTENT_SIZE * 2, EXTENT_SIZE // 2])
@@ -781,7 +734,7 @@ def test_repair_from_a_source_of_another_geometry(tmp_path: Path, dest_kind: str
     another size (RepairStreamError) and keeps its extent. The real one takes any size, and
     the extent then fails to reopen (its file size is checked on open)."""
     root = Path(tempfile.mkdtemp(prefix="odd-source-", dir=tmp_path))
-    with OurDownstairs(root) as source, _start(tmp_path, dest_kind) as dest:
+    with OurDownstairs(root) as source, start_downstairs(tmp_path, dest_kind) as dest:
         source.create(ORACLE_REGION, extent_size=source_blocks)
         source.start()
         src, _ = negotiate(source, SRC_U, SRC_S, 1)
@@ -870,14 +823,13 @@ def test_ours_keeps_serving_while_a_download_stalls(tmp_path: Path) -> None:
     """Mid-download (the source stalls after half the file, chunked as the real one sends it),
     our destination's event loop still answers its repair server; once the rest arrives the
     repair completes with the source's bytes."""
-    with _start(tmp_path, "ours") as donor:
+    with start_downstairs(tmp_path, "ours") as donor:
         _seed(donor, (SRC_U, SRC_S), 4, flush=True)
         payload = extent_path(donor.region_dir, 1).read_bytes()
     source = _StallingSource(payload)
     try:
-        with _start(tmp_path, "ours") as dest:
-            peer, _ = negotiate(dest, DST_U, DST_S, 1)
-            try:
+        with start_downstairs(tmp_path, "ours") as dest:
+            with negotiated(dest, DST_U, DST_S, 1) as peer:
                 assert exchange(peer, m.ExtentClose(1, 1)) == m.RepairAckId(1)
                 peer.send(m.ExtentRepair(2, 1, 0, wire.SocketAddr.parse("127.0.0.1", source.port), (1,)))
                 assert source.midway.wait(REPLY_TIMEOUT_S)
@@ -888,8 +840,6 @@ def test_ours_keeps_serving_while_a_download_stalls(tmp_path: Path) -> None:
                 source.release.set()
                 assert peer.recv() == m.RepairAckId(2)
                 assert exchange(peer, m.ExtentReopen(3, 1)) == m.RepairAckId(3)
-            finally:
-                peer.close()
             assert extent_path(dest.region_dir, 1).read_bytes() == payload
     finally:
         source.close()
@@ -946,19 +896,15 @@ def test_interop_a_source_listing_other_files(tmp_path: Path, kind: str, files: 
     source = _StallingSource(b"", files)
     source.release.set()
     try:
-        with _start(tmp_path, kind) as dest:
-            peer, _ = negotiate(dest)
-            try:
-                assert exchange(peer, m.ExtentClose(1, 1)) == m.RepairAckId(1)
-                reply = exchange(
-                    peer, m.ExtentRepair(2, 1, 0, wire.SocketAddr.parse("127.0.0.1", source.port), (1,))
-                )
-                assert isinstance(reply, m.ExtentError), reply
-                listed = files.startswith(b'["') or files == b"[]"  # a list of strings
-                kinds = wire.ErrorKind
-                assert reply.error.kind == (kinds.RepairFilesInvalid if listed else kinds.RepairRequestError)
-            finally:
-                peer.close()
+        with start_downstairs(tmp_path, kind) as dest, negotiated(dest) as peer:
+            assert exchange(peer, m.ExtentClose(1, 1)) == m.RepairAckId(1)
+            reply = exchange(
+                peer, m.ExtentRepair(2, 1, 0, wire.SocketAddr.parse("127.0.0.1", source.port), (1,))
+            )
+            assert isinstance(reply, m.ExtentError), reply
+            listed = files.startswith(b'["') or files == b"[]"  # a list of strings
+            kinds = wire.ErrorKind
+            assert reply.error.kind == (kinds.RepairFilesInvalid if listed else kinds.RepairRequestError)
     finally:
         source.close()
 
@@ -967,15 +913,14 @@ def test_interop_a_source_listing_other_files(tmp_path: Path, kind: str, files: 
 def test_interop_killed_mid_download_restarts_with_the_old_extent(tmp_path: Path, kind: str) -> None:
     """kill -9 while NNN.copy holds half a download: the restarted downstairs drops it and
     serves the extent as it was (then a new repair succeeds)."""
-    with _start(tmp_path, "ours") as donor:
+    with start_downstairs(tmp_path, "ours") as donor:
         _seed(donor, (SRC_U, SRC_S), 8, flush=True)
         payload = extent_path(donor.region_dir, 1).read_bytes()
     source = _StallingSource(payload)
     try:
-        with _start(tmp_path, kind) as dest:
+        with start_downstairs(tmp_path, kind) as dest:
             before = extent_path(dest.region_dir, 1).read_bytes()
-            peer, _ = negotiate(dest)
-            try:
+            with negotiated(dest) as peer:
                 assert exchange(peer, m.ExtentClose(1, 1)) == m.RepairAckId(1)
                 peer.send(m.ExtentRepair(2, 1, 0, wire.SocketAddr.parse("127.0.0.1", source.port), (1,)))
                 assert source.midway.wait(REPLY_TIMEOUT_S)
@@ -985,8 +930,6 @@ def test_interop_killed_mid_download_restarts_with_the_old_extent(tmp_path: Path
                     assert time.monotonic() < deadline, "no partial download appeared"
                     time.sleep(0.01)  # poll interval of a deadline-bounded wait
                 dest.stop()  # kill -9
-            finally:
-                peer.close()
             source.release.set()
             assert copy.is_dir()
             dest.start()

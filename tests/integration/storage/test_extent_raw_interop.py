@@ -27,6 +27,7 @@ from tests.integration.storage.crucible_ds import (
     RealDownstairs,
     needs_binary,
     negotiate,
+    negotiated,
 )
 from tests.unit.storage.test_wire import ORACLE_REGION, ORACLE_SESSION, ORACLE_UPSTAIRS, oracle_pattern
 
@@ -156,8 +157,7 @@ def test_real_downstairs_interop_ours_serves_what_it_wrote(real: RealDownstairs)
     serves the same directory: same ExtentVersions, same data and contexts over the wire."""
     real.create(ORACLE_REGION)
     real.start()
-    peer, _ = negotiate(real)
-    try:
+    with negotiated(real) as peer:
         for n, (start, count, flush) in enumerate(WRITES):
             data = oracle_pattern(count + n)[n * BLOCK_SIZE :]
             peer.send(
@@ -170,8 +170,6 @@ def test_real_downstairs_interop_ours_serves_what_it_wrote(real: RealDownstairs)
                 peer.send(m.Flush(U, S, 1001 + 2 * n, (1000 + 2 * n,), 10 + n, 1))
                 assert peer.recv() == m.FlushAck(U, S, 1001 + 2 * n, None)
         their = read_all(peer, 1100)
-    finally:
-        peer.close()
     probe, their_versions = negotiate(real, uuid.UUID(int=7), uuid.UUID(int=8), 2)
     probe.close()
     real.stop()
@@ -208,8 +206,7 @@ def test_real_downstairs_interop_serves_what_ours_left_after_kill_9(tmp_path: Pa
     with ours:
         ours.create(ORACLE_REGION)
         ours.start()
-        peer, _ = negotiate(ours)
-        try:
+        with negotiated(ours) as peer:
             for n, (start, count, flush) in enumerate(WRITES):
                 data = oracle_pattern(count + n)[n * BLOCK_SIZE :]
                 peer.send(
@@ -226,8 +223,6 @@ def test_real_downstairs_interop_serves_what_ours_left_after_kill_9(tmp_path: Pa
             peer.send(m.Write(WriteHeader(U, S, 1010, (), 6, unencrypted_contexts(again, BLOCK_SIZE)), again))
             assert peer.recv() == m.WriteAck(U, S, 1010, None)
             before = read_all(peer, 1011)
-        finally:
-            peer.close()
         ours.stop()  # SIGKILL
         ours.start()
         peer, versions = negotiate(ours, uuid.UUID(int=7), uuid.UUID(int=8), 2)

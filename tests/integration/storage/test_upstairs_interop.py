@@ -285,23 +285,41 @@ def test_reconciliation_after_a_downstairs_missed_writes(trio: list[CrucibleDown
     assert_copies_equal(trio, bytes(expect))
 
 
-@pytest.mark.parametrize("trio", ALL_SETS, indirect=True)
-def test_live_repair_of_a_replacement_under_writes(trio: list[CrucibleDownstairs], tmp_path: Path) -> None:
+# (set, which member is replaced): the replacement is of the victim's kind and is repaired
+# from the first other member, so these cover real <- real, ours <- ours, real <- ours and
+# ours <- real
+REPLACEMENTS = [
+    pytest.param("real", 0, marks=[needs_binary], id="real-from-real"),
+    pytest.param("ours", 0, id="ours-from-ours"),
+    pytest.param("mixed2ours", 0, marks=[needs_binary], id="real-from-ours"),
+    pytest.param("mixed2real", 2, marks=[needs_binary], id="ours-from-real"),
+]
+_SOURCE_OF = {0: 1, 2: 0}  # the upstairs repairs from the first other active member
+
+
+@pytest.mark.parametrize(("trio", "victim"), REPLACEMENTS, indirect=["trio"])
+def test_live_repair_of_a_replacement_under_writes(
+    trio: list[CrucibleDownstairs], victim: int, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     base = pattern(6, REGION_BLOCKS)
-    fresh = _make(trio[0].kind, tmp_path / "fresh")
+    fresh = _make(trio[victim].kind, tmp_path / "fresh")
     fresh.root.mkdir()
     fresh.create(uuid.UUID(_region_uuid(trio[0])))
     fresh.start()
     expect = bytearray(base)
     rng = random.Random(7)
+    source = trio[_SOURCE_OF[victim]]
+    scenario = f"{fresh.kind}-from-{source.kind}"
+    assert request.node.callspec.id == scenario, "the set no longer gives what the test id promises"
 
     async def go() -> None:
         async with active(trio) as up:
             await up.write(0, base)
             await up.flush()
-            old = f"127.0.0.1:{trio[0].port}"
+            old = f"127.0.0.1:{trio[victim].port}"
             assert await up.replace_downstairs(old, f"127.0.0.1:{fresh.port}") == "Started"
-            new = up.clients()[0]
+            new = up.clients()[victim]
+            assert new.target == f"127.0.0.1:{fresh.port}"
             writes = 0
             while new.state is not ClientState.ACTIVE or writes < 10:
                 block = rng.randrange(REGION_BLOCKS - 4)
@@ -319,7 +337,8 @@ def test_live_repair_of_a_replacement_under_writes(trio: list[CrucibleDownstairs
 
     try:
         run_bounded(go(), 180)
-        assert_copies_equal([fresh, trio[1], trio[2]], bytes(expect))
+        kept = [ds for i, ds in enumerate(trio) if i != victim]
+        assert_copies_equal([fresh, *kept], bytes(expect))
     finally:
         fresh.__exit__(None)
 

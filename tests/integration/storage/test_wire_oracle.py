@@ -37,6 +37,7 @@ from tests.integration.storage.crucible_ds import (
     hello,
     needs_binary,
     negotiate,
+    negotiated,
     refit,
 )
 from tests.unit.storage.test_wire import (
@@ -174,8 +175,7 @@ def test_real_downstairs_interop_negotiation_and_region_info(real_downstairs: Re
 @needs_binary
 def test_real_downstairs_interop_write_flush_read(real_downstairs: RealDownstairs) -> None:
     data = oracle_pattern(3)
-    peer, _ = negotiate(real_downstairs)
-    try:
+    with negotiated(real_downstairs) as peer:
         write = m.Write(
             wire.WriteHeader(
                 ORACLE_UPSTAIRS, ORACLE_SESSION, 1000, (), 5, unencrypted_contexts(data, BLOCK_SIZE)
@@ -220,8 +220,6 @@ def test_real_downstairs_interop_write_flush_read(real_downstairs: RealDownstair
         frame = peer.recv_frame()
         assert frame == ORACLE_FRAMES["BarrierAck"]
         assert wire.decode(frame) == m.BarrierAck(ORACLE_UPSTAIRS, ORACLE_SESSION, 1004, None)
-    finally:
-        peer.close()
 
 
 @needs_binary
@@ -229,8 +227,7 @@ def test_real_downstairs_interop_write_unwritten_skips_written_blocks(
     real_downstairs: RealDownstairs,
 ) -> None:
     first, second = oracle_pattern(2), bytes(range(256)) * 4
-    peer, _ = negotiate(real_downstairs)
-    try:
+    with negotiated(real_downstairs) as peer:
         peer.send(
             m.Write(
                 wire.WriteHeader(
@@ -259,8 +256,6 @@ def test_real_downstairs_interop_write_unwritten_skips_written_blocks(
         read = peer.recv()
         assert isinstance(read, m.ReadResponse)
         assert read.data == first[:BLOCK_SIZE] + second[BLOCK_SIZE:]
-    finally:
-        peer.close()
 
 
 @needs_binary
@@ -326,8 +321,7 @@ def test_real_downstairs_on_a_write_whose_data_count_is_wrong(real_downstairs: R
     junk = refit(head + b"JUNK" + data)
     with pytest.raises(wire.BincodeError, match="data count"):
         wire.decode(junk)
-    peer, _ = negotiate(real_downstairs)
-    try:
+    with negotiated(real_downstairs) as peer:
         peer.sock.sendall(junk)
         assert peer.recv() == m.WriteAck(ORACLE_UPSTAIRS, ORACLE_SESSION, 1000, None)
         peer.send(m.ReadRequest(ORACLE_UPSTAIRS, ORACLE_SESSION, 1001, (1000,), 5, 2))
@@ -345,8 +339,6 @@ def test_real_downstairs_on_a_write_whose_data_count_is_wrong(real_downstairs: R
         assert peer.recv_frame() is None
         assert real_downstairs.proc is not None
         assert _exit_code(real_downstairs.proc) == -signal.SIGABRT
-    finally:
-        peer.close()
 
 
 # -- more of the protocol -----------------------------------------------------------------------
@@ -357,8 +349,7 @@ U, S = ORACLE_UPSTAIRS, ORACLE_SESSION
 
 @needs_binary
 def test_real_downstairs_interop_uuid_mismatch_and_takeover(real_downstairs: RealDownstairs) -> None:
-    old, _ = negotiate(real_downstairs)
-    try:
+    with negotiated(real_downstairs) as old:
         old.send(m.ReadRequest(uuid.UUID(int=5), S, 1000, (), 0, 1))
         frame = old.recv_frame()
         assert frame == ORACLE_FRAMES["UuidMismatch"]
@@ -381,8 +372,6 @@ def test_real_downstairs_interop_uuid_mismatch_and_takeover(real_downstairs: Rea
                 low.close()
         finally:
             new.close()
-    finally:
-        old.close()
 
 
 @needs_binary
@@ -390,8 +379,7 @@ def test_real_downstairs_interop_flush_options_live_noop_and_last_flush(
     real_downstairs: RealDownstairs,
 ) -> None:
     data = oracle_pattern(1)
-    peer, _ = negotiate(real_downstairs)
-    try:
+    with negotiated(real_downstairs) as peer:
         # block 70 is in extent 1: a flush limited to extent 0 leaves it dirty
         peer.send(m.Write(wire.WriteHeader(U, S, 1001, (), 70, unencrypted_contexts(data, BLOCK_SIZE)), data))
         assert peer.recv() == m.WriteAck(U, S, 1001, None)
@@ -407,8 +395,6 @@ def test_real_downstairs_interop_flush_options_live_noop_and_last_flush(
         frame = peer.recv_frame()
         assert frame == ORACLE_FRAMES["ReadResponseNone"]
         assert wire.decode(frame) == m.ReadResponse(wire.ReadResponseHeader(U, S, 1005, ()), b"")
-    finally:
-        peer.close()
     new, versions = negotiate(real_downstairs, NEW_UPSTAIRS, NEW_SESSION, 2)
     new.close()
     assert new.received[-1] == ORACLE_FRAMES["ExtentVersionsAfterFlush"]
@@ -437,8 +423,7 @@ def test_real_downstairs_interop_error_report(real_downstairs: RealDownstairs) -
     """With --write-errors a quarter of the writes fail: the downstairs sends ErrorReport (a
     real CrucibleError on the wire), retries the job, and acks it Ok once it succeeds."""
     data = oracle_pattern(1)
-    peer, _ = negotiate(real_downstairs)
-    try:
+    with negotiated(real_downstairs) as peer:
         reports: list[bytes] = []
         for job in range(1000, 1060):  # P(no failure in 60 writes) = 0.75**60 ~ 3e-8
             peer.send(
@@ -459,8 +444,6 @@ def test_real_downstairs_interop_error_report(real_downstairs: RealDownstairs) -
         assert isinstance(golden, m.ErrorReport)
         # the golden frame (job 1001) with this report's job id is this report's frame
         assert wire.encode(dataclasses.replace(golden, job_id=first.job_id)) == reports[0]
-    finally:
-        peer.close()
 
 
 @pytest.mark.parametrize("op", ["read", "write"])
@@ -470,8 +453,7 @@ def test_real_downstairs_aborts_on_io_past_the_region_end(real_downstairs: RealD
     must answer such a job with an error instead)."""
     data = oracle_pattern(1)
     end = EXTENT_SIZE * EXTENT_COUNT
-    peer, _ = negotiate(real_downstairs)
-    try:
+    with negotiated(real_downstairs) as peer:
         if op == "read":
             peer.send(m.ReadRequest(U, S, 1000, (), end - 6, 10))
         else:
@@ -481,5 +463,3 @@ def test_real_downstairs_aborts_on_io_past_the_region_end(real_downstairs: RealD
         assert peer.recv_frame() is None
         assert real_downstairs.proc is not None
         assert _exit_code(real_downstairs.proc) == -signal.SIGABRT
-    finally:
-        peer.close()

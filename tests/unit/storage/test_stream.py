@@ -10,7 +10,14 @@ from contextlib import asynccontextmanager
 import pytest
 
 from sut.storage.errors import ProtocolError
-from sut.storage.stream import DIRECT_PAYLOAD, BatchedWriter, RecordStream, create_server, open_stream
+from sut.storage.stream import (
+    DIRECT_PAYLOAD,
+    BatchedWriter,
+    RecordStream,
+    RecordWriter,
+    create_server,
+    open_stream,
+)
 
 # Test records: u32 payload length | u32 sequence number | payload; length 0xFFFFFFFF is invalid.
 _HEAD = struct.Struct(">II")
@@ -29,18 +36,18 @@ def record(seq: int, length: int) -> tuple[bytes, bytes]:
     return _HEAD.pack(length, seq), bytes([seq % 251]) * length
 
 
-Handler = Callable[[RecordStream, asyncio.StreamWriter], Awaitable[None]]
+Handler = Callable[[RecordStream, RecordWriter], Awaitable[None]]
 
 
 @asynccontextmanager
 async def connected(
     splitter: Callable[[memoryview], tuple[int, int] | None] | None = split,
-) -> AsyncIterator[tuple[RecordStream, asyncio.StreamWriter, asyncio.StreamWriter]]:
+) -> AsyncIterator[tuple[RecordStream, RecordWriter, RecordWriter]]:
     """(server-side stream, server-side writer, client writer) of one loopback connection."""
-    accepted: asyncio.Queue[tuple[RecordStream, asyncio.StreamWriter]] = asyncio.Queue()
+    accepted: asyncio.Queue[tuple[RecordStream, RecordWriter]] = asyncio.Queue()
     done = asyncio.Event()
 
-    async def on_connect(stream: RecordStream, writer: asyncio.StreamWriter) -> None:
+    async def on_connect(stream: RecordStream, writer: RecordWriter) -> None:
         await accepted.put((stream, writer))
         await done.wait()
 
@@ -240,3 +247,57 @@ def test_a_head_longer_than_the_staging_buffer_still_arrives(head_len: int) -> N
             assert len(stream._stage) <= 512 * 1024  # given back once the long head passed
 
     run(main())
+
+
+def test_drain_waits_for_a_reader_that_does_not_read_and_fails_once_it_is_gone() -> None:
+    """RecordWriter's flow control (our own, on public protocol callbacks): drain blocks while
+    the peer reads nothing, returns once it reads, and raises once the connection is lost."""
+
+    async def main() -> None:
+        start_reading = asyncio.Event()
+        peer_done = asyncio.Event()
+        received = 0
+
+        async def slow_peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal received
+            await start_reading.wait()
+            while chunk := await reader.read(1 << 20):
+                received += len(chunk)
+                if received >= sent:
+                    break
+            writer.close()
+            peer_done.set()
+
+        server = await asyncio.start_server(slow_peer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        _stream, writer = await open_stream("127.0.0.1", port)
+        sent = 0
+        chunk = bytes(1 << 20)
+        blocked = False
+        for _ in range(256):  # far more than the socket buffers and the transport's limit hold
+            writer.write(chunk)
+            sent += len(chunk)
+            try:
+                await asyncio.wait_for(writer.drain(), 0.2)
+            except TimeoutError:
+                blocked = True
+                break
+        assert blocked, f"drain never waited after {sent} bytes to a peer that reads nothing"
+        start_reading.set()
+        await asyncio.wait_for(writer.drain(), 10)  # the peer reads: the buffer empties
+        await asyncio.wait_for(peer_done.wait(), 10)
+        assert received >= sent
+
+        async def write_until_refused() -> None:
+            for _ in range(100):  # the peer closed: writes fail once the loss is noticed
+                writer.write(chunk)
+                await asyncio.wait_for(writer.drain(), 5)
+                await asyncio.sleep(0.01)  # poll interval of a bounded loop
+
+        with pytest.raises(ConnectionError):
+            await write_until_refused()
+        await asyncio.wait_for(writer.wait_closed(), 5)
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(asyncio.wait_for(main(), 60))

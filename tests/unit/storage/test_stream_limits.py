@@ -24,6 +24,7 @@ from sut.storage.stream import (
     ConnectionGuard,
     ConnectionLimits,
     RecordStream,
+    RecordWriter,
     create_server,
     open_stream,
 )
@@ -54,14 +55,14 @@ class Server:
     def __init__(self, limits: ConnectionLimits | None) -> None:
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.guard = None if limits is None else ConnectionGuard(limits, self._event)
-        self.accepted: asyncio.Queue[tuple[RecordStream, asyncio.StreamWriter]] = asyncio.Queue()
+        self.accepted: asyncio.Queue[tuple[RecordStream, RecordWriter]] = asyncio.Queue()
         self.release = asyncio.Event()
         self.port = 0
 
     def _event(self, event: str, **fields: Any) -> None:
         self.events.append((event, fields))
 
-    async def on_connect(self, stream: RecordStream, writer: asyncio.StreamWriter) -> None:
+    async def on_connect(self, stream: RecordStream, writer: RecordWriter) -> None:
         await self.accepted.put((stream, writer))
         await self.release.wait()
 
@@ -79,7 +80,7 @@ async def serving(limits: ConnectionLimits | None = None) -> AsyncIterator[Serve
         await server.wait_closed()
 
 
-async def client(srv: Server) -> tuple[RecordStream, asyncio.StreamWriter]:
+async def client(srv: Server) -> tuple[RecordStream, RecordWriter]:
     return await open_stream("127.0.0.1", srv.port)
 
 

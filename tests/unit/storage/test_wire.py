@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from sut.storage import bincode, wire
 from sut.storage.errors import ProtocolError
-from sut.storage.stream import RecordStream, create_server, open_stream
+from sut.storage.stream import RecordStream, RecordWriter, create_server, open_stream
 from sut.storage.wire import fields
 from sut.storage.wire import messages as m
 from sut.storage.wire.blockhash import (
@@ -421,7 +421,7 @@ def test_frame_splitter_feeds_a_record_stream_that_receives_data_in_place() -> N
         received: list[wire.Message] = []
         done = asyncio.get_running_loop().create_future()
 
-        async def serve(reader: RecordStream, writer: asyncio.StreamWriter) -> None:
+        async def serve(reader: RecordStream, writer: RecordWriter) -> None:
             reader.set_splitter(wire.FrameSplitter())  # negotiation cap
             record = await reader.read_record()
             assert record is not None
@@ -457,7 +457,7 @@ def test_a_record_stream_refuses_a_big_frame_before_negotiation() -> None:
     async def main() -> BaseException | None:
         outcome = asyncio.get_running_loop().create_future()
 
-        async def serve(reader: RecordStream, writer: asyncio.StreamWriter) -> None:
+        async def serve(reader: RecordStream, writer: RecordWriter) -> None:
             reader.set_splitter(wire.FrameSplitter())
             try:
                 await reader.read_record()
