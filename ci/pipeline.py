@@ -267,9 +267,10 @@ def test_stages(extra: list[str]) -> list[Stage]:
                                 "-m", PR_SELECTION, "-n", "2",
                                 f"--junitxml={RESULTS / 'junit-suite-real.xml'}", allure, *extra],
                  junit=RESULTS / "junit-suite-real.xml", empty_ok=narrowed)] if REAL_DOWNSTAIRS else []),
-        # The default guest; the PR selection, so the matrix stays inside the hour (nightly
-        # runs it over every test). It writes results/junit-regression-<switch>.xml itself.
-        Stage("regressions", [sys.executable, "-m", "ci.regressions", "-n", "2",
+        # Every switch proven caught by the tests that must catch it, with the failure text the
+        # table names (--catchers); the whole suite under every switch is the nightly's
+        # (ci/nightly). It writes results/junit-regression-<switch>.xml itself.
+        Stage("regressions", [sys.executable, "-m", "ci.regressions", "--catchers", "-n", "2",
                               "-m", PR_SELECTION, *extra], on_sigterm=signal.SIGTERM),
     ]
 

@@ -1,6 +1,6 @@
 """Run the PHD suite once per regression switch and once with none; tabulate the failures.
 
-Usage: ci/regressions [--switches none,NAME,...] [--shard i/N] [extra pytest args, e.g. -n 2]
+Usage: ci/regressions [--catchers] [--switches none,NAME,...] [--shard i/N] [extra pytest args, e.g. -n 2]
    or: python -m ci.regressions ... (from the repository root: it imports tests.meta)
 
 Writes results/regressions.json ({switch: [node ids of failed tests]} plus "none"),
@@ -16,6 +16,12 @@ text it names, or when a run produced no report; 0 otherwise.
 
 --switches runs only the named entries ("none" is the run without a switch): with a -k that
 selects a switch's catching test it checks one row of the table in minutes.
+
+--catchers (what ci/test runs on every change) runs, per switch, only the tests that must catch
+it (EXPECTED_FAILURES) instead of the whole suite, and no "none" run (the suite stage is that
+run). It still proves every switch caught, each by the test and the failure text the table
+names; what only the full matrix (ci/nightly) proves is that no OTHER test starts failing under a
+switch for another reason, and which further tests catch it.
 
 --shard i/N runs every N-th entry of [none, switch, ...] (1-based i), so N machines share the
 matrix. Sharding by switch, not by test, keeps "caught" decidable on each machine: a switch's
@@ -59,11 +65,17 @@ class Run:
         return not self.cases or self.rc in (2, 3, 4)
 
 
-def run(switch: str | None, extra: list[str]) -> Run:
+def catching_tests(switch: str) -> list[str]:
+    """The node ids (files and test names, every parametrization) that must catch ``switch``."""
+    return sorted(EXPECTED_FAILURES[switch])
+
+
+def run(switch: str | None, extra: list[str], *, catchers: bool = False) -> Run:
     name = switch or "none"
     junit = RESULTS / f"junit-regression-{name}.xml"
     junit.unlink(missing_ok=True)  # a crashed run must not be read as last time's report
-    argv = [*PYTEST, "tests/suite", "-q", f"--junitxml={junit}", *extra]
+    targets = catching_tests(switch) if catchers and switch else ["tests/suite"]
+    argv = [*PYTEST, *targets, "-q", f"--junitxml={junit}", *extra]
     if not any(a.startswith("--phd-tmp-dir") for a in extra) and not os.environ.get("PHD_TMP_DIR"):
         # The failures a switch causes are expected, and every failed test keeps its results
         # directory: under results/ (replaced by the next matrix run) they stay at hand as
@@ -130,11 +142,12 @@ def print_table(runs: list[Run]) -> None:
             print(f"{'':<{width}}            {kind}{case.message[:200] or '<no message>'}")
 
 
-def selected_entries(switches: str | None) -> list[str]:
-    """[none, every switch of the table], or the ones --switches names (in that order)."""
+def selected_entries(switches: str | None, *, catchers: bool = False) -> list[str]:
+    """[none, every switch of the table] ([every switch] with --catchers), or the ones
+    --switches names (in that order)."""
     everything = ["none", *sorted(ALL_REGRESSIONS)]
     if switches is None:
-        return everything
+        return everything[1:] if catchers else everything
     names = [n.strip() for n in switches.split(",") if n.strip()]
     unknown = [n for n in names if n not in everything]
     if unknown or not names:
@@ -146,10 +159,12 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
+    catchers = "--catchers" in argv
+    argv = [a for a in argv if a != "--catchers"]
     own, extra = split_own_args(argv, ["--shard", "--switches"])
-    entries = shard_entries(selected_entries(own.get("--switches")), own.get("--shard"))
+    entries = shard_entries(selected_entries(own.get("--switches"), catchers=catchers), own.get("--shard"))
     RESULTS.mkdir(exist_ok=True)
-    runs = [run(None if e == "none" else e, extra) for e in entries]
+    runs = [run(None if e == "none" else e, extra, catchers=catchers) for e in entries]
 
     table = {r.switch: sorted(c.id for c in r.failed) for r in runs}
     (RESULTS / "regressions.json").write_text(json.dumps(table, indent=2) + "\n")

@@ -29,3 +29,18 @@ def test_find_returns_every_case_or_not_run() -> None:
                                          "::test_vcr_replace_during_start[encrypted]": "passed"}
     assert _find({}, VCR_TEST) == {VCR_TEST: "<not run>"}
     assert VCR_TEST in EXPECTED_FAILURES["blocking-start"]
+
+
+def test_catchers_mode_runs_every_switch_against_its_named_tests_only() -> None:
+    from ci.regressions import catching_tests, selected_entries
+    from sut.regressions import ALL_REGRESSIONS
+
+    assert selected_entries(None) == ["none", *sorted(ALL_REGRESSIONS)]
+    assert selected_entries(None, catchers=True) == sorted(ALL_REGRESSIONS)  # the suite stage is "none"
+    assert selected_entries("no-replay,none", catchers=True) == ["none", "no-replay"]
+    for switch in ALL_REGRESSIONS:
+        tests = catching_tests(switch)
+        assert tests and all(t.startswith("tests/suite/") and "::" in t for t in tests)
+        assert set(tests) == set(EXPECTED_FAILURES[switch])
+    with pytest.raises(SystemExit, match="--switches takes names from"):
+        selected_entries("no-such-switch", catchers=True)
