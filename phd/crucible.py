@@ -1,11 +1,12 @@
-"""Crucible disks: three downstairs, the VCR that names them, and fault injection.
+"""Crucible disks: three downstairs of a `phd.dsc.DownstairsSet`, the VCR that names them,
+and fault injection.
 
 Faults on the disk's own downstairs are verbs on them: `disk.downstairs[1].kill()` (also
 stop, pause, resume, restart); `replace_downstairs` swaps a fresh one in for a dead one.
 
-The disk owns its downstairs and the black hole; the VCR is generated on demand from the
-current generation and black-hole switch, exactly as PHD does, so a test reads as
-`disk.set_generation(2); vm.replace_crucible_vcr(disk)`.
+The disk owns its downstairs (all of them, through its set) and the black holes; the VCR is
+generated on demand from the current generation and black-hole switch, exactly as PHD does, so
+a test reads as `disk.set_generation(2); vm.replace_crucible_vcr(disk)`.
 
 An encrypted disk (`encrypted=True`) has regions created `--encrypted` and a key of its own
 (32 random bytes, base64 in the VCR's `opts.key`, as Crucible takes it), fixed for the disk's
@@ -24,13 +25,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from phd.downstairs import Downstairs
+from phd.dsc import DownstairsSet, RegionGeometry
 from phd.errors import HarnessError
 from phd.ports import BlackHole, BlackHoleKind
 from phd.teardown import Teardown
 
 __all__ = ["REDACTED", "CrucibleDisk", "redacted_vcr"]
 
-MIB = 1 << 20
 KEY_BYTES = 32  # AES-256-GCM-SIV, Crucible's block cipher
 REDACTED = "<redacted>"
 
@@ -61,32 +62,22 @@ class _Closeable(Protocol):
 
 
 class CrucibleDisk:
-    def __init__(self, name: str, size_bytes: int, block_size: int, extent_bytes: int,
-                 downstairs: Sequence[Downstairs], black_holes: Sequence[BlackHole],
-                 disk_id: str | None = None, read_only_parent: Path | None = None,
-                 encrypted: bool = False) -> None:
+    """A disk on three downstairs of one `DownstairsSet`, which owns every downstairs the disk
+    ever had: the three its VCR names, the spares `add_downstairs` makes and the ones a
+    replacement swapped out. The set's `RegionGeometry` is the disk's geometry."""
+
+    def __init__(self, name: str, downstairs: DownstairsSet, black_holes: Sequence[BlackHole],
+                 disk_id: str | None = None, read_only_parent: Path | None = None) -> None:
         if len(downstairs) != 3:
             raise HarnessError(f"a Crucible region needs exactly 3 downstairs, got {len(downstairs)}")
-        if extent_bytes % block_size or size_bytes % extent_bytes:
-            raise HarnessError(f"disk {name}: size {size_bytes} must be a multiple of the extent "
-                               f"size {extent_bytes}, itself a multiple of the block size {block_size}")
         self.name = name
         self.id = disk_id or str(uuidlib.uuid4())
-        self.size_bytes = size_bytes
-        self.block_size = block_size
-        self.blocks_per_extent = extent_bytes // block_size
-        self.extent_count = size_bytes // extent_bytes
-        wrong = [ds.name for ds in downstairs if ds.encrypted != encrypted]
-        if wrong:
-            raise HarnessError(f"disk {name} is {'' if encrypted else 'not '}encrypted but the "
-                               f"regions of {wrong} are {'not ' if encrypted else ''}encrypted")
-        self.downstairs = list(downstairs)
-        self.encrypted = encrypted
+        self.geometry: RegionGeometry = downstairs.geometry
+        self.downstairs_set = downstairs
+        # The three the VCR names, in target order (member i of the set, until a replacement).
+        self.downstairs: list[Downstairs] = [downstairs.member(i) for i in range(3)]
         # Never logged: `redacted_vcr` hides it wherever the framework writes a VCR down.
-        self._key = base64.b64encode(secrets.token_bytes(KEY_BYTES)).decode() if encrypted else None
-        # Downstairs this disk owns but its VCR no longer (or not yet) names: spares made by
-        # DiskFactory.add_downstairs and the ones replace_downstairs swapped out.
-        self._others: list[Downstairs] = []
+        self._key = base64.b64encode(secrets.token_bytes(KEY_BYTES)).decode() if self.encrypted else None
         # A raw image whose blocks show through until written (a guest image for boot disks).
         self.read_only_parent = read_only_parent
         self._parent_id = str(uuidlib.uuid4())
@@ -96,6 +87,28 @@ class CrucibleDisk:
         # The VMs that attached this disk, in attachment order: DiskFactory.close stops them
         # before their downstairs go (a stopping VM flushes to them).
         self._users: list[_Closeable] = []
+
+    # --- geometry (the set's) -------------------------------------------------------
+    @property
+    def size_bytes(self) -> int:
+        return self.geometry.size_bytes
+
+    @property
+    def block_size(self) -> int:
+        return self.geometry.block_size
+
+    @property
+    def blocks_per_extent(self) -> int:
+        return self.geometry.extent_size
+
+    @property
+    def extent_count(self) -> int:
+        return self.geometry.extent_count
+
+    @property
+    def encrypted(self) -> bool:
+        """Regions created `--encrypted` and a key of the disk's own in every VCR."""
+        return self.geometry.encrypted
 
     # --- generation and faults ------------------------------------------------------
     def set_generation(self, gen: int) -> None:
@@ -139,9 +152,10 @@ class CrucibleDisk:
         """The VMs that attached this disk (successors included), oldest first."""
         return tuple(self._users)
 
-    def own(self, ds: Downstairs) -> None:
-        """Take a spare downstairs into this disk's care (torn down with the disk)."""
-        self._others.append(ds)
+    def add_spare(self, port: int) -> Downstairs:
+        """A new downstairs of the disk's set on `port` (a pair: + 4000 too): a fresh, empty
+        region of the disk's geometry, started; `replace_downstairs` swaps it in."""
+        return self.downstairs_set.member(self.downstairs_set.add(port=port))
 
     def __repr__(self) -> str:  # no key in it, ever
         return (f"CrucibleDisk({self.name!r}, id={self.id}, gen={self.generation}, "
@@ -150,20 +164,17 @@ class CrucibleDisk:
     def replace_downstairs(self, index: int, new: Downstairs) -> Downstairs:
         """Name `new` instead of downstairs `index` in the next VCRs (send one with
         `vm.replace_crucible_vcr(disk)` at a higher generation); returns the old one, which
-        the disk keeps and tears down."""
+        stays in the disk's set and is torn down with it."""
         if not 0 <= index < len(self.downstairs):
             raise HarnessError(f"disk {self.name} has downstairs 0..{len(self.downstairs) - 1}, not {index}")
         if new in self.downstairs:
             raise HarnessError(f"{new.address} already serves disk {self.name}")
-        if new.encrypted != self.encrypted:
-            raise HarnessError(f"{new.name}'s region is {'' if new.encrypted else 'not '}encrypted, "
-                               f"disk {self.name} is {'' if self.encrypted else 'not '}encrypted: "
-                               "make spares with disk_factory.add_downstairs(disk)")
+        if all(new is not self.downstairs_set.member(i) for i in range(len(self.downstairs_set))):
+            raise HarnessError(f"{new.name} is not one of disk {self.name}'s downstairs (a region of "
+                               "another geometry, or another disk's): make spares with "
+                               "disk_factory.add_downstairs(disk)")
         old = self.downstairs[index]
         self.downstairs[index] = new
-        if new in self._others:
-            self._others.remove(new)
-        self._others.append(old)
         return old
 
     # --- the VCR ----------------------------------------------------------------------
@@ -189,9 +200,8 @@ class CrucibleDisk:
 
     def destroy(self) -> None:
         teardown = Teardown(f"tearing down disk {self.name}")
-        for ds in [*self.downstairs, *self._others]:
-            with teardown.step():
-                ds.destroy()
+        with teardown.step():
+            self.downstairs_set.close()  # every member, in every state; idempotent
         for hole in self._black_holes.values():
             with teardown.step():
                 hole.close()

@@ -7,6 +7,10 @@ of one geometry, each with its own region uuid, on ports the caller hands in (fr
 replacement, adds a member with a fresh region (`add()`). Every action lands in a step log
 so a failing test can print what the controller did and when.
 
+Every Crucible disk is built on a set (`DiskFactory.create_crucible_disk`): the set owns the
+disk's downstairs, spares included, and its `RegionGeometry` is the one geometry type of a
+disk, a set and the `phd dsc run` command line.
+
 `ControlServer` exposes a set over a small loopback HTTP API and `RandomStopper` kills and
 restarts a random member at random intervals; `phd dsc run` wires the three together.
 """
@@ -65,6 +69,9 @@ MemberFactory = Callable[[int, int], Downstairs]
 
 @dataclass(frozen=True)
 class RegionGeometry:
+    """The shape of a region, the same for every downstairs of a set (and so of a disk): what
+    `create` is given and what a VCR's region names (`blocks_per_extent` is `extent_size`)."""
+
     block_size: int = 512
     extent_size: int = 131072  # blocks per extent, as the downstairs CLI counts it
     extent_count: int = 16
@@ -76,6 +83,19 @@ class RegionGeometry:
         if self.extent_size <= 0 or self.extent_count <= 0:
             raise HarnessError(f"extent size and count must be positive, got {self.extent_size} "
                                f"blocks x {self.extent_count} extents")
+
+    @classmethod
+    def of_size(cls, size_bytes: int, *, block_size: int = 512, extent_bytes: int = 64 << 20,
+                encrypted: bool = False) -> RegionGeometry:
+        """The geometry of a disk of `size_bytes` in extents of `extent_bytes`; both must divide."""
+        if extent_bytes <= 0 or extent_bytes % block_size or size_bytes % extent_bytes:
+            raise HarnessError(f"size {size_bytes} must be a multiple of the extent size "
+                               f"{extent_bytes}, itself a multiple of the block size {block_size}")
+        return cls(block_size, extent_bytes // block_size, size_bytes // extent_bytes, encrypted)
+
+    @property
+    def extent_bytes(self) -> int:
+        return self.block_size * self.extent_size
 
     @property
     def size_bytes(self) -> int:
@@ -94,10 +114,13 @@ class Step:
 
 
 # --- member factories: how a set makes one downstairs -------------------------------------------
-def process_members(cmd: Sequence[str], root: Path, *, program: DsProgram = OURS) -> MemberFactory:
-    """Processes with their regions in `root/ds<i>` and logs in `root/ds<i>.log`."""
+def process_members(cmd: Sequence[str], root: Path, *, program: DsProgram = OURS,
+                    prefix: str | None = None) -> MemberFactory:
+    """Processes named `ds<i>` (`<prefix>-ds<i>` with a prefix), each with its region in
+    `root/<name>` and its log in `root/<name>.log`."""
     def make(i: int, port: int) -> Downstairs:
-        return ProcessDownstairs(list(cmd), f"ds{i}", port, root / f"ds{i}", root / f"ds{i}.log",
+        name = f"{prefix}-ds{i}" if prefix else f"ds{i}"
+        return ProcessDownstairs(list(cmd), name, port, root / name, root / f"{name}.log",
                                  program=program)
     return make
 
@@ -112,17 +135,23 @@ def docker_members(client: Any, image: str, labels: dict[str, str], prefix: str,
     return make
 
 
-def members_for(fw: Framework, node_id: str, directory: Path) -> MemberFactory:
-    """Members of the session's flavour (`--phd-downstairs`) and program, made the way
-    DiskFactory makes a disk's downstairs: the framework's Docker client, image and labels.
-    Give each member a port pair (`PortAllocator.allocate_pair`): its repair port is + 4000."""
+def members_for(fw: Framework, node_id: str, directory: Path, *,
+                prefix: str | None = None) -> MemberFactory:
+    """Members of the session's flavour (`--phd-downstairs`) and program, as a disk's
+    downstairs are made (DiskFactory): containers of the framework's image carrying its
+    labels for `node_id`, or processes with their regions and logs in `directory`.
+    prefix: names members `<prefix>-ds<i>` (containers must have unique names: by default
+    `phd-<session>-<random>`; processes are `ds<i>` without one). Give each member a port
+    pair (`PortAllocator.allocate_pair`): its repair port is + 4000."""
     cfg = fw.config
     program = cfg.downstairs_program
     if cfg.downstairs == "docker":
-        prefix = f"phd-{fw.session_id}-{uuidlib.uuid4().hex[:6]}"
-        return docker_members(fw.docker(), fw.downstairs_image(program), fw.labels(node_id), prefix,
-                              log_dir=directory, program=program)
-    return process_members(program.cmd, directory, program=program)
+        # The output mode `null` keeps no container logs (a process's log is its readiness).
+        log_dir = None if cfg.output_mode == "null" else directory
+        return docker_members(fw.docker(), fw.downstairs_image(program), fw.labels(node_id),
+                              prefix or f"phd-{fw.session_id}-{uuidlib.uuid4().hex[:6]}",
+                              log_dir=log_dir, program=program)
+    return process_members(program.cmd, directory, program=program, prefix=prefix)
 
 
 # --- the set ----------------------------------------------------------------------------------

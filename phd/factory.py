@@ -15,18 +15,18 @@ import shutil
 import subprocess
 import tempfile
 import uuid as uuidlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from phd.artifacts import GuestArtifact
 from phd.crucible import CrucibleDisk
-from phd.downstairs import DockerDownstairs, Downstairs, ProcessDownstairs
+from phd.downstairs import Downstairs
+from phd.dsc import DownstairsSet, RegionGeometry, members_for
 from phd.errors import ArtifactUnavailable, HarnessError
 from phd.framework import Framework
 from phd.guest import adapter_for
 from phd.ports import BLACK_HOLE_KINDS, BlackHole
 from phd.server import ServerProcess
-from phd.teardown import Teardown, note_undo_failure, raise_together
+from phd.teardown import Teardown
 from phd.vm import BOOT_DEVICE, TERMINAL, FileDisk, TestVm, VmConfig
 
 __all__ = ["DiskFactory", "VmFactory", "create_file_disk", "overlay_argv"]
@@ -212,7 +212,7 @@ class DiskFactory:
         self.test_dir = test_dir
         self._disks: list[CrucibleDisk] = []
         self._ports: list[int] = []
-        self._ds_count: dict[str, int] = {}
+        self._names: set[str] = set()
         self._tag = uuidlib.uuid4().hex[:6]  # container names stay unique across tests
 
     def create_crucible_disk(self, name: str = "data", *, size_gib: int | None = None,
@@ -232,7 +232,7 @@ class DiskFactory:
         """
         if not _NAME_OK.match(name):
             raise HarnessError(f"disk name {name!r} must match {_NAME_OK.pattern}")
-        if name in self._ds_count:
+        if name in self._names:
             raise HarnessError(f"this test already has a disk named {name!r}: disk names must be "
                                "unique within a test (they name the downstairs and their logs)")
         extent = extent_mib * MIB
@@ -246,65 +246,39 @@ class DiskFactory:
             elif size < parent_size:
                 raise HarnessError(f"disk {name}: {size_gib} GiB is smaller than its read-only "
                                    f"parent {read_only_parent} ({parent_size} bytes)")
-        disk_id = str(uuidlib.uuid4())
-        geometry = (disk_id, block_size, extent // block_size, size // extent)
+        geometry = RegionGeometry.of_size(size, block_size=block_size, extent_bytes=extent,
+                                          encrypted=encrypted)
+        # A downstairs' repair port (+4000) must be free as well.
+        ports = [self._allocate_pair() for _ in range(3)]
         black_holes: list[BlackHole] = []
         try:
             for kind in BLACK_HOLE_KINDS:  # both kinds held, so a test can pick either
                 black_holes.append(self.fw.ports.black_hole(kind))
-            downstairs = self._start_downstairs(name, geometry, 3, encrypted=encrypted)
+            self._names.add(name)
+            # ds0..ds2 for a disk's first three, ds3... for spares: log files sort by disk. The
+            # set brings them up side by side, all or none (it undoes a half start).
+            members = members_for(self.fw, self.node_id, self.test_dir,
+                                  prefix=f"phd-{self.fw.session_id}-{self._tag}-{name}")
+            downstairs = DownstairsSet(members, ports, count=3, geometry=geometry).open()
         except BaseException:
             for hole in black_holes:
                 hole.close()
             raise
-        disk = CrucibleDisk(name, size, block_size, extent, downstairs, black_holes, disk_id,
-                            read_only_parent=read_only_parent, encrypted=encrypted)
+        disk = CrucibleDisk(name, downstairs, black_holes, read_only_parent=read_only_parent)
         self._disks.append(disk)
         return disk
 
     def add_downstairs(self, disk: CrucibleDisk) -> Downstairs:
-        """A spare downstairs for `disk`: a fresh, empty region of the same geometry, started
-        and owned by the disk. Swap it in with `disk.replace_downstairs(i, spare)`; the next
-        replacement VCR makes the upstairs repair it from the others. An encrypted disk's
-        spare is encrypted too."""
-        geometry = (disk.id, disk.block_size, disk.blocks_per_extent, disk.extent_count)
-        (spare,) = self._start_downstairs(disk.name, geometry, 1, encrypted=disk.encrypted)
-        disk.own(spare)
-        return spare
+        """A spare downstairs for `disk`: a fresh, empty region of the same geometry (an
+        encrypted disk's spare is encrypted too), started and owned by the disk's set. Swap it
+        in with `disk.replace_downstairs(i, spare)`; the next replacement VCR makes the
+        upstairs repair it from the others."""
+        return disk.add_spare(self._allocate_pair())
 
-    def _start_downstairs(self, disk_name: str, geometry: tuple[str, int, int, int],
-                          count: int, *, encrypted: bool = False) -> list[Downstairs]:
-        """`count` downstairs with fresh regions, started side by side; all or none."""
-        downstairs: list[Downstairs] = []
-        try:
-            for _ in range(count):
-                # A downstairs' repair port (+4000) must be free as well.
-                port = self.fw.ports.allocate_pair()
-                self._ports.append(port)
-                # ds0..ds2 for a disk's first three, ds3... for spares: log files sort by disk.
-                n = self._ds_count[disk_name] = self._ds_count.get(disk_name, -1) + 1
-                name = f"phd-{self.fw.session_id}-{self._tag}-{disk_name}-ds{n}"
-                downstairs.append(self._downstairs(name, port))
-
-            def bring_up(ds: Downstairs) -> None:
-                ds.create_region(*geometry, encrypted=encrypted)
-                ds.start()
-
-            # Each start is mostly waiting on Docker, so they come up side by side; every
-            # error is collected before anything is torn down.
-            with ThreadPoolExecutor(max_workers=count, thread_name_prefix="phd-ds") as pool:
-                futures = [pool.submit(bring_up, ds) for ds in downstairs]
-            raise_together([exc for f in futures if (exc := f.exception()) is not None],
-                           f"starting the downstairs of disk {disk_name}")
-        except BaseException as exc:
-            # All or none; the start error stays the error, teardown failures become notes.
-            for ds in downstairs:
-                try:
-                    ds.destroy()
-                except Exception as teardown:  # noqa: BLE001 - noted on the start error
-                    note_undo_failure(exc, f"destroying {ds.name}", teardown)
-            raise
-        return downstairs
+    def _allocate_pair(self) -> int:
+        port = self.fw.ports.allocate_pair()
+        self._ports.append(port)  # released when the factory closes, after the disks
+        return port
 
     def create_file_disk(self, name: str = "data", *, base: Path | None = None,
                          size_gib: int = 1) -> FileDisk:
@@ -314,16 +288,6 @@ class DiskFactory:
             raise HarnessError(f"disk name {name!r} must match {_NAME_OK.pattern}")
         suffix = "raw" if base is None else "qcow2"
         return create_file_disk(self.test_dir / f"{name}.{suffix}", base=base, size_gib=size_gib)
-
-    def _downstairs(self, name: str, port: int) -> Downstairs:
-        cfg = self.fw.config
-        program = cfg.downstairs_program
-        log = None if cfg.output_mode == "null" else self.test_dir / f"{name}.log"
-        if cfg.downstairs == "docker":
-            return DockerDownstairs(self.fw.docker(), self.fw.downstairs_image(program), name, port,
-                                    self.fw.labels(self.node_id), log, program=program)
-        return ProcessDownstairs(list(program.cmd), name, port,
-                                 self.test_dir / f"{name}-region", log, program=program)
 
     def close(self) -> None:
         """Stop every VM that uses one of these disks, then destroy the disks (newest first)

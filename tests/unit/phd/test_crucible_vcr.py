@@ -8,33 +8,19 @@ from pathlib import Path
 import pytest
 
 from phd.crucible import REDACTED, CrucibleDisk, redacted_vcr
-from phd.downstairs import _region_args
+from phd.downstairs import DsState, _region_args
+from phd.dsc import DownstairsSet, RegionGeometry
 from phd.errors import HarnessError
 from phd.ports import PortAllocator
 from sut.storage.vcr import RegionVcr, parse_volume
+from tests.unit.phd.fake_downstairs import DISK_GEOMETRY, Fakes, fake_disk
 
 
-class FakeDownstairs:
-    def __init__(self, port: int, *, encrypted: bool = False) -> None:
-        self.name = f"ds{port}"
-        self.host_port = port
-        self.encrypted = encrypted
-        self.destroyed = False
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.host_port}"
-
-    def destroy(self) -> None:
-        self.destroyed = True
-
-
-def _disk(*, encrypted: bool = False) -> tuple[CrucibleDisk, list[FakeDownstairs]]:
-    ds = [FakeDownstairs(p, encrypted=encrypted) for p in (4001, 4002, 4003)]
+def _disk(*, encrypted: bool = False) -> tuple[CrucibleDisk, Fakes]:
     alloc = PortAllocator(base=31300, index=0, size=10)
     holes = [alloc.black_hole("refused"), alloc.black_hole("silent")]
-    return (CrucibleDisk("d", 1 << 30, 512, 64 << 20, ds, holes,  # type: ignore[arg-type]
-                         encrypted=encrypted), ds)
+    geometry = RegionGeometry.of_size(1 << 30, extent_bytes=64 << 20, encrypted=encrypted)
+    return fake_disk(holes=holes, geometry=geometry)
 
 
 def _key(vcr: dict[str, object]) -> object:
@@ -70,16 +56,16 @@ def test_black_hole_replaces_only_the_first_target_and_is_loopback() -> None:
 
 
 def test_destroy_tears_down_every_downstairs() -> None:
-    disk, ds = _disk()
+    disk, made = _disk()
     disk.destroy()
-    assert all(d.destroyed for d in ds)
+    assert [ds.state for ds in made.made] == [DsState.DESTROYED] * 3
+    disk.destroy()  # idempotent
 
 
 def test_a_read_only_parent_is_a_file_vcr_the_storage_parses(tmp_path: Path) -> None:
     parent = tmp_path / "image.raw"
     parent.write_bytes(bytes(4096))
-    ds = [FakeDownstairs(p) for p in (4001, 4002, 4003)]
-    disk = CrucibleDisk("boot", 1 << 30, 512, 64 << 20, ds, [], read_only_parent=parent)  # type: ignore[arg-type]
+    disk, _ = fake_disk("boot", read_only_parent=parent)
     vcr = disk.vcr()
     assert vcr["read_only_parent"]["type"] == "file"
     assert vcr["read_only_parent"]["path"] == str(parent)
@@ -91,18 +77,29 @@ def test_a_read_only_parent_is_a_file_vcr_the_storage_parses(tmp_path: Path) -> 
 
 
 def test_replace_downstairs_swaps_one_target_and_keeps_the_old_one_for_teardown() -> None:
-    disk, ds = _disk()
-    spare = FakeDownstairs(4004)
-    disk.own(spare)  # type: ignore[arg-type]
-    old = disk.replace_downstairs(1, spare)  # type: ignore[arg-type]
-    assert old is ds[1]
+    disk, made = _disk()
+    spare = disk.add_spare(4004)
+    assert spare.state is DsState.RUNNING and spare.address == "127.0.0.1:4004"
+    old = disk.replace_downstairs(1, spare)
+    assert old is made.made[1]
     assert disk.targets() == ["127.0.0.1:4001", "127.0.0.1:4004", "127.0.0.1:4003"]
     with pytest.raises(HarnessError, match="already serves"):
-        disk.replace_downstairs(0, spare)  # type: ignore[arg-type]
+        disk.replace_downstairs(0, spare)
     with pytest.raises(HarnessError, match="not 3"):
-        disk.replace_downstairs(3, FakeDownstairs(4005))  # type: ignore[arg-type]
+        disk.replace_downstairs(3, disk.add_spare(4005))
     disk.destroy()
-    assert ds[1].destroyed and spare.destroyed and all(d.destroyed for d in ds)
+    assert [ds.state for ds in made.made] == [DsState.DESTROYED] * 5, "old ones and spares go too"
+
+
+def test_a_spare_has_the_disks_geometry_and_a_region_of_its_own() -> None:
+    disk, made = _disk(encrypted=True)
+    disk.add_spare(4004)
+    regions = [ds.region for ds in made.made]
+    assert all(r is not None and r[1:] == (512, (64 << 20) // 512, 16, True) for r in regions)
+    assert len({r[0] for r in regions if r is not None}) == 4, "each region has its own uuid"
+    assert (disk.size_bytes, disk.block_size, disk.blocks_per_extent, disk.extent_count) == \
+        (1 << 30, 512, 131072, 16)
+    disk.destroy()
 
 
 # --- encryption ------------------------------------------------------------------------------
@@ -138,9 +135,7 @@ def test_the_key_stays_the_same_for_the_disks_life() -> None:
     disk.enable_vcr_black_hole()
     at_2 = disk.vcr()
     disk.disable_vcr_black_hole()
-    spare = FakeDownstairs(4004, encrypted=True)
-    disk.own(spare)  # type: ignore[arg-type]
-    disk.replace_downstairs(0, spare)  # type: ignore[arg-type]
+    disk.replace_downstairs(0, disk.add_spare(4004))
     disk.set_generation(3)
     at_3 = disk.vcr()
     assert at_2["sub_volumes"][0]["gen"] == 2 and at_3["sub_volumes"][0]["gen"] == 3
@@ -152,17 +147,20 @@ def test_the_key_stays_the_same_for_the_disks_life() -> None:
     disk.destroy()
 
 
-def test_regions_and_spares_must_match_the_disks_encryption() -> None:
-    alloc = PortAllocator(base=31320, index=0, size=10)
-    holes = [alloc.black_hole("refused")]
-    mixed = [FakeDownstairs(4001, encrypted=True), FakeDownstairs(4002), FakeDownstairs(4003, encrypted=True)]
-    with pytest.raises(HarnessError, match=r"ds4002.*not encrypted"):
-        CrucibleDisk("d", 1 << 30, 512, 64 << 20, mixed, holes, encrypted=True)  # type: ignore[arg-type]
-    holes[0].close()
+def test_only_a_member_of_the_disks_own_set_can_replace_one_of_its_downstairs() -> None:
     disk, _ = _disk(encrypted=True)
+    other, _ = fake_disk("other", (5001, 5002, 5003))  # plain regions: another geometry
     with pytest.raises(HarnessError, match="add_downstairs"):
-        disk.replace_downstairs(1, FakeDownstairs(4005))  # type: ignore[arg-type]
+        disk.replace_downstairs(1, other.downstairs[0])
     disk.destroy()
+    other.destroy()
+
+
+def test_a_disk_needs_three_downstairs() -> None:
+    dss = DownstairsSet(Fakes(), [1, 2], count=2, geometry=DISK_GEOMETRY).open()
+    with pytest.raises(HarnessError, match="exactly 3"):
+        CrucibleDisk("d", dss, [])
+    dss.close()
 
 
 def test_redacted_vcr_hides_the_key_and_leaves_the_vcr_alone() -> None:

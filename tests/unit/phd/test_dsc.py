@@ -18,80 +18,12 @@ from typing import Any
 import pytest
 
 from phd.cli import main
-from phd.downstairs import DsState, _Lifecycle, _listening_count
+from phd.downstairs import DsState, _listening_count
 from phd.dsc import ControlServer, DownstairsSet, RegionGeometry, parse_loopback
 from phd.errors import HarnessError
+from tests.unit.phd.fake_downstairs import FakeDs, Fakes, now
 
 G = RegionGeometry(block_size=512, extent_size=8, extent_count=2)
-
-
-class FakeDs(_Lifecycle):
-    """Simulates a downstairs: `_sim` is what the real process/container would report."""
-
-    def __init__(self, i: int, port: int, *, fail_on: str = "") -> None:
-        super().__init__()
-        self.name = f"ds{i}"
-        self.host_port = port
-        self.fail_on = fail_on
-        self._sim: DsState = DsState.NEW
-        self.region: tuple[str, int, int, int, bool] | None = None
-        self.calls: list[str] = []
-
-    def _fail(self, what: str) -> None:
-        self.calls.append(what)
-        if self.fail_on == what:
-            raise HarnessError(f"{self.name}: simulated {what} failure")
-
-    def _observe(self) -> DsState:
-        return self._sim
-
-    def _create_region(self, uuid: str, block_size: int, extent_size: int, extent_count: int,
-                       encrypted: bool) -> None:
-        self._fail("create")
-        self.region = (uuid, block_size, extent_size, extent_count, encrypted)
-
-    def _launch(self) -> None:
-        self._fail("launch")
-        self._sim = DsState.RUNNING
-
-    def _terminate(self, *, paused: bool) -> None:
-        self._fail("terminate-paused" if paused else "terminate")
-        self._sim = DsState.STOPPED
-
-    def _sigkill(self, *, paused: bool) -> None:
-        self._fail("sigkill")
-        self._sim = DsState.STOPPED
-
-    def _freeze(self) -> None:
-        self._fail("freeze")
-        self._sim = DsState.PAUSED
-
-    def _thaw(self) -> None:
-        self._fail("thaw")
-        self._sim = DsState.RUNNING
-
-    def _teardown(self) -> None:
-        self._fail("teardown")
-        self._sim = DsState.STOPPED
-
-    def logs(self) -> str:
-        return ""
-
-
-def now(ds: FakeDs) -> DsState:
-    """The state, read afresh (a plain `ds.state` would be narrowed by mypy after an assert)."""
-    return ds.state
-
-
-class Fakes:
-    def __init__(self, fail: dict[int, str] | None = None) -> None:
-        self.made: list[FakeDs] = []
-        self.fail = fail or {}
-
-    def __call__(self, i: int, port: int) -> FakeDs:
-        ds = FakeDs(i, port, fail_on=self.fail.get(i, ""))
-        self.made.append(ds)
-        return ds
 
 
 class Clock:
@@ -414,3 +346,13 @@ def test_dsc_cmd_says_when_nothing_answers(capsys: pytest.CaptureFixture[str]) -
         port = sock.getsockname()[1]
         assert main(["dsc", "cmd", "state", "--control", f"127.0.0.1:{port}"]) == 1
     assert "is `phd dsc run --control" in capsys.readouterr().err
+
+
+def test_a_disks_geometry_comes_from_its_size_and_extent_size() -> None:
+    g = RegionGeometry.of_size(1 << 30, block_size=4096, extent_bytes=64 << 20, encrypted=True)
+    assert (g.block_size, g.extent_size, g.extent_count, g.encrypted) == (4096, 16384, 16, True)
+    assert (g.extent_bytes, g.size_bytes) == (64 << 20, 1 << 30)
+    with pytest.raises(HarnessError, match="multiple of the extent size"):
+        RegionGeometry.of_size(1 << 30, extent_bytes=3 << 20)
+    with pytest.raises(HarnessError, match="multiple of the block size"):
+        RegionGeometry.of_size(1 << 30, block_size=4096, extent_bytes=1 << 11)

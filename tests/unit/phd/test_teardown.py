@@ -13,6 +13,7 @@ from phd.errors import HarnessError, SutError
 from phd.factory import DiskFactory, VmFactory
 from phd.ports import PortAllocator
 from phd.teardown import Teardown
+from tests.unit.phd.fake_downstairs import Fakes, fake_disk
 
 pytest_plugins = ["pytester"]
 
@@ -70,24 +71,6 @@ def test_a_ctrl_c_in_one_step_still_runs_the_others_and_is_kept() -> None:
 
 # --- the factories own the order -----------------------------------------------------------
 
-class FakeDownstairs:
-    def __init__(self, port: int, events: list[str], fail: bool = False) -> None:
-        self.name = f"ds{port}"
-        self.host_port = port
-        self.encrypted = False
-        self.events = events
-        self.fail = fail
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.host_port}"
-
-    def destroy(self) -> None:
-        self.events.append(f"destroy {self.name}")
-        if self.fail:
-            raise HarnessError(f"{self.name}: docker said no")
-
-
 class FakeVm:
     """Stands in for TestVm: what the factories call is close()."""
 
@@ -110,8 +93,8 @@ def _disk(name: str, ports: tuple[int, int, int], events: list[str], *,
           fail: bool = False) -> CrucibleDisk:
     alloc = PortAllocator(base=31400, index=0, size=10)
     holes = [alloc.black_hole("refused")]
-    ds = [FakeDownstairs(p, events, fail=fail and p == ports[0]) for p in ports]
-    return CrucibleDisk(name, 1 << 30, 512, 64 << 20, ds, holes)  # type: ignore[arg-type]
+    fakes = Fakes({0: "teardown"} if fail else None, by_port=True, events=events)
+    return fake_disk(name, ports, holes=holes, fakes=fakes)[0]
 
 
 def _disk_factory(tmp_path: Path, *disks: CrucibleDisk) -> DiskFactory:
@@ -148,7 +131,7 @@ def test_disk_teardown_runs_every_step_and_raises_every_error(tmp_path: Path) ->
         _disk_factory(tmp_path, data).close()
     assert events == ["close vm", "destroy ds1", "destroy ds2", "destroy ds3"]
     assert [str(e) for e in info.value.exceptions] == ["vm: server ignored SIGTERM",
-                                                       "ds1: docker said no"]
+                                                       "ds1: simulated teardown failure"]
     # The disk's own teardown had one error: raised as itself, noted with the disk's name.
     assert "(while tearing down disk data)" in info.value.exceptions[1].__notes__
 
