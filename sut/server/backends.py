@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from sut.path_policy import PathPolicy, installed
 from sut.server.policy import TargetNotAllowedError, TargetPolicy, check_vcr_targets
-from sut.storage.backend import (
-    CrucibleBackend,
-    ReplaceRuleError,
-    StorageError,
-    StorageFatalError,
-    VcrError,
-)
+from sut.storage.errors import ReplaceRuleError, StorageError, StorageFatalError, VcrError
+
+if TYPE_CHECKING:
+    from sut.storage.backend import CrucibleBackend
 
 # Replacement results the storage facade may return (CONTRACT values).
 REPLACE_RESULTS = frozenset({"Started", "StartedAlready", "CompletedAlready", "VcrMatches", "Missing"})
@@ -82,8 +79,12 @@ class CrucibleDisk:
         try:
             self._check_targets(vcr_json)
             # The storage opens a read_only_parent through the path policy installed here.
+            # Imported here, not at the top: the upstairs, the wire codec and the cipher are a
+            # sixth of the server's start-up, and a VM without a Crucible disk needs none of it.
+            from sut.storage.backend import CrucibleBackend
+
             with installed(paths or PathPolicy([socket_path.parent])):
-                self._inner = CrucibleBackend(
+                self._inner: CrucibleBackend = CrucibleBackend(
                     backend_id,
                     vcr_json,
                     socket_path,
