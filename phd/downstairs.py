@@ -309,17 +309,6 @@ class _Lifecycle:
         """Where the downstairs serves extents to the others (port + 4000)."""
         return f"127.0.0.1:{self.host_port + REPAIR_PORT_OFFSET}"
 
-    def _seen(self) -> int:
-        """What a start compares against: the log's `listening` lines so far (log readiness)."""
-        return _listening_count(self.logs()) if self.program.ready == "log" else 0
-
-    def _answers(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.host_port), timeout=1.0):
-                return True
-        except OSError:
-            return False
-
     @property
     def state(self) -> DsState:
         return DsState.DESTROYED if self._destroyed else self._observe()
@@ -400,28 +389,6 @@ class _Lifecycle:
                                "make a new downstairs")
         return state
 
-    def _wait_listening(self, seen_before: int, probe: Callable[[], str | None]) -> None:
-        """Wait until the log reports one more `listening` than before this start (our
-        downstairs), or until a TCP connect to the port succeeds (the real binary).
-
-        `probe()` returns an exit description once the downstairs has died: a dead
-        downstairs never listens, so that ends the wait at once (`fatal`) with its log
-        instead of after the whole timeout.
-        """
-        def listening() -> bool:
-            if self.program.ready == "connect":
-                return self._answers()
-            return _listening_count(self.logs()) > seen_before
-
-        def died() -> None:
-            how = probe()
-            if how is not None:
-                raise SutError(f"downstairs {self.name} {how}; log tail:\n{self.logs()[-1500:]}")
-
-        wait_until(listening, lambda yes: yes, what=f"downstairs {self.name} to listen on "
-                   f"{self.address}", timeout_s=START_TIMEOUT_S, interval_s=0.05, fatal=died,
-                   timeout_error=SutTimeout)
-
     # --- primitives of a flavour ------------------------------------------------------------
     def _observe(self) -> DsState:
         raise NotImplementedError
@@ -485,6 +452,40 @@ class DockerDownstairs(_Lifecycle):
             "labels": self.labels,
             **extra,
         }
+
+    # --- readiness (a process downstairs is a ManagedProcess with its own ready check) ---
+    def _seen(self) -> int:
+        """What a start compares against: the log's `listening` lines so far (log readiness)."""
+        return _listening_count(self.logs()) if self.program.ready == "log" else 0
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.host_port), timeout=1.0):
+                return True
+        except OSError:
+            return False
+
+    def _wait_listening(self, seen_before: int, probe: Callable[[], str | None]) -> None:
+        """Wait until the log reports one more `listening` than before this start (our
+        downstairs), or until a TCP connect to the port succeeds (the real binary).
+
+        `probe()` returns an exit description once the downstairs has died: a dead
+        downstairs never listens, so that ends the wait at once (`fatal`) with its log
+        instead of after the whole timeout.
+        """
+        def listening() -> bool:
+            if self.program.ready == "connect":
+                return self._answers()
+            return _listening_count(self.logs()) > seen_before
+
+        def died() -> None:
+            how = probe()
+            if how is not None:
+                raise SutError(f"downstairs {self.name} {how}; log tail:\n{self.logs()[-1500:]}")
+
+        wait_until(listening, lambda yes: yes, what=f"downstairs {self.name} to listen on "
+                   f"{self.address}", timeout_s=START_TIMEOUT_S, interval_s=0.05, fatal=died,
+                   timeout_error=SutTimeout)
 
     def _run_argv(self) -> list[str]:
         return ["run", "-d", "/data", "-a", "127.0.0.1", "-p", str(self.host_port)]
