@@ -250,6 +250,9 @@ def test_stages(extra: list[str]) -> list[Stage]:
     return [
         Stage("ruff", ["ruff", "check", "phd", "sut", "tests", "guests", "ci"]),
         Stage("mypy", ["mypy"]),
+        # .github/workflows/*.yml; passes with a note where actionlint is not installed (see
+        # ci/actionlint.py), fails there too with PHD_REQUIRE_ACTIONLINT=1 (the workflows set it).
+        Stage("actionlint", [sys.executable, str(ROOT / "ci" / "actionlint.py")]),
         # Two workers: every port, name and directory derives from the xdist worker id.
         # tests/meta/test_regressions_caught.py re-runs each switch's catching tests (and the
         # seed tests) under it; the regressions stage below runs the whole suite under every
