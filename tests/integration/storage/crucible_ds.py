@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -326,17 +327,9 @@ def hello(**overrides: object) -> m.HereIAm:
 
 
 @contextlib.contextmanager
-def negotiated(
-    ds: CrucibleDownstairs,
-    upstairs: uuid.UUID = ORACLE_UPSTAIRS,
-    session: uuid.UUID = ORACLE_SESSION,
-    generation: int = 1,
-    *,
-    read_only: bool = False,
-    encrypted: bool = False,
-) -> Iterator[Peer]:
-    """:func:`negotiate`, as a context manager that closes the connection."""
-    peer, _ = negotiate(ds, upstairs, session, generation, read_only=read_only, encrypted=encrypted)
+def negotiated(ds: CrucibleDownstairs, *args: Any, **kwargs: Any) -> Iterator[Peer]:
+    """:func:`negotiate` (same arguments), as a context manager that closes the connection."""
+    peer, _ = negotiate(ds, *args, **kwargs)
     try:
         yield peer
     finally:
