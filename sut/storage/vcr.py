@@ -49,17 +49,28 @@ U64 = Annotated[int, Field(ge=1, le=U64_MAX)]
 
 
 def parse_target(text: str) -> tuple[str, int]:
-    """Split ``"ip:port"`` into (host, port); raises ValueError naming the problem."""
+    """Split ``"ip:port"`` into (host, port); raises ValueError naming the problem.
+
+    As Rust's ``SocketAddr`` reads it (Crucible's targets are SocketAddrs): an IPv6 address
+    in brackets (``[::1]:3810``), an IPv4 one without, the port in ASCII digits.
+    """
     host, sep, port_text = text.rpartition(":")
     if not sep or not host:
         raise ValueError(f'target {text!r} is not "ip:port"')
+    bracketed = host.startswith("[") and host.endswith("]")
+    address = host[1:-1] if bracketed else host
     try:
-        ipaddress.ip_address(host.strip("[]"))
+        version = ipaddress.ip_address(address).version
     except ValueError:
         raise ValueError(f"target {text!r}: {host!r} is not an IP address") from None
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if bracketed != (version == 6):
+        raise ValueError(f"target {text!r}: an IPv6 address goes in brackets, an IPv4 address does not")
+    # isdigit() alone admits other scripts' digits ("٨٠" is 80 to int()); five digits at most
+    # keeps int() off a string of thousands.
+    digits = port_text.isascii() and port_text.isdigit() and len(port_text) <= 5
+    if not digits or not 0 < int(port_text) < 65536:
         raise ValueError(f"target {text!r}: port must be 1..65535")
-    return host.strip("[]"), int(port_text)
+    return address, int(port_text)
 
 
 def _check_block_size(value: int) -> int:
@@ -342,7 +353,6 @@ def compare(old: VolumeVcr, new: VolumeVcr, *, allow_multiple_targets: bool = Fa
             "read-only-parent-changed", "read_only_parent must stay the same or be dropped"
         )
     changes: list[TargetChange] = []
-    gen_changed = False
     for i, (o, n) in enumerate(zip(old.sub_volumes, new.sub_volumes, strict=True)):
         where = f"sub_volumes[{i}]"
         if not isinstance(o, RegionVcr) or not isinstance(n, RegionVcr):
@@ -357,7 +367,6 @@ def compare(old: VolumeVcr, new: VolumeVcr, *, allow_multiple_targets: bool = Fa
                 )
         if n.gen < o.gen:
             raise ReplaceRuleError("generation-lower", f"{where}.gen went backwards {o.gen} -> {n.gen}")
-        gen_changed = gen_changed or n.gen != o.gen
         old_opts, new_opts = _opts_without_target(o.opts), _opts_without_target(n.opts)
         for key in sorted(set(old_opts) | set(new_opts)):
             if old_opts.get(key) != new_opts.get(key):
@@ -371,6 +380,8 @@ def compare(old: VolumeVcr, new: VolumeVcr, *, allow_multiple_targets: bool = Fa
         raise ReplaceRuleError(
             "two-targets-changed", f"only one target may change per replacement, got {listed}"
         )
-    if not changes and not gen_changed and new == old:
+    # Equal VCRs have no target change and no generation change, so this one test is all of
+    # "nothing changed"; a dropped read-only parent alone is a change.
+    if new == old:
         raise ReplaceRuleError("no-change", "the new VCR is identical to the current one")
     return ReplaceOutcome(tuple(changes))
