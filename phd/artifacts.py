@@ -70,6 +70,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from phd.errors import ArtifactUnavailable, HarnessError
+from phd.progress import build_lock
 
 __all__ = [
     "ArtifactEntry",
@@ -687,6 +688,9 @@ class ArtifactStore:
         # key -> ready path: each artifact is verified (or its recipe asked) once per process.
         self._ready: dict[str, Path] = {}
         self._guests: dict[str, GuestArtifact] = {}
+        # Where `ensure` reports when its caller names no sink (the pytest plugin sets its
+        # phd.progress reporter here).
+        self.progress: Progress | None = None
 
     # --- lookup ---------------------------------------------------------------------------
     @property
@@ -768,7 +772,7 @@ class ArtifactStore:
         ``force`` rebuilds a recipe (``--force``) even when its cache is current; for a
         file it re-verifies the cached copy instead of trusting this process's memo.
         """
-        sink = progress or NullProgress()
+        sink = progress or self.progress or NullProgress()
         with self._lock:
             if not force and key in self._ready:
                 return self._ready[key]
@@ -980,11 +984,17 @@ class ArtifactStore:
         kind = _kind_of(out, follow=False)
         if kind not in (None, "a folder"):
             self._clear(key, out, f"{out} is {kind}, not a recipe's output folder: replacing it", progress)
-        progress.begin(key, f"build {key}", None)
-        try:
-            code, lines = _run_recipe(argv, lambda text: progress.line(key, text))
-        finally:
-            progress.end(key)
+        # The recipe locks too, silently; this lock lets a waiting xdist worker say whom it
+        # waits for (phd.progress), so a session shows one build and the others waiting.
+        with build_lock(out.parent / f".{key}.phd-build.lock", key, f"build {key}", progress,
+                        timeout_s=self._lock_timeout_s,
+                        on_timeout=lambda why: HarnessError(f"artifact {key!r}: {why}; wait for it, "
+                                                            "or remove the lock file if no build runs")):
+            progress.begin(key, f"build {key}", None)
+            try:
+                code, lines = _run_recipe(argv, lambda text: progress.line(key, text))
+            finally:
+                progress.end(key)
         if code != 0:
             # One line: recipes end with one error line (guests/recipe.py); the CLI has shown
             # every line as it came.

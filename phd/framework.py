@@ -11,7 +11,9 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +22,38 @@ from phd.config import PhdConfig
 from phd.downstairs import DsProgram
 from phd.errors import ArtifactUnavailable
 from phd.ports import PortAllocator
+from phd.progress import ProgressReporter, build_lock
 
 __all__ = ["Framework", "PhdConfig"]
 
+IMAGE_LOCK_TIMEOUT_S = 1800.0  # another worker's build of the downstairs image
+
+
+def _run_streaming(argv: list[str], cwd: Path, on_line: Callable[[str], None]) -> tuple[int, list[str]]:
+    """Run `argv` (stdout and stderr merged), handing each line to `on_line` as it comes;
+    (exit code, every line)."""
+    lines: list[str] = []
+    with subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,  # noqa: S603
+                          stderr=subprocess.STDOUT, text=True, errors="replace") as proc:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            lines.append(raw.rstrip("\n"))
+            on_line(lines[-1])
+        code = proc.wait()
+    return code, lines
+
 
 class Framework:
-    def __init__(self, config: PhdConfig, session_id: str) -> None:
+    def __init__(self, config: PhdConfig, session_id: str,
+                 progress: ProgressReporter | None = None) -> None:
         self.config = config
         self.session_id = session_id
+        # Builds and downloads report here (the terminal and the session's progress log).
+        self.progress = progress or ProgressReporter(terminal=None)
         # A slot of loopback ports claimed for this process (phd.ports), named for this session.
         self.ports = PortAllocator(owner=f"session {session_id}")
         self.artifacts = ArtifactStore(config.manifest, config.artifact_dir, config.repo_root)
+        self.artifacts.progress = self.progress
         self._docker: Any = None
         self._images: dict[DsProgram, str] = {}
         self._lock = threading.Lock()
@@ -64,20 +87,35 @@ class Framework:
             return self._given_image(self.config.downstairs_image)
         with self._lock:
             if program not in self._images:
-                argv = [sys.executable, "-m", "sut.storage.image", "ensure"]
-                argv += (["--binary", str(program.binary)] if program.binary is not None
-                         else ["--program", program.kind])
-                proc = subprocess.run(argv, cwd=self.config.repo_root,  # noqa: S603
-                                      stdin=subprocess.DEVNULL, capture_output=True,
-                                      text=True, check=False)
-                lines = proc.stdout.strip().splitlines()
-                if proc.returncode != 0 or not lines:
-                    raise ArtifactUnavailable(
-                        f"the {program.kind} downstairs container image",
-                        f"`{shlex.join(argv)}` exited {proc.returncode}; it builds from Debian "
-                        f"packages with mmdebstrap (run ci/bootstrap); output:\n{proc.stderr[-1500:]}")
-                self._images[program] = lines[-1].strip()
+                self._images[program] = self._ensure_image(program)
             return self._images[program]
+
+    def _ensure_image(self, program: DsProgram) -> str:
+        """`python -m sut.storage.image ensure`, its output shown as progress as it comes;
+        under a lock whose waiters say whom they wait for (the builder's own lock is silent)."""
+        argv = [sys.executable, "-m", "sut.storage.image", "ensure"]
+        argv += (["--binary", str(program.binary)] if program.binary is not None
+                 else ["--program", program.kind])
+        key = f"downstairs image ({program.kind})"
+        lock = Path(tempfile.gettempdir()) / f".phd-downstairs-image-{program.kind}.phd-build.lock"
+        def timed_out(why: str) -> Exception:
+            return ArtifactUnavailable(f"the {program.kind} downstairs container image", why)
+
+        with build_lock(lock, key, f"build {key}", self.progress, timeout_s=IMAGE_LOCK_TIMEOUT_S,
+                        on_timeout=timed_out), self.progress.step(key, f"build {key}"):
+            code, lines = _run_streaming(argv, self.config.repo_root,
+                                         lambda text: self.progress.line(key, text))
+            if code != 0:
+                self.progress.line(key, f"failed (exit {code})")
+        # The tag is the last line of stdout, which ends the merged output.
+        tag = next((line.strip() for line in reversed(lines) if line.strip()), "")
+        if code != 0 or not tag or " " in tag:
+            tail = "\n".join(lines)[-1500:]
+            raise ArtifactUnavailable(
+                f"the {program.kind} downstairs container image",
+                f"`{shlex.join(argv)}` exited {code}; it builds from Debian "
+                f"packages with mmdebstrap (run ci/bootstrap); output:\n{tail}")
+        return tag
 
     def _given_image(self, tag: str) -> str:
         """--phd-downstairs-image: used as it is, once Docker confirms it is there (no

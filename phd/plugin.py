@@ -7,7 +7,9 @@ variables and defaults are phd.config's (SETTINGS, build_config), which the CLI 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import shutil
 import sys
 import uuid as uuidlib
@@ -23,6 +25,7 @@ from phd.downstairs import sweep_leftovers
 from phd.errors import ArtifactUnavailable
 from phd.factory import DiskFactory, VmFactory
 from phd.framework import Framework
+from phd.progress import ProgressReporter, ProgressTail
 from phd.reaper import reap_dead_owners
 
 
@@ -92,6 +95,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config._phd_session = (workerinput or {}).get("phd_session") or uuidlib.uuid4().hex[:8]  # type: ignore[attr-defined]
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(), "phd-xdist")
+    config.pluginmanager.register(_SessionProgress(config, worker=workerinput is not None),
+                                  "phd-progress")
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
@@ -124,6 +129,100 @@ class _XdistHooks:
 
 
 
+class _SessionProgress:
+    """What the session builds or fetches before its tests, on the terminal as it happens
+    (phd.progress): the reporter of this process, and under xdist the controller's tail of
+    the workers' progress log. `-q` keeps the terminal quiet; the log has every line."""
+
+    def __init__(self, config: pytest.Config, *, worker: bool) -> None:
+        self.config = config
+        phd = config.stash[_CONFIG]
+        self.log_path = phd.tmp_dir / config._phd_session / "progress.log"  # type: ignore[attr-defined]
+        self.quiet = config.get_verbosity() < 0
+        self._fd: int | None = None
+        self._tail: ProgressTail | None = None
+        self._broke_line = False
+        terminal = None
+        if not worker and not self.quiet:
+            # A copy of the terminal's descriptor, taken now, before any test captures fd 1:
+            # builds run inside a test's setup, and often on a thread (a recipe's output reader).
+            with contextlib.suppress(OSError):
+                self._fd = os.dup(sys.stdout.fileno())
+            terminal = self._write_direct if self._fd is not None else None
+        self.reporter = ProgressReporter(terminal=terminal, log_path=self.log_path)
+
+    def _terminal(self) -> Any:
+        return self.config.pluginmanager.get_plugin("terminalreporter")
+
+    def _write_direct(self, line: str) -> None:
+        """A plain run: past pytest's capture of fd 1 (a build runs inside a test)."""
+        assert self._fd is not None
+        tr = self._terminal()
+        prefix = ""
+        if tr is not None and tr.currentfspath is not None:
+            # The terminal is in the middle of a line of results: start a new one, and write
+            # the file's name again before its next result (pytest_runtest_logreport).
+            prefix, tr.currentfspath, self._broke_line = "\n", None, True
+        os.write(self._fd, f"{prefix}{line}\n".encode(errors="replace"))
+
+    def _write_reporter(self, line: str) -> None:
+        """The xdist controller: nothing captures its terminal."""
+        tr = self._terminal()
+        if tr is not None:
+            if tr._tw.width_of_current_line:  # after a line of results ("..  [ 50%]")
+                tr._tw.line()
+            tr.currentfspath = None
+            tr.write_line(line)
+            tr.flush()
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_runtest_logstart(self) -> None:
+        # The terminal reporter has written the test's file name without flushing it; flushed
+        # now (no capture yet), a build's lines come after it, not before it.
+        tr = self._terminal()
+        if tr is not None:
+            tr.flush()
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if self._tail is not None:
+            self._tail.poll()  # a worker's build lines before the result they led to
+        tr = self._terminal()
+        if self._broke_line and tr is not None and tr.verbosity <= 0 and tr.currentfspath is None:
+            # Our lines ended the line of this file's results: open a new one, as pytest
+            # would, but with no blank line before it.
+            fspath = self.config.rootpath / report.nodeid.split("::")[0]
+            tr.currentfspath = fspath
+            tr.write(os.path.relpath(fspath, tr.startpath) + " ")
+        self._broke_line = False
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        if self.config.pluginmanager.get_plugin("dsession") is not None and not self.quiet:
+            # The xdist controller: workers cannot reach the terminal, so it shows what they
+            # write to the session's progress log.
+            self._tail = ProgressTail(self.log_path, self._write_reporter).start()
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self) -> None:
+        if self._tail is not None:
+            self._tail.stop()
+            self._tail = None
+
+    def pytest_unconfigure(self) -> None:
+        self.reporter.close()
+        if self._tail is not None:
+            self._tail.stop()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _progress(config: pytest.Config) -> ProgressReporter:
+    plugin = config.pluginmanager.get_plugin("phd-progress")
+    return plugin.reporter if isinstance(plugin, _SessionProgress) else ProgressReporter()
+
+
 @pytest.fixture(scope="session")
 def phd_config(pytestconfig: pytest.Config) -> PhdConfig:
     return pytestconfig.stash[_CONFIG]
@@ -136,7 +235,7 @@ def phd_framework(pytestconfig: pytest.Config, phd_config: PhdConfig) -> Iterato
     reaped = reap_dead_owners()
     if reaped:
         sys.stderr.write("\nphd: cleaned up after dead runs: " + "; ".join(reaped) + "\n")
-    fw = Framework(phd_config, pytestconfig._phd_session)  # type: ignore[attr-defined]
+    fw = Framework(phd_config, pytestconfig._phd_session, _progress(pytestconfig))  # type: ignore[attr-defined]
     yield fw
     fw.close()
 

@@ -30,12 +30,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 __all__ = [
     "IMAGE_LABEL",
@@ -184,7 +186,6 @@ def _build_base(tag: str, packages: Sequence[str]) -> None:
         "mmdebstrap",
         "--variant=minbase",
         f"--include={','.join(packages)}",
-        "--quiet",
         _SUITE,
         "-",
         mirror,
@@ -193,8 +194,12 @@ def _build_base(tag: str, packages: Sequence[str]) -> None:
     _progress(f"bootstrapping Debian {_SUITE} rootfs: {' '.join(mm)}")
     with tempfile.TemporaryFile() as mm_err, tempfile.TemporaryFile() as imp_err:
         producer = subprocess.Popen(  # noqa: S603 - constant argv
-            mm, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=mm_err
+            mm, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
+        # mmdebstrap's phases ("I: downloading packages with apt...") are the progress of
+        # the longest part of a first build; every line is kept for the error message.
+        reader = threading.Thread(target=_relay, args=(producer.stderr, mm_err, "I: "), daemon=True)
+        reader.start()
         try:
             consumer = subprocess.run(  # noqa: S603 - constant argv
                 imp, stdin=producer.stdout, stdout=subprocess.DEVNULL, stderr=imp_err, check=False
@@ -203,11 +208,36 @@ def _build_base(tag: str, packages: Sequence[str]) -> None:
             if producer.stdout is not None:
                 producer.stdout.close()
             producer_rc = producer.wait()
+            reader.join(timeout=30)
         for argv, rc, err in ((mm, producer_rc, mm_err), (imp, consumer.returncode, imp_err)):
             if rc != 0:
                 err.seek(0)
                 tail = err.read().decode(errors="replace")[-3000:]
                 raise ImageBuildError(f"command failed (exit {rc}): {' '.join(argv)}\n{tail}")
+
+
+def _relay(stream: IO[bytes] | None, keep: IO[bytes], shown: str) -> None:
+    """Copy `stream` to `keep`, reporting each line that starts with `shown` as progress."""
+    if stream is None:
+        return
+    for raw in stream:
+        keep.write(raw)
+        text = raw.decode(errors="replace").rstrip()
+        if text.startswith(shown):
+            _progress(text)
+
+
+def _run_shown(argv: list[str], shown: str) -> subprocess.CompletedProcess[bytes]:
+    """`_run`, reporting each output line that starts with `shown` as it comes (docker
+    build's "Step 3/6 : ..." lines, which phd turns into a percentage)."""
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(  # noqa: S603 - argv from constants and our own tags
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        _relay(proc.stdout, out, shown)
+        code = proc.wait()
+        out.seek(0)
+        return subprocess.CompletedProcess(argv, code, out.read(), b"")
 
 
 def _docker_build(tag: str, base: str, ctx: Path, labels: dict[str, str]) -> None:
@@ -216,7 +246,7 @@ def _docker_build(tag: str, base: str, ctx: Path, labels: dict[str, str]) -> Non
         argv += ["--label", f"{key}={value}"]
     argv += ["-t", tag, str(ctx)]
     _progress(f"building {tag}")
-    proc = _run(argv)
+    proc = _run_shown(argv, "Step ")
     if proc.returncode != 0:
         _fail("docker build", argv, proc)
 
@@ -240,12 +270,20 @@ def _locked_build(tag: str, lock_dir: Path | None, build: Callable[[float], None
         return tag
     lock_root = lock_dir or Path(tempfile.gettempdir())
     lock_root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(lock_root / _LOCK_NAME)):
+    lock = FileLock(str(lock_root / _LOCK_NAME))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        _progress(f"waiting for another process building an image ({lock.lock_file})")
+        lock.acquire()
+    try:
         if _image_exists(tag):  # another worker built it while we waited for the lock
             return tag
         started = time.monotonic()
         build(started)
         _progress(f"{tag} ready after {time.monotonic() - started:.1f} s")
+    finally:
+        lock.release()
     return tag
 
 
