@@ -275,6 +275,12 @@ def test_stages(extra: list[str]) -> list[Stage]:
         # (ci/nightly). It writes results/junit-regression-<switch>.xml itself.
         Stage("regressions", [sys.executable, "-m", "ci.regressions", "--catchers", "-n", "2",
                               "-m", PR_SELECTION, *extra], on_sigterm=signal.SIGTERM),
+        # The storage switches are bugs of the upstairs: caught whichever downstairs run, so
+        # proven again on three real crucible-downstairs when CI names the binary.
+        *([Stage("regressions-real", [sys.executable, "-m", "ci.regressions", "--catchers", "--switches",
+                                      "storage", "--tag", "real", "--phd-downstairs-binary", REAL_DOWNSTAIRS,
+                                      "-n", "2", "-m", PR_SELECTION, *extra], on_sigterm=signal.SIGTERM)]
+          if REAL_DOWNSTAIRS else []),
     ]
 
 

@@ -1,6 +1,7 @@
 """Run the PHD suite once per regression switch and once with none; tabulate the failures.
 
-Usage: ci/regressions [--catchers] [--switches none,NAME,...] [--shard i/N] [extra pytest args, e.g. -n 2]
+Usage: ci/regressions [--catchers] [--switches none,NAME,...|storage] [--tag T] [--shard i/N]
+                      [extra pytest args, e.g. -n 2]
    or: python -m ci.regressions ... (from the repository root: it imports tests.meta)
 
 Writes results/regressions.json ({switch: [node ids of failed tests]} plus "none"),
@@ -23,6 +24,11 @@ run). It still proves every switch caught, each by the test and the failure text
 names; what only the full matrix (ci/nightly) proves is that no OTHER test starts failing under a
 switch for another reason, and which further tests catch it.
 
+--switches storage names every storage-side switch (those the downstairs kind could matter
+to). --tag T names this run's outputs junit-regression-<switch>-T.xml, regressions-T.json and
+regression-runs/T/<switch>/, so a second matrix (say on the real crucible-downstairs, with
+--phd-downstairs-binary among the pytest args) does not overwrite the first.
+
 --shard i/N runs every N-th entry of [none, switch, ...] (1-based i), so N machines share the
 matrix. Sharding by switch, not by test, keeps "caught" decidable on each machine: a switch's
 whole suite runs in one place.
@@ -44,7 +50,7 @@ import pytest
 
 from ci.pipeline import PYTEST, RESULTS, ROOT, Case, junit_cases, run_child, split_own_args
 from phd.plugin import parse_shard
-from sut.regressions import ALL_REGRESSIONS
+from sut.regressions import ALL_REGRESSIONS, STORAGE_REGRESSIONS
 from tests.meta.test_regressions_caught import EXPECTED_FAILURES, is_case_of
 
 
@@ -70,9 +76,10 @@ def catching_tests(switch: str) -> list[str]:
     return sorted(EXPECTED_FAILURES[switch])
 
 
-def run(switch: str | None, extra: list[str], *, catchers: bool = False) -> Run:
+def run(switch: str | None, extra: list[str], *, catchers: bool = False, tag: str = "") -> Run:
     name = switch or "none"
-    junit = RESULTS / f"junit-regression-{name}.xml"
+    suffix = f"-{tag}" if tag else ""
+    junit = RESULTS / f"junit-regression-{name}{suffix}.xml"
     junit.unlink(missing_ok=True)  # a crashed run must not be read as last time's report
     targets = catching_tests(switch) if catchers and switch else ["tests/suite"]
     argv = [*PYTEST, *targets, "-q", f"--junitxml={junit}", *extra]
@@ -80,7 +87,7 @@ def run(switch: str | None, extra: list[str], *, catchers: bool = False) -> Run:
         # The failures a switch causes are expected, and every failed test keeps its results
         # directory: under results/ (replaced by the next matrix run) they stay at hand as
         # evidence instead of piling up in $TMPDIR/phd run after run.
-        kept = RESULTS / "regression-runs" / name
+        kept = RESULTS / "regression-runs" / (f"{tag}/{name}" if tag else name)
         shutil.rmtree(kept, ignore_errors=True)
         argv.append(f"--phd-tmp-dir={kept}")
     if switch:
@@ -148,6 +155,8 @@ def selected_entries(switches: str | None, *, catchers: bool = False) -> list[st
     everything = ["none", *sorted(ALL_REGRESSIONS)]
     if switches is None:
         return everything[1:] if catchers else everything
+    if switches == "storage":
+        return sorted(STORAGE_REGRESSIONS)
     names = [n.strip() for n in switches.split(",") if n.strip()]
     unknown = [n for n in names if n not in everything]
     if unknown or not names:
@@ -161,15 +170,19 @@ def main(argv: list[str]) -> int:
         return 0
     catchers = "--catchers" in argv
     argv = [a for a in argv if a != "--catchers"]
-    own, extra = split_own_args(argv, ["--shard", "--switches"])
+    own, extra = split_own_args(argv, ["--shard", "--switches", "--tag"])
+    tag = own.get("--tag", "")
+    if tag and not tag.replace("-", "").isalnum():
+        raise SystemExit(f"--tag takes letters, digits and '-' (it names files); got {tag!r}")
     entries = shard_entries(selected_entries(own.get("--switches"), catchers=catchers), own.get("--shard"))
     RESULTS.mkdir(exist_ok=True)
-    runs = [run(None if e == "none" else e, extra, catchers=catchers) for e in entries]
+    runs = [run(None if e == "none" else e, extra, catchers=catchers, tag=tag) for e in entries]
 
     table = {r.switch: sorted(c.id for c in r.failed) for r in runs}
-    (RESULTS / "regressions.json").write_text(json.dumps(table, indent=2) + "\n")
+    out = RESULTS / (f"regressions-{tag}.json" if tag else "regressions.json")
+    out.write_text(json.dumps(table, indent=2) + "\n")
     print_table(runs)
-    print(f"wrote {RESULTS.relative_to(ROOT) / 'regressions.json'}")
+    print(f"wrote {out.relative_to(ROOT)}")
 
     problems = []
     for r in runs:

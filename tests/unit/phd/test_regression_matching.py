@@ -44,3 +44,11 @@ def test_catchers_mode_runs_every_switch_against_its_named_tests_only() -> None:
         assert set(tests) == set(EXPECTED_FAILURES[switch])
     with pytest.raises(SystemExit, match="--switches takes names from"):
         selected_entries("no-such-switch", catchers=True)
+
+
+def test_storage_names_the_storage_side_switches() -> None:
+    from ci.regressions import selected_entries
+    from sut.regressions import STORAGE_REGRESSIONS
+
+    assert selected_entries("storage", catchers=True) == sorted(STORAGE_REGRESSIONS)
+    assert "no-replay" in STORAGE_REGRESSIONS and "blocking-start" not in STORAGE_REGRESSIONS
