@@ -4,12 +4,14 @@ Guest builds, downloads and the downstairs image can take minutes on a fresh mac
 `ProgressReporter` turns their steps into one-line reports - the step, the worker, the
 elapsed time and, where known, a percentage::
 
-    phd: build tiny [gw0] 3.1 s: tiny: downloading linux-image-6.1.0-28-amd64
-    phd: build downstairs image [gw0] 41 s 50%: Step 3/6 : COPY sut /opt/phd/sut
-    phd: build tiny [gw1] 2.0 s: waiting for gw0 (building since 5.0 s)
+    phd: build tiny [gw1] 2.9 s: tiny: downloading linux-image-6.1.0-57-amd64=6.1.192-3
+    phd: build tiny [gw0] 15 s: waiting for gw1 (building since 15 s)
+    phd: build downstairs image (ours) [gw0] 41 s 33%: [phd-downstairs image] Step 5/12 : COPY sut /opt/phd/sut
 
 Every line goes to the logger ``phd.progress`` and to the session's progress log
-(``<phd tmp dir>/<session>/progress.log``), always. The terminal gets it unless pytest runs
+(``<phd tmp dir>/<session>/progress.log``), always. A step that ends within `SHOW_AFTER_S`
+(a cache hit) stays there; one that runs longer is shown, with a line at least every
+`HEARTBEAT_S`. The terminal gets it unless pytest runs
 with ``-q``: directly in a plain run; under xdist, workers cannot write to the terminal
 (xdist swallows their output), so they only append to the progress log and the controller
 follows that file (`ProgressTail`) and prints what they wrote - once, since only the worker
@@ -56,8 +58,8 @@ _STEP = re.compile(r"^(?:Step (\d+)/(\d+) :|#\d+ \[(?:[\w-]+ )?(\d+)/(\d+)\]|\[(
 # mmdebstrap's phases (its "I:" lines), in order, with how far in a typical run each starts.
 _MMDEBSTRAP = (("I: running apt-get update", 5), ("I: downloading packages", 15),
                ("I: extracting archives", 40), ("I: installing essential packages", 50),
-               ("I: installing remaining packages", 70), ("I: cleaning package lists", 90),
-               ("I: success", 100))
+               ("I: installing remaining packages", 70), ("I: cleaning package lists", 85),
+               ("I: creating tarball", 90), ("I: success", 100))
 
 
 def format_elapsed(seconds: float) -> str:

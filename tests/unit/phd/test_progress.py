@@ -37,6 +37,7 @@ def test_elapsed_keeps_tenths_only_while_they_matter(seconds: float, shown: str)
     ("tiny: [2/5] downloading linux-image-amd64", 20),
     ("[phd-downstairs image] I: downloading packages with apt...", 15),
     ("I: extracting archives...", 40),
+    ("I: creating tarball...", 90),
     ("I: success in 61.2 seconds", 100),
     ("tiny: downloading linux-image-6.1.0-28-amd64", None),
     ("Step 0/0 : nothing", None),
