@@ -6,7 +6,7 @@ elapsed time and, where known, a percentage::
 
     phd: build tiny [gw1] 2.9 s: tiny: downloading linux-image-6.1.0-57-amd64=6.1.192-3
     phd: build tiny [gw0] 15 s: waiting for gw1 (building since 15 s)
-    phd: build downstairs image (ours) [gw0] 41 s 33%: [phd-downstairs image] Step 5/12 : COPY sut /opt/phd/sut
+    phd: build downstairs image (ours) [gw0] 41 s 33%: [phd-downstairs image] Step 5/12 : COPY sut ...
 
 Every line goes to the logger ``phd.progress`` and to the session's progress log
 (``<phd tmp dir>/<session>/progress.log``), always. A step that ends within `SHOW_AFTER_S`
