@@ -15,7 +15,8 @@ HOSTILE = "boom <script>document.title='pwned'</script> \"quoted\" & 'single'"
 
 
 def _junit(cases: str) -> str:
-    return f'<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">{cases}</testsuite></testsuites>'
+    return ('<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">'
+            f"{cases}</testsuite></testsuites>")
 
 
 def _case(name: str, body: str = "", results_dir: str = "") -> str:
