@@ -20,7 +20,8 @@ switch (`ci/regressions --shard i/N`), ruff and mypy run on shard 1.
 Writes results/nightly.json ({test id: {passed, failed, skipped, runs, pass_rate}}; pass_rate =
 passed / (passed + failed), null when the test never ran, errors count as failed), JUnit XML
 per stage under results/nightly/, allure results under results/allure (the repeats show as
-retries there), results/pipeline-nightly.json, and prints the pass-rate table.
+retries there), results/pipeline-nightly.json, prints the pass-rate table, and ends with the
+HTML report (ci/report.py -> results/report.html; a "report" row of the summary).
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ from pipeline import (
     fresh_allure_dir,
     junit_cases,
     print_summary,
+    report_stage,
     run_pipeline,
+    run_stage,
     select_stages,
     split_own_args,
 )
@@ -185,6 +188,7 @@ def main(argv: list[str]) -> int:
     (RESULTS / "nightly.json").write_text(json.dumps(rates, indent=2) + "\n")
     print_rates(rates, junits)
     print(f"wrote {(RESULTS / 'nightly.json').relative_to(ROOT)}")
+    results.append(run_stage(report_stage()))  # results/report.html, with nightly.json
     print_summary("ci/nightly", results, wall)
     return 0 if all(r.ok for r in results) else 1
 

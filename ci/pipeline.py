@@ -199,6 +199,12 @@ def print_summary(name: str, results: Sequence[StageResult], wall_s: float) -> N
           + (f"  failed/not run: {', '.join(failed)}" if failed else ""))
 
 
+def report_stage() -> Stage:
+    """The HTML report of results/ (ci/report.py), run after the pipeline's summary JSON is
+    written: a report failure shows in the summary and fails the run, and hides no stage."""
+    return Stage("report", [sys.executable, "-m", "ci.report", "--results", str(RESULTS)])
+
+
 def select_stages(stages: list[Stage], wanted: str | None) -> list[Stage]:
     if not wanted:
         return stages
@@ -289,7 +295,9 @@ def main_test(argv: list[str]) -> int:
     stages = select_stages(test_stages(extra), own.get("--stages"))
     RESULTS.mkdir(exist_ok=True)
     fresh_allure_dir()
-    results, _ = run_pipeline("ci/test", stages, RESULTS / "pipeline-test.json")
+    results, wall = run_pipeline("ci/test", stages, RESULTS / "pipeline-test.json", summary=False)
+    results.append(run_stage(report_stage()))  # results/report.html
+    print_summary("ci/test", results, wall)
     return 0 if all(r.ok for r in results) else 1
 
 
