@@ -1,6 +1,8 @@
 """One self-contained HTML page of a CI run: the test matrix and the benchmark figures.
 
-Usage: python -m ci.report [--results DIR] [--out FILE] (defaults: results/, results/report.html)
+Usage: python -m ci.report [--results DIR] [--out FILE] [--shards DIR]
+(defaults: results/, results/report.html; --shards: every subfolder is also read as a shard's
+results/, as the nightly workflow's merge job downloads them next to the merged nightly.json)
 
 Reads whatever of these exists under DIR (missing ones are noted in the page):
   junit-*.xml (ci/test's stages), nightly/junit-*.xml and nightly.json (ci/nightly),
@@ -174,19 +176,45 @@ def _stage_variant(path: Path) -> str:
     return (m.group(1) or "") if m else ""
 
 
-def collect(results: Path, guests: list[str] | None = None) -> Report:
+def _locate(results_dir: str, source: Path) -> str:
+    """A kept results directory as recorded (an absolute path on the machine that ran the test),
+    or, when that is not here but the same path under `source` is (a shard's results/ downloaded
+    elsewhere), that one."""
+    if not results_dir or Path(results_dir).exists() or "/results/" not in results_dir:
+        return results_dir
+    moved = source / results_dir.rsplit("/results/", 1)[1]
+    return str(moved.resolve()) if moved.exists() else results_dir
+
+
+def collect(results: Path, guests: list[str] | None = None, shards: Path | None = None) -> Report:
+    """Everything under `results` and, with `shards`, under each subfolder of it (a shard's
+    results/, as the nightly workflow downloads them); nightly.json is read from `results` only
+    (the merged one), a shard's nightly/ JUnit then gives messages and results directories."""
     guests = known_guests() if guests is None else guests
     report = Report()
     if not results.is_dir():
         report.notes.append(f"{results} does not exist: nothing to report")
         return report
+    dirs = [results]
+    if shards is not None:
+        if not shards.is_dir():
+            raise ReportError(f"{shards}: --shards names no folder")
+        dirs += sorted(p for p in shards.iterdir() if p.is_dir())
+
+    def found(pattern: str) -> list[Path]:
+        return [p for d in dirs for p in sorted(d.glob(pattern))]
+
+    def source(path: Path) -> Path:
+        return next(d for d in dirs if path.is_relative_to(d))
 
     def note_input(path: Path) -> None:
         stamp = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-        report.inputs.append(f"{path.relative_to(results)} ({stamp})")
+        d = source(path)
+        shown = path.relative_to(d) if d == results else Path(d.name) / path.relative_to(d)
+        report.inputs.append(f"{shown} ({stamp})")
 
     # pipeline summaries
-    for path in sorted(results.glob("pipeline-*.json")):
+    for path in found("pipeline-*.json"):
         data = _read_json(path)
         if not isinstance(data, dict) or not isinstance(data.get("stages"), list):
             raise ReportError(f"{path}: expected {{pipeline, stages: [...]}}")
@@ -216,9 +244,8 @@ def collect(results: Path, guests: list[str] | None = None) -> Report:
         report.notes.append("no nightly.json (ci/nightly not run here): no pass rates over repeats")
 
     # stage JUnit files
-    stage_files = [p for p in sorted(results.glob("junit-*.xml"))
-                   if not p.name.startswith("junit-regression-")]
-    nightly_files = sorted((results / "nightly").glob("junit-*.xml"))
+    stage_files = [p for p in found("junit-*.xml") if not p.name.startswith("junit-regression-")]
+    nightly_files = found("nightly/junit-*.xml")
     if not stage_files and not nightly_files:
         report.notes.append("no JUnit XML of a test stage (junit-*.xml, nightly/junit-*.xml)")
     for path in [*stage_files, *nightly_files]:
@@ -227,24 +254,25 @@ def collect(results: Path, guests: list[str] | None = None) -> Report:
         for test, outcome, message, rdir in _read_junit(path):
             base, guest = split_guest(test, guests)
             col = f"{guest} ({variant})" if variant else guest
-            _add(report, base, _column(report, col, col), outcome, message, rdir, count=counted)
+            _add(report, base, _column(report, col, col), outcome, message, _locate(rdir, source(path)),
+                 count=counted)
         note_input(path)
 
     # regression switches
-    tags = sorted((m.group(1) for p in results.glob("regressions-*.json")
+    tags = sorted((m.group(1) for p in found("regressions-*.json")
                    if (m := re.fullmatch(r"regressions-(.+)\.json", p.name))), key=len, reverse=True)
     tables: dict[str, dict[str, Any]] = {}
-    for path in sorted(results.glob("regressions*.json")):
+    for path in found("regressions*.json"):
         data = _read_json(path)
         if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
             raise ReportError(f"{path}: expected {{switch: [failed test ids]}}")
         tag = path.stem.removeprefix("regressions").removeprefix("-")
-        tables[tag] = data
+        tables.setdefault(tag, {}).update(data)  # shards run different switches
         note_input(path)
     if not tables:
         report.notes.append("no regressions.json (ci/regressions not run here)")
     with_junit: set[str] = set()
-    for path in sorted(results.glob("junit-regression-*.xml")):
+    for path in found("junit-regression-*.xml"):
         name = path.stem.removeprefix("junit-regression-")
         tag = next((t for t in tags if name.endswith(f"-{t}")), "")
         switch = name.removesuffix(f"-{tag}") if tag else name
@@ -252,7 +280,7 @@ def collect(results: Path, guests: list[str] | None = None) -> Report:
         with_junit.add(col)
         for test, outcome, message, rdir in _read_junit(path):
             base, _guest = split_guest(test, guests)
-            _add(report, base, col, outcome, message, rdir)
+            _add(report, base, col, outcome, message, _locate(rdir, source(path)))
         note_input(path)
     for tag, table in tables.items():
         for switch, failed in table.items():
@@ -270,7 +298,7 @@ def collect(results: Path, guests: list[str] | None = None) -> Report:
             column.note = "regression run without a switch"
 
     # benchmarks
-    benches = sorted(results.glob("bench-*.json"))
+    benches = found("bench-*.json")
     if not benches:
         report.notes.append("no bench-*.json (ci/bench not run here)")
     for path in benches:
@@ -406,7 +434,7 @@ def render(report: Report, out: Path) -> str:
          "<title>phd CI report</title>", f"<style>{CSS}</style></head><body>",
          "<h1>phd CI report</h1>",
          f"<p>written {esc(dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC'))}; "
-         + ", ".join(f"{n} {esc(s)}" for s, n in sorted(states.items())) + " (test x guest cells)</p>"]
+         + (", ".join(f"{n} {esc(s)}" for s, n in sorted(states.items())) or "no") + " test x guest cells</p>"]
     for p in report.pipelines:
         stages = ", ".join(f"{esc(s.get('name'))}: {esc(s.get('status'))}" for s in p["stages"])
         h.append(f"<p>{esc(p.get('pipeline', '?'))}: {'pass' if p.get('ok') else 'FAIL'} ({stages})</p>")
@@ -447,10 +475,13 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m ci.report", description=__doc__.split("\n")[0])
     parser.add_argument("--results", type=Path, default=ROOT / "results")
     parser.add_argument("--out", type=Path, default=None, help="default: RESULTS/report.html")
+    parser.add_argument("--shards", type=Path, default=None,
+                        help="also read every subfolder of this folder as a shard's results/ "
+                             "(the nightly workflow's shards/)")
     args = parser.parse_args(argv)
     out: Path = args.out or args.results / "report.html"
     try:
-        report = collect(args.results)
+        report = collect(args.results, shards=args.shards)
     except ReportError as exc:
         print(f"ci.report: ERROR: {exc}", file=sys.stderr)
         return 2

@@ -172,3 +172,32 @@ def test_command_line_writes_the_page(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["--results", str(results), "--out", str(out)]) == 0
     assert out.is_file() and str(out) in capsys.readouterr().out
     assert 'href="../results/kept/test_fails_tiny/"' in out.read_text()
+
+
+def test_shards_give_messages_regressions_and_moved_results_dirs(tmp_path: Path) -> None:
+    """The nightly merge job: the merged nightly.json in results/, each shard's results/ under
+    shards/<name>/, its phd_results paths naming the shard machine's checkout."""
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "nightly.json").write_text(json.dumps({
+        "tests/suite/test_smoke.py::test_x[tiny]": {"passed": 2, "failed": 1, "skipped": 0}}))
+    shard = tmp_path / "shards" / "nightly-shard-2"
+    kept = shard / "regression-runs" / "no-replay" / "abc" / "test_x"
+    kept.mkdir(parents=True)
+    (shard / "nightly").mkdir()
+    (shard / "nightly" / "junit-suite-1.xml").write_text(_junit(_case(
+        "test_x[tiny]", '<failure message="shard failure">t</failure>', "/__w/phd/phd/results/elsewhere")))
+    (shard / "regressions.json").write_text(json.dumps({"no-replay": ["tests/suite/test_smoke.py::test_x"]}))
+    (shard / "junit-regression-no-replay.xml").write_text(_junit(_case(
+        "test_x[tiny]", '<failure message="caught it">t</failure>',
+        "/__w/phd/phd/results/regression-runs/no-replay/abc/test_x")))
+    out = results / "report.html"
+    assert main(["--results", str(results), "--shards", str(tmp_path / "shards"), "--out", str(out)]) == 0
+    page = out.read_text()
+    t = "tests/suite/test_smoke.py::test_x"
+    assert cell_of(page, t, "tiny") == "flaky"  # counts from nightly.json only
+    assert "shard failure" in page
+    assert cell_of(page, t, "no-replay") == "caught"
+    assert 'href="../shards/nightly-shard-2/regression-runs/no-replay/abc/test_x/"' in page
+    assert "nightly-shard-2/junit-regression-no-replay.xml" in page
+    assert main(["--results", str(results), "--shards", str(tmp_path / "absent")]) == 2
