@@ -434,7 +434,8 @@ def render(report: Report, out: Path) -> str:
          "<title>phd CI report</title>", f"<style>{CSS}</style></head><body>",
          "<h1>phd CI report</h1>",
          f"<p>written {esc(dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC'))}; "
-         + (", ".join(f"{n} {esc(s)}" for s, n in sorted(states.items())) or "no") + " test x guest cells</p>"]
+         + (", ".join(f"{n} {esc(s)}" for s, n in sorted(states.items())) or "no")
+         + " test x guest cells</p>"]
     for p in report.pipelines:
         stages = ", ".join(f"{esc(s.get('name'))}: {esc(s.get('status'))}" for s in p["stages"])
         h.append(f"<p>{esc(p.get('pipeline', '?'))}: {'pass' if p.get('ok') else 'FAIL'} ({stages})</p>")
