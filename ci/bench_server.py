@@ -45,7 +45,7 @@ def blocked_vm(vms: VmFactory, disks: DiskFactory, name: str) -> tuple[TestVm, C
     disk = disks.create_crucible_disk("data", size_gib=1)
     disk.enable_vcr_black_hole()
     vm = vms.new_vm(name)
-    vm.add_crucible_disk(disk, device="data0", interface="virtio")
+    vm.attach(disk, device="data0", interface="virtio")
     vm.launch()
     target = disk.black_hole_address
 
@@ -114,7 +114,7 @@ def measure_api_under_io(fw: Framework, tmp: Path, load_s: float) -> dict[str, A
     with factories(fw, tmp, "bench-server", "api") as (vms, disks):
         disk = disks.create_crucible_disk("data", size_gib=1)
         vm = vms.new_vm("api")
-        vm.add_crucible_disk(disk, device="data0", interface="virtio")
+        vm.attach(disk, device="data0", interface="virtio")
         vm.launch()
         vm.wait_for_state(InstanceState.RUNNING, timeout_s=60.0)
         vm.wait_to_boot()

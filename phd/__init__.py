@@ -5,6 +5,8 @@ The public API is what a test author touches; everything else is private to its 
 
 from phd.client import InstanceState
 from phd.crucible import CrucibleDisk
+from phd.downstairs import Downstairs
+from phd.dsc import DownstairsSet, RegionGeometry
 from phd.errors import (
     ArtifactUnavailable,
     HarnessError,
@@ -28,11 +30,14 @@ __all__ = [
     "CommandResult",
     "CrucibleDisk",
     "DiskFactory",
+    "Downstairs",
+    "DownstairsSet",
     "FileDisk",
     "GuestCommandError",
     "HarnessError",
     "InstanceState",
     "PhdError",
+    "RegionGeometry",
     "ServerError",
     "SshCommandError",
     "SshResult",

@@ -144,7 +144,7 @@ class CrucibleDisk:
 
     def attached_to(self, vm: _Closeable) -> None:
         """Record a VM that uses this disk (TestVm.attach calls it)."""
-        if all(user is not vm for user in self._users):  # identity: TestVm compares by fields
+        if all(user is not vm for user in self._users):  # identity, not equality
             self._users.append(vm)
 
     @property

@@ -106,10 +106,14 @@ class VmFactory:
         """The raw disk image of `guest` (default: --phd-guest); None for initramfs guests."""
         return self.fw.artifacts.guest(guest or self.fw.config.default_guest).disk
 
-    def successor(self, vm: TestVm, name: str | None = None) -> TestVm:
+    def successor(self, vm: TestVm, name: str | None = None, *, next_generation: bool) -> TestVm:
         """A new VM (own server) on `vm`'s disks, not yet launched: the same guest, board
-        and devices, every Crucible disk at a generation one higher than any sent so far, so
-        the successor's activation takes the downstairs over from `vm` (PHD's successor).
+        and devices (PHD's successor).
+
+        next_generation (required, so the call says it): True sets every Crucible disk of
+        `vm` to a generation one higher than any sent so far, so the successor's activation
+        takes the downstairs over from `vm`; False leaves the generations as they are (a
+        successor that must not be able to activate while `vm` holds the disks).
 
         File disks have no generation fence: `vm` must be stopped first if it has any.
         """
@@ -119,9 +123,10 @@ class VmFactory:
                 and vm.state() not in TERMINAL:
             raise HarnessError(f"VM {vm.config.name} still runs on file disks; stop it (and wait "
                                "for Destroyed) before its successor uses them")
-        for disk in {id(att.disk): att.disk for att in vm.disks}.values():
-            if isinstance(disk, CrucibleDisk):
-                disk.set_generation(disk.generation + 1)
+        if next_generation:
+            for disk in {id(att.disk): att.disk for att in vm.disks}.values():
+                if isinstance(disk, CrucibleDisk):
+                    disk.set_generation(disk.generation + 1)
         boot = vm.disks[0].disk if vm.disks and vm.disks[0].device == BOOT_DEVICE else None
         cfg = vm.config
         succ = self._new_vm(VmConfig(name, cfg.cpus, cfg.memory_mib), vm.guest,

@@ -56,7 +56,7 @@ class GuestAdapter:
         self.run("stty cols 9999 2>/dev/null; true")
 
     def run(self, command: str, *, timeout_s: float = 60.0,
-            check: StatusCheck | str = check_ok) -> CommandResult:
+            check: StatusCheck = check_ok) -> CommandResult:
         """Run `command` in the guest shell; `check` says what its exit status must be
         (check_ok: 0, check_err: non-zero, ignore_status: anything)."""
         expect = status_check(check)

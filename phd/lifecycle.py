@@ -5,7 +5,8 @@ stopped and a successor started on its disks. A test writes
 
     vm = run_lifecycle(vm_factory, vm, [Action.REBOOT, Action.STOP_AND_START], check)
 
-and gets back the VM that is running at the end (a successor after STOP_AND_START).
+and gets back the VM that is running at the end (a successor after STOP_AND_START): keep
+using the returned VM, not the old one, which is stopped.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ __all__ = ["Action", "run_lifecycle"]
 
 class Action(enum.Enum):
     REBOOT = "reboot"  # a host-requested reboot of the same VM (guest memory is lost)
-    STOP_AND_START = "stop_and_start"  # stop -> Destroyed, then a successor on the same disks
+    # stop -> Destroyed, then a successor on the same disks at the next Crucible generation
+    STOP_AND_START = "stop_and_start"
 
 
 def run_lifecycle(factory: VmFactory, vm: TestVm, actions: Sequence[Action],
@@ -49,7 +51,7 @@ def run_lifecycle(factory: VmFactory, vm: TestVm, actions: Sequence[Action],
             else:
                 vm.stop()
                 vm.wait_for_state(InstanceState.DESTROYED, timeout_s)
-                vm = factory.successor(vm)
+                vm = factory.successor(vm, next_generation=True)
                 vm.launch()
                 vm.wait_for_state(InstanceState.RUNNING, timeout_s)
                 vm.wait_to_boot(timeout_s)

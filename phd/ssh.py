@@ -124,7 +124,7 @@ class SshSession:
         return transport is not None and bool(transport.is_active())
 
     def run(self, command: str, *, timeout_s: float = 60.0,
-            check: StatusCheck | str = check_ok) -> SshResult:
+            check: StatusCheck = check_ok) -> SshResult:
         """Run ``command``; stdout and stderr exactly as sent (UTF-8), and the exit status.
 
         check: check_ok (status 0), check_err (non-zero) or ignore_status.

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import enum
 
-from phd.errors import HarnessError
-
 __all__ = ["StatusCheck", "check_err", "check_ok", "ignore_status", "status_check"]
 
 
@@ -33,13 +31,10 @@ check_err = StatusCheck.ERR
 ignore_status = StatusCheck.IGNORE
 
 
-def status_check(value: StatusCheck | str) -> StatusCheck:
-    """Accept the enum or its name as text ("check_err"); anything else is a clear error."""
+def status_check(value: object) -> StatusCheck:
+    """`check=` takes a StatusCheck only (check_ok, check_err, ignore_status from phd); a
+    string or anything else is a TypeError that names the enum and its values."""
     if isinstance(value, StatusCheck):
         return value
-    try:
-        return StatusCheck(value)
-    except ValueError:
-        names = ", ".join(member.value for member in StatusCheck)
-        raise HarnessError(f"check={value!r} is not an exit-status expectation; use one of "
-                           f"{names} (phd.check_ok, ...)") from None
+    names = ", ".join(f"phd.{member.value}" for member in StatusCheck)
+    raise TypeError(f"check={value!r} is not a phd.StatusCheck; pass one of {names}")

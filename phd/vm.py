@@ -84,28 +84,35 @@ class _Phase(enum.Enum):
     CLOSED = "closed"
 
 
-@dataclass
+@dataclass(eq=False)  # a VM is itself: two handles are never "equal"
 class TestVm:
+    """A VM under test. Tests get one from `vm_factory.new_vm()` (or `successor()`), never
+    by calling this class: the factory allocates its ports, server and boot disk and tears
+    it all down. Only the four public fields below are constructor parameters."""
+
     __test__ = False  # not a pytest test class despite the name
 
     config: VmConfig
     server: ServerProcess
     guest: GuestArtifact
     test_dir: Path
-    disks: list[_Attached] = field(default_factory=list)
-    _client: ServerClient | None = None
-    _console: SerialConsole | None = None
-    _adapter: GuestAdapter | None = None
-    _ssh: SshSession | None = None
-    _ssh_public: str | None = None  # the VM's public key line, once generated
-    _ssh_installed: bool = False  # ... and once it is in the guest's authorized_keys
-    _phase: _Phase = _Phase.NEW
-    _epoch: float = field(default_factory=time.monotonic)
+    # Internal state, set by the VM's own methods, never by a caller.
+    disks: list[_Attached] = field(init=False, default_factory=list)
+    _client: ServerClient | None = field(init=False, default=None, repr=False)
+    _console: SerialConsole | None = field(init=False, default=None, repr=False)
+    _adapter: GuestAdapter | None = field(init=False, default=None, repr=False)
+    _ssh: SshSession | None = field(init=False, default=None, repr=False)
+    # The VM's public key line, once generated, and whether it is in the guest's authorized_keys.
+    _ssh_public: str | None = field(init=False, default=None, repr=False)
+    _ssh_installed: bool = field(init=False, default=False, repr=False)
+    _phase: _Phase = field(init=False, default=_Phase.NEW, repr=False)
+    _epoch: float = field(init=False, default_factory=time.monotonic, repr=False)
 
     @contextlib.contextmanager
     def step(self, name: str, **detail: object) -> Iterator[None]:
         """Log a step with its start (since the VM object was made) and duration, as JSON lines
-        in `<test dir>/<vm>.steps.jsonl`; a failed step is logged with its error."""
+        in `<test dir>/<vm>.steps.jsonl`; a failed step is logged with its error. The
+        framework logs its own calls; a test may wrap its phases: `with vm.step("fill disk"):`."""
         start = time.monotonic()
         outcome = "ok"
         try:
@@ -120,16 +127,11 @@ class TestVm:
                 f.write(json.dumps(record, default=str) + "\n")
 
     # --- configuration (before launch) --------------------------------------------
-    def add_crucible_disk(self, disk: CrucibleDisk, device: str = "data0",
-                          interface: str = "virtio") -> None:
-        self.attach(disk, device, interface)
-
-    def add_file_disk(self, disk: FileDisk, device: str = "data0", interface: str = "virtio") -> None:
-        """Attach a file disk (the factory attaches a disk guest's boot overlay as `boot0`)."""
-        self.attach(disk, device, interface)
-
-    def attach(self, disk: CrucibleDisk | FileDisk, device: str, interface: str = "virtio") -> None:
-        """Attach either kind of disk as `device` (virtio or nvme), before launch."""
+    def attach(self, disk: CrucibleDisk | FileDisk, device: str = "data0",
+               interface: str = "virtio") -> None:
+        """Attach a disk from the disk factory (`disk_factory.create_crucible_disk()` or
+        `create_file_disk()`) as `device`, on `interface` "virtio" or "nvme", before launch.
+        Devices appear in attachment order (see `device_path`)."""
         self._attach(_Attached(device, interface, disk))
 
     @property
@@ -174,6 +176,16 @@ class TestVm:
     # --- lifecycle ----------------------------------------------------------------
     @property
     def client(self) -> ServerClient:
+        """The HTTP client of this VM's server, for requests the framework has no verb for.
+        The server starts in `launch()` (or `ensure()`); reading this before is an error."""
+        if self._client is None:
+            raise HarnessError(f"VM {self.config.name} has no server running yet: call "
+                               "vm.launch() (or vm.ensure()) before using vm.client")
+        return self._client
+
+    def _start_server(self) -> ServerClient:
+        if self._phase is _Phase.CLOSED:
+            raise HarnessError(f"VM {self.config.name} is closed; make a new one (vm_factory.new_vm)")
         if self._client is None:
             if not self.server.alive():
                 self.server.start()
@@ -181,7 +193,10 @@ class TestVm:
         return self._client
 
     def ensure(self) -> None:
-        self.client.ensure({"id": str(uuidlib.uuid4()), "name": self.config.name}, self.spec())
+        """Start the VM's server (on the first call) and create the instance on it
+        (`PUT /instance`, state Creating); `launch()` is ensure + run."""
+        client = self._start_server()
+        client.ensure({"id": str(uuidlib.uuid4()), "name": self.config.name}, self.spec())
         self._phase = _Phase.ENSURED
 
     def run(self) -> None:
@@ -238,10 +253,10 @@ class TestVm:
             self._adapter = self._adapter_class()(self.console)
             self._adapter.login(timeout_s)
 
-    def run_shell_command(self, command: str, *, check: StatusCheck | str = check_ok,
+    def run_shell_command(self, command: str, *, check: StatusCheck = check_ok,
                           timeout_s: float = 60.0) -> CommandResult:
         """Run `command` on the serial console shell: exact output and exit status; `check`
-        (check_ok, check_err, ignore_status from phd) says what the status must be."""
+        (phd.check_ok, check_err or ignore_status; nothing else) says what the status must be."""
         if self._adapter is None:
             raise HarnessError("call wait_to_boot() before run_shell_command()")
         with self.step("run_shell_command", command=command):
@@ -347,8 +362,8 @@ class TestVm:
         state = self._state_or_unknown() if self.server.alive() else "server not running"
         lines = [f"VM {self.config.name}: server pid {self.server.pid}, state {state}",
                  f"  API:     curl {self.server.base_url}/instance",
-                 # From the server's address, not self.client: that would start a server
-                 # that has died, and this text must only describe what is there.
+                 # From the server's address, not self.client: this text must describe
+                 # what is there, even for a VM whose server never started.
                  f"  console: python -m websockets "
                  f"{self.server.base_url.replace('http://', 'ws://', 1)}/instance/serial?from_start=0"]
         key = self.test_dir / f"{self.config.name}.ssh_ed25519"

@@ -44,7 +44,7 @@ def test_vcr_replace_during_start(vm_factory: VmFactory, disk_factory: DiskFacto
     disk = disk_factory.create_crucible_disk("data", size_gib=1, encrypted=encrypted)
     disk.enable_vcr_black_hole()
     vm = vm_factory.new_vm("vcr-replace")
-    vm.add_crucible_disk(disk, device="data0", interface="virtio")
+    vm.attach(disk, device="data0", interface="virtio")
     vm.launch()
 
     # Show WHY the VM is not running before asserting that it is not.
@@ -95,7 +95,7 @@ def test_vcr_replace_during_start_with_a_silent_black_hole(vm_factory: VmFactory
     disk = disk_factory.create_crucible_disk("data", size_gib=1)
     disk.enable_vcr_black_hole("silent")
     vm = vm_factory.new_vm("vcr-silent")
-    vm.add_crucible_disk(disk, device="data0", interface="virtio")
+    vm.attach(disk, device="data0", interface="virtio")
     vm.launch()
     status = wait_blocked_on_black_hole(vm, disk)
     assert vm.state() is InstanceState.STARTING, f"a hung downstairs must block the start: {status}"
@@ -155,7 +155,7 @@ def test_read_only_parent_shows_through_unwritten_blocks(
     parent.write_bytes(hashlib.sha256(b"phd").digest() * (4 * mib // 32))  # 4 MiB, known
     disk = disk_factory.create_crucible_disk("data", size_gib=1, read_only_parent=parent)
     vm = vm_factory.new_vm("parent")
-    vm.add_crucible_disk(disk)
+    vm.attach(disk)
     _running(vm)
     assert read_md5(vm, disk, offset_mib=0, size_mib=4) == hashlib.md5(parent.read_bytes()).hexdigest(), \
         "the guest does not read the read-only parent's blocks through the Crucible disk"
@@ -203,7 +203,7 @@ def test_replace_while_running_repairs_live_without_interrupting_guest_io(
         vm_factory: VmFactory, disk_factory: DiskFactory) -> None:
     disk = disk_factory.create_crucible_disk("data", size_gib=1, extent_mib=16)
     vm = vm_factory.new_vm("live-repair")
-    vm.add_crucible_disk(disk)
+    vm.attach(disk)
     _running(vm)
     dev = vm.device_path(disk)
     kept = write_pattern(vm, disk, offset_mib=0, size_mib=64)
@@ -245,7 +245,7 @@ def test_downstairs_killed_while_running_then_replaced(vm_factory: VmFactory,
     everything, including what was written while it was gone."""
     disk = disk_factory.create_crucible_disk("data", size_gib=1, extent_mib=16)
     vm = vm_factory.new_vm("ds-killed")
-    vm.add_crucible_disk(disk)
+    vm.attach(disk)
     _running(vm)
     before = write_pattern(vm, disk, offset_mib=0, size_mib=16)
 
@@ -274,7 +274,7 @@ def test_replacements_that_break_a_rule_are_refused(vm_factory: VmFactory, disk_
     spares = [disk_factory.add_downstairs(disk) for _ in range(2)]
     disk.set_generation(2)
     vm = vm_factory.new_vm("rules")
-    vm.add_crucible_disk(disk)
+    vm.attach(disk)
     vm.launch()
     vm.wait_for_state(InstanceState.RUNNING, timeout_s=60.0)
     parent = phd_test_dir / "late-parent.raw"
@@ -317,7 +317,7 @@ def test_a_stale_generation_cannot_activate(vm_factory: VmFactory, disk_factory:
     disk = disk_factory.create_crucible_disk("data", size_gib=1)
     disk.set_generation(3)
     vm = vm_factory.new_vm("writer")
-    vm.add_crucible_disk(disk)
+    vm.attach(disk)
     _running(vm)
     write_pattern(vm, disk, offset_mib=0, size_mib=1)
     vm.stop()
@@ -325,7 +325,7 @@ def test_a_stale_generation_cannot_activate(vm_factory: VmFactory, disk_factory:
 
     disk.set_generation(2)
     stale = vm_factory.new_vm("stale")
-    stale.add_crucible_disk(disk)
+    stale.attach(disk)
     stale.launch()
     state = wait_until(stale.state, lambda s: s in (InstanceState.FAILED, InstanceState.RUNNING),
                        what="the stale VM to fail or run", timeout_s=60.0)
@@ -340,11 +340,11 @@ def test_a_successor_fences_its_running_predecessor(vm_factory: VmFactory,
     fail from then on, and the successor sees everything the old VM wrote before."""
     disk = disk_factory.create_crucible_disk("data", size_gib=1)
     old = vm_factory.new_vm("old")
-    old.add_crucible_disk(disk)
+    old.attach(disk)
     _running(old)
     written = write_pattern(old, disk, offset_mib=0, size_mib=4)
 
-    new = vm_factory.successor(old)
+    new = vm_factory.successor(old, next_generation=True)
     _running(new)
     assert new.disk_status(disk)["generation"] == 2
     assert read_md5(new, disk, offset_mib=0, size_mib=4) == written
@@ -365,7 +365,7 @@ def test_a_restarted_downstairs_catches_up_by_replay(vm_factory: VmFactory,
     every write since, so the copy holds what the guest wrote while it was down."""
     disk = disk_factory.create_crucible_disk("data", size_gib=1, extent_mib=16)
     vm = vm_factory.new_vm("replay")
-    vm.add_crucible_disk(disk)
+    vm.attach(disk)
     _running(vm)
     before = write_pattern(vm, disk, offset_mib=0, size_mib=8)
 
@@ -392,7 +392,7 @@ def test_a_corrupted_block_on_one_copy_is_never_served(vm_factory: VmFactory,
     sees the damage (and the damaged copy is repaired)."""
     disk = disk_factory.create_crucible_disk("data", size_gib=1, extent_mib=16)
     vm = vm_factory.new_vm("bitrot")
-    vm.add_crucible_disk(disk)
+    vm.attach(disk)
     _running(vm)
     written = write_pattern(vm, disk, offset_mib=1, size_mib=1)
     corrupt_copy(disk, 2, offset=(1 << 20) + 4096)
@@ -419,7 +419,7 @@ def test_an_encrypted_disk_round_trips_and_stores_no_plaintext(
     plaintext = ((marker + "\n") * (mib // (len(marker) + 1) + 1)).encode()[:mib]
     disk = disk_factory.create_crucible_disk("data", size_gib=1, extent_mib=16, encrypted=encrypted)
     vm = vm_factory.new_vm("crypt")
-    vm.add_crucible_disk(disk)
+    vm.attach(disk)
     _running(vm)
     dev = vm.device_path(disk)
     written = vm.run_shell_command(

@@ -21,7 +21,7 @@ def test_stop_while_blocked_on_start(vm_factory: VmFactory, disk_factory: DiskFa
     disk = disk_factory.create_crucible_disk("data", size_gib=1, encrypted=encrypted)
     disk.enable_vcr_black_hole()
     vm = vm_factory.new_vm("stop-blocked")
-    vm.add_crucible_disk(disk, device="data0")
+    vm.attach(disk, device="data0")
     vm.launch()
 
     vm.wait_for_state(InstanceState.STARTING, timeout_s=15.0)
@@ -107,7 +107,7 @@ def test_vcr_replacement_after_a_queued_stop_is_queued(vm_factory: VmFactory,
     (Propolis issue 879); the VM then goes away first, so it is answered 410."""
     disk = disk_factory.create_crucible_disk("data", size_gib=1)
     vm = vm_factory.new_vm("vcr-after-stop")
-    vm.add_crucible_disk(disk, device="data0")
+    vm.attach(disk, device="data0")
     vm.launch()
     vm.wait_for_state(InstanceState.RUNNING, timeout_s=60.0)
     # A reboot keeps the driver busy (it waits for the machine's resets to settle), so the

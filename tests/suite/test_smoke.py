@@ -64,7 +64,7 @@ def test_crucible_disk_healthy_start(vm_factory: VmFactory, disk_factory: DiskFa
     """Without a black hole the VM starts straight away on a Crucible data disk."""
     disk = disk_factory.create_crucible_disk("data", size_gib=1)
     vm = vm_factory.new_vm("crucible-ok")
-    vm.add_crucible_disk(disk, device="data0")
+    vm.attach(disk, device="data0")
     vm.launch()
     vm.wait_for_state(InstanceState.RUNNING, timeout_s=60.0)
     vm.wait_to_boot()

@@ -3,6 +3,7 @@ sends for file disks and its SSH forward (no server, no VM)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -78,8 +79,8 @@ def test_spec_puts_the_boot_disk_first_and_names_its_format(tmp_path: Path) -> N
     vm = _vm(tmp_path, ssh_port=34567)
     boot = FileDisk("vm.boot0", tmp_path / "vm.boot0.qcow2", "qcow2", 1 << 30, base=tmp_path / "disk.raw")
     data = FileDisk("data", tmp_path / "data.raw", "raw", 1 << 30)
-    vm.add_file_disk(boot, device="boot0")
-    vm.add_file_disk(data, device="data0", interface="nvme")
+    vm.attach(boot, device="boot0")
+    vm.attach(data, device="data0", interface="nvme")
     spec = vm.spec()
     assert list(spec["disks"]) == ["boot0", "data0"]
     assert spec["disks"]["boot0"] == {"interface": "virtio", "backend": {
@@ -104,18 +105,32 @@ def test_no_ssh_port_means_no_nic_and_no_ssh(tmp_path: Path) -> None:
 def test_a_device_name_is_used_once(tmp_path: Path) -> None:
     vm = _vm(tmp_path, ssh_port=None)
     disk = FileDisk("data", tmp_path / "data.raw", "raw", 1 << 30)
-    vm.add_file_disk(disk, device="data0")
+    vm.attach(disk, device="data0")
     with pytest.raises(HarnessError, match="already has a disk device 'data0'"):
-        vm.add_file_disk(disk, device="data0")
+        vm.attach(disk, device="data0")
 
 
 def test_device_paths_follow_attachment_order_per_interface(tmp_path: Path) -> None:
     vm = _vm(tmp_path, ssh_port=None)
     disks = [FileDisk(f"d{i}", tmp_path / f"d{i}.raw", "raw", 1 << 30) for i in range(4)]
-    vm.add_file_disk(disks[0], device="boot0")
-    vm.add_file_disk(disks[1], device="data0", interface="nvme")
-    vm.add_file_disk(disks[2], device="data1")
-    vm.add_file_disk(disks[3], device="data2", interface="nvme")
+    vm.attach(disks[0], device="boot0")
+    vm.attach(disks[1], device="data0", interface="nvme")
+    vm.attach(disks[2], device="data1")
+    vm.attach(disks[3], device="data2", interface="nvme")
     assert [vm.device_path(d) for d in disks] == ["/dev/vda", "/dev/nvme0n1", "/dev/vdb", "/dev/nvme1n1"]
     with pytest.raises(HarnessError, match="not attached"):
         vm.device_path(FileDisk("x", tmp_path / "x.raw", "raw", 1 << 30))
+
+
+def test_reading_the_client_before_launch_names_the_call_and_starts_nothing(tmp_path: Path) -> None:
+    vm = _vm(tmp_path, ssh_port=None)
+    with pytest.raises(HarnessError, match=r"call vm.launch\(\) \(or vm.ensure\(\)\) before using vm.client"):
+        _ = vm.client
+    assert vm.server.pid is None  # no server was started as a side effect
+
+
+def test_the_vm_constructor_takes_only_its_public_fields(tmp_path: Path) -> None:
+    params = [f.name for f in dataclasses.fields(TestVm) if f.init]
+    assert params == ["config", "server", "guest", "test_dir"]
+    vm = _vm(tmp_path, ssh_port=None)
+    assert vm != _vm(tmp_path, ssh_port=None)  # a VM is itself, whatever its fields

@@ -1,25 +1,23 @@
-"""The README's complete test example stays in step with the API: it is taken from the
-README, compiled and executed (which imports every name it uses and defines the test).
-Running it for real takes a VM; it was run when written, and `pytest` on a copy runs it."""
+"""The README's complete test example stays in step with the API without a VM: it is taken
+from the README, compiled and executed (which imports every name it uses and defines the
+test). tests/suite/test_readme_example.py runs the same block for real in the suite."""
 
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 
-README = Path(__file__).resolve().parents[3] / "README.md"
-MARKER = "# tests/suite/test_my_feature.py"
-
-
-def _example() -> str:
-    text = README.read_text()
-    start = text.index(MARKER)
-    return text[start:text.index("```", start)]
+from tests.suite import test_readme_example as suite_copy
 
 
 def test_the_readme_example_imports_and_defines_a_test() -> None:
     namespace: dict[str, object] = {}
-    exec(compile(_example(), "README.md example", "exec"), namespace)
+    exec(compile(suite_copy.readme_example(), "README.md example", "exec"), namespace)
     test = namespace["test_data_survives_reboot_and_successor"]
     assert callable(test)
     assert list(inspect.signature(test).parameters) == ["vm_factory", "disk_factory", "phd_guest"]
+
+
+def test_the_suite_collects_the_readme_example_with_its_markers() -> None:
+    assert callable(getattr(suite_copy, "test_data_survives_reboot_and_successor", None))
+    marks = {mark.name for mark in suite_copy.pytestmark}  # type: ignore[attr-defined]
+    assert {"vm", "crucible"} <= marks
