@@ -95,8 +95,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config._phd_session = (workerinput or {}).get("phd_session") or uuidlib.uuid4().hex[:8]  # type: ignore[attr-defined]
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(), "phd-xdist")
-    config.pluginmanager.register(_SessionProgress(config, worker=workerinput is not None),
-                                  "phd-progress")
+    # The worker's name from xdist itself, not the environment: a session started inside
+    # another session's worker (the meta tests do) inherits that worker's PYTEST_XDIST_WORKER.
+    worker_id = str((workerinput or {}).get("workerid", "")) or None
+    config.pluginmanager.register(_SessionProgress(config, worker=worker_id), "phd-progress")
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
@@ -134,7 +136,7 @@ class _SessionProgress:
     (phd.progress): the reporter of this process, and under xdist the controller's tail of
     the workers' progress log. `-q` keeps the terminal quiet; the log has every line."""
 
-    def __init__(self, config: pytest.Config, *, worker: bool) -> None:
+    def __init__(self, config: pytest.Config, *, worker: str | None) -> None:
         self.config = config
         phd = config.stash[_CONFIG]
         self.log_path = phd.tmp_dir / config._phd_session / "progress.log"  # type: ignore[attr-defined]
@@ -143,13 +145,13 @@ class _SessionProgress:
         self._tail: ProgressTail | None = None
         self._broke_line = False
         terminal = None
-        if not worker and not self.quiet:
+        if worker is None and not self.quiet:
             # A copy of the terminal's descriptor, taken now, before any test captures fd 1:
             # builds run inside a test's setup, and often on a thread (a recipe's output reader).
             with contextlib.suppress(OSError):
                 self._fd = os.dup(sys.stdout.fileno())
             terminal = self._write_direct if self._fd is not None else None
-        self.reporter = ProgressReporter(terminal=terminal, log_path=self.log_path)
+        self.reporter = ProgressReporter(terminal=terminal, log_path=self.log_path, worker=worker or "")
 
     def _terminal(self) -> Any:
         return self.config.pluginmanager.get_plugin("terminalreporter")

@@ -12,7 +12,7 @@ pytest_plugins = ["pytester"]
 # Counts its steps ("[1/2]") like the image build's "Step 1/6", so the lines carry a percentage;
 # takes 2 x 2.5 s, longer than a cache hit (phd.progress.SHOW_AFTER_S), so the terminal shows it.
 RECIPE = r"""#!/usr/bin/env python3
-import json, sys, time
+import json, os, sys, time
 from pathlib import Path
 out = Path(sys.argv[sys.argv.index("--out") + 1])
 if (out / "guest.json").is_file():
@@ -22,6 +22,15 @@ if (out / "guest.json").is_file():
 out.mkdir(parents=True, exist_ok=True)
 print("slow: [1/2] fetching the kernel", file=sys.stderr, flush=True)
 time.sleep(2.5)
+# Under xdist, hold the build until the other worker says it waits (bounded): on a loaded
+# machine that worker may start later than a build of fixed length takes.
+if os.environ.get("SLOW_RECIPE_AWAIT_WAITER"):
+    deadline = time.monotonic() + 60
+    logs = Path(os.environ["SLOW_RECIPE_AWAIT_WAITER"])
+    while time.monotonic() < deadline and not any(
+        "waiting for gw" in log.read_text() for log in logs.glob("*/progress.log")
+    ):
+        time.sleep(0.1)
 print("slow: [2/2] writing the initramfs", file=sys.stderr, flush=True)
 time.sleep(2.5)
 for name in ("vmlinuz", "initrd.img", "cmdline"):
@@ -56,7 +65,12 @@ def project(pytester: pytest.Pytester) -> list[str]:
 
 
 def run(pytester: pytest.Pytester, *args: str) -> tuple[pytest.RunResult, list[str]]:
-    result = pytester.runpytest_subprocess(*project(pytester), "-n", "2", *args, timeout=120)
+    # --dist each: both workers need the guest (with load scheduling xdist may give both tests
+    # to one worker, and nobody would wait); the recipe holds its build until one waits.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SLOW_RECIPE_AWAIT_WAITER", str(pytester.path / "results"))
+        result = pytester.runpytest_subprocess(*project(pytester), "-n", "2", "--dist", "each", *args,
+                                               timeout=180)
     logs = list((pytester.path / "results").glob("*/progress.log"))
     assert len(logs) == 1, logs  # one log for the session, shared by its workers
     return result, logs[0].read_text().splitlines()
@@ -68,7 +82,7 @@ def phd_lines(text: str) -> list[str]:
 
 def test_one_worker_builds_the_other_says_it_waits_each_line_once(pytester: pytest.Pytester) -> None:
     result, log = run(pytester)
-    result.assert_outcomes(passed=2)
+    result.assert_outcomes(passed=4)
     shown = phd_lines(result.stdout.str())
     started = [m.group(1) for line in shown
                if (m := re.match(r"phd: build slow \[(gw\d)\] 0\.0 s: started", line))]
@@ -92,7 +106,7 @@ def test_one_worker_builds_the_other_says_it_waits_each_line_once(pytester: pyte
 
 def test_quiet_keeps_the_terminal_clear_and_the_log_full(pytester: pytest.Pytester) -> None:
     result, log = run(pytester, "-q")
-    result.assert_outcomes(passed=2)
+    result.assert_outcomes(passed=4)
     assert phd_lines(result.stdout.str()) == []
     assert any("[2/2] writing the initramfs" in line for line in log)
     assert any("waiting for gw" in line for line in log)
