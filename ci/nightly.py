@@ -5,6 +5,9 @@ Usage: ci/nightly [--repeat N] [--shard i/N] [--stages a,b] [extra pytest args]
 
 Stages (all run, whatever fails; summary and exit status as in ci/test):
   ruff, mypy        as in ci/test (on shard 1 only: they are not pytest items)
+  mutation          ci/mutation (shard 1 only): mutmut over the request queue, the VCR rules and
+                    the state driver against their unit tests -> results/mutation.json; fails
+                    when a module scores below 0.95
   tests             tests/ minus tests/suite, every guest of the manifest
   suite-1..N        the whole suite (nightly tests included) on every guest, --repeat times
                     (default 3): the runs give each test a pass rate
@@ -15,7 +18,7 @@ report says what was not covered and why.
 
 --shard i/N (1-based) lets N machines share the night: the pytest stages get
 `--phd-shard i/N` (each item runs on exactly one machine), the regression matrix is split by
-switch (`ci/regressions --shard i/N`), ruff and mypy run on shard 1.
+switch (`ci/regressions --shard i/N`), ruff, mypy and mutation run on shard 1.
 
 Writes results/nightly.json ({test id: {passed, failed, skipped, runs, pass_rate}}; pass_rate =
 passed / (passed + failed), null when the test never ran, errors count as failed), JUnit XML
@@ -75,7 +78,9 @@ def stages(guests: list[str], repeat: int, shard: str | None, extra: list[str]) 
     out: list[Stage] = []
     if not shard or shard.split("/")[0].strip() == "1":
         out += [Stage("ruff", ["ruff", "check", "phd", "sut", "tests", "guests", "ci"]),
-                Stage("mypy", ["mypy"])]
+                Stage("mypy", ["mypy"]),
+                # fails when a module's unit tests kill under 95% of its mutants
+                Stage("mutation", [sys.executable, "ci/mutation.py"])]
     junit = NIGHTLY / "junit-tests.xml"
     out.append(Stage("tests", [*PYTEST, "tests", "--ignore=tests/suite", *matrix, "-n", "2", *sharded,
                                f"--junitxml={junit}", allure, *extra], junit=junit, empty_ok=narrowed))

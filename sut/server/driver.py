@@ -145,8 +145,7 @@ class StateDriver:
         if self._task is None or self._task.done():
             await self.monitor.release_waiters()
             return
-        with contextlib.suppress(RequestDeniedError):
-            self.request_state(RequestKind.STOP)
+        self.request_state(RequestKind.STOP)  # never denied: ignored when pending or terminal
         try:
             await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
         except TimeoutError:
@@ -247,8 +246,7 @@ class StateDriver:
                 if exited.done():
                     raise RuntimeError(f"QEMU exited during startup (code {exited.result()})")
                 request = self._queue.pop(state_changes=serve_stops)
-                if request is None:
-                    continue
+                assert request is not None  # ready: has_ready() held, and only we pop
                 if request.kind is RequestKind.STOP:
                     self._log.info("stop requested during startup; aborting activation")
                     activation.cancel()
@@ -302,14 +300,12 @@ class StateDriver:
                     # Stop had been requested, so the queue answers as it does then
                     # (a Reboot now is refused; queued requests get 410).
                     self._log.info("guest powered off")
-                    with contextlib.suppress(RequestDeniedError):
-                        self._queue.try_queue(RequestKind.STOP)
+                    self._queue.try_queue(RequestKind.STOP)  # never denied (see shutdown)
                     await self._publish(InstanceState.STOPPING)
                     await self._stop_vm()
                     return InstanceState.DESTROYED
                 request = self._queue.pop()
-                if request is None:
-                    continue
+                assert request is not None  # ready (or a reset while has_ready()): see above
                 if request.kind is RequestKind.STOP:
                     await self._publish(InstanceState.STOPPING)
                     await self._stop_vm()
@@ -359,9 +355,10 @@ class StateDriver:
             return guest
 
     async def _apply(self, request: QueuedRequest[_Replacement]) -> None:
+        # Only replacements get here (a Stop, a Start or a Reboot is served by the caller; the
+        # queue ignores duplicate Starts), and only replacements carry a payload: their answer.
         replacement = request.payload
-        if request.kind is not RequestKind.REPLACE or replacement is None:
-            return  # a duplicate Start: the queue ignores these, nothing to do
+        assert replacement is not None
         if replacement.answer.done():
             return  # the HTTP caller went away
         backend = self._backends[replacement.backend_id]
