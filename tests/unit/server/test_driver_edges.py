@@ -19,7 +19,7 @@ from sut.server import driver as driver_module
 from sut.server.driver import InstanceGoneError, NoSuchBackendError, StateDriver
 from sut.server.qemu import GuestEvent
 from sut.server.regressions import Regressions
-from sut.server.request_queue import DenyReason, RequestDeniedError, RequestKind
+from sut.server.request_queue import DenyReason, QueueState, RequestDeniedError, RequestKind
 from sut.server.states import InstanceState as S
 
 from .fakes import FakeBackend, FakeVm
@@ -478,5 +478,46 @@ def test_event_waits_failing_as_they_are_cancelled_do_not_fail_the_instance() ->
         rig.driver.request_state(RequestKind.STOP)  # the running loop's guest-event wait is cancelled
         await rig.reach(S.DESTROYED)
         assert rig.states() == [S.CREATING, S.STARTING, S.RUNNING, S.STOPPING, S.STOPPED, S.DESTROYED]
+
+    run(body)
+
+
+class CloseFailingBackend(OrderedBackend):
+    async def close(self) -> None:
+        await super().close()
+        raise OSError("the export's socket would not close")
+
+
+def test_a_backend_failing_to_close_is_logged_and_teardown_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    async def body() -> None:
+        rig = Rig(healthy=True, backend_cls=CloseFailingBackend)
+        rig.start()
+        await rig.reach(S.RUNNING)
+        rig.driver.request_state(RequestKind.STOP)
+        await rig.reach(S.DESTROYED)
+        assert rig.events[:4] == ["vm:launch", "vm:cont", "vm:shutdown", "backend:close"]
+
+    run(body)
+    failures = [r for r in driver_records(caplog) if r.getMessage() == "closing backend failed"]
+    assert failures and all(r.levelno == logging.ERROR for r in failures)
+    assert {r.error for r in failures} == {repr(OSError("the export's socket would not close"))}  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("end", "queue_state"), [("stop", QueueState.STOPPED), ("crash", QueueState.FAILED)])
+def test_the_queue_ends_in_the_instance_s_terminal_state(end: str, queue_state: QueueState) -> None:
+    """The queue keeps Propolis's distinction between an instance that stopped and one that
+    failed (white box: the driver's API answers both the same way)."""
+
+    async def body() -> None:
+        rig = Rig(healthy=True)
+        rig.start()
+        await rig.reach(S.RUNNING)
+        if end == "stop":
+            rig.driver.request_state(RequestKind.STOP)
+        else:
+            rig.vm.crash()
+        await rig.reach(S.DESTROYED if end == "stop" else S.FAILED)
+        await rig.driver.shutdown()
+        assert rig.driver._queue.state is queue_state
 
     run(body)
