@@ -618,7 +618,7 @@ def test_flush_ack_is_sent_only_after_fsync_strace(downstairs: DownstairsFactory
             "checks the file contents the same steps leave"
         )
     ds = downstairs.create()
-    assert ds.proc is not None
+    assert ds.process is not None and ds.process.pid is not None
     trace = tmp_path / "strace.txt"
     err = tmp_path / "strace.err"
     with err.open("wb") as err_file:
@@ -636,7 +636,7 @@ def test_flush_ack_is_sent_only_after_fsync_strace(downstairs: DownstairsFactory
                 "-o",
                 str(trace),
                 "-p",
-                str(ds.proc.pid),
+                str(ds.process.pid),
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
