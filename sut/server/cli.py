@@ -16,6 +16,7 @@ from pathlib import Path
 import uvicorn
 
 from sut.path_policy import PathPolicy, default_roots
+from sut.regressions import ALL_REGRESSIONS
 from sut.server import logs
 from sut.server.api import DEFAULT_LONG_POLL_MAX_S, ServerController, create_app
 from sut.server.instance import VmConfig
@@ -27,7 +28,7 @@ from sut.server.limits import (
     guarded_protocol,
 )
 from sut.server.policy import DEFAULT_NETWORKS, TargetPolicy
-from sut.server.regressions import ALL_REGRESSIONS, Regressions, UnknownRegressionError
+from sut.server.regressions import Regressions, UnknownRegressionError
 
 ACCEL_ENV = "SUT_SERVER_ACCEL"
 QEMU_ENV = "SUT_SERVER_QEMU"

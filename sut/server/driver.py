@@ -15,9 +15,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from sut.server import regressions as reg
+from sut import regressions as table
 from sut.server.backends import BlockBackend, ReplacementRejectedError
 from sut.server.qemu import GuestEvent
+from sut.server.regressions import NO_REGRESSIONS, Regressions
 from sut.server.request_queue import (
     QueuedRequest,
     QueueRegressions,
@@ -82,7 +83,7 @@ class StateDriver:
         *,
         backends: dict[str, BlockBackend],
         vm_factory: Callable[[], Vm],
-        regressions: reg.Regressions = reg.NO_REGRESSIONS,
+        regressions: Regressions = NO_REGRESSIONS,
         logger: logging.Logger | None = None,
         on_destroyed: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
@@ -96,8 +97,8 @@ class StateDriver:
         self.monitor = StateMonitor()
         self._queue: RequestQueue[_Replacement] = RequestQueue(
             QueueRegressions(
-                vcr_denied_while_starting=regressions.enabled(reg.VCR_DENIED_WHILE_STARTING),
-                vcr_denied_after_stop=regressions.enabled(reg.VCR_DENIED_AFTER_STOP),
+                vcr_denied_while_starting=regressions.enabled(table.VCR_DENIED_WHILE_STARTING),
+                vcr_denied_after_stop=regressions.enabled(table.VCR_DENIED_AFTER_STOP),
             )
         )
         self._wakeup = asyncio.Event()
@@ -207,7 +208,7 @@ class StateDriver:
         await self._vm.launch()
         activation = asyncio.create_task(self._activate_all(), name="activate-backends")
         try:
-            if self._regressions.enabled(reg.BLOCKING_START):
+            if self._regressions.enabled(table.BLOCKING_START):
                 # REGRESSION blocking-start (Propolis issue 841): the driver
                 # awaited "start block backends" before reading its queue, so
                 # a corrected VCR or a stop queued behind an activation that
@@ -230,7 +231,7 @@ class StateDriver:
         assert self._vm is not None
         # REGRESSION stop-ignored-while-starting: stops stay queued until
         # startup ends (the pre-873 behaviour); replacements are still served.
-        serve_stops = not self._regressions.enabled(reg.STOP_IGNORED_WHILE_STARTING)
+        serve_stops = not self._regressions.enabled(table.STOP_IGNORED_WHILE_STARTING)
         exited = asyncio.create_task(self._vm.wait_exit(), name="qemu-exit")
         try:
             while not activation.done():

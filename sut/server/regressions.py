@@ -1,7 +1,7 @@
 """The server's view of the regression switches: which ones a run enabled.
 
-The names and what each re-creates are the one table in ``sut.regressions`` (re-exported here
-for the driver and the queue). Server-side switches are implemented in the driver/queue as
+The names and what each re-creates are the one table in ``sut.regressions`` (importers take
+the names from there). Server-side switches are implemented in the driver/queue as
 small isolated branches; storage-side switches are handed to the storage backend unchanged.
 """
 
@@ -9,36 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sut.regressions import (
-    ALL_REGRESSIONS,
-    BLOCKING_START,
-    MULTI_TARGET_REPLACE,
-    NO_GENERATION_FENCE,
-    NO_READ_HASH_CHECK,
-    NO_REPLAY,
-    SERVER_REGRESSIONS,
-    STOP_IGNORED_WHILE_STARTING,
-    STORAGE_REGRESSIONS,
-    VCR_DENIED_AFTER_STOP,
-    VCR_DENIED_WHILE_STARTING,
-)
+from sut.regressions import ALL_REGRESSIONS, STORAGE_REGRESSIONS
 
-__all__ = [
-    "ALL_REGRESSIONS",
-    "BLOCKING_START",
-    "MULTI_TARGET_REPLACE",
-    "NO_GENERATION_FENCE",
-    "NO_READ_HASH_CHECK",
-    "NO_REGRESSIONS",
-    "NO_REPLAY",
-    "SERVER_REGRESSIONS",
-    "STOP_IGNORED_WHILE_STARTING",
-    "STORAGE_REGRESSIONS",
-    "VCR_DENIED_AFTER_STOP",
-    "VCR_DENIED_WHILE_STARTING",
-    "Regressions",
-    "UnknownRegressionError",
-]
+__all__ = ["NO_REGRESSIONS", "Regressions", "UnknownRegressionError"]
 
 
 class UnknownRegressionError(ValueError):

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from sut.regressions import ALL_REGRESSIONS
 from sut.server.cli import main
-from sut.server.regressions import ALL_REGRESSIONS, Regressions, UnknownRegressionError
+from sut.server.regressions import Regressions, UnknownRegressionError
 from sut.server.spec import InstanceSpec
 
 
