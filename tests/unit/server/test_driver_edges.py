@@ -299,19 +299,26 @@ def test_a_backend_error_goes_to_the_caller_and_the_instance_lives_on(
     assert failed.error == repr(OSError("the backend's socket is gone"))  # type: ignore[attr-defined]
 
 
-def test_qemu_exiting_during_startup_fails_the_instance_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize(
+    ("backend_cls", "code"),
+    # the second backend raises when its activation is cancelled: that must not hide why
+    [(OrderedBackend, 1), (CancelRaisingBackend, 3)], ids=["backend", "backend-raising-on-cancel"],
+)
+def test_qemu_exiting_during_startup_fails_the_instance_and_says_so(
+    caplog: pytest.LogCaptureFixture, backend_cls: type[OrderedBackend], code: int
+) -> None:
     async def body() -> None:
-        rig = Rig()
+        rig = Rig(backend_cls=backend_cls)
         rig.start()
         await rig.reach(S.STARTING)
-        rig.vm.crash(1)
+        rig.vm.crash(code)
         await rig.reach(S.FAILED)
         assert rig.backend.activation_cancelled
         assert "vm:cont" not in rig.events and "backend:close" in rig.events
 
     run(body)
     failed = record(caplog, "instance failed")
-    assert failed.error == repr(RuntimeError("QEMU exited during startup (code 1)"))  # type: ignore[attr-defined]
+    assert failed.error == repr(RuntimeError(f"QEMU exited during startup (code {code})"))  # type: ignore[attr-defined]
 
 
 def test_qemu_exiting_while_running_is_logged_with_its_exit_code(caplog: pytest.LogCaptureFixture) -> None:
@@ -451,21 +458,6 @@ def test_an_activation_failing_as_it_is_cancelled_does_not_hide_the_stop() -> No
         assert rig.states() == [S.CREATING, S.STARTING, S.STOPPED, S.DESTROYED]
 
     run(body)
-
-
-def test_an_activation_failing_as_it_is_cancelled_does_not_hide_why_startup_failed(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    async def body() -> None:
-        rig = Rig(backend_cls=CancelRaisingBackend)
-        rig.start()
-        await rig.reach(S.STARTING)
-        rig.vm.crash(3)
-        await rig.reach(S.FAILED)
-
-    run(body)
-    failed = record(caplog, "instance failed")
-    assert failed.error == repr(RuntimeError("QEMU exited during startup (code 3)"))  # type: ignore[attr-defined]
 
 
 def test_event_waits_failing_as_they_are_cancelled_do_not_fail_the_instance() -> None:
