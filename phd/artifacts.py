@@ -996,7 +996,7 @@ class ArtifactStore:
             finally:
                 progress.end(key)
         if code != 0:
-            # One line: recipes end with one error line (guests/recipe.py); the CLI has shown
+            # One line: recipes end with one error line (guests/common/recipe.py); the CLI has shown
             # every line as it came.
             raise ArtifactUnavailable(
                 f"artifact {key!r}",

@@ -9,8 +9,8 @@ boots as an initramfs with ``rdinit=/sbin/init`` (busybox init) once the recipe 
 - added Debian's virtio and NVMe modules with their load order (``/etc/phd/modules``).
 
 Pure mechanics with no caching: ``build.py`` decides whether to call this and moves the
-result into place. The kernel side is the tiny recipe's (same package, same module
-selection), imported rather than copied.
+result into place. The kernel side is tiny's too (same package, same module selection),
+from ``guests/common/kernel.py``.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from guests.tiny import debian
+from guests.common import debian
+from guests.common.cpio import Archive, ArchiveError
 
-# The tiny recipe's kernel step (download and unpack Debian's kernel, the modules to load
-# in order): the same kernel and drivers as tiny, one copy.
-from guests.tiny.assemble import kernel_parts
-from guests.tiny.cpio import Archive, ArchiveError
+# The kernel step tiny has too (download and unpack Debian's kernel, the modules to load in
+# order): the same kernel and drivers as tiny, one copy.
+from guests.common.kernel import kernel_parts
 
 __all__ = [
     "MODULE_DIR",

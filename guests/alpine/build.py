@@ -3,11 +3,11 @@
     guests/alpine/build --out DIR --input minirootfs=PATH [--force]
 
 Output: the recipe interface of guests/README.md (``vmlinuz``, ``initrd.img``, ``cmdline``,
-``guest.json``). The input hash covers the recipe's files, the tiny recipe's modules it
-imports (kernel, cpio and module-order code), the exact Debian kernel package version and
-the sha256 of the tarball's content (not its path: the artifact store may hand over the
-same file from its cache or from a user's ``local_path``). Building, locking and the atomic
-rename work as in the tiny recipe, whose helpers this reuses.
+``guest.json``). The input hash covers the recipe's files, the guests/common/ modules it
+imports (kernel, cpio and module-order code, as tiny does), the exact Debian kernel package
+version and the sha256 of the tarball's content (not its path: the artifact store may hand
+over the same file from its cache or from a user's ``local_path``). Building, locking and the atomic
+rename are guests/common/recipe.py's, as for every recipe.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from guests.alpine.assemble import Assembled, AssemblyError, assemble
-from guests.recipe import (
+from guests.common import debian, kmods
+from guests.common.recipe import (
+    COMMON_DIR,
     LOCK_TIMEOUT_S,
     BuildError,
     BuildResult,
@@ -33,13 +35,11 @@ from guests.recipe import (
     publish,
     recipe_digest,
     sha256_file,
+    shared_digest,
 )
-from guests.recipe import (
+from guests.common.recipe import (
     main as recipe_main,
 )
-from guests.tiny import debian, kmods
-
-# The tiny recipe's directory swap and completeness check: the same interface, one copy.
 
 __all__ = [
     "CMDLINE",
@@ -56,9 +56,9 @@ __all__ = [
 RECIPE = "alpine"
 SCHEMA = 1
 RECIPE_DIR = Path(__file__).resolve().parent
-TINY_DIR = RECIPE_DIR.parent / "tiny"
-# The tiny files that shape this guest's output (tiny's rootfs does not).
-SHARED_FILES = ("assemble.py", "cpio.py", "debian.py", "kmods.py")
+# The guests/common/ modules the recipe imports (directly or through each other), which
+# shape its output.
+SHARED_FILES = ("cpio.py", "debian.py", "kernel.py", "kmods.py")
 LOGIN_PROMPT = "localhost login: "
 LOGIN_USER = "root"
 SHELL_PROMPT = "localhost:~# "  # Alpine's /etc/profile: PS1='\h:\w\$ '
@@ -79,11 +79,10 @@ def _log(message: str) -> None:
     print(f"alpine: {message}", file=sys.stderr, flush=True)
 
 
-def shared_digest() -> str:
-    digest = hashlib.sha256()
-    for name in SHARED_FILES:
-        digest.update(name.encode() + b"\0" + hashlib.sha256((TINY_DIR / name).read_bytes()).digest())
-    return digest.hexdigest()
+def recipe_files_digest(recipe_dir: Path = RECIPE_DIR, common_dir: Path = COMMON_DIR) -> str:
+    """The recipe's own files (names, exec bits, contents) and the shared modules it imports."""
+    parts = (recipe_digest(recipe_dir), shared_digest(SHARED_FILES, common_dir))
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
 def input_hash(inputs: Inputs, recipe: str) -> str:
@@ -91,7 +90,6 @@ def input_hash(inputs: Inputs, recipe: str) -> str:
         {
             "schema": SCHEMA,
             "recipe": recipe,
-            "shared": shared_digest(),
             "kernel": str(inputs.kernel),
             "minirootfs": inputs.minirootfs_sha256,
             "cmdline": CMDLINE,
@@ -128,7 +126,7 @@ def build(
         inputs = resolve(minirootfs)
     except debian.DebianError as exc:
         raise BuildError(f"cannot resolve the kernel package: {exc}") from exc
-    wanted = input_hash(inputs, recipe_digest(RECIPE_DIR))
+    wanted = input_hash(inputs, recipe_files_digest())
     return cached_build(out, wanted, recipe=RECIPE, output_files=OUTPUT_FILES, force=force,
                         lock_timeout=lock_timeout, log=_log,
                         make=lambda: _build_into(out, inputs, wanted, assembler))

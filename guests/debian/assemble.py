@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from guests.tiny import debian
+from guests.common import debian
 
 __all__ = [
     "DISK_SIZE",

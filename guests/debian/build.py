@@ -29,8 +29,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from guests.debian.assemble import DISK_SIZE, SUITE, Assembled, assemble
-from guests.recipe import (
+from guests.common import debian
+from guests.common.recipe import (
+    COMMON_DIR,
     LOCK_TIMEOUT_S,
     BuildError,
     BuildResult,
@@ -38,11 +39,12 @@ from guests.recipe import (
     publish,
     recipe_digest,
     sha256_file,
+    shared_digest,
 )
-from guests.recipe import (
+from guests.common.recipe import (
     main as recipe_main,
 )
-from guests.tiny import debian
+from guests.debian.assemble import DISK_SIZE, SUITE, Assembled, assemble
 
 __all__ = [
     "CMDLINE",
@@ -82,18 +84,16 @@ def _log(message: str) -> None:
 # every machine a one-minute rebuild.
 _SHAPING_FILES = ("build", "build.py", "assemble.py")
 _SHAPING_DIRS = ("rootfs", "initramfs")
-# Shared modules the recipe imports that shape its output, relative to guests/: tiny's Debian
-# helpers (apt-cache parsing that pins every package version, the tool runner and its
-# environment). Like alpine's SHARED_FILES; guests/recipe.py only caches and publishes.
-SHARED_FILES = ("tiny/debian.py",)
-GUESTS_DIR = RECIPE_DIR.parent
+# The guests/common/ modules the recipe imports that shape its output: the Debian helpers
+# (apt-cache parsing that pins every package version, the tool runner and its environment).
+# As for every recipe; guests/common/recipe.py only caches and publishes.
+SHARED_FILES = ("debian.py",)
 
 
-def recipe_files_digest(recipe_dir: Path = RECIPE_DIR, guests_dir: Path = GUESTS_DIR) -> str:
+def recipe_files_digest(recipe_dir: Path = RECIPE_DIR, common_dir: Path = COMMON_DIR) -> str:
     parts = [recipe_digest(recipe_dir / d) for d in _SHAPING_DIRS]
     parts += [hashlib.sha256((recipe_dir / name).read_bytes()).hexdigest() for name in _SHAPING_FILES]
-    parts += [f"{name}:{hashlib.sha256((guests_dir / name).read_bytes()).hexdigest()}"
-              for name in SHARED_FILES]
+    parts.append(shared_digest(SHARED_FILES, common_dir))
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 

@@ -12,17 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from guests.tiny import debian, kmods
-from guests.tiny.cpio import Archive
+from guests.common import debian
+from guests.common.cpio import Archive
+from guests.common.kernel import kernel_parts
 
-__all__ = ["ROOTFS_DIR", "WANTED_MODULES", "Assembled", "KernelParts", "add_rootfs", "assemble",
-           "kernel_parts"]
+__all__ = ["ROOTFS_DIR", "Assembled", "add_rootfs", "assemble"]
 
 ROOTFS_DIR = Path(__file__).resolve().parent / "rootfs"
-
-# virtio_pci is the transport the others sit on and no driver depends on it,
-# so it must be named explicitly. virtio_net is cheap (three small modules).
-WANTED_MODULES = ("virtio_pci", "virtio_blk", "nvme", "virtio_net")
 
 # Files that must not be world-readable/executable defaults.
 _MODES = {"init": 0o755, "etc/shadow": 0o600, "etc/udhcpc/default.script": 0o755}
@@ -86,53 +82,6 @@ def _add_busybox(archive: Archive, binary: Path) -> int:
             archive.add_symlink(target, "/bin/busybox")
             count += 1
     return count
-
-
-def _kernel_version(root: Path) -> str:
-    kernels = sorted((root / "boot").glob("vmlinuz-*"))
-    if len(kernels) != 1:
-        raise debian.DebianError(f"expected one boot/vmlinuz-* in the kernel package, found {len(kernels)}")
-    return kernels[0].name.removeprefix("vmlinuz-")
-
-
-def _modules_dep(moddir: Path, version: str, root: Path) -> str:
-    """``modules.dep`` of the unpacked kernel, generated with depmod when the package lacks it.
-
-    Debian generates modules.dep at install time (postinst), so a package that was
-    only unpacked has none.
-    """
-    dep = moddir / "modules.dep"
-    if not dep.exists():
-        debian.run_tool(
-            ["depmod", "-b", str(root), version],
-            hint="depmod comes from the 'kmod' package: run ci/bootstrap",
-        )
-    return dep.read_text()
-
-
-@dataclass(frozen=True)
-class KernelParts:
-    vmlinuz: Path
-    version: str
-    modules: tuple[tuple[str, bytes], ...]  # (name, plain ELF bytes) in load order
-
-
-def kernel_parts(kernel: debian.Package, work: Path, log: Log = _stderr) -> KernelParts:
-    """Download and unpack Debian's kernel; the vmlinuz and the modules to load, in order."""
-    log(f"downloading {kernel}")
-    deb = debian.download(kernel, work)
-    root = work / "kernel-root"
-    log(f"unpacking {deb.name}")
-    debian.unpack(deb, root)
-    version = _kernel_version(root)
-    moddir = root / "lib" / "modules" / version
-    deps = kmods.parse_modules_dep(_modules_dep(moddir, version, root))
-    builtin_file = moddir / "modules.builtin"
-    builtin = kmods.parse_builtin(builtin_file.read_text()) if builtin_file.exists() else set()
-    order = kmods.load_order(deps, WANTED_MODULES, builtin)
-    log(f"modules in load order: {' '.join(m.name for m in order)}")
-    modules = tuple((m.name, kmods.read_module(moddir / m.relpath)) for m in order)
-    return KernelParts(root / "boot" / f"vmlinuz-{version}", version, modules)
 
 
 def assemble(

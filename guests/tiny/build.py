@@ -7,8 +7,9 @@ Output (the recipe interface shared by all guests, see guests/README.md)::
     DIR/cmdline     kernel command line, one line
     DIR/guest.json  metadata: versions, input hash, login and shell prompts
 
-The input hash covers the recipe files and the exact Debian versions of the
-kernel package and busybox-static. When ``DIR/guest.json`` already holds it,
+The input hash covers the recipe files, the guests/common/ modules it imports
+(``SHARED_FILES``) and the exact Debian versions of the kernel package and
+busybox-static. When ``DIR/guest.json`` already holds it,
 the build does nothing. Otherwise it builds into a temporary sibling of DIR and
 renames it into place, holding a file lock (``DIR.lock``) so that concurrent
 builds (pytest-xdist workers) build once and the others reuse the result.
@@ -27,7 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from guests.recipe import (
+from guests.common import debian
+from guests.common.recipe import (
+    COMMON_DIR,
     LOCK_TIMEOUT_S,
     BuildError,
     BuildResult,
@@ -35,11 +38,11 @@ from guests.recipe import (
     publish,
     recipe_digest,
     sha256_file,
+    shared_digest,
 )
-from guests.recipe import (
+from guests.common.recipe import (
     main as recipe_main,
 )
-from guests.tiny import debian
 from guests.tiny.assemble import Assembled, assemble
 
 __all__ = [
@@ -53,12 +56,16 @@ __all__ = [
     "input_hash",
     "main",
     "recipe_digest",
+    "recipe_files_digest",
     "resolve_inputs",
 ]
 
 RECIPE = "tiny"
 SCHEMA = 1
 RECIPE_DIR = Path(__file__).resolve().parent
+# The guests/common/ modules the recipe imports (directly or through each other): they shape
+# the kernel, the module order and the initramfs, so they are in the input hash.
+SHARED_FILES = ("cpio.py", "debian.py", "kernel.py", "kmods.py")
 LOGIN_PROMPT = "tiny login: "
 LOGIN_USER = "root"
 SHELL_PROMPT = "root@tiny:~# "
@@ -78,6 +85,12 @@ class Inputs:
 
 def _log(message: str) -> None:
     print(f"tiny: {message}", file=sys.stderr, flush=True)
+
+
+def recipe_files_digest(recipe_dir: Path = RECIPE_DIR, common_dir: Path = COMMON_DIR) -> str:
+    """The recipe's own files (names, exec bits, contents) and the shared modules it imports."""
+    parts = (recipe_digest(recipe_dir), shared_digest(SHARED_FILES, common_dir))
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
 def input_hash(inputs: Inputs, recipe: str) -> str:
@@ -121,7 +134,7 @@ def build(
         inputs = resolve()
     except debian.DebianError as exc:
         raise BuildError(f"cannot resolve package versions: {exc}") from exc
-    wanted = input_hash(inputs, recipe_digest(RECIPE_DIR))
+    wanted = input_hash(inputs, recipe_files_digest())
     return cached_build(out, wanted, recipe=RECIPE, output_files=OUTPUT_FILES, force=force,
                         lock_timeout=lock_timeout, log=_log,
                         make=lambda: _build_into(out, inputs, wanted, assembler))

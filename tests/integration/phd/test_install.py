@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from guests.recipe import recipe_digest
-from guests.tiny.build import RECIPE_DIR as TINY_RECIPE
+from guests.tiny.build import recipe_files_digest as tiny_files_digest
 from phd.config import PhdConfig
 from sut.storage.image.build import image_tag
 
@@ -39,8 +38,8 @@ NOT_SOURCES = {".git", ".venv", "results", "build", "dist", ".mypy_cache", ".ruf
 OFFLINE_SIGNS = ("Temporary failure in name resolution", "NewConnectionError",
                  "No matching distribution found", "Network is unreachable")
 
-DIGEST_SCRIPT = ("from guests.recipe import recipe_digest; from guests.tiny.build import RECIPE_DIR; "
-                 "print(RECIPE_DIR); print(recipe_digest(RECIPE_DIR))")
+DIGEST_SCRIPT = ("from guests.tiny.build import RECIPE_DIR, recipe_files_digest; "
+                 "print(RECIPE_DIR); print(recipe_files_digest())")
 WHERE_TEST = '''
 import sys
 from pathlib import Path
@@ -110,15 +109,15 @@ def test_installed_package_runs_a_suite_test_outside_the_repo(
 
     project = work / "project"
     project.mkdir()
-    # The installed tiny recipe is file for file the checkout's: same input hash, so the
-    # build in the shared cache is reused, not replaced.
+    # The installed tiny recipe (its folder and the guests/common/ modules it imports) is file
+    # for file the checkout's: same input hash, so the build in the shared cache is reused.
     digest = _run([str(python), "-c", DIGEST_SCRIPT], project, 60)
     assert digest.returncode == 0, _tail(digest)
     installed_recipe, installed_digest = digest.stdout.split()
     assert Path(installed_recipe).is_relative_to(venv), installed_recipe
-    assert installed_digest == recipe_digest(TINY_RECIPE), (
-        "the installed guests/tiny differs from the checkout's (a file missing from the package "
-        "data, or an exec bit lost): its build would not be the cached one")
+    assert installed_digest == tiny_files_digest(), (
+        "the installed guests/tiny or guests/common differs from the checkout's (a file missing "
+        "from the package data, or an exec bit lost): its build would not be the cached one")
 
     # The downstairs image is built from the installed sut (its Dockerfile is package data)
     # and gets the tag the checkout's sources give: the image already built is reused.

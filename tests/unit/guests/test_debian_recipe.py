@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from guests.common.debian import DebianError, Package
 from guests.debian import build as debian_build
 from guests.debian.assemble import (
     MASKED_UNITS,
@@ -24,7 +25,6 @@ from guests.debian.assemble import (
     parse_kernel_config,
 )
 from guests.debian.build import BuildError, build, main, split_policy
-from guests.tiny.debian import DebianError, Package
 
 PACKAGES = (Package("systemd-sysv", "252.39-1~deb12u2"),
             Package("linux-image-6.1.0-56-cloud-amd64", "6.1.192-2"))
@@ -219,41 +219,3 @@ def test_recipe_digest_covers_what_shapes_the_image_only(tmp_path: Path) -> None
     assert debian_build.recipe_files_digest(recipe) == first
     (recipe / "rootfs" / "etc" / "hostname").write_text("other\n")
     assert debian_build.recipe_files_digest(recipe) != first
-
-
-def test_recipe_digest_covers_the_shared_module_it_imports(tmp_path: Path) -> None:
-    """guests/debian imports guests/tiny/debian.py (package pinning, the tool runner): an edit
-    there must rebuild the debian guest, as it rebuilds tiny and alpine."""
-    guests = tmp_path / "guests"
-    recipe = guests / "debian"
-    for name in ("build", "build.py", "assemble.py", "rootfs/etc/hostname", "initramfs/modules"):
-        (recipe / name).parent.mkdir(parents=True, exist_ok=True)
-        (recipe / name).write_text(name)
-    shared = guests / "tiny" / "debian.py"
-    shared.parent.mkdir()
-    shared.write_text("def parse_candidate(): ...\n")
-    first = debian_build.recipe_files_digest(recipe, guests)
-    assert debian_build.recipe_files_digest(recipe, guests) == first
-    shared.write_text("def parse_candidate(): return 'other'\n")
-    assert debian_build.recipe_files_digest(recipe, guests) != first
-    assert debian_build.SHARED_FILES == ("tiny/debian.py",)
-    assert all((debian_build.GUESTS_DIR / name).is_file() for name in debian_build.SHARED_FILES)
-
-
-def test_every_shared_module_the_recipe_imports_is_in_its_key() -> None:
-    """A new `from guests.<other> import ...` in the recipe must join SHARED_FILES (the cache
-    protocol module guests/recipe.py aside: it caches and publishes, it shapes nothing)."""
-    import ast
-
-    imported: set[str] = set()
-    for source in ("build.py", "assemble.py"):
-        tree = ast.parse((debian_build.RECIPE_DIR / source).read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("guests."):
-                for alias in node.names:
-                    module = f"{node.module}.{alias.name}"
-                    path = debian_build.GUESTS_DIR.parent / (module.replace(".", "/") + ".py")
-                    imported.add(module if path.is_file() else node.module)
-    shared = {m for m in imported if not m.startswith(("guests.debian", "guests.recipe"))}
-    assert {m.removeprefix("guests.").replace(".", "/") + ".py" for m in shared} == set(
-        debian_build.SHARED_FILES)

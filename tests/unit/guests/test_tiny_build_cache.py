@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
+from guests.common.debian import DebianError, Package
 from guests.tiny import build as tiny_build
 from guests.tiny.assemble import Assembled
 from guests.tiny.build import BuildError, Inputs, build, main, recipe_digest
-from guests.tiny.debian import DebianError, Package
 
 INPUTS = Inputs(Package("linux-image-6.1.0-56-amd64", "6.1.192-2"), Package("busybox-static", "1"))
 

@@ -6,12 +6,13 @@ import stat
 
 import pytest
 
-from guests.tiny.assemble import WANTED_MODULES, add_rootfs
+from guests.common.cpio import Archive
+from guests.common.debian import DebianError, parse_candidate, parse_depends
+from guests.common.kernel import WANTED_MODULES
+from guests.tiny.assemble import add_rootfs
 from guests.tiny.build import CMDLINE, LOGIN_PROMPT, SHELL_PROMPT
-from guests.tiny.cpio import Archive
-from guests.tiny.debian import DebianError, parse_candidate, parse_depends
 
-from .test_tiny_cpio import parse_newc
+from .test_common_cpio import parse_newc
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from guests.tiny.cpio import Archive, ArchiveError
+from guests.common.cpio import Archive, ArchiveError
 
 
 def parse_newc(data: bytes) -> dict[str, tuple[int, bytes, int, int]]:

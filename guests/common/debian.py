@@ -1,4 +1,4 @@
-"""Debian package plumbing for the tiny guest: resolve versions, download, unpack.
+"""Debian package plumbing for the guest recipes: resolve versions, download, unpack.
 
 Thin wrappers over ``apt-cache``, ``apt-get download``, ``dpkg-query`` and
 ``dpkg -x`` (all present on any Debian host). Nothing is installed on the host:

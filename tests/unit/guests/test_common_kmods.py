@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from guests.tiny.kmods import (
+from guests.common.kmods import (
     ModuleError,
     ModuleFile,
     load_order,

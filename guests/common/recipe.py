@@ -1,8 +1,11 @@
-"""What every guest recipe shares: the input-hash cache, the build lock, the atomic swap.
+"""The build protocol every guest recipe follows: the input-hash cache, the build lock, the
+atomic swap, the command line.
 
 A recipe (`guests/<name>/build.py`) knows how to resolve its inputs, hash them and assemble
 its files into a staging directory; `cached_build` decides whether that is needed at all and
 makes concurrent builders (pytest-xdist workers) build once while the others wait and reuse.
+This module shapes no guest, so no recipe's input hash covers it; the other modules of
+guests/common/ do, for each recipe that imports them (`shared_digest`).
 """
 
 from __future__ import annotations
@@ -32,7 +35,10 @@ __all__ = [
     "recipe_digest",
     "replace_dir",
     "sha256_file",
+    "shared_digest",
 ]
+
+COMMON_DIR = Path(__file__).resolve().parent
 
 # A cold Debian build takes about a minute on two cores; a waiter gives up long after.
 LOCK_TIMEOUT_S = 900.0
@@ -59,6 +65,16 @@ def recipe_digest(recipe_dir: Path) -> str:
         digest.update(f"{rel}\0{path.stat().st_mode & 0o111:o}\0".encode())
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()
+
+
+def shared_digest(names: Sequence[str], common_dir: Path = COMMON_DIR) -> str:
+    """sha256 over the contents of the guests/common/ files a recipe imports (its SHARED_FILES).
+
+    Contents only, in no particular order: moving the folder or renaming a file keeps every
+    guest's key, editing a file changes the key of each recipe that lists it.
+    """
+    digests = sorted(hashlib.sha256((common_dir / name).read_bytes()).digest() for name in names)
+    return hashlib.sha256(b"".join(digests)).hexdigest()
 
 
 def sha256_file(path: Path) -> str:
