@@ -22,6 +22,7 @@ from phd.lifecycle import Action, run_lifecycle
 from phd.ssh import SshCommandError, SshResult, SshSession
 from phd.status import StatusCheck, check_err, check_ok, ignore_status
 from phd.vm import FileDisk, TestVm, VmConfig
+from phd.volume_status import DownstairsStatus, VolumeStatus
 from phd.wait import wait_until
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "DiskFactory",
     "Downstairs",
     "DownstairsSet",
+    "DownstairsStatus",
     "FileDisk",
     "GuestCommandError",
     "HarnessError",
@@ -48,6 +50,7 @@ __all__ = [
     "TestVm",
     "VmConfig",
     "VmFactory",
+    "VolumeStatus",
     "WaitTimeout",
     "check_err",
     "check_ok",

@@ -1,4 +1,11 @@
-"""The HTTP API (CONTRACT: Propolis paths and state names) on FastAPI."""
+"""The HTTP API: propolis-server 5.0.0's (its published OpenAPI document), on FastAPI.
+
+Paths, bodies, state names, ReplaceResult values and the Error body ``{message,
+request_id, error_code}`` are the document's. Where the document only says "4XX", this
+server picks the code that says most: 400 malformed or unsupported, 403 the request queue
+denied a state change, 404 no instance / no such disk, 409 an instance exists, 410 the
+instance stopped before the request was handled, 424 no live instance for a state change.
+"""
 
 from __future__ import annotations
 
@@ -10,27 +17,27 @@ import logging
 import uuid
 import weakref
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from fastapi import Body, FastAPI, HTTPException, Path, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
 from sut import bounded_json
 from sut.path_policy import PathPolicyError
 from sut.server.backends import BackendError, ReplacementRejectedError
-from sut.server.driver import InstanceGoneError, NoSuchBackendError
+from sut.server.driver import InstanceGoneError, NoSuchBackendError, NotRunningError
 from sut.server.instance import Instance, VmConfig
 from sut.server.limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
 from sut.server.qemu import QemuError
 from sut.server.request_queue import DenyReason, RequestDeniedError, RequestKind
 from sut.server.serial import SerialNotConnectedError
-from sut.server.spec import BACKEND_ID_PATTERN, InstanceEnsureRequest, InstanceProperties, VcrReplaceRequest
+from sut.server.spec import InstanceEnsureRequest, StateMonitorRequest, VcrReplaceRequest
 from sut.server.states import InstanceState
 
 # Generations, offsets and byte counts are 64-bit in Propolis and never get near the
@@ -40,14 +47,23 @@ DEFAULT_LONG_POLL_MAX_S = 60.0
 
 
 class ApiError(Exception):
-    """An error answered as ``{"error": code, "message": message}``."""
+    """An error answered as the document's Error body, ``error_code`` being ``code``."""
 
     def __init__(self, status: int, code: str, message: str, extra: dict[str, object] | None = None) -> None:
         self.status = status
         self.code = code
+        # A VCR rejection's rule goes into error_code (the Error body has no other field
+        # for it): "ReplacementRejected:two-targets-changed".
+        rule = (extra or {}).get("rule")
+        if rule:
+            self.code = f"{code}:{rule}"
         self.message = message
-        self.extra = extra or {}
         super().__init__(message)
+
+
+def error_body(code: str, message: str) -> dict[str, str]:
+    """The document's Error: ``{message, request_id, error_code}`` (a fresh request id)."""
+    return {"message": message, "request_id": uuid.uuid4().hex, "error_code": code}
 
 
 class RequestedState(enum.StrEnum):
@@ -70,28 +86,35 @@ _KIND = {
 
 
 class ErrorBody(BaseModel):
-    """Every 4xx/5xx answer (CONTRACT: ``{"error": CODE, "message": text}``)."""
+    """Every 4xx/5xx answer: the document's Error."""
 
-    # VCR rejections add "rule"; other codes may add fields later.
-    model_config = ConfigDict(extra="allow")
-
-    error: str
     message: str
+    request_id: str
+    error_code: str | None = None
 
 
 class InstanceView(BaseModel):
-    properties: InstanceProperties
+    properties: dict[str, Any]
     state: InstanceState
-    gen: int = Field(ge=1)
 
 
-class InstanceResponse(BaseModel):
+class InstanceGetResponse(BaseModel):
     instance: InstanceView
+
+
+class InstanceEnsureResponse(BaseModel):
+    migrate: None = None
+
+
+class MigrateStatus(BaseModel):
+    migration_in: None = None
+    migration_out: None = None
 
 
 class StateMonitorResponse(BaseModel):
     gen: int = Field(ge=1)
     state: InstanceState
+    migration: MigrateStatus = Field(default_factory=MigrateStatus)
 
 
 class SerialHistoryResponse(BaseModel):
@@ -99,25 +122,30 @@ class SerialHistoryResponse(BaseModel):
     last_byte_offset: int = Field(ge=0)
 
 
-class VcrReplaceResponse(BaseModel):
-    # The same names as sut.server.backends.REPLACE_RESULTS.
-    result: Literal["Started", "StartedAlready", "CompletedAlready", "VcrMatches", "Missing"]
+ReplaceResult = Literal["started", "started_already", "completed_already", "missing", "vcr_matches"]
 
 
-class DiskStatusResponse(BaseModel):
-    # A crucible disk adds its backend's status (activation, downstairs, ...).
-    model_config = ConfigDict(extra="allow")
+class VolumeStatusResponse(BaseModel):
+    # The document's VolumeStatus: {"volume_info": VolumeInfo} (sut.server.volume_status).
+    volume_info: dict[str, Any]
 
-    type: Literal["file", "crucible"]
-    backend_id: str
-    vm_state: InstanceState
-    vm_gen: int = Field(ge=1)
+
+class SpecStatus(BaseModel):
+    type: Literal["Present"]
+    value: dict[str, Any]
+
+
+class InstanceSpecGetResponse(BaseModel):
+    properties: dict[str, Any]
+    spec: SpecStatus
+    state: InstanceState
 
 
 _ERROR_DESCRIPTIONS = {
     400: "Malformed request: the message names the field and the reason",
     403: "The request queue denied the request; the message says why",
     404: "No instance, or no disk with this backend id",
+    405: "Method not allowed",
     409: "This server already has an instance",
     410: "The instance stopped before the request was handled",
     424: "No live instance (never created or already Destroyed)",
@@ -130,11 +158,8 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 BackendId = Annotated[
     str,
-    Path(
-        pattern=BACKEND_ID_PATTERN,
-        description="`<device>-backend` (CONTRACT); a malformed id is 400, an unknown one 404",
-        examples=["d0-backend"],
-    ),
+    Path(description="the key of the disk's storage backend component in the spec; "
+         "an unknown one is 404", examples=["d0-backend"]),
 ]
 
 
@@ -345,14 +370,13 @@ def create_app(controller: ServerController) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        body = {"error": exc.code, "message": exc.message, **exc.extra}
-        return JSONResponse(body, status_code=exc.status)
+        return JSONResponse(error_body(exc.code, exc.message), status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI answers 422; the CONTRACT says a malformed body is 400.
         message = _format_validation(exc, request)
-        return JSONResponse({"error": "BadRequest", "message": message}, status_code=400)
+        return JSONResponse(error_body("BadRequest", message), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -369,7 +393,7 @@ def create_app(controller: ServerController) -> FastAPI:
         else:
             message = str(exc.detail)
         code = {400: "BadRequest", 404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "HttpError")
-        return JSONResponse({"error": code, "message": message}, status_code=exc.status_code, headers=headers)
+        return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
@@ -378,18 +402,27 @@ def create_app(controller: ServerController) -> FastAPI:
         error_id = uuid.uuid4().hex[:12]
         controller.log.error("unhandled error in request", exc_info=exc,
                              extra={"error_id": error_id, "method": request.method, "path": request.url.path})
-        return JSONResponse({"error": "Internal", "id": error_id,
-                             "message": f"internal server error {error_id}; the server log has the detail"},
-                            status_code=500)
+        body = error_body("Internal", f"internal server error {error_id}; the server log has the detail")
+        body["request_id"] = error_id
+        return JSONResponse(body, status_code=500)
 
     @app.put("/instance", status_code=201, responses=_errors(400, 409))
-    async def instance_ensure(body: InstanceEnsureRequest) -> InstanceResponse:
-        instance = await controller.ensure(body)
-        return InstanceResponse.model_validate({"instance": instance.describe()})
+    async def instance_ensure(body: InstanceEnsureRequest) -> InstanceEnsureResponse:
+        await controller.ensure(body)
+        return InstanceEnsureResponse()
 
     @app.get("/instance", responses=_errors(404))
-    async def instance_get() -> InstanceResponse:
-        return InstanceResponse.model_validate({"instance": controller.require().describe()})
+    async def instance_get() -> InstanceGetResponse:
+        return InstanceGetResponse.model_validate({"instance": controller.require().describe()})
+
+    @app.get("/instance/spec", responses=_errors(404))
+    async def instance_spec_get() -> InstanceSpecGetResponse:
+        return InstanceSpecGetResponse.model_validate(controller.require().describe_spec())
+
+    @app.get("/instance/migration-status", responses=_errors(404))
+    async def instance_migrate_status() -> MigrateStatus:
+        controller.require()
+        return MigrateStatus()  # this server migrates nothing: never a migration in or out
 
     @app.put("/instance/state", status_code=204, responses=_errors(400, 403, 424))
     async def instance_state_put(requested: Annotated[RequestedState, Body()]) -> Response:
@@ -401,27 +434,28 @@ def create_app(controller: ServerController) -> FastAPI:
         return Response(status_code=204)
 
     @app.get("/instance/state-monitor", responses=_errors(400, 404))
-    async def state_monitor(
-        gen: Annotated[
-            int,
-            Query(
-                ge=0,
-                le=MAX_QUERY_INT,
-                description="wait until the state generation is >= gen; after the server's "
-                "--long-poll-max-s the CURRENT state is answered (gen may be lower: poll again)",
-            ),
-        ] = 0,
-    ) -> StateMonitorResponse:
+    async def instance_state_monitor(body: StateMonitorRequest) -> StateMonitorResponse:
+        """Wait until the state generation is >= gen; after the server's --long-poll-max-s
+        the CURRENT state is answered (gen may be lower: poll again)."""
         monitor = controller.require().driver.monitor
         # A long-poll is bounded (like a Kubernetes watch timeout): a client
         # that went away, or asked for a generation that never comes, holds a
         # request for at most long_poll_max_s.
         try:
             async with asyncio.timeout(controller.long_poll_max_s):
-                snapshot = await monitor.wait_for_gen(gen)
+                snapshot = await monitor.wait_for_gen(body.gen)
         except TimeoutError:
             snapshot = monitor.current
         return StateMonitorResponse(gen=snapshot.gen, state=snapshot.state)
+
+    @app.post("/instance/nmi", responses=_errors(400, 404))
+    async def instance_issue_nmi() -> None:
+        instance = controller.require()
+        try:
+            await instance.driver.inject_nmi()
+        except NotRunningError as exc:
+            raise ApiError(400, "NotRunning", str(exc)) from exc
+        return None
 
     @app.get("/instance/serial/history", responses=_errors(400, 404))
     async def serial_history(
@@ -443,18 +477,19 @@ def create_app(controller: ServerController) -> FastAPI:
     async def serial_ws(ws: WebSocket) -> None:
         await _serial_session(controller, ws)
 
-    @app.put("/instance/disk/{backend_id}/vcr", responses=_errors(400, 403, 404, 410))
-    async def vcr_replace(backend_id: BackendId, body: VcrReplaceRequest) -> VcrReplaceResponse:
+    @app.put("/instance/disk/{id}/vcr", responses=_errors(400, 403, 404, 410))
+    async def instance_issue_crucible_vcr_request(
+        id: BackendId, body: VcrReplaceRequest
+    ) -> ReplaceResult:
         instance = controller.require()
         try:
-            result = await instance.driver.replace_vcr(backend_id, body.vcr_json)
+            result = await instance.driver.replace_vcr(id, body.vcr_json)
         except NoSuchBackendError as exc:
             crucible = instance.known_backends(kind="crucible")
-            if backend_id in instance.known_backends(kind="file"):
-                message = (f"{backend_id} is a file disk, which has no VCR; "
-                           f"crucible disks: {crucible}")
+            if id in instance.known_backends():
+                message = f"{id} is not a Crucible backend, so it has no VCR; Crucible backends: {crucible}"
             else:
-                message = f"no crucible disk with backend id {backend_id!r}; crucible disks: {crucible}"
+                message = f"no Crucible backend {id!r}; Crucible backends: {crucible}"
             raise ApiError(404, "NoSuchBackend", message) from exc
         except InstanceGoneError as exc:
             raise ApiError(410, "InstanceGone", str(exc)) from exc
@@ -464,19 +499,28 @@ def create_app(controller: ServerController) -> FastAPI:
             raise ApiError(403, "RequestDenied", str(exc)) from exc
         except ReplacementRejectedError as exc:
             raise ApiError(400, "ReplacementRejected", str(exc), {"rule": exc.rule}) from exc
-        return VcrReplaceResponse.model_validate({"result": result})
+        return cast(ReplaceResult, result)
 
-    @app.get("/instance/disk/{backend_id}/status", responses=_errors(400, 404))
-    async def disk_status(backend_id: BackendId) -> DiskStatusResponse:
+    @app.get("/instance/disk/{id}/status", responses=_errors(404))
+    async def disk_volume_status(id: BackendId) -> VolumeStatusResponse:
         instance = controller.require()
         try:
-            return DiskStatusResponse.model_validate(instance.disk_status(backend_id))
+            return VolumeStatusResponse.model_validate(instance.volume_status(id))
         except NoSuchBackendError as exc:
             raise ApiError(
-                404,
-                "NoSuchBackend",
-                f"no disk with backend id {backend_id!r}; disks: {instance.known_backends()}",
+                404, "NoSuchBackend",
+                f"no Crucible backend {id!r}; Crucible backends: {instance.known_backends(kind='crucible')}",
             ) from exc
+
+    @app.post("/instance/disk/{id}/snapshot/{snapshot_id}", responses=_errors(400, 404))
+    async def instance_issue_crucible_snapshot_request(
+        id: BackendId, snapshot_id: uuid.UUID
+    ) -> None:
+        instance = controller.require()
+        if id not in instance.known_backends(kind="crucible"):
+            raise ApiError(404, "NoSuchBackend", f"no Crucible backend {id!r}; Crucible backends: "
+                           f"{instance.known_backends(kind='crucible')}")
+        raise ApiError(400, "Unsupported", "snapshots are not supported by this server's storage")
 
     return app
 

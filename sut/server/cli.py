@@ -1,4 +1,17 @@
-"""``python -m sut.server``: argument parsing, signals, uvicorn."""
+"""``python -m sut.server``: argument parsing, signals, uvicorn.
+
+Two command lines, one server:
+
+- propolis-server's: ``python -m sut.server run <BOOTROM> <IP:PORT> [VNC_IP:PORT]
+  [--bootrom-version V] [--metric-addr A] [--log-level L] [our options]``; BOOTROM is the
+  guest firmware (QEMU ``-bios``), the data dir defaults to a fresh temporary directory;
+- ours: ``python -m sut.server --listen IP:PORT --data-dir DIR [our options]`` (QEMU's
+  own firmware).
+
+Our options carry what the v5 API has no field for: direct kernel boot (``--kernel``,
+``--initrd``, ``--cmdline``), the NIC's host forwards (``--forward``), the data dir, the
+regression switches, and the hostile-input limits.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +23,7 @@ import os
 import pwd
 import signal
 import sys
+import tempfile
 from collections.abc import Generator
 from pathlib import Path
 
@@ -28,6 +42,7 @@ from sut.server.limits import (
     guarded_protocol,
 )
 from sut.server.policy import DEFAULT_NETWORKS, TargetPolicy
+from sut.server.qemu import HostForward
 from sut.server.regressions import Regressions, UnknownRegressionError
 
 ACCEL_ENV = "SUT_SERVER_ACCEL"
@@ -88,8 +103,42 @@ def _user(value: str) -> str:
     return value
 
 
+def _forward(value: str) -> HostForward:
+    try:
+        return HostForward.parse(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _file(value: str) -> Path:
+    path = Path(value)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{value!r} is not a file")
+    return path.resolve()
+
+
+def build_run_parser() -> argparse.ArgumentParser:
+    """propolis-server's ``run`` command line, plus our options."""
+    parser = argparse.ArgumentParser(prog="python -m sut.server run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bootrom", type=_file, metavar="BOOTROM",
+                        help="the guest firmware image (QEMU -bios), e.g. /usr/share/seabios/bios-256k.bin")
+    parser.add_argument("listen", type=_listen, metavar="IP:PORT", help="where to serve the API")
+    parser.add_argument("vnc", nargs="?", metavar="VNC_IP:PORT",
+                        help="accepted for propolis-server's command line; this server has no VNC")
+    parser.add_argument("--bootrom-version", help="accepted for propolis-server's command line (unused)")
+    parser.add_argument("--metric-addr", help="accepted for propolis-server's command line (no metrics)")
+    parser.add_argument("--log-level", help="accepted for propolis-server's command line (logs are JSON, "
+                        "level info)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="run directories go here (default: a new temporary directory)")
+    _add_options(parser)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sut.server", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m sut.server", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--listen",
         type=_listen,
@@ -97,6 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="IP:PORT to serve HTTP on (default 127.0.0.1:0, an ephemeral loopback port)",
     )
     parser.add_argument("--data-dir", type=Path, required=True, help="run directories go here")
+    _add_options(parser)
+    return parser
+
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kernel", type=_file, metavar="PATH",
+                        help="boot this Linux kernel directly (QEMU -kernel); v5 has no field for it")
+    parser.add_argument("--initrd", type=_file, metavar="PATH", help="its initramfs (with --kernel)")
+    parser.add_argument("--cmdline", default="console=ttyS0", metavar="TEXT",
+                        help="its command line (with --kernel; default console=ttyS0)")
+    parser.add_argument("--forward", type=_forward, action="append", default=[],
+                        metavar="127.0.0.1:PORT:GUEST",
+                        help="forward a loopback TCP port to the guest through the first virtio NIC "
+                        "(QEMU user networking); repeatable")
     parser.add_argument(
         "--regression",
         action="append",
@@ -189,7 +252,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="run QEMU without its seccomp sandbox (-sandbox on,obsolete=deny,elevateprivileges=deny,"
         "spawn=deny,resourcecontrol=deny), for a QEMU built without seccomp",
     )
-    return parser
 
 
 class _Server(uvicorn.Server):
@@ -234,8 +296,18 @@ class _Server(uvicorn.Server):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    run_form = bool(argv) and argv[0] == "run"
+    parser = build_run_parser() if run_form else build_parser()
+    args = parser.parse_args(argv[1:] if run_form else argv)
+    if not run_form:
+        args.bootrom = None
+    elif args.data_dir is None:
+        args.data_dir = Path(tempfile.mkdtemp(prefix="sut-server-"))
+    if (args.initrd is not None or args.cmdline != "console=ttyS0") and args.kernel is None:
+        parser.error("--initrd and --cmdline need --kernel")
+    if "\0" in args.cmdline or len(args.cmdline) > 4096:
+        parser.error("--cmdline: at most 4096 characters, no NUL")
     try:
         regressions = Regressions.parse(args.regression)
     except UnknownRegressionError as exc:
@@ -258,6 +330,11 @@ def main(argv: list[str] | None = None) -> int:
         targets=targets,
         qemu_sandbox=args.qemu_sandbox,
         qemu_user=args.qemu_user or None,
+        bootrom=args.bootrom,
+        kernel=args.kernel,
+        initrd=args.initrd,
+        cmdline=args.cmdline,
+        forwards=tuple(args.forward),
     )
     controller = ServerController(
         config, log, long_poll_max_s=args.long_poll_max_s, max_body_bytes=args.max_body_bytes,
@@ -279,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
             "max_connections": args.max_connections,
             "qemu_sandbox": args.qemu_sandbox,
             "qemu_user": args.qemu_user or None,
+            "bootrom": str(args.bootrom) if args.bootrom else None,
+            "kernel": str(args.kernel) if args.kernel else None,
+            "initrd": str(args.initrd) if args.initrd else None,
+            "forwards": [f"{f.host_addr}:{f.host_port}:{f.guest_port}" for f in args.forward],
             "uid": os.getuid(),
         },
     )

@@ -289,6 +289,22 @@ class Upstairs:
     def clients(self) -> list[DownstairsClient]:
         return [self._clients[t] for t in self.targets if t in self._clients]
 
+    def info(self) -> dict[str, object]:
+        """This region's upstairs as a whole (ids, generation, what it is doing now)."""
+        repairing = any(c.state.value == "repairing" for c in self._clients.values())
+        return {
+            "upstairs_id": str(self._upstairs_id),
+            "session_id": str(self._session_id),
+            "generation": self._gen,
+            "block_size": self.region.block_size,
+            "read_only": self.read_only,
+            "encrypted": self._cipher is not None,
+            "activation": self.state.value,
+            "reconcile_in_progress": repairing and self.state is Activation.ACTIVATING,
+            "live_repair_in_progress": repairing and self.state is Activation.ACTIVE,
+            "downstairs": self.status(),
+        }
+
     def status(self) -> list[dict[str, object]]:
         out: list[dict[str, object]] = []
         for target in self.targets:

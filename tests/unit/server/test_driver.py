@@ -73,11 +73,11 @@ def test_replacement_during_startup_unblocks_activation() -> None:
         await h.wait_state(S.STARTING)
         assert h.current() is S.STARTING
         result = await asyncio.wait_for(h.driver.replace_vcr(BID, f"{DEAD}->{LIVE}"), DEADLINE_S)
-        assert result == "Started"
+        assert result == "started"
         assert await h.states_until(S.RUNNING) == [S.STARTING, S.RUNNING]
         assert h.vm.calls == ["launch", "cont"]
         # Replacement while Running is served too.
-        assert await h.driver.replace_vcr(BID, f"{OTHER}->127.0.0.1:5") == "Started"
+        assert await h.driver.replace_vcr(BID, f"{OTHER}->127.0.0.1:5") == "started"
         h.driver.request_state(RequestKind.STOP)
         assert await h.states_until(S.DESTROYED) == [S.RUNNING, S.STOPPING, S.STOPPED, S.DESTROYED]
         assert h.vm.calls[-1] == "shutdown"
@@ -149,7 +149,7 @@ def test_stop_ignored_while_starting_regression_defers_stop() -> None:
         done, _ = await asyncio.wait({asyncio.create_task(h.wait_state(S.STOPPED))}, timeout=0.5)
         assert not done
         # Replacements are still served; once Running, the deferred stop runs.
-        assert await h.driver.replace_vcr(BID, f"{DEAD}->{LIVE}") == "Started"
+        assert await h.driver.replace_vcr(BID, f"{DEAD}->{LIVE}") == "started"
         await h.wait_state(S.DESTROYED)
         assert h.vm.calls[:2] == ["launch", "cont"]
 
