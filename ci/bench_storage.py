@@ -59,11 +59,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from phd.downstairs import OURS, DsProgram, binary_program, check_binary
-from phd.dsc import DownstairsSet, RegionGeometry, docker_members, process_members
-from phd.errors import HarnessError
-from phd.ports import PortAllocator
-from phd.process import ManagedProcess, ready_when_logged, ready_when_unix_socket
+from phd.core.errors import HarnessError
+from phd.core.ports import PortAllocator
+from phd.core.process import ManagedProcess, ready_when_logged, ready_when_unix_socket
+from phd.storage.downstairs import OURS, DsProgram, binary_program, check_binary
+from phd.storage.dsc import DownstairsSet, RegionGeometry, docker_members, process_members
 from sut.storage.vcr import dump_vcr, region_volume
 
 REPO = Path(__file__).resolve().parent.parent

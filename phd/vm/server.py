@@ -1,7 +1,7 @@
 """One server-under-test process per VM.
 
 The process is started from an argv list (the configurable `--phd-server-cmd` plus the
-CONTRACT flags) as a `phd.process.ManagedProcess`: its own session (a Ctrl-C at the terminal
+CONTRACT flags) as a `phd.core.process.ManagedProcess`: its own session (a Ctrl-C at the terminal
 reaches only the harness), a ledger entry with its run directory, ready once `GET /instance`
 answers, and a start that fails at once with the exit code when the server exits. It is
 stopped in order: SIGTERM (graceful: the server stops its VM), then SIGKILL. `stop()` is
@@ -17,8 +17,8 @@ from types import TracebackType
 
 import httpx
 
-from phd.errors import HarnessError, ProcessStartFailure
-from phd.process import ManagedProcess
+from phd.core.errors import HarnessError, ProcessStartFailure
+from phd.core.process import ManagedProcess
 
 __all__ = ["ServerProcess", "ServerStartFailure"]
 

@@ -1,7 +1,7 @@
 """A typed client of the server API (the CONTRACT paths of Propolis).
 
 Only transport and status mapping live here; what a test means by "launch" or
-"wait for Running" lives in `phd.vm`.
+"wait for Running" lives in `phd.vm.testvm`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from phd.errors import ServerError
+from phd.core.errors import ServerError
 
 __all__ = ["InstanceState", "ServerClient"]
 
