@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email.message
-import enum
-import logging
-import uuid
 import weakref
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, Literal
 
-from fastapi import Body, FastAPI, HTTPException, Path, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi import Body, FastAPI, HTTPException, Path, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
@@ -22,45 +18,25 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
 from sut import bounded_json
-from sut.path_policy import PathPolicyError
-from sut.server.backends import BackendError, ReplacementRejectedError
+from sut.server import control
+from sut.server.backends import ReplacementRejectedError
+from sut.server.control import (
+    MAX_QUERY_INT,
+    TAKE_TURNS_BYTES,
+    ApiError,
+    InstanceResponse,
+    RequestedState,
+    ServerController,
+    StateMonitorResponse,
+)
+from sut.server.defaults import DEFAULT_LONG_POLL_MAX_S
 from sut.server.driver import InstanceGoneError, NoSuchBackendError
-from sut.server.instance import Instance, VmConfig
-from sut.server.limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
-from sut.server.qemu import QemuError
-from sut.server.request_queue import DenyReason, RequestDeniedError, RequestKind
-from sut.server.serial import SerialNotConnectedError
-from sut.server.spec import BACKEND_ID_PATTERN, InstanceEnsureRequest, InstanceProperties, VcrReplaceRequest
+from sut.server.limits import BodyLimitMiddleware
+from sut.server.request_queue import DenyReason, RequestDeniedError
+from sut.server.spec import BACKEND_ID_PATTERN, InstanceEnsureRequest, VcrReplaceRequest
 from sut.server.states import InstanceState
 
-# Generations, offsets and byte counts are 64-bit in Propolis and never get near the
-# largest signed 64-bit value; a larger query value is a client bug, answered 400.
-MAX_QUERY_INT = 2**63 - 1
-DEFAULT_LONG_POLL_MAX_S = 60.0
-
-
-class ApiError(Exception):
-    """An error answered as ``{"error": code, "message": message}``."""
-
-    def __init__(self, status: int, code: str, message: str, extra: dict[str, object] | None = None) -> None:
-        self.status = status
-        self.code = code
-        self.message = message
-        self.extra = extra or {}
-        super().__init__(message)
-
-
-class RequestedState(enum.StrEnum):
-    RUN = "Run"
-    STOP = "Stop"
-    REBOOT = "Reboot"
-
-
-_KIND = {
-    RequestedState.RUN: RequestKind.START,
-    RequestedState.STOP: RequestKind.STOP,
-    RequestedState.REBOOT: RequestKind.REBOOT,
-}
+__all__ = ["DEFAULT_LONG_POLL_MAX_S", "MAX_QUERY_INT", "ApiError", "ServerController", "create_app"]
 
 
 # --- response bodies ---------------------------------------------------------------
@@ -77,21 +53,6 @@ class ErrorBody(BaseModel):
 
     error: str
     message: str
-
-
-class InstanceView(BaseModel):
-    properties: InstanceProperties
-    state: InstanceState
-    gen: int = Field(ge=1)
-
-
-class InstanceResponse(BaseModel):
-    instance: InstanceView
-
-
-class StateMonitorResponse(BaseModel):
-    gen: int = Field(ge=1)
-    state: InstanceState
 
 
 class SerialHistoryResponse(BaseModel):
@@ -147,7 +108,7 @@ class BoundedJsonRequest(Request):
         if not hasattr(self, "_json"):
             body = await self.body()
             try:
-                if len(body) < _TAKE_TURNS_BYTES:
+                if len(body) < TAKE_TURNS_BYTES:
                     self._json = bounded_json.loads(body, self.limits)
                 else:
                     async with _parse_turn():
@@ -162,13 +123,12 @@ class BoundedJsonRequest(Request):
         return self._json
 
 
-# A body this big takes milliseconds to check and parse (a 1 MiB one about 25 ms), all of it on
+# A body of TAKE_TURNS_BYTES or more takes milliseconds to check and parse (a 1 MiB one 25 ms), all of it on
 # the event loop. A hundred of them arriving together were parsed back to back, and every
 # other request - long-polls, a well-behaved client's GET - waited behind all of them. They
 # take turns instead: one parse at a time, and a turn ends by going to the back of the loop's
 # queue, so what was waiting runs between two parses. (A worker thread is worse: while it
 # holds the GIL for a parse, each socket call of the loop thread waits for the GIL again.)
-_TAKE_TURNS_BYTES = 64 * 1024
 _parse_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
 
 
@@ -193,63 +153,6 @@ class BoundedJsonRoute(APIRoute):
             return await handler(request_class(request.scope, request.receive))
 
         return bounded
-
-
-class ServerController:
-    """Holds the (single) instance of this server, like propolis-server."""
-
-    def __init__(
-        self,
-        config: VmConfig,
-        logger: logging.Logger,
-        *,
-        long_poll_max_s: float = DEFAULT_LONG_POLL_MAX_S,
-        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-        body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
-    ) -> None:
-        if not long_poll_max_s > 0:
-            raise ValueError(f"long_poll_max_s must be positive, got {long_poll_max_s}")
-        self.config = config
-        self.log = logger
-        self.long_poll_max_s = long_poll_max_s
-        self.max_body_bytes = max_body_bytes
-        self.body_timeout_s = body_timeout_s
-        self.instance: Instance | None = None
-        self._create_lock = asyncio.Lock()
-
-    def require(self) -> Instance:
-        if self.instance is None:
-            raise ApiError(404, "NoInstance", "no instance exists; create one with PUT /instance")
-        return self.instance
-
-    def require_live(self) -> Instance:
-        instance = self.instance
-        if instance is None or instance.driver.destroyed:
-            raise ApiError(
-                424,
-                "NoLiveInstance",
-                "no live instance (never created or already Destroyed); create a new server",
-            )
-        return instance
-
-    async def ensure(self, request: InstanceEnsureRequest) -> Instance:
-        async with self._create_lock:
-            if self.instance is not None:
-                raise ApiError(409, "InstanceExists", "this server already has an instance")
-            try:
-                self.instance = await Instance.create(request, self.config, self.log)
-            except PathPolicyError as exc:
-                raise ApiError(400, "PathNotAllowed", str(exc), {"rule": exc.rule}) from exc
-            except ReplacementRejectedError as exc:
-                extra: dict[str, object] | None = {"rule": exc.rule} if exc.rule else None
-                raise ApiError(400, "BadInstanceSpec", str(exc), extra) from exc
-            except (QemuError, BackendError) as exc:
-                raise ApiError(400, "BadInstanceSpec", str(exc)) from exc
-            return self.instance
-
-    async def shutdown(self) -> None:
-        if self.instance is not None:
-            await self.instance.driver.shutdown()
 
 
 def _shown_input(value: object) -> str:
@@ -331,22 +234,24 @@ def _bounded_openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
     return openapi
 
 
-def create_app(controller: ServerController) -> FastAPI:
+def create_app(controller: ServerController, *, body_limits: bool = True) -> FastAPI:
+    """The FastAPI app of every route. body_limits=False leaves out the body limits
+    (BodyLimitMiddleware): front.py applies them before it hands a request over."""
     app = FastAPI(title="phd reference VMM server", version="0.1.0")
     # This app's limits, in classes of its own (uvicorn and FastAPI want classes).
     limits = bounded_json.JsonLimits(max_bytes=controller.max_body_bytes)
     request_class = type("BoundedJsonRequest", (BoundedJsonRequest,), {"limits": limits})
     app.router.route_class = type("BoundedJsonRoute", (BoundedJsonRoute,),
                                   {"json_request_class": request_class})
-    app.add_middleware(BodyLimitMiddleware, max_bytes=controller.max_body_bytes,
-                       body_timeout_s=controller.body_timeout_s)
+    if body_limits:
+        app.add_middleware(BodyLimitMiddleware, max_bytes=controller.max_body_bytes,
+                           body_timeout_s=controller.body_timeout_s)
     app.state.controller = controller
     app.openapi = _bounded_openapi(app)  # type: ignore[method-assign]
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        body = {"error": exc.code, "message": exc.message, **exc.extra}
-        return JSONResponse(body, status_code=exc.status)
+        return JSONResponse(control.error_body(exc), status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -373,31 +278,20 @@ def create_app(controller: ServerController) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        # The detail goes to the log, never to the client (it can carry paths, values of
-        # other requests, internals); the id ties the answer to the log line.
-        error_id = uuid.uuid4().hex[:12]
-        controller.log.error("unhandled error in request", exc_info=exc,
-                             extra={"error_id": error_id, "method": request.method, "path": request.url.path})
-        return JSONResponse({"error": "Internal", "id": error_id,
-                             "message": f"internal server error {error_id}; the server log has the detail"},
-                            status_code=500)
+        body = control.internal_error_body(controller, request.method, request.url.path, exc)
+        return JSONResponse(body, status_code=500)
 
     @app.put("/instance", status_code=201, responses=_errors(400, 409))
     async def instance_ensure(body: InstanceEnsureRequest) -> InstanceResponse:
-        instance = await controller.ensure(body)
-        return InstanceResponse.model_validate({"instance": instance.describe()})
+        return control.instance_response(await controller.ensure(body))
 
     @app.get("/instance", responses=_errors(404))
     async def instance_get() -> InstanceResponse:
-        return InstanceResponse.model_validate({"instance": controller.require().describe()})
+        return control.instance_response(controller.require())
 
     @app.put("/instance/state", status_code=204, responses=_errors(400, 403, 424))
     async def instance_state_put(requested: Annotated[RequestedState, Body()]) -> Response:
-        instance = controller.require_live()
-        try:
-            instance.driver.request_state(_KIND[requested])
-        except RequestDeniedError as exc:
-            raise ApiError(403, "RequestDenied", str(exc)) from exc
+        control.request_state(controller, requested)
         return Response(status_code=204)
 
     @app.get("/instance/state-monitor", responses=_errors(400, 404))
@@ -412,16 +306,7 @@ def create_app(controller: ServerController) -> FastAPI:
             ),
         ] = 0,
     ) -> StateMonitorResponse:
-        monitor = controller.require().driver.monitor
-        # A long-poll is bounded (like a Kubernetes watch timeout): a client
-        # that went away, or asked for a generation that never comes, holds a
-        # request for at most long_poll_max_s.
-        try:
-            async with asyncio.timeout(controller.long_poll_max_s):
-                snapshot = await monitor.wait_for_gen(gen)
-        except TimeoutError:
-            snapshot = monitor.current
-        return StateMonitorResponse(gen=snapshot.gen, state=snapshot.state)
+        return await control.state_monitor(controller, gen)
 
     @app.get("/instance/serial/history", responses=_errors(400, 404))
     async def serial_history(
@@ -441,7 +326,7 @@ def create_app(controller: ServerController) -> FastAPI:
 
     @app.websocket("/instance/serial")
     async def serial_ws(ws: WebSocket) -> None:
-        await _serial_session(controller, ws)
+        await control.serial_session(controller, ws)
 
     @app.put("/instance/disk/{backend_id}/vcr", responses=_errors(400, 403, 404, 410))
     async def vcr_replace(backend_id: BackendId, body: VcrReplaceRequest) -> VcrReplaceResponse:
@@ -479,64 +364,3 @@ def create_app(controller: ServerController) -> FastAPI:
             ) from exc
 
     return app
-
-
-async def _serial_session(controller: ServerController, ws: WebSocket) -> None:
-    instance = controller.instance
-    params = ws.query_params
-    try:
-        from_start = int(params["from_start"]) if "from_start" in params else None
-        most_recent = int(params["most_recent"]) if "most_recent" in params else None
-    except ValueError:
-        await ws.close(code=1008, reason="from_start / most_recent must be integers")
-        return
-    # The same rules as GET /instance/serial/history.
-    if any(value is not None and not 0 <= value <= MAX_QUERY_INT for value in (from_start, most_recent)):
-        await ws.close(code=1008, reason=f"from_start / most_recent must be in 0..{MAX_QUERY_INT}")
-        return
-    if from_start is not None and most_recent is not None:
-        await ws.close(code=1008, reason="from_start, most_recent: give one of them, not both")
-        return
-    if instance is None:
-        await ws.close(code=1008, reason="no instance; create one with PUT /instance")
-        return
-    await ws.accept()
-    if from_start is None and most_recent is None:
-        from_start = 0
-    sub = instance.serial.subscribe(from_start=from_start, most_recent=most_recent)
-
-    async def to_client() -> None:
-        async for chunk in sub:
-            await ws.send_bytes(chunk)
-
-    dropped = 0
-
-    async def from_client() -> None:
-        nonlocal dropped
-        while True:
-            message = await ws.receive()
-            if message["type"] == "websocket.disconnect":
-                return
-            data = message.get("bytes") or (message.get("text") or "").encode()
-            try:
-                await instance.serial.write(data)
-            except SerialNotConnectedError as exc:
-                # One warning per session: a client typing into a VM that is not running
-                # must not be able to flood the log; the count is logged when it ends.
-                if not dropped:
-                    controller.log.warning("serial input dropped", extra={"error": str(exc)})
-                dropped += 1
-
-    tasks = [asyncio.create_task(to_client()), asyncio.create_task(from_client())]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        sub.close()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, Exception):
-                await task
-        with contextlib.suppress(Exception):
-            await ws.close(code=1000)
-        controller.log.info("serial session ended", extra={"dropped_input_messages": dropped})
