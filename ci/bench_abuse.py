@@ -58,11 +58,11 @@ import httpx
 from bench_storage import local_downstairs, make_vcr, start_export
 from benchlib import REPO, factories, framework, log
 
-from phd.downstairs import Downstairs, ProcessDownstairs
-from phd.dsc import DownstairsSet
-from phd.errors import HarnessError
-from phd.process import ManagedProcess
-from phd.teardown import Teardown
+from phd.core.errors import HarnessError
+from phd.core.process import ManagedProcess
+from phd.core.teardown import Teardown
+from phd.storage.downstairs import Downstairs, ProcessDownstairs
+from phd.storage.dsc import DownstairsSet
 from sut.storage import wire
 from sut.storage.wire import messages as m
 

@@ -34,8 +34,8 @@ import httpx
 from benchlib import REPO, factories, framework, log
 
 from phd import CrucibleDisk, InstanceState, TestVm, ignore_status, wait_until
-from phd.factory import DiskFactory, VmFactory
 from phd.framework import Framework
+from phd.vm.factory import DiskFactory, VmFactory
 
 TARGETS = {"unblock_s": 1.0, "stop_s": 1.0, "api_p99_ms": 100.0}
 

@@ -7,7 +7,7 @@ Usage: ci/bench storage [--size-mib N] [--target-s S] [--no-docker]
 Reference: ``qemu-nbd --format=raw --persistent`` serving a sparse raw file in a temp dir.
 Ours: three downstairs and a ``CrucibleBackend`` export (our upstairs) in a helper process
 (this file, ``_serve`` mode). The downstairs run the way the framework runs them
-(``phd.dsc.DownstairsSet`` of ``phd.downstairs`` members, each on a port pair from
+(``phd.storage.dsc.DownstairsSet`` of ``phd.storage.downstairs`` members, each on a port pair from
 ``PortAllocator.allocate_pair``: a Crucible downstairs' repair server listens on port + 4000
 and the OTHER downstairs connect to it): containers of ``python -m sut.storage.image ensure``
 on the host's network, bound to 127.0.0.1, or local processes with ``--no-docker`` (or when
@@ -59,11 +59,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from phd.downstairs import OURS, DsProgram, binary_program, check_binary
-from phd.dsc import DownstairsSet, RegionGeometry, docker_members, process_members
-from phd.errors import HarnessError
-from phd.ports import PortAllocator
-from phd.process import ManagedProcess, ready_when_logged, ready_when_unix_socket
+from phd.core.errors import HarnessError
+from phd.core.ports import PortAllocator
+from phd.core.process import ManagedProcess, ready_when_logged, ready_when_unix_socket
+from phd.storage.downstairs import OURS, DsProgram, binary_program, check_binary
+from phd.storage.dsc import DownstairsSet, RegionGeometry, docker_members, process_members
 from sut.storage.vcr import dump_vcr, region_volume
 
 REPO = Path(__file__).resolve().parent.parent
@@ -501,7 +501,7 @@ def main(argv: list[str]) -> int:
             " real_downstairs_ratios: our upstairs on the real downstairs / qemu-nbd;"
             " ours_vs_real_downstairs: our downstairs / the real downstairs, same upstairs (MB/s ="
             " IOPS ratios)",
-            "downstairs": "3 per set via phd.dsc.DownstairsSet, each on a port pair (repair server"
+            "downstairs": "3 per set via phd.storage.dsc.DownstairsSet, each on a port pair (repair server"
             " at port + 4000); containers share the host's network namespace and bind 127.0.0.1",
         },
         "qemu_nbd": ref,

@@ -55,12 +55,12 @@ from typing import IO, Any
 from benchlib import REPO, factories, framework, log
 
 from phd import InstanceState
-from phd.artifacts import GuestArtifact
-from phd.factory import overlay_argv
+from phd.artifacts.store import GuestArtifact
+from phd.core.process import ManagedProcess
 from phd.framework import Framework
-from phd.guest import adapter_for
-from phd.process import ManagedProcess
-from phd.serial import SerialConsole
+from phd.vm.factory import overlay_argv
+from phd.vm.guest import adapter_for
+from phd.vm.serial import SerialConsole
 
 TARGET_BOOT_RATIO = 1.15
 BOOT_TARGET_GUESTS = ("tiny", "debian")

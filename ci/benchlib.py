@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from phd.downstairs import default_process_cmd
-from phd.factory import DiskFactory, VmFactory
 from phd.framework import Framework, PhdConfig
+from phd.storage.downstairs import default_process_cmd
+from phd.vm.factory import DiskFactory, VmFactory
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -53,7 +53,8 @@ from pipeline import (
     split_own_args,
 )
 
-from phd.artifacts import ArtifactStore, load_manifest
+from phd.artifacts.manifest import load_manifest
+from phd.artifacts.store import ArtifactStore
 from phd.plugin import parse_shard
 
 NIGHTLY = RESULTS / "nightly"

@@ -3,11 +3,7 @@
 The public API is what a test author touches; everything else is private to its module.
 """
 
-from phd.client import InstanceState
-from phd.crucible import CrucibleDisk
-from phd.downstairs import Downstairs
-from phd.dsc import DownstairsSet, RegionGeometry
-from phd.errors import (
+from phd.core.errors import (
     ArtifactUnavailable,
     HarnessError,
     PhdError,
@@ -16,14 +12,18 @@ from phd.errors import (
     SutTimeout,
     WaitTimeout,
 )
-from phd.factory import DiskFactory, VmFactory
-from phd.guest import CommandResult, GuestCommandError
-from phd.lifecycle import Action, run_lifecycle
-from phd.ssh import SshCommandError, SshResult, SshSession
-from phd.status import StatusCheck, check_err, check_ok, ignore_status
-from phd.vm import FileDisk, TestVm, VmConfig
-from phd.volume_status import DownstairsStatus, VolumeStatus
-from phd.wait import wait_until
+from phd.core.wait import wait_until
+from phd.storage.crucible import CrucibleDisk
+from phd.storage.downstairs import Downstairs
+from phd.storage.dsc import DownstairsSet, RegionGeometry
+from phd.vm.client import InstanceState
+from phd.vm.factory import DiskFactory, VmFactory
+from phd.vm.guest import CommandResult, GuestCommandError
+from phd.vm.lifecycle import Action, run_lifecycle
+from phd.vm.ssh import SshCommandError, SshResult, SshSession
+from phd.vm.status import StatusCheck, check_err, check_ok, ignore_status
+from phd.vm.testvm import FileDisk, TestVm, VmConfig
+from phd.vm.volume_status import DownstairsStatus, VolumeStatus
 
 __all__ = [
     "Action",

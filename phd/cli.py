@@ -25,16 +25,16 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from phd.errors import PhdError
+from phd.core.errors import PhdError
 
 if TYPE_CHECKING:  # the run-time imports stay lazy so `phd sweep` starts fast
     from rich.console import Console
     from rich.progress import Progress, TaskID
 
-    from phd.artifacts import ArtifactStore
+    from phd.artifacts.store import ArtifactStore
     from phd.config import PhdConfig
-    from phd.dsc import DownstairsSet
     from phd.framework import Framework
+    from phd.storage.dsc import DownstairsSet
 
 __all__ = ["main"]
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"phd: error: {exc}", file=sys.stderr)
         return 2
     except ExceptionGroup as group:
-        # Teardown raises every error together (phd.teardown); one line each when all are
+        # Teardown raises every error together (phd.core.teardown); one line each when all are
         # ours, the full tracebacks otherwise.
         if group.split(PhdError)[1] is not None:
             raise
@@ -77,8 +77,8 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from phd.downstairs import PROGRAM_KINDS
-    from phd.dsc import ACTIONS
+    from phd.storage.downstairs import PROGRAM_KINDS
+    from phd.storage.dsc import ACTIONS
 
     parser = argparse.ArgumentParser(prog="phd", description="PHD framework tools")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -156,8 +156,8 @@ def _artifacts_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def _sweep() -> int:
-    from phd.downstairs import sweep_leftovers
-    from phd.reaper import reap_dead_owners
+    from phd.core.reaper import reap_dead_owners
+    from phd.storage.downstairs import sweep_leftovers
 
     # Processes first (servers stop their VMs on SIGTERM), then containers and volumes.
     done = reap_dead_owners()
@@ -177,9 +177,9 @@ def _say(line: str) -> None:
 
 
 def _check_run_args(args: argparse.Namespace) -> None:
-    from phd.dsc import parse_loopback
-    from phd.errors import HarnessError
-    from phd.ports import PAIR_OFFSET
+    from phd.core.errors import HarnessError
+    from phd.core.ports import PAIR_OFFSET
+    from phd.storage.dsc import parse_loopback
 
     parse_loopback(args.control)
     if args.count < 1:
@@ -217,9 +217,9 @@ _DSC_FLAGS = {"downstairs_program": "--program", "downstairs_cmd": "--downstairs
 
 
 def _dsc_run(args: argparse.Namespace) -> int:
-    from phd.dsc import DownstairsSet, RegionGeometry, members_for
+    from phd.core.ports import PAIR_OFFSET, PortAllocator
     from phd.framework import Framework
-    from phd.ports import PAIR_OFFSET, PortAllocator
+    from phd.storage.dsc import DownstairsSet, RegionGeometry, members_for
 
     _check_run_args(args)
     config = _dsc_config(args)  # a bad program or path fails before anything is made
@@ -255,7 +255,7 @@ def _dsc_run(args: argparse.Namespace) -> int:
 
 
 def _sweep_dead_sessions(fw: Framework) -> None:
-    from phd.downstairs import sweep_leftovers
+    from phd.storage.downstairs import sweep_leftovers
 
     removed = sweep_leftovers(fw.docker(), fw.session_id)
     if removed:
@@ -294,7 +294,7 @@ def _print_ready(args: argparse.Namespace, dss: DownstairsSet, took_s: float) ->
 
 
 def _serve(args: argparse.Namespace, dss: DownstairsSet, stop: threading.Event) -> int:
-    from phd.dsc import ControlServer, RandomStopper
+    from phd.storage.dsc import ControlServer, RandomStopper
 
     control = ControlServer(dss, args.control, log=_say)
     print(f"control: {control.address}  (e.g. phd dsc cmd state --control {control.address})",
@@ -320,7 +320,7 @@ def _serve(args: argparse.Namespace, dss: DownstairsSet, stop: threading.Event) 
 def _dsc_cmd(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     import httpx
 
-    from phd.dsc import parse_loopback
+    from phd.storage.dsc import parse_loopback
 
     host, port = parse_loopback(args.control)
     if args.action == "state":
@@ -344,7 +344,7 @@ def _artifact_store(args: argparse.Namespace) -> ArtifactStore:
     """The store as the pytest plugin makes it (phd.config: --manifest > PHD_MANIFEST > the
     project's artifacts/artifacts.toml, from here upwards > phd's own), so the CLI sees the
     manifest and cache tests use."""
-    from phd.artifacts import ArtifactStore
+    from phd.artifacts.store import ArtifactStore
     from phd.config import build_config
 
     config = build_config({"manifest": args.manifest, "artifact_dir": args.artifact_dir},
@@ -463,7 +463,7 @@ def _artifacts_ensure(store: ArtifactStore, keys: list[str], err: Console, *, fo
     )
     from rich.text import Text
 
-    from phd.errors import ArtifactUnavailable, HarnessError
+    from phd.core.errors import ArtifactUnavailable, HarnessError
 
     class BytesOnly(ProgressColumn):
         """Byte counts for downloads; nothing for a build (it has no total)."""
@@ -498,7 +498,7 @@ def _artifacts_ensure(store: ArtifactStore, keys: list[str], err: Console, *, fo
 
 
 class _RichProgress:
-    """`phd.artifacts.Progress` drawn with rich: a byte bar per download, a spinner per build
+    """`phd.artifacts.store.Progress` drawn with rich: a byte bar per download, a spinner per build
     whose text is the recipe's latest line (every line is also printed, for logs)."""
 
     def __init__(self, bars: Progress) -> None:

@@ -12,7 +12,7 @@ README's table follows it (tests/unit/phd/test_config.py holds the README to it)
 Where things live (one lookup each, shared by the plugin and the CLI):
 - `data_root()`: the folder holding the `guests` and `sut` packages, i.e. the checkout in
   development and site-packages in an installed copy; recipes run from `<data_root>/guests/`.
-- `packaged_manifest()`: the manifest shipped in the phd package (`phd/artifacts.toml`;
+- `packaged_manifest()`: the manifest shipped in the phd package (`phd/artifacts/artifacts.toml`;
   a checkout's `artifacts/artifacts.toml` is a link to it).
 - `project_manifest(start)`: a project's own `artifacts/artifacts.toml` in `start` or the
   nearest parent that has one; it is preferred over phd's. pytest starts from its rootdir,
@@ -32,8 +32,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal, cast, get_args
 
-from phd.downstairs import PROGRAM_KINDS, DsProgram, choose_program, default_program
-from phd.errors import HarnessError
+from phd.core.errors import HarnessError
+from phd.storage.downstairs import PROGRAM_KINDS, DsProgram, choose_program, default_program
 
 __all__ = [
     "SETTINGS",
@@ -82,7 +82,7 @@ class PhdConfig:
     # The folder holding the `guests` and `sut` packages (data_root()): the checkout in
     # development, site-packages when phd is installed. Recipes run from <repo_root>/guests/.
     repo_root: Path
-    # ours / binary (phd.downstairs); its `cmd` is what process downstairs run
+    # ours / binary (phd.storage.downstairs); its `cmd` is what process downstairs run
     downstairs_program: DsProgram = field(default_factory=default_program)
     # A Docker image to run docker downstairs from instead of building phd-downstairs:<hash>
     # from sut/storage/image (None: build it).
@@ -188,7 +188,7 @@ def data_root() -> Path:
 
 
 def packaged_manifest() -> Path:
-    return _package_dir("phd") / MANIFEST_NAME
+    return _package_dir("phd.artifacts") / MANIFEST_NAME
 
 
 def project_manifest(start: Path) -> Path | None:

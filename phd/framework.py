@@ -17,12 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from phd.artifacts import ArtifactStore
+from phd.artifacts.store import ArtifactStore
 from phd.config import PhdConfig
-from phd.downstairs import DsProgram
-from phd.errors import ArtifactUnavailable
-from phd.ports import PortAllocator
-from phd.progress import ProgressReporter, build_lock
+from phd.core.errors import ArtifactUnavailable
+from phd.core.ports import PortAllocator
+from phd.core.progress import ProgressReporter, build_lock
+from phd.storage.downstairs import DsProgram
 
 __all__ = ["Framework", "PhdConfig"]
 
@@ -50,7 +50,7 @@ class Framework:
         self.session_id = session_id
         # Builds and downloads report here (the terminal and the session's progress log).
         self.progress = progress or ProgressReporter(terminal=None)
-        # A slot of loopback ports claimed for this process (phd.ports), named for this session.
+        # A slot of loopback ports claimed for this process (phd.core.ports), named for this session.
         self.ports = PortAllocator(owner=f"session {session_id}")
         self.artifacts = ArtifactStore(config.manifest, config.artifact_dir, config.repo_root)
         self.artifacts.progress = self.progress

@@ -21,12 +21,12 @@ import pytest
 
 from phd.config import SETTINGS, ConfigError, PhdConfig, build_config
 from phd.config import parse_shard as config_parse_shard
-from phd.downstairs import sweep_leftovers
-from phd.errors import ArtifactUnavailable
-from phd.factory import DiskFactory, VmFactory
+from phd.core.errors import ArtifactUnavailable
+from phd.core.progress import ProgressReporter, ProgressTail
+from phd.core.reaper import reap_dead_owners
 from phd.framework import Framework
-from phd.progress import ProgressReporter, ProgressTail
-from phd.reaper import reap_dead_owners
+from phd.storage.downstairs import sweep_leftovers
+from phd.vm.factory import DiskFactory, VmFactory
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -133,7 +133,7 @@ class _XdistHooks:
 
 class _SessionProgress:
     """What the session builds or fetches before its tests, on the terminal as it happens
-    (phd.progress): the reporter of this process, and under xdist the controller's tail of
+    (phd.core.progress): the reporter of this process, and under xdist the controller's tail of
     the workers' progress log. `-q` keeps the terminal quiet; the log has every line."""
 
     def __init__(self, config: pytest.Config, *, worker: str | None) -> None:

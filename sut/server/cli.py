@@ -1,4 +1,4 @@
-"""``python -m sut.server``: argument parsing, signals, uvicorn.
+"""``python -m sut.server``: argument parsing, the listening socket, then serving.py.
 
 Two command lines, one server:
 
@@ -11,42 +11,43 @@ Two command lines, one server:
 Our options carry what the v5 API has no field for: direct kernel boot (``--kernel``,
 ``--initrd``, ``--cmdline``), the NIC's host forwards (``--forward``), the data dir, the
 regression switches, and the hostile-input limits.
+
+Start-up is ordered for a short launch-to-ready: the arguments are parsed and the socket is
+bound and listening before anything heavy is imported (FastAPI, pydantic, uvicorn and the VM
+machinery take some 0.3 s); a client that connects meanwhile waits in the backlog.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import ipaddress
 import os
 import pwd
-import signal
+import socket
 import sys
 import tempfile
-from collections.abc import Generator
 from pathlib import Path
 
-import uvicorn
-
-from sut.path_policy import PathPolicy, default_roots
+# Only what parsing the arguments and binding the socket need: the HTTP stack and the VM
+# machinery (sut.server.serving) are imported once the socket listens.
 from sut.regressions import ALL_REGRESSIONS
 from sut.server import logs
-from sut.server.api import DEFAULT_LONG_POLL_MAX_S, ServerController, create_app
-from sut.server.instance import VmConfig
-from sut.server.limits import (
+from sut.server.defaults import (
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_LONG_POLL_MAX_S,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_CONNECTIONS,
-    guarded_protocol,
 )
+from sut.server.forwards import HostForward
 from sut.server.policy import DEFAULT_NETWORKS, TargetPolicy
-from sut.server.qemu import HostForward
 from sut.server.regressions import Regressions, UnknownRegressionError
 
 ACCEL_ENV = "SUT_SERVER_ACCEL"
 QEMU_ENV = "SUT_SERVER_QEMU"
+DEFAULT_CMDLINE = "console=ttyS0"
+LISTEN_BACKLOG = 2048  # uvicorn's default
+BIND_FAILURE = 3  # what uvicorn exits with when it cannot bind (its STARTUP_FAILURE)
 
 
 def _listen(value: str) -> tuple[str, int]:
@@ -128,8 +129,8 @@ def build_run_parser() -> argparse.ArgumentParser:
                         help="accepted for propolis-server's command line; this server has no VNC")
     parser.add_argument("--bootrom-version", help="accepted for propolis-server's command line (unused)")
     parser.add_argument("--metric-addr", help="accepted for propolis-server's command line (no metrics)")
-    parser.add_argument("--log-level", help="accepted for propolis-server's command line (logs are JSON, "
-                        "level info)")
+    parser.add_argument("--log-level", help="accepted for propolis-server's command line (logs are JSON "
+                        "lines at level info)")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="run directories go here (default: a new temporary directory)")
     _add_options(parser)
@@ -151,11 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
+    """Ours, in both command lines: what v5 has no field for, and the server's limits."""
     parser.add_argument("--kernel", type=_file, metavar="PATH",
                         help="boot this Linux kernel directly (QEMU -kernel); v5 has no field for it")
     parser.add_argument("--initrd", type=_file, metavar="PATH", help="its initramfs (with --kernel)")
-    parser.add_argument("--cmdline", default="console=ttyS0", metavar="TEXT",
-                        help="its command line (with --kernel; default console=ttyS0)")
+    parser.add_argument("--cmdline", default=DEFAULT_CMDLINE, metavar="TEXT",
+                        help=f"its command line (with --kernel; default {DEFAULT_CMDLINE})")
     parser.add_argument("--forward", type=_forward, action="append", default=[],
                         metavar="127.0.0.1:PORT:GUEST",
                         help="forward a loopback TCP port to the guest through the first virtio NIC "
@@ -254,45 +256,26 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-class _Server(uvicorn.Server):
-    """uvicorn with the signal policy of propolis-server under PHD.
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, as asyncio's create_server would make it (SO_REUSEADDR; an IPv6
+    address is IPv6 only), with uvicorn's default backlog.
 
-    SIGINT is ignored so a Ctrl-C in the harness's terminal does not kill the
-    server before the harness stops it cleanly; SIGTERM stops the VM first,
-    then the HTTP server, and the process exits 0.
-    """
-
-    def __init__(self, config: uvicorn.Config, controller: ServerController) -> None:
-        super().__init__(config)
-        self._controller = controller
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        previous = {
-            signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
-            signal.SIGTERM: signal.signal(signal.SIGTERM, self._on_sigterm),
-        }
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    def _on_sigterm(self, signum: int, frame: object) -> None:
-        self.should_exit = True
-
-    async def startup(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
-        await super().startup(sockets)  # type: ignore[arg-type]
-        for server in self.servers:
-            for sock in server.sockets:
-                host, port = sock.getsockname()[:2]
-                self._controller.log.info("listening", extra={"host": host, "port": port})
-
-    async def shutdown(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
-        # Stop the VM before draining connections: that ends long-polls and
-        # serial websockets, which would otherwise hold the drain open.
-        await self._controller.shutdown()
-        await super().shutdown(sockets)  # type: ignore[arg-type]
+    The protocol is named (IPPROTO_TCP, as getaddrinfo gives it to create_server): asyncio
+    sets TCP_NODELAY on a connection only when its socket says so, and without it an answer
+    written in two parts (uvicorn sends headers, then body) waits some 40 ms for the client's
+    delayed ACK (Nagle)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -304,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         args.bootrom = None
     elif args.data_dir is None:
         args.data_dir = Path(tempfile.mkdtemp(prefix="sut-server-"))
-    if (args.initrd is not None or args.cmdline != "console=ttyS0") and args.kernel is None:
+    if (args.initrd is not None or args.cmdline != DEFAULT_CMDLINE) and args.kernel is None:
         parser.error("--initrd and --cmdline need --kernel")
     if "\0" in args.cmdline or len(args.cmdline) > 4096:
         parser.error("--cmdline: at most 4096 characters, no NUL")
@@ -318,70 +301,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"cannot create --data-dir {args.data_dir}: {exc}")
     log = logs.configure()
     host, port = args.listen
-    data_dir = args.data_dir.resolve()
-    paths = PathPolicy([*default_roots(data_dir), *args.allow_path])
-    targets = TargetPolicy.parse(args.allow_targets or DEFAULT_NETWORKS)
-    config = VmConfig(
-        data_dir=data_dir,
-        regressions=regressions,
-        accel=args.accel,
-        qemu_binary=args.qemu,
-        paths=paths,
-        targets=targets,
-        qemu_sandbox=args.qemu_sandbox,
-        qemu_user=args.qemu_user or None,
-        bootrom=args.bootrom,
-        kernel=args.kernel,
-        initrd=args.initrd,
-        cmdline=args.cmdline,
-        forwards=tuple(args.forward),
-    )
-    controller = ServerController(
-        config, log, long_poll_max_s=args.long_poll_max_s, max_body_bytes=args.max_body_bytes,
-        body_timeout_s=args.body_timeout_s,
-    )
-    log.info(
-        "server starting",
-        extra={
-            "listen": f"{host}:{port}",
-            "data_dir": str(config.data_dir),
-            "regressions": sorted(regressions.names),
-            "accel": args.accel,
-            "long_poll_max_s": args.long_poll_max_s,
-            "allowed_roots": paths.describe(),
-            "allowed_targets": targets.describe(),
-            "max_body_bytes": args.max_body_bytes,
-            "body_timeout_s": args.body_timeout_s,
-            "header_timeout_s": args.header_timeout_s,
-            "max_connections": args.max_connections,
-            "qemu_sandbox": args.qemu_sandbox,
-            "qemu_user": args.qemu_user or None,
-            "bootrom": str(args.bootrom) if args.bootrom else None,
-            "kernel": str(args.kernel) if args.kernel else None,
-            "initrd": str(args.initrd) if args.initrd else None,
-            "forwards": [f"{f.host_addr}:{f.host_port}:{f.guest_port}" for f in args.forward],
-            "uid": os.getuid(),
-        },
-    )
-    if os.getuid() == 0:
-        log.warning(f"running as root; QEMU drops to --qemu-user {args.qemu_user!r} once it holds "
-                    "its files" if args.qemu_user else
-                    "running as root, and so is QEMU (seccomp-sandboxed; see --qemu-user); run the "
-                    "server as an unprivileged user where you can")
-    uv_config = uvicorn.Config(
-        create_app(controller),
-        host=host,
-        port=port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=5,
-        lifespan="off",
-        http=guarded_protocol(header_timeout_s=args.header_timeout_s, max_connections=args.max_connections),
-    )
-    server = _Server(uv_config, controller)
-    asyncio.run(server.serve())
+    # Listen first, import the rest after (serving.py): a client's first connection waits in
+    # the backlog and is answered the moment the server serves.
+    try:
+        sock = _bind(host, port)
+    except OSError as exc:
+        log.error(f"cannot listen on {host}:{port}: {exc}", extra={"listen": f"{host}:{port}"})
+        return BIND_FAILURE
+    from sut.server.serving import serve
+
+    code = serve(args, regressions, log, sock)
     log.info("server stopped")
-    return 0 if server.started else 1
+    return code
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ from pathlib import Path
 from sut.path_policy import PathPolicy
 from sut.server.backends import BlockBackend, CrucibleDisk
 from sut.server.driver import NoSuchBackendError, StateDriver
+from sut.server.forwards import HostForward
 from sut.server.images import LaunchFiles, open_spec_files
 from sut.server.policy import TargetPolicy
-from sut.server.qemu import HostForward, KernelBoot, QemuVm, RunDir, build_argv
+from sut.server.qemu import KernelBoot, QemuVm, RunDir, build_argv
 from sut.server.regressions import NO_REGRESSIONS, Regressions
 from sut.server.serial import SerialConsole
 from sut.server.spec import CrucibleStorageBackend, InstanceEnsureRequest, properties_json

@@ -29,6 +29,13 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
+from sut.server.defaults import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONNECTIONS,
+)
+
 __all__ = [
     "DEFAULT_BODY_TIMEOUT_S",
     "DEFAULT_HEADER_TIMEOUT_S",
@@ -39,10 +46,6 @@ __all__ = [
     "guarded_protocol",
 ]
 
-DEFAULT_MAX_BODY_BYTES = 1024 * 1024
-DEFAULT_BODY_TIMEOUT_S = 10.0
-DEFAULT_HEADER_TIMEOUT_S = 10.0
-DEFAULT_MAX_CONNECTIONS = 128
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -13,8 +13,14 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from sut.storage.vcr import FileVcr, RegionVcr, UrlVcr, VolumeVcr, iter_targets, parse_target, parse_vcr
+if TYPE_CHECKING:
+    from sut.storage.vcr import FileVcr, RegionVcr, UrlVcr, VolumeVcr
+
+# sut.storage.vcr (pydantic models) is imported where a VCR is checked, not here: the server
+# imports this module at start-up (the --allow-targets parser), and an instance without a
+# Crucible disk never needs the VCR models.
 
 __all__ = ["ALLOW_TARGETS_FLAG", "DEFAULT_NETWORKS", "TargetNotAllowedError", "TargetPolicy",
            "check_vcr_targets"]
@@ -55,6 +61,8 @@ class TargetPolicy:
 
     def check(self, target: str, where: str) -> None:
         """Raise :class:`TargetNotAllowedError` unless ``target`` ("ip:port") is allowed."""
+        from sut.storage.vcr import parse_target
+
         try:
             host, _ = parse_target(target)
             ip = ipaddress.ip_address(host)
@@ -79,5 +87,7 @@ class TargetPolicy:
 
 def check_vcr_targets(vcr: VolumeVcr | RegionVcr | FileVcr | UrlVcr | str, policy: TargetPolicy) -> None:
     """Check every target of ``vcr`` (a parsed VCR, or its JSON)."""
+    from sut.storage.vcr import iter_targets, parse_vcr
+
     for where, target in iter_targets(parse_vcr(vcr) if isinstance(vcr, str) else vcr):
         policy.check(target, where)

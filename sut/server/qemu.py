@@ -23,6 +23,7 @@ from pathlib import Path
 
 from qemu.qmp import EventListener, Message, QMPClient
 
+from sut.server.forwards import HostForward
 from sut.server.images import ImageLayer, LaunchFiles
 from sut.server.serial import SerialConsole
 from sut.server.spec import CrucibleStorageBackend, InstanceSpec, NvmeDisk, VirtioDisk
@@ -88,33 +89,6 @@ class VmLaunchError(QemuError):
         self.exit_code = exit_code
         self.log_tail = log_tail
         super().__init__(f"{message} (exit code {exit_code}); QEMU log tail:\n{log_tail}")
-
-
-@dataclass(frozen=True)
-class HostForward:
-    """A TCP port of the host (loopback) forwarded to the guest: the server's ``--forward``."""
-
-    host_addr: str
-    host_port: int
-    guest_port: int
-
-    @classmethod
-    def parse(cls, text: str) -> HostForward:
-        """``127.0.0.1:HOST_PORT:GUEST_PORT``; the host address must be IPv4 loopback."""
-        import ipaddress
-
-        parts = text.split(":")
-        ok = len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit()
-        if ok:
-            try:
-                addr = ipaddress.ip_address(parts[0])
-                ok = addr.version == 4 and addr.is_loopback
-            except ValueError:
-                ok = False
-        if not ok or not (0 < int(parts[1]) < 65536 and 0 < int(parts[2]) < 65536):
-            raise ValueError(f"expected 127.x.y.z:HOST_PORT:GUEST_PORT (host forwards bind loopback only), "
-                             f"got {text!r}")
-        return cls(parts[0], int(parts[1]), int(parts[2]))
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from phd.reaper import start_time
+from phd.core.reaper import start_time
 
 
 def pids_mentioning(needle: str) -> list[int]:

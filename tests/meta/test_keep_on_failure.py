@@ -17,9 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from phd.core.reaper import reap_dead_owners
+from phd.core.wait import wait_until
 from phd.framework import PhdConfig
-from phd.reaper import reap_dead_owners
-from phd.wait import wait_until
 
 from .procs import pids_mentioning
 
@@ -44,7 +44,7 @@ def test_failed_vm_is_left_running_and_reachable(phd_config: PhdConfig, tmp_path
     (project / "test_kept.py").write_text(FAILING_TEST)
     env = dict(os.environ, TMPDIR=str(tmp))
     env.pop("PYTEST_XDIST_WORKER", None)
-    env.pop("PHD_PORT_BASE", None)  # the nested session claims a port slot of its own (phd.ports)
+    env.pop("PHD_PORT_BASE", None)  # the nested session claims a port slot of its own (phd.core.ports)
     argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q",
             "--phd-keep-on-failure", f"--phd-artifact-dir={phd_config.artifact_dir}",
             f"--phd-tmp-dir={tmp / 'results'}", "test_kept.py"]

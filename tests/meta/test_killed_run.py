@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from phd.downstairs import sweep_leftovers
+from phd.core.reaper import reap_dead_owners, start_time
+from phd.core.wait import wait_until
 from phd.framework import Framework, PhdConfig
-from phd.reaper import reap_dead_owners, start_time
-from phd.wait import wait_until
+from phd.storage.downstairs import sweep_leftovers
 
 from .procs import pids_mentioning
 
@@ -38,7 +38,7 @@ def test_sigkilled_run_is_cleaned_up_by_the_next(
     tmp.mkdir()
     env = dict(os.environ, TMPDIR=str(tmp))
     env.pop("PYTEST_XDIST_WORKER", None)
-    env.pop("PHD_PORT_BASE", None)  # the nested session claims a port slot of its own (phd.ports)
+    env.pop("PHD_PORT_BASE", None)  # the nested session claims a port slot of its own (phd.core.ports)
     argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q",
             f"--phd-downstairs={phd_config.downstairs}", f"--phd-artifact-dir={phd_config.artifact_dir}",
             f"--phd-tmp-dir={tmp / 'results'}", TEST]

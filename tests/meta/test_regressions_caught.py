@@ -76,7 +76,7 @@ def _run_nested(regression: str, phd_config: PhdConfig, tmp_path: Path) -> dict[
     junit = tmp_path / "junit.xml"
     env = dict(os.environ)
     env.pop("PYTEST_XDIST_WORKER", None)
-    # No PHD_PORT_BASE: the nested session claims a port slot of its own (phd.ports), clear of
+    # No PHD_PORT_BASE: the nested session claims a port slot of its own (phd.core.ports), clear of
     # every worker of the outer run, as any second session on this machine does.
     env.pop("PHD_PORT_BASE", None)
     argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q",

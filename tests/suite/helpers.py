@@ -72,7 +72,7 @@ def stored_bytes(disk: CrucibleDisk, index: int, *, offset: int, length: int) ->
     """The ``length`` bytes ONE downstairs stores for the disk's bytes at ``offset`` (read
     from its region's extent file, under the running downstairs): the plaintext on a plain
     disk, the ciphertext on an encrypted one."""
-    from phd.downstairs import DockerDownstairs, ProcessDownstairs
+    from phd.storage.downstairs import DockerDownstairs, ProcessDownstairs
 
     rel, within = _extent_file(disk, offset)
     ds = disk.downstairs[index]
@@ -96,7 +96,7 @@ def corrupt_copy(disk: CrucibleDisk, index: int, *, offset: int, length: int = 1
     downstairs' region, under the running downstairs (bit rot on one copy): the bytes become
     0xA5, which no pattern a test writes carries. Crucible's raw extent files hold the block
     data first, so the offset within the extent is the offset within its file."""
-    from phd.downstairs import DockerDownstairs, ProcessDownstairs
+    from phd.storage.downstairs import DockerDownstairs, ProcessDownstairs
 
     rel, within = _extent_file(disk, offset)
     ds = disk.downstairs[index]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from phd import InstanceState, VmFactory, check_err, ignore_status
-from phd.ssh import SshCommandError
+from phd.vm.ssh import SshCommandError
 
 pytestmark = [pytest.mark.vm]
 

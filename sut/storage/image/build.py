@@ -1,6 +1,6 @@
 """Build downstairs container images offline, only when they are missing.
 
-Two images, one per downstairs *program* (see ``phd.downstairs``); both speak Crucible's
+Two images, one per downstairs *program* (see ``phd.storage.downstairs``); both speak Crucible's
 protocol v13:
 - ``ours``: ``phd-downstairs:<hash>``, ``python -m sut.storage.downstairs`` (Debian's python3
   and python3-xxhash for the block hash);

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from phd.downstairs import OURS
-from phd.dsc import DownstairsSet, MemberFactory, RegionGeometry, docker_members, process_members
-from phd.errors import ArtifactUnavailable
+from phd.core.errors import ArtifactUnavailable
 from phd.framework import Framework
+from phd.storage.downstairs import OURS
+from phd.storage.dsc import DownstairsSet, MemberFactory, RegionGeometry, docker_members, process_members
 from sut.storage import wire
 from sut.storage.wire import messages as m
 

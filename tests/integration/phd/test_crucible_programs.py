@@ -22,7 +22,9 @@ from typing import Any, cast
 
 import pytest
 
-from phd.downstairs import (
+from phd.core.errors import ArtifactUnavailable
+from phd.framework import Framework
+from phd.storage.downstairs import (
     OURS,
     REPAIR_PORT_OFFSET,
     DockerDownstairs,
@@ -33,8 +35,6 @@ from phd.downstairs import (
     choose_program,
     sweep_leftovers,
 )
-from phd.errors import ArtifactUnavailable
-from phd.framework import Framework
 from sut.storage import wire
 from sut.storage.wire import messages as m
 from sut.storage.wire.blockhash import block_hash

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from phd.downstairs import DsState
-from phd.dsc import DownstairsSet, docker_members
-from phd.errors import PhdError
+from phd.core.errors import PhdError
+from phd.core.wait import wait_until
 from phd.framework import Framework
-from phd.wait import wait_until
+from phd.storage.downstairs import DsState
+from phd.storage.dsc import DownstairsSet, docker_members
 
 from .conftest import GEOMETRY, Made, SetFactory, answer, docker_leftovers, processes_under
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from phd.process import ManagedProcess
+from phd.core.process import ManagedProcess
 
 START_DEADLINE_S = 20.0
 STOP_DEADLINE_S = 30.0

@@ -13,9 +13,9 @@ from typing import Any
 
 import httpx
 
-from phd.artifacts import GuestArtifact
-from phd.guest import TinyGuest
-from phd.serial import SerialConsole
+from phd.artifacts.store import GuestArtifact
+from phd.vm.guest import TinyGuest
+from phd.vm.serial import SerialConsole
 
 
 def tiny_spec(

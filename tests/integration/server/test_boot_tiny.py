@@ -13,9 +13,9 @@ import pytest
 from websockets.sync.client import connect
 from websockets.sync.connection import Connection
 
-from phd.artifacts import GuestArtifact
+from phd.artifacts.store import GuestArtifact
+from phd.core.wait import wait_until
 from phd.framework import Framework
-from phd.wait import wait_until
 
 from .conftest import ServerProcess, qemu_pids_for, start_server
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from websockets.sync.client import connect
 
-from phd.artifacts import GuestArtifact
+from phd.artifacts.store import GuestArtifact
+from phd.core.ports import PortAllocator
+from phd.core.wait import wait_until
 from phd.framework import Framework
-from phd.guest import TinyGuest
-from phd.ports import PortAllocator
-from phd.wait import wait_until
+from phd.vm.guest import TinyGuest
 
 from .conftest import ServerProcess, qemu_pids_for
 from .console import file_disk, open_guest, serial_url, tiny_spec, wait_for_state

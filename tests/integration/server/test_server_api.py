@@ -16,7 +16,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from phd.client import InstanceState, ServerClient
+from phd.vm.client import InstanceState, ServerClient
 from sut.server.cli import build_parser
 
 from .conftest import ServerProcess, qemu_pids_for, start_server

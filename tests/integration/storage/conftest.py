@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from phd.errors import ProcessStartFailure
-from phd.process import ManagedProcess
+from phd.core.errors import ProcessStartFailure
+from phd.core.process import ManagedProcess
 from sut.storage.extent_raw import RawRegion
 from sut.storage.vcr import FileVcr, dump_vcr, region_volume
 from sut.storage.wire.negotiation import REPAIR_PORT_OFFSET

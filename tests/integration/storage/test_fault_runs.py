@@ -33,9 +33,9 @@ from typing import Any, cast
 
 import pytest
 
-from phd.downstairs import DockerDownstairs, ProcessDownstairs
-from phd.dsc import DownstairsSet, RegionGeometry, docker_members, process_members
 from phd.framework import Framework
+from phd.storage.downstairs import DockerDownstairs, ProcessDownstairs
+from phd.storage.dsc import DownstairsSet, RegionGeometry, docker_members, process_members
 from sut.storage.backend import CrucibleBackend, RetryPolicy
 from sut.storage.extent_raw import RawRegion
 from sut.storage.vcr import dump_vcr, region_volume

@@ -21,7 +21,7 @@ from guests.alpine import build as alpine_build
 from guests.alpine.assemble import MODULE_DIR, Assembled, AssemblyError, rootfs_archive
 from guests.alpine.build import CMDLINE, LOGIN_PROMPT, SHELL_PROMPT, BuildError, Inputs, build, main
 from guests.common.debian import Package
-from phd.guest import AlpineGuest, adapter_for
+from phd.vm.guest import AlpineGuest, adapter_for
 
 from .test_common_cpio import parse_newc
 

@@ -3,11 +3,11 @@ primitives (no process, no Docker), and a member factory of them for a `Downstai
 
 from __future__ import annotations
 
-from phd.crucible import CrucibleDisk
-from phd.downstairs import DsState, _Lifecycle
-from phd.dsc import DownstairsSet, RegionGeometry
-from phd.errors import HarnessError
-from phd.ports import BlackHole
+from phd.core.errors import HarnessError
+from phd.core.ports import BlackHole
+from phd.storage.crucible import CrucibleDisk
+from phd.storage.downstairs import DsState, _Lifecycle
+from phd.storage.dsc import DownstairsSet, RegionGeometry
 
 # A disk's geometry as DiskFactory makes the default one: 1 GiB in 64 MiB extents.
 DISK_GEOMETRY = RegionGeometry.of_size(1 << 30, block_size=512, extent_bytes=64 << 20)

@@ -21,14 +21,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from phd.artifacts import (
-    ArtifactHashMismatch,
-    ArtifactStore,
-    ManifestError,
-    NullProgress,
-    load_manifest,
-)
-from phd.errors import ArtifactUnavailable, HarnessError
+from phd.artifacts.manifest import ManifestError, load_manifest
+from phd.artifacts.store import ArtifactHashMismatch, ArtifactStore, NullProgress
+from phd.core.errors import ArtifactUnavailable, HarnessError
 from tests.unit.phd.http_files import serve_files
 
 REPO = Path(__file__).resolve().parents[3]

@@ -22,9 +22,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from phd.artifacts import ArtifactHashMismatch, ArtifactStore, ManifestError, NullProgress, load_manifest
+from phd.artifacts.manifest import ManifestError, load_manifest
+from phd.artifacts.store import ArtifactHashMismatch, ArtifactStore, NullProgress
 from phd.cli import main
-from phd.errors import HarnessError
+from phd.core.errors import HarnessError
 from tests.unit.phd.http_files import serve_files
 
 PAYLOAD = b"the artifact the manifest pins\n" * 100

@@ -19,7 +19,7 @@ from phd.config import (
     data_root,
     packaged_manifest,
 )
-from phd.errors import ArtifactUnavailable
+from phd.core.errors import ArtifactUnavailable
 from phd.framework import Framework
 
 pytest_plugins = ["pytester"]
@@ -177,7 +177,7 @@ def test_an_option_names_the_manifest_for_both(pytester: pytest.Pytester, monkey
 
 
 def test_the_checkouts_manifest_is_the_one_phd_ships() -> None:
-    """artifacts/artifacts.toml (the documented place) is a link to phd/artifacts.toml, the
+    """artifacts/artifacts.toml (the documented place) is a link to phd/artifacts/artifacts.toml, the
     package data an installed phd reads: one file, never two copies drifting apart."""
     checkout = data_root() / "artifacts" / "artifacts.toml"
     if not checkout.exists():
@@ -248,7 +248,7 @@ def test_phd_dsc_run_reads_the_same_variables_and_its_flags_win(monkeypatch: pyt
 def test_recipes_run_with_the_interpreter_phd_runs_on(monkeypatch: pytest.MonkeyPatch) -> None:
     """A recipe's `build` runs `python3` from PATH when no checkout .venv is beside it (phd
     installed with pip): that must be this interpreter, which has guests and filelock."""
-    from phd.artifacts import _recipe_env
+    from phd.artifacts.store import _recipe_env
 
     env = _recipe_env({"PATH": "/usr/bin:/bin", "HOME": "/root"})
     assert env["PATH"].split(":") == [str(Path(sys.executable).parent), "/usr/bin", "/bin"]

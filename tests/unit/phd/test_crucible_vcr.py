@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from phd.crucible import REDACTED, CrucibleDisk, redacted_vcr
-from phd.downstairs import DsState, _region_args
-from phd.dsc import DownstairsSet, RegionGeometry
-from phd.errors import HarnessError
-from phd.ports import PortAllocator
+from phd.core.errors import HarnessError
+from phd.core.ports import PortAllocator
+from phd.storage.crucible import REDACTED, CrucibleDisk, redacted_vcr
+from phd.storage.downstairs import DsState, _region_args
+from phd.storage.dsc import DownstairsSet, RegionGeometry
 from sut.storage.vcr import RegionVcr, parse_volume
 from tests.unit.phd.fake_downstairs import DISK_GEOMETRY, Fakes, fake_disk
 
@@ -188,7 +188,7 @@ def test_region_create_args_carry_encrypted_only_when_asked() -> None:
 def test_the_vcr_record_in_the_results_directory_is_redacted(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from phd.vm import TestVm, _Attached
+    from phd.vm.testvm import TestVm, _Attached
 
     disk, _ = _disk(encrypted=True)
     vcr = disk.vcr()

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-import phd.downstairs as ds_mod
-from phd.downstairs import (
+import phd.storage.downstairs as ds_mod
+from phd.core.errors import HarnessError
+from phd.storage.downstairs import (
     OURS,
     PROGRAM_KINDS,
     binary_program,
@@ -18,7 +19,6 @@ from phd.downstairs import (
     choose_program,
     default_program,
 )
-from phd.errors import HarnessError
 from tests.integration.storage.crucible_ds import BINARY, needs_binary
 
 pytest_plugins = ["pytester"]

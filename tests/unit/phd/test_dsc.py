@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 from phd.cli import main
-from phd.downstairs import DsState, _listening_count
-from phd.dsc import ControlServer, DownstairsSet, RegionGeometry, parse_loopback
-from phd.errors import HarnessError
+from phd.core.errors import HarnessError
+from phd.storage.downstairs import DsState, _listening_count
+from phd.storage.dsc import ControlServer, DownstairsSet, RegionGeometry, parse_loopback
 from tests.unit.phd.fake_downstairs import FakeDs, Fakes, now
 
 G = RegionGeometry(block_size=512, extent_size=8, extent_count=2)

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from phd.artifacts import GuestArtifact
-from phd.errors import HarnessError
-from phd.factory import create_file_disk, overlay_argv
-from phd.server import ServerProcess
-from phd.vm import FileDisk, TestVm, VmConfig
+from phd.artifacts.store import GuestArtifact
+from phd.core.errors import HarnessError
+from phd.vm.factory import create_file_disk, overlay_argv
+from phd.vm.server import ServerProcess
+from phd.vm.testvm import FileDisk, TestVm, VmConfig
 
 needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None,
                                     reason="qemu-img is not installed: run ci/bootstrap")

@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from phd.guest import GuestCommandError, TinyGuest
-from phd.status import check_err, ignore_status
+from phd.vm.guest import GuestCommandError, TinyGuest
+from phd.vm.status import check_err, ignore_status
 
 
 class ScriptedConsole:

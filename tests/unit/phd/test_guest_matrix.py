@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from phd.guest import DebianGuest, TinyGuest, adapter_for
+from phd.vm.guest import DebianGuest, TinyGuest, adapter_for
 
 pytest_plugins = ["pytester"]
 

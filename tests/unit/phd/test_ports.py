@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from phd.errors import HarnessError
-from phd.ports import PortAllocator
+from phd.core.errors import HarnessError
+from phd.core.ports import PortAllocator
 
 Ports = Callable[[int], PortAllocator]
 
@@ -89,7 +89,7 @@ def test_unknown_black_hole_kind_is_a_clear_error(ports: Ports) -> None:
 def test_default_ranges_stay_below_the_kernels_ephemeral_ports() -> None:
     # Ports the kernel hands out itself (outgoing connections, port-0 listeners) must never
     # land in a range we probed and handed out: see DEFAULT_BASE.
-    from phd.ports import DEFAULT_BASE, PORTS_PER_WORKER
+    from phd.core.ports import DEFAULT_BASE, PORTS_PER_WORKER
 
     low = 32768
     with contextlib.suppress(OSError):
@@ -98,7 +98,7 @@ def test_default_ranges_stay_below_the_kernels_ephemeral_ports() -> None:
 
 
 def test_pairs_have_their_partner_in_the_workers_partner_block_and_hold_both(ports: Ports) -> None:
-    from phd.ports import PAIR_OFFSET
+    from phd.core.ports import PAIR_OFFSET
 
     alloc = ports(10)
     assert alloc.partner_range == range(alloc.start + PAIR_OFFSET, alloc.end + PAIR_OFFSET)
@@ -139,7 +139,7 @@ def test_workers_ports_and_partners_never_meet() -> None:
 
 
 def test_default_partner_blocks_stay_below_the_kernels_ephemeral_ports() -> None:
-    from phd.ports import DEFAULT_BASE, PAIR_OFFSET, PORTS_PER_WORKER
+    from phd.core.ports import DEFAULT_BASE, PAIR_OFFSET, PORTS_PER_WORKER
 
     low = 32768
     with contextlib.suppress(OSError):
@@ -203,7 +203,8 @@ def test_a_closed_or_dropped_allocator_gives_its_slot_back(claims: Path) -> None
 def test_a_killed_sessions_claim_is_reclaimed(claims: Path) -> None:
     # Another session's process: claims a slot, says which, then holds it until killed.
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from pathlib import Path; from phd.ports import PortAllocator; "
+        [sys.executable, "-c", "import sys; from pathlib import Path; "
+         "from phd.core.ports import PortAllocator; "
          "a = PortAllocator(lock_dir=Path(sys.argv[1]), owner='session dead'); "
          "print(a.slot, flush=True); sys.stdin.read()", str(claims)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -225,7 +226,7 @@ def test_a_killed_sessions_claim_is_reclaimed(claims: Path) -> None:
 
 
 def test_when_every_slot_is_claimed_the_error_names_the_holders(claims: Path) -> None:
-    from phd.ports import SLOT_COUNT
+    from phd.core.ports import SLOT_COUNT
 
     held = [PortAllocator(lock_dir=claims, owner=f"session s{k}") for k in range(SLOT_COUNT)]
     try:
@@ -251,7 +252,7 @@ def test_phd_port_base_overrides_the_claim(claims: Path, monkeypatch: pytest.Mon
 
 
 def test_a_claimed_slot_holds_at_most_a_slots_ports(claims: Path) -> None:
-    from phd.ports import PORTS_PER_WORKER
+    from phd.core.ports import PORTS_PER_WORKER
 
     with PortAllocator(lock_dir=claims, size=10) as small:
         assert small.end - small.start == 10
@@ -260,7 +261,7 @@ def test_a_claimed_slot_holds_at_most_a_slots_ports(claims: Path) -> None:
 
 
 def test_claimable_slots_never_meet_and_stay_below_the_kernels_ephemeral_ports() -> None:
-    from phd.ports import PAIR_OFFSET, PORTS_PER_WORKER, SLOT_COUNT, slot_start
+    from phd.core.ports import PAIR_OFFSET, PORTS_PER_WORKER, SLOT_COUNT, slot_start
 
     low = 32768
     with contextlib.suppress(OSError):

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from phd import reaper
-from phd.errors import HarnessError, ProcessStartFailure
-from phd.process import ManagedProcess, ProcessState, ready_when_logged
+from phd.core import reaper
+from phd.core.errors import HarnessError, ProcessStartFailure
+from phd.core.process import ManagedProcess, ProcessState, ready_when_logged
 
 # A stand-in that ignores SIGTERM; it says so only once the handler is in place.
 STUBBORN = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
@@ -26,7 +26,7 @@ SLEEPER = "import time; print('up', flush=True); time.sleep(60)"
 @pytest.fixture
 def book(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> reaper.Ledger:
     ledger = reaper.Ledger(tmp_path / "ledger")
-    monkeypatch.setattr("phd.process.ledger", lambda: ledger)
+    monkeypatch.setattr("phd.core.process.ledger", lambda: ledger)
     return ledger
 
 

@@ -1,4 +1,4 @@
-"""phd.progress: lines, elapsed times, percentages, quiet runs, the build lock, the tail."""
+"""phd.core.progress: lines, elapsed times, percentages, quiet runs, the build lock, the tail."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from phd.progress import ProgressReporter, ProgressTail, build_lock, format_elapsed, parse_percent
+from phd.core.progress import ProgressReporter, ProgressTail, build_lock, format_elapsed, parse_percent
 
 
 class Clock:

@@ -1,4 +1,4 @@
-"""What a session shows while it builds (phd.progress through the plugin), seen from a user's
+"""What a session shows while it builds (phd.core.progress through the plugin), seen from a user's
 project: a slow fake recipe, built by one of two xdist workers while the other waits."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 pytest_plugins = ["pytester"]
 
 # Counts its steps ("[1/2]") like the image build's "Step 1/6", so the lines carry a percentage;
-# takes 2 x 2.5 s, longer than a cache hit (phd.progress.SHOW_AFTER_S), so the terminal shows it.
+# takes 2 x 2.5 s, longer than a cache hit (phd.core.progress.SHOW_AFTER_S), so the terminal shows it.
 RECIPE = r"""#!/usr/bin/env python3
 import json, os, sys, time
 from pathlib import Path

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from phd.reaper import Ledger, reap_dead_owners, start_time
-from phd.wait import wait_until
+from phd.core.reaper import Ledger, reap_dead_owners, start_time
+from phd.core.wait import wait_until
 
 
 def spawn(script: str = "sleep 60") -> subprocess.Popen[bytes]:

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from phd.errors import WaitTimeout
-from phd.serial import GuestPanic, SerialConsole
+from phd.core.errors import WaitTimeout
+from phd.vm.serial import GuestPanic, SerialConsole
 
 
 def _feed(pieces: list[bytes]) -> str:

@@ -11,9 +11,9 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from phd.errors import HarnessError, WaitTimeout
-from phd.ssh import SshSession, authorized_keys_command, generate_key
-from phd.status import ignore_status
+from phd.core.errors import HarnessError, WaitTimeout
+from phd.vm.ssh import SshSession, authorized_keys_command, generate_key
+from phd.vm.status import ignore_status
 
 
 def test_generated_key_is_private_and_loads_in_paramiko(tmp_path: Path) -> None:

@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from phd import reaper
-from phd.downstairs import DownstairsStartFailure, ProcessDownstairs
-from phd.errors import SutError
-from phd.server import ServerProcess, ServerStartFailure
+from phd.core import reaper
+from phd.core.errors import SutError
+from phd.storage.downstairs import DownstairsStartFailure, ProcessDownstairs
+from phd.vm.server import ServerProcess, ServerStartFailure
 
 
 @pytest.fixture(autouse=True)
 def private_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     book = reaper.Ledger(tmp_path / "ledger")
-    monkeypatch.setattr("phd.process.ledger", lambda: book)
+    monkeypatch.setattr("phd.core.process.ledger", lambda: book)
 
 
 def _server(tmp_path: Path, script: str, ready_timeout_s: float) -> ServerProcess:

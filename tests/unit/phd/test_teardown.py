@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from phd.crucible import CrucibleDisk
-from phd.errors import HarnessError, SutError
-from phd.factory import DiskFactory, VmFactory
-from phd.ports import PortAllocator
-from phd.teardown import Teardown
+from phd.core.errors import HarnessError, SutError
+from phd.core.ports import PortAllocator
+from phd.core.teardown import Teardown
+from phd.storage.crucible import CrucibleDisk
+from phd.vm.factory import DiskFactory, VmFactory
 from tests.unit.phd.fake_downstairs import Fakes, fake_disk
 
 pytest_plugins = ["pytester"]
@@ -147,7 +147,7 @@ def test_vm_factory_closes_every_vm_newest_first_despite_errors(tmp_path: Path) 
 
 def test_a_teardown_error_shows_in_the_test_report(pytester: pytest.Pytester, tmp_path: Path) -> None:
     pytester.makepyfile("""
-        from phd.errors import HarnessError, SutError
+        from phd.core.errors import HarnessError, SutError
 
         class Vm:
             def close(self):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from phd.errors import HarnessError, PhdError, SutError, SutTimeout, WaitTimeout
-from phd.wait import wait_until
+from phd.core.errors import HarnessError, PhdError, SutError, SutTimeout, WaitTimeout
+from phd.core.wait import wait_until
 
 
 class FakeClock:

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from sut.path_policy import PathPolicy
+from sut.server.forwards import HostForward
 from sut.server.images import open_spec_files
-from sut.server.qemu import SANDBOX, HostForward, KernelBoot, QemuError, RunDir, build_argv, fixed_chs
+from sut.server.qemu import SANDBOX, KernelBoot, QemuError, RunDir, build_argv, fixed_chs
 from sut.server.spec import InstanceSpec
 from tests import v5
 

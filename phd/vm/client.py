@@ -1,8 +1,8 @@
 """A typed client of the server API: propolis-server 5.0.0's.
 
 Only transport and status mapping live here; what a test means by "launch" or
-"wait for Running" lives in `phd.vm`. Every request goes through the request log
-(`phd.conformance`): checked against propolis-server's OpenAPI document where it is at
+"wait for Running" lives in `phd.vm.testvm`. Every request goes through the request log
+(`phd.vm.conformance`): checked against propolis-server's OpenAPI document where it is at
 hand, and recorded when `PHD_REQUEST_LOG` names a file.
 """
 
@@ -15,9 +15,9 @@ from typing import Any
 
 import httpx
 
-from phd.conformance import NO_BODY, RequestLog, default_log
-from phd.errors import ServerError
-from phd.volume_status import VolumeStatus
+from phd.core.errors import ServerError
+from phd.vm.conformance import NO_BODY, RequestLog, default_log
+from phd.vm.volume_status import VolumeStatus
 
 __all__ = ["InstanceState", "ServerClient"]
 

@@ -21,9 +21,9 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from phd.errors import HarnessError, SutError, SutTimeout
-from phd.status import StatusCheck, check_ok, status_check
-from phd.wait import wait_until
+from phd.core.errors import HarnessError, SutError, SutTimeout
+from phd.core.wait import wait_until
+from phd.vm.status import StatusCheck, check_ok, status_check
 
 __all__ = [
     "SshCommandError",

@@ -17,7 +17,7 @@ from pathlib import Path
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from phd.errors import HarnessError, SutError, SutTimeout
+from phd.core.errors import HarnessError, SutError, SutTimeout
 
 __all__ = ["GuestPanic", "SerialConsole"]
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from phd.errors import HarnessError
+from phd.core.errors import HarnessError
 
 __all__ = ["DOC_ENV", "DOC_NAME", "HOW_TO", "LOG_ENV", "ApiDocument", "NoBody", "RequestLog",
            "find_document"]

@@ -4,7 +4,7 @@ The process is started from an argv list: the configurable `--phd-server-cmd`, t
 propolis-server's own command line, `run <BOOTROM> 127.0.0.1:<PORT>`, then our options for
 what the v5 API has no field for (`--data-dir`, `--allow-path`, direct kernel boot with
 `--kernel/--initrd/--cmdline`, the SSH forward `--forward`, `--regression`). It runs as a
-`phd.process.ManagedProcess`: its own session (a Ctrl-C at the terminal
+`phd.core.process.ManagedProcess`: its own session (a Ctrl-C at the terminal
 reaches only the harness), a ledger entry with its run directory, ready once `GET /instance`
 answers, and a start that fails at once with the exit code when the server exits. It is
 stopped in order: SIGTERM (graceful: the server stops its VM), then SIGKILL. `stop()` is
@@ -21,8 +21,8 @@ from types import TracebackType
 
 import httpx
 
-from phd.errors import HarnessError, ProcessStartFailure
-from phd.process import ManagedProcess
+from phd.core.errors import HarnessError, ProcessStartFailure
+from phd.core.process import ManagedProcess
 
 __all__ = ["KernelBoot", "ServerProcess", "ServerStartFailure", "default_bootrom"]
 

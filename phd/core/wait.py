@@ -17,7 +17,7 @@ from typing import Protocol, TypeVar
 
 import tenacity
 
-from phd.errors import WaitTimeout
+from phd.core.errors import WaitTimeout
 
 __all__ = ["SYSTEM_CLOCK", "Clock", "wait_until"]
 

@@ -39,7 +39,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
-from phd.errors import HarnessError
+from phd.core.errors import HarnessError
 
 __all__ = ["PAIR_OFFSET", "PortAllocator", "worker_id", "worker_index"]
 

@@ -1,6 +1,6 @@
 """Factories that tests call to get VMs and disks; each owns and tears down what it built.
 
-Teardown runs every step and raises the errors together (phd.teardown, pytest's own habit).
+Teardown runs every step and raises the errors together (phd.core.teardown, pytest's own habit).
 VMs go before their disks (their servers hold the disks' connections): the disk factory
 stops every VM that attached one of its disks before it destroys the disks, whichever
 fixture pytest happens to tear down first.
@@ -16,18 +16,21 @@ import subprocess
 import tempfile
 import uuid as uuidlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from phd.artifacts import GuestArtifact
-from phd.crucible import CrucibleDisk
-from phd.downstairs import Downstairs
-from phd.dsc import DownstairsSet, RegionGeometry, members_for
-from phd.errors import ArtifactUnavailable, HarnessError
-from phd.framework import Framework
-from phd.guest import adapter_for
-from phd.ports import BLACK_HOLE_KINDS, BlackHole
-from phd.server import KernelBoot, ServerProcess
-from phd.teardown import Teardown
-from phd.vm import BOOT_DEVICE, TERMINAL, FileDisk, TestVm, VmConfig
+from phd.artifacts.store import GuestArtifact
+from phd.core.errors import ArtifactUnavailable, HarnessError
+from phd.core.ports import BLACK_HOLE_KINDS, BlackHole
+from phd.core.teardown import Teardown
+from phd.storage.crucible import CrucibleDisk
+from phd.storage.downstairs import Downstairs
+from phd.storage.dsc import DownstairsSet, RegionGeometry, members_for
+from phd.vm.guest import adapter_for
+from phd.vm.server import KernelBoot, ServerProcess
+from phd.vm.testvm import BOOT_DEVICE, TERMINAL, FileDisk, TestVm, VmConfig
+
+if TYPE_CHECKING:  # the session object, for annotations only: phd.framework is above this layer
+    from phd.framework import Framework
 
 __all__ = ["DiskFactory", "VmFactory", "create_file_disk", "overlay_argv"]
 

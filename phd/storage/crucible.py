@@ -1,4 +1,4 @@
-"""Crucible disks: three downstairs of a `phd.dsc.DownstairsSet`, the VCR that names them,
+"""Crucible disks: three downstairs of a `phd.storage.dsc.DownstairsSet`, the VCR that names them,
 and fault injection.
 
 Faults on the disk's own downstairs are verbs on them: `disk.downstairs[1].kill()` (also
@@ -24,11 +24,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from phd.downstairs import Downstairs
-from phd.dsc import DownstairsSet, RegionGeometry
-from phd.errors import HarnessError
-from phd.ports import BlackHole, BlackHoleKind
-from phd.teardown import Teardown
+from phd.core.errors import HarnessError
+from phd.core.ports import BlackHole, BlackHoleKind
+from phd.core.teardown import Teardown
+from phd.storage.downstairs import Downstairs
+from phd.storage.dsc import DownstairsSet, RegionGeometry
 
 __all__ = ["REDACTED", "CrucibleDisk", "redacted_vcr"]
 
@@ -56,7 +56,7 @@ def redacted_vcr(vcr: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Closeable(Protocol):
-    """What a disk needs of a VM that uses it (TestVm, without importing phd.vm)."""
+    """What a disk needs of a VM that uses it (TestVm, without importing phd.vm.testvm)."""
 
     def close(self) -> None: ...
 

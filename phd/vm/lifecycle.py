@@ -15,12 +15,12 @@ import enum
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from phd.client import InstanceState
-from phd.errors import PhdError
+from phd.core.errors import PhdError
+from phd.vm.client import InstanceState
 
 if TYPE_CHECKING:
-    from phd.factory import VmFactory
-    from phd.vm import TestVm
+    from phd.vm.factory import VmFactory
+    from phd.vm.testvm import TestVm
 
 __all__ = ["Action", "run_lifecycle"]
 

@@ -17,7 +17,7 @@ with ``-q``: directly in a plain run; under xdist, workers cannot write to the t
 follows that file (`ProgressTail`) and prints what they wrote - once, since only the worker
 holding a build's `build_lock` builds while the others report that they wait for it.
 
-Implements ``phd.artifacts.Progress`` (begin / advance / line / end), so the artifact
+Implements ``phd.artifacts.store.Progress`` (begin / advance / line / end), so the artifact
 store reports through it without knowing where lines go.
 """
 
@@ -94,7 +94,7 @@ def parse_percent(line: str) -> int | None:
 
 
 class StepSink(Protocol):
-    """What `build_lock` reports to: `ProgressReporter`, or any ``phd.artifacts.Progress``."""
+    """What `build_lock` reports to: `ProgressReporter`, or any ``phd.artifacts.store.Progress``."""
 
     def begin(self, key: str, what: str, total: int | None) -> None: ...
 
@@ -140,7 +140,7 @@ class ProgressReporter:
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
 
-    # --- phd.artifacts.Progress --------------------------------------------------------------
+    # --- phd.artifacts.store.Progress --------------------------------------------------------
     def begin(self, key: str, what: str, total: int | None) -> None:
         with self._lock:
             self._steps[key] = _Step(what, self.clock(), total)

@@ -2,7 +2,7 @@
 
 `DownstairsSet` owns N downstairs of one flavour (processes or containers) serving regions
 of one geometry, each with its own region uuid, on ports the caller hands in (from
-`phd.ports`). A test drives single members (`kill(1)`, `start(1)`), injects a random fault
+`phd.core.ports`). A test drives single members (`kill(1)`, `start(1)`), injects a random fault
 (`random_fault(rng)` -> "pause 2"), brings everything back (`heal()`) and, for a
 replacement, adds a member with a fresh region (`add()`). Every action lands in a step log
 so a failing test can print what the controller did and when.
@@ -31,9 +31,11 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from phd.downstairs import (
+from phd.core.errors import HarnessError, PhdError
+from phd.core.teardown import Teardown, note_undo_failure, raise_together
+from phd.storage.downstairs import (
     OURS,
     DockerDownstairs,
     Downstairs,
@@ -41,9 +43,9 @@ from phd.downstairs import (
     DsState,
     ProcessDownstairs,
 )
-from phd.errors import HarnessError, PhdError
-from phd.framework import Framework
-from phd.teardown import Teardown, note_undo_failure, raise_together
+
+if TYPE_CHECKING:  # the session object, for annotations only: phd.framework is above this layer
+    from phd.framework import Framework
 
 __all__ = [
     "ACTIONS",

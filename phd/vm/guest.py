@@ -11,9 +11,9 @@ import itertools
 import re
 from dataclasses import dataclass
 
-from phd.errors import SutError
-from phd.serial import SerialConsole
-from phd.status import StatusCheck, check_ok, status_check
+from phd.core.errors import SutError
+from phd.vm.serial import SerialConsole
+from phd.vm.status import StatusCheck, check_ok, status_check
 
 __all__ = ["AlpineGuest", "CommandResult", "DebianGuest", "GuestAdapter", "GuestCommandError",
            "TinyGuest", "adapter_for"]

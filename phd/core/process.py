@@ -11,9 +11,9 @@ stderr into ONE log file (appended: a restart's output follows the last one's), 
 of its own: a Ctrl-C at the terminal reaches only the harness, which then stops its children
 in order, and every signal goes to the process group, so a wrapper script dies with its child.
 
-The moment it runs, it is written to this run's ledger (`phd.reaper`), with the directories
+The moment it runs, it is written to this run's ledger (`phd.core.reaper`), with the directories
 it owns, so the next run reaps it if this one is SIGKILLed; `stop()` forgets the entries once
-the process is reaped. Readiness is a pluggable check polled by `phd.wait.wait_until` with a
+the process is reaped. Readiness is a pluggable check polled by `phd.core.wait.wait_until` with a
 fatal condition: a process that exits while starting fails its start AT ONCE with its exit
 code and log tail, never after the whole timeout. A failed start undoes itself.
 
@@ -42,9 +42,9 @@ from signal import SIGCONT, SIGKILL, SIGTERM, Signals
 from types import TracebackType
 from typing import IO
 
-from phd.errors import HarnessError, ProcessStartFailure, WaitTimeout
-from phd.reaper import Ledger, ledger
-from phd.wait import SYSTEM_CLOCK, Clock, wait_until
+from phd.core.errors import HarnessError, ProcessStartFailure, WaitTimeout
+from phd.core.reaper import Ledger, ledger
+from phd.core.wait import SYSTEM_CLOCK, Clock, wait_until
 
 __all__ = [
     "ManagedProcess",

@@ -19,17 +19,17 @@ from typing import Any
 
 import httpx
 
-from phd.artifacts import GuestArtifact
-from phd.client import InstanceState, ServerClient
-from phd.crucible import CrucibleDisk, redacted_vcr
-from phd.errors import HarnessError, SutError, SutTimeout
-from phd.guest import CommandResult, GuestAdapter, adapter_for
-from phd.serial import SerialConsole
-from phd.server import ServerProcess
-from phd.ssh import SshSession, authorized_keys_command, connect_when_ready, generate_key
-from phd.status import StatusCheck, check_ok
-from phd.teardown import Teardown
-from phd.volume_status import VolumeStatus
+from phd.artifacts.store import GuestArtifact
+from phd.core.errors import HarnessError, SutError, SutTimeout
+from phd.core.teardown import Teardown
+from phd.storage.crucible import CrucibleDisk, redacted_vcr
+from phd.vm.client import InstanceState, ServerClient
+from phd.vm.guest import CommandResult, GuestAdapter, adapter_for
+from phd.vm.serial import SerialConsole
+from phd.vm.server import ServerProcess
+from phd.vm.ssh import SshSession, authorized_keys_command, connect_when_ready, generate_key
+from phd.vm.status import StatusCheck, check_ok
+from phd.vm.volume_status import VolumeStatus
 
 __all__ = ["FileDisk", "TestVm", "VmConfig"]
 

@@ -1,16 +1,6 @@
 """Artifact store: resolve a manifest key to verified files on disk.
 
-The manifest (``artifacts/artifacts.toml``) names every artifact a test may ask for::
-
-    [artifacts.alpine-minirootfs]
-    kind = "file"
-    source = { remote = { urls = ["https://..."], sha256 = "d4e6..." } }
-
-    [artifacts.alpine]
-    kind = { guest_os = "alpine" }
-    source = { recipe = "guests/alpine", inputs = { minirootfs = "alpine-minirootfs" } }
-
-Each artifact has exactly one source:
+The manifest (``phd.artifacts.manifest``) gives every artifact exactly one source:
 
 - ``remote``: downloaded into ``<artifact_dir>/<sha256>/<filename>``, made read-only,
   verified once per process; a corrupt cached copy is deleted and fetched again.
@@ -21,10 +11,11 @@ Each artifact has exactly one source:
   recipe keeps its own cache keyed by a hash of its inputs. ``inputs`` names other
   artifacts, handed over as ``--input NAME=PATH`` once they are available.
 
-The manifest and the cache are untrusted input (see "Path policy" below): a file name
-taken from the manifest must be a plain name, every cache path stays inside the cache,
-and the store never follows a symlink in the cache, never opens what is not a regular
-file, and never deletes or chmods a file outside the cache (a ``local_path`` is only read).
+The manifest and the cache are untrusted input (the path policy of ``phd.artifacts.manifest``,
+the file access of ``phd.artifacts.files``): a file name taken from the manifest must be a
+plain name, every cache path stays inside the cache, and the store never follows a symlink
+in the cache, never opens what is not a regular file, and never deletes or chmods a file
+outside the cache (a ``local_path`` is only read).
 
 Anything that cannot be had here (no network, a recipe that fails) raises
 `ArtifactUnavailable`, whose message says how to provide it; the pytest plugin turns it
@@ -35,151 +26,68 @@ instead: that is a broken manifest or a tampered file, never something to skip q
 from __future__ import annotations
 
 import contextlib
-import errno
 import glob
 import hashlib
 import json
 import os
-import re
-import secrets
 import shlex
 import stat
 import subprocess
 import sys
 import tempfile
 import threading
-import tomllib
-import unicodedata
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, BinaryIO, Protocol
-from urllib.parse import unquote, urlsplit
+from typing import Any, BinaryIO, Protocol
 
 import httpx
 from filelock import FileLock, Timeout
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StringConstraints,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
-from pydantic_core import PydanticCustomError
 
-from phd.errors import ArtifactUnavailable, HarnessError
-from phd.progress import build_lock
+from phd.artifacts.files import (
+    CHUNK,
+    NotRegular,
+    clear_slot,
+    kind_of,
+    one_line,
+    open_regular,
+    os_reason,
+    read_at_most,
+    seal,
+    sha256_fd,
+)
+from phd.artifacts.manifest import (
+    SHA256_HEX,
+    ArtifactEntry,
+    LocalPathSource,
+    RemoteSource,
+    escape_unsafe,
+    load_manifest,
+    name_problem,
+    short_repr,
+)
+from phd.core.errors import ArtifactUnavailable, HarnessError
+from phd.core.progress import build_lock
 
 __all__ = [
-    "ArtifactEntry",
     "ArtifactHashMismatch",
     "ArtifactStore",
     "CacheCheck",
     "GuestArtifact",
-    "Kind",
-    "Manifest",
-    "ManifestError",
     "NullProgress",
     "Progress",
-    "load_manifest",
 ]
 
 CONNECT_TIMEOUT_S = 10.0  # an unreachable mirror must not hang a test session
 READ_TIMEOUT_S = 60.0  # between two chunks of a download
 LOCK_TIMEOUT_S = 1800.0  # another worker's download or build of the same artifact
 RECIPE_TIMEOUT_S = 1800.0
-_CHUNK = 1 << 16
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-# Bounds on untrusted input: a manifest or guest.json larger or deeper than this is not one.
-MANIFEST_MAX_BYTES = 1 << 20
+# Bounds on untrusted input: a guest.json or cmdline larger than this is not one.
 GUEST_JSON_MAX_BYTES = 1 << 20
 CMDLINE_MAX_BYTES = 1 << 16
-NAME_MAX_BYTES = 200  # NAME_MAX is 255; the store adds `.<name>.lock` and `.<name>.<random>.part`
-PATH_MAX_CHARS = 4096
-URL_MAX_CHARS = 2048
-MAX_URLS = 16
-MAX_INPUTS = 32
-KEY_MAX_CHARS = 64
-PROBLEMS_SHOWN = 20
-_RECIPE = re.compile(r"^guests/([A-Za-z0-9][A-Za-z0-9_.-]*)$")
-# Control characters, format characters (bidi overrides, zero-width), surrogates and line or
-# paragraph separators: none belongs in a file name, and each can forge terminal output.
-_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
-
-
-# --- path policy ----------------------------------------------------------------------------
-def _shown(value: object, limit: int = 60) -> str:
-    """``repr(value)`` cut to ``limit`` characters: safe to print (repr escapes control
-    characters) and short, whatever the manifest holds."""
-    try:
-        text = repr(value)
-    except RecursionError:
-        return "<a deeply nested value>"
-    return text if len(text) <= limit else text[:limit - 1] + "\u2026"
-
-
-def _escaped(text: str, limit: int) -> str:
-    """``text`` with control and format characters escaped, cut to ``limit`` characters."""
-    out = "".join(repr(ch)[1:-1] if unicodedata.category(ch) in _UNSAFE_CATEGORIES else ch
-                  for ch in text)
-    return out if len(out) <= limit else out[:limit - 1] + "\u2026"
-
-
-def _unsafe_char(text: str) -> str | None:
-    for char in text:
-        if unicodedata.category(char) in _UNSAFE_CATEGORIES:
-            return char
-    return None
-
-
-def name_problem(name: str, *, hidden_ok: bool = False) -> str | None:
-    """Why ``name`` is not a plain file name the store may create or look up, else None.
-
-    The one rule for every file name that comes from the manifest (a URL's last segment,
-    ``filename``, the last part of a ``local_path``) and from a recipe's guest.json.
-    ``hidden_ok``: a name outside the cache (a local_path's) may start with '.'."""
-    if name in ("", ".", ".."):
-        return "it is empty" if name == "" else f"{name!r} names a folder"
-    if "/" in name or "\\" in name:
-        return "it contains a path separator"
-    char = _unsafe_char(name)
-    if char is not None:
-        return f"it contains the control character {char!r}"
-    if name.startswith(".") and not hidden_ok:
-        return "it starts with '.' (hidden names are the store's own lock and partial files)"
-    if len(name.encode()) > NAME_MAX_BYTES:
-        return f"it is longer than {NAME_MAX_BYTES} bytes"
-    return None
-
-
-def url_file_name(url: str) -> str:
-    """The file name a URL's last path segment stands for (percent-decoded)."""
-    return unquote(urlsplit(url).path.rsplit("/", 1)[-1], errors="replace")
 
 
 # --- errors -------------------------------------------------------------------------------
-class ManifestError(HarnessError):
-    """The manifest cannot be read or breaks the schema; each problem names its TOML path.
-
-    One problem makes one line; several make one line each (the first ``PROBLEMS_SHOWN``,
-    then how many more), so a hostile manifest cannot flood a terminal."""
-
-    def __init__(self, manifest: Path, problems: list[str]) -> None:
-        if len(problems) == 1:
-            text = f"artifact manifest {manifest} is invalid: {problems[0]}"
-        else:
-            shown = problems[:PROBLEMS_SHOWN]
-            more = len(problems) - len(shown)
-            text = (f"artifact manifest {manifest} is invalid ({len(problems)} problems):\n  "
-                    + "\n  ".join(shown) + (f"\n  ... and {more} more" if more else ""))
-        super().__init__(text)
-        self.manifest = manifest
-        self.problems = problems
-
-
 class ArtifactHashMismatch(HarnessError):
     """A file's sha256 is not the manifest's: a wrong manifest entry or a tampered file.
     ``fix`` says what to change; it never advises deleting a file the store does not own."""
@@ -191,313 +99,6 @@ class ArtifactHashMismatch(HarnessError):
         self.key = key
         self.expected = expected
         self.actual = actual
-
-
-# --- manifest schema ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Kind:
-    """``kind = "file"`` (guest_os None) or ``kind = { guest_os = "<adapter name>" }``."""
-
-    guest_os: str | None = None
-
-    def __str__(self) -> str:
-        return "file" if self.guest_os is None else f"guest_os={self.guest_os}"
-
-
-# PydanticCustomError templates substitute `{name}` from their context and nothing else (no
-# `!r`, no `{{`), so values are passed already repr()'d.
-def _sha256_field(value: str) -> str:
-    if not isinstance(value, str) or not _SHA256.match(value.lower()):
-        raise PydanticCustomError("sha256", "must be 64 hex digits, got {value}", {"value": _shown(value)})
-    return value.lower()
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
-
-
-_Url = Annotated[str, StringConstraints(max_length=URL_MAX_CHARS)]
-
-
-class RemoteSource(_Model):
-    urls: list[_Url] = Field(min_length=1, max_length=MAX_URLS)
-    sha256: str
-
-    @field_validator("sha256")
-    @classmethod
-    def _check_sha(cls, value: str) -> str:
-        return _sha256_field(value)
-
-    @field_validator("urls")
-    @classmethod
-    def _http_urls(cls, urls: list[str]) -> list[str]:
-        for url in urls:
-            # Parsed here as the downloader will parse it, so a URL that cannot be fetched
-            # is a manifest error naming the field, not a crash in the middle of a fetch.
-            try:
-                parts = urlsplit(url)
-                parts.port  # noqa: B018 - raises ValueError when out of range
-                httpx.URL(url)
-            except (ValueError, httpx.InvalidURL) as exc:
-                raise PydanticCustomError("url", "{url} is not a valid URL ({why})",
-                                          {"url": _shown(url), "why": _escaped(str(exc), 80)}) from None
-            if parts.scheme not in ("http", "https") or not parts.netloc:
-                raise PydanticCustomError("url", "{url} is not an http(s) URL", {"url": _shown(url)})
-        return urls
-
-
-class LocalPathSource(_Model):
-    path: str = Field(min_length=1, max_length=PATH_MAX_CHARS)
-    sha256: str | None = None
-
-    @field_validator("sha256")
-    @classmethod
-    def _check_sha(cls, value: str | None) -> str | None:
-        return None if value is None else _sha256_field(value)
-
-    @field_validator("path")
-    @classmethod
-    def _names_a_file(cls, value: str) -> str:
-        char = _unsafe_char(value)
-        if char is not None:
-            raise PydanticCustomError("path", "{path} contains the control character {char}",
-                                      {"path": _shown(value), "char": repr(char)})
-        parts = value.split("/")
-        if any(len(part.encode()) > 255 for part in parts):
-            raise PydanticCustomError("path", "{path} has a part longer than 255 bytes",
-                                      {"path": _shown(value)})
-        problem = name_problem(parts[-1], hidden_ok=True)
-        if problem is not None:
-            raise PydanticCustomError(
-                "path", "{path} does not end in a plain file name ({problem}); point it at the "
-                "file itself", {"path": _shown(value), "problem": problem})
-        return value
-
-
-class Source(_Model):
-    remote: RemoteSource | None = None
-    local_path: LocalPathSource | None = None
-    recipe: str | None = None
-    # recipe only: input name -> the key of another artifact, passed as --input NAME=PATH
-    inputs: dict[str, str] = Field(default_factory=dict, max_length=MAX_INPUTS)
-
-    @field_validator("recipe")
-    @classmethod
-    def _in_guests(cls, value: str | None) -> str | None:
-        match = None if value is None else _RECIPE.match(value)
-        if value is not None and (match is None or len(match.group(1)) > KEY_MAX_CHARS):
-            raise PydanticCustomError(
-                "recipe", "must be guests/<name>, a folder of guests/ with a build script "
-                "(like 'guests/tiny'); got {recipe}", {"recipe": _shown(value)})
-        return value
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> Source:
-        given = [name for name in ("remote", "local_path", "recipe") if getattr(self, name) is not None]
-        if len(given) != 1:
-            raise PydanticCustomError(
-                "source", "needs exactly one of remote, local_path, recipe; got {given}",
-                {"given": ", ".join(given) or "none"})
-        if self.inputs and self.recipe is None:
-            raise PydanticCustomError("source", "inputs are only for a recipe source", {})
-        return self
-
-    def describe(self) -> str:
-        if self.remote is not None:
-            return f"remote {self.remote.urls[0]}"
-        if self.local_path is not None:
-            return f"local_path {self.local_path.path}"
-        inputs = "".join(f" {name}={key}" for name, key in sorted(self.inputs.items()))
-        return f"recipe {self.recipe}{inputs}"
-
-
-class ArtifactEntry(_Model):
-    kind: Kind
-    source: Source
-    # The cached file's name; default: the last segment of the first URL, or of local_path.
-    filename: str | None = None
-
-    @field_validator("kind", mode="before")
-    @classmethod
-    def _parse_kind(cls, value: object) -> Kind:
-        if value == "file":
-            return Kind()
-        if isinstance(value, dict) and set(value) == {"guest_os"} and isinstance(value["guest_os"], str) \
-                and _NAME.match(value["guest_os"]):
-            return Kind(guest_os=value["guest_os"])
-        raise PydanticCustomError(
-            "kind", 'must be "file" or { guest_os = "<adapter name>" }, got {value}',
-            {"value": _shown(value)})
-
-    @field_validator("filename")
-    @classmethod
-    def _plain_name(cls, value: str | None) -> str | None:
-        problem = None if value is None else name_problem(value)
-        if problem is not None:
-            raise PydanticCustomError("filename", "{value} is not a plain file name: {problem}",
-                                      {"value": _shown(value), "problem": problem})
-        return value
-
-    def file_name(self) -> str:
-        """The cached (or local) file's name; `load_manifest` has checked it is plain."""
-        if self.filename is not None:
-            return self.filename
-        if self.source.remote is not None:
-            return url_file_name(self.source.remote.urls[0])
-        if self.source.local_path is not None:
-            return self.source.local_path.path.rsplit("/", 1)[-1]
-        return str(self.source.recipe).rsplit("/", 1)[-1]
-
-    @property
-    def sha256(self) -> str | None:
-        if self.source.remote is not None:
-            return self.source.remote.sha256
-        if self.source.local_path is not None:
-            return self.source.local_path.sha256
-        return None
-
-
-class Manifest(_Model):
-    artifacts: dict[str, ArtifactEntry]
-
-
-def _loc_part(part: int | str) -> str:
-    text = str(part)
-    return text if isinstance(part, int) or (_NAME.match(text) and len(text) <= KEY_MAX_CHARS) \
-        else _shown(text, 40)
-
-
-def _problem(loc: Iterable[int | str], message: str) -> str:
-    """``field.path: message`` on one line; a hostile key is shown quoted and cut short."""
-    path = ".".join(_loc_part(part) for part in loc)
-    text = f"{path}: {message}" if path else message
-    return " ".join(text.split("\n"))
-
-
-def _key_problems(data: object) -> list[str]:
-    """Keys become folder names (``<artifact dir>/guests/<key>``): checked before the schema,
-    so a bad key is reported alongside the schema's problems."""
-    artifacts = data.get("artifacts") if isinstance(data, dict) else None
-    if not isinstance(artifacts, dict):
-        return []
-    return [_problem(("artifacts", key), f"artifact keys are letters, digits, '-', '_' and '.', "
-                     f"at most {KEY_MAX_CHARS} characters, starting with a letter or digit")
-            for key in artifacts if not (_NAME.match(key) and len(key) <= KEY_MAX_CHARS)]
-
-
-def _default_name_problems(key: str, entry: ArtifactEntry) -> list[str]:
-    """A remote file without ``filename`` is cached under its URL's last segment: that
-    segment must pass the path policy too."""
-    if entry.filename is not None or entry.source.remote is None:
-        return []
-    url = entry.source.remote.urls[0]
-    problem = name_problem(url_file_name(url))
-    if problem is None:
-        return []
-    return [_problem(("artifacts", key, "source", "remote", "urls", 0),
-                     f"the last segment of {_shown(url)} is not a plain file name ({problem}); "
-                     f'name the cached file with filename = "<name>" in [artifacts.{_loc_part(key)}]')]
-
-
-def _valid_entries_name_problems(data: object) -> list[str]:
-    """When the manifest as a whole breaks the schema, the entries that are valid on their
-    own still have their default file names checked, so every problem shows at once."""
-    artifacts = data.get("artifacts") if isinstance(data, dict) else None
-    problems: list[str] = []
-    for key, raw in (artifacts.items() if isinstance(artifacts, dict) else ()):
-        try:
-            entry = ArtifactEntry.model_validate(raw)
-        except (ValidationError, RecursionError):
-            continue
-        problems += _default_name_problems(str(key), entry)
-    return problems
-
-
-def _cross_checks(manifest: Manifest) -> list[str]:
-    """What one field cannot check alone: default file names, input references, guest
-    sources, cycles."""
-    problems: list[str] = []
-    entries = manifest.artifacts
-    for key, entry in entries.items():
-        where = ("artifacts", key)
-        problems += _default_name_problems(key, entry)
-        if entry.kind.guest_os is not None and entry.source.recipe is None:
-            problems.append(_problem((*where, "source"), "a guest_os artifact is built by a recipe "
-                                     "(it needs kernel, initrd, cmdline and guest.json)"))
-        for name, ref in entry.source.inputs.items():
-            if not _NAME.match(name):
-                problems.append(_problem((*where, "source", "inputs", name),
-                                         "input names are letters, digits, '-', '_' and '.'"))
-            if ref not in entries:
-                problems.append(_problem((*where, "source", "inputs", name),
-                                         f"no artifact {_shown(ref)} in the manifest"))
-    for key in entries:
-        cycle = _input_cycle(entries, key, ())
-        if cycle and cycle[0] == key:
-            problems.append(_problem(("artifacts", key, "source", "inputs"),
-                                     "inputs form a cycle: " + " -> ".join((*cycle, key))))
-    return problems
-
-
-def _input_cycle(entries: Mapping[str, ArtifactEntry], key: str, chain: tuple[str, ...]) -> tuple[str, ...]:
-    if key in chain:
-        return chain[chain.index(key):]
-    entry = entries.get(key)
-    if entry is None:
-        return ()
-    for ref in entry.source.inputs.values():
-        found = _input_cycle(entries, ref, (*chain, key))
-        if found:
-            return found
-    return ()
-
-
-def _read_manifest_text(path: Path, option: str) -> str:
-    how = f"pass {option} (or PHD_MANIFEST)"
-    try:
-        with _open_regular(path, follow=True) as fd:
-            raw = _read_at_most(fd, MANIFEST_MAX_BYTES + 1)
-    except FileNotFoundError:
-        raise ManifestError(path, [f"file not found; {how}"]) from None
-    except _NotRegular as exc:
-        raise ManifestError(path, [f"it is {exc.what}, not a file; {how}"]) from None
-    except OSError as exc:
-        raise ManifestError(path, [f"cannot be read ({exc.strerror}); {how}"]) from None
-    if len(raw) > MANIFEST_MAX_BYTES:
-        raise ManifestError(path, [f"it is larger than {MANIFEST_MAX_BYTES >> 20} MiB: not an "
-                                   f"artifact manifest; {how}"])
-    try:
-        return raw.decode()
-    except UnicodeDecodeError as exc:
-        raise ManifestError(path, [f"not UTF-8 text (byte {exc.start})"]) from None
-
-
-def load_manifest(path: Path, *, option: str = "--phd-manifest") -> Manifest:
-    """Parse and validate; every problem is reported at once, each with its TOML path.
-
-    ``option`` is how the tool the user ran takes a manifest (the pytest plugin's
-    ``--phd-manifest``, the CLI's ``--manifest``): a missing file's message names it."""
-    text = _read_manifest_text(path, option)
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ManifestError(path, [f"not readable TOML: {_one_line(str(exc))}"]) from None
-    except RecursionError:
-        raise ManifestError(path, ["not readable TOML: nested too deeply to be an artifact "
-                                   "manifest"]) from None
-    problems = _key_problems(data)
-    try:
-        manifest = Manifest.model_validate(data)
-    except ValidationError as exc:
-        problems += [_problem(err["loc"], str(err["msg"]).removeprefix("Value error, "))
-                     for err in exc.errors()]
-        raise ManifestError(path, problems + _valid_entries_name_problems(data)) from None
-    except RecursionError:
-        raise ManifestError(path, [*problems, "nested too deeply to be an artifact manifest"]) from None
-    problems += _cross_checks(manifest)
-    if problems:
-        raise ManifestError(path, problems)
-    return manifest
 
 
 # --- progress -------------------------------------------------------------------------------
@@ -557,106 +158,6 @@ class CacheCheck:
     fix: str = ""
 
 
-# --- files: what the store opens, hashes, chmods and replaces --------------------------------
-class _NotRegular(Exception):
-    """Found where a regular file was expected: ``what`` is "a symlink", "a folder", ..."""
-
-    def __init__(self, what: str) -> None:
-        super().__init__(what)
-        self.what = what
-
-
-_KINDS = ((stat.S_ISLNK, "a symlink"), (stat.S_ISDIR, "a folder"), (stat.S_ISREG, "a regular file"),
-          (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"))
-
-
-def _file_kind(mode: int) -> str:
-    return next((what for test, what in _KINDS if test(mode)), "a special file")
-
-
-def _kind_of(path: Path, *, follow: bool) -> str | None:
-    """What is at ``path`` ("a folder", "a symlink", ...); None when nothing is."""
-    try:
-        st = os.stat(path) if follow else os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as exc:
-        return f"unreadable ({_reason(exc)})"
-    return _file_kind(st.st_mode)
-
-
-def _reason(exc: OSError) -> str:
-    return exc.strerror or str(exc)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-@contextlib.contextmanager
-def _open_regular(path: Path, *, follow: bool) -> Iterator[int]:
-    """A read-only descriptor on ``path`` if it is a regular file, else `_NotRegular`.
-
-    Checked before opening (opening a FIFO blocks, opening a device can have effects) and
-    again on the descriptor (the name may have changed in between). ``follow=False`` (the
-    cache) refuses a symlink itself, with O_NOFOLLOW; ``follow=True`` is for a local_path,
-    which the manifest could as well have named by its target."""
-    st = os.stat(path) if follow else os.lstat(path)
-    if not stat.S_ISREG(st.st_mode):
-        raise _NotRegular(_file_kind(st.st_mode))
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
-    try:
-        fd = os.open(path, flags)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise _NotRegular("a symlink") from None
-        raise
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise _NotRegular(_file_kind(mode))
-        yield fd
-    finally:
-        os.close(fd)
-
-
-def _read_at_most(fd: int, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while size < limit:
-        chunk = os.read(fd, min(_CHUNK, limit - size))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
-
-
-def _sha256_fd(fd: int) -> str:
-    digest = hashlib.sha256()
-    while chunk := os.read(fd, 1 << 20):
-        digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _seal(fd: int) -> None:
-    """Read-only, through the descriptor that was hashed: never a path, so never a symlink's
-    target, and never a file other than the one verified."""
-    if stat.S_IMODE(os.fstat(fd).st_mode) != 0o444:
-        os.fchmod(fd, 0o444)
-
-
-def _clear_slot(path: Path) -> None:
-    """Free a name inside the cache for the store's own file. A symlink is unlinked (its
-    target is never touched), as is any other non-folder; a folder is renamed aside to a
-    hidden ``.<name>.corrupt-<random>``, since the store deletes nothing it did not create."""
-    if stat.S_ISDIR(os.lstat(path).st_mode):
-        os.rename(path, path.with_name(f".{path.name}.corrupt-{secrets.token_hex(4)}"))
-    else:
-        path.unlink(missing_ok=True)
-
-
 # --- the store ------------------------------------------------------------------------------
 class ArtifactStore:
     """Resolves manifest keys to files; one instance per process (each xdist worker).
@@ -689,7 +190,7 @@ class ArtifactStore:
         self._ready: dict[str, Path] = {}
         self._guests: dict[str, GuestArtifact] = {}
         # Where `ensure` reports when its caller names no sink (the pytest plugin sets its
-        # phd.progress reporter here).
+        # phd.core.progress reporter here).
         self.progress: Progress | None = None
 
     # --- lookup ---------------------------------------------------------------------------
@@ -701,7 +202,7 @@ class ArtifactStore:
         try:
             return self.entries[key]
         except KeyError:
-            raise HarnessError(f"artifact {_shown(key)} is not in {self.manifest_path}; "
+            raise HarnessError(f"artifact {short_repr(key)} is not in {self.manifest_path}; "
                                f"known: {sorted(self.entries)}") from None
 
     def cache_path(self, key: str) -> Path | None:
@@ -729,8 +230,8 @@ class ArtifactStore:
         """One cheap line for `phd artifacts list` (no hashing: that is `verify`)."""
         cached, local, out = self.cache_path(key), self.local_path(key), self.recipe_out(key)
         if cached is not None:
-            folder_kind = _kind_of(cached.parent, follow=False)
-            kind = _kind_of(cached, follow=False) if folder_kind == "a folder" else folder_kind
+            folder_kind = kind_of(cached.parent, follow=False)
+            kind = kind_of(cached, follow=False) if folder_kind == "a folder" else folder_kind
             if kind is None:
                 return "not fetched"
             if kind == "a regular file":
@@ -738,18 +239,18 @@ class ArtifactStore:
             where = cached if folder_kind == "a folder" else cached.parent
             return f"corrupt: {where} is {kind} (`phd artifacts fetch {key}` replaces it)"
         if local is not None:
-            kind = _kind_of(local, follow=True)
+            kind = kind_of(local, follow=True)
             if kind is None:
                 return f"missing {local}"
             return f"present {local}" if kind == "a regular file" else f"not a file: {local} is {kind}"
         assert out is not None
-        kind = _kind_of(out, follow=False)
+        kind = kind_of(out, follow=False)
         if kind not in (None, "a folder"):
             return f"corrupt: {out} is {kind} (`phd artifacts build {key} --force` replaces it)"
         meta = None if kind is None else _read_guest_json(out)
         if meta is None:
             return "not built"
-        return f"built {out} (inputs {_escaped(str(meta.get('input_hash', '?'))[:12], 12)})"
+        return f"built {out} (inputs {escape_unsafe(str(meta.get('input_hash', '?'))[:12], 12)})"
 
     # --- resolving ------------------------------------------------------------------------
     def guest(self, name: str) -> GuestArtifact:
@@ -757,7 +258,7 @@ class ArtifactStore:
         with self._lock:
             if name not in self._guests:
                 if name not in self.entries:
-                    raise HarnessError(f"guest {_shown(name)} is not in {self.manifest_path}; "
+                    raise HarnessError(f"guest {short_repr(name)} is not in {self.manifest_path}; "
                                        f"known: {sorted(self.entries)}")
                 entry = self.entries[name]
                 if entry.kind.guest_os is None:
@@ -792,19 +293,19 @@ class ArtifactStore:
         assert path is not None
         fix = f"point [artifacts.{key}].source.local_path at the file in {self.manifest_path}"
         try:
-            with _open_regular(path, follow=True) as fd:
-                actual = None if source.sha256 is None else _sha256_fd(fd)
+            with open_regular(path, follow=True) as fd:
+                actual = None if source.sha256 is None else sha256_fd(fd)
         except (FileNotFoundError, NotADirectoryError):
             raise ArtifactUnavailable(
                 f"artifact {key!r}",
                 f"its local_path {path} does not exist; put the file there, or change "
                 f"[artifacts.{key}].source in {self.manifest_path}") from None
-        except _NotRegular as exc:
+        except NotRegular as exc:
             raise HarnessError(f"artifact {key!r}: its local_path {path} is {exc.what}, not a "
                                f"regular file; {fix}") from None
         except OSError as exc:
             raise HarnessError(f"artifact {key!r}: cannot read its local_path {path} "
-                               f"({_reason(exc)}); {fix}") from None
+                               f"({os_reason(exc)}); {fix}") from None
         if source.sha256 is not None and actual != source.sha256:
             raise ArtifactHashMismatch(key, str(path), source.sha256, str(actual), fix=_LOCAL_FIX)
         return path
@@ -814,28 +315,28 @@ class ArtifactStore:
         symlink there is removed, never followed (nothing is written through it)."""
         try:
             self.artifact_dir.mkdir(parents=True, exist_ok=True)
-            kind = _kind_of(folder, follow=False)
+            kind = kind_of(folder, follow=False)
             if kind not in (None, "a folder"):
                 progress.line(key, f"{folder} is {kind}, not a folder of the cache: replacing it")
-                _clear_slot(folder)
+                clear_slot(folder)
             folder.mkdir(exist_ok=True)
             real, expected = folder.resolve(strict=True), self.artifact_dir.resolve(strict=True) / folder.name
         except OSError as exc:
             raise HarnessError(f"artifact {key!r}: cannot create the artifact cache {folder} "
-                               f"({_reason(exc)}); pass a writable {self._dir_option} "
+                               f"({os_reason(exc)}); pass a writable {self._dir_option} "
                                "(or PHD_ARTIFACT_DIR)") from None
-        if real != expected or _kind_of(folder, follow=False) != "a folder":
+        if real != expected or kind_of(folder, follow=False) != "a folder":
             raise HarnessError(f"artifact {key!r}: the cache folder {folder} resolves to {real}, "
                                f"outside {self.artifact_dir}; remove it and run the command again")
 
     def _clear(self, key: str, path: Path, why: str, progress: Progress) -> None:
         progress.line(key, why)
         try:
-            _clear_slot(path)
+            clear_slot(path)
         except FileNotFoundError:
             pass
         except OSError as exc:
-            raise HarnessError(f"artifact {key!r}: cannot replace {path} ({_reason(exc)}); remove "
+            raise HarnessError(f"artifact {key!r}: cannot replace {path} ({os_reason(exc)}); remove "
                                f"it (it is inside the cache) and run `phd artifacts fetch {key}`") from None
 
     def _fetch_remote(self, key: str, entry: ArtifactEntry, source: RemoteSource,
@@ -844,7 +345,7 @@ class ArtifactStore:
         assert final is not None
         self._cache_folder(final.parent, key, progress)
         lock_path = final.parent / f".{final.name}.lock"
-        kind = _kind_of(lock_path, follow=False)
+        kind = kind_of(lock_path, follow=False)
         if kind not in (None, "a regular file"):
             self._clear(key, lock_path, f"{lock_path} is {kind}, not a lock file: replacing it", progress)
         lock = FileLock(str(lock_path))
@@ -856,7 +357,7 @@ class ArtifactStore:
                 return final
             for stale in final.parent.glob(glob.escape(f".{final.name}.") + "*.part"):
                 with contextlib.suppress(OSError):  # left by a killed fetch; we hold the lock
-                    _clear_slot(stale)
+                    clear_slot(stale)
             self._download(key, entry, source, final, progress)
             return final
         finally:
@@ -875,27 +376,27 @@ class ArtifactStore:
                 f"while fetching {key!r}: wait for it, or remove the lock file if none is "
                 "running") from exc
         except OSError as exc:
-            raise HarnessError(f"artifact {key!r}: cannot lock {lock.lock_file} ({_reason(exc)}); "
+            raise HarnessError(f"artifact {key!r}: cannot lock {lock.lock_file} ({os_reason(exc)}); "
                                f"pass a writable {self._dir_option} (or PHD_ARTIFACT_DIR)") from None
 
     def _cached_copy_ok(self, key: str, final: Path, sha256: str, progress: Progress) -> bool:
         """Hash the cached copy without following a symlink; seal it if it is good. A copy
         that is not a regular file, or is corrupt, is cleared for a fresh download."""
         try:
-            with _open_regular(final, follow=False) as fd:
-                actual = _sha256_fd(fd)
+            with open_regular(final, follow=False) as fd:
+                actual = sha256_fd(fd)
                 if actual == sha256:
-                    _seal(fd)
+                    seal(fd)
                     return True
         except FileNotFoundError:
             return False
-        except _NotRegular as exc:
+        except NotRegular as exc:
             self._clear(key, final, f"cached {final} is {exc.what}, not a regular file: treating it as "
                         "corrupt and fetching again (it is not followed)", progress)
             return False
         except OSError as exc:
             raise HarnessError(f"artifact {key!r}: cannot check or seal its cached copy {final} "
-                               f"({_reason(exc)}); remove it (it is inside the cache) and run "
+                               f"({os_reason(exc)}); remove it (it is inside the cache) and run "
                                f"`phd artifacts fetch {key}`") from None
         self._clear(key, final, f"cached {final} is corrupt (sha256 {actual[:12]}...): deleting it "
                     "and fetching again", progress)
@@ -927,9 +428,9 @@ class ArtifactStore:
                     os.replace(tmp, final)  # replaces a name; never writes through a symlink
                     return
                 except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
-                    failures.append(f"{url}: {type(exc).__name__}: {_one_line(str(exc))}")
+                    failures.append(f"{url}: {type(exc).__name__}: {one_line(str(exc))}")
                 except OSError as exc:
-                    raise HarnessError(f"artifact {key!r}: cannot write {final} ({_reason(exc)}); free "
+                    raise HarnessError(f"artifact {key!r}: cannot write {final} ({os_reason(exc)}); free "
                                        f"some space or pass another {self._dir_option}") from None
                 finally:
                     if tmp is not None:
@@ -981,11 +482,11 @@ class ArtifactStore:
         if force:
             argv.append("--force")
         self._cache_folder(out.parent, key, progress)
-        kind = _kind_of(out, follow=False)
+        kind = kind_of(out, follow=False)
         if kind not in (None, "a folder"):
             self._clear(key, out, f"{out} is {kind}, not a recipe's output folder: replacing it", progress)
         # The recipe locks too, silently; this lock lets a waiting xdist worker say whom it
-        # waits for (phd.progress), so a session shows one build and the others waiting.
+        # waits for (phd.core.progress), so a session shows one build and the others waiting.
         with build_lock(out.parent / f".{key}.phd-build.lock", key, f"build {key}", progress,
                         timeout_s=self._lock_timeout_s,
                         on_timeout=lambda why: HarnessError(f"artifact {key!r}: {why}; wait for it, "
@@ -1002,7 +503,7 @@ class ArtifactStore:
                 f"artifact {key!r}",
                 f"its recipe failed ({shlex.join(argv)} exited {code}): {_last_line(lines)}; run "
                 "it by hand to see all of its output")
-        if _kind_of(out, follow=False) != "a folder" or _read_guest_json(out) is None:
+        if kind_of(out, follow=False) != "a folder" or _read_guest_json(out) is None:
             raise HarnessError(f"recipe {entry.source.recipe} exited 0 but {out}/guest.json is "
                                "missing or not JSON: the recipe breaks guests/README.md's interface")
         return out
@@ -1027,7 +528,7 @@ class ArtifactStore:
                 checks.append(_check_local_file(key, local, entry.sha256))
             elif out is not None:
                 checks.extend(_check_recipe_out(key, out))
-        if keys is None and _kind_of(self.artifact_dir, follow=True) == "a folder":
+        if keys is None and kind_of(self.artifact_dir, follow=True) == "a folder":
             checks += self._stray_checks(seen)
         return checks
 
@@ -1038,9 +539,9 @@ class ArtifactStore:
         except OSError:
             return checks
         for folder in folders:
-            if not _SHA256.match(folder.name):
+            if not SHA256_HEX.match(folder.name):
                 continue
-            kind = _kind_of(folder, follow=False)
+            kind = kind_of(folder, follow=False)
             if kind != "a folder":
                 checks.append(CacheCheck(None, folder, "bad", f"{kind}, not a folder of the cache",
                                          f"remove {folder} (a symlink: only the link)"))
@@ -1068,7 +569,7 @@ def _stream(client: httpx.Client, url: str, out: BinaryIO, key: str, progress: P
         length = response.headers.get("content-length")
         progress.begin(key, f"fetch {key}", int(length) if length and length.isdigit() else None)
         try:
-            for chunk in response.iter_bytes(_CHUNK):
+            for chunk in response.iter_bytes(CHUNK):
                 out.write(chunk)
                 digest.update(chunk)
                 progress.advance(key, len(chunk))
@@ -1079,18 +580,18 @@ def _stream(client: httpx.Client, url: str, out: BinaryIO, key: str, progress: P
 
 def _check_cached(key: str | None, path: Path, sha256: str, fix: str) -> CacheCheck:
     """A file inside the cache: never followed, whether it or its folder is a symlink."""
-    folder = _kind_of(path.parent, follow=False)
+    folder = kind_of(path.parent, follow=False)
     if folder not in (None, "a folder"):
         return CacheCheck(key, path, "bad", f"its folder is {folder}, not a folder of the cache", fix)
     try:
-        with _open_regular(path, follow=False) as fd:
-            actual = _sha256_fd(fd)
+        with open_regular(path, follow=False) as fd:
+            actual = sha256_fd(fd)
     except (FileNotFoundError, NotADirectoryError):
         return CacheCheck(key, path, "missing")
-    except _NotRegular as exc:
+    except NotRegular as exc:
         return CacheCheck(key, path, "bad", f"{exc.what}, not a regular file", fix)
     except OSError as exc:
-        return CacheCheck(key, path, "bad", f"unreadable ({_reason(exc)})", fix)
+        return CacheCheck(key, path, "bad", f"unreadable ({os_reason(exc)})", fix)
     if actual != sha256:
         return CacheCheck(key, path, "bad", f"sha256 {actual}, expected {sha256}", fix)
     return CacheCheck(key, path, "ok")
@@ -1100,15 +601,15 @@ def _check_local_file(key: str, path: Path, sha256: str | None) -> CacheCheck:
     """A local_path: read only. Its fix is always the manifest, never deleting the file."""
     fix = "fix the manifest's sha256, or point local_path at the right file (the store only reads it)"
     try:
-        with _open_regular(path, follow=True) as fd:
-            actual = None if sha256 is None else _sha256_fd(fd)
+        with open_regular(path, follow=True) as fd:
+            actual = None if sha256 is None else sha256_fd(fd)
     except (FileNotFoundError, NotADirectoryError):
         return CacheCheck(key, path, "missing")
-    except _NotRegular as exc:
+    except NotRegular as exc:
         return CacheCheck(key, path, "bad", f"{exc.what}, not a regular file",
                           "point local_path at a regular file")
     except OSError as exc:
-        return CacheCheck(key, path, "bad", f"unreadable ({_reason(exc)})", "make it readable, or " + fix)
+        return CacheCheck(key, path, "bad", f"unreadable ({os_reason(exc)})", "make it readable, or " + fix)
     if actual is None:
         return CacheCheck(key, path, "unchecked", "no sha256 in the manifest")
     if actual != sha256:
@@ -1119,7 +620,7 @@ def _check_local_file(key: str, path: Path, sha256: str | None) -> CacheCheck:
 
 def _check_recipe_out(key: str, out: Path) -> list[CacheCheck]:
     fix = f"run `phd artifacts build {key} --force`, which rebuilds it"
-    kind = _kind_of(out, follow=False)
+    kind = kind_of(out, follow=False)
     if kind not in (None, "a folder"):
         return [CacheCheck(key, out, "bad", f"{kind}, not a recipe's output folder", fix)]
     meta = None if kind is None else _read_guest_json(out)
@@ -1132,7 +633,7 @@ def _check_recipe_out(key: str, out: Path) -> list[CacheCheck]:
     for name, sha in sorted(digests.items()):
         problem = name_problem(str(name))
         if problem is not None:
-            checks.append(CacheCheck(key, out / "guest.json", "bad", f"it lists {_shown(name)}, which "
+            checks.append(CacheCheck(key, out / "guest.json", "bad", f"it lists {short_repr(name)}, which "
                                      f"is not a plain file name ({problem})", fix))
         else:
             checks.append(_check_cached(key, out / str(name), str(sha), fix))
@@ -1142,10 +643,10 @@ def _check_recipe_out(key: str, out: Path) -> list[CacheCheck]:
 def _read_guest_json(out: Path) -> dict[str, Any] | None:
     """``out/guest.json`` (not followed if a symlink, at most 1 MiB), or None."""
     try:
-        with _open_regular(out / "guest.json", follow=False) as fd:
-            raw = _read_at_most(fd, GUEST_JSON_MAX_BYTES + 1)
+        with open_regular(out / "guest.json", follow=False) as fd:
+            raw = read_at_most(fd, GUEST_JSON_MAX_BYTES + 1)
         meta = json.loads(raw) if len(raw) <= GUEST_JSON_MAX_BYTES else None
-    except (OSError, _NotRegular, ValueError, RecursionError):
+    except (OSError, NotRegular, ValueError, RecursionError):
         return None
     return meta if isinstance(meta, dict) else None
 
@@ -1162,9 +663,9 @@ def _guest_from(name: str, guest_os: str, out: Path) -> GuestArtifact:
         file_name = str(files.get(role, default))
         problem = name_problem(file_name)
         if problem is not None:
-            raise HarnessError(f"guest {name!r}: {out}/guest.json names its {role} {_shown(file_name)}, "
+            raise HarnessError(f"guest {name!r}: {out}/guest.json names its {role} {short_repr(file_name)}, "
                                f"not a plain file name ({problem}); {rebuild}")
-        kind = _kind_of(out / file_name, follow=False)
+        kind = kind_of(out / file_name, follow=False)
         if kind != "a regular file":
             raise HarnessError(f"guest {name!r}: its {role} {out / file_name} is {kind or 'missing'}, "
                                f"not a regular file; {rebuild}")
@@ -1172,9 +673,9 @@ def _guest_from(name: str, guest_os: str, out: Path) -> GuestArtifact:
 
     cmdline_path = member("cmdline", "cmdline")
     try:
-        with _open_regular(cmdline_path, follow=False) as fd:
-            cmdline = _read_at_most(fd, CMDLINE_MAX_BYTES).decode(errors="replace").strip()
-    except (OSError, _NotRegular) as exc:
+        with open_regular(cmdline_path, follow=False) as fd:
+            cmdline = read_at_most(fd, CMDLINE_MAX_BYTES).decode(errors="replace").strip()
+    except (OSError, NotRegular) as exc:
         raise HarnessError(f"guest {name!r}: {out} has no readable cmdline file ({exc}); {rebuild}") from None
     disk = files.get("disk")
     return GuestArtifact(
@@ -1191,7 +692,7 @@ def _guest_from(name: str, guest_os: str, out: Path) -> GuestArtifact:
 
 def _last_line(lines: list[str]) -> str:
     last = next((line for line in reversed(lines) if line.strip()), "(no output)")
-    return _escaped(_one_line(last), 500)
+    return escape_unsafe(one_line(last), 500)
 
 
 def _recipe_env(env: Mapping[str, str]) -> dict[str, str]:

@@ -49,10 +49,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from phd.errors import HarnessError, ProcessStartFailure, SutError, SutTimeout
-from phd.process import ManagedProcess, ReadyCheck, ready_when_connects
-from phd.teardown import Teardown
-from phd.wait import wait_until
+from phd.core.errors import HarnessError, ProcessStartFailure, SutError, SutTimeout
+from phd.core.process import ManagedProcess, ReadyCheck, ready_when_connects
+from phd.core.teardown import Teardown
+from phd.core.wait import wait_until
 
 __all__ = [
     "OURS",
@@ -601,7 +601,7 @@ class DownstairsStartFailure(ProcessStartFailure, SutError):
 class ProcessDownstairs(_Lifecycle):
     """A downstairs as a local process (`--phd-downstairs process`): no Docker needed.
 
-    Each start is one `phd.process.ManagedProcess` (a restart is a new one on the same port
+    Each start is one `phd.core.process.ManagedProcess` (a restart is a new one on the same port
     and region, its output appended to the same log): its own session, a ledger entry, every
     signal to its process group (a wrapper script given as `--phd-downstairs-cmd` is stopped
     with its child), and a start that fails at once when the downstairs exits.
