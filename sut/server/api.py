@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
@@ -100,6 +100,16 @@ _ERROR_DESCRIPTIONS = {
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorBody, "description": _ERROR_DESCRIPTIONS[code]} for code in codes}
+
+
+def _integer_text(value: object) -> object:
+    # The document says integer: "0.0" or "1e3" is not one, though pydantic would read it so.
+    if isinstance(value, str) and not value.lstrip("-").isdigit():
+        raise ValueError(f"expected an integer, got {value[:40]!r}")
+    return value
+
+
+QueryInt = Annotated[int, BeforeValidator(_integer_text)]
 
 
 BackendId = Annotated[
@@ -330,9 +340,9 @@ def create_app(controller: ServerController, *, body_limits: bool = True) -> Fas
 
     @app.get("/instance/serial/history", responses=_errors(400, 404))
     async def serial_history(
-        from_start: Annotated[int | None, Query(ge=0, le=MAX_QUERY_INT)] = None,
-        most_recent: Annotated[int | None, Query(ge=0, le=MAX_QUERY_INT)] = None,
-        max_bytes: Annotated[int | None, Query(ge=0, le=MAX_QUERY_INT)] = None,
+        from_start: Annotated[QueryInt | None, Query(ge=0, le=MAX_QUERY_INT)] = None,
+        most_recent: Annotated[QueryInt | None, Query(ge=0, le=MAX_QUERY_INT)] = None,
+        max_bytes: Annotated[QueryInt | None, Query(ge=0, le=MAX_QUERY_INT)] = None,
     ) -> SerialHistoryResponse:
         if from_start is not None and most_recent is not None:
             raise ApiError(400, "BadRequest", "from_start, most_recent: give one of them, not both")
@@ -347,6 +357,17 @@ def create_app(controller: ServerController, *, body_limits: bool = True) -> Fas
     @app.websocket("/instance/serial")
     async def serial_ws(ws: WebSocket) -> None:
         await control.serial_session(controller, ws)
+
+    # The document's two websocket operations, asked over plain HTTP: a GET is 400 saying
+    # so (any other method 405, from these routes), as the document allows ("4XX").
+    @app.get("/instance/serial", responses=_errors(400))
+    async def instance_serial() -> None:
+        raise ApiError(400, "WebsocketRequired", "GET /instance/serial is a websocket: send the upgrade "
+                       "headers (Connection: Upgrade, Upgrade: websocket)")
+
+    @app.get("/instance/migrate/{migration_id}/start", responses=_errors(400))
+    async def instance_migrate_start(migration_id: uuid.UUID) -> None:
+        raise ApiError(400, "Unsupported", "this server migrates nothing (no live migration source)")
 
     @app.put("/instance/disk/{id}/vcr", responses=_errors(400, 403, 404, 410))
     async def instance_issue_crucible_vcr_request(

@@ -23,16 +23,27 @@ from pathlib import Path
 from typing import Annotated, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StrictBool,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 
 # Component keys end up in QEMU ids, node names and unix socket file names.
 _KEY_RE = r"[A-Za-z][A-Za-z0-9_-]{0,31}"
 _KEY = re.compile(rf"^{_KEY_RE}$")
 KEY_PATTERN = rf"^{_KEY_RE}$"
 
-U8 = Annotated[int, Field(ge=0, le=255)]
-U32 = Annotated[int, Field(ge=0, le=2**32 - 1)]
-U64 = Annotated[int, Field(ge=0, le=2**64 - 1)]
+# Strict: the document says integer (or boolean), so false, 1.0 and "1" are refused, not
+# coerced (a fuzzer sending them must get 400).
+U8 = Annotated[StrictInt, Field(ge=0, le=255)]
+U32 = Annotated[StrictInt, Field(ge=0, le=2**32 - 1)]
+U64 = Annotated[StrictInt, Field(ge=0, le=2**64 - 1)]
 
 
 def _shown_path(value: Path) -> str:
@@ -56,7 +67,7 @@ class _Open(BaseModel):
 
 
 class I440Fx(_Strict):
-    enable_pcie: bool
+    enable_pcie: StrictBool
 
 
 class Chipset(_Strict):
@@ -91,8 +102,8 @@ class Board(_Strict):
     chipset: Chipset
     # The document allows 0..255 vCPUs and any u64 of memory; this server runs 1..32 vCPUs
     # and 32 MiB..64 GiB (a 4XX beyond, as the document allows).
-    cpus: int = Field(ge=1, le=32)
-    memory_mb: int = Field(ge=32, le=65536)
+    cpus: StrictInt = Field(ge=1, le=32)
+    memory_mb: StrictInt = Field(ge=32, le=65536)
     cpuid: Cpuid | None = None
     guest_hv_interface: GuestHvInterface | None = None
 
@@ -171,7 +182,7 @@ class SerialPort(_Strict):
 
 
 class QemuPvpanic(_Strict):
-    enable_isa: bool
+    enable_isa: StrictBool
 
 
 class BootOrderEntry(_Open):
@@ -190,14 +201,21 @@ class MigrationFailureInjector(_Strict):
 
 class CrucibleStorageBackend(_Strict):
     request_json: str = Field(min_length=2)
-    readonly: bool
+    readonly: StrictBool
 
 
 class FileStorageBackend(_Strict):
     path: Path
-    readonly: bool
-    block_size: Literal[512, 4096]
-    workers: int | None = Field(default=None, ge=1, le=2**32 - 1)
+    readonly: StrictBool
+    block_size: Annotated[StrictInt, Field(ge=0, le=2**32 - 1)]
+    workers: StrictInt | None = Field(default=None, ge=1, le=2**32 - 1)
+
+    @field_validator("block_size")
+    @classmethod
+    def _block_size(cls, value: int) -> int:
+        if value not in (512, 4096):
+            raise ValueError(f"block_size: this server takes 512 or 4096, got {value}")
+        return value
 
     @field_validator("path")
     @classmethod
@@ -211,7 +229,7 @@ class FileStorageBackend(_Strict):
 
 class BlobStorageBackend(_Strict):
     base64: str
-    readonly: bool
+    readonly: StrictBool
 
     def data(self) -> bytes:
         return base64.b64decode(self.base64, validate=True)
@@ -302,7 +320,7 @@ class Component(BaseModel):
         return self.component
 
     def dump(self) -> dict[str, object]:
-        return {"type": self.type, "component": self.component.model_dump(mode="json")}
+        return {"type": self.type, "component": self.component.model_dump(mode="json", exclude_none=True)}
 
 
 class SmbiosType1Input(_Strict):

@@ -60,7 +60,7 @@ def test_declared_length_over_the_limit_is_413_without_reading() -> None:
     status, headers, body = asyncio.run(_call(app, [(b"content-length", b"5000")], never()))
     assert status == 413 and headers[b"connection"] == b"close"
     doc = json.loads(body)
-    assert doc["error"] == "PayloadTooLarge"
+    assert doc["error_code"] == "PayloadTooLarge"
     message = doc["message"]
     assert "5000 bytes" in message and "1000" in message and "--max-body-bytes" in message
 
