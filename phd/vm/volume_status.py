@@ -51,9 +51,13 @@ class DownstairsStatus:
         return text
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class VolumeStatus:
     tree: dict[str, Any]
+
+    def __repr__(self) -> str:
+        # What a wait's "last seen" and a failure message show: the summary, not the tree.
+        return f"VolumeStatus({self})"
 
     @property
     def upstairs(self) -> list[dict[str, Any]]:
