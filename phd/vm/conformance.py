@@ -199,7 +199,13 @@ class RequestLog:
 
     @classmethod
     def from_environment(cls) -> RequestLog:
+        """The document where find_document() finds it (and jsonschema-rs, from the test
+        extra, is installed: an install of phd alone checks nothing); PHD_REQUEST_LOG's file."""
         path = find_document()
+        try:
+            import jsonschema_rs  # noqa: F401 - only whether it is there
+        except ImportError:
+            path = None
         log = os.environ.get(LOG_ENV)
         return cls(ApiDocument.load(path) if path else None, Path(log) if log else None)
 
