@@ -14,7 +14,7 @@ import pytest
 from phd.artifacts.store import GuestArtifact
 from phd.core.errors import HarnessError
 from phd.vm.factory import create_file_disk, overlay_argv
-from phd.vm.server import ServerProcess
+from phd.vm.server import KernelBoot, ServerProcess
 from phd.vm.testvm import FileDisk, TestVm, VmConfig
 
 needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None,
@@ -142,3 +142,18 @@ def test_the_vm_constructor_takes_only_its_public_fields(tmp_path: Path) -> None
     assert params == ["config", "server", "guest", "test_dir"]
     vm = _vm(tmp_path, ssh_port=None)
     assert vm != _vm(tmp_path, ssh_port=None)  # a VM is itself, whatever its fields
+
+
+def test_the_server_command_line_is_propolis_servers_then_ours(tmp_path: Path) -> None:
+    """run <BOOTROM> <IP:PORT> as propolis-server takes it; what v5 has no field for follows
+    as options of ours (the kernel boot and the SSH forward are per server: one per VM)."""
+    bootrom = tmp_path / "bios.bin"
+    bootrom.write_bytes(b"")
+    boot = KernelBoot(tmp_path / "vmlinuz", tmp_path / "initrd.img", "console=ttyS0 quiet")
+    server = ServerProcess(["srv", "--flag"], 9000, tmp_path / "run", None, regressions=("no-replay",),
+                           allow_paths=[tmp_path], boot=boot, forwards=["127.0.0.1:2222:22"], bootrom=bootrom)
+    assert server.argv == [
+        "srv", "--flag", "run", str(bootrom), "127.0.0.1:9000", "--data-dir", str(tmp_path / "run"),
+        "--kernel", str(tmp_path / "vmlinuz"), "--cmdline", "console=ttyS0 quiet",
+        "--initrd", str(tmp_path / "initrd.img"), "--forward", "127.0.0.1:2222:22",
+        "--allow-path", str(tmp_path), "--regression", "no-replay"]
