@@ -245,7 +245,10 @@ def build_argv(
         argv += ["-kernel", f"/proc/self/fd/{files.kernel.fd}", "-append", kernel_boot.cmdline]
         if files.initrd is not None:
             argv += ["-initrd", f"/proc/self/fd/{files.initrd.fd}"]
-    boot_index = {device: index for index, device in enumerate(spec.boot_order)}
+    # A directly booted kernel is QEMU's boot entry 0 (its linuxboot option ROM): the firmware
+    # never picks a disk, so boot_settings only order the disks when the firmware boots them.
+    order = spec.boot_order if kernel_boot is None else []
+    boot_index = {device: index for index, device in enumerate(order)}
     for device, disk in spec.disks.items():
         node = disk.backend_id
         backend = spec.storage(node)

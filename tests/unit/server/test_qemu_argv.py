@@ -108,6 +108,15 @@ def test_boot_settings_set_the_boot_order(tmp_path: Path) -> None:
     ]
 
 
+def test_boot_settings_do_not_compete_with_a_directly_booted_kernel(tmp_path: Path) -> None:
+    # QEMU gives -kernel bootindex 0 itself; a disk with bootindex=0 too would not start.
+    image = tmp_path / "a.raw"
+    image.write_bytes(b"\0" * 512)
+    argv = argv_of(spec(tmp_path, v5.disk("boot0", v5.file_backend(image)), v5.boot_order("boot0")),
+                   RunDir(tmp_path / "vm"))
+    assert "-kernel" in argv and not [d for d in pairs(argv, "-device") if "bootindex" in d]
+
+
 def test_no_serial_port_component_means_no_uart(tmp_path: Path) -> None:
     argv = argv_of(InstanceSpec.model_validate(v5.spec()), RunDir(tmp_path / "vm"))
     assert "-serial" not in argv
