@@ -281,13 +281,15 @@ def test_stages(extra: list[str]) -> list[Stage]:
         # Every switch proven caught by the tests that must catch it, with the failure text the
         # table names (--catchers); the whole suite under every switch is the nightly's
         # (ci/nightly). It writes results/junit-regression-<switch>.xml itself.
-        Stage("regressions", [sys.executable, "-m", "ci.regressions", "--catchers", "-n", "2",
+        # --jobs 2: two one-process sessions side by side (each switch's catchers are one or two
+        # tests, so -n 2 inside a session left a core idle for much of it).
+        Stage("regressions", [sys.executable, "-m", "ci.regressions", "--catchers", "--jobs", "2",
                               "-m", PR_SELECTION, *extra], on_sigterm=signal.SIGTERM),
         # The storage switches are bugs of the upstairs: caught whichever downstairs run, so
         # proven again on three real crucible-downstairs when CI names the binary.
         *([Stage("regressions-real", [sys.executable, "-m", "ci.regressions", "--catchers", "--switches",
                                       "storage", "--tag", "real", "--phd-downstairs-binary", REAL_DOWNSTAIRS,
-                                      "-n", "2", "-m", PR_SELECTION, *extra], on_sigterm=signal.SIGTERM)]
+                                      "--jobs", "2", "-m", PR_SELECTION, *extra], on_sigterm=signal.SIGTERM)]
           if REAL_DOWNSTAIRS else []),
     ]
 
