@@ -129,14 +129,21 @@ def run_child(argv: Sequence[str], env: dict[str, str] | None = None, *,
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        try:
-            proc.wait(timeout=300)
-        except subprocess.TimeoutExpired:
-            proc.terminate()
-            proc.wait()
+        let_clean_up([proc])
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def let_clean_up(procs: Iterable[subprocess.Popen[bytes]], grace_s: float = 300.0) -> None:
+    """After an interrupt: wait for each child to tear its VMs and containers down (up to
+    ``grace_s`` each), and terminate only one that takes longer."""
+    for proc in procs:
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            proc.wait()
 
 
 def run_stage(stage: Stage) -> StageResult:

@@ -59,7 +59,7 @@ from pathlib import Path
 
 import pytest
 
-from ci.pipeline import PYTEST, RESULTS, ROOT, Case, junit_cases, run_child, split_own_args
+from ci.pipeline import PYTEST, RESULTS, ROOT, Case, junit_cases, let_clean_up, run_child, split_own_args
 from phd.plugin import parse_shard
 from sut.regressions import ALL_REGRESSIONS, STORAGE_REGRESSIONS
 from tests.meta.test_regressions_caught import EXPECTED_FAILURES, is_case_of
@@ -190,12 +190,7 @@ def run_concurrently(planned: list[Planned], jobs: int, log_dir: Path) -> list[R
             print(f"\n== {p.name}: exit {proc.returncode} after {done[p.name].duration_s:.0f} s\n"
                   f"{log.read_text(errors='replace')}", flush=True)
     except KeyboardInterrupt:
-        for _p, proc, _t0, _log in running.values():
-            try:
-                proc.wait(timeout=300)
-            except subprocess.TimeoutExpired:
-                proc.terminate()
-                proc.wait()
+        let_clean_up(proc for _p, proc, _t0, _log in running.values())
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
