@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
+import tempfile
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -30,8 +32,9 @@ INSTANCE_ID = str(uuid.UUID(int=7))
 
 
 def _controller(tmp_path: Path, name: str) -> ServerController:
-    data_dir = tmp_path / name
-    data_dir.mkdir()
+    # Short: the run directory's unix socket paths must fit in 107 bytes (pytest's tmp_path
+    # under xdist does not leave room for "fastapi/vm-<id>/qmp.sock").
+    data_dir = Path(tempfile.mkdtemp(prefix=f"front-{name[:2]}-"))
     config = VmConfig(data_dir=data_dir, paths=PathPolicy([tmp_path]))
     return ServerController(config, logging.getLogger(f"test.front.{name}"), long_poll_max_s=0.2)
 
@@ -74,6 +77,8 @@ def _compare(tmp_path: Path, requests: list[Request],
         finally:
             await fast.shutdown()
             await full.shutdown()
+            for controller in (fast, full):
+                shutil.rmtree(controller.config.data_dir, ignore_errors=True)
         return got, want
 
     got, want = asyncio.run(run())
