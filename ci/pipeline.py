@@ -129,14 +129,21 @@ def run_child(argv: Sequence[str], env: dict[str, str] | None = None, *,
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        try:
-            proc.wait(timeout=300)
-        except subprocess.TimeoutExpired:
-            proc.terminate()
-            proc.wait()
+        let_clean_up([proc])
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def let_clean_up(procs: Iterable[subprocess.Popen[bytes]], grace_s: float = 300.0) -> None:
+    """After an interrupt: wait for each child to tear its VMs and containers down (up to
+    ``grace_s`` each), and terminate only one that takes longer."""
+    for proc in procs:
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            proc.wait()
 
 
 def run_stage(stage: Stage) -> StageResult:
@@ -264,28 +271,32 @@ def test_stages(extra: list[str]) -> list[Stage]:
         # seed tests) under it; the regressions stage below runs the whole suite under every
         # switch and checks the same failure texts.
         Stage("tests", [*PYTEST, "tests", "--ignore=tests/suite",
-                        "--ignore=tests/meta/test_regressions_caught.py", "-n", "2",
+                        "--ignore=tests/meta/test_regressions_caught.py", "-m", PR_SELECTION, "-n", "2",
                         f"--junitxml={RESULTS / 'junit-tests.xml'}", allure, *extra],
               junit=RESULTS / "junit-tests.xml", empty_ok=narrowed),
         Stage("suite", [*PYTEST, "tests/suite", "--phd-guests", PR_SUITE_GUESTS, "-m", PR_SELECTION,
                         "-n", "2", f"--junitxml={RESULTS / 'junit-suite.xml'}", allure, *extra],
               junit=RESULTS / "junit-suite.xml", empty_ok=narrowed),
-        # The same suite on three REAL crucible-downstairs containers (issue 13), when CI names
-        # the binary (.ci/run does when ../shared/crucible/crucible-downstairs exists).
+        # The suite's Crucible tests on three REAL crucible-downstairs containers (issue 13), when
+        # CI names the binary (.ci/run does when ../shared/crucible/crucible-downstairs exists).
+        # Only the tests marked crucible: the others start no downstairs, so a second run of
+        # them here would prove nothing the suite stage did not.
         *([Stage("suite-real", [*PYTEST, "tests/suite", "--phd-downstairs-binary", REAL_DOWNSTAIRS,
-                                "-m", PR_SELECTION, "-n", "2",
+                                "-m", f"crucible and ({PR_SELECTION})", "-n", "2",
                                 f"--junitxml={RESULTS / 'junit-suite-real.xml'}", allure, *extra],
                  junit=RESULTS / "junit-suite-real.xml", empty_ok=narrowed)] if REAL_DOWNSTAIRS else []),
         # Every switch proven caught by the tests that must catch it, with the failure text the
         # table names (--catchers); the whole suite under every switch is the nightly's
         # (ci/nightly). It writes results/junit-regression-<switch>.xml itself.
-        Stage("regressions", [sys.executable, "-m", "ci.regressions", "--catchers", "-n", "2",
+        # --jobs 2: two one-process sessions side by side (each switch's catchers are one or two
+        # tests, so -n 2 inside a session left a core idle for much of it).
+        Stage("regressions", [sys.executable, "-m", "ci.regressions", "--catchers", "--jobs", "2",
                               "-m", PR_SELECTION, *extra], on_sigterm=signal.SIGTERM),
         # The storage switches are bugs of the upstairs: caught whichever downstairs run, so
         # proven again on three real crucible-downstairs when CI names the binary.
         *([Stage("regressions-real", [sys.executable, "-m", "ci.regressions", "--catchers", "--switches",
                                       "storage", "--tag", "real", "--phd-downstairs-binary", REAL_DOWNSTAIRS,
-                                      "-n", "2", "-m", PR_SELECTION, *extra], on_sigterm=signal.SIGTERM)]
+                                      "--jobs", "2", "-m", PR_SELECTION, *extra], on_sigterm=signal.SIGTERM)]
           if REAL_DOWNSTAIRS else []),
     ]
 

@@ -1,7 +1,7 @@
 """Run the PHD suite once per regression switch and once with none; tabulate the failures.
 
 Usage: ci/regressions [--catchers] [--switches none,NAME,...|storage] [--tag T] [--shard i/N]
-                      [extra pytest args, e.g. -n 2]
+                      [--jobs N] [extra pytest args, e.g. -n 2]
    or: python -m ci.regressions ... (from the repository root: it imports tests.meta)
 
 Writes results/regressions.json ({switch: [node ids of failed tests]} plus "none"),
@@ -29,6 +29,11 @@ to). --tag T names this run's outputs junit-regression-<switch>-T.xml, regressio
 regression-runs/T/<switch>/, so a second matrix (say on the real crucible-downstairs, with
 --phd-downstairs-binary among the pytest args) does not overwrite the first.
 
+--jobs N runs N sessions side by side (each without xdist; not with -n), each one's output
+in results/regression-runs/logs/<switch>.log and printed whole when it ends. For --catchers,
+where a session is one or two tests, that keeps both cores busy where -n 2 leaves one idle
+while the other finishes.
+
 --shard i/N runs every N-th entry of [none, switch, ...] (1-based i), so N machines share the
 matrix. Sharding by switch, not by test, keeps "caught" decidable on each machine: a switch's
 whole suite runs in one place.
@@ -41,14 +46,20 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
+import signal
+import subprocess
 import sys
+import threading
 import time
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
-from ci.pipeline import PYTEST, RESULTS, ROOT, Case, junit_cases, run_child, split_own_args
+from ci.pipeline import PYTEST, RESULTS, ROOT, Case, junit_cases, let_clean_up, run_child, split_own_args
 from phd.plugin import parse_shard
 from sut.regressions import ALL_REGRESSIONS, STORAGE_REGRESSIONS
 from tests.meta.test_regressions_caught import EXPECTED_FAILURES, is_case_of
@@ -76,7 +87,25 @@ def catching_tests(switch: str) -> list[str]:
     return sorted(EXPECTED_FAILURES[switch])
 
 
-def run(switch: str | None, extra: list[str], *, catchers: bool = False, tag: str = "") -> Run:
+@dataclass
+class Planned:
+    """One pytest session of the matrix: its switch (None: no switch), argv and report file."""
+
+    switch: str | None
+    argv: list[str]
+    junit: Path
+
+    @property
+    def name(self) -> str:
+        return self.switch or "none"
+
+
+# The environment of every child: sharding is by switch here (see the docstring), so a test
+# shard from the environment would make "not caught" mean "not in this shard".
+CHILD_ENV = {"PHD_SHARD": "", "PHD_REGRESSION": ""}
+
+
+def plan(switch: str | None, extra: list[str], *, catchers: bool = False, tag: str = "") -> Planned:
     name = switch or "none"
     suffix = f"-{tag}" if tag else ""
     junit = RESULTS / f"junit-regression-{name}{suffix}.xml"
@@ -92,13 +121,80 @@ def run(switch: str | None, extra: list[str], *, catchers: bool = False, tag: st
         argv.append(f"--phd-tmp-dir={kept}")
     if switch:
         argv.append(f"--phd-regression={switch}")
-    print(f"== {name}: {' '.join(argv[3:])}", flush=True)
+    return Planned(switch, argv, junit)
+
+
+def finished(p: Planned, rc: int, duration_s: float) -> Run:
+    cases = junit_cases(p.junit) if p.junit.is_file() else []
+    return Run(p.name, cases, rc, round(duration_s, 1))
+
+
+def expected_seconds(entry: str, suffix: str, catchers: bool) -> float:
+    """How long ``entry``'s session took last time (its JUnit report's test times), else a
+    guess from the number of tests it runs; only used to order sessions."""
+    junit = RESULTS / f"junit-regression-{entry}{suffix}.xml"
+    try:
+        return sum(c.time_s for c in junit_cases(junit))
+    except (OSError, ET.ParseError):
+        return float(len(EXPECTED_FAILURES.get(entry, ())) if catchers and entry != "none" else 1000)
+
+
+def run(switch: str | None, extra: list[str], *, catchers: bool = False, tag: str = "") -> Run:
+    p = plan(switch, extra, catchers=catchers, tag=tag)
+    print(f"== {p.name}: {' '.join(p.argv[3:])}", flush=True)
     t0 = time.monotonic()
-    # Sharding is by switch here (see the docstring); a test shard from the environment would
-    # make "not caught" mean "not in this shard".
-    rc = run_child(argv, env={"PHD_SHARD": "", "PHD_REGRESSION": ""})
-    cases = junit_cases(junit) if junit.is_file() else []
-    return Run(name, cases, rc, round(time.monotonic() - t0, 1))
+    rc = run_child(p.argv, env=CHILD_ENV)
+    return finished(p, rc, time.monotonic() - t0)
+
+
+def run_concurrently(planned: list[Planned], jobs: int, log_dir: Path) -> list[Run]:
+    """Run the sessions ``jobs`` at a time, each with its output in ``log_dir/<name>.log``,
+    printed whole when it ends (so the output of two sessions never interleaves).
+
+    Why: a catchers session is one or two tests. Under ``-n 2`` one worker idles while the
+    other finishes the last test, and both start up for a minute's work; two sessions of one
+    process each keep both cores busy instead. Ctrl-C reaches every child (one process group)
+    and each tears its VMs and containers down; SIGTERM is passed on to them as SIGINT. Either
+    way every child is waited for before this returns or raises.
+    """
+    log_dir.mkdir(parents=True, exist_ok=True)
+    pending = list(planned)
+    running: dict[int, tuple[Planned, subprocess.Popen[bytes], float, Path]] = {}
+    done: dict[str, Run] = {}
+    # One waiter thread per child reports its end here: os.wait() would also reap children
+    # that are not ours (say, of the process that imported this module).
+    ended: queue.Queue[int] = queue.Queue()
+
+    def on_term(signum: int, frame: object) -> None:
+        for _p, proc, _t0, _log in running.values():
+            proc.send_signal(signal.SIGINT)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                p = pending.pop(0)
+                log = log_dir / f"{p.name}.log"
+                print(f"== {p.name}: started ({' '.join(p.argv[3:])}); output in {log}", flush=True)
+                with log.open("wb") as out:
+                    proc = subprocess.Popen(  # noqa: S603 - argv list built by plan()
+                        p.argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out,
+                        stderr=subprocess.STDOUT, env={**os.environ, **CHILD_ENV})
+                running[proc.pid] = (p, proc, time.monotonic(), log)
+                threading.Thread(target=lambda pr=proc: (pr.wait(), ended.put(pr.pid)), daemon=True,
+                                 name=f"wait-{p.name}").start()
+            p, proc, t0, log = running.pop(ended.get())  # blocks until one of them ends
+            assert proc.returncode is not None
+            done[p.name] = finished(p, proc.returncode, time.monotonic() - t0)
+            print(f"\n== {p.name}: exit {proc.returncode} after {done[p.name].duration_s:.0f} s\n"
+                  f"{log.read_text(errors='replace')}", flush=True)
+    except KeyboardInterrupt:
+        let_clean_up(proc for _p, proc, _t0, _log in running.values())
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return [done[p.name] for p in planned]
 
 
 def unexpected(r: Run) -> list[str]:
@@ -170,13 +266,28 @@ def main(argv: list[str]) -> int:
         return 0
     catchers = "--catchers" in argv
     argv = [a for a in argv if a != "--catchers"]
-    own, extra = split_own_args(argv, ["--shard", "--switches", "--tag"])
+    own, extra = split_own_args(argv, ["--shard", "--switches", "--tag", "--jobs"])
     tag = own.get("--tag", "")
     if tag and not tag.replace("-", "").isalnum():
         raise SystemExit(f"--tag takes letters, digits and '-' (it names files); got {tag!r}")
+    jobs_text = own.get("--jobs", "1")
+    if not jobs_text.isdigit() or not 1 <= int(jobs_text) <= 8:
+        raise SystemExit(f"--jobs takes a whole number from 1 to 8; got {jobs_text!r}")
+    jobs = int(jobs_text)
+    if jobs > 1 and any(a == "-n" or a.startswith(("-n=", "--numprocesses")) for a in extra):
+        raise SystemExit("--jobs runs whole sessions side by side: give it or pytest's -n, not both")
     entries = shard_entries(selected_entries(own.get("--switches"), catchers=catchers), own.get("--shard"))
     RESULTS.mkdir(exist_ok=True)
-    runs = [run(None if e == "none" else e, extra, catchers=catchers, tag=tag) for e in entries]
+    if jobs > 1:
+        # longest first, so that the last session to start is a short one (the previous run's
+        # reports say how long each took; before one exists, more catching tests = longer)
+        suffix = f"-{tag}" if tag else ""
+        entries = sorted(entries, key=lambda e: -expected_seconds(e, suffix, catchers))
+        planned = [plan(None if e == "none" else e, extra, catchers=catchers, tag=tag) for e in entries]
+        logs = RESULTS / "regression-runs" / (f"{tag}-logs" if tag else "logs")
+        runs = run_concurrently(planned, jobs, logs)
+    else:
+        runs = [run(None if e == "none" else e, extra, catchers=catchers, tag=tag) for e in entries]
 
     table = {r.switch: sorted(c.id for c in r.failed) for r in runs}
     out = RESULTS / (f"regressions-{tag}.json" if tag else "regressions.json")

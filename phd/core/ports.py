@@ -167,7 +167,13 @@ def _holder(path: Path) -> str:
 
 
 def _port_is_free(port: int) -> bool:
+    """Whether a server could listen on ``port`` now. The probe binds the way every program we
+    hand ports to binds (asyncio and uvicorn servers, QEMU's host forwards, Rust's std and
+    tokio listeners: all with SO_REUSEADDR): a port whose last connections linger in TIME_WAIT
+    is free to them, and a busy machine keeps hundreds of those; without the flag the probe
+    took such ports for taken and a slot could run out of ports that were not in use."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((LOOPBACK, port))
         except OSError:
@@ -318,6 +324,8 @@ class BlackHole:
         self.port = allocator.allocate()
         self._sock: socket.socket | None = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
+            # as the allocator's probe binds (see _port_is_free): the port may be in TIME_WAIT
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self._sock.bind((LOOPBACK, self.port))
             if kind == "silent":
                 self._sock.listen(64)

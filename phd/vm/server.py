@@ -13,13 +13,12 @@ idempotent and always leaves the log file for the failure bundle.
 
 from __future__ import annotations
 
+import http.client
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-
-import httpx
 
 from phd.core.errors import HarnessError, ProcessStartFailure
 from phd.core.process import ManagedProcess
@@ -104,10 +103,17 @@ class ServerProcess:
         self.process.start()
 
     def _answers(self) -> bool:
+        """Whether the server answers HTTP at all (any status). A bare http.client request:
+        an httpx client per poll built an SSL context each time, 20 ms of CPU (100 ms under
+        load) on the path from launch to the guest's first instruction."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1.0)
         try:
-            httpx.get(self.base_url + "/instance", timeout=1.0)
-        except httpx.TransportError:
+            conn.request("GET", "/instance")
+            conn.getresponse().read()
+        except (OSError, http.client.HTTPException):
             return False
+        finally:
+            conn.close()
         return True
 
     @property

@@ -679,7 +679,9 @@ def test_flush_ack_is_sent_only_after_fsync_strace(downstairs: DownstairsFactory
     flush_in = frames(("recv", "read"), "Flush")
     write_acks = frames(("send", "write"), "WriteAck")
     flush_acks = frames(("send", "write"), "FlushAck")
-    assert len(writes_in) == len(write_acks) == 3 and len(flush_in) == len(flush_acks) == 1, text
+    counts = (len(writes_in), len(write_acks), len(flush_in), len(flush_acks))
+    # the counts first: the trace behind them is long and pytest cuts long messages short
+    assert counts == (3, 3, 1, 1), f"(Writes, WriteAcks, Flushes, FlushAcks) seen = {counts}:\n{text}"
     where = "\n".join(c.line for c in calls)
 
     def step(i: int, eid: int, block: int, *, first_since_flush: bool, rewrite: bool, slot_base: int) -> None:

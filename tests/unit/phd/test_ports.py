@@ -33,6 +33,14 @@ def ports(monkeypatch: pytest.MonkeyPatch) -> Iterator[Ports]:
         alloc.close()
 
 
+def _reusable_listener(port: int) -> socket.socket:
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as every server we start does
+    server.bind(("127.0.0.1", port))
+    server.listen()
+    return server
+
+
 def test_workers_get_disjoint_ranges() -> None:
     a = PortAllocator(base=30000, index=0, size=50)
     b = PortAllocator(base=30000, index=1, size=50)
@@ -41,11 +49,31 @@ def test_workers_get_disjoint_ranges() -> None:
 
 def test_skips_ports_in_use_and_never_repeats(ports: Ports) -> None:
     alloc = ports(20)
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", alloc.start))
+    with _reusable_listener(alloc.start):  # a server holds it
         ports = [alloc.allocate() for _ in range(5)]
     assert alloc.start not in ports
     assert len(set(ports)) == 5
+
+
+def test_a_port_left_in_time_wait_is_free_but_a_listening_one_is_not(ports: Ports) -> None:
+    """A server's port keeps its closed connections in TIME_WAIT for a minute; the servers we
+    hand ports to bind it again regardless (SO_REUSEADDR), so the allocator must too: on a busy
+    machine a slot would otherwise run out of ports nobody uses (seen in a loaded CI run)."""
+    alloc = ports(2)
+    lingering, listening = alloc.start, alloc.start + 1
+    with _reusable_listener(lingering) as server:
+        client = socket.create_connection(("127.0.0.1", lingering))
+        accepted, _ = server.accept()
+        accepted.close()  # the server side closes first: its end of the port goes to TIME_WAIT
+        assert client.recv(1) == b""
+        client.close()
+    with socket.socket() as plain, pytest.raises(OSError):  # the state the probe sees through
+        plain.bind(("127.0.0.1", lingering))
+    with _reusable_listener(listening):
+        got = alloc.allocate()
+        assert got == lingering
+        with pytest.raises(HarnessError, match="no free loopback port"):
+            alloc.allocate()  # the listening port is never handed out
 
 
 def test_exhaustion_is_a_clear_error(ports: Ports) -> None:
@@ -102,8 +130,7 @@ def test_pairs_have_their_partner_in_the_workers_partner_block_and_hold_both(por
 
     alloc = ports(10)
     assert alloc.partner_range == range(alloc.start + PAIR_OFFSET, alloc.end + PAIR_OFFSET)
-    with socket.socket() as busy:  # the first port's partner is taken: that port is skipped
-        busy.bind(("127.0.0.1", alloc.start + PAIR_OFFSET))
+    with _reusable_listener(alloc.start + PAIR_OFFSET):  # the first port's partner is taken: skipped
         port = alloc.allocate_pair()
     assert port != alloc.start
     assert alloc.start <= port < alloc.end
