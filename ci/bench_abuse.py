@@ -190,8 +190,10 @@ class NbdClient:
 # -- abusers (child processes) -----------------------------------------------------------------
 def _http_bodies() -> tuple[bytes, bytes]:
     """A 1 MiB JSON body that parses (a wide array of small numbers), and one byte too many."""
+    # A v5 ensure body the server refuses (properties lack description and metadata: 400).
     head = json.dumps({"properties": {"id": str(uuid.uuid4()), "name": "abuse"},
-                       "spec": {"boot": {"kernel": "/nonexistent"}}, "pad": []})
+                       "init": {"method": "Spec", "value": {"spec": {"board": {}, "components": {}}}},
+                       "pad": []})
     head = head[: -len("[]}")] + "["
     fill = BODY_LIMIT - len(head) - len("]}")
     numbers = ("0," * (fill // 2))[:-1]

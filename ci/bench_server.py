@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 from benchlib import REPO, factories, framework, log
 
-from phd import CrucibleDisk, InstanceState, TestVm, ignore_status, wait_until
+from phd import CrucibleDisk, InstanceState, TestVm, VolumeStatus, ignore_status, wait_until
 from phd.framework import Framework
 from phd.vm.factory import DiskFactory, VmFactory
 
@@ -49,10 +49,12 @@ def blocked_vm(vms: VmFactory, disks: DiskFactory, name: str) -> tuple[TestVm, C
     vm.launch()
     target = disk.black_hole_address
 
-    def blocked(status: dict[str, Any]) -> bool:
-        return status.get("activation") == "activating" and any(
-            ds.get("target") == target and int(ds.get("failed_attempts", 0)) >= 1
-            for ds in status.get("downstairs", []))
+    def blocked(status: VolumeStatus) -> bool:
+        # The upstairs is going active, and the black-holed target is still connecting (the
+        # reference server also counts its failed attempts).
+        ds = status.target(target)
+        return (status.state == "go_active" and ds is not None and ds.kind == "connecting"
+                and int(ds.detail.get("failed_attempts", 1)) >= 1)
 
     wait_until(lambda: vm.disk_status(disk), blocked, what=f"activation blocked on {target}",
                timeout_s=60.0, interval_s=0.05)
@@ -73,8 +75,8 @@ def measure_unblock(fw: Framework, tmp: Path, run: int) -> dict[str, float]:
         t0 = time.monotonic()
         result = vm.replace_crucible_vcr(disk, timeout_s=30.0)
         t1 = time.monotonic()
-        if result != "Started":
-            raise RuntimeError(f"replacement answered {result!r}, expected 'Started'")
+        if result != "started":
+            raise RuntimeError(f"replacement answered {result!r}, expected 'started'")
         t2 = wait_state(vm, InstanceState.RUNNING)
         return {"unblock_s": t2 - t0, "replace_call_s": t1 - t0}
 

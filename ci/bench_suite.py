@@ -124,24 +124,46 @@ class PipeConsole(SerialConsole):
             self._transcript = None
 
 
-def raw_argv(spec: dict[str, Any], accel: str, disks: dict[str, Path], ssh_port: int | None) -> list[str]:
-    """QEMU as the reference server would start it for `spec`, minus what only a managed VM
-    needs (QMP, -S paused start): same board, direct kernel boot, file disks, user NIC."""
-    board, boot = spec["board"], spec["boot"]
+def _disks(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Disk device -> its file_storage_backend component, in PCI order (the guest's order)."""
+    components = spec["components"]
+    kinds = ("virtio_disk", "nvme_disk")
+    found = [(key, c["component"]) for key, c in components.items() if c["type"] in kinds]
+    devices = sorted(found, key=lambda kc: kc[1]["pci_path"]["device"])
+    out = {}
+    for key, device in devices:
+        backend = components[device["backend_id"]]
+        if backend["type"] != "file_storage_backend":
+            raise ValueError(f"raw QEMU runs file disks only; {key} is on a {backend['type']}")
+        out[key] = backend["component"]
+    return out
+
+
+def _is_qcow2(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"QFI\xfb"
+
+
+def raw_argv(spec: dict[str, Any], guest: GuestArtifact, accel: str, disks: dict[str, Path],
+             ssh_port: int | None) -> list[str]:
+    """QEMU as the reference server would start it for the v5 `spec` and the guest's direct
+    kernel boot (server options), minus what only a managed VM needs (QMP, -S paused start):
+    same board, file disks, user NIC."""
+    board = spec["board"]
     argv = ["qemu-system-x86_64", "-nodefaults", "-no-user-config", "-display", "none",
             "-accel", accel, "-machine", "q35,graphics=off",
-            "-smp", str(board["cpus"]), "-m", str(board["memory_mib"]),
+            "-smp", str(board["cpus"]), "-m", str(board["memory_mb"]),
             "-chardev", "stdio,id=serial0,signal=off", "-serial", "chardev:serial0",
-            "-kernel", boot["kernel"], "-append", boot["cmdline"], "-initrd", boot["initrd"]]
-    for device, disk in spec["disks"].items():
-        backend = disk["backend"]
-        if backend["type"] != "file":
-            raise ValueError(f"raw QEMU runs file disks only; {device} is {backend['type']}")
+            "-kernel", str(guest.kernel), "-append", guest.cmdline, "-initrd", str(guest.initrd)]
+    for device in _disks(spec):
         node = f"{device}-backend"
-        argv += ["-blockdev", f"driver={backend.get('format', 'raw')},node-name={node},read-only=off,"
+        fmt = "qcow2" if _is_qcow2(str(disks[device])) else "raw"
+        argv += ["-blockdev", f"driver={fmt},node-name={node},read-only=off,"
                               f"file.driver=file,file.filename={disks[device]}",
                  "-device", f"virtio-blk-pci,drive={node},id={device}"]
-    for name in spec["nics"]:
+    for name, c in spec["components"].items():
+        if c["type"] != "virtio_nic":
+            continue
         netdev = f"user,id={name},restrict=on"
         if ssh_port is not None:
             netdev += f",hostfwd=tcp:127.0.0.1:{ssh_port}-:22"
@@ -160,20 +182,20 @@ def raw_boot(fw: Framework, tmp: Path, guest: GuestArtifact, spec: dict[str, Any
     try:
         t0 = time.monotonic()
         disks: dict[str, Path] = {}
-        for device, disk in spec["disks"].items():
-            if disk["backend"].get("format") == "qcow2":
+        for device, backend in _disks(spec).items():
+            if _is_qcow2(backend["path"]):
                 # A fresh overlay of the same image, as new_vm makes (timed on both sides).
                 assert guest.disk is not None, f"{guest.name}: a qcow2 boot disk but no image"
                 disks[device] = work / f"{device}.qcow2"
                 subprocess.run(overlay_argv(guest.disk, disks[device]), check=True,  # noqa: S603
                                stdin=subprocess.DEVNULL, capture_output=True)
             else:
-                disks[device] = Path(disk["backend"]["path"])
+                disks[device] = Path(backend["path"])
         ssh_port = None
-        if spec["nics"]:
+        if any(c["type"] == "virtio_nic" for c in spec["components"].values()):
             ssh_port = fw.ports.allocate()
             ports.append(ssh_port)
-        argv = raw_argv(spec, fw.config.accel, disks, ssh_port)
+        argv = raw_argv(spec, guest, fw.config.accel, disks, ssh_port)
         # The serial console on stdio pipes; PR_SET_PDEATHSIG: the kernel takes QEMU down with
         # this (main) thread, even when the bench is SIGKILLed.
         proc = ManagedProcess(argv, name=f"raw QEMU ({guest.name} run {run})", log_path=work / "qemu.log",

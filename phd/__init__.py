@@ -23,6 +23,7 @@ from phd.vm.lifecycle import Action, run_lifecycle
 from phd.vm.ssh import SshCommandError, SshResult, SshSession
 from phd.vm.status import StatusCheck, check_err, check_ok, ignore_status
 from phd.vm.testvm import FileDisk, TestVm, VmConfig
+from phd.vm.volume_status import DownstairsStatus, VolumeStatus
 
 __all__ = [
     "Action",
@@ -32,6 +33,7 @@ __all__ = [
     "DiskFactory",
     "Downstairs",
     "DownstairsSet",
+    "DownstairsStatus",
     "FileDisk",
     "GuestCommandError",
     "HarnessError",
@@ -48,6 +50,7 @@ __all__ = [
     "TestVm",
     "VmConfig",
     "VmFactory",
+    "VolumeStatus",
     "WaitTimeout",
     "check_err",
     "check_ok",

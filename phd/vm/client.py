@@ -1,7 +1,9 @@
-"""A typed client of the server API (the CONTRACT paths of Propolis).
+"""A typed client of the server API: propolis-server 5.0.0's.
 
 Only transport and status mapping live here; what a test means by "launch" or
-"wait for Running" lives in `phd.vm.testvm`.
+"wait for Running" lives in `phd.vm.testvm`. Every request goes through the request log
+(`phd.vm.conformance`): checked against propolis-server's OpenAPI document where it is at
+hand, and recorded when `PHD_REQUEST_LOG` names a file.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any
 import httpx
 
 from phd.core.errors import ServerError
+from phd.vm.conformance import NO_BODY, RequestLog, default_log
+from phd.vm.volume_status import VolumeStatus
 
 __all__ = ["InstanceState", "ServerClient"]
 
@@ -32,9 +36,10 @@ class InstanceState(enum.StrEnum):
 
 
 class ServerClient:
-    def __init__(self, base_url: str, timeout_s: float = 10.0) -> None:
+    def __init__(self, base_url: str, timeout_s: float = 10.0, requests: RequestLog | None = None) -> None:
         self.base_url = base_url
         self._http = httpx.Client(base_url=base_url, timeout=timeout_s)
+        self._requests = requests or default_log()
 
     def close(self) -> None:
         self._http.close()
@@ -44,23 +49,39 @@ class ServerClient:
         kwargs: dict[str, Any] = {}
         if timeout_s is not None:
             kwargs["timeout"] = timeout_s
-        resp = self._http.request(method, path, json=json_body, params=params, **kwargs)
+        self._requests.sent(method, path, params, NO_BODY if json_body is None else json_body)
+        if json_body is not None:
+            # httpx's request() sends a body with any method (the state monitor is a GET with one).
+            kwargs["content"] = json.dumps(json_body).encode()
+            kwargs["headers"] = {"content-type": "application/json"}
+        resp = self._http.request(method, path, params=params, **kwargs)
         if resp.status_code not in expect:
             raise ServerError(method, path, resp.status_code, resp.text)
         return resp
 
     # --- instance ---------------------------------------------------------------------
     def ensure(self, properties: dict[str, Any], spec: dict[str, Any]) -> None:
-        self.request("PUT", "/instance", expect=(201,),
-                     json_body={"properties": properties, "spec": spec})
+        """``PUT /instance`` with ``{properties, init: {method: "Spec", value: {spec}}}``."""
+        init = {"method": "Spec", "value": {"spec": spec}}
+        self.request("PUT", "/instance", expect=(201,), json_body={"properties": properties, "init": init})
 
     def get(self) -> dict[str, Any]:
         body: dict[str, Any] = self.request("GET", "/instance", expect=(200,)).json()["instance"]
         return body
 
+    def spec(self) -> dict[str, Any]:
+        """``GET /instance/spec``: ``{properties, spec: {type, value}, state}``."""
+        body: dict[str, Any] = self.request("GET", "/instance/spec", expect=(200,)).json()
+        return body
+
     def state(self) -> tuple[InstanceState, int]:
-        inst = self.get()
-        return InstanceState(inst["state"]), int(inst["gen"])
+        """The current state and its generation (a state monitor call for generation 0,
+        which is always reached: it answers at once)."""
+        body = self.request("GET", "/instance/state-monitor", expect=(200,), json_body={"gen": 0}).json()
+        return InstanceState(body["state"]), int(body["gen"])
+
+    def nmi(self) -> None:
+        self.request("POST", "/instance/nmi", expect=(200,))
 
     def put_state(self, requested: str) -> None:
         self.request("PUT", "/instance/state", expect=(204,), json_body=requested)
@@ -81,7 +102,7 @@ class ServerClient:
                 return last
             try:
                 body = self.request("GET", "/instance/state-monitor", expect=(200,),
-                                    params={"gen": gen}, timeout_s=max(remaining, 0.001)).json()
+                                    json_body={"gen": gen}, timeout_s=max(remaining, 0.001)).json()
             except httpx.TimeoutException:
                 if last is None:
                     raise
@@ -94,16 +115,19 @@ class ServerClient:
 
     # --- disks ------------------------------------------------------------------------
     def replace_vcr(self, backend_id: str, vcr: dict[str, Any], timeout_s: float) -> str:
+        """The ReplaceResult: ``started``, ``started_already``, ``completed_already``,
+        ``missing`` or ``vcr_matches``."""
         resp = self.request("PUT", f"/instance/disk/{backend_id}/vcr", expect=(200,),
                             json_body={"vcr_json": json.dumps(vcr)}, timeout_s=timeout_s)
-        result: str = resp.json()["result"]
+        result: str = resp.json()
         return result
 
-    def disk_status(self, backend_id: str) -> dict[str, Any]:
+    def disk_status(self, backend_id: str) -> VolumeStatus:
         body: dict[str, Any] = self.request(
             "GET", f"/instance/disk/{backend_id}/status", expect=(200,)).json()
-        return body
+        return VolumeStatus(body)
 
     # --- serial -----------------------------------------------------------------------
     def serial_ws_url(self, from_start: int = 0) -> str:
+        self._requests.sent("GET", "/instance/serial", {"from_start": from_start}, NO_BODY)
         return self.base_url.replace("http://", "ws://", 1) + f"/instance/serial?from_start={from_start}"

@@ -26,7 +26,7 @@ from phd.storage.crucible import CrucibleDisk
 from phd.storage.downstairs import Downstairs
 from phd.storage.dsc import DownstairsSet, RegionGeometry, members_for
 from phd.vm.guest import adapter_for
-from phd.vm.server import ServerProcess
+from phd.vm.server import KernelBoot, ServerProcess
 from phd.vm.testvm import BOOT_DEVICE, TERMINAL, FileDisk, TestVm, VmConfig
 
 if TYPE_CHECKING:  # the session object, for annotations only: phd.framework is above this layer
@@ -163,9 +163,14 @@ class VmFactory:
         data_dir = Path(tempfile.gettempdir()) / "phd-run" / f"{self.fw.session_id}-{port}"
         self._data_dirs.append((data_dir, self.test_dir / f"{config.name}.server-data"))
         # The reference server reads its accelerator from SUT_SERVER_ACCEL (--phd-accel).
+        # What v5 has no field for goes on the server's command line: the guest's kernel,
+        # initrd and command line (direct kernel boot) and the SSH forward.
+        kernel_boot = KernelBoot(artifact.kernel, artifact.initrd, artifact.cmdline)
+        forwards = [f"127.0.0.1:{ssh_port}:22"] if ssh_port is not None else []
         server = ServerProcess(list(cfg.server_cmd), port, data_dir, log, regressions=cfg.regressions,
                                env={"SUT_SERVER_ACCEL": cfg.accel},
-                               allow_paths=(cfg.tmp_dir, cfg.artifact_dir))
+                               allow_paths=(cfg.tmp_dir, cfg.artifact_dir), boot=kernel_boot,
+                               forwards=forwards)
         vm = TestVm(dataclasses.replace(config, ssh_port=ssh_port), server, artifact, self.test_dir)
         self.vms.append(vm)
         if boot is not None:

@@ -1,7 +1,10 @@
 """One server-under-test process per VM.
 
-The process is started from an argv list (the configurable `--phd-server-cmd` plus the
-CONTRACT flags) as a `phd.core.process.ManagedProcess`: its own session (a Ctrl-C at the terminal
+The process is started from an argv list: the configurable `--phd-server-cmd`, then
+propolis-server's own command line, `run <BOOTROM> 127.0.0.1:<PORT>`, then our options for
+what the v5 API has no field for (`--data-dir`, `--allow-path`, direct kernel boot with
+`--kernel/--initrd/--cmdline`, the SSH forward `--forward`, `--regression`). It runs as a
+`phd.core.process.ManagedProcess`: its own session (a Ctrl-C at the terminal
 reaches only the harness), a ledger entry with its run directory, ready once `GET /instance`
 answers, and a start that fails at once with the exit code when the server exits. It is
 stopped in order: SIGTERM (graceful: the server stops its VM), then SIGKILL. `stop()` is
@@ -13,15 +16,39 @@ from __future__ import annotations
 import http.client
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from phd.core.errors import HarnessError, ProcessStartFailure
 from phd.core.process import ManagedProcess
 
-__all__ = ["ServerProcess", "ServerStartFailure"]
+__all__ = ["KernelBoot", "ServerProcess", "ServerStartFailure", "default_bootrom"]
 
 STOP_TIMEOUT_S = 30.0  # the server stops its VM on SIGTERM: give it time to quit QEMU
+
+
+# QEMU's own x86 firmware (SeaBIOS; what q35 loads by default), as Debian installs it.
+BOOTROM_CANDIDATES = (Path("/usr/share/seabios/bios-256k.bin"), Path("/usr/share/qemu/bios-256k.bin"))
+
+
+def default_bootrom() -> Path:
+    """The BOOTROM for propolis-server's `run <BOOTROM> <IP:PORT>`: QEMU's SeaBIOS image."""
+    for candidate in BOOTROM_CANDIDATES:
+        if candidate.is_file():
+            return candidate
+    raise HarnessError(f"no guest firmware for the server's BOOTROM argument: none of "
+                       f"{[str(c) for c in BOOTROM_CANDIDATES]} exists; install Debian's seabios "
+                       "(ci/bootstrap does, with qemu-system-x86)")
+
+
+@dataclass(frozen=True)
+class KernelBoot:
+    """Direct kernel boot of a guest (server options; v5 has no field for it)."""
+
+    kernel: Path
+    initrd: Path | None
+    cmdline: str
 
 
 class ServerStartFailure(ProcessStartFailure, HarnessError):
@@ -35,11 +62,20 @@ class ServerStartFailure(ProcessStartFailure, HarnessError):
 class ServerProcess:
     def __init__(self, server_cmd: list[str], port: int, data_dir: Path, log_path: Path | None,
                  regressions: tuple[str, ...] = (), ready_timeout_s: float = 30.0,
-                 env: dict[str, str] | None = None, allow_paths: Sequence[Path] = ()) -> None:
+                 env: dict[str, str] | None = None, allow_paths: Sequence[Path] = (),
+                 boot: KernelBoot | None = None, forwards: Sequence[str] = (),
+                 bootrom: Path | None = None) -> None:
         self.port = port
         self.data_dir = data_dir
         self.log_path = log_path
-        argv = [*server_cmd, "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir)]
+        bootrom = bootrom or default_bootrom()
+        argv = [*server_cmd, "run", str(bootrom), f"127.0.0.1:{port}", "--data-dir", str(data_dir)]
+        if boot is not None:
+            argv += ["--kernel", str(boot.kernel), "--cmdline", boot.cmdline]
+            if boot.initrd is not None:
+                argv += ["--initrd", str(boot.initrd)]
+        for forward in forwards:
+            argv += ["--forward", forward]
         # The framework's own directories that specs name (per-test disks under the tmp dir,
         # kernels and images in the artifact cache): the server opens no file outside its
         # allowed roots.

@@ -29,11 +29,20 @@ from phd.vm.serial import SerialConsole
 from phd.vm.server import ServerProcess
 from phd.vm.ssh import SshSession, authorized_keys_command, connect_when_ready, generate_key
 from phd.vm.status import StatusCheck, check_ok
+from phd.vm.volume_status import VolumeStatus
 
 __all__ = ["FileDisk", "TestVm", "VmConfig"]
 
 TERMINAL = {InstanceState.DESTROYED, InstanceState.FAILED}
 BOOT_DEVICE = "boot0"
+NIC = "net0"
+NIC_SLOT = 0x08
+FIRST_DISK_SLOT = 0x10
+_PHD_UUID = uuidlib.uuid5(uuidlib.NAMESPACE_URL, "https://github.com/oxidecomputer/propolis/phd")
+
+
+def _pci(slot: int) -> dict[str, int]:
+    return {"bus": 0, "device": slot, "function": 0}
 
 
 @dataclass(frozen=True)
@@ -59,12 +68,10 @@ class FileDisk:
     readonly: bool = False
 
     def backend(self) -> dict[str, Any]:
-        spec: dict[str, Any] = {"type": "file", "path": str(self.path), "readonly": self.readonly}
-        # "raw" is the server's default; leaving it out keeps raw disks valid for servers
-        # that predate the field.
-        if self.format != "raw":
-            spec["format"] = self.format
-        return spec
+        """The v5 ``file_storage_backend`` component (the server reads the format, raw or
+        qcow2, from the image itself: v5 has no field for it)."""
+        return {"type": "file_storage_backend",
+                "component": {"path": str(self.path), "readonly": self.readonly, "block_size": 512}}
 
 
 @dataclass
@@ -153,25 +160,35 @@ class TestVm:
             att.disk.attached_to(self)
 
     def spec(self) -> dict[str, Any]:
-        # Attachment order is device order: the boot disk, attached first, becomes vda.
-        disks: dict[str, Any] = {}
-        for att in self.disks:
+        """The v5 InstanceSpec: ``{board, components}``. Each disk is a device component
+        (``virtio_disk`` / ``nvme_disk``, key = the device name) plus its storage backend
+        (key ``<device>-backend``, PHD's naming), on PCI slots in attachment order from 0x10:
+        the boot disk, attached first, becomes vda. The guest kernel, initrd and command line
+        and the SSH forward are the server's command line (`phd.server`), not spec fields."""
+        components: dict[str, Any] = {"com1": {"type": "serial_port", "component": {"num": "com1"}}}
+        for slot, att in enumerate(self.disks, start=FIRST_DISK_SLOT):
             if isinstance(att.disk, FileDisk):
-                disks[att.device] = {"interface": att.interface, "backend": att.disk.backend()}
-                continue
-            vcr = att.disk.vcr()
-            self._record_vcr(att, vcr)
-            disks[att.device] = {"interface": att.interface,
-                                 "backend": {"type": "crucible", "request_json": json.dumps(vcr),
-                                             "readonly": False}}
-        nics: dict[str, Any] = {}
+                components[att.backend_id] = att.disk.backend()
+            else:
+                vcr = att.disk.vcr()
+                self._record_vcr(att, vcr)
+                components[att.backend_id] = {"type": "crucible_storage_backend", "component": {
+                    "request_json": json.dumps(vcr), "readonly": False}}
+            device: dict[str, Any] = {"backend_id": att.backend_id, "pci_path": _pci(slot)}
+            if att.interface == "nvme":
+                device["serial_number"] = list(att.device.encode()[:20].ljust(20, b"\0"))
+            components[att.device] = {"type": f"{att.interface}_disk", "component": device}
+        if self.boot_disk is not None:
+            components["boot-settings"] = {"type": "boot_settings",
+                                           "component": {"order": [{"id": BOOT_DEVICE}]}}
         if self.config.ssh_port is not None:
-            nics["net0"] = {"type": "user", "forwards": [
-                {"host": f"127.0.0.1:{self.config.ssh_port}", "guest_port": 22}]}
-        return {"board": {"cpus": self.config.cpus, "memory_mib": self.config.memory_mib},
-                "boot": {"kernel": str(self.guest.kernel), "initrd": str(self.guest.initrd),
-                         "cmdline": self.guest.cmdline},
-                "disks": disks, "nics": nics}
+            components[NIC] = {"type": "virtio_nic", "component": {
+                "backend_id": f"{NIC}-backend", "interface_id": str(_PHD_UUID),
+                "pci_path": _pci(NIC_SLOT)}}
+            components[f"{NIC}-backend"] = {"type": "virtio_network_backend", "component": {"vnic_name": NIC}}
+        return {"board": {"cpus": self.config.cpus, "memory_mb": self.config.memory_mib,
+                          "chipset": {"type": "i440_fx", "value": {"enable_pcie": False}}},
+                "components": components}
 
     # --- lifecycle ----------------------------------------------------------------
     @property
@@ -192,11 +209,19 @@ class TestVm:
             self._client = ServerClient(self.server.base_url)
         return self._client
 
+    def properties(self) -> dict[str, Any]:
+        """The v5 InstanceProperties: a fresh id, the VM's name, and metadata naming phd."""
+        phd = str(_PHD_UUID)
+        return {"id": str(uuidlib.uuid4()), "name": self.config.name,
+                "description": f"phd test VM {self.config.name}",
+                "metadata": {"project_id": phd, "silo_id": phd, "sled_id": phd,
+                             "sled_model": "phd", "sled_revision": 0, "sled_serial": "phd"}}
+
     def ensure(self) -> None:
         """Start the VM's server (on the first call) and create the instance on it
         (`PUT /instance`, state Creating); `launch()` is ensure + run."""
         client = self._start_server()
-        client.ensure({"id": str(uuidlib.uuid4()), "name": self.config.name}, self.spec())
+        client.ensure(self.properties(), self.spec())
         self._phase = _Phase.ENSURED
 
     def run(self) -> None:
@@ -325,7 +350,7 @@ class TestVm:
     def replace_crucible_vcr(self, disk: CrucibleDisk, timeout_s: float = 30.0, *,
                              vcr: dict[str, Any] | None = None) -> str:
         """Send the disk's current VCR as a replacement (PHD's `replace_crucible_vcr`) and
-        return the server's answer ("Started", "VcrMatches", ...). `vcr`: send this one
+        return the server's answer, a ReplaceResult ("started", "vcr_matches", ...). `vcr`: send this one
         instead (to test the rules a replacement must follow); a refusal raises ServerError
         (status 400, with the rule in its body)."""
         att = self._attachment(disk)
@@ -341,7 +366,10 @@ class TestVm:
                 f"{self._state_or_unknown()}); the server is not serving its request queue",
                 timeout_s, self.disk_status(disk)) from None
 
-    def disk_status(self, disk: CrucibleDisk | FileDisk) -> dict[str, Any]:
+    def disk_status(self, disk: CrucibleDisk) -> VolumeStatus:
+        """The server's VolumeStatus of a Crucible disk: generation, upstairs state, whether a
+        reconciliation or live repair is in progress, each downstairs' state (and, from the
+        reference server, why a downstairs is not active)."""
         return self.client.disk_status(self.backend_id(disk))
 
     def _state_or_unknown(self) -> str:

@@ -1,19 +1,25 @@
-"""The HTTP API (CONTRACT: Propolis paths and state names) on FastAPI."""
+"""The HTTP API, propolis-server 5.0.0's (its published OpenAPI document), on FastAPI.
+
+Paths, bodies, state names, ReplaceResult values and the Error body ``{message,
+request_id, error_code}`` are the document's; the status codes the document leaves to a
+server ("4XX") are chosen in control.py (ApiError).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import email.message
+import uuid
 import weakref
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from fastapi import Body, FastAPI, HTTPException, Path, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
@@ -24,16 +30,18 @@ from sut.server.control import (
     MAX_QUERY_INT,
     TAKE_TURNS_BYTES,
     ApiError,
+    InstanceEnsureResponse,
     InstanceResponse,
+    MigrateStatus,
     RequestedState,
     ServerController,
     StateMonitorResponse,
 )
 from sut.server.defaults import DEFAULT_LONG_POLL_MAX_S
-from sut.server.driver import InstanceGoneError, NoSuchBackendError
+from sut.server.driver import InstanceGoneError, NoSuchBackendError, NotRunningError
 from sut.server.limits import BodyLimitMiddleware
 from sut.server.request_queue import DenyReason, RequestDeniedError
-from sut.server.spec import BACKEND_ID_PATTERN, InstanceEnsureRequest, VcrReplaceRequest
+from sut.server.spec import InstanceEnsureRequest, StateMonitorRequest, VcrReplaceRequest
 from sut.server.states import InstanceState
 
 __all__ = ["DEFAULT_LONG_POLL_MAX_S", "MAX_QUERY_INT", "ApiError", "ServerController", "create_app"]
@@ -46,13 +54,11 @@ __all__ = ["DEFAULT_LONG_POLL_MAX_S", "MAX_QUERY_INT", "ApiError", "ServerContro
 
 
 class ErrorBody(BaseModel):
-    """Every 4xx/5xx answer (CONTRACT: ``{"error": CODE, "message": text}``)."""
+    """Every 4xx/5xx answer: the document's Error."""
 
-    # VCR rejections add "rule"; other codes may add fields later.
-    model_config = ConfigDict(extra="allow")
-
-    error: str
     message: str
+    request_id: str
+    error_code: str | None = None
 
 
 class SerialHistoryResponse(BaseModel):
@@ -60,25 +66,32 @@ class SerialHistoryResponse(BaseModel):
     last_byte_offset: int = Field(ge=0)
 
 
-class VcrReplaceResponse(BaseModel):
-    # The same names as sut.server.backends.REPLACE_RESULTS.
-    result: Literal["Started", "StartedAlready", "CompletedAlready", "VcrMatches", "Missing"]
+# The document's ReplaceResult (sut.server.backends.REPLACE_RESULTS's values).
+ReplaceResult = Literal["started", "started_already", "completed_already", "missing", "vcr_matches"]
 
 
-class DiskStatusResponse(BaseModel):
-    # A crucible disk adds its backend's status (activation, downstairs, ...).
-    model_config = ConfigDict(extra="allow")
+class VolumeStatusResponse(BaseModel):
+    """The document's VolumeStatus: ``{"volume_info": VolumeInfo}`` (sut.server.volume_status)."""
 
-    type: Literal["file", "crucible"]
-    backend_id: str
-    vm_state: InstanceState
-    vm_gen: int = Field(ge=1)
+    volume_info: dict[str, Any]
+
+
+class SpecStatus(BaseModel):
+    type: Literal["Present"]
+    value: dict[str, Any]
+
+
+class InstanceSpecGetResponse(BaseModel):
+    properties: dict[str, Any]
+    spec: SpecStatus
+    state: InstanceState
 
 
 _ERROR_DESCRIPTIONS = {
     400: "Malformed request: the message names the field and the reason",
     403: "The request queue denied the request; the message says why",
     404: "No instance, or no disk with this backend id",
+    405: "Method not allowed",
     409: "This server already has an instance",
     410: "The instance stopped before the request was handled",
     424: "No live instance (never created or already Destroyed)",
@@ -89,13 +102,20 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorBody, "description": _ERROR_DESCRIPTIONS[code]} for code in codes}
 
 
+def _integer_text(value: object) -> object:
+    # The document says integer: "0.0" or "1e3" is not one, though pydantic would read it so.
+    if isinstance(value, str) and not value.lstrip("-").isdigit():
+        raise ValueError(f"expected an integer, got {value[:40]!r}")
+    return value
+
+
+QueryInt = Annotated[int, BeforeValidator(_integer_text)]
+
+
 BackendId = Annotated[
     str,
-    Path(
-        pattern=BACKEND_ID_PATTERN,
-        description="`<device>-backend` (CONTRACT); a malformed id is 400, an unknown one 404",
-        examples=["d0-backend"],
-    ),
+    Path(description="the key of the disk's storage backend component in the spec; an unknown one is 404",
+         examples=["d0-backend"]),
 ]
 
 
@@ -257,7 +277,7 @@ def create_app(controller: ServerController, *, body_limits: bool = True) -> Fas
     async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI answers 422; the CONTRACT says a malformed body is 400.
         message = _format_validation(exc, request)
-        return JSONResponse({"error": "BadRequest", "message": message}, status_code=400)
+        return JSONResponse(control.error_json("BadRequest", message), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -274,7 +294,7 @@ def create_app(controller: ServerController, *, body_limits: bool = True) -> Fas
         else:
             message = str(exc.detail)
         code = {400: "BadRequest", 404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "HttpError")
-        return JSONResponse({"error": code, "message": message}, status_code=exc.status_code, headers=headers)
+        return JSONResponse(control.error_json(code, message), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
@@ -282,12 +302,30 @@ def create_app(controller: ServerController, *, body_limits: bool = True) -> Fas
         return JSONResponse(body, status_code=500)
 
     @app.put("/instance", status_code=201, responses=_errors(400, 409))
-    async def instance_ensure(body: InstanceEnsureRequest) -> InstanceResponse:
-        return control.instance_response(await controller.ensure(body))
+    async def instance_ensure(body: InstanceEnsureRequest) -> InstanceEnsureResponse:
+        await controller.ensure(body)
+        return InstanceEnsureResponse()
 
     @app.get("/instance", responses=_errors(404))
     async def instance_get() -> InstanceResponse:
         return control.instance_response(controller.require())
+
+    @app.get("/instance/spec", responses=_errors(404))
+    async def instance_spec_get() -> InstanceSpecGetResponse:
+        return InstanceSpecGetResponse.model_validate(controller.require().describe_spec())
+
+    @app.get("/instance/migration-status", responses=_errors(404))
+    async def instance_migrate_status() -> MigrateStatus:
+        controller.require()
+        return MigrateStatus()  # this server migrates nothing: never a migration in or out
+
+    @app.post("/instance/nmi", responses=_errors(400, 404))
+    async def instance_issue_nmi() -> None:
+        instance = controller.require()
+        try:
+            await instance.driver.inject_nmi()
+        except NotRunningError as exc:
+            raise ApiError(400, "NotRunning", str(exc)) from exc
 
     @app.put("/instance/state", status_code=204, responses=_errors(400, 403, 424))
     async def instance_state_put(requested: Annotated[RequestedState, Body()]) -> Response:
@@ -295,24 +333,16 @@ def create_app(controller: ServerController, *, body_limits: bool = True) -> Fas
         return Response(status_code=204)
 
     @app.get("/instance/state-monitor", responses=_errors(400, 404))
-    async def state_monitor(
-        gen: Annotated[
-            int,
-            Query(
-                ge=0,
-                le=MAX_QUERY_INT,
-                description="wait until the state generation is >= gen; after the server's "
-                "--long-poll-max-s the CURRENT state is answered (gen may be lower: poll again)",
-            ),
-        ] = 0,
-    ) -> StateMonitorResponse:
-        return await control.state_monitor(controller, gen)
+    async def instance_state_monitor(body: StateMonitorRequest) -> StateMonitorResponse:
+        """Wait until the state generation is >= gen; after the server's --long-poll-max-s
+        the CURRENT state is answered (gen may be lower: poll again)."""
+        return await control.state_monitor(controller, body.gen)
 
     @app.get("/instance/serial/history", responses=_errors(400, 404))
     async def serial_history(
-        from_start: Annotated[int | None, Query(ge=0, le=MAX_QUERY_INT)] = None,
-        most_recent: Annotated[int | None, Query(ge=0, le=MAX_QUERY_INT)] = None,
-        max_bytes: Annotated[int | None, Query(ge=0, le=MAX_QUERY_INT)] = None,
+        from_start: Annotated[QueryInt | None, Query(ge=0, le=MAX_QUERY_INT)] = None,
+        most_recent: Annotated[QueryInt | None, Query(ge=0, le=MAX_QUERY_INT)] = None,
+        max_bytes: Annotated[QueryInt | None, Query(ge=0, le=MAX_QUERY_INT)] = None,
     ) -> SerialHistoryResponse:
         if from_start is not None and most_recent is not None:
             raise ApiError(400, "BadRequest", "from_start, most_recent: give one of them, not both")
@@ -328,18 +358,30 @@ def create_app(controller: ServerController, *, body_limits: bool = True) -> Fas
     async def serial_ws(ws: WebSocket) -> None:
         await control.serial_session(controller, ws)
 
-    @app.put("/instance/disk/{backend_id}/vcr", responses=_errors(400, 403, 404, 410))
-    async def vcr_replace(backend_id: BackendId, body: VcrReplaceRequest) -> VcrReplaceResponse:
+    # The document's two websocket operations, asked over plain HTTP: a GET is 400 saying
+    # so (any other method 405, from these routes), as the document allows ("4XX").
+    @app.get("/instance/serial", responses=_errors(400))
+    async def instance_serial() -> None:
+        raise ApiError(400, "WebsocketRequired", "GET /instance/serial is a websocket: send the upgrade "
+                       "headers (Connection: Upgrade, Upgrade: websocket)")
+
+    @app.get("/instance/migrate/{migration_id}/start", responses=_errors(400))
+    async def instance_migrate_start(migration_id: uuid.UUID) -> None:
+        raise ApiError(400, "Unsupported", "this server migrates nothing (no live migration source)")
+
+    @app.put("/instance/disk/{id}/vcr", responses=_errors(400, 403, 404, 410))
+    async def instance_issue_crucible_vcr_request(
+        id: BackendId, body: VcrReplaceRequest
+    ) -> ReplaceResult:
         instance = controller.require()
         try:
-            result = await instance.driver.replace_vcr(backend_id, body.vcr_json)
+            result = await instance.driver.replace_vcr(id, body.vcr_json)
         except NoSuchBackendError as exc:
             crucible = instance.known_backends(kind="crucible")
-            if backend_id in instance.known_backends(kind="file"):
-                message = (f"{backend_id} is a file disk, which has no VCR; "
-                           f"crucible disks: {crucible}")
+            if id in instance.known_backends():
+                message = f"{id} is not a Crucible backend, so it has no VCR; Crucible backends: {crucible}"
             else:
-                message = f"no crucible disk with backend id {backend_id!r}; crucible disks: {crucible}"
+                message = f"no Crucible backend {id!r}; Crucible backends: {crucible}"
             raise ApiError(404, "NoSuchBackend", message) from exc
         except InstanceGoneError as exc:
             raise ApiError(410, "InstanceGone", str(exc)) from exc
@@ -349,18 +391,27 @@ def create_app(controller: ServerController, *, body_limits: bool = True) -> Fas
             raise ApiError(403, "RequestDenied", str(exc)) from exc
         except ReplacementRejectedError as exc:
             raise ApiError(400, "ReplacementRejected", str(exc), {"rule": exc.rule}) from exc
-        return VcrReplaceResponse.model_validate({"result": result})
+        return cast(ReplaceResult, result)
 
-    @app.get("/instance/disk/{backend_id}/status", responses=_errors(400, 404))
-    async def disk_status(backend_id: BackendId) -> DiskStatusResponse:
+    @app.get("/instance/disk/{id}/status", responses=_errors(404))
+    async def disk_volume_status(id: BackendId) -> VolumeStatusResponse:
         instance = controller.require()
         try:
-            return DiskStatusResponse.model_validate(instance.disk_status(backend_id))
+            return VolumeStatusResponse.model_validate(instance.volume_status(id))
         except NoSuchBackendError as exc:
             raise ApiError(
-                404,
-                "NoSuchBackend",
-                f"no disk with backend id {backend_id!r}; disks: {instance.known_backends()}",
+                404, "NoSuchBackend",
+                f"no Crucible backend {id!r}; Crucible backends: {instance.known_backends(kind='crucible')}",
             ) from exc
+
+    @app.post("/instance/disk/{id}/snapshot/{snapshot_id}", responses=_errors(400, 404))
+    async def instance_issue_crucible_snapshot_request(
+        id: BackendId, snapshot_id: uuid.UUID
+    ) -> None:
+        instance = controller.require()
+        crucible = instance.known_backends(kind="crucible")
+        if id not in crucible:
+            raise ApiError(404, "NoSuchBackend", f"no Crucible backend {id!r}; Crucible backends: {crucible}")
+        raise ApiError(400, "Unsupported", "snapshots are not supported by this server's storage")
 
     return app

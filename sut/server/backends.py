@@ -19,8 +19,10 @@ from sut.storage.errors import ReplaceRuleError, StorageError, StorageFatalError
 if TYPE_CHECKING:
     from sut.storage.backend import CrucibleBackend
 
-# Replacement results the storage facade may return (CONTRACT values).
-REPLACE_RESULTS = frozenset({"Started", "StartedAlready", "CompletedAlready", "VcrMatches", "Missing"})
+# The storage's replacement results (Crucible's ReplaceResult variants) as propolis-server
+# 5.0.0's document spells them.
+REPLACE_RESULTS = {"Started": "started", "StartedAlready": "started_already",
+                   "CompletedAlready": "completed_already", "VcrMatches": "vcr_matches", "Missing": "missing"}
 
 
 class BackendError(Exception):
@@ -129,7 +131,7 @@ class CrucibleDisk:
             raise ReplacementRejectedError(str(exc), rule) from exc
         except StorageError as exc:
             raise ReplacementRejectedError(str(exc)) from exc
-        return result
+        return REPLACE_RESULTS[result]
 
     def status(self) -> dict[str, object]:
         return self._inner.status()

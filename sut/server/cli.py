@@ -1,5 +1,17 @@
 """``python -m sut.server``: argument parsing, the listening socket, then serving.py.
 
+Two command lines, one server:
+
+- propolis-server's: ``python -m sut.server run <BOOTROM> <IP:PORT> [VNC_IP:PORT]
+  [--bootrom-version V] [--metric-addr A] [--log-level L] [our options]``; BOOTROM is the
+  guest firmware (QEMU ``-bios``), the data dir defaults to a fresh temporary directory;
+- ours: ``python -m sut.server --listen IP:PORT --data-dir DIR [our options]`` (QEMU's
+  own firmware).
+
+Our options carry what the v5 API has no field for: direct kernel boot (``--kernel``,
+``--initrd``, ``--cmdline``), the NIC's host forwards (``--forward``), the data dir, the
+regression switches, and the hostile-input limits.
+
 Start-up is ordered for a short launch-to-ready: the arguments are parsed and the socket is
 bound and listening before anything heavy is imported (FastAPI, pydantic, uvicorn and the VM
 machinery take some 0.3 s); a client that connects meanwhile waits in the backlog.
@@ -13,6 +25,7 @@ import os
 import pwd
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 # Only what parsing the arguments and binding the socket need: the HTTP stack and the VM
@@ -26,11 +39,13 @@ from sut.server.defaults import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_CONNECTIONS,
 )
+from sut.server.forwards import HostForward
 from sut.server.policy import DEFAULT_NETWORKS, TargetPolicy
 from sut.server.regressions import Regressions, UnknownRegressionError
 
 ACCEL_ENV = "SUT_SERVER_ACCEL"
 QEMU_ENV = "SUT_SERVER_QEMU"
+DEFAULT_CMDLINE = "console=ttyS0"
 LISTEN_BACKLOG = 2048  # uvicorn's default
 BIND_FAILURE = 3  # what uvicorn exits with when it cannot bind (its STARTUP_FAILURE)
 
@@ -89,8 +104,42 @@ def _user(value: str) -> str:
     return value
 
 
+def _forward(value: str) -> HostForward:
+    try:
+        return HostForward.parse(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _file(value: str) -> Path:
+    path = Path(value)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{value!r} is not a file")
+    return path.resolve()
+
+
+def build_run_parser() -> argparse.ArgumentParser:
+    """propolis-server's ``run`` command line, plus our options."""
+    parser = argparse.ArgumentParser(prog="python -m sut.server run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bootrom", type=_file, metavar="BOOTROM",
+                        help="the guest firmware image (QEMU -bios), e.g. /usr/share/seabios/bios-256k.bin")
+    parser.add_argument("listen", type=_listen, metavar="IP:PORT", help="where to serve the API")
+    parser.add_argument("vnc", nargs="?", metavar="VNC_IP:PORT",
+                        help="accepted for propolis-server's command line; this server has no VNC")
+    parser.add_argument("--bootrom-version", help="accepted for propolis-server's command line (unused)")
+    parser.add_argument("--metric-addr", help="accepted for propolis-server's command line (no metrics)")
+    parser.add_argument("--log-level", help="accepted for propolis-server's command line (logs are JSON "
+                        "lines at level info)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="run directories go here (default: a new temporary directory)")
+    _add_options(parser)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sut.server", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m sut.server", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--listen",
         type=_listen,
@@ -98,6 +147,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="IP:PORT to serve HTTP on (default 127.0.0.1:0, an ephemeral loopback port)",
     )
     parser.add_argument("--data-dir", type=Path, required=True, help="run directories go here")
+    _add_options(parser)
+    return parser
+
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    """Ours, in both command lines: what v5 has no field for, and the server's limits."""
+    parser.add_argument("--kernel", type=_file, metavar="PATH",
+                        help="boot this Linux kernel directly (QEMU -kernel); v5 has no field for it")
+    parser.add_argument("--initrd", type=_file, metavar="PATH", help="its initramfs (with --kernel)")
+    parser.add_argument("--cmdline", default=DEFAULT_CMDLINE, metavar="TEXT",
+                        help=f"its command line (with --kernel; default {DEFAULT_CMDLINE})")
+    parser.add_argument("--forward", type=_forward, action="append", default=[],
+                        metavar="127.0.0.1:PORT:GUEST",
+                        help="forward a loopback TCP port to the guest through the first virtio NIC "
+                        "(QEMU user networking); repeatable")
     parser.add_argument(
         "--regression",
         action="append",
@@ -190,7 +254,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="run QEMU without its seccomp sandbox (-sandbox on,obsolete=deny,elevateprivileges=deny,"
         "spawn=deny,resourcecontrol=deny), for a QEMU built without seccomp",
     )
-    return parser
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -216,8 +279,18 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    run_form = bool(argv) and argv[0] == "run"
+    parser = build_run_parser() if run_form else build_parser()
+    args = parser.parse_args(argv[1:] if run_form else argv)
+    if not run_form:
+        args.bootrom = None
+    elif args.data_dir is None:
+        args.data_dir = Path(tempfile.mkdtemp(prefix="sut-server-"))
+    if (args.initrd is not None or args.cmdline != DEFAULT_CMDLINE) and args.kernel is None:
+        parser.error("--initrd and --cmdline need --kernel")
+    if "\0" in args.cmdline or len(args.cmdline) > 4096:
+        parser.error("--cmdline: at most 4096 characters, no NUL")
     try:
         regressions = Regressions.parse(args.regression)
     except UnknownRegressionError as exc:

@@ -1,9 +1,10 @@
 """What the HTTP fronts share: the controller of the single instance, the error type every
 4xx/5xx answer comes from, the boot path's answer models and the handlers' logic.
 
-Two fronts serve the API (CONTRACT). api.py is the FastAPI app: every route, the
-/openapi.json document, every validation error. front.py answers the handful of well-formed
-requests a VM's launch makes (GET/PUT /instance, PUT /instance/state, the state monitor,
+Two fronts serve the API, propolis-server 5.0.0's (its published OpenAPI document). api.py
+is the FastAPI app: every route, the /openapi.json document, every validation error.
+front.py answers the handful of well-formed requests a VM's launch makes (GET/PUT
+/instance, PUT /instance/state, the state monitor,
 the serial websocket) without FastAPI, whose import takes some 0.2 s, and hands every other
 request to the FastAPI app, which it builds on the first one. Both call the functions here,
 so an answer's logic exists once. This module imports neither FastAPI nor Starlette.
@@ -16,7 +17,7 @@ import contextlib
 import enum
 import logging
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
@@ -27,7 +28,7 @@ from sut.server.instance import Instance, VmConfig
 from sut.server.qemu import QemuError
 from sut.server.request_queue import RequestDeniedError, RequestKind
 from sut.server.serial import SerialNotConnectedError
-from sut.server.spec import InstanceEnsureRequest, InstanceProperties
+from sut.server.spec import InstanceEnsureRequest
 from sut.server.states import InstanceState
 
 if TYPE_CHECKING:
@@ -42,13 +43,21 @@ TAKE_TURNS_BYTES = 64 * 1024
 
 
 class ApiError(Exception):
-    """An error answered as ``{"error": code, "message": message}``."""
+    """An error answered as the document's Error body, ``error_code`` being ``code``.
+
+    Where the document only says "4XX", the code says most: 400 malformed or unsupported,
+    403 the request queue denied a state change, 404 no instance / no such disk, 409 an
+    instance exists, 410 the instance stopped before the request was handled, 424 no live
+    instance for a state change.
+    """
 
     def __init__(self, status: int, code: str, message: str, extra: dict[str, object] | None = None) -> None:
         self.status = status
-        self.code = code
+        # A rule (a VCR rejection's, the path policy's) goes into error_code, the Error
+        # body's one machine-readable field: "ReplacementRejected:two-targets-changed".
+        rule = (extra or {}).get("rule")
+        self.code = f"{code}:{rule}" if rule else code
         self.message = message
-        self.extra = extra or {}
         super().__init__(message)
 
 
@@ -66,18 +75,33 @@ _KIND = {
 
 
 class InstanceView(BaseModel):
-    properties: InstanceProperties
+    properties: dict[str, Any]
     state: InstanceState
-    gen: int = Field(ge=1)
 
 
 class InstanceResponse(BaseModel):
+    """The document's InstanceGetResponse: ``{instance: {properties, state}}``."""
+
     instance: InstanceView
+
+
+class InstanceEnsureResponse(BaseModel):
+    """The document's InstanceEnsureResponse (no migration: ``migrate`` is null)."""
+
+    migrate: None = None
+
+
+class MigrateStatus(BaseModel):
+    """The document's InstanceMigrateStatusResponse: this server migrates nothing."""
+
+    migration_in: None = None
+    migration_out: None = None
 
 
 class StateMonitorResponse(BaseModel):
     gen: int = Field(ge=1)
     state: InstanceState
+    migration: MigrateStatus = Field(default_factory=MigrateStatus)
 
 
 class ServerController:
@@ -137,9 +161,14 @@ class ServerController:
             await self.instance.driver.shutdown()
 
 
+def error_json(code: str, message: str, request_id: str | None = None) -> dict[str, object]:
+    """The document's Error: ``{message, request_id, error_code}`` (a fresh request id)."""
+    return {"message": message, "request_id": request_id or uuid.uuid4().hex, "error_code": code}
+
+
 def error_body(exc: ApiError) -> dict[str, object]:
     """The JSON of an :class:`ApiError` answer."""
-    return {"error": exc.code, "message": exc.message, **exc.extra}
+    return error_json(exc.code, exc.message)
 
 
 def internal_error_body(controller: ServerController, method: str, path: str,
@@ -152,8 +181,8 @@ def internal_error_body(controller: ServerController, method: str, path: str,
     error_id = uuid.uuid4().hex[:12]
     controller.log.error("unhandled error in request", exc_info=exc,
                          extra={"error_id": error_id, "method": method, "path": path})
-    return {"error": "Internal", "id": error_id,
-            "message": f"internal server error {error_id}; the server log has the detail"}
+    message = f"internal server error {error_id}; the server log has the detail"
+    return error_json("Internal", message, error_id)
 
 
 def instance_response(instance: Instance) -> InstanceResponse:

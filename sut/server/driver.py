@@ -51,6 +51,8 @@ class Vm(Protocol):
 
     async def reset(self) -> None: ...
 
+    async def nmi(self) -> None: ...
+
     async def wait_exit(self) -> int: ...
 
     async def guest_event(self) -> GuestEvent: ...
@@ -64,6 +66,10 @@ class InstanceGoneError(Exception):
 
 class NoSuchBackendError(KeyError):
     """No disk has this backend id (HTTP 404)."""
+
+
+class NotRunningError(Exception):
+    """The request needs running vCPUs (an NMI); the instance has none (HTTP 400)."""
 
 
 @dataclass
@@ -134,6 +140,14 @@ class StateDriver:
         self._queue.try_queue(RequestKind.REPLACE, _Replacement(backend_id, vcr_json, answer))
         self._wakeup.set()
         return await answer
+
+    async def inject_nmi(self) -> None:
+        """An NMI to the guest (QMP inject-nmi); only while Running."""
+        vm = self._vm
+        state = self.monitor.current.state
+        if vm is None or state is not InstanceState.RUNNING:
+            raise NotRunningError(f"the instance is {state}: an NMI needs a Running instance")
+        await vm.nmi()
 
     def backend_status(self, backend_id: str) -> dict[str, object]:
         backend = self._backends.get(backend_id)

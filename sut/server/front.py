@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import email.message
 import json
-import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from sut import bounded_json
 from sut.server import control
-from sut.server.control import MAX_QUERY_INT, ApiError, RequestedState, ServerController
+from sut.server.control import ApiError, RequestedState, ServerController
 from sut.server.limits import BodyLimitMiddleware
 from sut.server.spec import InstanceEnsureRequest
 
@@ -35,9 +34,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 Asgi = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-# The state monitor's one query parameter, in its canonical form only ("gen=007" and the
-# like go to FastAPI, which reads them as it always has).
-_GEN_QUERY = re.compile(rb"gen=(0|[1-9][0-9]{0,18})")
+# The state monitor's generation is a u64 (the document's InstanceStateMonitorRequest).
+MAX_GEN = 2**64 - 1
 _STATES = {state.value: state for state in RequestedState}
 
 
@@ -167,7 +165,8 @@ class Front:
             request = InstanceEnsureRequest.model_validate(value, from_attributes=True)
         except Exception:  # noqa: BLE001 - FastAPI's answer (400) names the field
             raise _HandOver from None
-        return _model_answer(201, control.instance_response(await self.controller.ensure(request)))
+        await self.controller.ensure(request)
+        return _model_answer(201, control.InstanceEnsureResponse())
 
     async def _instance_state_put(self, scope: Scope, body: bytes) -> _Answer:
         value = self._json_body(scope, body)
@@ -178,12 +177,11 @@ class Front:
         return _Answer(204, media_type=None)
 
     async def _state_monitor(self, scope: Scope, body: bytes) -> _Answer:
-        query = bytes(scope.get("query_string", b""))
-        if not query:
-            gen = 0
-        elif (match := _GEN_QUERY.fullmatch(query)) is not None and int(match[1]) <= MAX_QUERY_INT:
-            gen = int(match[1])
-        else:
+        # v5: a GET whose JSON body is {"gen": N}. Anything else (a query string, another
+        # key, a gen that is not a u64) is FastAPI's to answer.
+        value = self._json_body(scope, body)
+        gen = value.get("gen") if isinstance(value, dict) and list(value) == ["gen"] else None
+        if scope.get("query_string") or type(gen) is not int or not 0 <= gen <= MAX_GEN:
             raise _HandOver
         return _model_answer(200, await control.state_monitor(self.controller, gen))
 

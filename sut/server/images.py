@@ -17,10 +17,11 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 
 from sut.path_policy import OpenedFile, PathPolicy, PathPolicyError
-from sut.server.spec import FileBackend, InstanceSpec, KernelBoot
+from sut.server.spec import BlobStorageBackend, FileStorageBackend, InstanceSpec
 
 __all__ = ["ImageChain", "ImageLayer", "LaunchFiles", "open_spec_files"]
 
@@ -50,11 +51,13 @@ class LaunchFiles:
 
     kernel: OpenedFile | None = None
     initrd: OpenedFile | None = None
+    bootrom: OpenedFile | None = None
+    # Keyed by the storage backend's component key.
     disks: dict[str, ImageChain] = field(default_factory=dict)
 
     @property
     def opened(self) -> list[OpenedFile]:
-        files = [f for f in (self.kernel, self.initrd) if f is not None]
+        files = [f for f in (self.kernel, self.initrd, self.bootrom) if f is not None]
         return files + [layer.file for chain in self.disks.values() for layer in chain.layers]
 
     @property
@@ -156,22 +159,48 @@ def open_chain(path: str, fmt: str, policy: PathPolicy, what: str, *, writable: 
         raise
 
 
-def open_spec_files(spec: InstanceSpec, policy: PathPolicy) -> LaunchFiles:
-    """Open the kernel, initrd and every file disk (with backing chains); raises
-    :class:`PathPolicyError` naming the spec field, and then closes whatever it opened."""
-    files = LaunchFiles()
+def _blob(key: str, backend: BlobStorageBackend) -> ImageChain:
+    """A blob backend's bytes in an anonymous memory file (padded to whole sectors)."""
+    data = backend.data()
+    data += b"\0" * (-len(data) % 512)
+    fd = os.memfd_create(f"blob-{key}", os.MFD_CLOEXEC)
     try:
-        if isinstance(spec.boot, KernelBoot):
-            files.kernel = policy.open(str(spec.boot.kernel), "spec.boot.kernel")
-            if spec.boot.initrd is not None:
-                files.initrd = policy.open(str(spec.boot.initrd), "spec.boot.initrd")
-        for device, disk in spec.disks.items():
-            backend = disk.backend
-            if isinstance(backend, FileBackend):
-                files.disks[device] = open_chain(
-                    str(backend.path), backend.format, policy, f"spec.disks.{device}.backend.path",
-                    writable=not backend.readonly,
-                )
+        os.write(fd, data)
+    except BaseException:
+        os.close(fd)
+        raise
+    return ImageChain((ImageLayer("raw", OpenedFile(fd, Path(f"/memfd:blob-{key}"), len(data),
+                                                     writable=not backend.readonly)),))
+
+
+def open_spec_files(spec: InstanceSpec, policy: PathPolicy, *, kernel: Path | None = None,
+                    initrd: Path | None = None, bootrom: Path | None = None) -> LaunchFiles:
+    """Open the kernel, initrd and bootrom (the server's command line: trusted, any directory)
+    and every file backend (with backing chains, under ``policy``; the format is read from the
+    image: qcow2 by its magic, else raw); raises :class:`PathPolicyError` naming the spec
+    field, and then closes whatever it opened."""
+    files = LaunchFiles()
+    anywhere = PathPolicy(None)
+    try:
+        if kernel is not None:
+            files.kernel = anywhere.open(kernel, "--kernel")
+        if initrd is not None:
+            files.initrd = anywhere.open(initrd, "--initrd")
+        if bootrom is not None:
+            files.bootrom = anywhere.open(bootrom, "BOOTROM")
+        for key, component in spec.components.items():
+            backend = component.component
+            if isinstance(backend, FileStorageBackend):
+                what = f"spec.components.{key}.component.path"
+                probe = policy.open(str(backend.path), what)
+                try:
+                    fmt = _probe_format(probe.fd)
+                finally:
+                    probe.close()
+                files.disks[key] = open_chain(str(backend.path), fmt, policy, what,
+                                              writable=not backend.readonly)
+            elif isinstance(backend, BlobStorageBackend):
+                files.disks[key] = _blob(key, backend)
     except BaseException:
         files.close()
         raise

@@ -1,4 +1,4 @@
-"""One instance: builds the backends, QEMU command line and driver from a SPEC."""
+"""One instance: builds the backends, QEMU command line and driver from a v5 instance spec."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ from pathlib import Path
 from sut.path_policy import PathPolicy
 from sut.server.backends import BlockBackend, CrucibleDisk
 from sut.server.driver import NoSuchBackendError, StateDriver
+from sut.server.forwards import HostForward
 from sut.server.images import LaunchFiles, open_spec_files
 from sut.server.policy import TargetPolicy
-from sut.server.qemu import QemuVm, RunDir, build_argv
+from sut.server.qemu import KernelBoot, QemuVm, RunDir, build_argv
 from sut.server.regressions import NO_REGRESSIONS, Regressions
 from sut.server.serial import SerialConsole
-from sut.server.spec import CrucibleBackendSpec, FileBackend, InstanceEnsureRequest, backend_id
+from sut.server.spec import CrucibleStorageBackend, InstanceEnsureRequest, properties_json
+from sut.server.volume_status import volume_status
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,13 @@ class VmConfig:
     qemu_sandbox: bool = True
     # QEMU drops to this user (-runas) once it has its files and sockets; None: stays as is.
     qemu_user: str | None = None
+    # What v5 has no field for, from the server's command line: the guest firmware (the
+    # BOOTROM argument; None: QEMU's own), direct kernel boot, the NIC's host forwards.
+    bootrom: Path | None = None
+    kernel: Path | None = None
+    initrd: Path | None = None
+    cmdline: str = "console=ttyS0"
+    forwards: tuple[HostForward, ...] = ()
 
     @property
     def path_policy(self) -> PathPolicy:
@@ -53,14 +62,12 @@ class Instance:
         self.run_dir = run_dir
         self.files = files or LaunchFiles()
         self.serial = SerialConsole(logger=logger)
-        sizes = {
-            device: backends[backend_id(device)].size_bytes
-            for device in request.spec.disks
-            if backend_id(device) in backends
-        }
+        sizes = {key: backend.size_bytes for key, backend in backends.items()}
         argv = build_argv(
             request.spec, run_dir, files=self.files, accel=config.accel, binary=config.qemu_binary,
             disk_sizes=sizes, sandbox=config.qemu_sandbox, run_as=config.qemu_user,
+            kernel_boot=KernelBoot(config.cmdline) if config.kernel is not None else None,
+            forwards=config.forwards,
         )
         fds = {opened.fd: str(opened.path) for opened in self.files.opened}
         self.driver = StateDriver(
@@ -87,26 +94,27 @@ class Instance:
         """
         spec = request.spec
         run_dir = RunDir(config.data_dir / f"vm-{request.properties.id.hex[:12]}")
-        run_dir.check_socket_paths(list(spec.disks))
+        crucible = spec.of(CrucibleStorageBackend)
+        run_dir.check_socket_paths(list(crucible))
         # Every file first (before anything is created): a refused path leaves nothing behind.
-        files = open_spec_files(spec, config.path_policy)
+        files = open_spec_files(spec, config.path_policy, kernel=config.kernel, initrd=config.initrd,
+                                bootrom=config.bootrom)
         backends: dict[str, BlockBackend] = {}
         created = not run_dir.path.exists()
         try:
             run_dir.path.mkdir(parents=True, exist_ok=True)
-            for device, disk in spec.disks.items():
-                if isinstance(disk.backend, CrucibleBackendSpec):
-                    bid = backend_id(device)
-                    backends[bid] = CrucibleDisk(
-                        bid,
-                        disk.backend.request_json,
-                        run_dir.disk_socket(device),
-                        read_only=disk.backend.readonly,
-                        regressions=config.regressions.storage,
-                        logger=logger.getChild(bid),
-                        targets=config.targets,
-                        paths=config.path_policy,
-                    )
+            for bid, component in crucible.items():
+                assert isinstance(component, CrucibleStorageBackend)
+                backends[bid] = CrucibleDisk(
+                    bid,
+                    component.request_json,
+                    run_dir.disk_socket(bid),
+                    read_only=component.readonly,
+                    regressions=config.regressions.storage,
+                    logger=logger.getChild(bid),
+                    targets=config.targets,
+                    paths=config.path_policy,
+                )
             instance = cls(request, run_dir, backends, config, logger, files)
         except BaseException:
             files.close()
@@ -120,28 +128,31 @@ class Instance:
         return instance
 
     def describe(self) -> dict[str, object]:
-        snapshot = self.driver.state
-        return {
-            "properties": self.request.properties.model_dump(mode="json"),
-            "state": str(snapshot.state),
-            "gen": snapshot.gen,
-        }
+        """The document's ``Instance``: ``{properties, state}``."""
+        return {"properties": properties_json(self.request.properties), "state": str(self.driver.state.state)}
 
-    def disk_status(self, bid: str) -> dict[str, object]:
-        snapshot = self.driver.state
-        vm = {"vm_state": str(snapshot.state), "vm_gen": snapshot.gen, "backend_id": bid}
-        for device, disk in self.request.spec.disks.items():
-            if backend_id(device) == bid and isinstance(disk.backend, FileBackend):
-                return {"type": "file", "path": str(disk.backend.path), **vm}
-        return {"type": "crucible", **self.driver.backend_status(bid), **vm}
+    def describe_spec(self) -> dict[str, object]:
+        """The document's ``InstanceSpecGetResponse`` (the spec as it was given)."""
+        spec = self.request.spec
+        value: dict[str, object] = {
+            "board": spec.board.model_dump(mode="json", exclude_none=True),
+            "components": {key: c.dump() for key, c in spec.components.items()},
+        }
+        if spec.smbios is not None:
+            value["smbios"] = spec.smbios.model_dump(mode="json")
+        return {"properties": properties_json(self.request.properties),
+                "spec": {"type": "Present", "value": value}, "state": str(self.driver.state.state)}
+
+    def volume_status(self, bid: str) -> dict[str, object]:
+        """The document's ``VolumeStatus`` of a Crucible backend (NoSuchBackendError else)."""
+        return volume_status(self.driver.backend_status(bid))
 
     def known_backends(self, kind: str | None = None) -> list[str]:
-        """Backend ids of the disks, of one ``kind`` ("file" or "crucible") or all."""
-        return sorted(
-            backend_id(device)
-            for device, disk in self.request.spec.disks.items()
-            if kind is None or disk.backend.type == kind
-        )
+        """Keys of the storage backends, of one ``kind`` ("file", "blob", "crucible") or all."""
+        names = {"crucible": "crucible_storage_backend", "file": "file_storage_backend",
+                 "blob": "blob_storage_backend"}
+        wanted = {names[kind]} if kind is not None else set(names.values())
+        return sorted(key for key, c in self.request.spec.components.items() if c.type in wanted)
 
 
 __all__ = ["Instance", "NoSuchBackendError", "VmConfig"]

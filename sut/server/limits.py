@@ -14,7 +14,8 @@ Two layers, each small:
   when every connection is busy with a request is the new one answered 503. Hundreds of idle
   sockets therefore cost a well-behaved client nothing.
 
-Every refusal is JSON ``{"error": CODE, "message": text}`` with ``Connection: close``.
+Every refusal is propolis-server 5.0.0's Error body, ``{"message": text, "request_id": ID,
+"error_code": CODE}``, with ``Connection: close``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -54,9 +56,14 @@ Send = Callable[[Message], Awaitable[None]]
 Asgi = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+def error_json(code: str, message: str) -> bytes:
+    """The document's Error body (control.error_json's, without importing pydantic here)."""
+    return json.dumps({"message": message, "request_id": uuid.uuid4().hex, "error_code": code}).encode()
+
+
 def error_bytes(status: int, reason: str, code: str, message: str) -> bytes:
     """A complete HTTP/1.1 error response, for refusals written straight to a socket."""
-    body = json.dumps({"error": code, "message": message}).encode()
+    body = error_json(code, message)
     head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
     return head.encode() + body
@@ -131,7 +138,7 @@ class BodyLimitMiddleware:
 
 
 async def _send_error(send: Send, refused: _Refused) -> None:
-    body = json.dumps({"error": refused.code, "message": refused.message}).encode()
+    body = error_json(refused.code, refused.message)
     await send({"type": "http.response.start", "status": refused.status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
         (b"connection", b"close")]})

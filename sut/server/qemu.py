@@ -23,9 +23,10 @@ from pathlib import Path
 
 from qemu.qmp import EventListener, Message, QMPClient
 
+from sut.server.forwards import HostForward
 from sut.server.images import ImageLayer, LaunchFiles
 from sut.server.serial import SerialConsole
-from sut.server.spec import CrucibleBackendSpec, FileBackend, FirmwareBoot, InstanceSpec, backend_id
+from sut.server.spec import CrucibleStorageBackend, InstanceSpec, NvmeDisk, VirtioDisk
 
 QMP_TIMEOUT_S = 10.0
 QUIT_GRACE_S = 5.0
@@ -88,6 +89,13 @@ class VmLaunchError(QemuError):
         self.exit_code = exit_code
         self.log_tail = log_tail
         super().__init__(f"{message} (exit code {exit_code}); QEMU log tail:\n{log_tail}")
+
+
+@dataclass(frozen=True)
+class KernelBoot:
+    """Direct kernel boot (the server's ``--kernel/--initrd/--cmdline``; v5 has no field)."""
+
+    cmdline: str = "console=ttyS0"
 
 
 @dataclass(frozen=True)
@@ -164,14 +172,18 @@ def build_argv(
     disk_sizes: dict[str, int] | None = None,
     sandbox: bool = True,
     run_as: str | None = None,
+    kernel_boot: KernelBoot | None = None,
+    forwards: tuple[HostForward, ...] = (),
 ) -> list[str]:
     """The full QEMU command line for ``spec`` (pure; unit-tested).
 
     ``files`` are the spec's files, opened and checked by the server: QEMU gets them as
     inherited descriptors (the caller passes ``files.fds`` to the child), never by name.
-    ``disk_sizes`` maps a Crucible disk's device name to its size in bytes. Every option
+    ``disk_sizes`` maps a Crucible backend's key to its size in bytes. Every option
     value built from input is quoted by :func:`qemu_opt` or written as -blockdev JSON.
     ``run_as``: QEMU drops to this user once it has opened its descriptors and sockets.
+    ``kernel_boot`` (with ``files.kernel``): direct kernel boot; ``forwards``: host forwards
+    of the first virtio NIC (in PCI order).
     """
     disk_sizes = disk_sizes or {}
     argv = [
@@ -193,67 +205,84 @@ def build_argv(
         "-smp",
         str(spec.board.cpus),
         "-m",
-        str(spec.board.memory_mib),
+        str(spec.board.memory_mb),
         # QEMU connects to our QMP listener (no poll for a socket to appear).
         "-chardev",
         f"socket,id=qmp,path={qemu_opt(str(run_dir.qmp_socket))}",
         "-mon",
         "chardev=qmp,mode=control",
+        # The console socket exists whether or not the spec has com1 (the server attaches
+        # to it); only a serial_port component connects a UART to it.
         "-chardev",
         f"socket,id=serial0,path={qemu_opt(str(run_dir.serial_socket))},server=on,wait=off",
-        "-serial",
-        "chardev:serial0",
     ]
+    if spec.has_serial:
+        argv += ["-serial", "chardev:serial0"]
     if sandbox:
         argv += ["-sandbox", SANDBOX_RUNAS if run_as else SANDBOX]
     if run_as:
         argv += ["-runas", run_as]
+    if files.bootrom is not None:
+        argv += ["-bios", f"/proc/self/fd/{files.bootrom.fd}"]
+    if spec.pvpanic:
+        argv += ["-device", "pvpanic"]
+    if spec.smbios is not None:
+        smbios = spec.smbios
+        argv += ["-smbios", f"type=1,manufacturer={qemu_opt(smbios.manufacturer)},"
+                 f"product={qemu_opt(smbios.product_name)},serial={qemu_opt(smbios.serial_number)},"
+                 f"version={smbios.version}"]
     fdsets: dict[int, int] = {}
     for chain in files.disks.values():
         for layer in chain.layers:
             fdsets[layer.file.fd] = len(fdsets) + 1
             argv += ["-add-fd",
                      f"fd={layer.file.fd},set={fdsets[layer.file.fd]},opaque={qemu_opt(str(layer.file.path))}"]
-    boot = spec.boot
-    if isinstance(boot, FirmwareBoot):
-        boot_index = {device: index for index, device in enumerate(boot.order)}
-    else:
-        boot_index = {}
+    if kernel_boot is not None:
         if files.kernel is None:
             raise QemuError("kernel boot without an opened kernel file")
         # -kernel/-initrd are read with a plain open(): /proc/self/fd/N re-opens QEMU's
         # inherited descriptor, i.e. exactly the file the server checked.
-        argv += ["-kernel", f"/proc/self/fd/{files.kernel.fd}", "-append", boot.cmdline]
+        argv += ["-kernel", f"/proc/self/fd/{files.kernel.fd}", "-append", kernel_boot.cmdline]
         if files.initrd is not None:
             argv += ["-initrd", f"/proc/self/fd/{files.initrd.fd}"]
+    # A directly booted kernel is QEMU's boot entry 0 (its linuxboot option ROM): the firmware
+    # never picks a disk, so boot_settings only order the disks when the firmware boots them.
+    order = spec.boot_order if kernel_boot is None else []
+    boot_index = {device: index for index, device in enumerate(order)}
     for device, disk in spec.disks.items():
-        node = backend_id(device)
-        backend = disk.backend
+        node = disk.backend_id
+        backend = spec.storage(node)
         blockdev: dict[str, object]
-        if isinstance(backend, FileBackend):
-            blockdev = _blockdev(files.disks[device].layers, fdsets, backend.readonly)
-        else:
-            assert isinstance(backend, CrucibleBackendSpec)
+        if isinstance(backend, CrucibleStorageBackend):
             blockdev = {"driver": "nbd", "read-only": backend.readonly,
-                        "server": {"type": "unix", "path": str(run_dir.disk_socket(device))}}
-        argv += ["-blockdev", json.dumps({"node-name": node, **blockdev})]
-        if disk.interface == "virtio":
-            dev = f"virtio-blk-pci,drive={qemu_opt(node)},id={qemu_opt(device)}"
-            if device in disk_sizes:
-                dev += "," + fixed_chs(disk_sizes[device])
+                        "server": {"type": "unix", "path": str(run_dir.disk_socket(node))}}
         else:
-            dev = f"nvme,drive={qemu_opt(node)},serial={qemu_opt(device)},id={qemu_opt(device)}"
+            blockdev = _blockdev(files.disks[node].layers, fdsets, backend.readonly)
+        argv += ["-blockdev", json.dumps({"node-name": node, **blockdev})]
+        where = disk.pci_path.qemu_addr()
+        if isinstance(disk, VirtioDisk):
+            dev = f"virtio-blk-pci,drive={qemu_opt(node)},id={qemu_opt(device)},{where}"
+            if node in disk_sizes:
+                dev += "," + fixed_chs(disk_sizes[node])
+        else:
+            assert isinstance(disk, NvmeDisk)
+            dev = (f"nvme,drive={qemu_opt(node)},serial={qemu_opt(disk.serial_text() or device)},"
+                   f"id={qemu_opt(device)},{where}")
+        block_size = getattr(backend, "block_size", 512)
+        if block_size != 512:
+            dev += f",logical_block_size={block_size},physical_block_size={block_size}"
         if device in boot_index:
             dev += f",bootindex={boot_index[device]}"
         argv += ["-device", dev]
-    for name, nic in spec.nics.items():
+    for index, (name, nic) in enumerate(spec.nics.items()):
         # restrict=on: the guest reaches nothing beyond its host forwards,
         # which keeps tests on loopback (network rule).
-        netdev = f"user,id={qemu_opt(name)},restrict=on"
-        for fwd in nic.forwards:
+        netdev = f"user,id={qemu_opt(nic.backend_id)},restrict=on"
+        for fwd in forwards if index == 0 else ():
             netdev += f",hostfwd={qemu_opt(f'tcp:{fwd.host_addr}:{fwd.host_port}-:{fwd.guest_port}')}"
         argv += ["-netdev", netdev, "-device",
-                 f"virtio-net-pci,netdev={qemu_opt(name)},id={qemu_opt(name + '-nic')}"]
+                 f"virtio-net-pci,netdev={qemu_opt(nic.backend_id)},id={qemu_opt(name)},"
+                 f"{nic.pci_path.qemu_addr()}"]
     return argv
 
 
@@ -325,6 +354,9 @@ class QemuVm:
 
     async def reset(self) -> None:
         await self._execute("system_reset")
+
+    async def nmi(self) -> None:
+        await self._execute("inject-nmi")
 
     async def _execute(self, command: str) -> None:
         try:

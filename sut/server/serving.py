@@ -96,6 +96,11 @@ def serve(args: argparse.Namespace, regressions: Regressions, log: logging.Logge
         targets=targets,
         qemu_sandbox=args.qemu_sandbox,
         qemu_user=args.qemu_user or None,
+        bootrom=args.bootrom,
+        kernel=args.kernel,
+        initrd=args.initrd,
+        cmdline=args.cmdline,
+        forwards=tuple(args.forward),
     )
     controller = ServerController(
         config, log, long_poll_max_s=args.long_poll_max_s, max_body_bytes=args.max_body_bytes,
@@ -117,6 +122,10 @@ def serve(args: argparse.Namespace, regressions: Regressions, log: logging.Logge
             "max_connections": args.max_connections,
             "qemu_sandbox": args.qemu_sandbox,
             "qemu_user": args.qemu_user or None,
+            "bootrom": str(args.bootrom) if args.bootrom else None,
+            "kernel": str(args.kernel) if args.kernel else None,
+            "initrd": str(args.initrd) if args.initrd else None,
+            "forwards": [f"{f.host_addr}:{f.host_port}:{f.guest_port}" for f in args.forward],
             "uid": os.getuid(),
         },
     )

@@ -1,12 +1,22 @@
-"""Pydantic models of the instance SPEC (architecture.md, CONTRACT: server HTTP API).
+"""Pydantic models of propolis-server 5.0.0's instance spec and request bodies.
 
-Validation happens here so a bad request is answered 400 with the field that
-is wrong, instead of failing later inside QEMU with an obscure message.
+The shapes are the published OpenAPI document's (``InstanceEnsureRequest``,
+``InstanceSpec``, the ``Component`` tagged union ``{type, component}``, ...), field for
+field, with ``additionalProperties: false`` where the document says so. Validation happens
+here so a bad request is answered 400 naming the field, instead of failing later inside QEMU.
+Where the document allows more than this server can do (a PCI bridge, a CPUID template, a
+migration target), the request is answered 400 saying so: the document allows any 4XX.
+
+Things v5 has no field for are never fields here: the guest kernel, initrd and command line
+for direct kernel boot, the host forwards of the user-mode NIC and the data dir are the
+server's command line (``sut.server.cli``), the file format of a disk image is read from the
+image itself (``sut.server.images``).
 """
 
 from __future__ import annotations
 
-import ipaddress
+import base64
+import binascii
 import json
 import re
 from pathlib import Path
@@ -16,28 +26,24 @@ from uuid import UUID
 from pydantic import (
     BaseModel,
     ConfigDict,
-    Discriminator,
     Field,
     JsonValue,
-    Tag,
+    StrictBool,
+    StrictInt,
     field_validator,
     model_validator,
 )
 
-# Device names end up in QEMU ids, node names and unix socket file names.
-_DEVICE_NAME_RE = r"[A-Za-z][A-Za-z0-9_-]{0,31}"
-_DEVICE_NAME = re.compile(rf"^{_DEVICE_NAME_RE}$")
-# A backend id is "<device>-backend" (see backend_id()); the API rejects any
-# other shape (slashes, "..", NUL, ...) with 400 before looking it up.
-BACKEND_ID_PATTERN = rf"^{_DEVICE_NAME_RE}-backend$"
+# Component keys end up in QEMU ids, node names and unix socket file names.
+_KEY_RE = r"[A-Za-z][A-Za-z0-9_-]{0,31}"
+_KEY = re.compile(rf"^{_KEY_RE}$")
+KEY_PATTERN = rf"^{_KEY_RE}$"
 
-
-# Documentation only (the validators below enforce it): lets /openapi.json say that
-# paths are absolute and which device names are valid, so a client generated from the
-# document, or a fuzzer, knows the shape without reading this module.
-_ABSOLUTE_PATH_SCHEMA: dict[str, JsonValue] = {"pattern": "^/"}
-_DEVICE_NAMES_SCHEMA: dict[str, JsonValue] = {"propertyNames": {"pattern": _DEVICE_NAME.pattern}}
-AbsolutePath = Annotated[Path, Field(json_schema_extra=_ABSOLUTE_PATH_SCHEMA)]
+# Strict: the document says integer (or boolean), so false, 1.0 and "1" are refused, not
+# coerced (a fuzzer sending them must get 400).
+U8 = Annotated[StrictInt, Field(ge=0, le=255)]
+U32 = Annotated[StrictInt, Field(ge=0, le=2**32 - 1)]
+U64 = Annotated[StrictInt, Field(ge=0, le=2**64 - 1)]
 
 
 def _shown_path(value: Path) -> str:
@@ -47,170 +53,439 @@ def _shown_path(value: Path) -> str:
     return text if len(text) <= 200 else f"{text[:200]}... ({len(text)} characters)"
 
 
-def _absolute(value: Path) -> Path:
-    # Shape only: whether the file may be used (exists, is a regular file under an allowed
-    # root, and so on) is the server's path policy, checked when the instance is created
-    # (sut.path_policy, sut.server.images), where the file is also opened.
-    if not value.is_absolute():
-        raise ValueError(f"path must be absolute, got {_shown_path(value)!r}")
-    return value
-
-
-class _Model(BaseModel):
-    # Unknown keys are typos far more often than extensions: reject them.
+class _Strict(BaseModel):
+    # The document's additionalProperties: false.
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Board(_Model):
-    cpus: int = Field(default=2, ge=1, le=32)
-    memory_mib: int = Field(default=512, ge=32, le=65536)
+class _Open(BaseModel):
+    # Objects the document leaves open: unknown keys are accepted (and ignored).
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
 
-class KernelBoot(_Model):
-    kernel: AbsolutePath
-    initrd: AbsolutePath | None = None
-    # The kernel command line is one argv element (never parsed as QEMU options); NUL cannot
-    # be passed in an argv at all.
-    cmdline: str = Field(default="console=ttyS0", max_length=4096, pattern=r"^[^\x00]*$")
+# --- board ---------------------------------------------------------------------------
 
-    @field_validator("kernel", "initrd")
+
+class I440Fx(_Strict):
+    enable_pcie: StrictBool
+
+
+class Chipset(_Strict):
+    type: Literal["i440_fx"]
+    value: I440Fx
+
+
+class CpuidEntry(_Strict):
+    leaf: U32
+    subleaf: U32 | None = None
+    eax: U32
+    ebx: U32
+    ecx: U32
+    edx: U32
+
+
+class Cpuid(_Strict):
+    entries: list[CpuidEntry]
+    vendor: Literal["amd", "intel"]
+
+
+class HyperVValue(_Strict):
+    features: list[Literal["reference_tsc"]]
+
+
+class GuestHvInterface(_Strict):
+    type: Literal["bhyve", "hyper_v"]
+    value: HyperVValue | None = None
+
+
+class Board(_Strict):
+    chipset: Chipset
+    # The document allows 0..255 vCPUs and any u64 of memory; this server runs 1..32 vCPUs
+    # and 32 MiB..64 GiB (a 4XX beyond, as the document allows).
+    cpus: StrictInt = Field(ge=1, le=32)
+    memory_mb: StrictInt = Field(ge=32, le=65536)
+    cpuid: Cpuid | None = None
+    guest_hv_interface: GuestHvInterface | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> Board:
+        if self.cpuid is not None:
+            raise ValueError("cpuid: this server (QEMU, TCG or KVM) derives CPUID itself; send null")
+        if self.guest_hv_interface is not None and self.guest_hv_interface.type != "bhyve":
+            raise ValueError("guest_hv_interface: only the default (bhyve) interface is supported")
+        return self
+
+
+# --- components ----------------------------------------------------------------------
+
+
+class PciPath(_Open):
+    bus: U8
+    device: U8
+    function: U8
+
+    @model_validator(mode="after")
+    def _on_the_root_bus(self) -> PciPath:
+        # One root bus (no bridges), function 0 only: every device is a slot of its own.
+        # Slot 0 is the host bridge and 31 the chipset's (q35's ICH9).
+        if self.bus != 0 or self.function != 0 or not 1 <= self.device <= 30:
+            raise ValueError(f"pci_path {self.bus}.{self.device}.{self.function}: this server places "
+                             "devices at bus 0, device 1..30, function 0")
+        return self
+
+    def qemu_addr(self) -> str:
+        return f"bus=pcie.0,addr=0x{self.device:x}.{self.function}"
+
+
+SpecKey = Annotated[str, Field(pattern=KEY_PATTERN, max_length=32)]
+
+
+class VirtioDisk(_Strict):
+    backend_id: SpecKey
+    pci_path: PciPath
+
+
+class NvmeDisk(_Strict):
+    backend_id: SpecKey
+    pci_path: PciPath
+    serial_number: list[U8] = Field(min_length=20, max_length=20)
+
+    def serial_text(self) -> str:
+        """The serial number as QEMU takes it: printable ASCII, NUL / space padding dropped."""
+        raw = bytes(self.serial_number).rstrip(b"\0 ")
+        return raw.decode("ascii")
+
+    @field_validator("serial_number")
     @classmethod
-    def _kernel_is_absolute(cls, value: Path | None) -> Path | None:
-        return None if value is None else _absolute(value)
+    def _printable(cls, value: list[int]) -> list[int]:
+        raw = bytes(value).rstrip(b"\0 ")
+        if not all(0x21 <= b <= 0x7E or b == 0x20 for b in raw):
+            raise ValueError("serial_number: printable ASCII, padded with NUL or spaces")
+        return value
 
 
-class FirmwareBoot(_Model):
-    firmware: Literal["bios"]
-    order: list[str] = Field(default_factory=list)
+class VirtioNic(_Strict):
+    backend_id: SpecKey
+    interface_id: UUID
+    pci_path: PciPath
 
 
-class FileBackend(_Model):
-    type: Literal["file"]
-    path: AbsolutePath
-    readonly: bool = False
-    # qcow2 lets a test boot from a copy-on-write overlay of a guest image (the overlay names
-    # its backing file; QEMU opens that read-only). Extension to the CONTRACT; default raw.
-    format: Literal["raw", "qcow2"] = "raw"
+class SerialPort(_Strict):
+    num: Literal["com1", "com2", "com3", "com4"]
+
+    @field_validator("num")
+    @classmethod
+    def _com1(cls, value: str) -> str:
+        if value != "com1":
+            raise ValueError(f"{value}: this server has one serial port, com1")
+        return value
+
+
+class QemuPvpanic(_Strict):
+    enable_isa: StrictBool
+
+
+class BootOrderEntry(_Open):
+    id: SpecKey
+
+
+class BootSettings(_Strict):
+    order: list[BootOrderEntry]
+
+
+class MigrationFailureInjector(_Strict):
+    # Accepted (the migration work names it); this server migrates nothing, so it never fires.
+    fail_exports: U32
+    fail_imports: U32
+
+
+class CrucibleStorageBackend(_Strict):
+    request_json: str = Field(min_length=2)
+    readonly: StrictBool
+
+
+class FileStorageBackend(_Strict):
+    path: Path
+    readonly: StrictBool
+    block_size: Annotated[StrictInt, Field(ge=0, le=2**32 - 1)]
+    workers: StrictInt | None = Field(default=None, ge=1, le=2**32 - 1)
+
+    @field_validator("block_size")
+    @classmethod
+    def _block_size(cls, value: int) -> int:
+        if value not in (512, 4096):
+            raise ValueError(f"block_size: this server takes 512 or 4096, got {value}")
+        return value
 
     @field_validator("path")
     @classmethod
-    def _path_is_absolute(cls, value: Path) -> Path:
-        return _absolute(value)
+    def _absolute(cls, value: Path) -> Path:
+        # Shape only: whether the file may be used is the path policy's (sut.path_policy),
+        # checked when the instance is created, where the file is also opened.
+        if not value.is_absolute():
+            raise ValueError(f"path must be absolute, got {_shown_path(value)!r}")
+        return value
 
 
-class CrucibleBackendSpec(_Model):
-    type: Literal["crucible"]
-    request_json: str = Field(min_length=2)
-    readonly: bool = False
+class BlobStorageBackend(_Strict):
+    base64: str
+    readonly: StrictBool
 
+    def data(self) -> bytes:
+        return base64.b64decode(self.base64, validate=True)
 
-def _boot_kind(value: object) -> str:
-    # Pick the variant from its keys so an error names the field of the
-    # variant the caller meant instead of listing every union member.
-    if isinstance(value, dict):
-        return "firmware" if "firmware" in value else "kernel"
-    return "firmware" if isinstance(value, FirmwareBoot) else "kernel"
-
-
-Boot = Annotated[
-    Annotated[KernelBoot, Tag("kernel")] | Annotated[FirmwareBoot, Tag("firmware")],
-    Discriminator(_boot_kind),
-]
-
-DiskBackend = Annotated[FileBackend | CrucibleBackendSpec, Field(discriminator="type")]
-
-
-class Disk(_Model):
-    interface: Literal["virtio", "nvme"]
-    backend: DiskBackend
-
-
-class Forward(_Model):
-    # The pattern documents the shape; _loopback() below enforces it (and the range).
-    host: str = Field(json_schema_extra={"pattern": r"^127\.\d{1,3}\.\d{1,3}\.\d{1,3}:\d{1,5}$"})
-    guest_port: int = Field(ge=1, le=65535)
-
-    @field_validator("host")
+    @field_validator("base64")
     @classmethod
-    def _loopback(cls, value: str) -> str:
-        addr, sep, port = value.rpartition(":")
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"expected '127.0.0.1:PORT', got {value!r}")
+    def _decodes(cls, value: str) -> str:
         try:
-            ip = ipaddress.ip_address(addr)
-        except ValueError as exc:
-            raise ValueError(f"expected '127.0.0.1:PORT', got {value!r}") from exc
-        if not (ip.version == 4 and ip.is_loopback):
-            # Network rule: forwards are only ever published on loopback.
-            raise ValueError(f"host forwards must bind a 127.0.0.0/8 address, got {addr}")
+            base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("base64: not valid base64") from None
         return value
 
-    @property
-    def host_addr(self) -> str:
-        return self.host.rpartition(":")[0]
 
-    @property
-    def host_port(self) -> int:
-        return int(self.host.rpartition(":")[2])
+class VirtioNetworkBackend(_Strict):
+    # A viona VNIC on illumos; here a QEMU user-mode network (restricted to the host
+    # forwards of the server's --forward options). The name is only a label.
+    vnic_name: str = Field(max_length=64)
 
 
-class Nic(_Model):
-    type: Literal["user"]
-    forwards: list[Forward] = Field(default_factory=list)
+Device = VirtioDisk | NvmeDisk | VirtioNic
+StorageBackend = CrucibleStorageBackend | FileStorageBackend | BlobStorageBackend
 
 
-class InstanceSpec(_Model):
-    board: Board = Field(default_factory=Board)
-    boot: Boot
-    disks: dict[str, Disk] = Field(default_factory=dict, json_schema_extra=_DEVICE_NAMES_SCHEMA)
-    nics: dict[str, Nic] = Field(default_factory=dict, json_schema_extra=_DEVICE_NAMES_SCHEMA)
+def _component(type_name: str, model: type[BaseModel]) -> type[BaseModel]:
+    return type(
+        f"{model.__name__}Component",
+        (_Strict,),
+        {"__annotations__": {"type": Literal[type_name], "component": model}, "__module__": __name__},
+    )
 
-    @field_validator("disks", "nics", mode="before")
-    @classmethod
-    def _names(cls, value: object) -> object:
-        # "before": a bad name is reported even when the entry is also invalid.
-        for name in value if isinstance(value, dict) else ():
-            if not _DEVICE_NAME.match(name):
-                raise ValueError(f"invalid device name {name!r}: use a letter then up to 31 of [A-Za-z0-9_-]")
-        return value
+
+_SUPPORTED: dict[str, type[BaseModel]] = {
+    "virtio_disk": VirtioDisk,
+    "nvme_disk": NvmeDisk,
+    "virtio_nic": VirtioNic,
+    "serial_port": SerialPort,
+    "qemu_pvpanic": QemuPvpanic,
+    "boot_settings": BootSettings,
+    "migration_failure_injector": MigrationFailureInjector,
+    "crucible_storage_backend": CrucibleStorageBackend,
+    "file_storage_backend": FileStorageBackend,
+    "blob_storage_backend": BlobStorageBackend,
+    "virtio_network_backend": VirtioNetworkBackend,
+}
+# In the document, not in this server (illumos devices, bridges, vsock, 9p).
+UNSUPPORTED = ("pci_pci_bridge", "virtio_socket", "soft_npu_pci_port", "soft_npu_port", "soft_npu_p9",
+               "p9fs", "dlpi_network_backend")
+COMPONENT_TYPES = {name: _component(name, model) for name, model in _SUPPORTED.items()}
+
+
+class UnsupportedComponent(_Strict):
+    type: str
+    component: JsonValue
 
     @model_validator(mode="after")
-    def _boot_order(self) -> InstanceSpec:
-        if isinstance(self.boot, FirmwareBoot):
-            unknown = [name for name in self.boot.order if name not in self.disks]
-            if unknown:
-                raise ValueError(f"boot.order names unknown disks {unknown}; known: {sorted(self.disks)}")
+    def _refuse(self) -> UnsupportedComponent:
+        if self.type in UNSUPPORTED:
+            raise ValueError(f"component type {self.type!r} is not supported by this server "
+                             f"(supported: {', '.join(_SUPPORTED)})")
+        raise ValueError(f"unknown component type {self.type!r}; one of {', '.join(_SUPPORTED)}")
+
+
+class Component(BaseModel):
+    """``{"type": ..., "component": {...}}``: parsed by its tag, so an error names the field
+    of the component the caller meant instead of listing every union member."""
+
+    model_config = ConfigDict(frozen=True)
+
+    type: str
+    component: BaseModel
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _by_tag(cls, value: object, handler):  # type: ignore[no-untyped-def]
+        if isinstance(value, Component):
+            return value
+        if isinstance(value, dict) and isinstance(value.get("type"), str):
+            model = COMPONENT_TYPES.get(value["type"])
+            if model is not None:
+                parsed = model.model_validate(value)
+                return cls.model_construct(type=value["type"], component=parsed.component)  # type: ignore[attr-defined]
+            UnsupportedComponent.model_validate(value)
+        return handler(value)
+
+    @property
+    def body(self) -> BaseModel:
+        return self.component
+
+    def dump(self) -> dict[str, object]:
+        return {"type": self.type, "component": self.component.model_dump(mode="json", exclude_none=True)}
+
+
+class SmbiosType1Input(_Strict):
+    manufacturer: str = Field(max_length=256)
+    product_name: str = Field(max_length=256)
+    serial_number: str = Field(max_length=256)
+    version: U64
+
+
+class InstanceSpec(_Open):
+    board: Board
+    components: dict[str, Component]
+    smbios: SmbiosType1Input | None = None
+
+    @field_validator("components", mode="before")
+    @classmethod
+    def _keys(cls, value: object) -> object:
+        # "before": a bad key is reported even when its component is also invalid.
+        for key in value if isinstance(value, dict) else ():
+            if not _KEY.match(key):
+                raise ValueError(f"invalid component key {key!r}: use a letter then up to 31 of "
+                                 "[A-Za-z0-9_-]")
+        return value
+
+    def of(self, *kinds: type[BaseModel]) -> dict[str, BaseModel]:
+        return {key: c.component for key, c in self.components.items() if isinstance(c.component, kinds)}
+
+    @property
+    def devices(self) -> dict[str, VirtioDisk | NvmeDisk | VirtioNic]:
+        """Devices in PCI order (the order a guest finds them)."""
+        found = {key: c.component for key, c in self.components.items()
+                 if isinstance(c.component, VirtioDisk | NvmeDisk | VirtioNic)}
+        return dict(sorted(found.items(), key=lambda kv: kv[1].pci_path.device))
+
+    @property
+    def disks(self) -> dict[str, VirtioDisk | NvmeDisk]:
+        """Disk devices in PCI order."""
+        return {key: d for key, d in self.devices.items() if isinstance(d, VirtioDisk | NvmeDisk)}
+
+    @property
+    def nics(self) -> dict[str, VirtioNic]:
+        return {key: d for key, d in self.devices.items() if isinstance(d, VirtioNic)}
+
+    def storage(self, backend_id: str) -> StorageBackend:
+        backend = self.components[backend_id].component
+        assert isinstance(backend, CrucibleStorageBackend | FileStorageBackend | BlobStorageBackend)
+        return backend
+
+    @property
+    def boot_order(self) -> list[str]:
+        settings = self.of(BootSettings)
+        return [entry.id for s in settings.values() for entry in s.order]  # type: ignore[attr-defined]
+
+    @property
+    def has_serial(self) -> bool:
+        return bool(self.of(SerialPort))
+
+    @property
+    def pvpanic(self) -> bool:
+        return any(p.enable_isa for p in self.of(QemuPvpanic).values())  # type: ignore[attr-defined]
+
+    @model_validator(mode="after")
+    def _references(self) -> InstanceSpec:
+        storage = self.of(CrucibleStorageBackend, FileStorageBackend, BlobStorageBackend)
+        network = self.of(VirtioNetworkBackend)
+        used: dict[str, str] = {}
+        slots: dict[int, str] = {}
+        for key, device in self.devices.items():
+            wanted, kind = (network, "virtio_network_backend") if isinstance(device, VirtioNic) else (
+                storage, "a storage backend")
+            if device.backend_id not in wanted:
+                raise ValueError(f"components.{key}.backend_id: {device.backend_id!r} is not {kind} "
+                                 f"of this spec (those: {sorted(wanted)})")
+            if device.backend_id in used:
+                raise ValueError(f"components.{key}.backend_id: {device.backend_id!r} is already the "
+                                 f"backend of {used[device.backend_id]}")
+            used[device.backend_id] = key
+            slot = device.pci_path.device
+            if slot in slots:
+                raise ValueError(f"components.{key}.pci_path: device {slot} is taken by {slots[slot]}")
+            slots[slot] = key
+        unused = sorted((set(storage) | set(network)) - set(used))
+        if unused:
+            raise ValueError(f"backends {unused} belong to no device")
+        if len(self.of(BootSettings)) > 1:
+            raise ValueError("at most one boot_settings component")
+        for entry in self.boot_order:
+            if entry not in self.disks:
+                raise ValueError(f"boot_settings: order names {entry!r}, which is not a disk device "
+                                 f"(disks: {sorted(self.disks)})")
         return self
 
 
-class InstanceProperties(BaseModel):
-    # Propolis carries more descriptive fields; accept and echo them back.
-    model_config = ConfigDict(extra="allow", frozen=True)
+class InstanceMetadata(_Open):
+    project_id: UUID
+    silo_id: UUID
+    sled_id: UUID
+    sled_model: str = Field(max_length=256)
+    sled_revision: U32
+    sled_serial: str = Field(max_length=256)
 
+
+class InstanceProperties(_Open):
     id: UUID
     name: str = Field(min_length=1, max_length=63)
+    description: str = Field(max_length=1024)
+    metadata: InstanceMetadata
 
     @model_validator(mode="after")
-    def _echoable_extras(self) -> InstanceProperties:
-        # Extra fields are echoed by every GET /instance: one that cannot be written
-        # back as JSON (a lone surrogate, Infinity) would turn each of those into a 500.
-        for key, value in (self.model_extra or {}).items():
+    def _echoable(self) -> InstanceProperties:
+        # Echoed by every GET /instance: a lone surrogate would turn each of those into a 500.
+        for text in (self.name, self.description, self.metadata.sled_model, self.metadata.sled_serial):
             try:
-                json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
-            except (ValueError, UnicodeEncodeError) as exc:
-                raise ValueError(f"extra field {key!r} cannot be echoed back as JSON: {exc}") from None
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"cannot be echoed back as JSON: {exc}") from None
         return self
 
 
-class InstanceEnsureRequest(_Model):
-    properties: InstanceProperties
+class SpecInit(_Open):
     spec: InstanceSpec
 
 
-class VcrReplaceRequest(_Model):
-    vcr_json: str = Field(min_length=2)
+class MigrationTargetInit(_Open):
+    migration_id: UUID
+    replace_components: dict[str, JsonValue]
+    src_addr: str
 
 
-def backend_id(device: str) -> str:
-    """The backend id of a disk device (CONTRACT: ``<device>-backend``)."""
-    return f"{device}-backend"
+class SpecMethod(_Open):
+    method: Literal["Spec"]
+    value: SpecInit
+
+
+class MigrationTargetMethod(_Open):
+    method: Literal["MigrationTarget"]
+    value: MigrationTargetInit
+
+    @model_validator(mode="after")
+    def _refuse(self) -> MigrationTargetMethod:
+        raise ValueError("init: MigrationTarget is not supported by this server (it migrates nothing); "
+                         "use method Spec")
+
+
+InstanceInit = Annotated[SpecMethod | MigrationTargetMethod, Field(discriminator="method")]
+
+
+class InstanceEnsureRequest(_Open):
+    properties: InstanceProperties
+    init: InstanceInit
+
+    @property
+    def spec(self) -> InstanceSpec:
+        assert isinstance(self.init, SpecMethod)
+        return self.init.value.spec
+
+
+class VcrReplaceRequest(_Open):
+    vcr_json: str
+
+
+class StateMonitorRequest(_Open):
+    gen: U64
+
+
+def properties_json(properties: InstanceProperties) -> dict[str, object]:
+    out: dict[str, object] = json.loads(properties.model_dump_json())
+    return out

@@ -172,6 +172,8 @@ class CrucibleBackend:
             "socket_path": str(self._socket_path),
             "error": "; ".join(errors) or None,
             "downstairs": downstairs,
+            "regions": [up.info() for up in self._volume.upstairs],
+            "read_only_parent": self._vcr.read_only_parent is not None,
         }
 
     async def close(self) -> None:

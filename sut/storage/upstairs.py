@@ -75,6 +75,15 @@ _RECONCILE_TIMEOUT_S = 60.0  # one reconciliation request on every downstairs it
 _MAX_JOBS_SINCE_FLUSH = 4096  # more and the upstairs flushes on its own (bounds deps and backlogs)
 
 
+def _upstairs_id(text: str) -> uuid.UUID:
+    """The region's opts.id as a UUID (Crucible's type); an id that is no UUID (a VCR built by
+    hand) gets a stable one derived from it rather than failing the volume's construction."""
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        return uuid.uuid5(uuid.NAMESPACE_OID, text)
+
+
 class Activation(enum.Enum):
     INACTIVE = "inactive"
     ACTIVATING = "activating"
@@ -205,7 +214,7 @@ class Upstairs:
         self.failure: StorageFatalError | None = None
         self.targets: list[str] = list(region.opts.target)
         self._gen = region.gen
-        self._upstairs_id = uuid.UUID(str(region.opts.id))
+        self._upstairs_id = _upstairs_id(str(region.opts.id))
         key = region.opts.key
         self._cipher = BlockCipher(key) if key is not None else None
         self._session_id = uuid.uuid4()
@@ -288,6 +297,22 @@ class Upstairs:
 
     def clients(self) -> list[DownstairsClient]:
         return [self._clients[t] for t in self.targets if t in self._clients]
+
+    def info(self) -> dict[str, object]:
+        """This region's upstairs as a whole (ids, generation, what it is doing now)."""
+        repairing = any(c.state.value == "repairing" for c in self._clients.values())
+        return {
+            "upstairs_id": str(self._upstairs_id),
+            "session_id": str(self._session_id),
+            "generation": self._gen,
+            "block_size": self.region.block_size,
+            "read_only": self.read_only,
+            "encrypted": self._cipher is not None,
+            "activation": self.state.value,
+            "reconcile_in_progress": repairing and self.state is Activation.ACTIVATING,
+            "live_repair_in_progress": repairing and self.state is Activation.ACTIVE,
+            "downstairs": self.status(),
+        }
 
     def status(self) -> list[dict[str, object]]:
         out: list[dict[str, object]] = []

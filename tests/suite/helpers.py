@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from phd import CrucibleDisk, FileDisk, SutError, TestVm, wait_until
+from phd import CrucibleDisk, FileDisk, InstanceState, SutError, TestVm, VolumeStatus, wait_until
 
 
-def blocked_on(status: dict[str, Any], target: str) -> bool:
-    """Activation is pending, and the given target has failed at least one connect."""
-    if status.get("vm_state") in ("Failed", "Destroyed"):
-        raise SutError(f"the VM is {status['vm_state']} while its start should be blocked: {status}")
-    if status.get("activation") != "activating":
+def blocked_on(vm: TestVm, status: VolumeStatus, target: str) -> bool:
+    """Activation is pending (the upstairs is still going active), and the given target has
+    not connected: the reference server also says it has failed at least one connect."""
+    state = vm.state()
+    if state in (InstanceState.FAILED, InstanceState.DESTROYED):
+        raise SutError(f"the VM is {state} while its start should be blocked: {status}")
+    if status.active:
         return False
-    for ds in status.get("downstairs", []):
-        if ds.get("target") == target:
-            return int(ds.get("failed_attempts", 0)) >= 1
-    return False
+    ds = status.target(target)
+    if ds is None or ds.kind != "connecting":
+        return False
+    return int(ds.detail.get("failed_attempts", 1)) >= 1
 
 
-def wait_blocked_on_black_hole(vm: TestVm, disk: CrucibleDisk, timeout_s: float = 30.0) -> dict[str, Any]:
+def wait_blocked_on_black_hole(vm: TestVm, disk: CrucibleDisk, timeout_s: float = 30.0) -> VolumeStatus:
     """Evidence, not hope: the disk status shows activation waiting on the black-holed target."""
-    return wait_until(lambda: vm.disk_status(disk), lambda s: blocked_on(s, disk.black_hole_address),
+    return wait_until(lambda: vm.disk_status(disk), lambda s: blocked_on(vm, s, disk.black_hole_address),
                       what=f"disk {disk.name} activation to be blocked on {disk.black_hole_address}",
                       timeout_s=timeout_s, interval_s=0.2)
 
@@ -46,14 +46,15 @@ def read_md5(vm: TestVm, disk: CrucibleDisk | FileDisk, *, offset_mib: int, size
     ).output.split()[0]
 
 
-def wait_all_active(vm: TestVm, disk: CrucibleDisk, timeout_s: float = 120.0) -> dict[str, Any]:
+def wait_all_active(vm: TestVm, disk: CrucibleDisk, timeout_s: float = 120.0) -> VolumeStatus:
     """The disk's three downstairs are the ones its VCR names and all are active (a live
     repair, if one ran, has finished)."""
     want = sorted(disk.targets())
 
-    def done(status: dict[str, Any]) -> bool:
-        states = {ds["target"]: ds["state"] for ds in status.get("downstairs", [])}
-        return sorted(states) == want and set(states.values()) == {"active"}
+    def done(status: VolumeStatus) -> bool:
+        states = {str(ds.target): ds.kind for ds in status.downstairs}
+        return (sorted(states) == want and set(states.values()) == {"active"}
+                and not status.live_repair_in_progress)
 
     return wait_until(lambda: vm.disk_status(disk), done,
                       what=f"all three downstairs of disk {disk.name} to be active", timeout_s=timeout_s,

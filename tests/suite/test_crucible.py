@@ -63,7 +63,7 @@ def test_vcr_replace_during_start(vm_factory: VmFactory, disk_factory: DiskFacto
     except ServerError as exc:
         pytest.fail(f"VCR replacement during a blocked start was refused "
                     f"(replacements must be accepted while Starting): {exc}")
-    assert result == "Started", f"replacing the black-holed target answered {result!r}"
+    assert result == "started", f"replacing the black-holed target answered {result!r}"
 
     try:
         vm.wait_for_state(InstanceState.RUNNING, timeout_s=60.0)
@@ -84,7 +84,7 @@ def test_vcr_replace_during_start(vm_factory: VmFactory, disk_factory: DiskFacto
 
     # A generation-only change while running is accepted and changes nothing.
     disk.set_generation(3)
-    assert vm.replace_crucible_vcr(disk) == "VcrMatches"
+    assert vm.replace_crucible_vcr(disk) == "vcr_matches"
     assert vm.state() is InstanceState.RUNNING
 
 
@@ -102,7 +102,7 @@ def test_vcr_replace_during_start_with_a_silent_black_hole(vm_factory: VmFactory
 
     disk.disable_vcr_black_hole()
     disk.set_generation(2)
-    assert vm.replace_crucible_vcr(disk, timeout_s=15.0) == "Started"
+    assert vm.replace_crucible_vcr(disk, timeout_s=15.0) == "started"
     try:
         vm.wait_for_state(InstanceState.RUNNING, timeout_s=60.0)
     except WaitTimeout as exc:
@@ -130,7 +130,7 @@ def test_boot_from_a_crucible_disk_with_the_guest_image_as_read_only_parent(
     _running(vm)
     assert vm.run_shell_command("findmnt -n -o SOURCE /").output == vm.device_path(boot)
     status = vm.disk_status(boot)
-    assert status["activation"] == "active", status
+    assert status.active, status
 
     marker = vm.run_shell_command("cat /proc/sys/kernel/random/uuid").output
     vm.run_shell_command(f"echo {marker} > /root/phd-marker && sync")
@@ -140,7 +140,7 @@ def test_boot_from_a_crucible_disk_with_the_guest_image_as_read_only_parent(
 
     # The file survives a successor booting from the same disk (data now in the regions).
     vm = run_lifecycle(vm_factory, vm, [Action.STOP_AND_START], same_marker)
-    assert vm.disk_status(boot)["generation"] == 2
+    assert vm.disk_status(boot).generation == 2
     after = image.stat()
     assert (after.st_mtime_ns, after.st_size) == (before.st_mtime_ns, before.st_size), \
         f"the guest's writes reached the shared image {image}"
@@ -170,7 +170,7 @@ def test_read_only_parent_shows_through_unwritten_blocks(
         assert seen == expected, f"disk contents differ from what was written: {seen} != {expected}"
 
     vm = run_lifecycle(vm_factory, vm, [Action.REBOOT, Action.STOP_AND_START], data_intact)
-    assert vm.disk_status(disk)["generation"] == 2
+    assert vm.disk_status(disk).generation == 2
 
 
 def _replace_with_spare(vm: TestVm, disk_factory: DiskFactory, disk: CrucibleDisk, index: int) -> str:
@@ -178,7 +178,7 @@ def _replace_with_spare(vm: TestVm, disk_factory: DiskFactory, disk: CrucibleDis
     disk.replace_downstairs(index, spare)
     disk.set_generation(disk.generation + 1)
     answer = vm.replace_crucible_vcr(disk)
-    assert answer == "Started", f"replacing downstairs {index} with a fresh one answered {answer!r}"
+    assert answer == "started", f"replacing downstairs {index} with a fresh one answered {answer!r}"
     return spare.address
 
 
@@ -191,7 +191,7 @@ def _only_the_repaired_copy_answers(vm: TestVm, disk: CrucibleDisk, repaired: in
     for ds in others:
         ds.stop()
     wait_until(lambda: vm.disk_status(disk),
-               lambda s: sum(ds["state"] == "active" for ds in s["downstairs"]) == 1,
+               lambda s: sum(ds.active for ds in s.downstairs) == 1,
                what="the upstairs to see only the repaired downstairs", timeout_s=60.0)
     yield
     for ds in others:
@@ -222,8 +222,9 @@ def test_replace_while_running_repairs_live_without_interrupting_guest_io(
     during = vm.disk_status(disk)
     at_start = rounds()
     status = wait_all_active(vm, disk)
-    repaired = next(ds for ds in status["downstairs"] if ds["target"] == new_target)
-    assert repaired["repairs_done"] >= 1, f"the new downstairs became active without a repair: {status}"
+    repaired = status.target(new_target)
+    assert repaired is not None and repaired.detail["repairs_done"] >= 1, (
+        f"the new downstairs became active without a repair: {status}")
     # The loop is still going (a write stuck in the repair would stop it for good).
     wait_until(rounds, lambda n: n > at_start, what="the guest's I/O loop to go on after the repair",
                timeout_s=60.0)
@@ -251,7 +252,7 @@ def test_downstairs_killed_while_running_then_replaced(vm_factory: VmFactory,
 
     disk.downstairs[1].kill()
     wait_until(lambda: vm.disk_status(disk),
-               lambda s: any(ds["state"] in ("offline", "faulted") for ds in s["downstairs"]),
+               lambda s: any(ds.mode in ("offline", "faulted") for ds in s.downstairs),
                what="the upstairs to notice the killed downstairs", timeout_s=60.0)
     during = write_pattern(vm, disk, offset_mib=100, size_mib=16)
     assert vm.state() is InstanceState.RUNNING
@@ -301,14 +302,15 @@ def test_replacements_that_break_a_rule_are_refused(vm_factory: VmFactory, disk_
             answer = vm.replace_crucible_vcr(disk, vcr=broken(rule))
         except ServerError as exc:
             body = json.loads(exc.body) if exc.body.startswith("{") else {}
-            if exc.status != 400 or body.get("rule") != rule:
+            # The Error body's error_code carries the rule: "ReplacementRejected:<rule>".
+            if exc.status != 400 or str(body.get("error_code", "")).partition(":")[2] != rule:
                 problems.append(f"{rule}: expected HTTP 400 with rule {rule!r}, got {exc}")
             continue
         problems.append(f"{rule}: a replacement breaking this rule was accepted ({answer!r})")
     assert not problems, "replacement rules not enforced: " + "; ".join(problems)
     status = vm.disk_status(disk)
-    assert sorted(ds["target"] for ds in status["downstairs"]) == sorted(disk.targets()), status
-    assert status["generation"] == 2, status
+    assert sorted(str(ds.target) for ds in status.downstairs) == sorted(disk.targets()), status
+    assert status.generation == 2, status
 
 
 def test_a_stale_generation_cannot_activate(vm_factory: VmFactory, disk_factory: DiskFactory) -> None:
@@ -346,14 +348,14 @@ def test_a_successor_fences_its_running_predecessor(vm_factory: VmFactory,
 
     new = vm_factory.successor(old, next_generation=True)
     _running(new)
-    assert new.disk_status(disk)["generation"] == 2
+    assert new.disk_status(disk).generation == 2
     assert read_md5(new, disk, offset_mib=0, size_mib=4) == written
 
     dev = old.device_path(disk)
     old.run_shell_command(f"dd if=/dev/zero of={dev} bs=4k count=1 oflag=direct 2>/dev/null",
                           check=check_err)
-    wait_until(lambda: {ds["state"] for ds in old.disk_status(disk)["downstairs"]},
-               lambda states: states == {"disabled"},
+    wait_until(lambda: {ds.kind for ds in old.disk_status(disk).downstairs},
+               lambda states: states == {"stopping"},
                what="the fenced VM's upstairs to disable all three downstairs", timeout_s=30.0)
     assert read_md5(new, disk, offset_mib=0, size_mib=4) == written, "the fenced VM's write got through"
 
@@ -371,13 +373,14 @@ def test_a_restarted_downstairs_catches_up_by_replay(vm_factory: VmFactory,
 
     disk.downstairs[1].kill()
     wait_until(lambda: vm.disk_status(disk),
-               lambda s: s["downstairs"][1]["state"] == "offline",
+               lambda s: s.downstairs[1].mode == "offline",
                what="the upstairs to see the killed downstairs offline", timeout_s=60.0)
     during = write_pattern(vm, disk, offset_mib=64, size_mib=8)
     disk.downstairs[1].start()
     status = wait_all_active(vm, disk)
-    back = status["downstairs"][1]
-    assert back["repairs_done"] == 0 and back["fault_count"] == 0, f"repaired instead of replayed: {back}"
+    back = status.downstairs[1]
+    assert back.detail["repairs_done"] == 0 and back.detail["fault_count"] == 0, (
+        f"repaired instead of replayed: {back}")
     with _only_the_repaired_copy_answers(vm, disk, repaired=1):
         assert read_md5(vm, disk, offset_mib=0, size_mib=8) == before, "the restarted copy lost flushed data"
         assert read_md5(vm, disk, offset_mib=64, size_mib=8) == during, (
@@ -402,7 +405,7 @@ def test_a_corrupted_block_on_one_copy_is_never_served(vm_factory: VmFactory,
         f"the guest read a corrupted block ({seen.count(written)} of 6 reads intact): the upstairs "
         "served data whose block hash does not match")
     status = vm.disk_status(disk)
-    assert status["downstairs"][2]["hash_mismatches"] >= 1, f"the damaged copy was never read: {status}"
+    assert status.downstairs[2].detail["hash_mismatches"] >= 1, f"the damaged copy was never read: {status}"
     wait_all_active(vm, disk)  # faulted, then live-repaired
 
 
@@ -432,7 +435,7 @@ def test_an_encrypted_disk_round_trips_and_stores_no_plaintext(
             f"the guest does not read back what it wrote (encrypted={encrypted})"
 
     vm = run_lifecycle(vm_factory, vm, [Action.STOP_AND_START], reads_back)
-    assert vm.disk_status(disk)["generation"] == 2
+    assert vm.disk_status(disk).generation == 2
     # A spare (made encrypted like the disk) is repaired from the others and serves the data.
     _replace_with_spare(vm, disk_factory, disk, 0)
     wait_all_active(vm, disk)

@@ -69,5 +69,6 @@ def test_crucible_disk_healthy_start(vm_factory: VmFactory, disk_factory: DiskFa
     vm.wait_for_state(InstanceState.RUNNING, timeout_s=60.0)
     vm.wait_to_boot()
     status = vm.disk_status(disk)
-    assert status["activation"] == "active", status
+    assert status.active and all(ds.active for ds in status.downstairs), status
+    assert status.generation == 1 and not status.reconcile_in_progress, status
     assert vm.run_shell_command("cat /sys/block/vda/size").output == str(disk.size_bytes // 512)

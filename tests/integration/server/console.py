@@ -7,7 +7,6 @@ framework's serial console and tiny-guest adapter for the guest side.
 from __future__ import annotations
 
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -16,24 +15,27 @@ import httpx
 from phd.artifacts.store import GuestArtifact
 from phd.vm.guest import TinyGuest
 from phd.vm.serial import SerialConsole
+from tests import v5
 
 
-def tiny_spec(
-    tiny: GuestArtifact, disks: dict[str, Any], nics: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    return {
-        "properties": {"id": str(uuid.uuid4()), "name": "tiny"},
-        "spec": {
-            "board": {"cpus": 1, "memory_mib": 256},
-            "boot": {"kernel": str(tiny.kernel), "initrd": str(tiny.initrd), "cmdline": tiny.cmdline},
-            "disks": disks,
-            "nics": nics or {},
-        },
-    }
+def tiny_args(tiny: GuestArtifact) -> list[str]:
+    """The server options that boot the tiny guest directly (v5 has no field for a kernel)."""
+    return ["--kernel", str(tiny.kernel), "--initrd", str(tiny.initrd), "--cmdline", tiny.cmdline]
 
 
-def file_disk(path: Path, interface: str = "virtio") -> dict[str, Any]:
-    return {"interface": interface, "backend": {"type": "file", "path": str(path)}}
+def tiny_spec(disks: dict[str, tuple[Path, str]], *, nic: bool = False) -> dict[str, Any]:
+    """A v5 ensure body: com1, each disk (name -> (path, interface)) on PCI slots from 0x10 in
+    order, and a virtio NIC when asked (its forwards are the server's --forward)."""
+    components = [v5.serial()]
+    for slot, (name, (path, interface)) in enumerate(disks.items(), start=0x10):
+        components.append(v5.disk(name, v5.file_backend(path), interface=interface, slot=slot))
+    if nic:
+        components.append(v5.nic())
+    return v5.ensure(v5.spec(*components, memory_mb=256), name="tiny")
+
+
+def file_disk(path: Path, interface: str = "virtio") -> tuple[Path, str]:
+    return path, interface
 
 
 def wait_for_state(http: httpx.Client, state: str, after_gen: int = 0, timeout_s: float = 60.0) -> int:
@@ -47,7 +49,7 @@ def wait_for_state(http: httpx.Client, state: str, after_gen: int = 0, timeout_s
     seen: list[str] = []
     gen = after_gen + 1
     while time.monotonic() < deadline:
-        answer = http.get("/instance/state-monitor", params={"gen": gen},
+        answer = http.request("GET", "/instance/state-monitor", json={"gen": gen},
                           timeout=max(1.0, deadline - time.monotonic())).json()
         if answer["gen"] < gen:  # a bounded long-poll answered with nothing new
             continue

@@ -31,6 +31,7 @@ import pytest
 from websockets.sync.client import connect
 
 from sut.storage.vcr import dump_vcr, region_volume
+from tests import v5
 
 from .conftest import ServerProcess, qemu_pids_for, start_server
 
@@ -62,15 +63,17 @@ def sha(path: Path) -> str:
 
 
 def ensure(spec: dict[str, Any]) -> dict[str, Any]:
-    return {"properties": {"id": str(uuid.uuid4()), "name": "hostile"}, "spec": spec}
+    return v5.ensure(spec, name="hostile")
 
 
-def firmware_spec(**extra: Any) -> dict[str, Any]:
-    return {"board": {"cpus": 1, "memory_mib": 64}, "boot": {"firmware": "bios"}, **extra}
+def firmware_spec(disks: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A v5 spec without a kernel (the server boots QEMU's firmware) and with these disk
+    components (file_disk / crucible_disk)."""
+    return v5.spec(v5.serial(), disks or {}, memory_mb=64)
 
 
 def file_disk(path: str, *, readonly: bool = False) -> dict[str, Any]:
-    return {"d0": {"interface": "virtio", "backend": {"type": "file", "path": path, "readonly": readonly}}}
+    return v5.disk("d0", v5.file_backend(path, readonly=readonly))
 
 
 def vcr(targets: list[str] | None = None, **region: Any) -> dict[str, Any]:
@@ -82,13 +85,15 @@ def vcr(targets: list[str] | None = None, **region: Any) -> dict[str, Any]:
 
 
 def crucible_disk(request_json: str) -> dict[str, Any]:
-    return {"c0": {"interface": "virtio", "backend": {"type": "crucible", "request_json": request_json}}}
+    return v5.disk("c0", v5.crucible_backend(request_json), slot=0x11)
 
 
 def assert_error(response: httpx.Response, status: int, *needles: str) -> dict[str, Any]:
+    """The document's Error body, with every needle in its message."""
     assert response.status_code == status, (response.status_code, response.text[:2000])
     body: dict[str, Any] = response.json()
-    assert isinstance(body, dict) and body.get("error") and body.get("message"), body
+    assert isinstance(body, dict) and body.get("error_code") and body.get("message"), body
+    assert body.get("request_id"), body
     for needle in needles:
         assert needle.lower() in body["message"].lower(), (needle, body["message"])
     return body
@@ -102,9 +107,9 @@ def assert_serving(server: ServerProcess) -> None:
         got = http.get("/instance")
         assert got.status_code in (200, 404), got.text
         if got.status_code == 200:
-            gen = got.json()["instance"]["gen"]
+            gen = http.request("GET", "/instance/state-monitor", json={"gen": 0}).json()["gen"]
             started = time.monotonic()
-            polled = http.get("/instance/state-monitor", params={"gen": gen + 1})
+            polled = http.request("GET", "/instance/state-monitor", json={"gen": gen + 1})
             assert polled.status_code == 200, polled.text
             assert time.monotonic() - started < LONG_POLL_MAX_S + 5.0
     unhandled = [line for line in server.log_lines() if line.get("msg") == "unhandled error in request"]
@@ -377,10 +382,9 @@ def test_hostile_file_paths_are_400(hostile: ServerProcess, outside: Path, kind:
     aimed = [p for p in (outside, Path("/etc/shadow")) if os.access(p, os.R_OK)]
     before = [sha(p) for p in aimed]
     with hostile.client() as http:
+        # (The kernel is no longer a spec field: --kernel is the server's trusted command line.)
         disk = http.put("/instance", json=ensure(firmware_spec(disks=file_disk(path))))
-        assert_error(disk, 400, "disks.d0.backend.path", *needles)
-        kernel = http.put("/instance", json=ensure({"boot": {"kernel": path}}))
-        assert_error(kernel, 400, "boot.kernel", *needles)
+        assert_error(disk, 400, "components.d0-backend.component.path", *needles)
         no_run_dirs(hostile)
     assert [sha(p) for p in aimed] == before
     assert_serving(hostile)
@@ -407,9 +411,8 @@ def test_qcow2_backing_file_outside_roots_is_400(hostile: ServerProcess, outside
                     str(overlay)], check=True)
     before = sha(outside)
     with hostile.client() as http:
-        disk = {"d0": {"interface": "virtio",
-                       "backend": {"type": "file", "path": str(overlay), "format": "qcow2"}}}
-        response = http.put("/instance", json=ensure(firmware_spec(disks=disk)))
+        # The format is read from the image: qcow2, so its backing file is checked too.
+        response = http.put("/instance", json=ensure(firmware_spec(disks=file_disk(str(overlay)))))
     assert_error(response, 400, "backing file", str(outside), "outside the allowed roots", "--allow-path")
     assert sha(outside) == before
     no_run_dirs(hostile)
@@ -439,10 +442,10 @@ def _run_and_wait(http: httpx.Client, wanted: str = "Running") -> None:
     state = ""
     while state != wanted:
         assert time.monotonic() < deadline, f"instance never reached {wanted} (last {state})"
-        got = http.get("/instance").json()["instance"]
+        got = http.request("GET", "/instance/state-monitor", json={"gen": 0}).json()
         state = got["state"]
         assert state not in ("Failed", "Destroyed") or state == wanted, got
-        http.get("/instance/state-monitor", params={"gen": got["gen"] + 1})
+        http.request("GET", "/instance/state-monitor", json={"gen": got["gen"] + 1})
 
 
 def test_comma_laden_readonly_path_is_opened_literally_and_read_only(hostile: ServerProcess) -> None:
@@ -599,7 +602,7 @@ def test_vcr_put_on_file_disk_says_it_is_a_file_disk(hostile: ServerProcess) -> 
     with hostile.client() as http:
         assert http.put("/instance", json=ensure(spec)).status_code == 201
         response = http.put("/instance/disk/d0-backend/vcr", json={"vcr_json": json.dumps(vcr())})
-    body = assert_error(response, 404, "d0-backend is a file disk", "c0-backend")
+    body = assert_error(response, 404, "d0-backend is not a Crucible backend", "c0-backend")
     assert body["message"].count("d0-backend") == 1, body["message"]
 
 
@@ -654,8 +657,7 @@ def test_qcow2_chain_inside_roots_runs_with_its_backing_read_only(hostile: Serve
                    check=True)
     before = sha(base)
     with hostile.client() as http:
-        disk = {"d0": {"interface": "virtio", "backend": {"type": "file", "path": str(overlay),
-                                                          "format": "qcow2"}}}
+        disk = file_disk(str(overlay))
         assert http.put("/instance", json=ensure(firmware_spec(disks=disk))).status_code == 201
         _run_and_wait(http)
         opened = _qemu_open_files(hostile.data_dir)
@@ -690,7 +692,8 @@ def test_connections_beyond_the_cap_evict_idle_ones_or_get_503(tmp_path: Path) -
             sock.close()
         # Four busy connections (long-polls for a generation that does not come): the fifth
         # connection is answered 503 with the reason, at once.
-        polls = [raw_request(srv, b"GET /instance/state-monitor?gen=99 HTTP/1.1\r\nHost: x\r\n\r\n")
+        polls = [raw_request(srv, b"GET /instance/state-monitor HTTP/1.1\r\nHost: x\r\n"
+                             b"Content-Type: application/json\r\nContent-Length: 11\r\n\r\n", b'{"gen": 99}')
                  for _ in range(4)]
         try:
             deadline = time.monotonic() + ANSWER_DEADLINE_S

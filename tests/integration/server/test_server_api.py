@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -18,20 +19,17 @@ from websockets.sync.client import connect
 
 from phd.vm.client import InstanceState, ServerClient
 from sut.server.cli import build_parser
+from tests import v5
 
 from .conftest import ServerProcess, qemu_pids_for, start_server
 
 pytestmark = pytest.mark.integration
 
 
-def ensure_body(kernel: Path, disk: Path | None = None) -> dict[str, object]:
-    spec: dict[str, object] = {
-        "board": {"cpus": 1, "memory_mib": 128},
-        "boot": {"kernel": str(kernel), "cmdline": "console=ttyS0"},
-    }
-    if disk is not None:
-        spec["disks"] = {"d0": {"interface": "virtio", "backend": {"type": "file", "path": str(disk)}}}
-    return {"properties": {"id": str(uuid.uuid4()), "name": "t"}, "spec": spec}
+def ensure_body(disk: Path | None = None) -> dict[str, Any]:
+    """A v5 ensure body: com1, and a file disk d0 (backend d0-backend) when given."""
+    spec = v5.spec(v5.serial(), v5.disk("d0", v5.file_backend(disk)) if disk is not None else {})
+    return v5.ensure(spec, name="t")
 
 
 JSON = "application/json"
@@ -54,8 +52,11 @@ def test_openapi_document_lists_contract_paths(server: ServerProcess) -> None:
         "/instance/state",
         "/instance/state-monitor",
         "/instance/serial/history",
-        "/instance/disk/{backend_id}/vcr",
-        "/instance/disk/{backend_id}/status",
+        "/instance/disk/{id}/vcr",
+        "/instance/disk/{id}/status",
+        "/instance/spec",
+        "/instance/nmi",
+        "/instance/migration-status",
     ):
         assert path in doc["paths"], path
 
@@ -66,9 +67,10 @@ def test_openapi_document_lists_contract_paths(server: ServerProcess) -> None:
         pytest.param(
             b"{not json", JSON, ["body: not valid json", "(char 1)", "property name"], id="invalid-json"
         ),
-        pytest.param(b'{"properties": {"name": "x"}}', JSON, ["spec: field required"], id="missing-spec"),
+        pytest.param(b'{"properties": {"name": "x"}}', JSON, ["init: field required"], id="missing-init"),
         pytest.param(
-            b'{"properties": {"id": "nope", "name": "x"}, "spec": {"boot": {"kernel": "/k"}}}',
+            b'{"properties": {"id": "nope", "name": "x", "description": "", "metadata": {}},'
+            b' "init": {"method": "Spec", "value": {"spec": {}}}}',
             JSON,
             ["properties.id:", "uuid", "(got 'nope')"],
             id="bad-uuid",
@@ -93,58 +95,61 @@ def test_malformed_ensure_is_400_json(
         response = http.put("/instance", content=content, headers=headers)
     assert response.status_code == 400, response.text
     body = response.json()
-    assert body["error"] == "BadRequest"
+    assert body["error_code"] == "BadRequest"
     for needle in needles:
         assert needle in body["message"].lower(), (needle, body["message"])
 
 
-def _valid_body(kernel: Path) -> dict[str, Any]:
-    return ensure_body(kernel, kernel)
+def _valid_body(disk: Path) -> dict[str, Any]:
+    return ensure_body(disk)
+
+
+def _spec(body: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = body["init"]["value"]["spec"]
+    return spec
 
 
 @pytest.mark.parametrize(
     ("mutate", "needles"),
     [
         pytest.param(
-            lambda b: b["spec"]["board"].update(cpus=10**19),
+            lambda b: _spec(b)["board"].update(cpus=10**19),
             ["spec.board.cpus:", "less than or equal to 32"],
             id="huge",
         ),
         pytest.param(
-            lambda b: b["spec"]["board"].update(memory_mib=-1),
-            ["spec.board.memory_mib:", "greater than", "-1"],
+            lambda b: _spec(b)["board"].update(memory_mb=-1),
+            ["spec.board.memory_mb:", "greater than", "-1"],
             id="negative",
         ),
         pytest.param(
-            lambda b: b["spec"]["board"].update(cpus=1.5), ["spec.board.cpus:", "integer", "1.5"], id="float"
+            lambda b: _spec(b)["board"].update(cpus=1.5), ["spec.board.cpus:", "integer", "1.5"], id="float"
         ),
         pytest.param(
-            lambda b: b["spec"].update(bogus=1), ["spec.bogus: extra inputs are not"], id="unknown-spec"
-        ),
-        pytest.param(
-            lambda b: b["spec"]["board"].update(turbo=True),
+            lambda b: _spec(b)["board"].update(turbo=True),
             ["spec.board.turbo: extra inputs are not permitted"],
             id="unknown-board",
         ),
         pytest.param(
-            lambda b: b.update(surplus={}),
-            ["surplus: extra inputs are not permitted", "json object"],
-            id="unknown-top",
+            lambda b: _spec(b)["components"]["d0-backend"]["component"].update(cache="none"),
+            ["d0-backend", "cache: extra inputs are not permitted"],
+            id="unknown-backend-field",
         ),
         pytest.param(
-            lambda b: b["spec"]["disks"]["d0"]["backend"].update(cache="none"),
-            ["spec.disks.d0.backend.file.cache: extra inputs are not permitted"],
-            id="unknown-backend",
-        ),
-        pytest.param(
-            lambda b: b["spec"]["boot"].update(kernel="vmlinuz"),
-            ["spec.boot.kernel", "must be absolute"],
+            lambda b: _spec(b)["components"]["d0-backend"]["component"].update(path="disk.img"),
+            ["d0-backend", "must be absolute"],
             id="relative-path",
         ),
         pytest.param(
-            lambda b: b["spec"]["disks"].update({"../x": b["spec"]["disks"]["d0"]}),
-            ["invalid device name"],
+            lambda b: _spec(b)["components"].update({"../x": _spec(b)["components"]["com1"]}),
+            ["invalid component key"],
             id="traversal-name",
+        ),
+        pytest.param(
+            lambda b: b["init"].update(method="MigrationTarget", value={
+                "migration_id": str(uuid.uuid4()), "replace_components": {}, "src_addr": "127.0.0.1:1"}),
+            ["migrationtarget is not supported"],
+            id="migration-target",
         ),
     ],
 )
@@ -163,11 +168,14 @@ def test_spec_errors_name_field_and_reason(
         assert http.put("/instance", json=_valid_body(some_file)).status_code == 201
 
 
-def _raw_body(kernel: str, properties_extra: str = "") -> bytes:
+def _raw_body(disk: str, properties_extra: str = "") -> bytes:
     # Raw text: these bodies hold what a JSON encoder refuses to write (lone surrogates,
     # Infinity) but a JSON decoder accepts.
-    properties = f'{{"id": "{uuid.uuid4()}", "name": "t"{properties_extra}}}'
-    return f'{{"properties": {properties}, "spec": {{"boot": {{"kernel": "{kernel}"}}}}}}'.encode()
+    properties = (f'{{"id": "{uuid.uuid4()}", "name": "t", "description": "d"{properties_extra}, '
+                  f'"metadata": {json.dumps(v5.properties()["metadata"])}}}')
+    spec = json.dumps(v5.spec(v5.disk("d0", v5.file_backend("@DISK@")))).replace("@DISK@", disk)
+    init = f'{{"method": "Spec", "value": {{"spec": {spec}}}}}'
+    return f'{{"properties": {properties}, "init": {init}}}'.encode()
 
 
 @pytest.mark.parametrize(
@@ -175,16 +183,16 @@ def _raw_body(kernel: str, properties_extra: str = "") -> bytes:
     [
         pytest.param(
             lambda k: _raw_body(k + "k" * 300),
-            ["spec.boot.kernel", "file name too long"],
+            ["d0-backend.component.path", "file name too long"],
             id="name-too-long",
         ),
         pytest.param(
-            lambda k: _raw_body("/\\ud800"), ["spec.boot.kernel", "/\\ud800 is not valid utf-8"],
+            lambda k: _raw_body("/\\ud800"), ["d0-backend.component.path", "/\\ud800 is not valid utf-8"],
             id="surrogate-path",
         ),
         pytest.param(
-            lambda k: _raw_body(k, ', "note": "\\ud800"'),
-            ["properties:", "'note' cannot be echoed back as json", "surrogates not allowed"],
+            lambda k: _raw_body(k, ', "description": "\\ud800"'),
+            ["properties.description:", "valid string", "\\ud800"],
             id="surrogate-extra",
         ),
         pytest.param(
@@ -215,25 +223,21 @@ def test_bodies_that_broke_the_server_are_400(
     assert not [line for line in server.log_lines() if line.get("msg") == "unhandled error in request"]
 
 
-def test_extra_properties_are_echoed(server: ServerProcess, some_file: Path) -> None:
+def test_properties_are_echoed(server: ServerProcess, some_file: Path) -> None:
     body = _valid_body(some_file)
     body["properties"]["description"] = "Propolis carries more descriptive fields"
     with server.client() as http:
         assert http.put("/instance", json=body).status_code == 201
         echoed = http.get("/instance").json()["instance"]["properties"]
-    assert echoed["description"] == body["properties"]["description"]
+        spec = http.get("/instance/spec").json()
+    assert echoed == body["properties"]
+    # GET /instance/spec gives back the spec as it was sent.
+    assert spec["spec"] == {"type": "Present", "value": _spec(body)} and spec["state"] == "Creating"
 
 
 @pytest.mark.parametrize(
     ("path", "params", "needles"),
     [
-        pytest.param(MONITOR, {"gen": "-1"}, ["query.gen:", "greater than or equal", "'-1'"], id="negative"),
-        pytest.param(
-            MONITOR, {"gen": str(2**64)}, ["query.gen:", "less than or equal to 9223372036854775807"],
-            id="huge",
-        ),
-        pytest.param(MONITOR, {"gen": "1e3"}, ["query.gen:", "valid integer", "'1e3'"], id="float"),
-        pytest.param(MONITOR, {"gen": "9" * 5000}, ["query.gen:", "maximum size", "..."], id="digits"),
         pytest.param(
             HISTORY, {"from_start": "-5"}, ["query.from_start:", "greater than or equal"], id="from-start"
         ),
@@ -252,30 +256,51 @@ def test_query_errors_name_field_and_reason(
     with server.client() as http:
         response = http.get(path, params=params)
     assert response.status_code == 400, response.text
-    assert response.json()["error"] == "BadRequest"
+    assert response.json()["error_code"] == "BadRequest"
     message = response.json()["message"].lower()
     for needle in needles:
         assert needle in message, (needle, message)
 
 
-# A literal ".." never reaches the server (the client resolves dot segments); "%2E%2E"
-# is decoded to ".." by the server and so is the traversal case.
+@pytest.mark.parametrize(
+    ("body", "needles"),
+    [
+        pytest.param(None, ["a json body is required"], id="no-body"),
+        pytest.param({"gen": -1}, ["gen:", "greater than or equal"], id="negative"),
+        pytest.param({"gen": 2**64}, ["gen:", "less than or equal to 18446744073709551615"], id="huge"),
+        pytest.param({"gen": "1e3"}, ["gen:", "valid integer", "'1e3'"], id="text"),
+        pytest.param({"gen": 1.5}, ["gen:", "integer", "1.5"], id="float"),
+        pytest.param([1], ["valid dictionary"], id="array"),
+    ],
+)
+def test_state_monitor_body_errors_name_field_and_reason(server: ServerProcess, body: Any,
+                                                         needles: list[str]) -> None:
+    # The body is checked before the instance is looked up: no instance needed.
+    with server.client() as http:
+        response = http.request("GET", MONITOR, json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error_code"] == "BadRequest"
+    message = response.json()["message"].lower()
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
+# A literal ".." never reaches the server (the client resolves dot segments); "%2E%2E" is
+# decoded to "..". Any string is a backend id in v5: an unknown one is 404, never a file path.
 @pytest.mark.parametrize(
     "bad_id", ["%2E%2E", "d0", "d0-backend.bak", "%00-backend", "-backend", "a" * 40 + "-backend"]
 )
-def test_malformed_backend_id_is_400(server: ServerProcess, some_file: Path, bad_id: str) -> None:
+def test_unknown_backend_id_is_404(server: ServerProcess, some_file: Path, bad_id: str) -> None:
     with server.client() as http:
-        assert http.put("/instance", json=ensure_body(some_file, some_file)).status_code == 201
+        assert http.put("/instance", json=ensure_body(some_file)).status_code == 201
         for response in (
             http.get(f"/instance/disk/{bad_id}/status"),
             http.put(f"/instance/disk/{bad_id}/vcr", json={"vcr_json": "{}"}),
         ):
-            assert response.status_code == 400, response.text
-            assert response.json()["message"].startswith("path.backend_id: String should match pattern")
-        # Control: a well-formed id is looked up (200 for the disk, 404 for an unknown one).
-        assert http.get("/instance/disk/d0-backend/status").status_code == 200
-        unknown = http.get("/instance/disk/zz-backend/status")
-        assert unknown.status_code == 404 and unknown.json()["error"] == "NoSuchBackend"
+            assert response.status_code == 404, response.text
+            assert response.json()["error_code"] == "NoSuchBackend"
+        # A file backend has no volume status either (VolumeStatus is Crucible's).
+        assert http.get("/instance/disk/d0-backend/status").status_code == 404
 
 
 def test_slash_in_backend_id_is_no_route(server: ServerProcess) -> None:
@@ -283,7 +308,7 @@ def test_slash_in_backend_id_is_no_route(server: ServerProcess) -> None:
     with server.client() as http:
         response = http.get("/instance/disk/..%2F..%2Fetc%2Fpasswd/status")
     assert response.status_code == 404
-    assert response.json()["error"] == "NotFound"
+    assert response.json()["error_code"] == "NotFound"
     assert "/etc/passwd" in response.json()["message"]
 
 
@@ -302,7 +327,7 @@ def test_405_names_every_allowed_method(server: ServerProcess, method: str, path
         response = http.request(method, path)
     assert response.status_code == 405
     assert response.headers["allow"] == allow
-    assert response.json()["error"] == "MethodNotAllowed"
+    assert response.json()["error_code"] == "MethodNotAllowed"
     assert allow in response.json()["message"]
 
 
@@ -323,36 +348,61 @@ def test_openapi_documents_errors_and_no_422(server: ServerProcess) -> None:
                 assert answer["content"]["application/json"]["schema"] == error_ref, (method, path, code)
             ok = [r for code, r in responses.items() if code.startswith("2") and code != "204"]
             for answer in ok:
-                assert "$ref" in answer["content"]["application/json"]["schema"], (method, path)
+                schema = answer["content"]["application/json"]["schema"]
+                # A bare ReplaceResult string, or the document's "null" answers (NMI, snapshot).
+                documented = "$ref" in schema or "enum" in schema or schema in ({}, {"type": "null"})
+                assert documented, (method, path)
     assert doc["paths"]["/instance/state"]["put"]["responses"].keys() >= {"204", "400", "403", "424"}
 
 
-def test_missing_kernel_path_names_the_field(server: ServerProcess, tmp_path: Path) -> None:
-    with server.client() as http:
-        response = http.put("/instance", json=ensure_body(tmp_path / "no-such-vmlinuz"))
-    assert response.status_code == 400
-    message = response.json()["message"]
-    assert "boot" in message and "kernel" in message and "no-such-vmlinuz" in message
+def test_what_v5_has_no_field_for_is_a_command_line_option(tmp_path: Path, some_file: Path) -> None:
+    """The kernel and the host forwards are the server's command line (ours, after
+    propolis-server's run <BOOTROM> <IP:PORT>): a bad one exits 2 naming the option."""
+    missing = _server_cli(tmp_path, "--kernel", str(tmp_path / "no-such-vmlinuz"))
+    assert missing.returncode == 2 and "--kernel" in missing.stderr and "no-such-vmlinuz" in missing.stderr
+    forward = _server_cli(tmp_path, "--forward", "0.0.0.0:2222:22")
+    assert forward.returncode == 2 and "loopback" in forward.stderr
+    initrd = _server_cli(tmp_path, "--initrd", str(some_file))
+    assert initrd.returncode == 2 and "need --kernel" in initrd.stderr
+    no_bootrom = subprocess.run([sys.executable, "-m", "sut.server", "run", str(tmp_path / "nope.bin"),
+                                 "127.0.0.1:0"], capture_output=True, text=True, timeout=30, check=False)
+    assert no_bootrom.returncode == 2 and "nope.bin" in no_bootrom.stderr
 
 
-def test_non_loopback_forward_is_rejected(server: ServerProcess, some_file: Path) -> None:
-    body = ensure_body(some_file)
-    body["spec"]["nics"] = {  # type: ignore[index]
-        "net0": {"type": "user", "forwards": [{"host": "0.0.0.0:2222", "guest_port": 22}]}
-    }
-    with server.client() as http:
-        response = http.put("/instance", json=body)
-    assert response.status_code == 400
-    assert "127.0.0.0/8" in response.json()["message"]
+def test_propolis_server_command_line_serves(tmp_path: Path, some_file: Path) -> None:
+    """run <BOOTROM> <IP:PORT> [VNC] with propolis-server's own flags: it serves (on loopback),
+    with a data dir of its own making."""
+    log = tmp_path / "run.log"
+    from phd.core.process import ManagedProcess
+
+    from .conftest import listening_port
+
+    argv = [sys.executable, "-m", "sut.server", "run", str(some_file), "127.0.0.1:0", "127.0.0.1:5900",
+            "--log-level", "info", "--metric-addr", "disable", "--kernel", str(some_file),
+            "--allow-path", str(tmp_path),
+            "--forward", "127.0.0.1:2222:22"]
+    process = ManagedProcess(argv, name="run form", log_path=log, ready_timeout_s=20, stop_timeout_s=30,
+                             ready=lambda proc: listening_port(proc.output()) is not None).start()
+    try:
+        port = listening_port(process.output())
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            assert http.get("/instance").status_code == 404
+            assert http.put("/instance", json=ensure_body(some_file)).status_code == 201
+            assert http.get("/instance").json()["instance"]["state"] == "Creating"
+        started = next(json.loads(line) for line in log.read_text().splitlines() if "server starting" in line)
+        assert started["bootrom"] == str(some_file.resolve()) and started["forwards"] == ["127.0.0.1:2222:22"]
+    finally:
+        assert process.stop(30) == 0
 
 
 def test_lifecycle_without_qemu_and_424_after_destroyed(server: ServerProcess, some_file: Path) -> None:
     with server.client() as http:
         assert http.get("/instance").status_code == 404
-        assert http.get("/instance").json()["error"] == "NoInstance"
+        assert http.get("/instance").json()["error_code"] == "NoInstance"
         created = http.put("/instance", json=ensure_body(some_file))
         assert created.status_code == 201
-        assert created.json()["instance"]["state"] == "Creating"
+        assert created.json() == {"migrate": None}
+        assert http.get("/instance").json()["instance"]["state"] == "Creating"
         again = http.put("/instance", json=ensure_body(some_file))
         assert again.status_code == 409
         bad_state = http.put("/instance/state", json="Jump")
@@ -362,14 +412,17 @@ def test_lifecycle_without_qemu_and_424_after_destroyed(server: ServerProcess, s
         assert "not been started" in reboot.json()["message"]
         # Stop while Creating: Stopped then Destroyed, no QEMU ever started.
         assert http.put("/instance/state", json="Stop").status_code == 204
-        final = http.get("/instance/state-monitor", params={"gen": 3}).json()
-        assert final == {"gen": 3, "state": "Destroyed"}
+        final = http.request("GET", "/instance/state-monitor", json={"gen": 3}).json()
+        assert final == {"gen": 3, "state": "Destroyed",
+                         "migration": {"migration_in": None, "migration_out": None}}
         for requested in ("Run", "Stop", "Reboot"):
             response = http.put("/instance/state", json=requested)
             assert response.status_code == 424, requested
-            assert response.json()["error"] == "NoLiveInstance"
+            assert response.json()["error_code"] == "NoLiveInstance"
         vcr = http.put("/instance/disk/d0-backend/vcr", json={"vcr_json": "{}"})
-        assert vcr.status_code == 404
+        assert vcr.status_code == 404  # a file backend has no VCR
+        nmi = http.post("/instance/nmi")
+        assert nmi.status_code == 400 and nmi.json()["error_code"] == "NotRunning"
         malformed_vcr = http.put("/instance/disk/d0-backend/vcr", json={"vcr": 1})
         assert malformed_vcr.status_code == 400
     assert qemu_pids_for(server.data_dir) == []
@@ -423,10 +476,11 @@ def test_long_poll_is_bounded_and_the_client_polls_on(tmp_path: Path, some_file:
         with srv.client() as http:
             assert http.put("/instance", json=ensure_body(some_file)).status_code == 201
             started = time.monotonic()
-            answer = http.get("/instance/state-monitor", params={"gen": 50})
+            answer = http.request("GET", "/instance/state-monitor", json={"gen": 50})
             waited = time.monotonic() - started
         assert answer.status_code == 200
-        assert answer.json() == {"gen": 1, "state": "Creating"}
+        assert answer.json() == {"gen": 1, "state": "Creating",
+                                 "migration": {"migration_in": None, "migration_out": None}}
         assert bound_s * 0.8 <= waited < bound_s + 3.0, waited
 
         requests: list[httpx.Request] = []
@@ -440,6 +494,8 @@ def test_long_poll_is_bounded_and_the_client_polls_on(tmp_path: Path, some_file:
 
         requests.clear()
         assert client.state_monitor(1, timeout_s=30) == (InstanceState.CREATING, 1)
+        # Every request the client sent has the state monitor's v5 shape: a GET with a JSON body.
+        assert all(r.method == "GET" and json.loads(r.content) == {"gen": 1} for r in requests)
         assert len(requests) == 1
 
         # A final state is answered at once and ends the polling, whatever gen was asked.

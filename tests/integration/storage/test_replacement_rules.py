@@ -372,6 +372,7 @@ HTTP_CASES = ["volume-id", "generation-lower", "two-targets", "opts-id"]
 @pytest.mark.crucible
 def test_rules_through_the_server_api(downstairs: DownstairsFactory, tmp_path: Path) -> None:
     """PUT /instance/disk/{id}/vcr -> 400 with the rule; the disk keeps running."""
+    from tests import v5
     from tests.integration.server.conftest import qemu_pids_for, start_server
 
     dss = [downstairs.create() for _ in range(3)]
@@ -382,36 +383,25 @@ def test_rules_through_the_server_api(downstairs: DownstairsFactory, tmp_path: P
     srv = start_server(tmp_path)
     try:
         with srv.client(timeout=STEP_S) as http:
-            body = {
-                "properties": {"id": str(uuid.uuid4()), "name": "rules"},
-                "spec": {
-                    "board": {"cpus": 1, "memory_mib": 128},
-                    "boot": {"firmware": "bios", "order": ["data"]},
-                    "disks": {
-                        "data": {
-                            "interface": "virtio",
-                            "backend": {"type": "crucible", "request_json": current},
-                        }
-                    },
-                },
-            }
-            assert http.put("/instance", json=body).status_code == 201
+            spec = v5.spec(v5.disk("data", v5.crucible_backend(current)), v5.boot_order("data"))
+            assert http.put("/instance", json=v5.ensure(spec, name="rules")).status_code == 201
             assert http.put("/instance/state", json="Run").status_code == 204
             running = wait_state(http, "Running")
             before = http.get(f"/instance/disk/{bid}/status").json()
-            assert before["activation"] == "active", before
+            upstairs = before["volume_info"]["volume"]["sub_volumes"][0]["upstairs"]
+            assert (upstairs["state"], upstairs["generation"]) == ("active", 2), before
             for name in HTTP_CASES:
                 case = next(c for c in RULE_CASES if c.name == name)
                 new = dump_vcr(case.edit(current_model))
                 answer = http.put(f"/instance/disk/{bid}/vcr", json={"vcr_json": new})
                 assert answer.status_code == 400, answer.text
-                assert answer.json()["error"] == "ReplacementRejected", answer.text
-                assert answer.json()["rule"] == case.rule, answer.text
+                # The Error body's error_code carries the rule.
+                assert answer.json()["error_code"] == f"ReplacementRejected:{case.rule}", answer.text
                 assert f"(rule: {case.rule})" in answer.json()["message"]
             after = http.get(f"/instance/disk/{bid}/status").json()
             assert after == before
             assert http.get("/instance").json()["instance"]["state"] == "Running"
-            assert http.get("/instance").json()["instance"]["gen"] == running
+            assert wait_state(http, "Running", since=0) == running  # no state change since
             assert http.put("/instance/state", json="Stop").status_code == 204
             wait_state(http, "Destroyed", since=running + 1)
     finally:
@@ -426,7 +416,7 @@ def wait_state(http: httpx.Client, state: str, since: int = 1) -> int:
     deadline = time.monotonic() + 60
     seen: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        seen = http.get("/instance/state-monitor", params={"gen": gen}, timeout=60).json()
+        seen = http.request("GET", "/instance/state-monitor", json={"gen": gen}, timeout=60).json()
         if seen["state"] == state:
             return int(seen["gen"])
         assert seen["state"] not in ("Failed", "Destroyed"), f"waiting for {state}: {seen}"

@@ -14,7 +14,7 @@ import pytest
 from phd.artifacts.store import GuestArtifact
 from phd.core.errors import HarnessError
 from phd.vm.factory import create_file_disk, overlay_argv
-from phd.vm.server import ServerProcess
+from phd.vm.server import KernelBoot, ServerProcess
 from phd.vm.testvm import FileDisk, TestVm, VmConfig
 
 needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None,
@@ -71,32 +71,40 @@ def _vm(tmp_path: Path, ssh_port: int | None) -> TestVm:
     guest = GuestArtifact("debian", tmp_path / "vmlinuz", tmp_path / "initrd.img", "console=ttyS0",
                           "debian login: ", "root@debian:~# ", disk=tmp_path / "disk.raw",
                           guest_os="debian")
-    server = ServerProcess(["true"], 1, tmp_path / "run", None)
+    bootrom = tmp_path / "bios.bin"
+    bootrom.write_bytes(b"")
+    server = ServerProcess(["true"], 1, tmp_path / "run", None, bootrom=bootrom)
     return TestVm(VmConfig("vm", ssh_port=ssh_port), server, guest, tmp_path)
 
 
-def test_spec_puts_the_boot_disk_first_and_names_its_format(tmp_path: Path) -> None:
+def test_spec_puts_the_boot_disk_first_in_pci_order(tmp_path: Path) -> None:
     vm = _vm(tmp_path, ssh_port=34567)
     boot = FileDisk("vm.boot0", tmp_path / "vm.boot0.qcow2", "qcow2", 1 << 30, base=tmp_path / "disk.raw")
     data = FileDisk("data", tmp_path / "data.raw", "raw", 1 << 30)
     vm.attach(boot, device="boot0")
     vm.attach(data, device="data0", interface="nvme")
-    spec = vm.spec()
-    assert list(spec["disks"]) == ["boot0", "data0"]
-    assert spec["disks"]["boot0"] == {"interface": "virtio", "backend": {
-        "type": "file", "path": str(boot.path), "readonly": False, "format": "qcow2"}}
-    # raw is the server's default, so it is left out.
-    assert spec["disks"]["data0"] == {"interface": "nvme", "backend": {
-        "type": "file", "path": str(data.path), "readonly": False}}
-    assert spec["nics"] == {"net0": {"type": "user", "forwards": [
-        {"host": "127.0.0.1:34567", "guest_port": 22}]}}
+    components = vm.spec()["components"]
+    # The boot disk is the first PCI slot (vda); each disk is a device plus its backend.
+    assert components["boot0"] == {"type": "virtio_disk", "component": {
+        "backend_id": "boot0-backend", "pci_path": {"bus": 0, "device": 0x10, "function": 0}}}
+    # v5 has no format field: the server reads qcow2 from the image.
+    assert components["boot0-backend"] == {"type": "file_storage_backend", "component": {
+        "path": str(boot.path), "readonly": False, "block_size": 512}}
+    assert components["data0"]["type"] == "nvme_disk"
+    assert components["data0"]["component"]["pci_path"]["device"] == 0x11
+    assert bytes(components["data0"]["component"]["serial_number"]) == b"data0".ljust(20, b"\0")
+    assert components["boot-settings"]["component"] == {"order": [{"id": "boot0"}]}
+    assert components["net0"]["type"] == "virtio_nic"
+    assert components["net0-backend"]["type"] == "virtio_network_backend"
+    # The SSH port is the server's --forward option, never a spec field.
+    assert "34567" not in json.dumps(components)
     assert vm.boot_disk is boot
     assert vm.supports_ssh
 
 
 def test_no_ssh_port_means_no_nic_and_no_ssh(tmp_path: Path) -> None:
     vm = _vm(tmp_path, ssh_port=None)
-    assert vm.spec()["nics"] == {}
+    assert not [c for c in vm.spec()["components"].values() if c["type"].endswith("nic")]
     assert not vm.supports_ssh
     with pytest.raises(HarnessError, match="ssh=True"):
         vm.ssh()
@@ -134,3 +142,18 @@ def test_the_vm_constructor_takes_only_its_public_fields(tmp_path: Path) -> None
     assert params == ["config", "server", "guest", "test_dir"]
     vm = _vm(tmp_path, ssh_port=None)
     assert vm != _vm(tmp_path, ssh_port=None)  # a VM is itself, whatever its fields
+
+
+def test_the_server_command_line_is_propolis_servers_then_ours(tmp_path: Path) -> None:
+    """run <BOOTROM> <IP:PORT> as propolis-server takes it; what v5 has no field for follows
+    as options of ours (the kernel boot and the SSH forward are per server: one per VM)."""
+    bootrom = tmp_path / "bios.bin"
+    bootrom.write_bytes(b"")
+    boot = KernelBoot(tmp_path / "vmlinuz", tmp_path / "initrd.img", "console=ttyS0 quiet")
+    server = ServerProcess(["srv", "--flag"], 9000, tmp_path / "run", None, regressions=("no-replay",),
+                           allow_paths=[tmp_path], boot=boot, forwards=["127.0.0.1:2222:22"], bootrom=bootrom)
+    assert server.argv == [
+        "srv", "--flag", "run", str(bootrom), "127.0.0.1:9000", "--data-dir", str(tmp_path / "run"),
+        "--kernel", str(tmp_path / "vmlinuz"), "--cmdline", "console=ttyS0 quiet",
+        "--initrd", str(tmp_path / "initrd.img"), "--forward", "127.0.0.1:2222:22",
+        "--allow-path", str(tmp_path), "--regression", "no-replay"]

@@ -25,7 +25,7 @@ def private_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _server(tmp_path: Path, script: str, ready_timeout_s: float) -> ServerProcess:
-    # The stand-in ignores the --listen/--data-dir flags ServerProcess appends.
+    # The stand-in ignores the command line ServerProcess appends (run BOOTROM IP:PORT ...).
     return ServerProcess([sys.executable, "-c", script], 1, tmp_path / "data",
                          tmp_path / "server.log", ready_timeout_s=ready_timeout_s)
 

@@ -47,6 +47,9 @@ class FakeVm:
     async def reset(self) -> None:
         await self._call("reset")
 
+    async def nmi(self) -> None:
+        await self._call("nmi")
+
     async def wait_exit(self) -> int:
         return int(await asyncio.shield(self.exit))
 
@@ -141,8 +144,8 @@ class FakeBackend:
             return "Missing"
         self.targets[self.targets.index(old)] = new
         self.changed.set()
-        self.replaced.append((new_vcr_json, "Started"))
-        return "Started"
+        self.replaced.append((new_vcr_json, "started"))
+        return "started"
 
     def heal(self) -> None:
         """The dead downstairs comes back: activation can complete."""

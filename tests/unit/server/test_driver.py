@@ -9,7 +9,7 @@ import pytest
 
 from sut.server import driver as driver_module
 from sut.server.backends import ReplacementRejectedError
-from sut.server.driver import InstanceGoneError, NoSuchBackendError, StateDriver
+from sut.server.driver import InstanceGoneError, NoSuchBackendError, NotRunningError, StateDriver
 from sut.server.regressions import Regressions
 from sut.server.request_queue import RequestDeniedError, RequestKind
 from sut.server.states import InstanceState as S
@@ -73,11 +73,11 @@ def test_replacement_during_startup_unblocks_activation() -> None:
         await h.wait_state(S.STARTING)
         assert h.current() is S.STARTING
         result = await asyncio.wait_for(h.driver.replace_vcr(BID, f"{DEAD}->{LIVE}"), DEADLINE_S)
-        assert result == "Started"
+        assert result == "started"
         assert await h.states_until(S.RUNNING) == [S.STARTING, S.RUNNING]
         assert h.vm.calls == ["launch", "cont"]
         # Replacement while Running is served too.
-        assert await h.driver.replace_vcr(BID, f"{OTHER}->127.0.0.1:5") == "Started"
+        assert await h.driver.replace_vcr(BID, f"{OTHER}->127.0.0.1:5") == "started"
         h.driver.request_state(RequestKind.STOP)
         assert await h.states_until(S.DESTROYED) == [S.RUNNING, S.STOPPING, S.STOPPED, S.DESTROYED]
         assert h.vm.calls[-1] == "shutdown"
@@ -149,7 +149,7 @@ def test_stop_ignored_while_starting_regression_defers_stop() -> None:
         done, _ = await asyncio.wait({asyncio.create_task(h.wait_state(S.STOPPED))}, timeout=0.5)
         assert not done
         # Replacements are still served; once Running, the deferred stop runs.
-        assert await h.driver.replace_vcr(BID, f"{DEAD}->{LIVE}") == "Started"
+        assert await h.driver.replace_vcr(BID, f"{DEAD}->{LIVE}") == "started"
         await h.wait_state(S.DESTROYED)
         assert h.vm.calls[:2] == ["launch", "cont"]
 
@@ -294,5 +294,28 @@ def test_firmware_reset_after_a_host_reboot_is_part_of_it() -> None:
         await h.wait_state(S.REBOOTING)
         h.vm.guest_poweroff()
         assert await h.states_until(S.DESTROYED) == [S.REBOOTING, S.STOPPING, S.STOPPED, S.DESTROYED]
+
+    run(body)
+
+
+def test_an_nmi_reaches_the_vm_only_while_running() -> None:
+    async def body() -> None:
+        h = Harness()
+        with pytest.raises(NotRunningError, match="is Creating: an NMI needs a Running instance"):
+            await h.driver.inject_nmi()
+        h.driver.request_state(RequestKind.START)
+        await h.wait_state(S.STARTING)
+        with pytest.raises(NotRunningError, match="is Starting"):
+            await h.driver.inject_nmi()
+        assert "nmi" not in h.vm.calls
+        await asyncio.wait_for(h.driver.replace_vcr(BID, f"{DEAD}->{LIVE}"), DEADLINE_S)
+        await h.wait_state(S.RUNNING)
+        await h.driver.inject_nmi()
+        assert h.vm.calls.count("nmi") == 1
+        h.driver.request_state(RequestKind.STOP)
+        await h.wait_state(S.DESTROYED)
+        with pytest.raises(NotRunningError, match="is Destroyed"):
+            await h.driver.inject_nmi()
+        assert h.vm.calls.count("nmi") == 1
 
     run(body)

@@ -262,13 +262,13 @@ def test_a_replacement_is_logged_with_its_backend_and_result(caplog: pytest.LogC
         rig = Rig()
         rig.start()
         await rig.reach(S.STARTING)
-        assert await rig.driver.replace_vcr(BID, f"{DEAD}->{LIVE}") == "Started"
+        assert await rig.driver.replace_vcr(BID, f"{DEAD}->{LIVE}") == "started"
         await rig.reach(S.RUNNING)
         await rig.driver.shutdown()
 
     run(body)
     assert record(caplog, "applying VCR replacement").backend_id == BID  # type: ignore[attr-defined]
-    assert record(caplog, "VCR replacement applied").result == "Started"  # type: ignore[attr-defined]
+    assert record(caplog, "VCR replacement applied").result == "started"  # type: ignore[attr-defined]
     published = [(r.state, r.gen) for r in driver_records(caplog)  # type: ignore[attr-defined]
                  if r.getMessage() == "instance state"]
     assert published == [("Starting", 2), ("Running", 3), ("Stopping", 4), ("Stopped", 5), ("Destroyed", 6)]

@@ -60,7 +60,7 @@ def test_declared_length_over_the_limit_is_413_without_reading() -> None:
     status, headers, body = asyncio.run(_call(app, [(b"content-length", b"5000")], never()))
     assert status == 413 and headers[b"connection"] == b"close"
     doc = json.loads(body)
-    assert doc["error"] == "PayloadTooLarge"
+    assert doc["error_code"] == "PayloadTooLarge"
     message = doc["message"]
     assert "5000 bytes" in message and "1000" in message and "--max-body-bytes" in message
 
@@ -106,6 +106,7 @@ def test_500_answers_a_fixed_message_with_an_id_and_logs_the_detail(
     assert response.status_code == 500
     body = response.json()
     assert "secret" not in response.text and "RuntimeError" not in response.text
-    assert body["error"] == "Internal" and body["id"] in body["message"]
-    logged = [r for r in caplog.records if getattr(r, "error_id", None) == body["id"]]
+    # The document's Error body; the request id is the error id the log line carries.
+    assert body["error_code"] == "Internal" and body["request_id"] in body["message"]
+    logged = [r for r in caplog.records if getattr(r, "error_id", None) == body["request_id"]]
     assert logged and "secret-internal-detail" in (logged[0].exc_text or str(logged[0].exc_info))

@@ -1,4 +1,4 @@
-"""The QEMU command line built from a SPEC (pure function)."""
+"""The QEMU command line built from a v5 instance spec (pure function)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,15 @@ from typing import Any
 import pytest
 
 from sut.path_policy import PathPolicy
+from sut.server.forwards import HostForward
 from sut.server.images import open_spec_files
-from sut.server.qemu import SANDBOX, QemuError, RunDir, build_argv, fixed_chs
+from sut.server.qemu import SANDBOX, KernelBoot, QemuError, RunDir, build_argv, fixed_chs
 from sut.server.spec import InstanceSpec
+from tests import v5
 
 
-def spec(tmp_path: Path, **extra: object) -> InstanceSpec:
-    kernel = tmp_path / "vmlinuz"
-    kernel.write_bytes(b"k")
-    data = {"board": {"cpus": 2, "memory_mib": 512}, "boot": {"kernel": str(kernel)}, **extra}
-    return InstanceSpec.model_validate(data)
+def spec(tmp_path: Path, *components: dict[str, Any]) -> InstanceSpec:
+    return InstanceSpec.model_validate(v5.spec(v5.serial(), *components, cpus=2, memory_mb=512))
 
 
 def pairs(argv: list[str], flag: str) -> list[str]:
@@ -26,10 +25,14 @@ def pairs(argv: list[str], flag: str) -> list[str]:
 
 
 def argv_of(spec: InstanceSpec, run: RunDir, **options: Any) -> list[str]:
-    """build_argv with the spec's files opened under a policy allowing the spec's tmp dir."""
-    roots = [Path(str(spec.boot.kernel)).parent] if hasattr(spec.boot, "kernel") else []
-    roots += [Path(str(d.backend.path)).parent for d in spec.disks.values() if d.backend.type == "file"]
-    with open_spec_files(spec, PathPolicy(roots)) as files:
+    """build_argv with the spec's files opened under a policy allowing the spec's tmp dir,
+    booting a kernel from ``run``'s parent directory (the server's --kernel)."""
+    kernel = run.path.parent / "vmlinuz"
+    kernel.write_bytes(b"k")
+    roots = [Path(str(c.component.path)).parent for c in spec.components.values()
+             if c.type == "file_storage_backend"]
+    options.setdefault("kernel_boot", KernelBoot())
+    with open_spec_files(spec, PathPolicy(roots), kernel=kernel) as files:
         return build_argv(spec, run, files=files, **options)
 
 
@@ -49,31 +52,32 @@ def test_vm_starts_paused_on_tcg_with_qmp_and_serial_sockets(tmp_path: Path) -> 
 
 
 def test_accel_can_be_selected(tmp_path: Path) -> None:
-    assert pairs(argv_of(spec(tmp_path), RunDir(tmp_path), accel="kvm"), "-accel") == ["kvm"]
-    assert "-sandbox" not in argv_of(spec(tmp_path), RunDir(tmp_path), sandbox=False)
+    assert pairs(argv_of(spec(tmp_path), RunDir(tmp_path / "vm"), accel="kvm"), "-accel") == ["kvm"]
+    assert "-sandbox" not in argv_of(spec(tmp_path), RunDir(tmp_path / "vm"), sandbox=False)
 
 
 def test_disks_map_to_blockdevs_and_devices(tmp_path: Path) -> None:
     image = tmp_path / "a.raw"
     image.write_bytes(b"\0" * 512)
-    disks = {
-        "boot": {"interface": "virtio", "backend": {"type": "file", "path": str(image), "readonly": True}},
-        "data": {"interface": "nvme", "backend": {"type": "crucible", "request_json": "{}"}},
-        "more": {"interface": "virtio", "backend": {"type": "crucible", "request_json": "{}"}},
-    }
     run = RunDir(tmp_path / "vm")
-    argv = argv_of(spec(tmp_path, disks=disks), run, disk_sizes={"data": 1 << 30, "more": 1 << 30})
+    argv = argv_of(spec(tmp_path,
+                        v5.disk("boot", v5.file_backend(image, readonly=True), slot=0x10),
+                        v5.disk("data", v5.crucible_backend("{}"), interface="nvme", slot=0x11),
+                        v5.disk("more", v5.crucible_backend("{}"), slot=0x12)),
+                   run, disk_sizes={"data-backend": 1 << 30, "more-backend": 1 << 30})
     blockdevs = [json.loads(b) for b in pairs(argv, "-blockdev")]
     assert blockdevs[0] == {"node-name": "boot-backend", "driver": "raw", "read-only": True,
                             "file": {"driver": "file", "filename": "/dev/fdset/1"}}
     assert pairs(argv, "-add-fd")[0].endswith(f",set=1,opaque={image}")
     assert blockdevs[1] == {"node-name": "data-backend", "driver": "nbd", "read-only": False,
-                            "server": {"type": "unix", "path": str(run.disk_socket("data"))}}
+                            "server": {"type": "unix", "path": str(run.disk_socket("data-backend"))}}
     devices = pairs(argv, "-device")
-    assert devices[0] == "virtio-blk-pci,drive=boot-backend,id=boot"
-    assert devices[1] == "nvme,drive=data-backend,serial=data,id=data"
+    # Each device at the PCI slot the spec names (PCI order is the order the guest sees).
+    assert devices[0] == "virtio-blk-pci,drive=boot-backend,id=boot,bus=pcie.0,addr=0x10.0"
+    assert devices[1] == "nvme,drive=data-backend,serial=data,id=data,bus=pcie.0,addr=0x11.0"
     # Crucible virtio disks get a fixed geometry so QEMU reads nothing before cont.
-    assert devices[2] == "virtio-blk-pci,drive=more-backend,id=more," + fixed_chs(1 << 30)
+    assert devices[2] == ("virtio-blk-pci,drive=more-backend,id=more,bus=pcie.0,addr=0x12.0,"
+                          + fixed_chs(1 << 30))
 
 
 def test_fixed_chs_is_clamped() -> None:
@@ -82,27 +86,40 @@ def test_fixed_chs_is_clamped() -> None:
 
 
 def test_user_nic_forwards_on_loopback_only_and_restricted(tmp_path: Path) -> None:
-    nics = {"net0": {"type": "user", "forwards": [{"host": "127.0.0.1:2222", "guest_port": 22}]}}
-    argv = argv_of(spec(tmp_path, nics=nics), RunDir(tmp_path))
-    assert pairs(argv, "-netdev") == ["user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:2222-:22"]
+    forward = HostForward.parse("127.0.0.1:2222:22")
+    argv = argv_of(spec(tmp_path, v5.nic()), RunDir(tmp_path / "vm"), forwards=(forward,))
+    assert pairs(argv, "-netdev") == ["user,id=net0-backend,restrict=on,hostfwd=tcp:127.0.0.1:2222-:22"]
+    assert pairs(argv, "-device") == ["virtio-net-pci,netdev=net0-backend,id=net0,bus=pcie.0,addr=0x8.0"]
+    for bad in ("0.0.0.0:2222:22", "127.0.0.1:0:22", "10.0.0.1:2222:22", "127.0.0.1:2222"):
+        with pytest.raises(ValueError, match="loopback"):
+            HostForward.parse(bad)
 
 
-def test_firmware_boot_sets_boot_order(tmp_path: Path) -> None:
+def test_boot_settings_set_the_boot_order(tmp_path: Path) -> None:
     image = tmp_path / "a.raw"
     image.write_bytes(b"\0" * 512)
-    data = {
-        "boot": {"firmware": "bios", "order": ["d1", "d0"]},
-        "disks": {
-            name: {"interface": "virtio", "backend": {"type": "file", "path": str(image)}}
-            for name in ("d0", "d1")
-        },
-    }
-    argv = argv_of(InstanceSpec.model_validate(data), RunDir(tmp_path))
+    disks = [v5.disk(name, v5.file_backend(image), slot=slot) for name, slot in (("d0", 0x10), ("d1", 0x11))]
+    argv = argv_of(spec(tmp_path, *disks, v5.boot_order("d1", "d0")), RunDir(tmp_path / "vm"),
+                   kernel_boot=None)
     assert "-kernel" not in argv
     assert pairs(argv, "-device") == [
-        "virtio-blk-pci,drive=d0-backend,id=d0,bootindex=1",
-        "virtio-blk-pci,drive=d1-backend,id=d1,bootindex=0",
+        "virtio-blk-pci,drive=d0-backend,id=d0,bus=pcie.0,addr=0x10.0,bootindex=1",
+        "virtio-blk-pci,drive=d1-backend,id=d1,bus=pcie.0,addr=0x11.0,bootindex=0",
     ]
+
+
+def test_boot_settings_do_not_compete_with_a_directly_booted_kernel(tmp_path: Path) -> None:
+    # QEMU gives -kernel bootindex 0 itself; a disk with bootindex=0 too would not start.
+    image = tmp_path / "a.raw"
+    image.write_bytes(b"\0" * 512)
+    argv = argv_of(spec(tmp_path, v5.disk("boot0", v5.file_backend(image)), v5.boot_order("boot0")),
+                   RunDir(tmp_path / "vm"))
+    assert "-kernel" in argv and not [d for d in pairs(argv, "-device") if "bootindex" in d]
+
+
+def test_no_serial_port_component_means_no_uart(tmp_path: Path) -> None:
+    argv = argv_of(InstanceSpec.model_validate(v5.spec()), RunDir(tmp_path / "vm"))
+    assert "-serial" not in argv
 
 
 def test_too_long_socket_path_is_a_clear_error(tmp_path: Path) -> None:
@@ -114,9 +131,8 @@ def test_too_long_socket_path_is_a_clear_error(tmp_path: Path) -> None:
 def test_qcow2_file_disks_and_poweroff_keeps_qemu_up(tmp_path: Path) -> None:
     overlay = tmp_path / "overlay.qcow2"
     overlay.write_bytes(b"QFI\xfb" + bytes(100))  # version 0, no backing file
-    disks = {"boot0": {"interface": "virtio",
-                       "backend": {"type": "file", "path": str(overlay), "format": "qcow2"}}}
-    argv = argv_of(spec(tmp_path, disks=disks), RunDir(tmp_path))
+    # The format is read from the image (v5 has no field for it).
+    argv = argv_of(spec(tmp_path, v5.disk("boot0", v5.file_backend(overlay))), RunDir(tmp_path / "vm"))
     # "backing": null - QEMU opens no backing file by a name from the image header.
     assert [json.loads(b) for b in pairs(argv, "-blockdev")] == [
         {"node-name": "boot0-backend", "driver": "qcow2", "read-only": False,

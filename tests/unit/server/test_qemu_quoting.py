@@ -10,8 +10,9 @@ import pytest
 
 from sut.path_policy import PathPolicy, PathPolicyError
 from sut.server.images import open_spec_files
-from sut.server.qemu import QemuOptionError, RunDir, build_argv, qemu_opt
+from sut.server.qemu import KernelBoot, QemuOptionError, RunDir, build_argv, qemu_opt
 from sut.server.spec import InstanceSpec
+from tests import v5
 
 
 @pytest.mark.parametrize(
@@ -43,13 +44,10 @@ def test_comma_laden_paths_cannot_inject_options(tmp_path: Path) -> None:
     evil.write_bytes(b"\0" * 512)
     kernel = root / "k,ernel"
     kernel.write_bytes(b"k")
-    spec = InstanceSpec.model_validate({
-        "boot": {"kernel": str(kernel), "initrd": str(kernel)},
-        "disks": {"d0": {"interface": "virtio",
-                         "backend": {"type": "file", "path": str(evil), "readonly": True}}}})
+    spec = InstanceSpec.model_validate(v5.spec(v5.disk("d0", v5.file_backend(evil, readonly=True))))
     run = RunDir(tmp_path / "data,dir=x" / "vm")
-    with open_spec_files(spec, PathPolicy([root])) as files:
-        argv = build_argv(spec, run, files=files)
+    with open_spec_files(spec, PathPolicy([root]), kernel=kernel, initrd=kernel) as files:
+        argv = build_argv(spec, run, files=files, kernel_boot=KernelBoot())
         blockdev = json.loads(pairs(argv, "-blockdev")[0])
         assert blockdev["read-only"] is True
         inner = blockdev["file"]
@@ -78,12 +76,9 @@ def test_qcow2_backing_chain_is_opened_and_passed_explicitly(tmp_path: Path) -> 
                    check=True)
     kernel = tmp_path / "k"
     kernel.write_bytes(b"k")
-    spec = InstanceSpec.model_validate({
-        "boot": {"kernel": str(kernel)},
-        "disks": {"d0": {"interface": "virtio",
-                         "backend": {"type": "file", "path": str(top), "format": "qcow2"}}}})
+    spec = InstanceSpec.model_validate(v5.spec(v5.disk("d0", v5.file_backend(top))))
     with open_spec_files(spec, PathPolicy([tmp_path])) as files:
-        chain = files.disks["d0"]
+        chain = files.disks["d0-backend"]
         assert [layer.file.path for layer in chain.layers] == [top, mid, base]
         assert [layer.format for layer in chain.layers] == ["qcow2", "qcow2", "raw"]
         blockdev = json.loads(pairs(build_argv(spec, RunDir(tmp_path / "vm"), files=files), "-blockdev")[0])
@@ -97,10 +92,7 @@ def test_qcow2_backing_chain_is_opened_and_passed_explicitly(tmp_path: Path) -> 
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base), str(overlay)],
                    check=True)
     (allowed / "k").write_bytes(b"k")
-    spec = InstanceSpec.model_validate({
-        "boot": {"kernel": str(allowed / "k")},
-        "disks": {"d0": {"interface": "virtio",
-                         "backend": {"type": "file", "path": str(overlay), "format": "qcow2"}}}})
+    spec = InstanceSpec.model_validate(v5.spec(v5.disk("d0", v5.file_backend(overlay))))
     with pytest.raises(PathPolicyError, match=r"backing file .*outside the allowed roots.*--allow-path"):
         open_spec_files(spec, PathPolicy([allowed])).close()
 

@@ -11,6 +11,7 @@ from sut.regressions import ALL_REGRESSIONS
 from sut.server.cli import main
 from sut.server.regressions import Regressions, UnknownRegressionError
 from sut.server.spec import InstanceSpec
+from tests import v5
 
 
 def test_all_contract_regressions_are_known() -> None:
@@ -32,14 +33,26 @@ def test_cli_rejects_unknown_regression_with_exit_2(
     assert "vcr-denied-after-stop" in capsys.readouterr().err
 
 
+def _spec(*components: dict[str, object], **board: object) -> dict[str, object]:
+    body = v5.spec(*components)  # type: ignore[arg-type]
+    body["board"].update(board)
+    return body
+
+
 @pytest.mark.parametrize(
     ("spec", "needle"),
     [
-        ({"boot": {"kernel": "relative/vmlinuz"}}, "absolute"),
-        ({"boot": {"firmware": "bios", "order": ["nope"]}}, "unknown disks"),
-        ({"boot": {"firmware": "bios"}, "disks": {"bad name": {}}}, "invalid device name"),
-        ({"boot": {"firmware": "bios"}, "board": {"cpus": 0}}, "cpus"),
-        ({"boot": {"firmware": "bios"}, "typo": 1}, "typo"),
+        (_spec(v5.disk("d0", v5.file_backend("relative/disk.img"))), "absolute"),
+        (_spec(v5.boot_order("nope")), "not a disk device"),
+        (_spec({"bad name": v5.serial()["com1"]}), "invalid component key"),
+        (_spec(cpus=0), "cpus"),
+        (_spec(typo=1), "typo"),
+        (_spec(v5.disk("d0", v5.file_backend("/x"), backend_key="elsewhere")
+               | {"elsewhere": v5.serial()["com1"]}), "is not a storage backend"),
+        (_spec({"p": {"type": "p9fs", "component": {}}}), "not supported by this server"),
+        (_spec({"p": {"type": "floppy", "component": {}}}), "unknown component type"),
+        (_spec(v5.disk("d0", v5.file_backend("/x"), slot=0x10),
+               v5.disk("d1", v5.file_backend("/y"), slot=0x10)), "taken by d0"),
     ],
 )
 def test_spec_errors_name_the_problem(spec: dict[str, object], needle: str) -> None:
