@@ -273,6 +273,9 @@ class ProgressReporter:
             self.tick()
 
 
+HOLDER_NOTE_GRACE_S = 1.0
+
+
 def _holder_path(lock_path: Path) -> Path:
     return lock_path.with_name(lock_path.name + ".holder")
 
@@ -300,8 +303,19 @@ def build_lock(lock_path: Path, key: str, what: str, reporter: StepSink | None, 
     except Timeout:
         deadline = time.monotonic() + timeout_s
         waited = False
+        named_wait = True  # one short wait for the holder's note before saying who holds it
         while True:
             who, since = _read_holder(lock_path)
+            if since is None and named_wait:
+                # The holder writes its note just after it takes the lock: a waiter that comes
+                # in between would say "another process" and name the holder only a heartbeat
+                # later. Give the note a moment first (or get the lock, if the build is over).
+                named_wait = False
+                try:
+                    lock.acquire(timeout=max(0.0, min(HOLDER_NOTE_GRACE_S, deadline - time.monotonic())))
+                    break
+                except Timeout:
+                    continue
             held = "" if since is None else f" (building since {format_elapsed(time.time() - since)})"
             if reporter is not None:
                 if not waited:

@@ -67,6 +67,7 @@ def test_bad_choice_is_a_usage_error_naming_the_option(pytester: pytest.Pytester
 def test_xdist_workers_share_one_session_and_get_distinct_ports(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("""
         import os
+        import time
         import pytest
 
         @pytest.mark.parametrize("i", range(4))
@@ -76,6 +77,13 @@ def test_xdist_workers_share_one_session_and_get_distinct_ports(pytester: pytest
             out.mkdir(exist_ok=True)
             worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
             (out / f"{worker}-{i}").write_text(f"{phd_framework.session_id} {port}")
+            # Hold on until the other worker has its ports too: a worker that ends gives its
+            # slot back, and a later one may then rightly get the same ports; the claim is
+            # about workers that run at the same time.
+            deadline = time.monotonic() + 60
+            while not any(not p.name.startswith(worker + "-") for p in out.iterdir()):
+                assert time.monotonic() < deadline, "the other worker never allocated"
+                time.sleep(0.05)  # poll interval of a deadline-bounded wait
     """)
     result = pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider",
                                            f"--phd-manifest={MANIFEST}",

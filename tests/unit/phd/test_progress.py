@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -192,6 +193,34 @@ def test_a_waiter_names_the_builder_and_how_long_it_has_been_building(
     assert sink.lines[1].startswith("waiting for gw0 (building since ") and sink.lines[1].endswith(" s)")
     assert sink.lines[-2:] == ["gw0 finished", "end"]
     assert not (tmp_path / ".tiny.lock.holder").exists()
+
+
+def test_a_waiter_that_comes_before_the_holders_note_still_names_the_holder(tmp_path: Path) -> None:
+    """The holder writes its note just after taking the lock; a waiter arriving in between
+    waits a moment for it rather than saying "another process" (seen under load in CI)."""
+    from filelock import FileLock
+
+    lock = tmp_path / ".tiny.lock"
+    note = tmp_path / ".tiny.lock.holder"
+    holding = threading.Event()
+
+    def holder() -> None:  # the lock without its note, as between acquire() and the note's write
+        with FileLock(str(lock)):
+            holding.set()
+            time.sleep(0.3)  # the holder's own pace, not a synchronisation
+            note.write_text(f"gw0\t{time.time()}\n")
+            time.sleep(1.5)  # still building when the waiter's grace for the note is over
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    assert holding.wait(10)
+    sink = Recorder()
+    with build_lock(lock, "tiny", "build tiny", sink, timeout_s=10, poll_s=5, on_timeout=RuntimeError):
+        pass
+    thread.join()
+    waiting = [line for line in sink.lines if line.startswith("waiting")]
+    assert waiting and waiting[0].startswith("waiting for gw0 (building since "), sink.lines
+    assert not any("another process" in line for line in sink.lines), sink.lines
 
 
 def test_a_waiter_gives_up_after_its_timeout(tmp_path: Path) -> None:
