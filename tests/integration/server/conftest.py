@@ -8,13 +8,18 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
+from phd.artifacts.store import GuestArtifact
 from phd.core.process import ManagedProcess
+from phd.framework import Framework
+
+from .console import tiny_args
 
 START_DEADLINE_S = 20.0
 STOP_DEADLINE_S = 30.0
@@ -85,14 +90,35 @@ def start_server(tmp_path: Path, *extra: str, allow_tmp: bool = True,
     return ServerProcess(process, f"http://127.0.0.1:{port}", data_dir, log_path)
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    srv = start_server(tmp_path)
+@contextmanager
+def serving(tmp_path: Path, *extra: str) -> Iterator[ServerProcess]:
+    """A started server, closed afterwards; a non-zero exit code fails the test."""
+    srv = start_server(tmp_path, *extra)
     try:
         yield srv
     finally:
         code = srv.close()
         assert code == 0, f"server exit code {code}; log:\n{srv.log_path.read_text()}"
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    with serving(tmp_path) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def tiny(phd_framework: Framework) -> GuestArtifact:
+    """The tiny guest from the artifact store (built by its recipe on first use, then cached)."""
+    return phd_framework.artifacts.guest("tiny")
+
+
+@pytest.fixture
+def tiny_server(tmp_path: Path, tiny: GuestArtifact) -> Iterator[ServerProcess]:
+    """A server that boots the tiny guest directly (--kernel/--initrd/--cmdline: v5 has no
+    field for them)."""
+    with serving(tmp_path, *tiny_args(tiny)) as srv:
+        yield srv
 
 
 def qemu_pids_for(data_dir: Path) -> list[int]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -15,7 +14,6 @@ from websockets.sync.connection import Connection
 
 from phd.artifacts.store import GuestArtifact
 from phd.core.wait import wait_until
-from phd.framework import Framework
 
 from .conftest import ServerProcess, qemu_pids_for, start_server
 from .console import file_disk, tiny_args, tiny_spec
@@ -25,22 +23,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.vm]
 BOOT_DEADLINE_S = 120.0
 
 
-@pytest.fixture(scope="module")
-def tiny(phd_framework: Framework) -> GuestArtifact:
-    """The tiny guest from the artifact store (built by its recipe on first use, then cached)."""
-    return phd_framework.artifacts.guest("tiny")
-
-
 @pytest.fixture
-def server(tmp_path: Path, tiny: GuestArtifact) -> Iterator[ServerProcess]:
-    """A server that boots the tiny guest directly (--kernel/--initrd/--cmdline: v5 has no
-    field for them)."""
-    srv = start_server(tmp_path, *tiny_args(tiny))
-    try:
-        yield srv
-    finally:
-        code = srv.close()
-        assert code == 0, f"server exit code {code}; log:\n{srv.log_path.read_text()}"
+def server(tiny_server: ServerProcess) -> ServerProcess:
+    """Every server of this module boots the tiny guest (conftest's tiny_server)."""
+    return tiny_server
 
 
 @pytest.fixture

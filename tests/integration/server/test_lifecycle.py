@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,6 @@ from websockets.sync.client import connect
 from phd.artifacts.store import GuestArtifact
 from phd.core.ports import PortAllocator
 from phd.core.wait import wait_until
-from phd.framework import Framework
 from phd.vm.guest import TinyGuest
 
 from .conftest import ServerProcess, qemu_pids_for, start_server
@@ -29,21 +27,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.vm]
 DISK_SIZE = 16 << 20
 
 
-@pytest.fixture(scope="module")
-def tiny(phd_framework: Framework) -> GuestArtifact:
-    return phd_framework.artifacts.guest("tiny")
-
-
 @pytest.fixture
-def server(tmp_path: Path, tiny: GuestArtifact) -> Iterator[ServerProcess]:
-    """A server that boots the tiny guest directly (--kernel/--initrd/--cmdline: v5 has no
-    field for them)."""
-    srv = start_server(tmp_path, *tiny_args(tiny))
-    try:
-        yield srv
-    finally:
-        code = srv.close()
-        assert code == 0, f"server exit code {code}; log:\n{srv.log_path.read_text()}"
+def server(tiny_server: ServerProcess) -> ServerProcess:
+    """Every server of this module boots the tiny guest (conftest's tiny_server)."""
+    return tiny_server
 
 
 def raw_disk(path: Path, head: bytes = b"") -> Path:
