@@ -48,7 +48,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_storage import MIB, QEMU_TARGETS, Workload, log, qemu_img_bench, workloads
+from bench_storage import MIB, QEMU_TARGETS, Workload, log, qemu_img_bench, sized_count, workloads
 
 from phd.core.ports import PortAllocator
 from phd.core.process import ManagedProcess, ready_when_connects, ready_when_unix_socket
@@ -97,8 +97,7 @@ def measure(sock: Path, names: list[str], size_bytes: int, target_s: float) -> d
     for wl in workloads(size_bytes):
         if wl.name not in names:
             continue
-        probe = qemu_img_bench(sock, wl, wl.probe, pattern=0x5A)
-        count = max(wl.probe, min(wl.max_count, int(wl.probe * target_s / probe["seconds"])))
+        count = sized_count(sock, wl, target_s)
         busy0, total0 = cpu_times()
         out[wl.name] = qemu_img_bench(sock, wl, count, pattern=0x5A)["mb_s"]
         busy1, total1 = cpu_times()

@@ -147,6 +147,12 @@ def qemu_img_bench(sock: Path, wl: Workload, count: int, *, pattern: int | None 
     }
 
 
+def sized_count(sock: Path, wl: Workload, target_s: float) -> int:
+    """The request count for a run of about ``target_s``, from a short probe run."""
+    probe = qemu_img_bench(sock, wl, wl.probe, pattern=0x5A)
+    return max(wl.probe, min(wl.max_count, int(wl.probe * target_s / probe["seconds"])))
+
+
 def measure(sock: Path, size_bytes: int, target_s: float) -> dict[str, Any]:
     """Fill once (untimed), then every workload: probe, then a run of about target_s."""
     fill = Workload("fill", True, MIB, MIB, 0, 0)
@@ -154,9 +160,7 @@ def measure(sock: Path, size_bytes: int, target_s: float) -> dict[str, Any]:
     log(f"  fill {size_bytes // MIB} MiB: {res['seconds']:.2f} s ({res['mb_s']} MB/s)")
     out: dict[str, Any] = {"fill": res}
     for wl in workloads(size_bytes):
-        probe = qemu_img_bench(sock, wl, wl.probe, pattern=0x5A)
-        count = int(wl.probe * target_s / probe["seconds"])
-        count = max(wl.probe, min(wl.max_count, count))
+        count = sized_count(sock, wl, target_s)
         res = qemu_img_bench(sock, wl, count, pattern=0x5A)
         took = f"{res['seconds']:.3f} s -> {res['mb_s']} MB/s, {res['iops']} IOPS"
         log(f"  {wl.name}: {count} x {wl.size} B in {took}")
