@@ -1,9 +1,9 @@
 """Suite benchmark: what the framework costs on top of QEMU, what two xdist workers buy, and what
 a Crucible disk costs against a file disk, as the guest sees it.
 
-Usage: ci/bench suite [--runs N] [--guests tiny,debian] [--write-guest tiny] [--write-mib 64]
-                      [--skip-boot] [--skip-write] [--skip-xdist] [--downstairs docker|process]
-                      [--out PATH]
+Usage: ci/bench suite [--runs N] [--guests tiny,debian] [--boot auto|firmware|kernel]
+                      [--write-guest tiny] [--write-mib 64] [--skip-boot] [--skip-write]
+                      [--skip-xdist] [--downstairs docker|process] [--out PATH]
 
 boot_overhead_ratio[guest]
     framework launch-to-shell / raw QEMU to the same shell: the median over --runs (default 3)
@@ -12,9 +12,12 @@ boot_overhead_ratio[guest]
     framework: VmFactory.new_vm (incl. the guest's qcow2 boot overlay) -> launch ->
                wait_for_state(Running) -> wait_to_boot, in this process, as a test does it.
     raw:       qemu-img overlay (disk guests) -> qemu-system-x86_64 with the same board,
-               kernel, initrd, cmdline, disks and NIC as the framework VM's spec (-accel as
-               --phd-accel, serial on stdio pipes) -> the same guest adapter's login over the
-               same console-matching code (phd.serial.SerialConsole fed from the pipe).
+               boot (the same BOOTROM and boot disk for firmware boot; the same kernel, initrd
+               and cmdline for direct kernel boot), disks and NIC as the framework VM's spec
+               (-accel as --phd-accel, serial on stdio pipes) -> the same guest adapter's login
+               over the same console-matching code (phd.serial.SerialConsole fed from the pipe).
+    --boot: how both sides boot (default auto: --phd-boot's rule, firmware for disk-image
+    guests, kernel for initramfs guests); each guest's mode is in the JSON (boot[guest].boot).
     Target: <= 1.05 for tiny and debian (issue 17 item 4).
 crucible_vs_file_write_ratio
     one tiny VM with a Crucible data disk (vda, 1 GiB, three downstairs) and a raw file data disk
@@ -68,12 +71,13 @@ MIB = 1 << 20
 
 
 # --- boot: framework -------------------------------------------------------------------------
-def framework_boot(fw: Framework, tmp: Path, guest: str, run: int) -> tuple[float, dict[str, Any]]:
-    """Launch-to-shell through the framework; the seconds, plus the VM's spec (the raw run copies
-    it) and where the time went."""
+def framework_boot(fw: Framework, tmp: Path, guest: str, run: int,
+                   boot: str) -> tuple[float, dict[str, Any]]:
+    """Launch-to-shell through the framework; the seconds, plus the VM's spec and boot (the raw
+    run copies them) and where the time went."""
     with factories(fw, tmp, "bench-suite", f"fw-{guest}-{run}") as (vms, _):
         t0 = time.monotonic()
-        vm = vms.new_vm(f"boot{run}", guest=guest)
+        vm = vms.new_vm(f"boot{run}", guest=guest, boot=boot)
         t_new = time.monotonic()
         vm.launch()
         t_launched = time.monotonic()
@@ -84,9 +88,12 @@ def framework_boot(fw: Framework, tmp: Path, guest: str, run: int) -> tuple[floa
         # Proof it is a live shell, outside the timed part.
         assert vm.run_shell_command("echo phd-bench").output == "phd-bench"
         spec = vm.spec()
+        base = getattr(vm.boot_disk, "base", None)
+        firmware = vm.server.bootrom if vm.config.boot == "firmware" else None
         split = {"new_vm_s": t_new - t0, "launch_s": t_launched - t_new,
                  "to_running_s": t_running - t_launched, "running_to_shell_s": t_shell - t_running}
-        return t_shell - t0, {"spec": spec, "split": {k: round(v, 3) for k, v in split.items()}}
+        return t_shell - t0, {"spec": spec, "base": base, "bootrom": firmware, "boot": vm.config.boot,
+                              "split": {k: round(v, 3) for k, v in split.items()}}
 
 
 # --- boot: raw QEMU ----------------------------------------------------------------------------
@@ -145,22 +152,27 @@ def _is_qcow2(path: str) -> bool:
 
 
 def raw_argv(spec: dict[str, Any], guest: GuestArtifact, accel: str, disks: dict[str, Path],
-             ssh_port: int | None) -> list[str]:
-    """QEMU as the reference server would start it for the v5 `spec` and the guest's direct
-    kernel boot (server options), minus what only a managed VM needs (QMP, -S paused start):
-    same board, file disks, user NIC."""
+             ssh_port: int | None, bootrom: Path | None = None) -> list[str]:
+    """QEMU as the reference server would start it for the v5 `spec` and its boot - `bootrom`
+    booting the first disk (firmware boot), else the guest's direct kernel boot (server
+    options) - minus what only a managed VM needs (QMP, -S paused start): same board, file
+    disks, user NIC."""
     board = spec["board"]
     argv = ["qemu-system-x86_64", "-nodefaults", "-no-user-config", "-display", "none",
             "-accel", accel, "-machine", "q35,graphics=off",
             "-smp", str(board["cpus"]), "-m", str(board["memory_mb"]),
-            "-chardev", "stdio,id=serial0,signal=off", "-serial", "chardev:serial0",
-            "-kernel", str(guest.kernel), "-append", guest.cmdline, "-initrd", str(guest.initrd)]
-    for device in _disks(spec):
+            "-chardev", "stdio,id=serial0,signal=off", "-serial", "chardev:serial0"]
+    if bootrom is not None:
+        argv += ["-bios", str(bootrom)]
+    else:
+        argv += ["-kernel", str(guest.kernel), "-append", guest.cmdline, "-initrd", str(guest.initrd)]
+    for index, device in enumerate(_disks(spec)):
         node = f"{device}-backend"
         fmt = "qcow2" if _is_qcow2(str(disks[device])) else "raw"
         argv += ["-blockdev", f"driver={fmt},node-name={node},read-only=off,"
                               f"file.driver=file,file.filename={disks[device]}",
-                 "-device", f"virtio-blk-pci,drive={node},id={device}"]
+                 "-device", f"virtio-blk-pci,drive={node},id={device}"
+                            + (",bootindex=0" if bootrom is not None and index == 0 else "")]
     for name, c in spec["components"].items():
         if c["type"] != "virtio_nic":
             continue
@@ -171,9 +183,10 @@ def raw_argv(spec: dict[str, Any], guest: GuestArtifact, accel: str, disks: dict
     return argv
 
 
-def raw_boot(fw: Framework, tmp: Path, guest: GuestArtifact, spec: dict[str, Any],
+def raw_boot(fw: Framework, tmp: Path, guest: GuestArtifact, vm_info: dict[str, Any],
              run: int) -> tuple[float, list[str]]:
     """Launch-to-shell of plain QEMU for the same VM; the seconds and the argv used."""
+    spec: dict[str, Any] = vm_info["spec"]
     work = tmp / f"raw-{guest.name}-{run}"
     work.mkdir(parents=True)
     ports: list[int] = []
@@ -185,9 +198,9 @@ def raw_boot(fw: Framework, tmp: Path, guest: GuestArtifact, spec: dict[str, Any
         for device, backend in _disks(spec).items():
             if _is_qcow2(backend["path"]):
                 # A fresh overlay of the same image, as new_vm makes (timed on both sides).
-                assert guest.disk is not None, f"{guest.name}: a qcow2 boot disk but no image"
+                assert vm_info["base"] is not None, f"{guest.name}: a qcow2 boot disk but no image"
                 disks[device] = work / f"{device}.qcow2"
-                subprocess.run(overlay_argv(guest.disk, disks[device]), check=True,  # noqa: S603
+                subprocess.run(overlay_argv(vm_info["base"], disks[device]), check=True,  # noqa: S603
                                stdin=subprocess.DEVNULL, capture_output=True)
             else:
                 disks[device] = Path(backend["path"])
@@ -195,7 +208,7 @@ def raw_boot(fw: Framework, tmp: Path, guest: GuestArtifact, spec: dict[str, Any
         if any(c["type"] == "virtio_nic" for c in spec["components"].values()):
             ssh_port = fw.ports.allocate()
             ports.append(ssh_port)
-        argv = raw_argv(spec, guest, fw.config.accel, disks, ssh_port)
+        argv = raw_argv(spec, guest, fw.config.accel, disks, ssh_port, vm_info["bootrom"])
         # The serial console on stdio pipes; PR_SET_PDEATHSIG: the kernel takes QEMU down with
         # this (main) thread, even when the bench is SIGKILLed.
         proc = ManagedProcess(argv, name=f"raw QEMU ({guest.name} run {run})", log_path=work / "qemu.log",
@@ -221,33 +234,33 @@ def raw_boot(fw: Framework, tmp: Path, guest: GuestArtifact, spec: dict[str, Any
             fw.ports.release(port)
 
 
-def measure_boot(fw: Framework, tmp: Path, guest: str, runs: int) -> dict[str, Any]:
+def measure_boot(fw: Framework, tmp: Path, guest: str, runs: int, boot: str) -> dict[str, Any]:
     artifact = fw.artifacts.guest(guest)  # built/verified once, outside the timed part
     fw_s: list[float] = []
     raw_s: list[float] = []
     splits: list[dict[str, float]] = []
-    spec: dict[str, Any] | None = None
+    vm_info: dict[str, Any] | None = None
     raw_cmd: list[str] = []
 
     def one_fw(i: int) -> None:
-        nonlocal spec
-        seconds, info = framework_boot(fw, tmp, guest, i)
-        spec = info["spec"]
+        nonlocal vm_info
+        seconds, info = framework_boot(fw, tmp, guest, i, boot)
+        vm_info = info
         fw_s.append(seconds)
         splits.append(info["split"])
         log(f"{guest} run {i}: framework {seconds:.2f} s {info['split']}")
 
     def one_raw(i: int) -> None:
         nonlocal raw_cmd
-        assert spec is not None
-        seconds, raw_cmd = raw_boot(fw, tmp, artifact, spec, i)
+        assert vm_info is not None
+        seconds, raw_cmd = raw_boot(fw, tmp, artifact, vm_info, i)
         raw_s.append(seconds)
         log(f"{guest} run {i}: raw QEMU {seconds:.2f} s")
 
     for i in range(runs):
         # The first framework boot gives the spec the raw boots copy; after it the order
         # alternates (raw first on odd runs) so neither side always boots into a warm cache.
-        fw_first = i % 2 == 0 or spec is None
+        fw_first = i % 2 == 0 or vm_info is None
         order: list[Callable[[int], None]] = [one_fw, one_raw] if fw_first else [one_raw, one_fw]
         for step in order:
             step(i)
@@ -255,7 +268,9 @@ def measure_boot(fw: Framework, tmp: Path, guest: str, runs: int) -> dict[str, A
     # The headline is the median of the per-run ratios: the two boots of a run are back to
     # back, so a burst of load from elsewhere on the machine hits both, and cancels.
     pairs = [f / r for f, r in zip(fw_s, raw_s, strict=True)]
+    assert vm_info is not None
     return {
+        "boot": vm_info["boot"],
         "ratio": round(statistics.median(pairs), 3),
         "framework_s": round(framework_median, 3), "raw_qemu_s": round(raw_median, 3),
         "ratio_of_medians": round(framework_median / raw_median, 3),
@@ -373,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="ci/bench suite", description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3, help="interleaved runs per measurement (default 3)")
     ap.add_argument("--guests", default="tiny,debian", help="guests for the boot overhead")
+    ap.add_argument("--boot", choices=["auto", "firmware", "kernel"], default="auto",
+                    help="how both sides boot (default auto: firmware for disk-image guests)")
     ap.add_argument("--write-guest", default="tiny", help="guest for the write comparison")
     ap.add_argument("--write-mib", type=int, default=64, help="MiB per dd pass (default 64)")
     ap.add_argument("--skip-boot", action="store_true")
@@ -396,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         fw = framework(args.downstairs, tmp, guests)
         try:
             if not args.skip_boot:
-                boot = {g: measure_boot(fw, tmp, g, args.runs) for g in guests}
+                boot = {g: measure_boot(fw, tmp, g, args.runs, args.boot) for g in guests}
                 result["boot_overhead_ratio"] = {g: b["ratio"] for g, b in boot.items()}
                 result["boot"] = boot
             if not args.skip_write:
@@ -432,7 +449,7 @@ def print_table(result: dict[str, Any]) -> None:
         target = TARGET_BOOT_RATIO if guest in BOOT_TARGET_GUESTS else None
         met = "" if target is None else (
             f"  target <= {target}: {'met' if b['ratio'] <= target else 'NOT MET'}")
-        print(f"{'boot_overhead_ratio[' + guest + ']':<34}{b['ratio']:>10.3f}  framework "
+        print(f"{'boot_overhead_ratio[' + guest + ']':<34}{b['ratio']:>10.3f}  {b['boot']} boot: framework "
               f"{b['framework_s']:.2f} s / raw QEMU {b['raw_qemu_s']:.2f} s (medians; pairs "
               f"{', '.join(f'{x:.2f}' for x in b['pair_ratios'])}){met}")
     if "write" in result:

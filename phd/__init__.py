@@ -20,6 +20,7 @@ from phd.vm.client import InstanceState
 from phd.vm.factory import DiskFactory, VmFactory
 from phd.vm.guest import CommandResult, GuestCommandError
 from phd.vm.lifecycle import Action, run_lifecycle
+from phd.vm.serial import GuestPanic
 from phd.vm.ssh import SshCommandError, SshResult, SshSession
 from phd.vm.status import StatusCheck, check_err, check_ok, ignore_status
 from phd.vm.testvm import FileDisk, TestVm, VmConfig
@@ -36,6 +37,7 @@ __all__ = [
     "DownstairsStatus",
     "FileDisk",
     "GuestCommandError",
+    "GuestPanic",
     "HarnessError",
     "InstanceState",
     "PhdError",

@@ -38,6 +38,7 @@ from phd.storage.downstairs import PROGRAM_KINDS, DsProgram, choose_program, def
 __all__ = [
     "SETTINGS",
     "Accel",
+    "BootMode",
     "ConfigError",
     "DownstairsFlavour",
     "OutputMode",
@@ -54,6 +55,11 @@ __all__ = [
 DownstairsFlavour = Literal["docker", "process"]
 OutputMode = Literal["file", "stdio", "null"]
 Accel = Literal["tcg", "kvm"]
+# How guests boot: "firmware" - the server's BOOTROM (UEFI, OVMF) boots the guest's disk image,
+# as Propolis always does; "kernel" - the reference server boots the guest's kernel and initrd
+# directly (its own option, fast); "auto" - firmware for disk-image guests (debian), kernel for
+# initramfs guests (tiny, alpine).
+BootMode = Literal["auto", "firmware", "kernel"]
 
 MANIFEST_NAME = "artifacts.toml"
 PROJECT_MANIFEST = Path("artifacts") / MANIFEST_NAME
@@ -88,12 +94,15 @@ class PhdConfig:
     # from sut/storage/image (None: build it).
     downstairs_image: str | None = None
     shard: tuple[int, int] | None = None  # (i, N), 1-based i
+    boot: BootMode = "auto"
+    # The server's BOOTROM argument; None: OVMF for firmware boot, SeaBIOS for kernel boot.
+    bootrom: Path | None = None
 
     def __post_init__(self) -> None:
         # The builder checks values with their option's name; this catches a direct
         # construction (ci/benchlib, tests) that slips a wrong string into a Literal field.
         for name, allowed in (("downstairs", DownstairsFlavour), ("output_mode", OutputMode),
-                              ("accel", Accel)):
+                              ("accel", Accel), ("boot", BootMode)):
             value = getattr(self, name)
             if value not in get_args(allowed):
                 raise ConfigError(f"PhdConfig.{name} {value!r} is not one of "
@@ -160,6 +169,14 @@ SETTINGS: tuple[Setting, ...] = (
             "leave a failed test's VMs and disks running and print how to reach them; keep every "
             "test's results directory", action="store_true"),
     Setting("accel", "tcg", "QEMU accelerator (default tcg)", choices=get_args(Accel)),
+    Setting("boot", "auto",
+            "how guests boot: firmware (the BOOTROM, UEFI, boots the guest's disk image, as "
+            "Propolis does), kernel (the reference server boots the guest's kernel and initrd "
+            "directly: fast, its own option) or auto (firmware for disk-image guests such as "
+            "debian, kernel for initramfs guests such as tiny); default auto",
+            choices=get_args(BootMode)),
+    Setting("bootrom", "OVMF for firmware boot, SeaBIOS for kernel boot",
+            "the guest firmware the server is started with (its BOOTROM argument)", metavar="PATH"),
     Setting("regression", "none",
             "re-create a historical bug in the reference server (repeatable; the variable takes "
             "a comma-separated list)", action="append"),
@@ -363,11 +380,28 @@ def build_config(options: Mapping[str, object] | None = None, *,
         output_mode=cast(OutputMode, r.choice("output_mode", "file")),
         keep_on_failure=r.switch("keep_on_failure"),
         accel=cast(Accel, r.choice("accel", "tcg")),
+        boot=cast(BootMode, r.choice("boot", "auto")),
+        bootrom=_bootrom(r),
         regressions=r.items("regression"),
         repo_root=data_root(),
         downstairs_image=None if image is None else str(image[0]).strip(),
         shard=None if shard is None else parse_shard(str(shard[0]), _source(r, "shard", shard[1])),
     )
+
+
+def _bootrom(r: _Reader) -> Path | None:
+    text = r.text("bootrom")
+    if text is None:
+        return None
+    path = Path(text).expanduser()
+    try:
+        is_file = path.is_file()
+    except (OSError, ValueError):  # a NUL byte, a name too long for the OS
+        is_file = False
+    if not is_file:
+        raise ConfigError(f"{r.source('bootrom')} {text!r} is not a file: give a guest firmware image, "
+                          "e.g. /usr/share/ovmf/OVMF.fd (Debian's ovmf package)")
+    return path
 
 
 def _source(r: _Reader, name: str, source: str) -> str:

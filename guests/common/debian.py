@@ -43,13 +43,15 @@ class Package:
         return f"{self.name}={self.version}"
 
 
-def run_tool(argv: list[str], *, hint: str, cwd: Path | None = None) -> str:
-    """Run a host tool and return its stdout, or raise with argv, stderr and ``hint``."""
+def run_tool(argv: list[str], *, hint: str, cwd: Path | None = None, stdin_text: str | None = None) -> str:
+    """Run a host tool and return its stdout, or raise with argv, stderr and ``hint``.
+    ``stdin_text`` is the tool's input (a script for sfdisk, say); without it stdin is empty."""
     try:
         done = subprocess.run(  # noqa: S603 - argv list, no shell
             argv,
             cwd=cwd,
-            stdin=subprocess.DEVNULL,
+            input=stdin_text,
+            stdin=subprocess.DEVNULL if stdin_text is None else None,
             capture_output=True,
             text=True,
             check=False,

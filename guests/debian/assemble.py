@@ -1,4 +1,8 @@
-"""Assemble the debian guest: mmdebstrap a root tree, configure it, pack it into an ext4 image.
+"""Assemble the debian guest: mmdebstrap a root tree, configure it, pack it into a disk image.
+
+The disk boots through UEFI firmware as well as by direct kernel boot: a GPT disk with an EFI
+system partition (the kernel, initrd and command line as one unified kernel image, see
+``guests/common/efi.py``) and the ext4 root file system as partition 2 (``/dev/vda2``).
 
 Pure mechanics with no caching: ``build.py`` decides whether to call this and moves
 the result into place. Needs root: mmdebstrap's root mode and ``mke2fs -d`` record the
@@ -17,7 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from guests.common import debian
+from guests.common import debian, efi
 
 __all__ = [
     "DISK_SIZE",
@@ -33,6 +37,7 @@ __all__ = [
     "mke2fs_argv",
     "mmdebstrap_argv",
     "parse_kernel_config",
+    "write_disk",
 ]
 
 RECIPE_DIR = Path(__file__).resolve().parent
@@ -41,6 +46,8 @@ INITRAMFS_DIR = RECIPE_DIR / "initramfs"
 SUITE = "bookworm"
 # Sparse: the image holds about 300 MB; the rest is room for what tests write.
 DISK_SIZE = "2G"
+DISK_BYTES = 2 << 30
+ROOT_DEVICE = "/dev/vda2"
 
 # Units that only cost boot time here: gettys on virtual terminals nobody sees (the VM
 # has no display; Debian's getty-static starts tty2-6 when logind is absent) and the
@@ -133,9 +140,23 @@ def mmdebstrap_argv(
     return argv
 
 
-def mke2fs_argv(root: Path, image: Path, size: str = DISK_SIZE) -> list[str]:
-    """An ext4 image populated from ``root`` (``-d``): no mount, no loop device."""
-    return ["mke2fs", "-q", "-F", "-t", "ext4", "-L", "root", "-d", str(root), str(image), size]
+def mke2fs_argv(root: Path, image: Path, size: int, offset: int = 0) -> list[str]:
+    """An ext4 file system of ``size`` bytes at byte ``offset`` of ``image`` (a partition),
+    populated from ``root`` (``-d``): no mount, no loop device."""
+    return ["mke2fs", "-q", "-F", "-t", "ext4", "-L", "root", "-E", f"offset={offset}", "-d", str(root),
+            str(image), f"{size // 1024}k"]
+
+
+def write_disk(root: Path, image: Path, uki: Path, size: int = DISK_BYTES) -> efi.Partition:
+    """``image``: GPT with the ESP (booting ``uki``) then the root file system filling the
+    rest of ``size``; returns the root partition."""
+    esp = efi.Partition("esp", efi.ESP_TYPE, efi.esp_size_for(uki.stat().st_size))
+    rootfs = efi.Partition("root", efi.LINUX_TYPE, size - esp.size - 2 * efi.ALIGN)
+    esp_at, root_at = efi.write_gpt(image, "debian", [esp, rootfs])
+    efi.write_esp(image, esp_at, esp.size, {efi.BOOT_PATH: uki})
+    debian.run_tool(mke2fs_argv(root, image, rootfs.size, root_at),
+                    hint="mke2fs comes from e2fsprogs: run ci/bootstrap")
+    return rootfs
 
 
 def empty_root_password(shadow: str) -> str:
@@ -273,7 +294,8 @@ def assemble(
     cmdline: str,
     log: Log = _stderr,
 ) -> Assembled:
-    """Write ``vmlinuz``, ``initrd.img``, ``cmdline`` and ``disk.raw`` into ``staging``."""
+    """Write ``vmlinuz``, ``initrd.img``, ``cmdline`` and ``disk.raw`` into ``staging``.
+    ``packages`` must include systemd-boot-efi: its EFI stub makes the unified kernel image."""
     root = work / "root"
     run_logged(
         mmdebstrap_argv(packages, root, apt_sources()),
@@ -290,8 +312,11 @@ def assemble(
     shutil.copyfile(root / "boot" / f"initrd.img-{version}", staging / "initrd.img")
     installed = _installed(root)
     customize(root)
-    log(f"writing the {DISK_SIZE} ext4 image")
-    debian.run_tool(mke2fs_argv(root, staging / "disk.raw"),
-                    hint="mke2fs comes from e2fsprogs: run ci/bootstrap")
+    stub = root / efi.STUB_MEMBER
+    if not stub.is_file():
+        raise debian.DebianError(f"the image has no {efi.STUB_MEMBER}: is {efi.STUB_PACKAGE} in PACKAGES?")
+    uki = efi.make_uki(stub, staging / "vmlinuz", staging / "initrd.img", cmdline, "debian", work)
+    log(f"writing the {DISK_SIZE} disk image (GPT: EFI system partition, ext4 root)")
+    write_disk(root, staging / "disk.raw", uki)
     (staging / "cmdline").write_text(cmdline + "\n")
     return Assembled(kernel_version=version, packages=installed, drivers=drivers)

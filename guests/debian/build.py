@@ -5,7 +5,8 @@ Output (the recipe interface shared by all guests, see guests/README.md)::
     DIR/vmlinuz     kernel (Debian's cloud kernel: virtio and NVMe, few other drivers)
     DIR/initrd.img  its initramfs (initramfs-tools, only the virtio modules)
     DIR/cmdline     kernel command line, one line
-    DIR/disk.raw    the root file system, ext4, sparse, read-only (VMs boot an overlay)
+    DIR/disk.raw    GPT disk, sparse, read-only (VMs boot an overlay): an EFI system partition
+                    with a unified kernel image (firmware boot), then the ext4 root (vda2)
     DIR/guest.json  metadata: versions, input hash, login and shell prompts
 
 The input hash covers the recipe files and the exact Debian versions of the packages
@@ -67,12 +68,14 @@ LOGIN_USER = "root"
 SHELL_PROMPT = "root@debian:~# "
 # Packages on top of minbase. The kernel comes from its metapackage, pinned to the
 # versioned package it points at (resolve_inputs).
-PACKAGES = ("systemd-sysv", "udev", "openssh-server", "iproute2", "procps")
+# systemd-boot-efi brings the EFI stub of the disk's unified kernel image (about 300 KB of
+# files, no scripts), so the image carries what booted it.
+PACKAGES = ("systemd-sysv", "udev", "openssh-server", "iproute2", "procps", "systemd-boot-efi")
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 # quiet + systemd.show_status=error: the console carries the login prompt and the
 # commands' output, not boot chatter that could land between a command's markers
 # (failures still print); panic=-1 reboots at once on a panic instead of hanging.
-CMDLINE = "console=ttyS0 root=/dev/vda rw quiet systemd.show_status=error panic=-1"
+CMDLINE = "console=ttyS0 root=/dev/vda2 rw quiet systemd.show_status=error panic=-1"
 OUTPUT_FILES = ("vmlinuz", "initrd.img", "cmdline", "disk.raw", "guest.json")
 
 
@@ -87,7 +90,7 @@ _SHAPING_DIRS = ("rootfs", "initramfs")
 # The guests/common/ modules the recipe imports that shape its output: the Debian helpers
 # (apt-cache parsing that pins every package version, the tool runner and its environment).
 # As for every recipe; guests/common/recipe.py only caches and publishes.
-SHARED_FILES = ("debian.py",)
+SHARED_FILES = ("debian.py", "efi.py")
 
 
 def recipe_files_digest(recipe_dir: Path = RECIPE_DIR, common_dir: Path = COMMON_DIR) -> str:
@@ -203,7 +206,8 @@ def _build_into(out: Path, packages: Sequence[debian.Package], wanted: str,
             "shell_prompt": SHELL_PROMPT,
             "has_sshd": True,
             "disk_size": DISK_SIZE,
-            "files": {"kernel": "vmlinuz", "initrd": "initrd.img", "cmdline": "cmdline", "disk": "disk.raw"},
+            "files": {"kernel": "vmlinuz", "initrd": "initrd.img", "cmdline": "cmdline", "disk": "disk.raw",
+                      "firmware_disk": "disk.raw"},
             "sha256": {name: sha256_file(staging / name) for name in ("vmlinuz", "initrd.img", "disk.raw")},
             "build_seconds": round(time.monotonic() - started, 2),
         }
@@ -221,7 +225,7 @@ def _build_into(out: Path, packages: Sequence[debian.Package], wanted: str,
 def main(argv: Sequence[str] | None = None) -> int:
     return recipe_main(
         argv, name=RECIPE,
-        description="Build the Debian 12 guest (kernel, initrd, cmdline, ext4 disk.raw, guest.json).",
+        description="Build the Debian 12 guest (kernel, initrd, cmdline, GPT disk.raw, guest.json).",
         build=lambda _parser, args: build(args.out, force=args.force))
 
 

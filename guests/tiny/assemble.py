@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from guests.common import debian
+from guests.common import debian, efi
 from guests.common.cpio import Archive
 from guests.common.kernel import kernel_parts
 
@@ -91,9 +91,10 @@ def assemble(
     staging: Path,
     *,
     cmdline: str,
+    stub: debian.Package,
     log: Log = _stderr,
 ) -> Assembled:
-    """Write ``vmlinuz``, ``initrd.img`` and ``cmdline`` into ``staging``."""
+    """Write ``vmlinuz``, ``initrd.img``, ``cmdline`` and ``boot.raw`` into ``staging``."""
     parts = kernel_parts(kernel, work, log)
     shutil.copyfile(parts.vmlinuz, staging / "vmlinuz")
 
@@ -107,5 +108,9 @@ def assemble(
     log(f"writing initramfs ({len(archive)} entries)")
     (staging / "initrd.img").write_bytes(archive.to_gzip())
     (staging / "cmdline").write_text(cmdline + "\n")
+    log("writing boot.raw (GPT, EFI system partition, unified kernel image)")
+    uki = efi.make_uki(efi.fetch_stub(stub, work, log), staging / "vmlinuz", staging / "initrd.img",
+                       cmdline, "tiny", work)
+    efi.write_esp_disk(staging / "boot.raw", "tiny", uki)
     return Assembled(kernel_version=parts.version, modules=tuple(name for name, _ in parts.modules),
                      busybox_applets=applets)

@@ -5,11 +5,13 @@ Output (the recipe interface shared by all guests, see guests/README.md)::
     DIR/vmlinuz     kernel
     DIR/initrd.img  initramfs (gzip newc cpio)
     DIR/cmdline     kernel command line, one line
+    DIR/boot.raw    the same kernel, initramfs and command line as a firmware-bootable disk
+                    (GPT, an EFI system partition holding one unified kernel image)
     DIR/guest.json  metadata: versions, input hash, login and shell prompts
 
 The input hash covers the recipe files, the guests/common/ modules it imports
 (``SHARED_FILES``) and the exact Debian versions of the kernel package and
-busybox-static. When ``DIR/guest.json`` already holds it,
+busybox-static and the systemd EFI stub. When ``DIR/guest.json`` already holds it,
 the build does nothing. Otherwise it builds into a temporary sibling of DIR and
 renames it into place, holding a file lock (``DIR.lock``) so that concurrent
 builds (pytest-xdist workers) build once and the others reuse the result.
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from guests.common import debian
+from guests.common import debian, efi
 from guests.common.recipe import (
     COMMON_DIR,
     LOCK_TIMEOUT_S,
@@ -65,14 +67,14 @@ SCHEMA = 1
 RECIPE_DIR = Path(__file__).resolve().parent
 # The guests/common/ modules the recipe imports (directly or through each other): they shape
 # the kernel, the module order and the initramfs, so they are in the input hash.
-SHARED_FILES = ("cpio.py", "debian.py", "kernel.py", "kmods.py")
+SHARED_FILES = ("cpio.py", "debian.py", "efi.py", "kernel.py", "kmods.py")
 LOGIN_PROMPT = "tiny login: "
 LOGIN_USER = "root"
 SHELL_PROMPT = "root@tiny:~# "
 # quiet keeps the console short (the banner and getty still print); panic=-1
 # reboots at once on a panic, which ends QEMU when it runs with -no-reboot.
 CMDLINE = "console=ttyS0 quiet panic=-1"
-OUTPUT_FILES = ("vmlinuz", "initrd.img", "cmdline", "guest.json")
+OUTPUT_FILES = ("vmlinuz", "initrd.img", "cmdline", "boot.raw", "guest.json")
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class Inputs:
 
     kernel: debian.Package
     busybox: debian.Package
+    stub: debian.Package  # systemd-boot-efi: the EFI stub of boot.raw's unified kernel image
 
 
 def _log(message: str) -> None:
@@ -100,6 +103,7 @@ def input_hash(inputs: Inputs, recipe: str) -> str:
             "recipe": recipe,
             "kernel": str(inputs.kernel),
             "busybox": str(inputs.busybox),
+            "stub": str(inputs.stub),
             "cmdline": CMDLINE,
         },
         sort_keys=True,
@@ -108,10 +112,11 @@ def input_hash(inputs: Inputs, recipe: str) -> str:
 
 
 def resolve_inputs() -> Inputs:
-    """Pin the kernel and busybox-static versions apt would use right now."""
+    """Pin the kernel, busybox-static and EFI stub versions apt would use right now."""
     busybox_name = "busybox-static"
     busybox_version = debian.installed_version(busybox_name) or debian.candidate_version(busybox_name)
-    return Inputs(kernel=debian.kernel_package(), busybox=debian.Package(busybox_name, busybox_version))
+    return Inputs(kernel=debian.kernel_package(), busybox=debian.Package(busybox_name, busybox_version),
+                  stub=efi.stub_package())
 
 
 Assembler = Callable[..., Assembled]
@@ -148,7 +153,8 @@ def _build_into(out: Path, inputs: Inputs, wanted: str, assembler: Assembler) ->
     try:
         with tempfile.TemporaryDirectory(prefix="phd-tiny-work-") as work:
             try:
-                made = assembler(inputs.kernel, inputs.busybox, Path(work), staging, cmdline=CMDLINE)
+                made = assembler(inputs.kernel, inputs.busybox, Path(work), staging, cmdline=CMDLINE,
+                                 stub=inputs.stub)
             except debian.DebianError as exc:
                 raise BuildError(str(exc)) from exc
         meta: dict[str, Any] = {
@@ -159,16 +165,21 @@ def _build_into(out: Path, inputs: Inputs, wanted: str, assembler: Assembler) ->
             "kernel_package": inputs.kernel.name,
             "kernel_package_version": inputs.kernel.version,
             "busybox_version": inputs.busybox.version,
+            "stub_package_version": inputs.stub.version,
             "modules": list(made.modules),
             "busybox_applets": made.busybox_applets,
             "cmdline": CMDLINE,
             "login_prompt": LOGIN_PROMPT,
             "login_user": LOGIN_USER,
             "shell_prompt": SHELL_PROMPT,
-            "files": {"kernel": "vmlinuz", "initrd": "initrd.img", "cmdline": "cmdline"},
-            "sha256": {name: sha256_file(staging / name) for name in ("vmlinuz", "initrd.img")},
+            "files": {"kernel": "vmlinuz", "initrd": "initrd.img", "cmdline": "cmdline",
+                      "firmware_disk": "boot.raw"},
+            "sha256": {name: sha256_file(staging / name) for name in ("vmlinuz", "initrd.img", "boot.raw")},
             "build_seconds": round(time.monotonic() - started, 2),
         }
+        # VMs boot copy-on-write overlays of it; read-only keeps a stray writer from
+        # changing every later boot.
+        (staging / "boot.raw").chmod(0o444)
         publish(staging, out, meta)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -178,7 +189,8 @@ def _build_into(out: Path, inputs: Inputs, wanted: str, assembler: Assembler) ->
 
 def main(argv: Sequence[str] | None = None) -> int:
     return recipe_main(argv, name=RECIPE,
-                       description="Build the tiny busybox guest (kernel, initramfs, cmdline, guest.json).",
+                       description="Build the tiny busybox guest (kernel, initramfs, cmdline, "
+                                   "firmware-bootable boot.raw, guest.json).",
                        build=lambda _parser, args: build(args.out, force=args.force))
 
 

@@ -140,6 +140,10 @@ class GuestArtifact:
     # The guest's root disk image (raw), for recipes that boot from a disk (guest.json
     # "files": {"disk": ...}); None for initramfs-only guests such as tiny.
     disk: Path | None = None
+    # A disk image UEFI firmware boots (GPT with an EFI system partition; guest.json "files":
+    # {"firmware_disk": ...}): debian's root disk itself, tiny's boot.raw. None: the guest can
+    # only be booted directly (a recipe from before firmware boot).
+    firmware_disk: Path | None = None
     # The adapter family from the manifest (`kind = { guest_os = ... }`); it equals `name`
     # for every entry today, but lets two keys (say alpine-3.20, alpine-3.21) share one adapter.
     guest_os: str | None = None
@@ -678,6 +682,7 @@ def _guest_from(name: str, guest_os: str, out: Path) -> GuestArtifact:
     except (OSError, NotRegular) as exc:
         raise HarnessError(f"guest {name!r}: {out} has no readable cmdline file ({exc}); {rebuild}") from None
     disk = files.get("disk")
+    firmware_disk = files.get("firmware_disk")
     return GuestArtifact(
         name=name,
         kernel=member("kernel", "vmlinuz"),
@@ -686,6 +691,7 @@ def _guest_from(name: str, guest_os: str, out: Path) -> GuestArtifact:
         login_prompt=str(meta.get("login_prompt", "login: ")),
         shell_prompt=str(meta.get("shell_prompt", "# ")),
         disk=None if disk is None else member("disk", str(disk)),
+        firmware_disk=None if firmware_disk is None else member("firmware_disk", str(firmware_disk)),
         guest_os=guest_os,
     )
 

@@ -18,6 +18,7 @@ import uuid as uuidlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from phd.artifacts.manifest import short_repr
 from phd.artifacts.store import GuestArtifact
 from phd.core.errors import ArtifactUnavailable, HarnessError
 from phd.core.ports import BLACK_HOLE_KINDS, BlackHole
@@ -26,8 +27,8 @@ from phd.storage.crucible import CrucibleDisk
 from phd.storage.downstairs import Downstairs
 from phd.storage.dsc import DownstairsSet, RegionGeometry, members_for
 from phd.vm.guest import adapter_for
-from phd.vm.server import KernelBoot, ServerProcess
-from phd.vm.testvm import BOOT_DEVICE, TERMINAL, FileDisk, TestVm, VmConfig
+from phd.vm.server import KernelBoot, ServerProcess, uefi_bootrom
+from phd.vm.testvm import BOOT_DEVICE, TERMINAL, FileDisk, GuestBoot, TestVm, VmConfig
 
 if TYPE_CHECKING:  # the session object, for annotations only: phd.framework is above this layer
     from phd.framework import Framework
@@ -87,27 +88,52 @@ class VmFactory:
 
     def new_vm(self, name: str, *, guest: str | None = None, cpus: int = 2,
                memory_mib: int = 512, ssh: bool | None = None,
-               boot_disk: CrucibleDisk | None = None) -> TestVm:
+               boot_disk: CrucibleDisk | FileDisk | None = None, boot: str | None = None) -> TestVm:
         """A VM of `guest` (default: --phd-guest), not yet launched.
 
-        A guest with a disk image boots from a copy-on-write overlay of it, `boot0` in the
-        test directory, or from `boot_disk`: a Crucible disk whose read-only parent is that
-        image (`disk_factory.create_crucible_disk("boot", read_only_parent=
-        vm_factory.guest_image())`). `ssh`: forward a 127.0.0.1 port to the guest's sshd (a
-        user-networking NIC); None means "if the guest runs sshd".
+        boot: "firmware" (the UEFI BOOTROM boots the guest's firmware-bootable disk image, as
+        Propolis does), "kernel" (the server boots the guest's kernel and initrd directly) or
+        "auto" (firmware for disk-image guests, kernel for initramfs guests); default --phd-boot.
+
+        A VM that boots from a disk (firmware boot, or a disk-image guest such as debian) boots
+        a copy-on-write overlay of the image, `boot0` in the test directory, or `boot_disk`: a
+        Crucible disk whose read-only parent is that image (`disk_factory.create_crucible_disk(
+        "boot", read_only_parent=vm_factory.guest_image(boot=...))`), or any file disk
+        (`create_file_disk`) - a blank one, say, to see the firmware fail. `ssh`: forward a
+        127.0.0.1 port to the guest's sshd (a user-networking NIC); None means "if the guest
+        runs sshd".
         """
         artifact = self.fw.artifacts.guest(guest or self.fw.config.default_guest)
-        boot: CrucibleDisk | FileDisk | None = boot_disk
-        if boot_disk is not None and artifact.disk is None:
-            raise HarnessError(f"guest {artifact.name} boots from its initramfs, so boot disk "
-                               f"{boot_disk.name} would go unused; attach it as a data disk")
-        if boot is None and artifact.disk is not None:
-            boot = create_file_disk(self.test_dir / f"{name}.{BOOT_DEVICE}.qcow2", base=artifact.disk)
-        return self._new_vm(VmConfig(name, cpus, memory_mib), artifact, ssh, boot)
+        mode = self.boot_mode(artifact, boot)
+        image = _boot_image(artifact, mode)
+        disk: CrucibleDisk | FileDisk | None = boot_disk
+        if boot_disk is not None and image is None:
+            raise HarnessError(f"guest {artifact.name} boots its kernel and initramfs directly here, so "
+                               f"boot disk {boot_disk.name} would go unused: boot it through firmware "
+                               "(new_vm(..., boot=\"firmware\")) or attach the disk as a data disk")
+        if disk is None and image is not None:
+            disk = create_file_disk(self.test_dir / f"{name}.{BOOT_DEVICE}.qcow2", base=image)
+        return self._new_vm(VmConfig(name, cpus, memory_mib, boot=mode), artifact, ssh, disk)
 
-    def guest_image(self, guest: str | None = None) -> Path | None:
-        """The raw disk image of `guest` (default: --phd-guest); None for initramfs guests."""
-        return self.fw.artifacts.guest(guest or self.fw.config.default_guest).disk
+    def boot_mode(self, artifact: GuestArtifact, boot: str | None = None) -> GuestBoot:
+        """How a VM of `artifact` boots: `boot` (or --phd-boot) with "auto" resolved."""
+        wanted = boot or self.fw.config.boot
+        if wanted not in ("auto", "firmware", "kernel"):
+            raise HarnessError(f"boot {short_repr(wanted)} is not one of auto, firmware, kernel")
+        if wanted == "auto":
+            return "firmware" if artifact.disk is not None else "kernel"
+        if wanted == "firmware" and artifact.firmware_disk is None:
+            raise HarnessError(f"guest {artifact.name} has no firmware-bootable disk image (guest.json "
+                               "names no files.firmware_disk): rebuild it with `phd artifacts build "
+                               f"{artifact.name} --force`, or boot it with --phd-boot kernel")
+        return "firmware" if wanted == "firmware" else "kernel"
+
+    def guest_image(self, guest: str | None = None, *, boot: str | None = None) -> Path | None:
+        """The raw disk image a VM of `guest` (default: --phd-guest) boots from in boot mode
+        `boot` (default: --phd-boot): the firmware-bootable image for firmware boot, the root
+        disk for kernel boot; None for an initramfs guest booted directly."""
+        artifact = self.fw.artifacts.guest(guest or self.fw.config.default_guest)
+        return _boot_image(artifact, self.boot_mode(artifact, boot))
 
     def successor(self, vm: TestVm, name: str | None = None, *, next_generation: bool) -> TestVm:
         """A new VM (own server) on `vm`'s disks, not yet launched: the same guest, board
@@ -132,7 +158,7 @@ class VmFactory:
                     disk.set_generation(disk.generation + 1)
         boot = vm.disks[0].disk if vm.disks and vm.disks[0].device == BOOT_DEVICE else None
         cfg = vm.config
-        succ = self._new_vm(VmConfig(name, cfg.cpus, cfg.memory_mib), vm.guest,
+        succ = self._new_vm(VmConfig(name, cfg.cpus, cfg.memory_mib, boot=cfg.boot), vm.guest,
                             cfg.ssh_port is not None, boot)
         for att in vm.disks:
             if att.device != BOOT_DEVICE:
@@ -164,13 +190,19 @@ class VmFactory:
         self._data_dirs.append((data_dir, self.test_dir / f"{config.name}.server-data"))
         # The reference server reads its accelerator from SUT_SERVER_ACCEL (--phd-accel).
         # What v5 has no field for goes on the server's command line: the guest's kernel,
-        # initrd and command line (direct kernel boot) and the SSH forward.
-        kernel_boot = KernelBoot(artifact.kernel, artifact.initrd, artifact.cmdline)
+        # initrd and command line (direct kernel boot) and the SSH forward. Firmware boot
+        # needs none of it: the BOOTROM boots the boot disk, as on a real propolis-server.
+        kernel_boot = None
+        bootrom = cfg.bootrom
+        if config.boot == "firmware":
+            bootrom = bootrom or uefi_bootrom()
+        else:
+            kernel_boot = KernelBoot(artifact.kernel, artifact.initrd, artifact.cmdline)
         forwards = [f"127.0.0.1:{ssh_port}:22"] if ssh_port is not None else []
         server = ServerProcess(list(cfg.server_cmd), port, data_dir, log, regressions=cfg.regressions,
                                env={"SUT_SERVER_ACCEL": cfg.accel},
                                allow_paths=(cfg.tmp_dir, cfg.artifact_dir), boot=kernel_boot,
-                               forwards=forwards)
+                               forwards=forwards, bootrom=bootrom)
         vm = TestVm(dataclasses.replace(config, ssh_port=ssh_port), server, artifact, self.test_dir)
         self.vms.append(vm)
         if boot is not None:
@@ -203,6 +235,10 @@ class VmFactory:
         for run_dir, keep_as in self._data_dirs:
             _collect(run_dir, keep_as)
         return "\n".join(notes)
+
+
+def _boot_image(artifact: GuestArtifact, mode: GuestBoot) -> Path | None:
+    return artifact.firmware_disk if mode == "firmware" else artifact.disk
 
 
 def _collect(run_dir: Path, keep_as: Path) -> None:

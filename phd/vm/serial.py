@@ -35,7 +35,17 @@ DEFAULT_FAILURE_PATTERNS = (
     re.compile(r"Give root password for maintenance"),
     re.compile(r"Gave up waiting for root file system device"),
     re.compile(r"Dropping to a shell!"),
+    # The firmware tried every boot option and none started: OVMF then runs its UEFI shell,
+    # SeaBIOS stops. The guest never gets to its kernel, so no later prompt can come.
+    re.compile(r"UEFI Interactive Shell"),
+    re.compile(r"No bootable device\."),
 )
+# What a failure pattern means, where the pattern alone would not say it.
+_MEANINGS = {
+    "UEFI Interactive Shell": "the UEFI firmware found nothing to boot and started its shell "
+                              "(is the boot disk attached, bootable and readable?)",
+    "No bootable device\\.": "the BIOS found nothing to boot (is the boot disk attached and bootable?)",
+}
 
 # Watchdog reports that mean "this vCPU did not run for a while". Under TCG on a busy host
 # they come from the HOST starving the vCPU threads, and the guest carries on, so they do not
@@ -135,7 +145,9 @@ class SerialConsole:
                 window = self._text[self._cursor:]
                 for bad in failure_patterns:
                     if bad.search(window):
-                        raise GuestPanic(f"console shows {bad.pattern!r}; last lines:\n{self._tail_locked()}")
+                        meaning = _MEANINGS.get(bad.pattern)
+                        raise GuestPanic(f"console shows {bad.pattern!r}{f': {meaning}' if meaning else ''}; "
+                                         f"last lines:\n{self._tail_locked()}")
                 match = rx.search(window)
                 if match:
                     if consume:

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from phd.core.errors import HarnessError, ProcessStartFailure
+from phd.core.errors import ArtifactUnavailable, HarnessError, ProcessStartFailure
 from phd.core.process import ManagedProcess
 
-__all__ = ["KernelBoot", "ServerProcess", "ServerStartFailure", "default_bootrom"]
+__all__ = ["KernelBoot", "ServerProcess", "ServerStartFailure", "default_bootrom", "uefi_bootrom"]
 
 STOP_TIMEOUT_S = 30.0  # the server stops its VM on SIGTERM: give it time to quit QEMU
 
@@ -40,6 +40,23 @@ def default_bootrom() -> Path:
     raise HarnessError(f"no guest firmware for the server's BOOTROM argument: none of "
                        f"{[str(c) for c in BOOTROM_CANDIDATES]} exists; install Debian's seabios "
                        "(ci/bootstrap does, with qemu-system-x86)")
+
+
+# UEFI firmware for firmware boot: Debian's OVMF build with code and variables in one image,
+# which QEMU loads with -bios (the split _CODE/_VARS images need two pflash drives).
+UEFI_CANDIDATES = (Path("/usr/share/ovmf/OVMF.fd"), Path("/usr/share/qemu/OVMF.fd"))
+
+
+def uefi_bootrom() -> Path:
+    """The BOOTROM for firmware boot: OVMF (what Propolis boots every guest with is its own
+    OVMF build). Missing, it is an unavailable artifact: the test SKIPs with the fix."""
+    for candidate in UEFI_CANDIDATES:
+        if candidate.is_file():
+            return candidate
+    tried = ", ".join(str(c) for c in UEFI_CANDIDATES)
+    raise ArtifactUnavailable(f"UEFI firmware for firmware boot (none of {tried} exists)",
+                              "install Debian's ovmf (ci/bootstrap does), give one with --phd-bootrom "
+                              "PATH, or boot the guest's kernel directly with --phd-boot kernel")
 
 
 @dataclass(frozen=True)
@@ -68,7 +85,7 @@ class ServerProcess:
         self.port = port
         self.data_dir = data_dir
         self.log_path = log_path
-        bootrom = bootrom or default_bootrom()
+        self.bootrom = bootrom = bootrom or default_bootrom()
         argv = [*server_cmd, "run", str(bootrom), f"127.0.0.1:{port}", "--data-dir", str(data_dir)]
         if boot is not None:
             argv += ["--kernel", str(boot.kernel), "--cmdline", boot.cmdline]

@@ -15,7 +15,7 @@ import uuid as uuidlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
@@ -31,10 +31,11 @@ from phd.vm.ssh import SshSession, authorized_keys_command, connect_when_ready, 
 from phd.vm.status import StatusCheck, check_ok
 from phd.vm.volume_status import VolumeStatus
 
-__all__ = ["FileDisk", "TestVm", "VmConfig"]
+__all__ = ["FileDisk", "GuestBoot", "TestVm", "VmConfig"]
 
 TERMINAL = {InstanceState.DESTROYED, InstanceState.FAILED}
 BOOT_DEVICE = "boot0"
+GuestBoot = Literal["firmware", "kernel"]
 NIC = "net0"
 NIC_SLOT = 0x08
 FIRST_DISK_SLOT = 0x10
@@ -53,6 +54,9 @@ class VmConfig:
     # A 127.0.0.1 port forwarded to the guest's port 22 (user-networking NIC `net0`);
     # None: the VM has no NIC.
     ssh_port: int | None = None
+    # firmware: the server's BOOTROM (UEFI) boots the boot disk; kernel: the server boots the
+    # guest's kernel and initrd directly (its own option).
+    boot: GuestBoot = "kernel"
 
 
 @dataclass(frozen=True)

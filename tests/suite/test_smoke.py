@@ -45,7 +45,8 @@ def test_boot_disk_is_a_private_overlay(vm_factory: VmFactory, phd_guest: str) -
     vm.launch()
     vm.wait_for_state(InstanceState.RUNNING, timeout_s=30.0)
     vm.wait_to_boot()
-    assert vm.run_shell_command("findmnt -n -o SOURCE /").output == "/dev/vda"
+    # The root file system is on the boot disk (debian: partition 2, after the ESP).
+    assert vm.run_shell_command("findmnt -n -o SOURCE /").output.startswith(vm.device_path(boot))
     vm.run_shell_command("dd if=/dev/urandom of=/root/phd-written bs=1M count=8 status=none && sync")
 
     after = image.stat()

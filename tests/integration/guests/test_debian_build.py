@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,8 +45,17 @@ def out_dir(tmp_path: Path) -> Iterator[Path]:
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
+def partitions(image: Path) -> dict[str, dict[str, Any]]:
+    """The image's GPT partitions by name (sfdisk's JSON: start and size in sectors, type)."""
+    done = subprocess.run(["sfdisk", "--json", str(image)], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, check=True)
+    return {p["name"]: p for p in json.loads(done.stdout)["partitiontable"]["partitions"]}
+
+
 def debugfs(image: Path, request: str) -> str:
-    done = subprocess.run(["debugfs", "-R", request, str(image)], stdin=subprocess.DEVNULL,
+    """debugfs on the root file system, partition 2 (e2fsprogs opens `image?offset=N`)."""
+    offset = partitions(image)["root"]["start"] * 512
+    done = subprocess.run(["debugfs", "-R", request, f"{image}?offset={offset}"], stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, check=True)
     return done.stdout
 
@@ -81,6 +91,11 @@ def test_concurrent_builds_build_once_then_the_cache_is_a_no_op(out_dir: Path) -
     # The configuration is inside the image, owned by root.
     assert debugfs(disk, "cat /etc/hostname") == "debian\n"
     assert "\nroot::" in "\n" + debugfs(disk, "cat /etc/shadow")
-    assert "/dev/vda" in debugfs(disk, "cat /etc/fstab")
+    assert "/dev/vda2\t/" in debugfs(disk, "cat /etc/fstab")
+    # Firmware boot: partition 1 is the EFI system partition, the root file system follows it.
+    parts = partitions(disk)
+    assert parts["esp"]["type"] == "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+    assert parts["root"]["start"] == parts["esp"]["start"] + parts["esp"]["size"]
+    assert meta["files"]["firmware_disk"] == "disk.raw"
     assert "DHCP=ipv4" in debugfs(disk, "cat /etc/systemd/network/10-phd-dhcp.network")
     assert "User:     0   Group:     0" in debugfs(disk, "stat /etc/hostname")

@@ -214,3 +214,35 @@ def test_tiny_guest_boots_logs_in_and_powers_off(
     record_property("boot_to_login_s", round(login_s, 2))
     record_property("boot_to_shell_s", round(shell_s, 2))
     print(f"\ntiny boot: login prompt after {login_s:.2f} s, shell prompt after {shell_s:.2f} s")
+
+
+def test_boot_raw_is_a_gpt_disk_whose_esp_boots_this_kernel_initrd_and_cmdline(
+    tiny_guest: BuildResult, tmp_path: Path
+) -> None:
+    """boot.raw, the firmware-bootable form (booted through OVMF by tests/suite/test_firmware.py):
+    one EFI system partition whose removable-media boot file is a unified kernel image made of
+    exactly the recipe's vmlinuz, initrd.img and cmdline."""
+    for tool in ("sfdisk", "mcopy", "objcopy"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed: run ci/bootstrap")
+    out = tiny_guest.out
+    meta = json.loads((out / "guest.json").read_text())
+    assert meta["files"]["firmware_disk"] == "boot.raw"
+    image = out / meta["files"]["firmware_disk"]
+    table = json.loads(subprocess.run(["sfdisk", "--json", str(image)], capture_output=True, text=True,
+                                      check=True).stdout)["partitiontable"]
+    assert table["label"] == "gpt"
+    (esp,) = table["partitions"]
+    assert (esp["type"], esp["name"]) == ("C12A7328-F81F-11D2-BA4B-00A0C93EC93B", "esp")
+    uki = tmp_path / "BOOTX64.EFI"
+    subprocess.run(["mcopy", "-i", f"{image}@@{esp['start'] * 512}", "::/EFI/BOOT/BOOTX64.EFI", str(uki)],
+                   check=True, capture_output=True)
+    for section, expected in ((".linux", out / "vmlinuz"), (".initrd", out / "initrd.img")):
+        dumped = tmp_path / section.strip(".")
+        subprocess.run(["objcopy", "-O", "binary", f"--only-section={section}", str(uki), str(dumped)],
+                       check=True, capture_output=True)
+        assert dumped.read_bytes() == expected.read_bytes(), f"{section} is not {expected.name}"
+    dumped = tmp_path / "cmdline"
+    subprocess.run(["objcopy", "-O", "binary", "--only-section=.cmdline", str(uki), str(dumped)],
+                   check=True, capture_output=True)
+    assert dumped.read_text() == (out / "cmdline").read_text().strip()

@@ -52,8 +52,9 @@ def test_apt_sources_finds_enabled_files_only(tmp_path: Path) -> None:
 
 
 def test_mke2fs_needs_no_mount() -> None:
-    assert mke2fs_argv(Path("/r"), Path("/o/disk.raw"), "2G") == [
-        "mke2fs", "-q", "-F", "-t", "ext4", "-L", "root", "-d", "/r", "/o/disk.raw", "2G"]
+    assert mke2fs_argv(Path("/r"), Path("/o/disk.raw"), 2 << 30, 25 << 20) == [
+        "mke2fs", "-q", "-F", "-t", "ext4", "-L", "root", "-E", f"offset={25 << 20}", "-d", "/r",
+        "/o/disk.raw", "2097152k"]
 
 
 def test_empty_root_password_touches_only_root() -> None:
@@ -80,7 +81,7 @@ def test_customize_configures_the_tree(tmp_path: Path) -> None:
     etc = root / "etc"
     assert (etc / "hostname").read_text() == "debian\n"
     assert "127.0.1.1\tdebian" in (etc / "hosts").read_text()
-    assert "/dev/vda\t/\text4" in (etc / "fstab").read_text()
+    assert "/dev/vda2\t/\text4" in (etc / "fstab").read_text()
     assert "nameserver" not in (etc / "resolv.conf").read_text(), "the build host's resolver leaked"
     assert "DHCP=ipv4" in (etc / "systemd" / "network" / "10-phd-dhcp.network").read_text()
     assert (etc / "shadow").read_text().startswith("root::")
@@ -159,7 +160,8 @@ def test_first_build_writes_the_recipe_interface(tmp_path: Path) -> None:
     assert (meta["login_prompt"], meta["login_user"], meta["shell_prompt"]) == (
         "debian login: ", "root", "root@debian:~# ")
     assert meta["files"]["disk"] == "disk.raw" and meta["cmdline"] == (out / "cmdline").read_text().strip()
-    assert meta["cmdline"].startswith("console=ttyS0 root=/dev/vda rw")
+    assert meta["cmdline"].startswith("console=ttyS0 root=/dev/vda2 rw")
+    assert meta["files"]["firmware_disk"] == "disk.raw"
     assert set(meta["sha256"]) == {"vmlinuz", "initrd.img", "disk.raw"}
     assert meta["inputs"] == {p.name: p.version for p in PACKAGES}
     assert stat.S_IMODE((out / "disk.raw").stat().st_mode) == 0o444

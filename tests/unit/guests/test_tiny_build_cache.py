@@ -14,7 +14,8 @@ from guests.tiny import build as tiny_build
 from guests.tiny.assemble import Assembled
 from guests.tiny.build import BuildError, Inputs, build, main, recipe_digest
 
-INPUTS = Inputs(Package("linux-image-6.1.0-56-amd64", "6.1.192-2"), Package("busybox-static", "1"))
+INPUTS = Inputs(Package("linux-image-6.1.0-56-amd64", "6.1.192-2"), Package("busybox-static", "1"),
+                Package("systemd-boot-efi", "252.39-1~deb12u2"))
 
 
 class FakeAssembler:
@@ -27,7 +28,7 @@ class FakeAssembler:
         self._lock = threading.Lock()
 
     def __call__(
-        self, kernel: Package, busybox: Package, work: Path, staging: Path, *, cmdline: str
+        self, kernel: Package, busybox: Package, work: Path, staging: Path, *, cmdline: str, stub: Package
     ) -> Assembled:
         with self._lock:
             self.calls += 1
@@ -36,8 +37,8 @@ class FakeAssembler:
         if self.error is not None:
             (staging / "vmlinuz").write_bytes(b"half")
             raise self.error
-        for name in ("vmlinuz", "initrd.img"):
-            (staging / name).write_bytes(f"{name} {kernel}".encode())
+        for name in ("vmlinuz", "initrd.img", "boot.raw"):
+            (staging / name).write_bytes(f"{name} {kernel} {stub}".encode())
         (staging / "cmdline").write_text(cmdline + "\n")
         return Assembled(kernel_version="6.1.0-56-amd64", modules=("virtio",), busybox_applets=3)
 
@@ -50,7 +51,8 @@ def test_first_build_writes_the_recipe_interface(tmp_path: Path) -> None:
     out = tmp_path / "tiny"
     result = run(out, FakeAssembler())
     assert result.built
-    assert sorted(p.name for p in out.iterdir()) == ["cmdline", "guest.json", "initrd.img", "vmlinuz"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "boot.raw", "cmdline", "guest.json", "initrd.img", "vmlinuz"]
     meta = json.loads((out / "guest.json").read_text())
     assert meta["login_prompt"] == "tiny login: "
     assert meta["shell_prompt"] == "root@tiny:~# "
@@ -74,7 +76,7 @@ def test_new_package_version_or_force_rebuilds(tmp_path: Path) -> None:
     fake = FakeAssembler()
     out = tmp_path / "tiny"
     first = run(out, fake).metadata["input_hash"]
-    newer = Inputs(Package("linux-image-6.1.0-57-amd64", "6.1.200-1"), INPUTS.busybox)
+    newer = Inputs(Package("linux-image-6.1.0-57-amd64", "6.1.200-1"), INPUTS.busybox, INPUTS.stub)
     second = run(out, fake, newer).metadata["input_hash"]
     assert second != first
     assert fake.calls == 2

@@ -253,3 +253,24 @@ def test_recipes_run_with_the_interpreter_phd_runs_on(monkeypatch: pytest.Monkey
     env = _recipe_env({"PATH": "/usr/bin:/bin", "HOME": "/root"})
     assert env["PATH"].split(":") == [str(Path(sys.executable).parent), "/usr/bin", "/bin"]
     assert env["HOME"] == "/root"
+
+
+# --- boot mode and BOOTROM ------------------------------------------------------------------
+def test_boot_defaults_to_auto_and_takes_a_choice_from_flag_or_variable(tmp_path: Path) -> None:
+    assert (build_config({}, env={}).boot, build_config({}, env={}).bootrom) == ("auto", None)
+    assert build_config({"boot": "firmware"}, env={"PHD_BOOT": "kernel"}).boot == "firmware"
+    assert build_config({}, env={"PHD_BOOT": "kernel"}).boot == "kernel"
+    with pytest.raises(ConfigError, match=r"PHD_BOOT 'uefi' is not one of auto, firmware, kernel"):
+        build_config({}, env={"PHD_BOOT": "uefi"})
+
+
+@pytest.mark.parametrize("value", ["/nonexistent/OVMF.fd", "bad\0name", "x" * 5000, ".", ",,,"])
+def test_a_bootrom_that_is_not_a_file_is_named_with_the_fix(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"^PHD_BOOTROM .* is not a file: give a guest firmware image"):
+        build_config({}, env={"PHD_BOOTROM": value})
+
+
+def test_a_bootrom_file_is_taken(tmp_path: Path) -> None:
+    rom = tmp_path / "OVMF.fd"
+    rom.write_bytes(b"\0" * 4096)
+    assert build_config({"bootrom": str(rom)}, env={}).bootrom == rom

@@ -35,6 +35,8 @@ def test_a_multibyte_character_split_across_messages_survives() -> None:
     "Give root password for maintenance",
     "Gave up waiting for root file system device.  Common problems:",
     "ALERT!  /dev/vda does not exist.  Dropping to a shell!",
+    "UEFI Interactive Shell v2.2",
+    "No bootable device.",
 ])
 def test_a_failure_pattern_fails_a_wait_at_once(line: str) -> None:
     console = SerialConsole("ws://127.0.0.1:1/unused")
@@ -43,6 +45,25 @@ def test_a_failure_pattern_fails_a_wait_at_once(line: str) -> None:
     with pytest.raises(GuestPanic, match="console shows"):
         console.wait_for("login: ", timeout_s=30.0)
     assert time.monotonic() - started < 1.0, "a failure pattern must not wait out the timeout"
+
+
+@pytest.mark.parametrize(("line", "meaning"), [
+    ("UEFI Interactive Shell v2.2", "UEFI firmware found nothing to boot and started its shell"),
+    ("No bootable device.", "BIOS found nothing to boot"),
+])
+def test_a_firmware_giving_up_is_named_for_what_it_means(line: str, meaning: str) -> None:
+    console = SerialConsole("ws://127.0.0.1:1/unused")
+    console._text = f"BdsDxe: failed to load Boot0001 \"UEFI Misc Device\": Not Found\n{line}\n"
+    with pytest.raises(GuestPanic, match=meaning):
+        console.wait_for("login: ", timeout_s=30.0)
+
+
+def test_a_firmware_that_moves_on_to_the_next_boot_option_is_not_a_failure() -> None:
+    """One boot option failing is routine (the firmware tries the next); only giving up is."""
+    console = SerialConsole("ws://127.0.0.1:1/unused")
+    console._text = ("BdsDxe: failed to load Boot0001 \"UEFI PXEv4\": Not Found\n"
+                     "BdsDxe: starting Boot0002 \"UEFI Misc Device\"\ntiny login: ")
+    assert console.wait_for("login: ", timeout_s=1.0)
 
 
 def test_ordinary_boot_output_is_not_a_failure() -> None:
