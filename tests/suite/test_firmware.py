@@ -63,8 +63,12 @@ def test_vcr_replace_during_start_unblocks_a_firmware_boot_from_crucible(
     boot.set_generation(2)
     try:
         result = vm.replace_crucible_vcr(boot, timeout_s=15.0)
-    except (WaitTimeout, ServerError) as exc:
-        pytest.fail(f"the VCR replacement of a blocked boot disk was not applied: {exc}")
+    except WaitTimeout as exc:
+        pytest.fail(f"VCR replacement during a blocked start was never applied (the boot disk's; the "
+                    f"state driver does not serve its queue while backends start): {exc}")
+    except ServerError as exc:
+        pytest.fail(f"VCR replacement during a blocked start was refused (the boot disk's; "
+                    f"replacements must be accepted while Starting): {exc}")
     assert result == "started", f"replacing the black-holed target answered {result!r}"
     try:
         vm.wait_for_state(InstanceState.RUNNING, timeout_s=60.0)
