@@ -148,15 +148,23 @@ class VmFactory:
         """
         self._successors[vm.config.name] = n = self._successors.get(vm.config.name, 0) + 1
         name = name or f"{vm.config.name}-s{n}"
-        if any(isinstance(att.disk, FileDisk) for att in vm.disks) and vm.server.alive() \
-                and vm.state() not in TERMINAL:
+        boot = vm.disks[0].disk if vm.disks and vm.disks[0].device == BOOT_DEVICE else None
+        # An initramfs guest booted through firmware keeps nothing on its boot disk (the
+        # firmware only reads the boot image from it), so its successor boots a fresh overlay
+        # of the same image and may run beside its predecessor.
+        fresh_boot = isinstance(boot, FileDisk) and boot.base is not None and vm.guest.disk is None
+        shared = [att for att in vm.disks if isinstance(att.disk, FileDisk)
+                  and not (fresh_boot and att.disk is boot)]
+        if shared and vm.server.alive() and vm.state() not in TERMINAL:
             raise HarnessError(f"VM {vm.config.name} still runs on file disks; stop it (and wait "
                                "for Destroyed) before its successor uses them")
         if next_generation:
             for disk in {id(att.disk): att.disk for att in vm.disks}.values():
                 if isinstance(disk, CrucibleDisk):
                     disk.set_generation(disk.generation + 1)
-        boot = vm.disks[0].disk if vm.disks and vm.disks[0].device == BOOT_DEVICE else None
+        if fresh_boot:
+            assert isinstance(boot, FileDisk) and boot.base is not None
+            boot = create_file_disk(self.test_dir / f"{name}.{BOOT_DEVICE}.qcow2", base=boot.base)
         cfg = vm.config
         succ = self._new_vm(VmConfig(name, cfg.cpus, cfg.memory_mib, boot=cfg.boot), vm.guest,
                             cfg.ssh_port is not None, boot)

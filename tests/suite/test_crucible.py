@@ -73,13 +73,14 @@ def test_vcr_replace_during_start(vm_factory: VmFactory, disk_factory: DiskFacto
     vm.wait_to_boot()
 
     # The guest really sees the Crucible disk and I/O round-trips through all the layers.
-    size = vm.run_shell_command("cat /sys/block/vda/size").output.strip()
-    assert size == str(disk.size_bytes // 512), f"guest sees vda with {size} sectors"
+    dev = vm.device_path(disk)
+    size = vm.run_shell_command(f"cat /sys/block/{dev.removeprefix('/dev/')}/size").output.strip()
+    assert size == str(disk.size_bytes // 512), f"guest sees {dev} with {size} sectors"
     vm.run_shell_command(
         "dd if=/dev/urandom of=/tmp/pattern bs=64k count=16 2>/dev/null"
-        " && dd if=/tmp/pattern of=/dev/vda bs=64k count=16 conv=fsync 2>/dev/null"
+        f" && dd if=/tmp/pattern of={dev} bs=64k count=16 conv=fsync 2>/dev/null"
         " && echo 3 > /proc/sys/vm/drop_caches"
-        " && dd if=/dev/vda of=/tmp/back bs=64k count=16 iflag=direct 2>/dev/null"
+        f" && dd if={dev} of=/tmp/back bs=64k count=16 iflag=direct 2>/dev/null"
         " && cmp /tmp/pattern /tmp/back")
 
     # A generation-only change while running is accepted and changes nothing.

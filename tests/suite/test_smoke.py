@@ -72,4 +72,5 @@ def test_crucible_disk_healthy_start(vm_factory: VmFactory, disk_factory: DiskFa
     status = vm.disk_status(disk)
     assert status.active and all(ds.active for ds in status.downstairs), status
     assert status.generation == 1 and not status.reconcile_in_progress, status
-    assert vm.run_shell_command("cat /sys/block/vda/size").output == str(disk.size_bytes // 512)
+    dev = vm.device_path(disk).removeprefix("/dev/")
+    assert vm.run_shell_command(f"cat /sys/block/{dev}/size").output == str(disk.size_bytes // 512)
