@@ -11,6 +11,8 @@ Stages (all run, whatever fails; summary and exit status as in ci/test):
   tests             tests/ minus tests/suite, every guest of the manifest
   suite-1..N        the whole suite (nightly tests included) on every guest, --repeat times
                     (default 3): the runs give each test a pass rate
+  suite-firmware    the whole suite on tiny booted through firmware (--phd-boot firmware; the
+                    PR run boots tiny directly, debian through firmware)
   regressions       ci/regressions over the whole suite on the default guest
 Every guest key of the manifest (`kind = { guest_os = ... }`) is passed, available here or
 not: a guest that cannot be had (alpine offline) makes its tests SKIP with the reason, so the
@@ -90,6 +92,14 @@ def stages(guests: list[str], repeat: int, shard: str | None, extra: list[str]) 
         out.append(Stage(f"suite-{k}", [*PYTEST, "tests/suite", *matrix, "-n", "2", *sharded,
                                         f"--junitxml={junit}", allure, *extra],
                          junit=junit, empty_ok=narrowed))
+    # The initramfs guests boot directly by default (--phd-boot auto); once a night they boot
+    # through firmware (OVMF) too, the way Propolis boots everything. The report gives this
+    # run its own column ("firmware", from the file name); in nightly.json it counts as one
+    # more run of those tests.
+    junit = NIGHTLY / "junit-suite-firmware.xml"
+    out.append(Stage("suite-firmware", [*PYTEST, "tests/suite", "--phd-guests", "tiny", "--phd-boot",
+                                        "firmware", "-n", "2", *sharded, f"--junitxml={junit}", allure,
+                                        *extra], junit=junit, empty_ok=narrowed))
     regress = ["--shard", shard] if shard else []
     out.append(Stage("regressions", [sys.executable, "-m", "ci.regressions", *regress,
                                      "-n", "2", *extra], on_sigterm=signal.SIGTERM))
