@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from guests.common import debian
+from guests.common import debian, efi
 from guests.common.cpio import Archive, ArchiveError
 
 # The kernel step tiny has too (download and unpack Debian's kernel, the modules to load in
@@ -195,9 +195,11 @@ def assemble(
     staging: Path,
     *,
     cmdline: str,
+    stub: debian.Package,
     log: Log = _stderr,
 ) -> Assembled:
-    """Write ``vmlinuz``, ``initrd.img`` and ``cmdline`` into ``staging``."""
+    """Write ``vmlinuz``, ``initrd.img``, ``cmdline`` and ``boot.raw`` (the same three as a
+    firmware-bootable disk) into ``staging``."""
     parts = kernel_parts(kernel, work, log)
     shutil.copyfile(parts.vmlinuz, staging / "vmlinuz")
     log(f"reading {minirootfs.name}")
@@ -205,5 +207,8 @@ def assemble(
     log(f"writing initramfs (Alpine {release}, {len(archive)} entries)")
     (staging / "initrd.img").write_bytes(archive.to_gzip())
     (staging / "cmdline").write_text(cmdline + "\n")
+    uki = efi.make_uki(efi.fetch_stub(stub, work, log), staging / "vmlinuz", staging / "initrd.img",
+                       cmdline, "alpine", work)
+    efi.write_esp_disk(staging / "boot.raw", "alpine", uki)
     return Assembled(kernel_version=parts.version, modules=tuple(name for name, _ in parts.modules),
                      alpine_release=release, entries=len(archive))

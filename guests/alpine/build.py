@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from guests.alpine.assemble import Assembled, AssemblyError, assemble
-from guests.common import debian, kmods
+from guests.common import debian, efi, kmods
 from guests.common.recipe import (
     COMMON_DIR,
     LOCK_TIMEOUT_S,
@@ -58,14 +58,14 @@ SCHEMA = 1
 RECIPE_DIR = Path(__file__).resolve().parent
 # The guests/common/ modules the recipe imports (directly or through each other), which
 # shape its output.
-SHARED_FILES = ("cpio.py", "debian.py", "kernel.py", "kmods.py")
+SHARED_FILES = ("cpio.py", "debian.py", "efi.py", "kernel.py", "kmods.py")
 LOGIN_PROMPT = "localhost login: "
 LOGIN_USER = "root"
 SHELL_PROMPT = "localhost:~# "  # Alpine's /etc/profile: PS1='\h:\w\$ '
 # rdinit: busybox init straight from the initramfs (the minirootfs has no /init).
 # quiet keeps the console short; panic=-1 ends QEMU (-no-reboot) on a panic.
 CMDLINE = "console=ttyS0 rdinit=/sbin/init quiet panic=-1"
-OUTPUT_FILES = ("vmlinuz", "initrd.img", "cmdline", "guest.json")
+OUTPUT_FILES = ("vmlinuz", "initrd.img", "cmdline", "boot.raw", "guest.json")
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,7 @@ class Inputs:
     kernel: debian.Package
     minirootfs: Path
     minirootfs_sha256: str
+    stub: debian.Package  # systemd-boot-efi: the EFI stub of boot.raw's unified kernel image
 
 
 def _log(message: str) -> None:
@@ -92,6 +93,7 @@ def input_hash(inputs: Inputs, recipe: str) -> str:
             "recipe": recipe,
             "kernel": str(inputs.kernel),
             "minirootfs": inputs.minirootfs_sha256,
+            "stub": str(inputs.stub),
             "cmdline": CMDLINE,
         },
         sort_keys=True,
@@ -102,7 +104,7 @@ def input_hash(inputs: Inputs, recipe: str) -> str:
 def resolve_inputs(minirootfs: Path) -> Inputs:
     if not minirootfs.is_file():
         raise BuildError(f"--input minirootfs={minirootfs}: no such file")
-    return Inputs(debian.kernel_package(), minirootfs.resolve(), sha256_file(minirootfs))
+    return Inputs(debian.kernel_package(), minirootfs.resolve(), sha256_file(minirootfs), efi.stub_package())
 
 
 Assembler = Callable[..., Assembled]
@@ -140,7 +142,8 @@ def _build_into(out: Path, inputs: Inputs, wanted: str, assembler: Assembler) ->
     try:
         with tempfile.TemporaryDirectory(prefix="phd-alpine-work-") as work:
             try:
-                made = assembler(inputs.kernel, inputs.minirootfs, Path(work), staging, cmdline=CMDLINE)
+                made = assembler(inputs.kernel, inputs.minirootfs, Path(work), staging, cmdline=CMDLINE,
+                                 stub=inputs.stub)
             except (debian.DebianError, kmods.ModuleError, AssemblyError) as exc:
                 raise BuildError(str(exc)) from exc
         meta: dict[str, Any] = {
@@ -158,10 +161,12 @@ def _build_into(out: Path, inputs: Inputs, wanted: str, assembler: Assembler) ->
             "login_prompt": LOGIN_PROMPT,
             "login_user": LOGIN_USER,
             "shell_prompt": SHELL_PROMPT,
-            "files": {"kernel": "vmlinuz", "initrd": "initrd.img", "cmdline": "cmdline"},
-            "sha256": {name: sha256_file(staging / name) for name in ("vmlinuz", "initrd.img")},
+            "files": {"kernel": "vmlinuz", "initrd": "initrd.img", "cmdline": "cmdline",
+                      "firmware_disk": "boot.raw"},
+            "sha256": {name: sha256_file(staging / name) for name in ("vmlinuz", "initrd.img", "boot.raw")},
             "build_seconds": round(time.monotonic() - started, 2),
         }
+        (staging / "boot.raw").chmod(0o444)  # VMs boot overlays of it
         publish(staging, out, meta)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

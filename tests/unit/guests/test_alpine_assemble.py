@@ -158,6 +158,7 @@ def test_recipe_prompts_match_the_adapter_and_the_cmdline_boots_busybox_init() -
 
 # --- build.py: cache keyed by the tarball's content -------------------------------------------
 KERNEL = Package("linux-image-6.1.0-56-amd64", "6.1.192-2")
+STUB = Package("systemd-boot-efi", "252.39-1~deb12u2")
 
 
 class FakeAssembler:
@@ -165,9 +166,9 @@ class FakeAssembler:
         self.calls = 0
 
     def __call__(self, kernel: Package, minirootfs: Path, work: Path, staging: Path, *,
-                 cmdline: str) -> Assembled:
+                 cmdline: str, stub: Package) -> Assembled:
         self.calls += 1
-        for name in ("vmlinuz", "initrd.img"):
+        for name in ("vmlinuz", "initrd.img", "boot.raw"):
             (staging / name).write_bytes(f"{name} {kernel} {minirootfs.read_bytes()!r}".encode())
         (staging / "cmdline").write_text(cmdline + "\n")
         return Assembled(kernel_version="6.1.0-56-amd64", modules=("virtio",), alpine_release="3.20.3",
@@ -175,7 +176,7 @@ class FakeAssembler:
 
 
 def resolve(path: Path) -> Inputs:
-    return Inputs(KERNEL, path, hashlib.sha256(path.read_bytes()).hexdigest())
+    return Inputs(KERNEL, path, hashlib.sha256(path.read_bytes()).hexdigest(), STUB)
 
 
 def test_build_writes_the_interface_and_caches_by_tarball_content(tmp_path: Path) -> None:
@@ -192,6 +193,7 @@ def test_build_writes_the_interface_and_caches_by_tarball_content(tmp_path: Path
     assert meta["minirootfs_sha256"] == hashlib.sha256(b"release one").hexdigest()
     assert meta["alpine_release"] == "3.20.3"
     assert meta["sha256"]["initrd.img"] == hashlib.sha256((out / "initrd.img").read_bytes()).hexdigest()
+    assert meta["files"]["firmware_disk"] == "boot.raw" and (out / "boot.raw").stat().st_mode & 0o222 == 0
 
     # The same bytes under another path (the store's cache vs a user's local_path): a cache hit.
     moved = tmp_path / "elsewhere.tar.gz"
@@ -211,7 +213,8 @@ def test_build_writes_the_interface_and_caches_by_tarball_content(tmp_path: Path
 def test_a_failed_assembly_leaves_no_half_build(tmp_path: Path) -> None:
     tarball = standin_minirootfs(tmp_path / "in.tar.gz", drop="bin/busybox")
 
-    def broken(kernel: Package, minirootfs: Path, work: Path, staging: Path, *, cmdline: str) -> Assembled:
+    def broken(kernel: Package, minirootfs: Path, work: Path, staging: Path, *, cmdline: str,
+               stub: Package) -> Assembled:
         rootfs_archive(minirootfs, ())
         raise AssertionError("not reached")
 
