@@ -22,7 +22,7 @@ from phd.vm.guest import CommandResult, GuestCommandError
 from phd.vm.lifecycle import Action, run_lifecycle
 from phd.vm.ssh import SshCommandError, SshResult, SshSession
 from phd.vm.status import StatusCheck, check_err, check_ok, ignore_status
-from phd.vm.testvm import FileDisk, TestVm, VmConfig
+from phd.vm.testvm import FileDisk, MigrationFailures, MigrationState, TestVm, VmConfig
 from phd.vm.volume_status import DownstairsStatus, VolumeStatus
 
 __all__ = [
@@ -38,6 +38,8 @@ __all__ = [
     "GuestCommandError",
     "HarnessError",
     "InstanceState",
+    "MigrationFailures",
+    "MigrationState",
     "PhdError",
     "RegionGeometry",
     "ServerError",

@@ -27,7 +27,7 @@ from phd.storage.downstairs import Downstairs
 from phd.storage.dsc import DownstairsSet, RegionGeometry, members_for
 from phd.vm.guest import adapter_for
 from phd.vm.server import KernelBoot, ServerProcess
-from phd.vm.testvm import BOOT_DEVICE, TERMINAL, FileDisk, TestVm, VmConfig
+from phd.vm.testvm import BOOT_DEVICE, TERMINAL, FileDisk, MigrationFailures, TestVm, VmConfig
 
 if TYPE_CHECKING:  # the session object, for annotations only: phd.framework is above this layer
     from phd.framework import Framework
@@ -87,8 +87,14 @@ class VmFactory:
 
     def new_vm(self, name: str, *, guest: str | None = None, cpus: int = 2,
                memory_mib: int = 512, ssh: bool | None = None,
-               boot_disk: CrucibleDisk | None = None) -> TestVm:
+               boot_disk: CrucibleDisk | None = None,
+               migration_failures: MigrationFailures | None = None,
+               base_server: bool = False) -> TestVm:
         """A VM of `guest` (default: --phd-guest), not yet launched.
+
+        `migration_failures`: the spec gets a migration failure injector (its server fails
+        that many migration exports / imports). `base_server`: the VM runs on the
+        --phd-base-server-cmd server (a "from base" migration source).
 
         A guest with a disk image boots from a copy-on-write overlay of it, `boot0` in the
         test directory, or from `boot_disk`: a Crucible disk whose read-only parent is that
@@ -103,7 +109,35 @@ class VmFactory:
                                f"{boot_disk.name} would go unused; attach it as a data disk")
         if boot is None and artifact.disk is not None:
             boot = create_file_disk(self.test_dir / f"{name}.{BOOT_DEVICE}.qcow2", base=artifact.disk)
-        return self._new_vm(VmConfig(name, cpus, memory_mib), artifact, ssh, boot)
+        config = VmConfig(name, cpus, memory_mib, migration_failures=migration_failures)
+        return self._new_vm(config, artifact, ssh, boot, base_server=base_server)
+
+    def new_migration_target(self, source: TestVm, name: str | None = None, *,
+                             migration_failures: MigrationFailures | None = None,
+                             base_server: bool = False) -> TestVm:
+        """A new VM (own server) to migrate `source` into with `vm.migrate_from(source)`:
+        the same guest, board and disks (file disks are shared: QEMU hands them over; a
+        Crucible disk moves at the next generation when the migration starts).
+
+        `migration_failures`: replaces the source's failure injector on this target (the
+        source must have one: `new_vm(..., migration_failures=MigrationFailures())`).
+        `base_server`: this target runs on the --phd-base-server-cmd server.
+        """
+        self._successors[source.config.name] = n = self._successors.get(source.config.name, 0) + 1
+        name = name or f"{source.config.name}-m{n}"
+        if migration_failures is not None and source.config.migration_failures is None:
+            raise HarnessError(f"VM {source.config.name} has no migration failure injector for "
+                               f"{name} to replace: create it with "
+                               "new_vm(..., migration_failures=MigrationFailures())")
+        cfg = source.config
+        config = VmConfig(name, cfg.cpus, cfg.memory_mib,
+                          migration_failures=migration_failures or cfg.migration_failures)
+        boot = source.disks[0].disk if source.disks and source.disks[0].device == BOOT_DEVICE else None
+        target = self._new_vm(config, source.guest, cfg.ssh_port is not None, boot, base_server=base_server)
+        for att in source.disks:
+            if att.device != BOOT_DEVICE:
+                target.attach(att.disk, att.device, att.interface)
+        return target
 
     def guest_image(self, guest: str | None = None) -> Path | None:
         """The raw disk image of `guest` (default: --phd-guest); None for initramfs guests."""
@@ -132,7 +166,8 @@ class VmFactory:
                     disk.set_generation(disk.generation + 1)
         boot = vm.disks[0].disk if vm.disks and vm.disks[0].device == BOOT_DEVICE else None
         cfg = vm.config
-        succ = self._new_vm(VmConfig(name, cfg.cpus, cfg.memory_mib), vm.guest,
+        succ = self._new_vm(VmConfig(name, cfg.cpus, cfg.memory_mib,
+                                     migration_failures=cfg.migration_failures), vm.guest,
                             cfg.ssh_port is not None, boot)
         for att in vm.disks:
             if att.device != BOOT_DEVICE:
@@ -140,7 +175,7 @@ class VmFactory:
         return succ
 
     def _new_vm(self, config: VmConfig, artifact: GuestArtifact, ssh: bool | None,
-                boot: CrucibleDisk | FileDisk | None) -> TestVm:
+                boot: CrucibleDisk | FileDisk | None, *, base_server: bool = False) -> TestVm:
         if not _NAME_OK.match(config.name):
             raise HarnessError(f"VM name {config.name!r} must match {_NAME_OK.pattern}")
         if any(vm.config.name == config.name for vm in self.vms):
@@ -167,7 +202,8 @@ class VmFactory:
         # initrd and command line (direct kernel boot) and the SSH forward.
         kernel_boot = KernelBoot(artifact.kernel, artifact.initrd, artifact.cmdline)
         forwards = [f"127.0.0.1:{ssh_port}:22"] if ssh_port is not None else []
-        server = ServerProcess(list(cfg.server_cmd), port, data_dir, log, regressions=cfg.regressions,
+        server_cmd = cfg.migration_base_cmd if base_server else cfg.server_cmd
+        server = ServerProcess(list(server_cmd), port, data_dir, log, regressions=cfg.regressions,
                                env={"SUT_SERVER_ACCEL": cfg.accel},
                                allow_paths=(cfg.tmp_dir, cfg.artifact_dir), boot=kernel_boot,
                                forwards=forwards)

@@ -1,0 +1,169 @@
+"""Live migration, as PHD tests it (phd-tests/tests/src/migrate.rs and crucible/migrate.rs):
+the guest's memory, a running process, its serial history and its disks move to a new
+server; a failed migration (the failure injector, on either side) leaves the source running
+with the guest intact; the source ends Destroyed after the guest moved out."""
+
+from __future__ import annotations
+
+import pytest
+
+from phd import (
+    Action,
+    DiskFactory,
+    HarnessError,
+    InstanceState,
+    MigrationFailures,
+    MigrationState,
+    ServerError,
+    SutError,
+    TestVm,
+    VmFactory,
+    run_lifecycle,
+    wait_until,
+)
+from tests.suite.helpers import read_md5, write_pattern
+
+pytestmark = [pytest.mark.vm]
+
+# A tmpfs of its own: its contents exist only in guest memory, on every guest.
+TMPFS = "/run/phd-mig"
+
+
+def boot(vm: TestVm) -> TestVm:
+    vm.launch()
+    vm.wait_for_state(InstanceState.RUNNING, timeout_s=60.0)
+    vm.wait_to_boot()
+    return vm
+
+
+def make_dirt(vm: TestVm) -> int:
+    """A file in a tmpfs and a running process that counts in it; returns the count so far."""
+    vm.run_shell_command(f"mkdir -p {TMPFS} && mount -t tmpfs phd {TMPFS}")
+    vm.run_shell_command(f"echo made-in-memory > {TMPFS}/marker")
+    vm.run_shell_command(f"(i=0; while true; do i=$((i+1)); echo $i > {TMPFS}/count; sleep 0.2; done) "
+                         ">/dev/null 2>&1 &")
+    return wait_until(lambda: _count(vm), lambda n: n > 0, what="the guest's counter to start",
+                      timeout_s=30.0, interval_s=0.2)
+
+
+def _count(vm: TestVm) -> int:
+    text = vm.run_shell_command(f"cat {TMPFS}/count 2>/dev/null || echo 0").output
+    return int(text or 0)
+
+
+def check_dirt(vm: TestVm, counted: int) -> None:
+    """The tmpfs file is there, and the counting process runs on from where it was."""
+    assert vm.run_shell_command(f"cat {TMPFS}/marker").output == "made-in-memory"
+    now = _count(vm)
+    assert now >= counted, f"the counter went back from {counted} to {now}: guest memory was not kept"
+    wait_until(lambda: _count(vm), lambda n: n > now, what="the guest's counter to go on after the migration",
+               timeout_s=30.0, interval_s=0.2)
+
+
+def test_smoke(vm_factory: VmFactory, phd_guest: str) -> None:
+    source = boot(vm_factory.new_vm("mig-src", guest=phd_guest, memory_mib=256))
+    counted = make_dirt(source)
+    target = vm_factory.new_migration_target(source, "mig-dst")
+    target.migrate_from(source, timeout_s=300.0)
+    assert target.state() is InstanceState.RUNNING
+    assert target.migration_status()["migration_in"]["state"] == MigrationState.FINISH
+    check_dirt(target, counted)
+
+
+def test_serial_history(vm_factory: VmFactory, phd_guest: str) -> None:
+    source = boot(vm_factory.new_vm("hist-src", guest=phd_guest, memory_mib=256))
+    assert source.run_shell_command("echo hello from the source VM!").output == "hello from the source VM!"
+    before, before_end = source.serial_history(0)
+    assert before, "the source has no serial history"
+    target = vm_factory.new_migration_target(source, "hist-dst")
+    target.migrate_from(source, timeout_s=300.0)
+    after, after_end = target.serial_history(0)
+    assert after[:len(before)] == before, "the target's serial history does not begin with the source's"
+    assert after_end >= before_end
+    # The shell goes on on the target's console, and its history grows from there.
+    assert target.run_shell_command("echo hello from the target VM!").output == "hello from the target VM!"
+    assert b"hello from the target VM!" in target.serial_history(after_end)[0]
+
+
+@pytest.mark.parametrize("side", ["import", "export"])
+def test_failure_keeps_the_source_running(vm_factory: VmFactory, phd_guest: str, side: str) -> None:
+    """Propolis's import_failure / export_failure: the first migration fails at the device
+    phase, the source goes on running with the guest's memory intact, and a second target
+    takes the guest over."""
+    failures = MigrationFailures(exports=1) if side == "export" else MigrationFailures()
+    source = boot(vm_factory.new_vm("fail-src", guest=phd_guest, memory_mib=256, migration_failures=failures))
+    counted = make_dirt(source)
+    refusing = MigrationFailures(imports=1) if side == "import" else None
+    target1 = vm_factory.new_migration_target(source, "fail-dst1", migration_failures=refusing)
+    with pytest.raises(SutError, match="Error"):
+        target1.migrate_from(source, timeout_s=300.0)
+    assert target1.migration_status()["migration_in"]["state"] == MigrationState.ERROR
+    target1.wait_for_state(InstanceState.FAILED, timeout_s=60.0)
+    assert source.migration_status()["migration_out"]["state"] == MigrationState.ERROR
+    source.wait_for_state(InstanceState.RUNNING, timeout_s=30.0)
+    check_dirt(source, counted)
+
+    target2 = vm_factory.new_migration_target(source, "fail-dst2", migration_failures=MigrationFailures())
+    target2.migrate_from(source, timeout_s=300.0)
+    check_dirt(target2, counted)
+
+
+def test_multiple_migrations(vm_factory: VmFactory, phd_guest: str) -> None:
+    """Three hops; each server hosts one instance, so every hop is a new VM."""
+    vm = boot(vm_factory.new_vm("hop0", guest=phd_guest, memory_mib=256))
+    counted = make_dirt(vm)
+    for hop in (1, 2, 3):
+        target = vm_factory.new_migration_target(vm, f"hop{hop}")
+        target.migrate_from(vm, timeout_s=300.0)
+        assert target.run_shell_command(f"echo I have migrated {hop} times").output == \
+            f"I have migrated {hop} times"
+        vm = target
+    check_dirt(vm, counted)
+
+
+def test_from_base_and_back(vm_factory: VmFactory, phd_guest: str) -> None:
+    """From the --phd-base-server-cmd server to the server under test, back, and forth
+    again (both are the server under test unless a base is given)."""
+    source = boot(vm_factory.new_vm("base-src", guest=phd_guest, memory_mib=256, base_server=True))
+    counted = make_dirt(source)
+
+    def check(vm: TestVm) -> None:
+        assert vm.run_shell_command(f"cat {TMPFS}/marker").output == "made-in-memory"
+
+    vm = run_lifecycle(vm_factory, source, [Action.MIGRATE, Action.MIGRATE_TO_BASE, Action.MIGRATE], check)
+    check_dirt(vm, counted)
+
+
+def test_source_is_destroyed_after_migrating_out(vm_factory: VmFactory, phd_guest: str) -> None:
+    source = boot(vm_factory.new_vm("gone-src", guest=phd_guest, memory_mib=256))
+    target = vm_factory.new_migration_target(source, "gone-dst")
+    target.migrate_from(source, timeout_s=300.0)
+    source.wait_for_state(InstanceState.DESTROYED, timeout_s=60.0)
+    assert source.migration_status()["migration_out"]["state"] == MigrationState.FINISH
+    # A Destroyed instance takes no state change: every one is 424.
+    for requested in ("Run", "Stop", "Reboot"):
+        with pytest.raises(ServerError) as caught:
+            source.client.put_state(requested)
+        assert caught.value.status == 424, caught.value
+    # A target is a new VM: one that has an instance cannot be made a target again.
+    with pytest.raises(HarnessError, match="new VM"):
+        target.migrate_from(source)
+
+
+@pytest.mark.crucible
+def test_crucible_smoke(vm_factory: VmFactory, disk_factory: DiskFactory, phd_guest: str) -> None:
+    """A Crucible data disk moves at the next generation: the data the source wrote is read
+    on the target, whose upstairs is the active one at generation 2."""
+    disk = disk_factory.create_crucible_disk("data", size_gib=1)
+    source = vm_factory.new_vm("cru-src", guest=phd_guest, memory_mib=256)
+    source.attach(disk, device="data0")
+    boot(source)
+    written = write_pattern(source, disk, offset_mib=8, size_mib=4)
+    target = vm_factory.new_migration_target(source, "cru-dst")
+    target.migrate_from(source, timeout_s=300.0)
+    status = target.disk_status(disk)
+    assert status.active and status.generation == 2, status
+    assert read_md5(target, disk, offset_mib=8, size_mib=4) == written
+    # The target writes on; what it wrote reads back.
+    again = write_pattern(target, disk, offset_mib=16, size_mib=4)
+    assert read_md5(target, disk, offset_mib=16, size_mib=4) == again
