@@ -345,7 +345,9 @@ class StateDriver:
         await self._publish(InstanceState.RUNNING)
 
     async def _migrate_out(self, request: _MigrateOut) -> bool:
-        """Migrate the guest to the target on ``request.link``; True when it runs there."""
+        """Migrate the guest to the target on ``request.link``; True when it runs there. On
+        False the export failed and the guest runs here again (still Migrating: the caller
+        publishes what comes next)."""
         setup = self.migration
         vm = self._vm
         assert setup is not None and vm is not None
@@ -359,13 +361,12 @@ class StateDriver:
         except MigrationError as exc:
             self._log.warning("migration out failed; the guest runs on here", extra={"error": str(exc)})
             self._queue.notify_migration_failed()
-            await self._publish(InstanceState.RUNNING)
-            if not request.answer.done():
-                request.answer.set_result(False)
-            return False
+            migrated = False
+        else:
+            migrated = True
         if not request.answer.done():
-            request.answer.set_result(True)
-        return True
+            request.answer.set_result(migrated)
+        return migrated
 
     async def _serve_during_activation(self, activation: asyncio.Task[None]) -> None:
         assert self._vm is not None
@@ -453,10 +454,22 @@ class StateDriver:
                     return InstanceState.DESTROYED
                 if request.kind is RequestKind.MIGRATE_OUT:
                     assert isinstance(request.payload, _MigrateOut)
-                    if await self._migrate_out(request.payload):
+                    migrated = await self._migrate_out(request.payload)
+                    if migrated and self._regressions.enabled(table.SOURCE_RUNS_AFTER_MIGRATION):
+                        # REGRESSION source-runs-after-migration: the source resumed its
+                        # guest after the hand-over, so two copies of it ran.
+                        await self._vm.cont()
+                        self._queue.notify_migration_failed()
+                        migrated = False
+                    elif not migrated and self._regressions.enabled(table.FAILED_MIGRATION_STOPS_SOURCE):
+                        # REGRESSION failed-migration-stops-source: a failed export tore the
+                        # source down, and the guest with it.
+                        migrated = True
+                    if migrated:
                         # The guest runs on the target now: this instance is done.
                         await self._stop_vm()
                         return InstanceState.DESTROYED
+                    await self._publish(InstanceState.RUNNING)
                     continue
                 if request.kind is RequestKind.REBOOT:
                     await self._publish(InstanceState.REBOOTING)

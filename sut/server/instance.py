@@ -8,6 +8,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sut import regressions as table
 from sut.path_policy import PathPolicy
 from sut.server.backends import BlockBackend, CrucibleDisk
 from sut.server.driver import MigrationSetup, NoSuchBackendError, StateDriver
@@ -133,9 +134,15 @@ class Instance:
             spec = request.spec
         else:
             config.targets.check(target.src_addr, "init.value.src_addr")
+            replacements = dict(target.replace_components)
+            if config.regressions.enabled(table.MIGRATION_SAME_GENERATION):
+                # REGRESSION migration-same-generation: the replacement VCRs (the next
+                # generation) were dropped; the target's upstairs came up at the source's.
+                replacements = {key: r for key, r in replacements.items()
+                                if r.component != "CrucibleStorageBackend"}
             link, source_spec = await connect_to_source(target.src_addr, target.migration_id)
             try:
-                spec = apply_replacements(source_spec, dict(target.replace_components))
+                spec = apply_replacements(source_spec, replacements)
             except ValueError as exc:
                 await link.close(1011, "bad replacement")
                 raise MigrationError(f"the source's spec does not take this target's replacements: "

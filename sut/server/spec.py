@@ -19,6 +19,7 @@ import base64
 import binascii
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 from uuid import UUID
@@ -506,7 +507,7 @@ class InstanceEnsureRequest(_Open):
         return self.init.value if isinstance(self.init, MigrationTargetMethod) else None
 
 
-def apply_replacements(source_spec: object, replacements: dict[str, BaseModel]) -> InstanceSpec:
+def apply_replacements(source_spec: object, replacements: Mapping[str, BaseModel]) -> InstanceSpec:
     """A migration target's spec: the source's, with ``replace_components`` swapped in.
 
     Each replaced key must name a component of the source's spec of the same kind (a

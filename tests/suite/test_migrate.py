@@ -9,6 +9,7 @@ import pytest
 
 from phd import (
     Action,
+    CrucibleDisk,
     DiskFactory,
     HarnessError,
     InstanceState,
@@ -16,6 +17,7 @@ from phd import (
     MigrationState,
     ServerError,
     SutError,
+    SutTimeout,
     TestVm,
     VmFactory,
     run_lifecycle,
@@ -60,6 +62,13 @@ def check_dirt(vm: TestVm, counted: int) -> None:
                timeout_s=30.0, interval_s=0.2)
 
 
+def _disk_status_or_error(vm: TestVm, disk: CrucibleDisk) -> str:
+    try:
+        return str(vm.disk_status(disk))
+    except Exception as exc:  # noqa: BLE001 - only used in a failure message
+        return f"unknown ({exc})"
+
+
 def test_smoke(vm_factory: VmFactory, phd_guest: str) -> None:
     source = boot(vm_factory.new_vm("mig-src", guest=phd_guest, memory_mib=256))
     counted = make_dirt(source)
@@ -100,7 +109,10 @@ def test_failure_keeps_the_source_running(vm_factory: VmFactory, phd_guest: str,
     assert target1.migration_status()["migration_in"]["state"] == MigrationState.ERROR
     target1.wait_for_state(InstanceState.FAILED, timeout_s=60.0)
     assert source.migration_status()["migration_out"]["state"] == MigrationState.ERROR
-    source.wait_for_state(InstanceState.RUNNING, timeout_s=30.0)
+    settled = wait_until(source.state, lambda s: s is not InstanceState.MIGRATING,
+                         what="the source to leave Migrating", timeout_s=60.0)
+    assert settled is InstanceState.RUNNING, (
+        f"a failed migration left the source {settled}: it must resume its guest and run on")
     check_dirt(source, counted)
 
     target2 = vm_factory.new_migration_target(source, "fail-dst2", migration_failures=MigrationFailures())
@@ -138,7 +150,10 @@ def test_source_is_destroyed_after_migrating_out(vm_factory: VmFactory, phd_gues
     source = boot(vm_factory.new_vm("gone-src", guest=phd_guest, memory_mib=256))
     target = vm_factory.new_migration_target(source, "gone-dst")
     target.migrate_from(source, timeout_s=300.0)
-    source.wait_for_state(InstanceState.DESTROYED, timeout_s=60.0)
+    try:
+        source.wait_for_state(InstanceState.DESTROYED, timeout_s=60.0)
+    except SutTimeout as exc:
+        pytest.fail(f"the source still runs its guest after migrating out (two copies of the guest): {exc}")
     assert source.migration_status()["migration_out"]["state"] == MigrationState.FINISH
     # A Destroyed instance takes no state change: every one is 424.
     for requested in ("Run", "Stop", "Reboot"):
@@ -160,9 +175,15 @@ def test_crucible_smoke(vm_factory: VmFactory, disk_factory: DiskFactory, phd_gu
     boot(source)
     written = write_pattern(source, disk, offset_mib=8, size_mib=4)
     target = vm_factory.new_migration_target(source, "cru-dst")
-    target.migrate_from(source, timeout_s=300.0)
+    fence = (f"the target must activate disk {disk.name} at generation 2, which fences the source's "
+             "upstairs")
+    try:
+        target.migrate_from(source, timeout_s=300.0)
+    except SutError as exc:
+        pytest.fail(f"the Crucible hand-over failed ({fence}); target's disk: "
+                    f"{_disk_status_or_error(target, disk)}; {exc}")
     status = target.disk_status(disk)
-    assert status.active and status.generation == 2, status
+    assert status.active and status.generation == 2, f"{fence}; target's disk: {status}"
     assert read_md5(target, disk, offset_mib=8, size_mib=4) == written
     # The target writes on; what it wrote reads back.
     again = write_pattern(target, disk, offset_mib=16, size_mib=4)
