@@ -25,7 +25,8 @@ from phd import (
 )
 from tests.suite.helpers import read_md5, write_pattern
 
-pytestmark = [pytest.mark.vm]
+# Per PR on tiny (a migration is seconds there); every other guest of the matrix nightly.
+pytestmark = [pytest.mark.vm, pytest.mark.pr_guests("tiny")]
 
 # A tmpfs of its own: its contents exist only in guest memory, on every guest.
 TMPFS = "/run/phd-mig"
@@ -186,5 +187,21 @@ def test_crucible_smoke(vm_factory: VmFactory, disk_factory: DiskFactory, phd_gu
     assert status.active and status.generation == 2, f"{fence}; target's disk: {status}"
     assert read_md5(target, disk, offset_mib=8, size_mib=4) == written
     # The target writes on; what it wrote reads back.
+    again = write_pattern(target, disk, offset_mib=16, size_mib=4)
+    assert read_md5(target, disk, offset_mib=16, size_mib=4) == again
+
+
+def test_file_disk_moves(vm_factory: VmFactory, disk_factory: DiskFactory, phd_guest: str) -> None:
+    """A qcow2 file disk is handed over: the source's QEMU flushes and lets go of the image
+    when it completes, the target's opens the same file and reads what the source wrote."""
+    blank = disk_factory.create_file_disk("blank", size_gib=1)
+    disk = disk_factory.create_file_disk("data", base=blank.path)
+    source = vm_factory.new_vm("file-src", guest=phd_guest, memory_mib=256)
+    source.attach(disk, device="data0")
+    boot(source)
+    written = write_pattern(source, disk, offset_mib=8, size_mib=4)
+    target = vm_factory.new_migration_target(source, "file-dst")
+    target.migrate_from(source, timeout_s=300.0)
+    assert read_md5(target, disk, offset_mib=8, size_mib=4) == written
     again = write_pattern(target, disk, offset_mib=16, size_mib=4)
     assert read_md5(target, disk, offset_mib=16, size_mib=4) == again
