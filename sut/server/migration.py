@@ -12,18 +12,24 @@ go away.
 Phases (the document's MigrationState), as each server reports them:
 
 ======================  =====================================  ==============================
-state                   source                                 target
+state (in this order)   source                                 target
 ======================  =====================================  ==============================
-Sync                    spec sent                              spec received, QEMU listening
+Sync                    spec sent                              spec taken, QEMU listening
 RamPush                 QMP migrate running, vCPUs running     (mirrors the source)
-Pause                   vCPUs paused before switch-over        (mirrors)
-RamPushDirty            switch-over allowed: dirty RAM goes    (mirrors)
-Device                  device state (export injector here)    import injector decides here
-Resume                  -                                      Crucible activation, QMP cont
-Server                  serial history sent                    serial history taken over
+Pause                   vCPUs paused before the switch-over    (mirrors)
+Device                  the export injector decides            the import injector decides
+RamPushDirty            switch-over: dirty RAM, device state   (mirrors)
+Resume                  -                                      disks activate (Crucible: at
+                                                               the higher generation), cont
+Server                  serial history sent                    "the guest runs here" sent
 Finish                  the target runs: the source goes       the instance is Running
 Error                   source resumes, Running                the instance is Failed
 ======================  =====================================  ==============================
+
+Device comes before RamPushDirty here (Propolis has them the other way round): QEMU sends the
+dirty RAM and the device state in one step after the switch-over, so the verdicts on the
+device state - the failure injectors', the target's - are taken while the switch-over can
+still be called off.
 
 RamPull (post-copy) is never entered: QEMU's pre-copy moves all RAM before the switch-over.
 The source pauses through QEMU's ``pause-before-switchover`` capability, so a failure at the
@@ -178,8 +184,10 @@ async def _send(link: Link, kind: str, **body: object) -> None:
     await link.send_text(json.dumps({"msg": kind, **body}))
 
 
-async def _expect(link: Link, *kinds: str, timeout_s: float = STEP_TIMEOUT_S) -> dict[str, Any]:
-    """The next message, which must be one of ``kinds``; an ``error`` message raises."""
+async def _expect(link: Link, *kinds: str, timeout_s: float | None = None) -> dict[str, Any]:
+    """The next message, which must be one of ``kinds``; an ``error`` message raises.
+    ``timeout_s``: STEP_TIMEOUT_S (read at the call, so a test can shorten it)."""
+    timeout_s = STEP_TIMEOUT_S if timeout_s is None else timeout_s
     try:
         async with asyncio.timeout(timeout_s):
             text = await link.receive_text()
