@@ -5,6 +5,8 @@ with the guest intact; the source ends Destroyed after the guest moved out."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from phd import (
@@ -20,9 +22,11 @@ from phd import (
     SutTimeout,
     TestVm,
     VmFactory,
+    ignore_status,
     run_lifecycle,
     wait_until,
 )
+from phd.config import PhdConfig
 from tests.suite.helpers import read_md5, write_pattern
 
 # Per PR on tiny (a migration is seconds there); every other guest of the matrix nightly.
@@ -205,3 +209,64 @@ def test_file_disk_moves(vm_factory: VmFactory, disk_factory: DiskFactory, phd_g
     assert read_md5(target, disk, offset_mib=8, size_mib=4) == written
     again = write_pattern(target, disk, offset_mib=16, size_mib=4)
     assert read_md5(target, disk, offset_mib=16, size_mib=4) == again
+
+
+def _taken_over(log_text: str, old: int, new: int) -> bool:
+    """Our downstairs' JSON log shows the upstairs at generation `old` told to go away (it
+    sent YouAreNoLongerActive) when one at `new` arrived."""
+    for line in log_text.splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if (isinstance(record, dict) and record.get("event") == "taken_over"
+                and record.get("old_generation") == old and record.get("new_generation") == new):
+            return True
+    return False
+
+
+@pytest.mark.crucible
+def test_crucible_under_guest_writes(vm_factory: VmFactory, disk_factory: DiskFactory, phd_guest: str,
+                                     phd_config: PhdConfig) -> None:
+    """A writer in the guest runs through the migration: sector i gets the number i, and the
+    guest records i (in its memory, which migrates) only once the write was flushed. Every
+    acknowledged write is on the disk afterwards, and the downstairs fenced the source's
+    upstairs out when the target's took over, so no write of the source can land later."""
+    disk = disk_factory.create_crucible_disk("data", size_gib=1)
+    source = vm_factory.new_vm("load-src", guest=phd_guest, memory_mib=256)
+    source.attach(disk, device="data0")
+    boot(source)
+    dev = source.device_path(disk)
+    source.run_shell_command(f"mkdir -p {TMPFS} && mount -t tmpfs phd {TMPFS} && echo 0 > {TMPFS}/acked "
+                             f"&& touch {TMPFS}/go")
+    source.run_shell_command(
+        f"(i=0; while [ -e {TMPFS}/go ]; do i=$((i+1)); "
+        f"printf '%08d' $i | dd of={dev} bs=512 seek=$i conv=notrunc,fsync 2>/dev/null "
+        f"&& echo $i > {TMPFS}/acked; done) >/dev/null 2>&1 & echo $! > {TMPFS}/writer")
+    before = wait_until(lambda: int(source.run_shell_command(f"cat {TMPFS}/acked").output),
+                        lambda n: n >= 10, what="the guest's writer to get going", timeout_s=60.0)
+
+    target = vm_factory.new_migration_target(source, "load-dst")
+    target.migrate_from(source, timeout_s=300.0)
+    # The writer runs on in the target: let it write some more there, then stop it.
+    wait_until(lambda: int(target.run_shell_command(f"cat {TMPFS}/acked").output),
+               lambda n: n > before + 5, what="the writer to go on after the migration", timeout_s=60.0)
+    target.run_shell_command(f"rm {TMPFS}/go")
+    wait_until(lambda: target.run_shell_command(f"kill -0 $(cat {TMPFS}/writer) 2>/dev/null",
+                                                check=ignore_status).status,
+               lambda status: status != 0, what="the guest's writer to end", timeout_s=60.0)
+    acked = int(target.run_shell_command(f"cat {TMPFS}/acked").output)
+    data = target.run_shell_command(
+        f"echo 3 > /proc/sys/vm/drop_caches && dd if={dev} bs=512 skip=1 count={acked} iflag=direct "
+        "2>/dev/null | tr -d '\\000'", timeout_s=120.0).output
+    numbers = [data[k:k + 8] for k in range(0, len(data), 8)]
+    missing = [i for i, got in enumerate(numbers[:acked], 1) if got != f"{i:08d}"]
+    assert len(numbers) >= acked and not missing, (
+        f"{len(missing)} of {acked} acknowledged writes are not on the disk after the migration "
+        f"(first: sector {missing[:5]})")
+    status = target.disk_status(disk)
+    assert status.active and status.generation == 2, status
+    if phd_config.downstairs_program.kind == "ours":
+        # The real crucible-downstairs logs in its own words; ours names the takeover.
+        fenced = [i for i, ds in enumerate(disk.downstairs) if _taken_over(ds.logs(), 1, 2)]
+        assert len(fenced) == 3, f"only downstairs {fenced} fenced the source's upstairs out at the hand-over"
