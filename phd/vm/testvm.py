@@ -316,32 +316,42 @@ class TestVm:
         migration status (the source then runs on). `timeout_s`: default 600 s per GiB of
         guest memory.
         """
-        if self._phase is not _Phase.NEW:
-            raise HarnessError(f"VM {self.config.name} was already created; a migration target "
-                               "must be a new VM (vm_factory.new_migration_target)")
-        if source is self:
-            raise HarnessError("a VM cannot migrate from itself")
         timeout = timeout_s if timeout_s is not None else max(
             120.0, MIGRATION_S_PER_GIB * self.config.memory_mib / 1024)
-        mid = migration_id or str(uuidlib.uuid4())
-        client = self._start_server()
-        replace = self._replacement_components()
-        src_addr = source.server.base_url.removeprefix("http://")
-        with self.step("migrate_from", source=source.config.name, migration_id=mid, timeout_s=timeout):
-            client.ensure_migration_target(self.properties(), mid, src_addr, replace)
-            self._phase = _Phase.ENSURED
+        with self.step("migrate_from", source=source.config.name, timeout_s=timeout):
+            mid = self.start_migration_from(source, migration_id=migration_id)
             record = self._wait_for_migration("in", {MigrationState.FINISH, MigrationState.ERROR}, timeout)
             if record["state"] != MigrationState.FINISH:
                 raise SutError(f"migration {mid} from {source.config.name} to {self.config.name} "
                                f"failed: target {self.migration_status()}, source "
                                f"{source._migration_status_or_unknown()}")
             self._wait_for_state(InstanceState.RUNNING, 60.0)
+        client = self.client
         if source._adapter is not None:
             # Only what the guest prints from now on: the carried-over history holds the
             # source's command markers (numbering goes on from them, see continued_on).
             _, end = client.serial_history(most_recent=0)
             self._open_console(from_start=end)
             self._adapter = source._adapter.continued_on(self.console)
+
+    def start_migration_from(self, source: TestVm, *, migration_id: str | None = None) -> str:
+        """Only begin what `migrate_from` does (the MigrationTarget ensure) and return the
+        migration id; the migration goes on in the servers. For tests of what happens
+        DURING a migration (a stop, say); follow it with `wait_for_migration("in", ...)`.
+        The console is not carried over: `migrate_from` does that."""
+        if self._phase is not _Phase.NEW:
+            raise HarnessError(f"VM {self.config.name} was already created; a migration target "
+                               "must be a new VM (vm_factory.new_migration_target)")
+        if source is self:
+            raise HarnessError("a VM cannot migrate from itself")
+        mid = migration_id or str(uuidlib.uuid4())
+        client = self._start_server()
+        replace = self._replacement_components()
+        src_addr = source.server.base_url.removeprefix("http://")
+        with self.step("start_migration_from", source=source.config.name, migration_id=mid):
+            client.ensure_migration_target(self.properties(), mid, src_addr, replace)
+        self._phase = _Phase.ENSURED
+        return mid
 
     def _replacement_components(self) -> dict[str, Any]:
         replace: dict[str, Any] = {}

@@ -23,8 +23,10 @@ from sut.server.migration import (
     Link,
     MigratableVm,
     MigrationError,
+    MigrationPhase,
     MigrationStatus,
     SerialSnapshot,
+    abandon,
     run_export,
     run_import,
 )
@@ -253,7 +255,10 @@ class StateDriver:
             # A migration target starts at once: its guest is already running elsewhere.
             self._queue.try_queue(RequestKind.START)
             self._queue.pop()
-            await self._migrate_in(*self.migration.incoming)
+            try:
+                await self._migrate_in(*self.migration.incoming)
+            except _StartupAborted:
+                return InstanceState.DESTROYED
             return await self._serve_running()
         # Creating: nothing runs until a Start (or a Stop) arrives.
         while True:
@@ -299,7 +304,19 @@ class StateDriver:
         await self._publish(InstanceState.RUNNING)
 
     async def _migrate_in(self, migration_id: uuid.UUID, link: Link) -> None:
-        """Receive the guest from the source; on return it runs here (Running)."""
+        """Receive the guest from the source; on return it runs here (Running). A stop
+        served meanwhile abandons the migration (the source runs on) and raises
+        _StartupAborted, the instance already torn down."""
+        try:
+            await self._import(migration_id, link)
+        except BaseException as exc:
+            # Whatever ended the import here, the source must hear of it now rather than
+            # wait out its step timeout (run_import tells it too when it got that far).
+            reason = "the target was stopped" if isinstance(exc, _StartupAborted) else str(exc) or repr(exc)
+            await abandon(link, f"the migration in ended: {reason}")
+            raise
+
+    async def _import(self, migration_id: uuid.UUID, link: Link) -> None:
         setup = self.migration
         assert setup is not None
         await self._publish(InstanceState.MIGRATING)
@@ -325,7 +342,29 @@ class StateDriver:
             take_serial=setup.take_serial, resume=resume, log=self._log), name="migrate-in")
         exited = asyncio.create_task(self._vm.wait_exit(), name="qemu-exit")
         try:
-            await asyncio.wait({importing, exited}, return_when="FIRST_COMPLETED")
+            while not (importing.done() or exited.done()):
+                # The queue is served meanwhile, as during a start: a stop abandons the
+                # migration, a VCR replacement goes to the pending backend.
+                ready = asyncio.create_task(self._ready())
+                try:
+                    await asyncio.wait({importing, exited, ready}, return_when="FIRST_COMPLETED")
+                finally:
+                    ready.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await ready
+                if importing.done() or exited.done():
+                    break
+                request = self._queue.pop()
+                assert request is not None  # ready: has_ready() held, and only we pop
+                if request.kind is RequestKind.STOP:
+                    self._log.info("stop requested during the migration in; abandoning it")
+                    importing.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await importing
+                    setup.status.set("in", migration_id, MigrationPhase.ERROR)
+                    await self._stop_vm()
+                    raise _StartupAborted
+                await self._apply(request)
             if not importing.done():
                 # QEMU ends an incoming migration that failed by exiting; the control
                 # connection usually says why first. Give it a moment to.

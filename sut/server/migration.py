@@ -64,6 +64,7 @@ __all__ = [
     "MigrationPhase",
     "MigrationRecord",
     "MigrationStatus",
+    "abandon",
     "connect_to_source",
     "run_export",
     "run_import",
@@ -228,7 +229,15 @@ def _mirrored(message: dict[str, Any]) -> MigrationPhase:
 
 async def _send_error(link: Link, exc: BaseException) -> None:
     with contextlib.suppress(Exception):
-        await _send(link, "error", message=str(exc))
+        await _send(link, "error", message=str(exc) or repr(exc))
+
+
+async def abandon(link: Link, reason: str) -> None:
+    """Tell the other server the migration is over for this one, and close the link
+    (best effort, safe to repeat: a closed link swallows both)."""
+    with contextlib.suppress(Exception):
+        await _send(link, "error", message=reason)
+    await link.close(1011, "migration abandoned")
 
 
 # --- target: connecting (during PUT /instance) ------------------------------------------

@@ -211,18 +211,31 @@ def test_file_disk_moves(vm_factory: VmFactory, disk_factory: DiskFactory, phd_g
     assert read_md5(target, disk, offset_mib=16, size_mib=4) == again
 
 
-def _taken_over(log_text: str, old: int, new: int) -> bool:
-    """Our downstairs' JSON log shows the upstairs at generation `old` told to go away (it
-    sent YouAreNoLongerActive) when one at `new` arrived."""
+def _handover(log_text: str, old: int, new: int) -> str:
+    """How our downstairs let go of the upstairs at generation `old` before the one at `new`
+    went active: "taken_over" (it told the old one YouAreNoLongerActive), "closed" (the old
+    one had gone already: an upstairs told so by one downstairs disables itself and drops
+    its other connections), or "" (the new one went active while the old one still held it)."""
+    old_peers: set[str] = set()
+    gone = ""
     for line in log_text.splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if (isinstance(record, dict) and record.get("event") == "taken_over"
-                and record.get("old_generation") == old and record.get("new_generation") == new):
-            return True
-    return False
+        if not isinstance(record, dict):
+            continue
+        event, peer = record.get("event"), str(record.get("peer"))
+        if event == "active" and record.get("generation") == old:
+            old_peers.add(peer)
+        elif event == "taken_over" and (record.get("old_generation"),
+                                         record.get("new_generation")) == (old, new):
+            gone = gone or "taken_over"
+        elif event == "connection_closed" and peer in old_peers:
+            gone = gone or "closed"
+        elif event == "active" and record.get("generation") == new:
+            return gone
+    return ""
 
 
 @pytest.mark.crucible
@@ -267,6 +280,27 @@ def test_crucible_under_guest_writes(vm_factory: VmFactory, disk_factory: DiskFa
     status = target.disk_status(disk)
     assert status.active and status.generation == 2, status
     if phd_config.downstairs_program.kind == "ours":
-        # The real crucible-downstairs logs in its own words; ours names the takeover.
-        fenced = [i for i, ds in enumerate(disk.downstairs) if _taken_over(ds.logs(), 1, 2)]
-        assert len(fenced) == 3, f"only downstairs {fenced} fenced the source's upstairs out at the hand-over"
+        # The real crucible-downstairs logs in its own words; ours names each step.
+        how = [_handover(ds.logs(), 1, 2) for ds in disk.downstairs]
+        assert "taken_over" in how and "" not in how, (
+            f"the downstairs did not fence the source's upstairs out before the target's went "
+            f"active (per downstairs: {how})")
+
+
+def test_stop_during_migration(vm_factory: VmFactory, phd_guest: str) -> None:
+    """A stop of the target while the migration runs abandons it: the target ends Destroyed
+    with its migration_in in Error, and the source runs on with the guest intact."""
+    source = boot(vm_factory.new_vm("stop-src", guest=phd_guest, memory_mib=256))
+    counted = make_dirt(source)
+    target = vm_factory.new_migration_target(source, "stop-dst")
+    target.start_migration_from(source)
+    target.stop()
+    target.wait_for_state(InstanceState.DESTROYED, timeout_s=60.0)
+    assert target.migration_status()["migration_in"]["state"] == MigrationState.ERROR, (
+        f"the stop did not abandon the migration in: {target.migration_status()}")
+    source.wait_for_migration("out", MigrationState.ERROR, timeout_s=60.0)
+    settled = wait_until(source.state, lambda s: s is not InstanceState.MIGRATING,
+                         what="the source to leave Migrating", timeout_s=60.0)
+    assert settled is InstanceState.RUNNING, (
+        f"a failed migration left the source {settled}: it must resume its guest and run on")
+    check_dirt(source, counted)
