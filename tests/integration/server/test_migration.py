@@ -151,3 +151,23 @@ def test_target_with_unreachable_source_is_refused(servers: tuple[ServerProcess,
         answer = dst.put("/instance", json=body)
         assert answer.status_code == 400, answer.text
         assert "src_addr" in answer.json()["message"]
+
+
+def test_a_source_that_cannot_migrate_refuses_the_target(
+        servers: tuple[ServerProcess, ServerProcess]) -> None:
+    """A source whose instance never ran has nothing to migrate: the target's ensure is 400
+    naming why, nothing is created on the target, and the source is untouched."""
+    source, target = servers
+    with source.client(timeout=30) as src, target.client(timeout=60) as dst:
+        spec = v5.spec(v5.serial(), memory_mb=128)
+        assert src.put("/instance", json=v5.ensure(spec, name="source")).status_code == 201
+        answer = dst.put("/instance", json=target_body(source, str(uuid.uuid4())))
+        assert answer.status_code == 400, answer.text
+        body = answer.json()
+        assert body["error_code"] == "MigrationSyncFailed" and "has not been started" in body["message"], body
+        assert dst.get("/instance").status_code == 404
+        assert src.get("/instance").json()["instance"]["state"] == "Creating"
+        assert src.get("/instance/migration-status").json() == {"migration_in": None, "migration_out": None}
+        # A plain GET of the websocket route is refused with the reason.
+        plain = src.get(f"/instance/migrate/{uuid.uuid4()}/start")
+        assert plain.status_code == 400 and plain.json()["error_code"] == "WebsocketRequired"
