@@ -23,7 +23,7 @@ from phd.vm.lifecycle import Action, run_lifecycle
 from phd.vm.serial import GuestPanic
 from phd.vm.ssh import SshCommandError, SshResult, SshSession
 from phd.vm.status import StatusCheck, check_err, check_ok, ignore_status
-from phd.vm.testvm import FileDisk, TestVm, VmConfig
+from phd.vm.testvm import FileDisk, MigrationFailures, MigrationState, TestVm, VmConfig
 from phd.vm.volume_status import DownstairsStatus, VolumeStatus
 
 __all__ = [
@@ -40,6 +40,8 @@ __all__ = [
     "GuestPanic",
     "HarnessError",
     "InstanceState",
+    "MigrationFailures",
+    "MigrationState",
     "PhdError",
     "RegionGeometry",
     "ServerError",

@@ -97,6 +97,14 @@ class PhdConfig:
     boot: BootMode = "auto"
     # The server's BOOTROM argument; None: OVMF for firmware boot, SeaBIOS for kernel boot.
     bootrom: Path | None = None
+    # The server that "from base" migration tests migrate FROM (--phd-base-server-cmd): the
+    # last release, say, while server_cmd is the build under test. Empty: server_cmd.
+    base_server_cmd: tuple[str, ...] = ()
+
+    @property
+    def migration_base_cmd(self) -> tuple[str, ...]:
+        """The base server's command line (the server under test when none is given)."""
+        return self.base_server_cmd or self.server_cmd
 
     def __post_init__(self) -> None:
         # The builder checks values with their option's name; this catches a direct
@@ -136,6 +144,9 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("server_cmd", "python -m sut.server",
             "server under test, as a command line (default: the reference server)"),
+    Setting("base_server_cmd", "the --phd-server-cmd",
+            "server that 'from base' migration tests migrate from, as a command line (default: "
+            "the server under test)"),
     Setting("manifest", "artifacts/artifacts.toml of the project, else phd's own",
             "artifact manifest (default: the project's artifacts/artifacts.toml, looked for in "
             "the rootdir and its parents, else the one shipped with phd)"),
@@ -369,6 +380,7 @@ def build_config(options: Mapping[str, object] | None = None, *,
     shard = r.get("shard")
     return PhdConfig(
         server_cmd=r.words("server_cmd", shlex.join([sys.executable, "-m", "sut.server"])),
+        base_server_cmd=r.words("base_server_cmd", "") if r.get("base_server_cmd") is not None else (),
         manifest=r.path("manifest", default_manifest(project_dir)),
         artifact_dir=r.path("artifact_dir", Path.home() / ".cache" / "phd" / "artifacts"),
         tmp_dir=r.path("tmp_dir", Path(tempfile.gettempdir()) / "phd"),

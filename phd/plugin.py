@@ -53,7 +53,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     # collects the same items.
     if "phd_guest" in metafunc.fixturenames:
         guests = metafunc.config.stash[_CONFIG].guests
-        metafunc.parametrize("phd_guest", guests, ids=list(guests))
+        # @pytest.mark.pr_guests("tiny"): the cases of other guests are nightly-only (a slow
+        # guest multiplies a long test; the per-PR run keeps the fast one).
+        pr = metafunc.definition.get_closest_marker("pr_guests")
+        params = [pytest.param(g, marks=[pytest.mark.nightly] if pr is not None and g not in pr.args else [])
+                  for g in guests]
+        metafunc.parametrize("phd_guest", params, ids=list(guests))
 
 
 # Registered by the plugin, so a project using phd can run with --strict-markers without
@@ -63,6 +68,7 @@ MARKERS = (
     "crucible: needs Crucible-style downstairs (Docker or processes)",
     "integration: uses real processes, sockets or containers but boots no guest",
     "nightly: too slow for the per-PR run; only the nightly job runs it (-m 'not nightly' leaves it out)",
+    "pr_guests(*guests): only these guests' cases run per PR; the others are marked nightly",
 )
 
 _CONFIG = pytest.StashKey[PhdConfig]()

@@ -16,12 +16,15 @@ from dataclasses import dataclass
 __all__ = [
     "ALL_REGRESSIONS",
     "BLOCKING_START",
+    "FAILED_MIGRATION_STOPS_SOURCE",
+    "MIGRATION_SAME_GENERATION",
     "MULTI_TARGET_REPLACE",
     "NO_GENERATION_FENCE",
     "NO_READ_HASH_CHECK",
     "NO_REPLAY",
     "REGRESSIONS",
     "SERVER_REGRESSIONS",
+    "SOURCE_RUNS_AFTER_MIGRATION",
     "STOP_IGNORED_WHILE_STARTING",
     "STORAGE_REGRESSIONS",
     "VCR_DENIED_AFTER_STOP",
@@ -53,6 +56,9 @@ MULTI_TARGET_REPLACE = "multi-target-replace"
 NO_GENERATION_FENCE = "no-generation-fence"
 NO_READ_HASH_CHECK = "no-read-hash-check"
 NO_REPLAY = "no-replay"
+MIGRATION_SAME_GENERATION = "migration-same-generation"
+FAILED_MIGRATION_STOPS_SOURCE = "failed-migration-stops-source"
+SOURCE_RUNS_AFTER_MIGRATION = "source-runs-after-migration"
 
 REGRESSIONS: tuple[Regression, ...] = (
     Regression(BLOCKING_START, Side.SERVER,
@@ -74,6 +80,13 @@ REGRESSIONS: tuple[Regression, ...] = (
     Regression(NO_REPLAY, Side.STORAGE,
                "a downstairs back from an outage resumes after `LastFlush` without the writes it "
                "missed"),
+    Regression(MIGRATION_SAME_GENERATION, Side.SERVER,
+               "a migration target activates its Crucible disks at the source's generation, "
+               "ignoring the replacement VCR, so the source's upstairs is not fenced"),
+    Regression(FAILED_MIGRATION_STOPS_SOURCE, Side.SERVER,
+               "a failed migration out stops the source instead of resuming its guest"),
+    Regression(SOURCE_RUNS_AFTER_MIGRATION, Side.SERVER,
+               "the source resumes its guest after a successful migration out (two copies run)"),
 )
 
 ALL_REGRESSIONS = frozenset(r.name for r in REGRESSIONS)

@@ -75,6 +75,23 @@ class ServerClient:
         init = {"method": "Spec", "value": {"spec": spec}}
         self.request("PUT", "/instance", expect=(201,), json_body={"properties": properties, "init": init})
 
+    def ensure_migration_target(self, properties: dict[str, Any], migration_id: str, src_addr: str,
+                                replace_components: dict[str, Any]) -> dict[str, Any]:
+        """``PUT /instance`` with a ``MigrationTarget`` init: the server takes the instance
+        from the source server at `src_addr` ("127.0.0.1:PORT"). Returns the ensure answer,
+        ``{"migrate": {"migration_id"}}``."""
+        init = {"method": "MigrationTarget", "value": {
+            "migration_id": migration_id, "src_addr": src_addr, "replace_components": replace_components}}
+        body: dict[str, Any] = self.request("PUT", "/instance", expect=(201,),
+                                            json_body={"properties": properties, "init": init}).json()
+        return body
+
+    def migration_status(self) -> dict[str, Any]:
+        """``GET /instance/migration-status``: ``{migration_in, migration_out}``, each
+        ``{id, state}`` or null."""
+        body: dict[str, Any] = self.request("GET", "/instance/migration-status", expect=(200,)).json()
+        return body
+
     def get(self) -> dict[str, Any]:
         body: dict[str, Any] = self.request("GET", "/instance", expect=(200,)).json()["instance"]
         return body
@@ -138,6 +155,17 @@ class ServerClient:
         return VolumeStatus(body)
 
     # --- serial -----------------------------------------------------------------------
+    def serial_history(self, from_start: int | None = 0, max_bytes: int | None = None, *,
+                       most_recent: int | None = None) -> tuple[bytes, int]:
+        """``GET /instance/serial/history``: the bytes from offset `from_start` (or the last
+        `most_recent` bytes) and the offset just past them."""
+        params: dict[str, Any] = {"from_start": from_start} if most_recent is None else {
+            "most_recent": most_recent}
+        if max_bytes is not None:
+            params["max_bytes"] = max_bytes
+        body = self.request("GET", "/instance/serial/history", expect=(200,), params=params).json()
+        return bytes(body["data"]), int(body["last_byte_offset"])
+
     def serial_ws_url(self, from_start: int = 0) -> str:
         self._requests.sent("GET", "/instance/serial", {"from_start": from_start}, NO_BODY)
         return self.base_url.replace("http://", "ws://", 1) + f"/instance/serial?from_start={from_start}"

@@ -28,7 +28,7 @@ from phd.storage.downstairs import Downstairs
 from phd.storage.dsc import DownstairsSet, RegionGeometry, members_for
 from phd.vm.guest import adapter_for
 from phd.vm.server import KernelBoot, ServerProcess, uefi_bootrom
-from phd.vm.testvm import BOOT_DEVICE, TERMINAL, FileDisk, GuestBoot, TestVm, VmConfig
+from phd.vm.testvm import BOOT_DEVICE, TERMINAL, FileDisk, GuestBoot, MigrationFailures, TestVm, VmConfig
 
 if TYPE_CHECKING:  # the session object, for annotations only: phd.framework is above this layer
     from phd.framework import Framework
@@ -88,7 +88,9 @@ class VmFactory:
 
     def new_vm(self, name: str, *, guest: str | None = None, cpus: int = 2,
                memory_mib: int = 512, ssh: bool | None = None,
-               boot_disk: CrucibleDisk | FileDisk | None = None, boot: str | None = None) -> TestVm:
+               boot_disk: CrucibleDisk | FileDisk | None = None, boot: str | None = None,
+               migration_failures: MigrationFailures | None = None,
+               base_server: bool = False) -> TestVm:
         """A VM of `guest` (default: --phd-guest), not yet launched.
 
         boot: "firmware" (the UEFI BOOTROM boots the guest's firmware-bootable disk image, as
@@ -102,6 +104,10 @@ class VmFactory:
         (`create_file_disk`) - a blank one, say, to see the firmware fail. `ssh`: forward a
         127.0.0.1 port to the guest's sshd (a user-networking NIC); None means "if the guest
         runs sshd".
+
+        `migration_failures`: the spec gets a migration failure injector (its server fails
+        that many migration exports / imports). `base_server`: the VM runs on the
+        --phd-base-server-cmd server (a "from base" migration source).
         """
         artifact = self.fw.artifacts.guest(guest or self.fw.config.default_guest)
         mode = self.boot_mode(artifact, boot)
@@ -113,7 +119,37 @@ class VmFactory:
                                "(new_vm(..., boot=\"firmware\")) or attach the disk as a data disk")
         if disk is None and image is not None:
             disk = create_file_disk(self.test_dir / f"{name}.{BOOT_DEVICE}.qcow2", base=image)
-        return self._new_vm(VmConfig(name, cpus, memory_mib, boot=mode), artifact, ssh, disk)
+        config = VmConfig(name, cpus, memory_mib, boot=mode, migration_failures=migration_failures)
+        return self._new_vm(config, artifact, ssh, disk, base_server=base_server)
+
+    def new_migration_target(self, source: TestVm, name: str | None = None, *,
+                             migration_failures: MigrationFailures | None = None,
+                             base_server: bool = False) -> TestVm:
+        """A new VM (own server) to migrate `source` into with `vm.migrate_from(source)`:
+        the same guest, board, boot and disks (file disks are shared: QEMU hands them over; a
+        Crucible disk moves at the next generation when the migration starts).
+
+        `migration_failures`: replaces the source's failure injector on this target (the
+        source must have one: `new_vm(..., migration_failures=MigrationFailures())`).
+        `base_server`: this target runs on the --phd-base-server-cmd server.
+        """
+        self._successors[source.config.name] = n = self._successors.get(source.config.name, 0) + 1
+        name = name or f"{source.config.name}-m{n}"
+        if migration_failures is not None and source.config.migration_failures is None:
+            raise HarnessError(f"VM {source.config.name} has no migration failure injector for "
+                               f"{name} to replace: create it with "
+                               "new_vm(..., migration_failures=MigrationFailures())")
+        cfg = source.config
+        # The same boot: the target's QEMU must have the source's firmware (or linuxboot ROM)
+        # for the migrated RAM blocks to line up.
+        config = VmConfig(name, cfg.cpus, cfg.memory_mib, boot=cfg.boot,
+                          migration_failures=migration_failures or cfg.migration_failures)
+        boot = source.disks[0].disk if source.disks and source.disks[0].device == BOOT_DEVICE else None
+        target = self._new_vm(config, source.guest, cfg.ssh_port is not None, boot, base_server=base_server)
+        for att in source.disks:
+            if att.device != BOOT_DEVICE:
+                target.attach(att.disk, att.device, att.interface)
+        return target
 
     def boot_mode(self, artifact: GuestArtifact, boot: str | None = None) -> GuestBoot:
         """How a VM of `artifact` boots: `boot` (or --phd-boot) with "auto" resolved."""
@@ -166,7 +202,8 @@ class VmFactory:
             assert isinstance(boot, FileDisk) and boot.base is not None
             boot = create_file_disk(self.test_dir / f"{name}.{BOOT_DEVICE}.qcow2", base=boot.base)
         cfg = vm.config
-        succ = self._new_vm(VmConfig(name, cfg.cpus, cfg.memory_mib, boot=cfg.boot), vm.guest,
+        succ = self._new_vm(VmConfig(name, cfg.cpus, cfg.memory_mib, boot=cfg.boot,
+                                     migration_failures=cfg.migration_failures), vm.guest,
                             cfg.ssh_port is not None, boot)
         for att in vm.disks:
             if att.device != BOOT_DEVICE:
@@ -174,7 +211,7 @@ class VmFactory:
         return succ
 
     def _new_vm(self, config: VmConfig, artifact: GuestArtifact, ssh: bool | None,
-                boot: CrucibleDisk | FileDisk | None) -> TestVm:
+                boot: CrucibleDisk | FileDisk | None, *, base_server: bool = False) -> TestVm:
         if not _NAME_OK.match(config.name):
             raise HarnessError(f"VM name {config.name!r} must match {_NAME_OK.pattern}")
         if any(vm.config.name == config.name for vm in self.vms):
@@ -207,7 +244,8 @@ class VmFactory:
         else:
             kernel_boot = KernelBoot(artifact.kernel, artifact.initrd, artifact.cmdline)
         forwards = [f"127.0.0.1:{ssh_port}:22"] if ssh_port is not None else []
-        server = ServerProcess(list(cfg.server_cmd), port, data_dir, log, regressions=cfg.regressions,
+        server_cmd = cfg.migration_base_cmd if base_server else cfg.server_cmd
+        server = ServerProcess(list(server_cmd), port, data_dir, log, regressions=cfg.regressions,
                                env={"SUT_SERVER_ACCEL": cfg.accel},
                                allow_paths=(cfg.tmp_dir, cfg.artifact_dir), boot=kernel_boot,
                                forwards=forwards, bootrom=bootrom)

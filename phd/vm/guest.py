@@ -47,6 +47,14 @@ class GuestAdapter:
         self.console = console
         self._seq = itertools.count(1)
 
+    def continued_on(self, console: SerialConsole) -> GuestAdapter:
+        """This logged-in shell, reached through another console (the guest migrated to
+        another server). Command numbers go on from this adapter's, so no frame marker of
+        the carried-over history can be taken for a new command's."""
+        moved = type(self)(console)
+        moved._seq = self._seq
+        return moved
+
     def login(self, timeout_s: float | None = None) -> None:
         timeout = self.boot_timeout_s if timeout_s is None else timeout_s
         self.console.wait_for(self.login_prompt, timeout)

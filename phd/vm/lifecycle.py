@@ -5,8 +5,8 @@ stopped and a successor started on its disks. A test writes
 
     vm = run_lifecycle(vm_factory, vm, [Action.REBOOT, Action.STOP_AND_START], check)
 
-and gets back the VM that is running at the end (a successor after STOP_AND_START): keep
-using the returned VM, not the old one, which is stopped.
+and gets back the VM that is running at the end (a successor after STOP_AND_START, a
+migration target after MIGRATE): keep using the returned VM, not the old one, which is gone.
 """
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ class Action(enum.Enum):
     REBOOT = "reboot"  # a host-requested reboot of the same VM (guest memory is lost)
     # stop -> Destroyed, then a successor on the same disks at the next Crucible generation
     STOP_AND_START = "stop_and_start"
+    # a live migration to a new VM on the server under test (guest memory is kept)
+    MIGRATE = "migrate"
+    # a live migration to a new VM on the --phd-base-server-cmd server
+    MIGRATE_TO_BASE = "migrate_to_base"
 
 
 def run_lifecycle(factory: VmFactory, vm: TestVm, actions: Sequence[Action],
@@ -48,6 +52,11 @@ def run_lifecycle(factory: VmFactory, vm: TestVm, actions: Sequence[Action],
                 # read already, so this cannot pass on stale output.
                 vm.wait_to_boot(timeout_s)
                 vm.wait_for_state(InstanceState.RUNNING, timeout_s)
+            elif action in (Action.MIGRATE, Action.MIGRATE_TO_BASE):
+                target = factory.new_migration_target(vm, base_server=action is Action.MIGRATE_TO_BASE)
+                target.migrate_from(vm)
+                vm.wait_for_state(InstanceState.DESTROYED, timeout_s)
+                vm = target
             else:
                 vm.stop()
                 vm.wait_for_state(InstanceState.DESTROYED, timeout_s)

@@ -31,7 +31,7 @@ from phd.vm.ssh import SshSession, authorized_keys_command, connect_when_ready, 
 from phd.vm.status import StatusCheck, check_ok
 from phd.vm.volume_status import VolumeStatus
 
-__all__ = ["FileDisk", "GuestBoot", "TestVm", "VmConfig"]
+__all__ = ["FileDisk", "GuestBoot", "MigrationFailures", "MigrationState", "TestVm", "VmConfig"]
 
 TERMINAL = {InstanceState.DESTROYED, InstanceState.FAILED}
 BOOT_DEVICE = "boot0"
@@ -40,6 +40,38 @@ NIC = "net0"
 NIC_SLOT = 0x08
 FIRST_DISK_SLOT = 0x10
 _PHD_UUID = uuidlib.uuid5(uuidlib.NAMESPACE_URL, "https://github.com/oxidecomputer/propolis/phd")
+# The spec key of the migration failure injector (the same on source and target, so a
+# target's replacement finds it).
+FAILURE_INJECTOR = "failure-injector"
+# Propolis's PHD allows a migration this long per GiB of guest memory; TCG is slower.
+MIGRATION_S_PER_GIB = 600
+
+
+class MigrationState(enum.StrEnum):
+    """The phases of a live migration (v5's MigrationState)."""
+
+    SYNC = "Sync"
+    RAM_PUSH = "RamPush"
+    PAUSE = "Pause"
+    RAM_PUSH_DIRTY = "RamPushDirty"
+    DEVICE = "Device"
+    RESUME = "Resume"
+    RAM_PULL = "RamPull"
+    SERVER = "Server"
+    FINISH = "Finish"
+    ERROR = "Error"
+
+
+@dataclass(frozen=True)
+class MigrationFailures:
+    """A migration failure injector in the VM's spec: its server fails this many migration
+    exports (as a source) and imports (as a target), as Propolis's does."""
+
+    exports: int = 0
+    imports: int = 0
+
+    def component(self) -> dict[str, Any]:
+        return {"fail_exports": self.exports, "fail_imports": self.imports}
 
 
 def _pci(slot: int) -> dict[str, int]:
@@ -57,6 +89,8 @@ class VmConfig:
     # firmware: the server's BOOTROM (UEFI) boots the boot disk; kernel: the server boots the
     # guest's kernel and initrd directly (its own option).
     boot: GuestBoot = "kernel"
+    # A migration failure injector component; None: the spec has none.
+    migration_failures: MigrationFailures | None = None
 
 
 @dataclass(frozen=True)
@@ -185,6 +219,9 @@ class TestVm:
         if self.boot_disk is not None:
             components["boot-settings"] = {"type": "boot_settings",
                                            "component": {"order": [{"id": BOOT_DEVICE}]}}
+        if self.config.migration_failures is not None:
+            components[FAILURE_INJECTOR] = {"type": "migration_failure_injector",
+                                            "component": self.config.migration_failures.component()}
         if self.config.ssh_port is not None:
             components[NIC] = {"type": "virtio_nic", "component": {
                 "backend_id": f"{NIC}-backend", "interface_id": str(_PHD_UUID),
@@ -267,14 +304,134 @@ class TestVm:
             except httpx.TimeoutException:
                 state, gen = self.client.state()
 
+    # --- migration --------------------------------------------------------------------
+    def migrate_from(self, source: TestVm, timeout_s: float | None = None, *,
+                     migration_id: str | None = None) -> None:
+        """Take the running guest over from `source` (live migration): this VM's server is
+        made a migration target of `source`'s (`PUT /instance` with a MigrationTarget init)
+        and the migration is followed to its end. Make this VM with
+        `vm_factory.new_migration_target(source)`: the same guest, board and disks.
+
+        Each Crucible disk moves at the next generation (the replacement VCR goes in
+        `replace_components`), so this VM's activation fences `source`'s upstairs; a
+        migration failure injector of this VM's config replaces `source`'s. On success this
+        VM runs, its console continues the source's shell (logged in if the source's was)
+        and `source` is Destroyed. A failed migration raises SutError naming both sides'
+        migration status (the source then runs on). `timeout_s`: default 600 s per GiB of
+        guest memory.
+        """
+        timeout = timeout_s if timeout_s is not None else max(
+            120.0, MIGRATION_S_PER_GIB * self.config.memory_mib / 1024)
+        with self.step("migrate_from", source=source.config.name, timeout_s=timeout):
+            mid = self.start_migration_from(source, migration_id=migration_id)
+            record = self._wait_for_migration("in", {MigrationState.FINISH, MigrationState.ERROR}, timeout)
+            if record["state"] != MigrationState.FINISH:
+                raise SutError(f"migration {mid} from {source.config.name} to {self.config.name} "
+                               f"failed: target {self.migration_status()}, source "
+                               f"{source._migration_status_or_unknown()}")
+            self._wait_for_state(InstanceState.RUNNING, 60.0)
+        client = self.client
+        if source._adapter is not None:
+            # Only what the guest prints from now on: the carried-over history holds the
+            # source's command markers (numbering goes on from them, see continued_on).
+            _, end = client.serial_history(most_recent=0)
+            self._open_console(from_start=end)
+            self._adapter = source._adapter.continued_on(self.console)
+
+    def start_migration_from(self, source: TestVm, *, migration_id: str | None = None) -> str:
+        """Only begin what `migrate_from` does (the MigrationTarget ensure) and return the
+        migration id; the migration goes on in the servers. For tests of what happens
+        DURING a migration (a stop, say); follow it with `wait_for_migration("in", ...)`.
+        The console is not carried over: `migrate_from` does that."""
+        if self._phase is not _Phase.NEW:
+            raise HarnessError(f"VM {self.config.name} was already created; a migration target "
+                               "must be a new VM (vm_factory.new_migration_target)")
+        if source is self:
+            raise HarnessError("a VM cannot migrate from itself")
+        mid = migration_id or str(uuidlib.uuid4())
+        client = self._start_server()
+        replace = self._replacement_components()
+        src_addr = source.server.base_url.removeprefix("http://")
+        with self.step("start_migration_from", source=source.config.name, migration_id=mid):
+            client.ensure_migration_target(self.properties(), mid, src_addr, replace)
+        self._phase = _Phase.ENSURED
+        return mid
+
+    def _replacement_components(self) -> dict[str, Any]:
+        replace: dict[str, Any] = {}
+        for att in self.disks:
+            if isinstance(att.disk, CrucibleDisk):
+                att.disk.set_generation(att.disk.generation + 1)
+                vcr = att.disk.vcr()
+                self._record_vcr(att, vcr)
+                replace[att.backend_id] = {"component": "CrucibleStorageBackend",
+                                           "spec": {"request_json": json.dumps(vcr), "readonly": False}}
+        if self.config.migration_failures is not None:
+            replace[FAILURE_INJECTOR] = {"component": "MigrationFailureInjector",
+                                         "spec": self.config.migration_failures.component()}
+        return replace
+
+    def migration_status(self) -> dict[str, Any]:
+        """``{migration_in, migration_out}``: each ``{id, state}`` of the latest migration
+        into / out of this VM's server, or None."""
+        return self.client.migration_status()
+
+    def _migration_status_or_unknown(self) -> str:
+        try:
+            return str(self.migration_status())
+        except Exception as exc:  # noqa: BLE001 - only used in an error message
+            return f"unknown ({exc})"
+
+    def wait_for_migration(self, direction: str, wanted: MigrationState | set[MigrationState],
+                           timeout_s: float) -> dict[str, Any]:
+        """Poll the migration status until the migration `direction` ("in" or "out") is in
+        `wanted`; returns its ``{id, state}``. Error ends the wait at once unless wanted."""
+        states = {wanted} if isinstance(wanted, MigrationState) else set(wanted)
+        with self.step("wait_for_migration", direction=direction, wanted=sorted(states), timeout_s=timeout_s):
+            return self._wait_for_migration(direction, states, timeout_s)
+
+    def _wait_for_migration(self, direction: str, wanted: set[MigrationState],
+                            timeout_s: float) -> dict[str, Any]:
+        if direction not in ("in", "out"):
+            raise HarnessError(f"direction must be 'in' or 'out', got {direction!r}")
+        key = f"migration_{direction}"
+        deadline = time.monotonic() + timeout_s
+        seen: list[str] = []
+        while True:
+            record = self.client.migration_status().get(key)
+            if record is not None:
+                state = MigrationState(record["state"])
+                if not seen or seen[-1] != state:
+                    seen.append(state)
+                if state in wanted:
+                    return dict(record)
+                if state is MigrationState.ERROR:
+                    raise SutError(f"VM {self.config.name}: {key} reached Error while waiting for "
+                                   f"{sorted(wanted)} (phases seen: {seen})")
+            if time.monotonic() >= deadline:
+                raise SutTimeout(f"VM {self.config.name}: {key} to reach {sorted(wanted)}", timeout_s,
+                                 f"phases seen: {seen or 'none'}")
+            # A poll interval against the deadline above (the status has no long-poll).
+            time.sleep(0.1)
+
+    def serial_history(self, from_start: int = 0) -> tuple[bytes, int]:
+        """The server's serial history from byte `from_start` and the offset past it."""
+        return self.client.serial_history(from_start=from_start)
+
     # --- guest ----------------------------------------------------------------------
     @property
     def console(self) -> SerialConsole:
         if self._console is None:
-            self._console = SerialConsole(self.client.serial_ws_url(0),
-                                          transcript=self.test_dir / f"{self.config.name}.serial.log")
-            self._console.connect()
+            self._open_console(from_start=0)
+        assert self._console is not None
         return self._console
+
+    def _open_console(self, from_start: int) -> None:
+        if self._console is not None:
+            self._console.close()
+        self._console = SerialConsole(self.client.serial_ws_url(from_start),
+                                      transcript=self.test_dir / f"{self.config.name}.serial.log")
+        self._console.connect()
 
     def wait_to_boot(self, timeout_s: float | None = None) -> None:
         """Wait for the guest's login prompt, log in, reach a shell."""

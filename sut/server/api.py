@@ -303,8 +303,7 @@ def create_app(controller: ServerController, *, body_limits: bool = True) -> Fas
 
     @app.put("/instance", status_code=201, responses=_errors(400, 409))
     async def instance_ensure(body: InstanceEnsureRequest) -> InstanceEnsureResponse:
-        await controller.ensure(body)
-        return InstanceEnsureResponse()
+        return control.ensure_response(await controller.ensure(body))
 
     @app.get("/instance", responses=_errors(404))
     async def instance_get() -> InstanceResponse:
@@ -316,8 +315,7 @@ def create_app(controller: ServerController, *, body_limits: bool = True) -> Fas
 
     @app.get("/instance/migration-status", responses=_errors(404))
     async def instance_migrate_status() -> MigrateStatus:
-        controller.require()
-        return MigrateStatus()  # this server migrates nothing: never a migration in or out
+        return control.migrate_status(controller.require())
 
     @app.post("/instance/nmi", responses=_errors(400, 404))
     async def instance_issue_nmi() -> None:
@@ -365,9 +363,14 @@ def create_app(controller: ServerController, *, body_limits: bool = True) -> Fas
         raise ApiError(400, "WebsocketRequired", "GET /instance/serial is a websocket: send the upgrade "
                        "headers (Connection: Upgrade, Upgrade: websocket)")
 
+    @app.websocket("/instance/migrate/{migration_id}/start")
+    async def instance_migrate_start_ws(ws: WebSocket, migration_id: uuid.UUID) -> None:
+        await control.migration_source_session(controller, ws, migration_id)
+
     @app.get("/instance/migrate/{migration_id}/start", responses=_errors(400))
     async def instance_migrate_start(migration_id: uuid.UUID) -> None:
-        raise ApiError(400, "Unsupported", "this server migrates nothing (no live migration source)")
+        raise ApiError(400, "WebsocketRequired", "GET /instance/migrate/{migration_id}/start is a websocket "
+                       "that a migration target opens: send the upgrade headers")
 
     @app.put("/instance/disk/{id}/vcr", responses=_errors(400, 403, 404, 410))
     async def instance_issue_crucible_vcr_request(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import json
 import logging
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,8 @@ from sut.path_policy import PathPolicyError
 from sut.server.backends import BackendError, ReplacementRejectedError
 from sut.server.defaults import DEFAULT_BODY_TIMEOUT_S, DEFAULT_LONG_POLL_MAX_S, DEFAULT_MAX_BODY_BYTES
 from sut.server.instance import Instance, VmConfig
+from sut.server.migration import Link, MigrationError, MigrationPhase
+from sut.server.policy import TargetNotAllowedError
 from sut.server.qemu import QemuError
 from sut.server.request_queue import RequestDeniedError, RequestKind
 from sut.server.serial import SerialNotConnectedError
@@ -85,17 +88,28 @@ class InstanceResponse(BaseModel):
     instance: InstanceView
 
 
-class InstanceEnsureResponse(BaseModel):
-    """The document's InstanceEnsureResponse (no migration: ``migrate`` is null)."""
+class InstanceMigrateInitiateResponse(BaseModel):
+    migration_id: uuid.UUID
 
-    migrate: None = None
+
+class InstanceEnsureResponse(BaseModel):
+    """The document's InstanceEnsureResponse: ``migrate`` names a target's migration."""
+
+    migrate: InstanceMigrateInitiateResponse | None = None
+
+
+class MigrationStatusView(BaseModel):
+    """The document's InstanceMigrationStatus."""
+
+    id: uuid.UUID
+    state: MigrationPhase
 
 
 class MigrateStatus(BaseModel):
-    """The document's InstanceMigrateStatusResponse: this server migrates nothing."""
+    """The document's InstanceMigrateStatusResponse: the latest migration in and out."""
 
-    migration_in: None = None
-    migration_out: None = None
+    migration_in: MigrationStatusView | None = None
+    migration_out: MigrationStatusView | None = None
 
 
 class StateMonitorResponse(BaseModel):
@@ -154,6 +168,12 @@ class ServerController:
                 raise ApiError(400, "BadInstanceSpec", str(exc), extra) from exc
             except (QemuError, BackendError) as exc:
                 raise ApiError(400, "BadInstanceSpec", str(exc)) from exc
+            except TargetNotAllowedError as exc:
+                raise ApiError(400, "MigrationSourceNotAllowed", str(exc), {"rule": exc.rule}) from exc
+            except MigrationError as exc:
+                # Checked before anything was created: the source is unreachable, refused,
+                # or its spec does not take the replacements.
+                raise ApiError(400, "MigrationSyncFailed", str(exc)) from exc
             return self.instance
 
     async def shutdown(self) -> None:
@@ -185,6 +205,17 @@ def internal_error_body(controller: ServerController, method: str, path: str,
     return error_json("Internal", message, error_id)
 
 
+def ensure_response(instance: Instance) -> InstanceEnsureResponse:
+    target = instance.request.migration_target
+    if target is None:
+        return InstanceEnsureResponse()
+    return InstanceEnsureResponse(migrate=InstanceMigrateInitiateResponse(migration_id=target.migration_id))
+
+
+def migrate_status(instance: Instance) -> MigrateStatus:
+    return MigrateStatus.model_validate(instance.migration.status.json())
+
+
 def instance_response(instance: Instance) -> InstanceResponse:
     return InstanceResponse.model_validate({"instance": instance.describe()})
 
@@ -200,7 +231,8 @@ def request_state(controller: ServerController, requested: RequestedState) -> No
 
 async def state_monitor(controller: ServerController, gen: int) -> StateMonitorResponse:
     """GET /instance/state-monitor: the state once its generation is >= gen."""
-    monitor = controller.require().driver.monitor
+    instance = controller.require()
+    monitor = instance.driver.monitor
     # A long-poll is bounded (like a Kubernetes watch timeout): a client
     # that went away, or asked for a generation that never comes, holds a
     # request for at most long_poll_max_s.
@@ -209,7 +241,7 @@ async def state_monitor(controller: ServerController, gen: int) -> StateMonitorR
             snapshot = await monitor.wait_for_gen(gen)
     except TimeoutError:
         snapshot = monitor.current
-    return StateMonitorResponse(gen=snapshot.gen, state=snapshot.state)
+    return StateMonitorResponse(gen=snapshot.gen, state=snapshot.state, migration=migrate_status(instance))
 
 
 async def serial_session(controller: ServerController, ws: WebSocket) -> None:
@@ -274,3 +306,44 @@ async def serial_session(controller: ServerController, ws: WebSocket) -> None:
         with contextlib.suppress(Exception):
             await ws.close(code=1000)
         controller.log.info("serial session ended", extra={"dropped_input_messages": dropped})
+
+
+class _ServerLink:
+    """The source's end of the migration control websocket (Starlette's WebSocket)."""
+
+    def __init__(self, ws: WebSocket) -> None:
+        self._ws = ws
+
+    async def send_text(self, text: str) -> None:
+        await self._ws.send_text(text)
+
+    async def receive_text(self) -> str:
+        return await self._ws.receive_text()
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        with contextlib.suppress(Exception):
+            await self._ws.close(code=code, reason=reason)
+
+
+async def migration_source_session(controller: ServerController, ws: WebSocket,
+                                   migration_id: uuid.UUID) -> None:
+    """``GET /instance/migrate/{migration_id}/start`` upgraded: a target connected to take
+    this instance over. The state driver runs the export (sut.server.migration); this
+    handler keeps the connection open until it ended."""
+    instance = controller.instance
+    if instance is None or instance.driver.destroyed:
+        await ws.close(code=1008, reason="no live instance to migrate")
+        return
+    await ws.accept()
+    link: Link = _ServerLink(ws)
+    try:
+        migrated = await instance.driver.migrate_out(migration_id, link)
+    except RequestDeniedError as exc:
+        controller.log.warning("migration out refused", extra={"error": str(exc)})
+        with contextlib.suppress(Exception):
+            await ws.send_text(json.dumps({"msg": "error", "message": f"the source refused: {exc}"}))
+        await link.close(1008, "refused")
+        return
+    controller.log.info("migration out ended",
+                        extra={"migration_id": str(migration_id), "migrated": migrated})
+    await link.close(1000, "done")

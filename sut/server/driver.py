@@ -11,15 +11,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from sut import regressions as table
 from sut.server.backends import BlockBackend, ReplacementRejectedError
+from sut.server.migration import (
+    FailureInjector,
+    Link,
+    MigratableVm,
+    MigrationError,
+    MigrationPhase,
+    MigrationStatus,
+    SerialSnapshot,
+    abandon,
+    run_export,
+    run_import,
+)
 from sut.server.qemu import GuestEvent
 from sut.server.regressions import NO_REGRESSIONS, Regressions
 from sut.server.request_queue import (
+    DenyReason,
     QueuedRequest,
     QueueRegressions,
     RequestDeniedError,
@@ -79,6 +93,32 @@ class _Replacement:
     answer: asyncio.Future[str]
 
 
+@dataclass
+class _MigrateOut:
+    migration_id: uuid.UUID
+    link: Link
+    # True once the target runs the guest, False when the migration failed (the guest runs here).
+    answer: asyncio.Future[bool]
+
+
+@dataclass
+class MigrationSetup:
+    """What the driver needs to migrate: the instance's spec as a source sends it, its
+    serial console, its failure injector; ``incoming`` for a migration target."""
+
+    spec_json: dict[str, Any]
+    snapshot_serial: Callable[[], SerialSnapshot]
+    take_serial: Callable[[SerialSnapshot], None]
+    injector: FailureInjector = field(default_factory=FailureInjector)
+    status: MigrationStatus = field(default_factory=MigrationStatus)
+    incoming: tuple[uuid.UUID, Link] | None = None
+
+
+# A migration target activates its Crucible disks after the source has let go of them; the
+# downstairs answer at once then, so this bounds a hand-over that went wrong.
+HANDOVER_ACTIVATION_TIMEOUT_S = 120.0
+
+
 class _StartupAborted(Exception):
     """A stop was served during startup; the instance is already torn down."""
 
@@ -92,6 +132,7 @@ class StateDriver:
         regressions: Regressions = NO_REGRESSIONS,
         logger: logging.Logger | None = None,
         on_destroyed: Callable[[], Awaitable[None]] | None = None,
+        migration: MigrationSetup | None = None,
     ) -> None:
         self._backends = backends
         self._vm_factory = vm_factory
@@ -101,7 +142,8 @@ class StateDriver:
         self._log = logger or logging.getLogger(__name__)
         self._on_destroyed = on_destroyed
         self.monitor = StateMonitor()
-        self._queue: RequestQueue[_Replacement] = RequestQueue(
+        self.migration = migration
+        self._queue: RequestQueue[_Replacement | _MigrateOut] = RequestQueue(
             QueueRegressions(
                 vcr_denied_while_starting=regressions.enabled(table.VCR_DENIED_WHILE_STARTING),
                 vcr_denied_after_stop=regressions.enabled(table.VCR_DENIED_AFTER_STOP),
@@ -138,6 +180,17 @@ class StateDriver:
             raise InstanceGoneError("the instance has stopped; nothing to replace")
         answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._queue.try_queue(RequestKind.REPLACE, _Replacement(backend_id, vcr_json, answer))
+        self._wakeup.set()
+        return await answer
+
+    async def migrate_out(self, migration_id: uuid.UUID, link: Link) -> bool:
+        """Queue a migration out over ``link`` (a target connected) and wait until it ended:
+        True if the target runs the guest now. Raises RequestDeniedError when the instance
+        cannot migrate (not running, stopping, already migrating)."""
+        if self.migration is None:
+            raise RequestDeniedError(RequestKind.MIGRATE_OUT, DenyReason.NOT_STARTED)
+        answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._queue.try_queue(RequestKind.MIGRATE_OUT, _MigrateOut(migration_id, link, answer))
         self._wakeup.set()
         return await answer
 
@@ -198,6 +251,15 @@ class StateDriver:
             await self._teardown(final)
 
     async def _serve(self) -> InstanceState:
+        if self.migration is not None and self.migration.incoming is not None:
+            # A migration target starts at once: its guest is already running elsewhere.
+            self._queue.try_queue(RequestKind.START)
+            self._queue.pop()
+            try:
+                await self._migrate_in(*self.migration.incoming)
+            except _StartupAborted:
+                return InstanceState.DESTROYED
+            return await self._serve_running()
         # Creating: nothing runs until a Start (or a Stop) arrives.
         while True:
             await self._ready()
@@ -240,6 +302,110 @@ class StateDriver:
         self._vcpus_started = True
         self._queue.notify_running()
         await self._publish(InstanceState.RUNNING)
+
+    async def _migrate_in(self, migration_id: uuid.UUID, link: Link) -> None:
+        """Receive the guest from the source; on return it runs here (Running). A stop
+        served meanwhile abandons the migration (the source runs on) and raises
+        _StartupAborted, the instance already torn down."""
+        try:
+            await self._import(migration_id, link)
+        except BaseException as exc:
+            # Whatever ended the import here, the source must hear of it now rather than
+            # wait out its step timeout (run_import tells it too when it got that far).
+            reason = "the target was stopped" if isinstance(exc, _StartupAborted) else str(exc) or repr(exc)
+            await abandon(link, f"the migration in ended: {reason}")
+            raise
+
+    async def _import(self, migration_id: uuid.UUID, link: Link) -> None:
+        setup = self.migration
+        assert setup is not None
+        await self._publish(InstanceState.MIGRATING)
+        for backend in self._backends.values():
+            await backend.start_export()
+        self._vm = self._vm_factory()
+        await self._vm.launch()
+        vm = self._vm
+        if not isinstance(vm, MigratableVm):
+            raise MigrationError("this VM cannot migrate (no QMP)")
+
+        async def resume() -> None:
+            # The source's QEMU completed: its guest is paused for good and its disks are
+            # flushed. Activating ours now (Crucible: at the replacement VCR's higher
+            # generation) fences the source's upstairs before our vCPUs run.
+            async with asyncio.timeout(HANDOVER_ACTIVATION_TIMEOUT_S):
+                await self._activate_all()
+            await vm.cont()
+            self._vcpus_started = True
+
+        importing = asyncio.create_task(run_import(
+            vm=vm, link=link, migration_id=migration_id, status=setup.status, injector=setup.injector,
+            take_serial=setup.take_serial, resume=resume, log=self._log), name="migrate-in")
+        exited = asyncio.create_task(self._vm.wait_exit(), name="qemu-exit")
+        try:
+            while not (importing.done() or exited.done()):
+                # The queue is served meanwhile, as during a start: a stop abandons the
+                # migration, a VCR replacement goes to the pending backend.
+                ready = asyncio.create_task(self._ready())
+                try:
+                    await asyncio.wait({importing, exited, ready}, return_when="FIRST_COMPLETED")
+                finally:
+                    ready.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await ready
+                if importing.done() or exited.done():
+                    break
+                request = self._queue.pop()
+                assert request is not None  # ready: has_ready() held, and only we pop
+                if request.kind is RequestKind.STOP:
+                    self._log.info("stop requested during the migration in; abandoning it")
+                    importing.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await importing
+                    setup.status.set("in", migration_id, MigrationPhase.ERROR)
+                    await self._stop_vm()
+                    raise _StartupAborted
+                await self._apply(request)
+            if not importing.done():
+                # QEMU ends an incoming migration that failed by exiting; the control
+                # connection usually says why first. Give it a moment to.
+                await asyncio.wait({importing}, timeout=5.0)
+            if not importing.done():
+                importing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await importing
+                raise MigrationError(f"QEMU exited during the migration in (code {exited.result()})")
+            importing.result()
+        finally:
+            for task in (importing, exited):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._queue.notify_running()
+        await self._publish(InstanceState.RUNNING)
+
+    async def _migrate_out(self, request: _MigrateOut) -> bool:
+        """Migrate the guest to the target on ``request.link``; True when it runs there. On
+        False the export failed and the guest runs here again (still Migrating: the caller
+        publishes what comes next)."""
+        setup = self.migration
+        vm = self._vm
+        assert setup is not None and vm is not None
+        await self._publish(InstanceState.MIGRATING)
+        try:
+            if not isinstance(vm, MigratableVm):
+                raise MigrationError("this VM cannot migrate (no QMP)")
+            await run_export(vm=vm, link=request.link, migration_id=request.migration_id,
+                             spec_json=setup.spec_json, status=setup.status, injector=setup.injector,
+                             serial=setup.snapshot_serial, log=self._log)
+        except MigrationError as exc:
+            self._log.warning("migration out failed; the guest runs on here", extra={"error": str(exc)})
+            self._queue.notify_migration_failed()
+            migrated = False
+        else:
+            migrated = True
+        if not request.answer.done():
+            request.answer.set_result(migrated)
+        return migrated
 
     async def _serve_during_activation(self, activation: asyncio.Task[None]) -> None:
         assert self._vm is not None
@@ -325,6 +491,25 @@ class StateDriver:
                     await self._publish(InstanceState.STOPPING)
                     await self._stop_vm()
                     return InstanceState.DESTROYED
+                if request.kind is RequestKind.MIGRATE_OUT:
+                    assert isinstance(request.payload, _MigrateOut)
+                    migrated = await self._migrate_out(request.payload)
+                    if migrated and self._regressions.enabled(table.SOURCE_RUNS_AFTER_MIGRATION):
+                        # REGRESSION source-runs-after-migration: the source resumed its
+                        # guest after the hand-over, so two copies of it ran.
+                        await self._vm.cont()
+                        self._queue.notify_migration_failed()
+                        migrated = False
+                    elif not migrated and self._regressions.enabled(table.FAILED_MIGRATION_STOPS_SOURCE):
+                        # REGRESSION failed-migration-stops-source: a failed export tore the
+                        # source down, and the guest with it.
+                        migrated = True
+                    if migrated:
+                        # The guest runs on the target now: this instance is done.
+                        await self._stop_vm()
+                        return InstanceState.DESTROYED
+                    await self._publish(InstanceState.RUNNING)
+                    continue
                 if request.kind is RequestKind.REBOOT:
                     await self._publish(InstanceState.REBOOTING)
                     await self._vm.reset()
@@ -369,11 +554,11 @@ class StateDriver:
             # next, even while a guest in a reset loop keeps sending resets.
             return guest
 
-    async def _apply(self, request: QueuedRequest[_Replacement]) -> None:
-        # Only replacements get here (a Stop, a Start or a Reboot is served by the caller; the
-        # queue ignores duplicate Starts), and only replacements carry a payload: their answer.
+    async def _apply(self, request: QueuedRequest[_Replacement | _MigrateOut]) -> None:
+        # Only replacements get here (a Stop, a Start, a Reboot or a migration out is served by
+        # the caller; the queue ignores duplicate Starts and denies migrations until Running).
         replacement = request.payload
-        assert replacement is not None
+        assert isinstance(replacement, _Replacement)
         if replacement.answer.done():
             return  # the HTTP caller went away
         backend = self._backends[replacement.backend_id]
@@ -443,7 +628,11 @@ class StateDriver:
                 await self._on_destroyed()
 
 
-def _answer_gone(request: QueuedRequest[_Replacement]) -> None:
+def _answer_gone(request: QueuedRequest[_Replacement | _MigrateOut]) -> None:
+    if isinstance(request.payload, _MigrateOut):
+        if not request.payload.answer.done():
+            request.payload.answer.set_result(False)
+        return
     if request.payload is not None and not request.payload.answer.done():
         request.payload.answer.set_exception(
             InstanceGoneError("the VM was destroyed before this request was handled")

@@ -165,8 +165,8 @@ class Front:
             request = InstanceEnsureRequest.model_validate(value, from_attributes=True)
         except Exception:  # noqa: BLE001 - FastAPI's answer (400) names the field
             raise _HandOver from None
-        await self.controller.ensure(request)
-        return _model_answer(201, control.InstanceEnsureResponse())
+        instance = await self.controller.ensure(request)
+        return _model_answer(201, control.ensure_response(instance))
 
     async def _instance_state_put(self, scope: Scope, body: bytes) -> _Answer:
         value = self._json_body(scope, body)

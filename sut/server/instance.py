@@ -8,16 +8,26 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sut import regressions as table
 from sut.path_policy import PathPolicy
 from sut.server.backends import BlockBackend, CrucibleDisk
-from sut.server.driver import NoSuchBackendError, StateDriver
+from sut.server.driver import MigrationSetup, NoSuchBackendError, StateDriver
 from sut.server.forwards import HostForward
 from sut.server.images import LaunchFiles, open_spec_files
+from sut.server.migration import FailureInjector, Link, MigrationError, SerialSnapshot, connect_to_source
 from sut.server.policy import TargetPolicy
 from sut.server.qemu import KernelBoot, QemuVm, RunDir, build_argv
 from sut.server.regressions import NO_REGRESSIONS, Regressions
 from sut.server.serial import SerialConsole
-from sut.server.spec import CrucibleStorageBackend, InstanceEnsureRequest, properties_json
+from sut.server.spec import (
+    CrucibleStorageBackend,
+    InstanceEnsureRequest,
+    InstanceSpec,
+    MigrationFailureInjector,
+    apply_replacements,
+    properties_json,
+    spec_json,
+)
 from sut.server.volume_status import volume_status
 
 
@@ -57,26 +67,51 @@ class Instance:
         config: VmConfig,
         logger: logging.Logger,
         files: LaunchFiles | None = None,
+        *,
+        spec: InstanceSpec | None = None,
+        incoming: Link | None = None,
     ) -> None:
+        """``spec``: a migration target's (its source's, replacements applied); ``incoming``:
+        a target's control connection to its source."""
         self.request = request
+        self.spec = spec if spec is not None else request.spec
         self.run_dir = run_dir
         self.files = files or LaunchFiles()
         self.serial = SerialConsole(logger=logger)
         sizes = {key: backend.size_bytes for key, backend in backends.items()}
         argv = build_argv(
-            request.spec, run_dir, files=self.files, accel=config.accel, binary=config.qemu_binary,
+            self.spec, run_dir, files=self.files, accel=config.accel, binary=config.qemu_binary,
             disk_sizes=sizes, sandbox=config.qemu_sandbox, run_as=config.qemu_user,
             kernel_boot=KernelBoot(config.cmdline) if config.kernel is not None else None,
-            forwards=config.forwards,
+            forwards=config.forwards, incoming=incoming is not None,
         )
         fds = {opened.fd: str(opened.path) for opened in self.files.opened}
+        injectors = list(self.spec.of(MigrationFailureInjector).values())
+        injector = FailureInjector()
+        if injectors:
+            assert isinstance(injectors[0], MigrationFailureInjector)
+            injector = FailureInjector(injectors[0].fail_exports, injectors[0].fail_imports)
+        target = request.migration_target
+        self.migration = MigrationSetup(
+            spec_json=spec_json(self.spec),
+            snapshot_serial=self._serial_snapshot,
+            take_serial=lambda snap: self.serial.take_over(snap.data, snap.start),
+            injector=injector,
+            incoming=(target.migration_id, incoming) if target is not None and incoming is not None else None,
+        )
+        self.migration.status.log = logger
         self.driver = StateDriver(
             backends=backends,
             vm_factory=lambda: QemuVm(argv, run_dir, self.serial, logger, pass_fds=fds),
             regressions=config.regressions,
             logger=logger,
             on_destroyed=self._destroyed,
+            migration=self.migration,
         )
+
+    def _serial_snapshot(self) -> SerialSnapshot:
+        piece = self.serial.snapshot()
+        return SerialSnapshot(piece.start_offset, piece.data)
 
     async def _destroyed(self) -> None:
         try:
@@ -90,9 +125,38 @@ class Instance:
     ) -> Instance:
         """Validate what the SPEC alone cannot (socket paths, VCRs) and start the driver.
 
-        Raises ``QemuError`` / ``BackendError`` with a message naming the fix.
+        Raises ``QemuError`` / ``BackendError`` / ``MigrationError`` with a message naming
+        the fix. A migration target first connects to its source and takes its spec.
         """
-        spec = request.spec
+        target = request.migration_target
+        link: Link | None = None
+        if target is None:
+            spec = request.spec
+        else:
+            config.targets.check(target.src_addr, "init.value.src_addr")
+            replacements = dict(target.replace_components)
+            if config.regressions.enabled(table.MIGRATION_SAME_GENERATION):
+                # REGRESSION migration-same-generation: the replacement VCRs (the next
+                # generation) were dropped; the target's upstairs came up at the source's.
+                replacements = {key: r for key, r in replacements.items()
+                                if r.component != "CrucibleStorageBackend"}
+            link, source_spec = await connect_to_source(target.src_addr, target.migration_id)
+            try:
+                spec = apply_replacements(source_spec, replacements)
+            except ValueError as exc:
+                await link.close(1011, "bad replacement")
+                raise MigrationError(f"the source's spec does not take this target's replacements: "
+                                     f"{exc}") from exc
+        try:
+            return await cls._create(request, config, logger, spec, link)
+        except BaseException:
+            if link is not None:
+                await link.close(1011, "target creation failed")
+            raise
+
+    @classmethod
+    async def _create(cls, request: InstanceEnsureRequest, config: VmConfig, logger: logging.Logger,
+                      spec: InstanceSpec, link: Link | None) -> Instance:
         run_dir = RunDir(config.data_dir / f"vm-{request.properties.id.hex[:12]}")
         crucible = spec.of(CrucibleStorageBackend)
         run_dir.check_socket_paths(list(crucible))
@@ -115,7 +179,7 @@ class Instance:
                     targets=config.targets,
                     paths=config.path_policy,
                 )
-            instance = cls(request, run_dir, backends, config, logger, files)
+            instance = cls(request, run_dir, backends, config, logger, files, spec=spec, incoming=link)
         except BaseException:
             files.close()
             for backend in backends.values():
@@ -133,13 +197,7 @@ class Instance:
 
     def describe_spec(self) -> dict[str, object]:
         """The document's ``InstanceSpecGetResponse`` (the spec as it was given)."""
-        spec = self.request.spec
-        value: dict[str, object] = {
-            "board": spec.board.model_dump(mode="json", exclude_none=True),
-            "components": {key: c.dump() for key, c in spec.components.items()},
-        }
-        if spec.smbios is not None:
-            value["smbios"] = spec.smbios.model_dump(mode="json")
+        value = spec_json(self.spec)
         return {"properties": properties_json(self.request.properties),
                 "spec": {"type": "Present", "value": value}, "state": str(self.driver.state.state)}
 
@@ -152,7 +210,7 @@ class Instance:
         names = {"crucible": "crucible_storage_backend", "file": "file_storage_backend",
                  "blob": "blob_storage_backend"}
         wanted = {names[kind]} if kind is not None else set(names.values())
-        return sorted(key for key, c in self.request.spec.components.items() if c.type in wanted)
+        return sorted(key for key, c in self.spec.components.items() if c.type in wanted)
 
 
 __all__ = ["Instance", "NoSuchBackendError", "VmConfig"]

@@ -174,6 +174,7 @@ def build_argv(
     run_as: str | None = None,
     kernel_boot: KernelBoot | None = None,
     forwards: tuple[HostForward, ...] = (),
+    incoming: bool = False,
 ) -> list[str]:
     """The full QEMU command line for ``spec`` (pure; unit-tested).
 
@@ -183,7 +184,8 @@ def build_argv(
     value built from input is quoted by :func:`qemu_opt` or written as -blockdev JSON.
     ``run_as``: QEMU drops to this user once it has opened its descriptors and sockets.
     ``kernel_boot`` (with ``files.kernel``): direct kernel boot; ``forwards``: host forwards
-    of the first virtio NIC (in PCI order).
+    of the first virtio NIC (in PCI order). ``incoming``: a migration target, whose state
+    comes from a source (``-incoming defer``: the listening address is given over QMP).
     """
     disk_sizes = disk_sizes or {}
     argv = [
@@ -218,6 +220,8 @@ def build_argv(
     ]
     if spec.has_serial:
         argv += ["-serial", "chardev:serial0"]
+    if incoming:
+        argv += ["-incoming", "defer"]
     if sandbox:
         argv += ["-sandbox", SANDBOX_RUNAS if run_as else SANDBOX]
     if run_as:
@@ -357,6 +361,13 @@ class QemuVm:
 
     async def nmi(self) -> None:
         await self._execute("inject-nmi")
+
+    async def qmp(self, command: str, arguments: dict[str, object] | None = None) -> object:
+        """One QMP command and its answer (the migration's commands)."""
+        try:
+            return await asyncio.wait_for(self._qmp.execute(command, arguments), QMP_TIMEOUT_S)
+        except Exception as exc:
+            raise QemuError(f"QMP {command} failed: {exc!r}") from exc
 
     async def _execute(self, command: str) -> None:
         try:

@@ -38,6 +38,8 @@ class RequestKind(enum.Enum):
     STOP = "Stop"
     REBOOT = "Reboot"
     REPLACE = "ReplaceVcr"
+    # A target asked to migrate this instance away (GET /instance/migrate/{id}/start).
+    MIGRATE_OUT = "MigrateAsSource"
 
     @property
     def is_state_change(self) -> bool:
@@ -57,6 +59,7 @@ class DenyReason(enum.Enum):
     STOP_PENDING = "a stop request is already queued"
     NOT_STARTED = "the instance has not been started"
     STARTING = "the instance is still starting"
+    MIGRATION_PENDING = "a migration out is already queued or running"
     # Regression switches only:
     NOT_RUNNING = "VCR replacement is only accepted while Running (regression switch)"
 
@@ -98,6 +101,7 @@ class RequestQueue(Generic[T]):
     state: QueueState = QueueState.NOT_STARTED
     awaiting_stop: bool = False
     awaiting_reboot: bool = False
+    awaiting_migration_out: bool = False
     _state_changes: deque[QueuedRequest[T]] = field(default_factory=deque)
     _component_changes: deque[QueuedRequest[T]] = field(default_factory=deque)
 
@@ -127,6 +131,17 @@ class RequestQueue(Generic[T]):
             if self.awaiting_stop:
                 return Disposition.IGNORE, None
             return Disposition.ENQUEUE, None
+        if kind is RequestKind.MIGRATE_OUT:
+            # Only a running guest can be migrated away, and one migration at a time.
+            if self.state is QueueState.NOT_STARTED:
+                return Disposition.DENY, DenyReason.NOT_STARTED
+            if self.state is QueueState.START_PENDING:
+                return Disposition.DENY, DenyReason.STARTING
+            if self.awaiting_stop:
+                return Disposition.DENY, DenyReason.STOP_PENDING
+            if self.awaiting_migration_out:
+                return Disposition.DENY, DenyReason.MIGRATION_PENDING
+            return Disposition.ENQUEUE, None
         # VCR replacement: queued in every live state, even behind a stop.
         if self.regressions.vcr_denied_while_starting and self.state is not QueueState.RUNNING:
             return Disposition.DENY, DenyReason.NOT_RUNNING
@@ -152,6 +167,8 @@ class RequestQueue(Generic[T]):
             self.awaiting_stop = True
         elif kind is RequestKind.REBOOT:
             self.awaiting_reboot = True
+        elif kind is RequestKind.MIGRATE_OUT:
+            self.awaiting_migration_out = True
         if kind.is_state_change:
             self._state_changes.append(request)
         else:
@@ -184,6 +201,10 @@ class RequestQueue(Generic[T]):
             self.state = QueueState.RUNNING
         self.awaiting_reboot = False
 
+    def notify_migration_failed(self) -> None:
+        """A migration out failed: the instance runs on here, and may migrate again."""
+        self.awaiting_migration_out = False
+
     def notify_stopped(self) -> list[QueuedRequest[T]]:
         """The instance is gone; returns what was still queued (answer 410)."""
         return self._terminate(QueueState.STOPPED)
@@ -200,6 +221,7 @@ class RequestQueue(Generic[T]):
             self.state = state
         self.awaiting_stop = False
         self.awaiting_reboot = False
+        self.awaiting_migration_out = False
         leftovers = list(self._state_changes) + list(self._component_changes)
         self._state_changes.clear()
         self._component_changes.clear()

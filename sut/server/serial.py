@@ -121,6 +121,27 @@ class SerialConsole:
             data = data[:max_bytes]
         return HistorySlice(data, self._history_start + begin)
 
+    def snapshot(self) -> HistorySlice:
+        """The whole retained history with its absolute start offset (a migration source sends it)."""
+        return HistorySlice(bytes(self._history), self._history_start)
+
+    def take_over(self, data: bytes, start_offset: int) -> None:
+        """Begin this console's history with a migration source's: offsets continue where
+        the source's ended, so a reader's ``from_start`` means the same byte on both servers.
+        Output this console already has (none, normally: the guest has not run here yet)
+        follows the taken-over bytes."""
+        own = bytes(self._history)
+        self._history = bytearray(data)
+        self._history_start = start_offset
+        for sub in list(self._subscribers):
+            sub.queue.put_nowait(data)
+        if own:
+            self._history += own
+        excess = len(self._history) - self._capacity
+        if excess > 0:
+            del self._history[:excess]
+            self._history_start += excess
+
     def subscribe(self, *, from_start: int | None = None, most_recent: int | None = None) -> Subscription:
         # Replay and registration happen in one synchronous step, so no byte
         # falls between the history and the live stream.

@@ -19,6 +19,7 @@ import base64
 import binascii
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 from uuid import UUID
@@ -194,7 +195,7 @@ class BootSettings(_Strict):
 
 
 class MigrationFailureInjector(_Strict):
-    # Accepted (the migration work names it); this server migrates nothing, so it never fires.
+    # Fails this many migration exports (on a source) or imports (on a target): sut.server.migration.
     fail_exports: U32
     fail_imports: U32
 
@@ -444,10 +445,37 @@ class SpecInit(_Open):
     spec: InstanceSpec
 
 
+class _FailureInjectorReplacement(_Strict):
+    component: Literal["MigrationFailureInjector"]
+    spec: MigrationFailureInjector
+
+
+class _CrucibleReplacement(_Strict):
+    component: Literal["CrucibleStorageBackend"]
+    spec: CrucibleStorageBackend
+
+
+class _NetworkReplacement(_Strict):
+    component: Literal["VirtioNetworkBackend"]
+    spec: VirtioNetworkBackend
+
+
+# The document's ReplacementComponent, tagged by "component".
+ReplacementComponent = Annotated[
+    _FailureInjectorReplacement | _CrucibleReplacement | _NetworkReplacement,
+    Field(discriminator="component"),
+]
+# Which spec component type each replacement replaces.
+REPLACES = {"MigrationFailureInjector": "migration_failure_injector",
+            "CrucibleStorageBackend": "crucible_storage_backend",
+            "VirtioNetworkBackend": "virtio_network_backend"}
+
+
 class MigrationTargetInit(_Open):
     migration_id: UUID
-    replace_components: dict[str, JsonValue]
-    src_addr: str
+    replace_components: dict[SpecKey, ReplacementComponent]
+    # The source server's address, "IP:PORT" (sut.server.migration checks it is allowed).
+    src_addr: str = Field(max_length=64)
 
 
 class SpecMethod(_Open):
@@ -459,11 +487,6 @@ class MigrationTargetMethod(_Open):
     method: Literal["MigrationTarget"]
     value: MigrationTargetInit
 
-    @model_validator(mode="after")
-    def _refuse(self) -> MigrationTargetMethod:
-        raise ValueError("init: MigrationTarget is not supported by this server (it migrates nothing); "
-                         "use method Spec")
-
 
 InstanceInit = Annotated[SpecMethod | MigrationTargetMethod, Field(discriminator="method")]
 
@@ -474,8 +497,48 @@ class InstanceEnsureRequest(_Open):
 
     @property
     def spec(self) -> InstanceSpec:
-        assert isinstance(self.init, SpecMethod)
+        """The spec of a ``Spec`` init (a migration target's comes from its source)."""
+        if not isinstance(self.init, SpecMethod):
+            raise ValueError("a MigrationTarget init carries no spec: it comes from the source")
         return self.init.value.spec
+
+    @property
+    def migration_target(self) -> MigrationTargetInit | None:
+        return self.init.value if isinstance(self.init, MigrationTargetMethod) else None
+
+
+def apply_replacements(source_spec: object, replacements: Mapping[str, BaseModel]) -> InstanceSpec:
+    """A migration target's spec: the source's, with ``replace_components`` swapped in.
+
+    Each replaced key must name a component of the source's spec of the same kind (a
+    replacement replaces; it never adds a device the source's guest has not seen).
+    Raises ValueError naming the key.
+    """
+    spec = InstanceSpec.model_validate(source_spec)
+    components = dict(spec.components)
+    for key, replacement in replacements.items():
+        kind = REPLACES[replacement.component]  # type: ignore[attr-defined]
+        current = components.get(key)
+        if current is None:
+            raise ValueError(f"replace_components.{key}: the source's spec has no component {key!r} "
+                             f"(its components: {sorted(components)})")
+        if current.type != kind:
+            raise ValueError(f"replace_components.{key}: replaces a {current.type}, not a {kind}")
+        components[key] = Component.model_validate(
+            {"type": kind, "component": replacement.spec.model_dump(mode="json")})  # type: ignore[attr-defined]
+    return InstanceSpec.model_validate({**spec.model_dump(mode="python", exclude={"components"}),
+                                        "components": {k: c.dump() for k, c in components.items()}})
+
+
+def spec_json(spec: InstanceSpec) -> dict[str, object]:
+    """The spec as the document's InstanceSpec JSON (what a migration source sends)."""
+    value: dict[str, object] = {
+        "board": spec.board.model_dump(mode="json", exclude_none=True),
+        "components": {key: c.dump() for key, c in spec.components.items()},
+    }
+    if spec.smbios is not None:
+        value["smbios"] = spec.smbios.model_dump(mode="json")
+    return value
 
 
 class VcrReplaceRequest(_Open):

@@ -20,10 +20,13 @@ import pytest
 from phd.framework import PhdConfig
 from sut.regressions import (
     BLOCKING_START,
+    FAILED_MIGRATION_STOPS_SOURCE,
+    MIGRATION_SAME_GENERATION,
     MULTI_TARGET_REPLACE,
     NO_GENERATION_FENCE,
     NO_READ_HASH_CHECK,
     NO_REPLAY,
+    SOURCE_RUNS_AFTER_MIGRATION,
     STOP_IGNORED_WHILE_STARTING,
     VCR_DENIED_AFTER_STOP,
     VCR_DENIED_WHILE_STARTING,
@@ -40,6 +43,9 @@ RULES_TEST = "tests/suite/test_crucible.py::test_replacements_that_break_a_rule_
 FENCE_TEST = "tests/suite/test_crucible.py::test_a_stale_generation_cannot_activate"
 REPLAY_TEST = "tests/suite/test_crucible.py::test_a_restarted_downstairs_catches_up_by_replay"
 BITROT_TEST = "tests/suite/test_crucible.py::test_a_corrupted_block_on_one_copy_is_never_served"
+MIGRATE_CRUCIBLE_TEST = "tests/suite/test_migrate.py::test_crucible_smoke"
+MIGRATE_FAILURE_TEST = "tests/suite/test_migrate.py::test_failure_keeps_the_source_running"
+MIGRATED_OUT_TEST = "tests/suite/test_migrate.py::test_source_is_destroyed_after_migrating_out"
 
 # regression switch (every one of sut.regressions' table) -> {test that must fail: text its
 # failure message must contain}. ci/regressions checks the same expectations over the suite.
@@ -68,6 +74,15 @@ EXPECTED_FAILURES: dict[str, dict[str, str]] = {
     },
     NO_READ_HASH_CHECK: {
         BITROT_TEST: "the upstairs served data whose block hash does not match",
+    },
+    MIGRATION_SAME_GENERATION: {
+        MIGRATE_CRUCIBLE_TEST: "at generation 2, which fences the source's upstairs",
+    },
+    FAILED_MIGRATION_STOPS_SOURCE: {
+        MIGRATE_FAILURE_TEST: "a failed migration left the source",
+    },
+    SOURCE_RUNS_AFTER_MIGRATION: {
+        MIGRATED_OUT_TEST: "the source still runs its guest after migrating out",
     },
 }
 

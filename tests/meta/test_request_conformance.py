@@ -1,7 +1,8 @@
 """Conformance of the framework's requests (issue 15, item 2): every request phd sends during
 a suite run is one propolis-server 5.0.0's OpenAPI document allows.
 
-A nested suite run (the smoke boot, both seed behaviours, the state machine's raw requests)
+A nested suite run (the smoke boot, both seed behaviours, the state machine's raw requests, a
+live migration)
 records every request its clients send (``PHD_REQUEST_LOG``); each is then checked against the
 document: its operation exists, its query parameters are declared and typed, its body matches
 the operation's schema. The client also checks each request as it sends it, so a violation
@@ -32,10 +33,12 @@ SUITE_TESTS = [
     "tests/suite/test_server_state_machine.py::test_stop_while_blocked_on_start",
     "tests/suite/test_server_state_machine.py::test_start_stop_reaches_destroyed_and_then_every_state_change_is_424",
     "tests/suite/test_server_state_machine.py::test_vcr_replacement_after_a_queued_stop_is_queued",
+    "tests/suite/test_migrate.py::test_smoke",
 ]
 # What the framework must have exercised for the check to mean something.
 EXPECTED_OPERATIONS = {"instance_ensure", "instance_state_put", "instance_state_monitor", "instance_serial",
-                       "instance_issue_crucible_vcr_request", "disk_volume_status"}
+                       "instance_issue_crucible_vcr_request", "disk_volume_status",
+                       "instance_migrate_status"}
 
 
 def test_every_request_of_a_suite_run_conforms(phd_config: PhdConfig, tmp_path: Path) -> None:

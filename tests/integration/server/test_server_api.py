@@ -147,9 +147,17 @@ def _spec(body: dict[str, Any]) -> dict[str, Any]:
         ),
         pytest.param(
             lambda b: b["init"].update(method="MigrationTarget", value={
+                "migration_id": str(uuid.uuid4()), "src_addr": "127.0.0.1:1",
+                "replace_components": {"d0-backend": {"component": "Bogus", "spec": {}}}}),
+            ["replace_components", "bogus"],
+            id="migration-target-bad-replacement",
+        ),
+        pytest.param(
+            # Nothing listens on port 1: the source cannot be reached, so nothing is created.
+            lambda b: b["init"].update(method="MigrationTarget", value={
                 "migration_id": str(uuid.uuid4()), "replace_components": {}, "src_addr": "127.0.0.1:1"}),
-            ["migrationtarget is not supported"],
-            id="migration-target",
+            ["127.0.0.1:1"],
+            id="migration-target-unreachable-source",
         ),
     ],
 )

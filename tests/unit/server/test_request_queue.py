@@ -37,6 +37,7 @@ START, STOP, REBOOT, REPLACE = (
     RequestKind.REBOOT,
     RequestKind.REPLACE,
 )
+MIGRATE = RequestKind.MIGRATE_OUT
 ENQ, IGN, DENY = Disposition.ENQUEUE, Disposition.IGNORE, Disposition.DENY
 TERMINAL = DenyReason.TERMINAL
 STOP_PENDING = DenyReason.STOP_PENDING
@@ -195,6 +196,20 @@ TABLE: list[tuple[str, RequestKind, Disposition, DenyReason | None]] = [
     ("failed", STOP, IGN, None),
     ("failed", REBOOT, DENY, TERMINAL),
     ("failed", REPLACE, DENY, TERMINAL),
+    # A migration out: only from a running guest, never behind a stop.
+    ("not-started", MIGRATE, DENY, NOT_STARTED),
+    ("not-started+stop", MIGRATE, DENY, NOT_STARTED),
+    ("starting", MIGRATE, DENY, STARTING),
+    ("starting-popped", MIGRATE, DENY, STARTING),
+    ("starting+stop", MIGRATE, DENY, STARTING),
+    ("running", MIGRATE, ENQ, None),
+    ("running+reboot", MIGRATE, ENQ, None),
+    ("running+stop", MIGRATE, DENY, STOP_PENDING),
+    ("running+reboot+stop", MIGRATE, DENY, STOP_PENDING),
+    ("rebooting", MIGRATE, ENQ, None),
+    ("stopping", MIGRATE, DENY, STOP_PENDING),
+    ("stopped", MIGRATE, DENY, TERMINAL),
+    ("failed", MIGRATE, DENY, TERMINAL),
 ]
 
 
