@@ -185,7 +185,10 @@ class ClientLink:
 
 
 async def _send(link: Link, kind: str, **body: object) -> None:
-    await link.send_text(json.dumps({"msg": kind, **body}))
+    try:
+        await link.send_text(json.dumps({"msg": kind, **body}))
+    except Exception as exc:  # the websocket closed under us: a migration error, never a 500
+        raise MigrationError(f"the control connection ended while sending {kind}: {exc!r}") from exc
 
 
 async def _expect(link: Link, *kinds: str, timeout_s: float | None = None) -> dict[str, Any]:
@@ -261,7 +264,10 @@ async def connect_to_source(src_addr: str, migration_id: uuid.UUID,
         raise MigrationError(f"cannot open {url}: {exc}") from exc
     link = ClientLink(conn)
     try:
-        await _send(link, "hello", protocols=[PROTOCOL])
+        with contextlib.suppress(MigrationError):
+            # A source that refuses answers with an error message and closes at once, which
+            # can beat this hello to the wire; its answer is still there to read below.
+            await _send(link, "hello", protocols=[PROTOCOL])
         message = await _expect(link, "spec", timeout_s=timeout_s)
         if message.get("protocol") != PROTOCOL:
             raise MigrationError(f"the source chose protocol {message.get('protocol')!r}; this server "

@@ -223,3 +223,31 @@ def test_a_confused_source_fails_the_import(message: str, reason: str) -> None:
 
     error = asyncio.run(scenario())
     assert isinstance(error, MigrationError) and reason in str(error), error
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 0.05])
+def test_a_source_that_refuses_at_once_is_a_migration_error_with_its_reason(delay_s: float) -> None:
+    """The source answers a target it cannot serve with an error message and closes the
+    websocket at once - possibly before the target's hello is out (seen in CI as a 500). The
+    target must end with a MigrationError carrying the source's reason, whichever comes first."""
+    from websockets.asyncio.server import ServerConnection, serve
+
+    async def refuse(conn: ServerConnection) -> None:
+        await conn.send(json.dumps({"msg": "error", "message": "the source refused: it has not been started"}))
+        await conn.close(1008, "refused")
+
+    async def scenario() -> list[str]:
+        errors = []
+        async with serve(refuse, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            for _ in range(10):
+                await asyncio.sleep(delay_s)
+                try:
+                    await migration.connect_to_source(f"127.0.0.1:{port}", MID, timeout_s=5.0)
+                except MigrationError as exc:
+                    errors.append(str(exc))
+        return errors
+
+    errors = asyncio.run(scenario())
+    assert len(errors) == 10
+    assert all("has not been started" in e for e in errors), errors
