@@ -117,6 +117,9 @@ def _running(vm: TestVm) -> None:
     vm.wait_to_boot()
 
 
+# Per PR the firmware seed test boots debian from a Crucible disk already; this one, with a
+# successor (two debian boots through Crucible, 100 s here), runs on debian nightly.
+@pytest.mark.pr_guests("tiny")
 def test_boot_from_a_crucible_disk_with_the_guest_image_as_read_only_parent(
         vm_factory: VmFactory, disk_factory: DiskFactory, phd_guest: str) -> None:
     """The guest's root file system is a Crucible disk whose unwritten blocks come from the

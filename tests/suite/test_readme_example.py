@@ -19,3 +19,7 @@ def readme_example() -> str:
 
 
 exec(compile(readme_example(), str(README), "exec"), globals())
+
+# Per PR on tiny: the example's reboot and successor are three boots, two minutes on debian
+# (a guest-agnostic test); debian runs it in the nightly.
+pytestmark = [*globals().get("pytestmark", []), pytest.mark.pr_guests("tiny")]  # noqa: F821
