@@ -233,7 +233,8 @@ def test_a_source_that_refuses_at_once_is_a_migration_error_with_its_reason(dela
     from websockets.asyncio.server import ServerConnection, serve
 
     async def refuse(conn: ServerConnection) -> None:
-        await conn.send(json.dumps({"msg": "error", "message": "the source refused: it has not been started"}))
+        refusal = {"msg": "error", "message": "the source refused: it has not been started"}
+        await conn.send(json.dumps(refusal))
         await conn.close(1008, "refused")
 
     async def scenario() -> list[str]:
