@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from phd import CrucibleDisk, FileDisk, InstanceState, SutError, TestVm, VolumeStatus, wait_until
+import pytest
+
+from phd import (
+    CrucibleDisk,
+    FileDisk,
+    InstanceState,
+    ServerError,
+    SutError,
+    TestVm,
+    VolumeStatus,
+    WaitTimeout,
+    wait_until,
+)
 
 
 def blocked_on(vm: TestVm, status: VolumeStatus, target: str) -> bool:
@@ -24,6 +36,23 @@ def wait_blocked_on_black_hole(vm: TestVm, disk: CrucibleDisk, timeout_s: float 
     return wait_until(lambda: vm.disk_status(disk), lambda s: blocked_on(vm, s, disk.black_hole_address),
                       what=f"disk {disk.name} activation to be blocked on {disk.black_hole_address}",
                       timeout_s=timeout_s, interval_s=0.2)
+
+
+def unblock_by_replacement(vm: TestVm, disk: CrucibleDisk, *, which: str = "") -> None:
+    """The seed's fix: point the black-holed target at the real downstairs at generation 2 and
+    replace the VCR while the start is blocked; it must be taken ("started"). Fails in the
+    words the regression table names (`which` says which disk, e.g. " (the boot disk's)")."""
+    disk.disable_vcr_black_hole()
+    disk.set_generation(2)
+    try:
+        result = vm.replace_crucible_vcr(disk, timeout_s=15.0)
+    except WaitTimeout as exc:
+        pytest.fail(f"VCR replacement during a blocked start was never applied{which} (the state "
+                    f"driver does not serve its queue while backends start): {exc}")
+    except ServerError as exc:
+        pytest.fail(f"VCR replacement during a blocked start was refused{which} (replacements must "
+                    f"be accepted while Starting): {exc}")
+    assert result == "started", f"replacing the black-holed target answered {result!r}"
 
 
 def write_pattern(vm: TestVm, disk: CrucibleDisk | FileDisk, *, offset_mib: int, size_mib: int) -> str:

@@ -28,6 +28,7 @@ from tests.suite.helpers import (
     corrupt_copy,
     read_md5,
     stored_bytes,
+    unblock_by_replacement,
     wait_all_active,
     wait_blocked_on_black_hole,
     write_pattern,
@@ -53,17 +54,7 @@ def test_vcr_replace_during_start(vm_factory: VmFactory, disk_factory: DiskFacto
         vm.wait_for_state(InstanceState.RUNNING, timeout_s=5.0)
     assert vm.state() is InstanceState.STARTING
 
-    disk.disable_vcr_black_hole()
-    disk.set_generation(2)
-    try:
-        result = vm.replace_crucible_vcr(disk, timeout_s=15.0)
-    except WaitTimeout as exc:
-        pytest.fail(f"VCR replacement during a blocked start was never applied "
-                    f"(the state driver does not serve its queue while backends start): {exc}")
-    except ServerError as exc:
-        pytest.fail(f"VCR replacement during a blocked start was refused "
-                    f"(replacements must be accepted while Starting): {exc}")
-    assert result == "started", f"replacing the black-holed target answered {result!r}"
+    unblock_by_replacement(vm, disk)
 
     try:
         vm.wait_for_state(InstanceState.RUNNING, timeout_s=60.0)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from phd import DiskFactory, GuestPanic, InstanceState, ServerError, TestVm, VmFactory, WaitTimeout
-from tests.suite.helpers import wait_blocked_on_black_hole
+from phd import DiskFactory, GuestPanic, InstanceState, TestVm, VmFactory, WaitTimeout
+from tests.suite.helpers import unblock_by_replacement, wait_blocked_on_black_hole
 
 pytestmark = [pytest.mark.vm]
 
@@ -59,17 +59,7 @@ def test_vcr_replace_during_start_unblocks_a_firmware_boot_from_crucible(
     assert vm.state() is InstanceState.STARTING
     assert FIRMWARE_STARTS not in vm.console.text, "the firmware ran before its boot disk was active"
 
-    boot.disable_vcr_black_hole()
-    boot.set_generation(2)
-    try:
-        result = vm.replace_crucible_vcr(boot, timeout_s=15.0)
-    except WaitTimeout as exc:
-        pytest.fail(f"VCR replacement during a blocked start was never applied (the boot disk's; the "
-                    f"state driver does not serve its queue while backends start): {exc}")
-    except ServerError as exc:
-        pytest.fail(f"VCR replacement during a blocked start was refused (the boot disk's; "
-                    f"replacements must be accepted while Starting): {exc}")
-    assert result == "started", f"replacing the black-holed target answered {result!r}"
+    unblock_by_replacement(vm, boot, which=" (the boot disk's)")
     try:
         vm.wait_for_state(InstanceState.RUNNING, timeout_s=60.0)
     except WaitTimeout as exc:
