@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from guests.common import debian, efi
+from guests.common import debian, efi, pvh
 from guests.common.cpio import Archive, ArchiveError
 
 # The kernel step tiny has too (download and unpack Debian's kernel, the modules to load in
@@ -61,6 +61,7 @@ class Assembled:
     """What one assembly produced, for guest.json."""
 
     kernel_version: str
+    kernel_file: str  # what direct kernel boot loads: vmlinux (PVH ELF) or vmlinuz
     modules: tuple[str, ...]
     alpine_release: str
     entries: int
@@ -202,6 +203,7 @@ def assemble(
     firmware-bootable disk) into ``staging``."""
     parts = kernel_parts(kernel, work, log)
     shutil.copyfile(parts.vmlinuz, staging / "vmlinuz")
+    kernel_file = pvh.direct_boot_kernel(staging, log)
     log(f"reading {minirootfs.name}")
     archive, release = rootfs_archive(minirootfs, parts.modules)
     log(f"writing initramfs (Alpine {release}, {len(archive)} entries)")
@@ -210,5 +212,6 @@ def assemble(
     uki = efi.make_uki(efi.fetch_stub(stub, work, log), staging / "vmlinuz", staging / "initrd.img",
                        cmdline, "alpine", work)
     efi.write_esp_disk(staging / "boot.raw", "alpine", uki)
-    return Assembled(kernel_version=parts.version, modules=tuple(name for name, _ in parts.modules),
+    return Assembled(kernel_version=parts.version, kernel_file=kernel_file,
+                     modules=tuple(name for name, _ in parts.modules),
                      alpine_release=release, entries=len(archive))

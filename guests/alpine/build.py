@@ -58,7 +58,7 @@ SCHEMA = 1
 RECIPE_DIR = Path(__file__).resolve().parent
 # The guests/common/ modules the recipe imports (directly or through each other), which
 # shape its output.
-SHARED_FILES = ("cpio.py", "debian.py", "efi.py", "kernel.py", "kmods.py")
+SHARED_FILES = ("cpio.py", "debian.py", "efi.py", "kernel.py", "kmods.py", "pvh.py")
 LOGIN_PROMPT = "localhost login: "
 LOGIN_USER = "root"
 SHELL_PROMPT = "localhost:~# "  # Alpine's /etc/profile: PS1='\h:\w\$ '
@@ -161,9 +161,10 @@ def _build_into(out: Path, inputs: Inputs, wanted: str, assembler: Assembler) ->
             "login_prompt": LOGIN_PROMPT,
             "login_user": LOGIN_USER,
             "shell_prompt": SHELL_PROMPT,
-            "files": {"kernel": "vmlinuz", "initrd": "initrd.img", "cmdline": "cmdline",
+            "files": {"kernel": made.kernel_file, "initrd": "initrd.img", "cmdline": "cmdline",
                       "firmware_disk": "boot.raw"},
-            "sha256": {name: sha256_file(staging / name) for name in ("vmlinuz", "initrd.img", "boot.raw")},
+            "sha256": {name: sha256_file(staging / name)
+                       for name in sorted({"vmlinuz", made.kernel_file, "initrd.img", "boot.raw"})},
             "build_seconds": round(time.monotonic() - started, 2),
         }
         (staging / "boot.raw").chmod(0o444)  # VMs boot overlays of it

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from guests.common import debian, efi
+from guests.common import debian, efi, pvh
 
 __all__ = [
     "DISK_SIZE",
@@ -93,6 +93,7 @@ class Assembled:
     """What one assembly produced, for guest.json."""
 
     kernel_version: str
+    kernel_file: str  # what direct kernel boot loads: vmlinux (PVH ELF) or vmlinuz
     packages: dict[str, str]  # every installed package -> version
     drivers: dict[str, str]  # driver -> "builtin" | "initrd" | "module"
 
@@ -309,6 +310,7 @@ def assemble(
     drivers = check_drivers(config, _initrd_modules(root, f"/boot/initrd.img-{version}"))
     log("drivers: " + ", ".join(f"{name} {where}" for name, where in drivers.items()))
     shutil.copyfile(root / "boot" / f"vmlinuz-{version}", staging / "vmlinuz")
+    kernel_file = pvh.direct_boot_kernel(staging, log)
     shutil.copyfile(root / "boot" / f"initrd.img-{version}", staging / "initrd.img")
     installed = _installed(root)
     customize(root)
@@ -319,4 +321,4 @@ def assemble(
     log(f"writing the {DISK_SIZE} disk image (GPT: EFI system partition, ext4 root)")
     write_disk(root, staging / "disk.raw", uki)
     (staging / "cmdline").write_text(cmdline + "\n")
-    return Assembled(kernel_version=version, packages=installed, drivers=drivers)
+    return Assembled(kernel_version=version, kernel_file=kernel_file, packages=installed, drivers=drivers)

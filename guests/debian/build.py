@@ -90,7 +90,7 @@ _SHAPING_DIRS = ("rootfs", "initramfs")
 # The guests/common/ modules the recipe imports that shape its output: the Debian helpers
 # (apt-cache parsing that pins every package version, the tool runner and its environment).
 # As for every recipe; guests/common/recipe.py only caches and publishes.
-SHARED_FILES = ("debian.py", "efi.py")
+SHARED_FILES = ("debian.py", "efi.py", "pvh.py")
 
 
 def recipe_files_digest(recipe_dir: Path = RECIPE_DIR, common_dir: Path = COMMON_DIR) -> str:
@@ -206,9 +206,11 @@ def _build_into(out: Path, packages: Sequence[debian.Package], wanted: str,
             "shell_prompt": SHELL_PROMPT,
             "has_sshd": True,
             "disk_size": DISK_SIZE,
-            "files": {"kernel": "vmlinuz", "initrd": "initrd.img", "cmdline": "cmdline", "disk": "disk.raw",
+            "files": {"kernel": made.kernel_file, "initrd": "initrd.img", "cmdline": "cmdline",
+                      "disk": "disk.raw",
                       "firmware_disk": "disk.raw"},
-            "sha256": {name: sha256_file(staging / name) for name in ("vmlinuz", "initrd.img", "disk.raw")},
+            "sha256": {name: sha256_file(staging / name)
+                       for name in sorted({"vmlinuz", made.kernel_file, "initrd.img", "disk.raw"})},
             "build_seconds": round(time.monotonic() - started, 2),
         }
         # VMs boot copy-on-write overlays of the image; read-only keeps a stray writer

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from guests.common import debian, efi
+from guests.common import debian, efi, pvh
 from guests.common.cpio import Archive
 from guests.common.kernel import kernel_parts
 
@@ -35,6 +35,7 @@ class Assembled:
     """What one assembly produced, for guest.json."""
 
     kernel_version: str
+    kernel_file: str  # what direct kernel boot loads: vmlinux (PVH ELF) or vmlinuz
     modules: tuple[str, ...]
     busybox_applets: int
 
@@ -94,9 +95,11 @@ def assemble(
     stub: debian.Package,
     log: Log = _stderr,
 ) -> Assembled:
-    """Write ``vmlinuz``, ``initrd.img``, ``cmdline`` and ``boot.raw`` into ``staging``."""
+    """Write ``vmlinuz`` (and its PVH ``vmlinux``), ``initrd.img``, ``cmdline`` and ``boot.raw``
+    into ``staging``."""
     parts = kernel_parts(kernel, work, log)
     shutil.copyfile(parts.vmlinuz, staging / "vmlinuz")
+    kernel_file = pvh.direct_boot_kernel(staging, log)
 
     archive = Archive()
     add_rootfs(archive)
@@ -112,5 +115,6 @@ def assemble(
     uki = efi.make_uki(efi.fetch_stub(stub, work, log), staging / "vmlinuz", staging / "initrd.img",
                        cmdline, "tiny", work)
     efi.write_esp_disk(staging / "boot.raw", "tiny", uki)
-    return Assembled(kernel_version=parts.version, modules=tuple(name for name, _ in parts.modules),
+    return Assembled(kernel_version=parts.version, kernel_file=kernel_file,
+                     modules=tuple(name for name, _ in parts.modules),
                      busybox_applets=applets)

@@ -149,7 +149,8 @@ def booted(
         QEMU, "-accel", "tcg", "-m", "256", "-smp", "2",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-serial", "stdio",
-        "-kernel", str(out / "vmlinuz"),
+        # the file direct kernel boot loads (the PVH ELF; firmware boot covers the bzImage)
+        "-kernel", str(out / json.loads((out / "guest.json").read_text())["files"]["kernel"]),
         "-initrd", str(out / "initrd.img"),
         "-append", (out / "cmdline").read_text().strip(),
         "-drive", f"file={virtio},if=none,id=vd0,format=raw",

@@ -168,10 +168,11 @@ class FakeAssembler:
     def __call__(self, kernel: Package, minirootfs: Path, work: Path, staging: Path, *,
                  cmdline: str, stub: Package) -> Assembled:
         self.calls += 1
-        for name in ("vmlinuz", "initrd.img", "boot.raw"):
+        for name in ("vmlinuz", "vmlinux", "initrd.img", "boot.raw"):
             (staging / name).write_bytes(f"{name} {kernel} {minirootfs.read_bytes()!r}".encode())
         (staging / "cmdline").write_text(cmdline + "\n")
-        return Assembled(kernel_version="6.1.0-56-amd64", modules=("virtio",), alpine_release="3.20.3",
+        return Assembled(kernel_version="6.1.0-56-amd64", kernel_file="vmlinux", modules=("virtio",),
+                         alpine_release="3.20.3",
                          entries=3)
 
 

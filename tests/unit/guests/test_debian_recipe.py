@@ -143,7 +143,8 @@ class FakeAssembler:
         with (staging / "disk.raw").open("wb") as f:
             f.truncate(1 << 20)
         (staging / "cmdline").write_text(cmdline + "\n")
-        return Assembled("6.1.0-56-cloud-amd64", {"udev": "252"}, {"virtio_blk": "initrd"})
+        # a kernel without a PVH note: direct kernel boot falls back to the bzImage
+        return Assembled("6.1.0-56-cloud-amd64", "vmlinuz", {"udev": "252"}, {"virtio_blk": "initrd"})
 
 
 def run(out: Path, fake: FakeAssembler, packages: Sequence[Package] = PACKAGES,
@@ -157,6 +158,7 @@ def test_first_build_writes_the_recipe_interface(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == [
         "cmdline", "disk.raw", "guest.json", "initrd.img", "vmlinuz"]
     meta = json.loads((out / "guest.json").read_text())
+    assert meta["files"]["kernel"] == "vmlinuz", "no PVH ELF: direct kernel boot loads the bzImage"
     assert (meta["login_prompt"], meta["login_user"], meta["shell_prompt"]) == (
         "debian login: ", "root", "root@debian:~# ")
     assert meta["files"]["disk"] == "disk.raw" and meta["cmdline"] == (out / "cmdline").read_text().strip()

@@ -37,10 +37,11 @@ class FakeAssembler:
         if self.error is not None:
             (staging / "vmlinuz").write_bytes(b"half")
             raise self.error
-        for name in ("vmlinuz", "initrd.img", "boot.raw"):
+        for name in ("vmlinuz", "vmlinux", "initrd.img", "boot.raw"):
             (staging / name).write_bytes(f"{name} {kernel} {stub}".encode())
         (staging / "cmdline").write_text(cmdline + "\n")
-        return Assembled(kernel_version="6.1.0-56-amd64", modules=("virtio",), busybox_applets=3)
+        return Assembled(kernel_version="6.1.0-56-amd64", kernel_file="vmlinux", modules=("virtio",),
+                         busybox_applets=3)
 
 
 def run(out: Path, fake: FakeAssembler, inputs: Inputs = INPUTS, **kw: Any) -> tiny_build.BuildResult:
@@ -52,8 +53,10 @@ def test_first_build_writes_the_recipe_interface(tmp_path: Path) -> None:
     result = run(out, FakeAssembler())
     assert result.built
     assert sorted(p.name for p in out.iterdir()) == [
-        "boot.raw", "cmdline", "guest.json", "initrd.img", "vmlinuz"]
+        "boot.raw", "cmdline", "guest.json", "initrd.img", "vmlinux", "vmlinuz"]
     meta = json.loads((out / "guest.json").read_text())
+    assert meta["files"]["kernel"] == "vmlinux", "direct kernel boot must load the PVH ELF"
+    assert set(meta["sha256"]) == {"vmlinuz", "vmlinux", "initrd.img", "boot.raw"}
     assert meta["login_prompt"] == "tiny login: "
     assert meta["shell_prompt"] == "root@tiny:~# "
     assert meta["kernel_version"] == "6.1.0-56-amd64"
