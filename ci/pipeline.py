@@ -10,6 +10,7 @@ Usage (what ci/test runs): python ci/pipeline.py test [--stages a,b] [extra pyte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -17,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -92,6 +94,10 @@ class Stage:
     empty_ok: bool = False
     env: dict[str, str] = field(default_factory=dict)
     on_sigterm: signal.Signals = signal.SIGINT  # see run_child
+    # Stages of one lane run in order; lanes run side by side (run_pipeline). The first lane's
+    # output streams to the terminal; another lane's stage writes results/logs/<stage>.log,
+    # printed whole when the stage ends, so two stages' output never interleaves.
+    lane: str = "main"
 
 
 @dataclass
@@ -161,23 +167,13 @@ def run_stage(stage: Stage) -> StageResult:
 
 def run_pipeline(name: str, stages: Sequence[Stage], out: Path, *,
                  summary: bool = True) -> tuple[list[StageResult], float]:
-    """Every stage in order, whatever the earlier ones did; Ctrl-C stops here and the rest are
-    "not run". Writes ``out`` (JSON), prints the summary table unless the caller prints it
-    later itself (after its own report); returns the results and the wall time."""
-    results: list[StageResult] = []
+    """Every stage whatever the earlier ones did: the stages of a lane in order, the lanes side by
+    side (see Lanes). Ctrl-C or SIGTERM stops the run: running stages are interrupted and waited
+    for (they tear their VMs and containers down), the rest are "not run". Writes ``out`` (JSON),
+    prints the summary table unless the caller prints it later itself (after its own report);
+    returns the results in the order of ``stages`` and the wall time."""
     t0 = time.monotonic()
-    for stage in stages:
-        started = time.monotonic()
-        try:
-            results.append(run_stage(stage))
-        except KeyboardInterrupt:
-            print(f"\n{name}: interrupted during {stage.name}", flush=True)
-            results.append(StageResult(stage.name, "interrupted", round(time.monotonic() - started, 1),
-                                       None, {}, shlex.join(stage.argv)))
-            break
-    done = {r.name for r in results}
-    results += [StageResult(s.name, "not run", 0.0, None, {}, shlex.join(s.argv))
-                for s in stages if s.name not in done]
+    results = Lanes(stages).run()
     wall = round(time.monotonic() - t0, 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"pipeline": name, "wall_s": wall, "ok": all(r.ok for r in results),
@@ -185,6 +181,108 @@ def run_pipeline(name: str, stages: Sequence[Stage], out: Path, *,
     if summary:
         print_summary(name, results, wall)
     return results, wall
+
+
+class Lanes:
+    """Runs the stages of each lane in order and the lanes side by side, one thread per lane.
+
+    Why lanes: on two cores the suite keeps both busy with TCG guests, while the regression
+    matrix and much of the unit/integration stage wait on wall-clock deadlines with the CPU
+    idle. Run one after the other, the waits add up; side by side, one fills the other's idle
+    time. A stage is still one command with its own result, duration and JUnit report.
+
+    Signals: only the main thread may handle them, so the lane threads just start and wait for
+    children. Ctrl-C reaches every child itself (one process group); SIGTERM reaches only us and
+    is passed on as each running stage's ``on_sigterm``. Either way no lane starts another
+    stage, every running child is waited for (let_clean_up), and the interrupted stages say so.
+    """
+
+    def __init__(self, stages: Sequence[Stage], log_dir: Path = RESULTS / "logs") -> None:
+        self.stages = list(stages)
+        self.log_dir = log_dir
+        self.results: dict[str, StageResult] = {}
+        self.running: dict[str, tuple[Stage, subprocess.Popen[bytes], float]] = {}
+        self.stopping = threading.Event()
+        self.logs: list[tuple[str, Path]] = []  # (stage, log) of the stages that did not stream
+        self.lock = threading.Lock()
+        lanes: dict[str, list[Stage]] = {}
+        for stage in self.stages:
+            lanes.setdefault(stage.lane, []).append(stage)
+        self.lanes = list(lanes.values())
+
+    def run(self) -> list[StageResult]:
+        threads = [threading.Thread(target=self._lane, args=(lane, i == 0), daemon=True,
+                                    name=f"lane-{lane[0].lane}") for i, lane in enumerate(self.lanes)]
+        previous = signal.signal(signal.SIGTERM, self._on_term)
+        try:
+            for t in threads:
+                t.start()
+            try:
+                for t in threads:
+                    while t.is_alive():
+                        t.join(timeout=0.5)  # a bare join() would not let Ctrl-C in
+            except KeyboardInterrupt:
+                self.stopping.set()
+                with self.lock:
+                    procs = [proc for _s, proc, _t in self.running.values()]
+                print(f"\ninterrupted: waiting for {len(procs)} running stage(s) to clean up", flush=True)
+                let_clean_up(procs)
+                for t in threads:
+                    t.join()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        for name, log in self.logs:
+            print(f"\n===== output of {name} ({log})\n{log.read_text(errors='replace')}", flush=True)
+        return [self.results.get(s.name) or StageResult(s.name, "not run", 0.0, None, {}, shlex.join(s.argv))
+                for s in self.stages]
+
+    def _on_term(self, signum: int, frame: object) -> None:
+        self.stopping.set()
+        with self.lock:
+            for stage, proc, _t in self.running.values():
+                proc.send_signal(stage.on_sigterm)
+        raise KeyboardInterrupt
+
+    def _lane(self, stages: list[Stage], streams: bool) -> None:
+        for stage in stages:
+            if self.stopping.is_set():
+                return
+            self.results[stage.name] = self._run(stage, streams)
+
+    def _run(self, stage: Stage, streams: bool) -> StageResult:
+        if stage.junit is not None:
+            stage.junit.unlink(missing_ok=True)  # a crashed stage must not show last run's counts
+        log = None if streams else self.log_dir / f"{stage.name}.log"
+        where = "" if log is None else f" (lane {stage.lane}, side by side; output in {log})"
+        print(f"\n===== {stage.name}: {shlex.join(stage.argv)}{where}", flush=True)
+        t0 = time.monotonic()
+        if log is not None:
+            log.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.ExitStack() as stack:
+            out = None if log is None else stack.enter_context(log.open("wb"))
+            with self.lock:
+                if self.stopping.is_set():
+                    return StageResult(stage.name, "not run", 0.0, None, {}, shlex.join(stage.argv))
+                proc = subprocess.Popen(  # noqa: S603 - argv list
+                    stage.argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out,
+                    stderr=None if out is None else subprocess.STDOUT, env={**os.environ, **stage.env})
+                self.running[stage.name] = (stage, proc, t0)
+            rc = proc.wait()
+            with self.lock:
+                del self.running[stage.name]
+        duration = time.monotonic() - t0
+        if log is not None:
+            # One line now (the streaming lane's output goes on around it); the whole log
+            # after every lane has ended.
+            print(f"\n===== {stage.name} ended: exit {rc} after {_fmt_duration(duration)} (output in {log})",
+                  flush=True)
+            self.logs.append((stage.name, log))
+        found = counts(junit_cases(stage.junit)) if stage.junit is not None and stage.junit.is_file() else {}
+        if self.stopping.is_set() and rc != 0:
+            status = "interrupted"
+        else:
+            status = "pass" if rc == 0 or (rc == NO_TESTS and stage.empty_ok) else "FAIL"
+        return StageResult(stage.name, status, round(duration, 1), rc, found, shlex.join(stage.argv))
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -255,8 +353,15 @@ PR_SELECTION = "not nightly"
 REAL_DOWNSTAIRS = os.environ.get("PHD_DOWNSTAIRS_BINARY", "")
 
 
+# The lane beside the main one (Lanes): the unit/integration tests and the regression matrix
+# wait on wall-clock deadlines much of the time (the CPU was 40-99 % idle in them), the suite's
+# TCG guests keep both cores busy; side by side each fills the other's idle time.
+SIDE_LANE = "side"
+
+
 def test_stages(extra: list[str]) -> list[Stage]:
-    """ci/test: what CI runs on every change (60 minutes on 2 cores)."""
+    """ci/test: what CI runs on every change. Main lane: ruff, mypy, actionlint, suite,
+    suite-real (streamed); side lane: tests, regressions, regressions-real (logs)."""
     allure = f"--alluredir={ALLURE}"
     # A -k/-m of the caller's may leave a stage empty; that is not a failure then.
     narrowed = bool(extra) or bool(os.environ.get("PHD_SHARD"))
@@ -273,7 +378,7 @@ def test_stages(extra: list[str]) -> list[Stage]:
         Stage("tests", [*PYTEST, "tests", "--ignore=tests/suite",
                         "--ignore=tests/meta/test_regressions_caught.py", "-m", PR_SELECTION, "-n", "2",
                         f"--junitxml={RESULTS / 'junit-tests.xml'}", allure, *extra],
-              junit=RESULTS / "junit-tests.xml", empty_ok=narrowed),
+              junit=RESULTS / "junit-tests.xml", empty_ok=narrowed, lane=SIDE_LANE),
         Stage("suite", [*PYTEST, "tests/suite", "--phd-guests", PR_SUITE_GUESTS, "-m", PR_SELECTION,
                         "-n", "2", f"--junitxml={RESULTS / 'junit-suite.xml'}", allure, *extra],
               junit=RESULTS / "junit-suite.xml", empty_ok=narrowed),
@@ -291,12 +396,13 @@ def test_stages(extra: list[str]) -> list[Stage]:
         # --jobs 2: two one-process sessions side by side (each switch's catchers are one or two
         # tests, so -n 2 inside a session left a core idle for much of it).
         Stage("regressions", [sys.executable, "-m", "ci.regressions", "--catchers", "--jobs", "2",
-                              "-m", PR_SELECTION, *extra], on_sigterm=signal.SIGTERM),
+                              "-m", PR_SELECTION, *extra], on_sigterm=signal.SIGTERM, lane=SIDE_LANE),
         # The storage switches are bugs of the upstairs: caught whichever downstairs run, so
         # proven again on three real crucible-downstairs when CI names the binary.
         *([Stage("regressions-real", [sys.executable, "-m", "ci.regressions", "--catchers", "--switches",
                                       "storage", "--tag", "real", "--phd-downstairs-binary", REAL_DOWNSTAIRS,
-                                      "--jobs", "2", "-m", PR_SELECTION, *extra], on_sigterm=signal.SIGTERM)]
+                                      "--jobs", "2", "-m", PR_SELECTION, *extra], on_sigterm=signal.SIGTERM,
+                                lane=SIDE_LANE)]
           if REAL_DOWNSTAIRS else []),
     ]
 
