@@ -10,7 +10,10 @@ boot_overhead_ratio[guest]
     back-to-back pairs per guest of the pair's ratio (the order alternates, so drift and cache
     warmth hit both; ratio_of_medians is in the JSON too).
     framework: VmFactory.new_vm (incl. the guest's qcow2 boot overlay) -> launch ->
-               wait_for_state(Running) -> wait_to_boot, in this process, as a test does it.
+               wait_for_state(Running) -> wait_to_boot, in this process, as a test does it;
+               after one untimed boot, so each timed one finds the session's spare server
+               warm, as every VM of a suite but the first does (--phd-spare-servers; the JSON
+               says per run whether it took one).
     raw:       qemu-img overlay (disk guests) -> qemu-system-x86_64 with the same board,
                boot (the same BOOTROM and boot disk for firmware boot; the same kernel, initrd
                and cmdline for direct kernel boot), disks and NIC as the framework VM's spec
@@ -76,9 +79,11 @@ def framework_boot(fw: Framework, tmp: Path, guest: str, run: int,
     """Launch-to-shell through the framework; the seconds, plus the VM's spec and boot (the raw
     run copies them) and where the time went."""
     with factories(fw, tmp, "bench-suite", f"fw-{guest}-{run}") as (vms, _):
+        taken = fw.spares.taken
         t0 = time.monotonic()
         vm = vms.new_vm(f"boot{run}", guest=guest, boot=boot)
         t_new = time.monotonic()
+        spare = fw.spares.taken > taken
         vm.launch()
         t_launched = time.monotonic()
         vm.wait_for_state(InstanceState.RUNNING, timeout_s=120.0)
@@ -93,7 +98,7 @@ def framework_boot(fw: Framework, tmp: Path, guest: str, run: int,
         split = {"new_vm_s": t_new - t0, "launch_s": t_launched - t_new,
                  "to_running_s": t_running - t_launched, "running_to_shell_s": t_shell - t_running}
         return t_shell - t0, {"spec": spec, "base": base, "bootrom": firmware, "boot": vm.config.boot,
-                              "split": {k: round(v, 3) for k, v in split.items()}}
+                              "split": {k: round(v, 3) for k, v in split.items()}, "spare_server": spare}
 
 
 # --- boot: raw QEMU ----------------------------------------------------------------------------
@@ -248,7 +253,9 @@ def measure_boot(fw: Framework, tmp: Path, guest: str, runs: int, boot: str) -> 
         vm_info = info
         fw_s.append(seconds)
         splits.append(info["split"])
-        log(f"{guest} run {i}: framework {seconds:.2f} s {info['split']}")
+        spares.append(info["spare_server"])
+        log(f"{guest} run {i}: framework {seconds:.2f} s {info['split']} "
+            f"spare server: {info['spare_server']}")
 
     def one_raw(i: int) -> None:
         nonlocal raw_cmd
@@ -257,6 +264,10 @@ def measure_boot(fw: Framework, tmp: Path, guest: str, runs: int, boot: str) -> 
         raw_s.append(seconds)
         log(f"{guest} run {i}: raw QEMU {seconds:.2f} s")
 
+    # Untimed: a suite's VMs follow one another, so every VM but a session's first finds the
+    # session's spare server (phd.vm.spares) warm; so does every timed run after this one.
+    framework_boot(fw, tmp, guest, -1, boot)
+    spares: list[bool] = []
     for i in range(runs):
         # The first framework boot gives the spec the raw boots copy; after it the order
         # alternates (raw first on odd runs) so neither side always boots into a warm cache.
@@ -278,6 +289,7 @@ def measure_boot(fw: Framework, tmp: Path, guest: str, runs: int, boot: str) -> 
         "framework_runs_s": [round(x, 3) for x in fw_s], "raw_runs_s": [round(x, 3) for x in raw_s],
         "framework_split_median_s": {k: round(statistics.median(s[k] for s in splits), 3)
                                      for k in splits[0]},
+        "framework_took_a_spare_server": spares,
         "raw_argv": shlex.join(raw_cmd),
     }
 

@@ -100,6 +100,8 @@ class PhdConfig:
     # The server that "from base" migration tests migrate FROM (--phd-base-server-cmd): the
     # last release, say, while server_cmd is the build under test. Empty: server_cmd.
     base_server_cmd: tuple[str, ...] = ()
+    # Spawn the next VM's server while the current VM runs (phd.vm.spares).
+    spare_servers: bool = True
 
     @property
     def migration_base_cmd(self) -> tuple[str, ...]:
@@ -180,6 +182,10 @@ SETTINGS: tuple[Setting, ...] = (
             "leave a failed test's VMs and disks running and print how to reach them; keep every "
             "test's results directory", action="store_true"),
     Setting("accel", "tcg", "QEMU accelerator (default tcg)", choices=get_args(Accel)),
+    Setting("spare_servers", "on",
+            "start the next VM's server while the current VM runs, so a VM like the last one "
+            "gets a server that already answers (on), or start each server when its VM "
+            "launches (off); default on", choices=("on", "off")),
     Setting("boot", "auto",
             "how guests boot: firmware (the BOOTROM, UEFI, boots the guest's disk image, as "
             "Propolis does), kernel (the reference server boots the guest's kernel and initrd "
@@ -392,6 +398,7 @@ def build_config(options: Mapping[str, object] | None = None, *,
         output_mode=cast(OutputMode, r.choice("output_mode", "file")),
         keep_on_failure=r.switch("keep_on_failure"),
         accel=cast(Accel, r.choice("accel", "tcg")),
+        spare_servers=r.choice("spare_servers", "on") == "on",
         boot=cast(BootMode, r.choice("boot", "auto")),
         bootrom=_bootrom(r),
         regressions=r.items("regression"),

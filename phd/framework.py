@@ -23,6 +23,7 @@ from phd.core.errors import ArtifactUnavailable
 from phd.core.ports import PortAllocator
 from phd.core.progress import ProgressReporter, build_lock
 from phd.storage.downstairs import DsProgram
+from phd.vm.spares import SpareServers
 
 __all__ = ["Framework", "PhdConfig"]
 
@@ -52,6 +53,13 @@ class Framework:
         self.progress = progress or ProgressReporter(terminal=None)
         # A slot of loopback ports claimed for this process (phd.core.ports), named for this session.
         self.ports = PortAllocator(owner=f"session {session_id}")
+        # The next VM's server, started while the current one runs (phd.vm.spares); its log
+        # sits beside the test directories, on their filesystem, so it moves into the one of
+        # the test that takes it.
+        self.spares = SpareServers(
+            self.ports, session_id,
+            None if config.output_mode == "null" else config.tmp_dir / session_id / "spare-servers",
+            enabled=config.spare_servers)
         self.artifacts = ArtifactStore(config.manifest, config.artifact_dir, config.repo_root)
         self.artifacts.progress = self.progress
         self._docker: Any = None
@@ -132,10 +140,13 @@ class Framework:
 
     def close(self) -> None:
         try:
-            if self._docker is not None:
-                self._docker.close()
+            self.spares.close()
         finally:
-            self.ports.close()
+            try:
+                if self._docker is not None:
+                    self._docker.close()
+            finally:
+                self.ports.close()
 
     def test_dir(self, node_id: str) -> Path:
         safe = "".join(c if c.isalnum() or c in "-_.[]" else "_" for c in node_id)[-180:]

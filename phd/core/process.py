@@ -182,6 +182,13 @@ class ManagedProcess:
     # --- start --------------------------------------------------------------------------
     def start(self) -> ManagedProcess:
         """Launch, write the ledger entries, wait until ready; undo everything if that fails."""
+        self.spawn()
+        return self.finish_start()
+
+    def spawn(self) -> ManagedProcess:
+        """The first half of start(): launch and write the ledger entries, without waiting for
+        ready (state STARTING); finish_start() waits. A spare server is spawned ahead of its
+        use and finished by whoever takes it."""
         with self._lock:
             if self._state is not ProcessState.NEW:
                 why = f"; its start failed: {self.start_failure}" if self.start_failure else ""
@@ -193,6 +200,16 @@ class ManagedProcess:
             except BaseException:
                 self._state = ProcessState.STOPPED
                 raise
+        return self
+
+    def finish_start(self) -> ManagedProcess:
+        """The second half of start(): wait until ready (at once if it already is); a failed
+        start undoes itself and raises. Only after spawn()."""
+        with self._lock:
+            if self._state is ProcessState.RUNNING:
+                return self
+            if self._state is not ProcessState.STARTING:
+                raise HarnessError(f"cannot finish starting {self.name}: it is {self.state}")
         try:
             self._wait_ready()
         except BaseException as exc:
@@ -203,6 +220,16 @@ class ManagedProcess:
             if self._state is ProcessState.STARTING:
                 self._state = ProcessState.RUNNING
         return self
+
+    def move_log(self, path: Path) -> None:
+        """Rename the log file to `path` (same filesystem) while the process writes on: it keeps
+        its descriptor, and log_tail()/output() read the new name."""
+        with self._lock:
+            if self.log_path is None:
+                return
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.log_path, path)
+            self.log_path = path
 
     def _launch(self) -> None:
         log: IO[bytes] | None = None

@@ -13,7 +13,6 @@ import dataclasses
 import re
 import shutil
 import subprocess
-import tempfile
 import uuid as uuidlib
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,7 +26,8 @@ from phd.storage.crucible import CrucibleDisk
 from phd.storage.downstairs import Downstairs
 from phd.storage.dsc import DownstairsSet, RegionGeometry, members_for
 from phd.vm.guest import adapter_for
-from phd.vm.server import KernelBoot, ServerProcess, uefi_bootrom
+from phd.vm.server import KernelBoot, uefi_bootrom
+from phd.vm.spares import make_server, run_dir, shape_of
 from phd.vm.testvm import BOOT_DEVICE, TERMINAL, FileDisk, GuestBoot, MigrationFailures, TestVm, VmConfig
 
 if TYPE_CHECKING:  # the session object, for annotations only: phd.framework is above this layer
@@ -222,17 +222,7 @@ class VmFactory:
         if ssh and not has_sshd:
             raise HarnessError(f"guest {artifact.name} runs no sshd, so ssh=True cannot work; "
                                "check `vm.supports_ssh` or skip on this guest")
-        port = self.fw.ports.allocate()
-        self._ports.append(port)
-        ssh_port = None
-        if has_sshd if ssh is None else ssh:
-            ssh_port = self.fw.ports.allocate()
-            self._ports.append(ssh_port)
         log = None if cfg.output_mode == "null" else self.test_dir / f"{config.name}.server.log"
-        # Unix socket paths are capped at 107 bytes, so the server's run directory lives
-        # under a short path; its files are copied into the test directory at teardown.
-        data_dir = Path(tempfile.gettempdir()) / "phd-run" / f"{self.fw.session_id}-{port}"
-        self._data_dirs.append((data_dir, self.test_dir / f"{config.name}.server-data"))
         # The reference server reads its accelerator from SUT_SERVER_ACCEL (--phd-accel).
         # What v5 has no field for goes on the server's command line: the guest's kernel,
         # initrd and command line (direct kernel boot) and the SSH forward. Firmware boot
@@ -243,13 +233,24 @@ class VmFactory:
             bootrom = bootrom or uefi_bootrom()
         else:
             kernel_boot = KernelBoot(artifact.kernel, artifact.initrd, artifact.cmdline)
-        forwards = [f"127.0.0.1:{ssh_port}:22"] if ssh_port is not None else []
-        server_cmd = cfg.migration_base_cmd if base_server else cfg.server_cmd
-        server = ServerProcess(list(server_cmd), port, data_dir, log, regressions=cfg.regressions,
-                               env={"SUT_SERVER_ACCEL": cfg.accel},
-                               allow_paths=(cfg.tmp_dir, cfg.artifact_dir), boot=kernel_boot,
-                               forwards=forwards, bootrom=bootrom)
+        shape = shape_of(cfg.migration_base_cmd if base_server else cfg.server_cmd, cfg.regressions,
+                         {"SUT_SERVER_ACCEL": cfg.accel}, (cfg.tmp_dir, cfg.artifact_dir), kernel_boot,
+                         bootrom, ssh=has_sshd if ssh is None else ssh)
+        spare = self.fw.spares.take(shape)
+        if spare is not None:
+            # A server of this very command line, spawned while the previous VM ran: it is
+            # this VM's now (ports, run directory, log), as if started here.
+            server, port, ssh_port = spare.server, spare.port, spare.ssh_port
+            if log is not None:
+                server.move_log(log)
+        else:
+            port = self.fw.ports.allocate()
+            ssh_port = self.fw.ports.allocate() if shape.ssh else None
+            server = make_server(shape, port, ssh_port, run_dir(self.fw.session_id, port), log)
+        self._ports += [p for p in (port, ssh_port) if p is not None]
+        self._data_dirs.append((server.data_dir, self.test_dir / f"{config.name}.server-data"))
         vm = TestVm(dataclasses.replace(config, ssh_port=ssh_port), server, artifact, self.test_dir)
+        vm.on_settled = lambda: self.fw.spares.prepare(shape)
         self.vms.append(vm)
         if boot is not None:
             vm.attach(boot, BOOT_DEVICE, "virtio")
@@ -278,8 +279,8 @@ class VmFactory:
         for vm in self.vms:
             notes.append(vm.how_to_reach())
             vm.close(keep_running=True)  # closed for this process: close() skips it
-        for run_dir, keep_as in self._data_dirs:
-            _collect(run_dir, keep_as)
+        for data_dir, keep_as in self._data_dirs:
+            _collect(data_dir, keep_as)
         return "\n".join(notes)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 
 from phd.core.errors import ArtifactUnavailable, HarnessError, ProcessStartFailure
-from phd.core.process import ManagedProcess
+from phd.core.process import ManagedProcess, ProcessState
 
 __all__ = ["KernelBoot", "ServerProcess", "ServerStartFailure", "default_bootrom", "uefi_bootrom"]
 
@@ -116,8 +116,28 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        self.spawn()
+        self.process.finish_start()
+
+    def spawn(self) -> None:
+        """Start the process without waiting for it to answer (a spare; see phd.vm.spares)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.process.start()
+        self.process.spawn()
+
+    def ensure_started(self) -> None:
+        """Started and answering: start it if new, finish a spawned start; no-op if running.
+        A server that was started and has since ended raises (it has one life)."""
+        state = self.process.state
+        if state is ProcessState.NEW:
+            self.start()
+        elif state is ProcessState.STARTING:
+            self.process.finish_start()
+        elif state is not ProcessState.RUNNING:
+            self.process.finish_start()  # raises, naming the state
+
+    def move_log(self, path: Path) -> None:
+        self.process.move_log(path)
+        self.log_path = path
 
     def _answers(self) -> bool:
         """Whether the server answers HTTP at all (any status). A bare http.client request:

@@ -12,7 +12,7 @@ import enum
 import json
 import time
 import uuid as uuidlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -152,6 +152,10 @@ class TestVm:
     _ssh_installed: bool = field(init=False, default=False, repr=False)
     _phase: _Phase = field(init=False, default=_Phase.NEW, repr=False)
     _epoch: float = field(init=False, default_factory=time.monotonic, repr=False)
+    # Set by the factory: called once, when the guest first reaches its shell, or else when the
+    # VM closes - it spawns the next spare server (phd.vm.spares) at a moment when the spawn
+    # (a Python process importing its HTTP stack) does not compete with this guest's boot.
+    on_settled: Callable[[], None] | None = field(init=False, default=None, repr=False)
 
     @contextlib.contextmanager
     def step(self, name: str, **detail: object) -> Iterator[None]:
@@ -245,10 +249,14 @@ class TestVm:
         if self._phase is _Phase.CLOSED:
             raise HarnessError(f"VM {self.config.name} is closed; make a new one (vm_factory.new_vm)")
         if self._client is None:
-            if not self.server.alive():
-                self.server.start()
+            self.server.ensure_started()  # a spare (phd.vm.spares) may have been spawned already
             self._client = ServerClient(self.server.base_url)
         return self._client
+
+    def _settled(self) -> None:
+        hook, self.on_settled = self.on_settled, None
+        if hook is not None:
+            hook()
 
     def properties(self) -> dict[str, Any]:
         """The v5 InstanceProperties: a fresh id, the VM's name, and metadata naming phd."""
@@ -438,6 +446,7 @@ class TestVm:
         with self.step("wait_to_boot"):
             self._adapter = self._adapter_class()(self.console)
             self._adapter.login(timeout_s)
+        self._settled()
 
     def run_shell_command(self, command: str, *, check: StatusCheck = check_ok,
                           timeout_s: float = 60.0) -> CommandResult:
@@ -588,4 +597,7 @@ class TestVm:
         if not keep_running:
             with teardown.step():
                 self.server.stop()
+        if self._client is not None:  # it had a server: the next VM may want one like it
+            with teardown.step():
+                self._settled()
         teardown.finish()
