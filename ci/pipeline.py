@@ -263,9 +263,13 @@ class Lanes:
             with self.lock:
                 if self.stopping.is_set():
                     return StageResult(stage.name, "not run", 0.0, None, {}, shlex.join(stage.argv))
-                proc = subprocess.Popen(  # noqa: S603 - argv list
-                    stage.argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out,
-                    stderr=None if out is None else subprocess.STDOUT, env={**os.environ, **stage.env})
+                try:
+                    proc = subprocess.Popen(  # noqa: S603 - argv list
+                        stage.argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out,
+                        stderr=None if out is None else subprocess.STDOUT, env={**os.environ, **stage.env})
+                except OSError as exc:  # no such program: this stage fails, the lane goes on
+                    print(f"\n===== {stage.name}: cannot run {stage.argv[0]!r}: {exc}", flush=True)
+                    return StageResult(stage.name, "FAIL", 0.0, None, {}, shlex.join(stage.argv))
                 self.running[stage.name] = (stage, proc, t0)
             rc = proc.wait()
             with self.lock:

@@ -100,3 +100,9 @@ def test_sigterm_interrupts_every_lane_and_waits_for_the_children(tmp_path: Path
     assert json.loads(last) == [["a1", "interrupted"], ["a2", "not run"], ["b1", "interrupted"]]
     assert (tmp_path / "a1.cleaned").exists() and (tmp_path / "b1.cleaned").exists()
     assert not (tmp_path / "a2.ran").exists()
+
+
+def test_a_stage_whose_program_is_missing_fails_and_its_lane_goes_on(tmp_path: Path) -> None:
+    stages = [Stage("missing", [str(tmp_path / "no-such-program")]), Stage("next", py("print('next')"))]
+    results = Lanes(stages, log_dir=tmp_path / "logs").run()
+    assert [(r.name, r.status) for r in results] == [("missing", "FAIL"), ("next", "pass")]
