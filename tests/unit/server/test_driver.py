@@ -140,6 +140,22 @@ def test_blocking_start_regression_reads_no_request_during_activation() -> None:
     run(body)
 
 
+@pytest.mark.parametrize("regression", ["blocking-start", "stop-ignored-while-starting"])
+def test_a_driver_reading_no_stop_is_shut_down_without_waiting_for_it(regression: str) -> None:
+    """A server process ending while its driver reads no stop cancels it at once: the stop it
+    queues would not be read, so waiting for it (10 s by default) only delays teardown."""
+    async def body() -> None:
+        h = Harness(regression)
+        h.driver.request_state(RequestKind.START)
+        await h.wait_state(S.STARTING)
+        # a deadline far above what cancelling takes, far below the default 10 s wait
+        await asyncio.wait_for(h.driver.shutdown(timeout_s=60.0), 5.0)
+        assert h.current() is S.DESTROYED
+        assert "shutdown" in h.vm.calls
+
+    run(body)
+
+
 def test_stop_ignored_while_starting_regression_defers_stop() -> None:
     async def body() -> None:
         h = Harness("stop-ignored-while-starting")
