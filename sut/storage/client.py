@@ -593,8 +593,8 @@ class DownstairsClient:
         except (_Disconnected, ConnectionResetError, asyncio.IncompleteReadError) as exc:
             self.promote_refusals += 1
             refusal = (f"downstairs {self.target} refused our promote at generation {s.gen} "
-                       f"({self.promote_refusals} in a row; it closed the connection): a session at "
-                       "this generation or a higher one is active there")
+                       f"({self.promote_refusals} in a row; it closed the connection after "
+                       "PromoteToActive): a session at this generation or a higher one is active there")
             limit = self.refusals_fatal_after
             if limit is not None and self.promote_refusals >= limit:
                 raise StorageFatalError(refusal) from exc
