@@ -30,9 +30,12 @@ regression-runs/T/<switch>/, so a second matrix (say on the real crucible-downst
 --phd-downstairs-binary among the pytest args) does not overwrite the first.
 
 --jobs N runs N sessions side by side (each without xdist; not with -n), each one's output
-in results/regression-runs/logs/<switch>.log and printed whole when it ends. For --catchers,
-where a session is one or two tests, that keeps both cores busy where -n 2 leaves one idle
-while the other finishes.
+in results/regression-runs/logs/<session>.log and printed whole when it ends, longest first
+(by the last run's reports). With --catchers a switch with several catching tests runs one
+session per test (<session> is <switch>--<module>.<test>; their reports are merged into the
+switch's one JUnit file and its row of the table, whose time is their sessions' sum): the
+catchers are mostly waiting (on guests, timeouts, containers), so more sessions than cores
+shorten the stage, and small sessions let them finish together. ci/test runs --jobs 4.
 
 --shard i/N runs every N-th entry of [none, switch, ...] (1-based i), so N machines share the
 matrix. Sharding by switch, not by test, keeps "caught" decidable on each machine: a switch's
@@ -59,7 +62,17 @@ from pathlib import Path
 
 import pytest
 
-from ci.pipeline import PYTEST, RESULTS, ROOT, Case, junit_cases, let_clean_up, run_child, split_own_args
+from ci.pipeline import (
+    NO_TESTS,
+    PYTEST,
+    RESULTS,
+    ROOT,
+    Case,
+    junit_cases,
+    let_clean_up,
+    run_child,
+    split_own_args,
+)
 from phd.plugin import parse_shard
 from sut.regressions import ALL_REGRESSIONS, STORAGE_REGRESSIONS
 from tests.meta.test_regressions_caught import EXPECTED_FAILURES, is_case_of
@@ -71,6 +84,8 @@ class Run:
     cases: list[Case]
     rc: int
     duration_s: float
+    # one of the sessions a row was split into is broken (see merged()), the others not
+    incomplete: bool = False
 
     @property
     def failed(self) -> list[Case]:
@@ -79,7 +94,7 @@ class Run:
     @property
     def broken(self) -> bool:
         """pytest did not get as far as a report, or stopped on an internal/usage error."""
-        return not self.cases or self.rc in (2, 3, 4)
+        return not self.cases or self.rc in (2, 3, 4) or self.incomplete
 
 
 def catching_tests(switch: str) -> list[str]:
@@ -89,58 +104,132 @@ def catching_tests(switch: str) -> list[str]:
 
 @dataclass
 class Planned:
-    """One pytest session of the matrix: its switch (None: no switch), argv and report file."""
+    """One pytest session of the matrix: its switch (None: no switch), argv and report file;
+    ``part`` names the catching test it runs when its switch's tests are split into sessions."""
 
     switch: str | None
     argv: list[str]
     junit: Path
+    part: str = ""
+    expected_s: float = 0.0  # how long it should take (only orders the sessions)
+    row_junit: Path | None = None  # a part's row's report, which merged() writes
+
+    @property
+    def entry(self) -> str:
+        """The row of the table this session reports to."""
+        return self.switch or "none"
 
     @property
     def name(self) -> str:
-        return self.switch or "none"
+        """Unique in a matrix run: names its log."""
+        return f"{self.entry}--{self.part}" if self.part else self.entry
 
 
 # The environment of every child: sharding is by switch here (see the docstring), so a test
-# shard from the environment would make "not caught" mean "not in this shard".
-CHILD_ENV = {"PHD_SHARD": "", "PHD_REGRESSION": ""}
+# shard from the environment would make "not caught" mean "not in this shard". Bytecode may
+# be written (PYTHONDONTWRITEBYTECODE, set on CI machines, is cleared): pytest keeps the
+# assertion-rewritten modules of phd and the suite only in a .pyc, so without it every one of
+# the matrix's many short sessions rewrote and compiled them again (about 1.5 s of CPU each,
+# on a machine whose two cores run the other sessions' guests). __pycache__ is git-ignored.
+CHILD_ENV = {"PHD_SHARD": "", "PHD_REGRESSION": "", "PYTHONDONTWRITEBYTECODE": ""}
 
 
-def plan(switch: str | None, extra: list[str], *, catchers: bool = False, tag: str = "") -> Planned:
+def part_name(test_id: str) -> str:
+    """``tests/suite/test_x.py::test_y`` -> ``test_x.test_y``: names a session of one test."""
+    module, _, name = test_id.rpartition("::")
+    return f"{Path(module).stem}.{name}"
+
+
+def plan(switch: str | None, extra: list[str], *, catchers: bool = False, tag: str = "") -> list[Planned]:
+    """The sessions of one row of the table: the whole suite, or with --catchers each test that
+    must catch ``switch`` in a session of its own (one session when it is one test). Clears
+    the row's last report and kept results first."""
     name = switch or "none"
     suffix = f"-{tag}" if tag else ""
     junit = RESULTS / f"junit-regression-{name}{suffix}.xml"
+    last = _last_cases(junit)  # read before it goes: it says how long each session takes
     junit.unlink(missing_ok=True)  # a crashed run must not be read as last time's report
-    targets = catching_tests(switch) if catchers and switch else ["tests/suite"]
-    argv = [*PYTEST, *targets, "-q", f"--junitxml={junit}", *extra]
+    tail = [f"--phd-regression={switch}"] if switch else []
     if not any(a.startswith("--phd-tmp-dir") for a in extra) and not os.environ.get("PHD_TMP_DIR"):
         # The failures a switch causes are expected, and every failed test keeps its results
         # directory: under results/ (replaced by the next matrix run) they stay at hand as
-        # evidence instead of piling up in $TMPDIR/phd run after run.
+        # evidence instead of piling up in $TMPDIR/phd run after run. The sessions of one row
+        # share it: each writes under its own session id.
         kept = RESULTS / "regression-runs" / (f"{tag}/{name}" if tag else name)
         shutil.rmtree(kept, ignore_errors=True)
-        argv.append(f"--phd-tmp-dir={kept}")
-    if switch:
-        argv.append(f"--phd-regression={switch}")
-    return Planned(switch, argv, junit)
+        tail.insert(0, f"--phd-tmp-dir={kept}")
+    if not (catchers and switch):
+        return [Planned(switch, [*PYTEST, "tests/suite", "-q", f"--junitxml={junit}", *extra, *tail], junit,
+                        expected_s=_expected(last, None, fallback=1000.0))]
+    tests = catching_tests(switch)
+    if len(tests) == 1:
+        return [Planned(switch, [*PYTEST, *tests, "-q", f"--junitxml={junit}", *extra, *tail], junit,
+                        expected_s=_expected(last, tests, fallback=1.0))]
+    parts_dir = RESULTS / "regression-runs" / (f"{tag}-parts" if tag else "parts")
+    planned = []
+    for test in tests:
+        part = part_name(test)
+        part_junit = parts_dir / f"{name}--{part}.xml"
+        part_junit.unlink(missing_ok=True)
+        planned.append(Planned(switch, [*PYTEST, test, "-q", f"--junitxml={part_junit}", *extra, *tail],
+                               part_junit, part=part, expected_s=_expected(last, [test], fallback=1.0),
+                               row_junit=junit))
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    return planned
+
+
+def _last_cases(junit: Path) -> list[Case] | None:
+    try:
+        return junit_cases(junit)
+    except (OSError, ET.ParseError):
+        return None
+
+
+def _expected(last: list[Case] | None, tests: list[str] | None, *, fallback: float) -> float:
+    """How long a session took last time (its tests' times in the row's last report), else
+    ``fallback`` (a whole suite: long; a catching test: short); only orders the sessions."""
+    if last is None:
+        return fallback
+    return sum(c.time_s for c in last if tests is None or any(is_case_of(c.id, t) for t in tests))
 
 
 def finished(p: Planned, rc: int, duration_s: float) -> Run:
     cases = junit_cases(p.junit) if p.junit.is_file() else []
-    return Run(p.name, cases, rc, round(duration_s, 1))
+    return Run(p.entry, cases, rc, round(duration_s, 1))
 
 
-def expected_seconds(entry: str, suffix: str, catchers: bool) -> float:
-    """How long ``entry``'s session took last time (its JUnit report's test times), else a
-    guess from the number of tests it runs; only used to order sessions."""
-    junit = RESULTS / f"junit-regression-{entry}{suffix}.xml"
-    try:
-        return sum(c.time_s for c in junit_cases(junit))
-    except (OSError, ET.ParseError):
-        return float(len(EXPECTED_FAILURES.get(entry, ())) if catchers and entry != "none" else 1000)
+def merged(parts: list[tuple[Planned, Run]], junit: Path) -> Run:
+    """One row of the table from the sessions it was split into, their reports merged into
+    the row's JUnit file (one <testsuite> per session). The row is broken when one of its
+    sessions is (a session that -k left nothing to run, exit 5, is not); its exit status is
+    that session's, else the highest of those that ran tests; its time is the sessions' sum."""
+    root = ET.Element("testsuites")
+    for p, _run in parts:
+        try:
+            top = ET.parse(p.junit).getroot()
+        except (OSError, ET.ParseError):
+            continue  # that session wrote no report: its Run has no cases and says so
+        root.extend(list(top) if top.tag == "testsuites" else [top])
+    ET.ElementTree(root).write(junit, encoding="utf-8", xml_declaration=True)
+    runs = [r for _p, r in parts]
+    broken = [r for r in runs if r.rc in (2, 3, 4) or (not r.cases and r.rc != NO_TESTS)]
+    ran = [r.rc for r in runs if r.rc != NO_TESTS]
+    rc = broken[0].rc if broken else max(ran, default=NO_TESTS)
+    return Run(runs[0].switch, [c for r in runs for c in r.cases], rc,
+               round(sum(r.duration_s for r in runs), 1), incomplete=bool(broken))
 
 
-def run(switch: str | None, extra: list[str], *, catchers: bool = False, tag: str = "") -> Run:
-    p = plan(switch, extra, catchers=catchers, tag=tag)
+def rows(planned: list[Planned], runs: list[Run], entries: list[str]) -> list[Run]:
+    """The table's rows, in ``entries``' order: a row's sessions merged when it had several."""
+    out = []
+    for entry in entries:
+        parts = [(p, r) for p, r in zip(planned, runs, strict=True) if p.entry == entry]
+        row_junit = parts[0][0].row_junit
+        out.append(parts[0][1] if row_junit is None else merged(parts, row_junit))
+    return out
+
+
+def run(p: Planned) -> Run:
     print(f"== {p.name}: {' '.join(p.argv[3:])}", flush=True)
     t0 = time.monotonic()
     rc = run_child(p.argv, env=CHILD_ENV)
@@ -278,16 +367,17 @@ def main(argv: list[str]) -> int:
         raise SystemExit("--jobs runs whole sessions side by side: give it or pytest's -n, not both")
     entries = shard_entries(selected_entries(own.get("--switches"), catchers=catchers), own.get("--shard"))
     RESULTS.mkdir(exist_ok=True)
+    planned = [p for e in entries
+               for p in plan(None if e == "none" else e, extra, catchers=catchers, tag=tag)]
     if jobs > 1:
         # longest first, so that the last session to start is a short one (the previous run's
-        # reports say how long each took; before one exists, more catching tests = longer)
-        suffix = f"-{tag}" if tag else ""
-        entries = sorted(entries, key=lambda e: -expected_seconds(e, suffix, catchers))
-        planned = [plan(None if e == "none" else e, extra, catchers=catchers, tag=tag) for e in entries]
+        # reports say how long each took; before one exists, the whole suite is long)
+        planned = sorted(planned, key=lambda p: -p.expected_s)
         logs = RESULTS / "regression-runs" / (f"{tag}-logs" if tag else "logs")
-        runs = run_concurrently(planned, jobs, logs)
+        session_runs = run_concurrently(planned, jobs, logs)
     else:
-        runs = [run(None if e == "none" else e, extra, catchers=catchers, tag=tag) for e in entries]
+        session_runs = [run(p) for p in planned]
+    runs = rows(planned, session_runs, entries)
 
     table = {r.switch: sorted(c.id for c in r.failed) for r in runs}
     out = RESULTS / (f"regressions-{tag}.json" if tag else "regressions.json")

@@ -703,7 +703,11 @@ def _proc_stopped(pid: int | None) -> bool:
 def sweep_leftovers(client: Any, keep_session: str) -> list[str]:
     """Remove containers and volumes of phd sessions whose owning process is gone."""
     removed: list[str] = []
-    for container in client.containers.list(all=True, filters={"label": "phd.session"}):
+    # ignore_removed: the list inspects each container it found, and another session may
+    # remove its own in between (its teardown, or its sweep): that is no error of ours. Without
+    # it such a race failed this session's first test on setup (seen with four sessions side
+    # by side in ci/regressions).
+    for container in client.containers.list(all=True, filters={"label": "phd.session"}, ignore_removed=True):
         labels = container.labels or {}
         if labels.get("phd.session") == keep_session or _owner_alive(labels):
             continue

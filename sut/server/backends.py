@@ -52,7 +52,9 @@ class BlockBackend(Protocol):
 
     async def start_export(self) -> None: ...
 
-    async def activate(self) -> None: ...
+    async def activate(self, *, handover: bool = False) -> None:
+        """``handover``: a migration target takes the disk over from its stopped source, so
+        a refusal to activate that cannot clear on its own is fatal at once."""
 
     async def replace(self, new_vcr_json: str) -> str: ...
 
@@ -116,9 +118,9 @@ class CrucibleDisk:
     async def start_export(self) -> None:
         await self._inner.start_export()
 
-    async def activate(self) -> None:
+    async def activate(self, *, handover: bool = False) -> None:
         try:
-            await self._inner.activate()
+            await self._inner.activate(handover=handover)
         except StorageFatalError as exc:
             raise ActivationFatalError(f"{self._backend_id}: {exc}") from exc
 

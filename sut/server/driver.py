@@ -114,6 +114,10 @@ class MigrationSetup:
     incoming: tuple[uuid.UUID, Link] | None = None
 
 
+# How long server shutdown waits for a driver that reads no stop until its activation ends
+# (the blocking-start and stop-ignored-while-starting regressions) before cancelling it.
+STOPS_UNREAD_GRACE_S = 2.0
+
 # A migration target activates its Crucible disks after the source has let go of them; the
 # downstairs answer at once then, so this bounds a hand-over that went wrong.
 HANDOVER_ACTIVATION_TIMEOUT_S = 120.0
@@ -151,6 +155,9 @@ class StateDriver:
         )
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # True while the driver reads no stop from its queue (only the blocking-start and
+        # stop-ignored-while-starting regressions do that, until activation ends).
+        self._stops_unread = False
 
     # -- API side -------------------------------------------------------------
 
@@ -214,6 +221,11 @@ class StateDriver:
             await self.monitor.release_waiters()
             return
         self.request_state(RequestKind.STOP)  # never denied: ignored when pending or terminal
+        if self._stops_unread:
+            # The stop is read only once activation ends: an activation about to end gets a
+            # moment; waiting longer for one that never ends only delayed the process's end
+            # (each VM of those regressions' catching tests waited out the 10 s).
+            timeout_s = min(timeout_s, STOPS_UNREAD_GRACE_S)
         try:
             await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
         except TimeoutError:
@@ -289,7 +301,11 @@ class StateDriver:
                 # awaited "start block backends" before reading its queue, so
                 # a corrected VCR or a stop queued behind an activation that
                 # can never finish was never read: a livelock.
-                await activation
+                self._stops_unread = True
+                try:
+                    await activation
+                finally:
+                    self._stops_unread = False
             else:
                 await self._serve_during_activation(activation)
             activation.result()  # re-raises ActivationFatalError -> Failed
@@ -332,8 +348,11 @@ class StateDriver:
             # The source's QEMU completed: its guest is paused for good and its disks are
             # flushed. Activating ours now (Crucible: at the replacement VCR's higher
             # generation) fences the source's upstairs before our vCPUs run.
+            # A downstairs that keeps refusing our promote fails this at once: the source
+            # still holds the disk at our generation or above (say, a replacement VCR that
+            # was not applied), and waiting cannot change that.
             async with asyncio.timeout(HANDOVER_ACTIVATION_TIMEOUT_S):
-                await self._activate_all()
+                await self._activate_all(handover=True)
             await vm.cont()
             self._vcpus_started = True
 
@@ -412,6 +431,7 @@ class StateDriver:
         # REGRESSION stop-ignored-while-starting: stops stay queued until
         # startup ends (the pre-873 behaviour); replacements are still served.
         serve_stops = not self._regressions.enabled(table.STOP_IGNORED_WHILE_STARTING)
+        self._stops_unread = not serve_stops
         exited = asyncio.create_task(self._vm.wait_exit(), name="qemu-exit")
         try:
             while not activation.done():
@@ -437,15 +457,16 @@ class StateDriver:
                     raise _StartupAborted
                 await self._apply(request)
         finally:
+            self._stops_unread = False
             exited.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await exited
 
-    async def _activate_all(self) -> None:
+    async def _activate_all(self, *, handover: bool = False) -> None:
         # A TaskGroup cancels the other activations when one fails fatally.
         async with asyncio.TaskGroup() as group:
             for backend in self._backends.values():
-                group.create_task(backend.activate(), name=f"activate-{backend.backend_id}")
+                group.create_task(backend.activate(handover=handover), name=f"activate-{backend.backend_id}")
 
     async def _serve_running(self) -> InstanceState:
         assert self._vm is not None

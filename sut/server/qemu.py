@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -309,6 +310,11 @@ class QemuVm:
         self._qmp.register_listener(self._guest_events)
         self._proc: asyncio.subprocess.Process | None = None
         self._shutdown_done = False
+        # When shutdown() sent quit / SIGTERM (monotonic): a shutdown cancelled part-way (the
+        # server's stop deadline) and called again goes on from there instead of granting
+        # each step its grace anew (a QEMU stuck flushing to a dead export took 20 s, not 10).
+        self._quit_at: float | None = None
+        self._term_at: float | None = None
 
     @property
     def pid(self) -> int | None:
@@ -392,12 +398,16 @@ class QemuVm:
             return
         try:
             if proc is not None and proc.returncode is None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self._qmp.execute("quit"), QUIT_GRACE_S)
-                if not await _exited(proc, QUIT_GRACE_S):
-                    self._log.warning("qemu ignored quit; sending SIGTERM", extra={"pid": proc.pid})
-                    _signal(proc, signal.SIGTERM)
-                    if not await _exited(proc, TERM_GRACE_S):
+                if self._quit_at is None:
+                    self._quit_at = time.monotonic()
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(self._qmp.execute("quit"), QUIT_GRACE_S)
+                if not await _exited(proc, _left(self._quit_at, QUIT_GRACE_S)):
+                    if self._term_at is None:
+                        self._term_at = time.monotonic()
+                        self._log.warning("qemu ignored quit; sending SIGTERM", extra={"pid": proc.pid})
+                        _signal(proc, signal.SIGTERM)
+                    if not await _exited(proc, _left(self._term_at, TERM_GRACE_S)):
                         self._log.warning("qemu ignored SIGTERM; killing", extra={"pid": proc.pid})
                         _signal(proc, signal.SIGKILL)
                         await proc.wait()
@@ -416,6 +426,11 @@ class QemuVm:
         except OSError:
             return "<no QEMU log>"
         return "\n".join(text.splitlines()[-lines:])
+
+
+def _left(since: float, grace_s: float) -> float:
+    """What remains of a grace period that began at ``since`` (monotonic); 0 once over."""
+    return max(0.0, since + grace_s - time.monotonic())
 
 
 async def _exited(proc: asyncio.subprocess.Process, timeout: float) -> bool:

@@ -112,10 +112,12 @@ class CrucibleBackend:
             await self._nbd.start()
             self._lifecycle = _Lifecycle.OPEN
 
-    async def activate(self) -> None:
-        """Return once every region is active; retries forever; cancellable."""
+    async def activate(self, *, handover: bool = False) -> None:
+        """Return once every region is active; retries forever; cancellable. ``handover``: a
+        migration target taking the disk over; a promote the downstairs keeps refusing is
+        fatal then (StorageFatalError), see Upstairs.activate."""
         self._check_open("activate")
-        await self._volume.activate()
+        await self._volume.activate(handover=handover)
 
     async def replace(self, new_vcr_json: str) -> str:
         """Apply a replacement VCR; returns Started/StartedAlready/CompletedAlready/VcrMatches/

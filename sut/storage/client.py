@@ -262,6 +262,10 @@ class DownstairsClient:
         self.last_error: str | None = None
         self.fatal_error: StorageFatalError | None = None
         self.taken_over = False
+        # Set by the upstairs for a hand-over activation: this many refused promotes in a row
+        # are fatal (see _promote); None: refusals are retried forever, as Crucible does.
+        self.refusals_fatal_after: int | None = None
+        self.promote_refusals = 0  # in a row; a promote that succeeds resets it
         self.repair_addr: SocketAddr | None = None
         self.region_uuid: uuid.UUID | None = None  # the region it served when first negotiated
         self.extent_versions: tuple[list[int], list[int], list[bool]] | None = None
@@ -510,9 +514,7 @@ class DownstairsClient:
                 f"we speak {MESSAGE_VERSION}"
             )
         self.repair_addr = reply.repair_addr
-        # A promote the downstairs refuses (a lower generation than its active upstairs') is a
-        # closed connection: the loop retries, as Crucible does.
-        reply = await self._exchange(reader, m.PromoteToActive(s.upstairs_id, s.session_id, s.gen), timeout)
+        reply = await self._promote(reader, timeout)
         if isinstance(reply, m.UuidMismatch):
             raise ProtocolError(f"downstairs {self.target} answered our promote with UuidMismatch")
         if not isinstance(reply, m.YouAreNowActive):
@@ -572,6 +574,33 @@ class DownstairsClient:
         self._out.write(head)
         if data:
             self._out.write(data)
+
+    async def _promote(self, reader: RecordStream, timeout: float) -> Message:
+        """PromoteToActive and its reply. A downstairs refuses a promote at a generation not
+        above its active upstairs' (another session's) by closing the connection: the loop
+        retries, as Crucible does, unless ``refusals_fatal_after`` refusals came in a row.
+
+        Why that limit exists: a migration target activates after the source's guest paused
+        for good, at a generation above the source's, and so takes the disk over. A refusal
+        there means the disk is held at our generation or above, which stays so: the source
+        keeps its session until it is fenced. Retrying would only wait out the hand-over's
+        deadline. More than one refusal is asked for, so a connection that merely dropped at
+        that moment is retried still."""
+        s = self.session
+        try:
+            promote = m.PromoteToActive(s.upstairs_id, s.session_id, s.gen)
+            reply = await self._exchange(reader, promote, timeout)
+        except (_Disconnected, ConnectionResetError, asyncio.IncompleteReadError) as exc:
+            self.promote_refusals += 1
+            refusal = (f"downstairs {self.target} refused our promote at generation {s.gen} "
+                       f"({self.promote_refusals} in a row; it closed the connection after "
+                       "PromoteToActive): a session at this generation or a higher one is active there")
+            limit = self.refusals_fatal_after
+            if limit is not None and self.promote_refusals >= limit:
+                raise StorageFatalError(refusal) from exc
+            raise _Disconnected(refusal) from exc
+        self.promote_refusals = 0
+        return reply
 
     async def _exchange(self, reader: RecordStream, msg: Message, timeout: float) -> Message:
         self._write(msg)

@@ -72,6 +72,10 @@ _WRITE_QUORUM = 2  # acknowledgements a write or flush needs (Crucible: two of t
 _DEFAULT_FLUSH_TIMEOUT_S = 0.5  # Crucible flushes on its own when the guest has not
 _FIRST_JOB_ID = 1000  # where Crucible's job ids start
 _RECONCILE_TIMEOUT_S = 60.0  # one reconciliation request on every downstairs it went to
+# A hand-over activation (a migration target's) fails once one downstairs refused our promote
+# this many times in a row: it means another session holds the disk at our generation or
+# above, which a correct hand-over never meets (see DownstairsClient._promote).
+HANDOVER_PROMOTE_REFUSALS = 3
 _MAX_JOBS_SINCE_FLUSH = 4096  # more and the upstairs flushes on its own (bounds deps and backlogs)
 
 
@@ -222,6 +226,7 @@ class Upstairs:
         self._changed = asyncio.Event()
         self._io_open = asyncio.Event()  # set once I/O may be submitted (active, or failed)
         self._activating = False
+        self._refusals_fatal_after: int | None = None  # for clients made during an activation
         self._flush_number = 0
         self._next_job = _FIRST_JOB_ID
         self._deps = DependencyTracker()
@@ -259,6 +264,7 @@ class Upstairs:
             self._cipher,
             self.flaws,
         )
+        client.refusals_fatal_after = self._refusals_fatal_after
         self._clients[target] = client
         client.start()
         return client
@@ -333,7 +339,11 @@ class Upstairs:
         return out
 
     # -- activation ------------------------------------------------------------------------
-    async def activate(self) -> None:
+    async def activate(self, *, handover: bool = False) -> None:
+        """Activate at our generation: return once a quorum negotiated and reconciled;
+        retries forever (cancellable). ``handover``: we take the disk over from a session
+        that has stopped for good (a migration source), so a promote the downstairs keeps
+        refusing fails the activation at once instead of being retried."""
         if self._activating:
             raise StorageError(
                 "activate in progress: another activation of this region is pending; wait for it or cancel it"
@@ -344,6 +354,7 @@ class Upstairs:
             raise StorageFatalError(f"region upstairs is {self.state.value}: {self.failure}")
         self._activating = True
         self.state = Activation.ACTIVATING
+        self._set_refusal_limit(HANDOVER_PROMOTE_REFUSALS if handover else None)
         try:
             for target in self.targets:
                 if target not in self._clients:
@@ -383,6 +394,12 @@ class Upstairs:
             raise
         finally:
             self._activating = False
+            self._set_refusal_limit(None)
+
+    def _set_refusal_limit(self, limit: int | None) -> None:
+        self._refusals_fatal_after = limit
+        for c in self._clients.values():
+            c.refusals_fatal_after = limit
 
     def _quorum_reached(self) -> bool:
         clients = self.clients()

@@ -102,12 +102,13 @@ class Volume:
         return [p.upstairs for p in self._parts]
 
     # -- lifecycle -------------------------------------------------------------------------
-    async def activate(self) -> None:
-        # Regions activate concurrently; if one fails or we are cancelled, the others are
-        # cancelled too so nothing keeps retrying in the background. The first error is
-        # raised as is (not wrapped in an ExceptionGroup) so callers can catch it by type.
+    async def activate(self, *, handover: bool = False) -> None:
+        # ``handover``: see Upstairs.activate. Regions activate concurrently; if one fails or
+        # we are cancelled, the others are cancelled too so nothing keeps retrying in the
+        # background. The first error is raised as is (not wrapped in an ExceptionGroup) so
+        # callers can catch it by type.
         tasks = [
-            asyncio.create_task(p.upstairs.activate(), name=f"activate region {i}")
+            asyncio.create_task(p.upstairs.activate(handover=handover), name=f"activate region {i}")
             for i, p in enumerate(self._parts)
         ]
         try:

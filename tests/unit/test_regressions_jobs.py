@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from ci import regressions
+from ci.pipeline import PYTEST, junit_cases
 from ci.regressions import Planned, main, run_concurrently
+from sut.regressions import BLOCKING_START, NO_REPLAY, VCR_DENIED_WHILE_STARTING
 
 CHILD = textwrap.dedent(
     """
@@ -89,3 +92,85 @@ def test_bad_jobs_are_refused_with_the_reason(args: list[str], complaint: str) -
     with pytest.raises(SystemExit) as exc:
         main(["--catchers", *args])
     assert complaint in str(exc.value)
+
+
+# --- a switch's catching tests as sessions of their own ------------------------------------
+
+def _junit(path: Path, cases: dict[str, str]) -> None:
+    """A JUnit report of `cases` (test name -> "failed"/"passed") in tests.suite.test_x."""
+    body = "".join(f'<testcase classname="tests.suite.test_x" name="{name}" time="2.5">'
+                   + ('<failure message="caught it">trace</failure>' if outcome == "failed" else "")
+                   + "</testcase>" for name, outcome in cases.items())
+    path.write_text(f"<testsuites><testsuite>{body}</testsuite></testsuites>")
+
+
+def test_catchers_split_a_switch_into_one_session_per_catching_test(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(regressions, "RESULTS", tmp_path)
+    several = regressions.plan(BLOCKING_START, ["-m", "not nightly"], catchers=True, tag="real")
+    assert sorted(p.argv[len(PYTEST)] for p in several) == regressions.catching_tests(BLOCKING_START)
+    assert len({p.name for p in several}) == len(several)  # each its own log
+    assert len({p.junit for p in several}) == len(several)  # and its own report
+    for p in several:
+        assert p.entry == BLOCKING_START and p.name.startswith(f"{BLOCKING_START}--test_")
+        assert p.row_junit == tmp_path / f"junit-regression-{BLOCKING_START}-real.xml"
+        assert not p.junit.name.startswith("junit-")  # ci/report reads junit-*.xml as stages
+        assert f"--phd-regression={BLOCKING_START}" in p.argv and "not nightly" in p.argv
+    # one results directory for the row: each session writes under its own session id
+    assert len({a for p in several for a in p.argv if a.startswith("--phd-tmp-dir=")}) == 1
+    [one] = regressions.plan(NO_REPLAY, [], catchers=True)
+    assert one.part == "" and one.row_junit is None
+    assert one.junit == tmp_path / f"junit-regression-{NO_REPLAY}.xml"
+    [suite] = regressions.plan(None, [], catchers=False)
+    assert suite.name == "none" and "tests/suite" in suite.argv
+
+
+def test_sessions_are_ordered_by_how_long_their_tests_took_last_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(regressions, "RESULTS", tmp_path)
+    [vcr, firmware] = sorted(regressions.catching_tests(VCR_DENIED_WHILE_STARTING))
+    last = tmp_path / f"junit-regression-{VCR_DENIED_WHILE_STARTING}.xml"
+    test_name = vcr.rpartition("::")[2]
+    fw_name = firmware.rpartition("::")[2]
+    last.write_text(
+        '<testsuites><testsuite>'
+        f'<testcase classname="tests.suite.test_crucible" name="{test_name}[plain]" time="10"/>'
+        f'<testcase classname="tests.suite.test_crucible" name="{test_name}[encrypted]" time="8"/>'
+        f'<testcase classname="tests.suite.test_firmware" name="{fw_name}[tiny]" time="3"/>'
+        '</testsuite></testsuites>')
+    planned = regressions.plan(VCR_DENIED_WHILE_STARTING, [], catchers=True)
+    assert {p.argv[len(PYTEST)]: p.expected_s for p in planned} == {vcr: 18.0, firmware: 3.0}
+    assert not last.exists()  # read, then cleared: a crashed run is never last time's report
+
+
+def test_a_split_rows_reports_merge_into_its_junit_file_and_row(tmp_path: Path) -> None:
+    row_junit = tmp_path / "junit-regression-blocking-start.xml"
+    parts = []
+    for name, outcome in (("a", "failed"), ("b", "passed")):
+        p = Planned(BLOCKING_START, ["python", "-m", "pytest"], tmp_path / f"{name}.xml", part=name,
+                    row_junit=row_junit)
+        _junit(p.junit, {f"test_{name}": outcome})
+        parts.append((p, regressions.finished(p, 1 if outcome == "failed" else 0, 10.0)))
+    [row] = regressions.rows([p for p, _r in parts], [r for _p, r in parts], [BLOCKING_START])
+    assert (row.switch, row.rc, row.duration_s, row.broken) == (BLOCKING_START, 1, 20.0, False)
+    assert [c.id.rsplit("::", 1)[1] for c in row.failed] == ["test_a"]
+    # the file ci/report and the next run's ordering read has both sessions' cases
+    assert [c.id.rsplit("::", 1)[1] for c in junit_cases(row_junit)] == ["test_a", "test_b"]
+
+
+@pytest.mark.parametrize(("rc", "report", "broken"), [
+    (5, False, False),  # -k left that session nothing to run: the row stands on the others
+    (1, False, True),  # it ended without a report
+    (3, True, True),  # internal error after some tests
+])
+def test_a_split_row_is_broken_when_one_of_its_sessions_is(
+        tmp_path: Path, rc: int, report: bool, broken: bool) -> None:
+    good = Planned(BLOCKING_START, ["x"], tmp_path / "good.xml", part="good")
+    _junit(good.junit, {"test_good": "failed"})
+    other = Planned(BLOCKING_START, ["x"], tmp_path / "other.xml", part="other")
+    if report:
+        _junit(other.junit, {"test_other": "failed"})
+    row = regressions.merged([(good, regressions.finished(good, 1, 1.0)),
+                              (other, regressions.finished(other, rc, 1.0))], tmp_path / "row.xml")
+    assert row.broken is broken
+    assert row.rc == (rc if broken else 1)

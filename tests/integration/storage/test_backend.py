@@ -349,7 +349,8 @@ def test_lower_generation_is_refused_while_another_upstairs_is_active(
             pending = asyncio.create_task(lower.activate())
 
             def refused() -> bool:
-                return all("after PromoteToActive" in str(d["last_error"]) for d in ds_status(lower))
+                return all("refused our promote at generation 2" in str(d["last_error"])
+                           for d in ds_status(lower))
 
             await wait_for(refused, "every downstairs to drop the lower generation's promote",
                            last=lambda: ds_status(lower))
@@ -362,6 +363,36 @@ def test_lower_generation_is_refused_while_another_upstairs_is_active(
         finally:
             await lower.close()
             await active.close()
+
+    run(main())
+
+
+def test_a_handover_activation_fails_at_once_when_its_promote_is_refused(
+    downstairs: DownstairsFactory, tmp_path: Path
+) -> None:
+    """A migration target that would take the disk over at the generation its source holds
+    (so it cannot fence it) fails after a few refusals, naming them, not after the hand-over's
+    deadline; the holder stays active. At a higher generation the same hand-over succeeds."""
+    dss = [downstairs.create() for _ in range(3)]
+    targets = [d.target for d in dss]
+    vid = "2c2d3e4f-5a6b-4c7d-8e9f-0a1b2c3d4e5f"
+
+    async def main() -> None:
+        source = CrucibleBackend("s", make_vcr(targets, gen=1, volume_id=vid), tmp_path / "s.nbd", retry=FAST)
+        same = CrucibleBackend("t", make_vcr(targets, gen=1, volume_id=vid), tmp_path / "t.nbd", retry=FAST)
+        above = CrucibleBackend("u", make_vcr(targets, gen=2, volume_id=vid), tmp_path / "u.nbd", retry=FAST)
+        try:
+            await source.activate()
+            # 3 refusals, 0.2 s apart: well under the 10 s bound (the deadline it replaces is 120 s)
+            with pytest.raises(StorageFatalError, match=r"refused our promote at generation 1 \(3 in a row"):
+                await asyncio.wait_for(same.activate(handover=True), 10.0)
+            assert same.status()["activation"] == "failed"
+            assert source.status()["activation"] == "active"
+            await asyncio.wait_for(above.activate(handover=True), 30.0)
+            assert above.status()["activation"] == "active"
+        finally:
+            for backend in (above, same, source):
+                await backend.close()
 
     run(main())
 

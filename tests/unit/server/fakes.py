@@ -116,7 +116,7 @@ class FakeBackend:
     async def start_export(self) -> None:
         self.calls.append("start_export")
 
-    async def activate(self) -> None:
+    async def activate(self, *, handover: bool = False) -> None:
         self.calls.append("activate")
         try:
             while self.good_target not in self.targets:

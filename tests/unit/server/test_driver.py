@@ -9,7 +9,13 @@ import pytest
 
 from sut.server import driver as driver_module
 from sut.server.backends import ReplacementRejectedError
-from sut.server.driver import InstanceGoneError, NoSuchBackendError, NotRunningError, StateDriver
+from sut.server.driver import (
+    STOPS_UNREAD_GRACE_S,
+    InstanceGoneError,
+    NoSuchBackendError,
+    NotRunningError,
+    StateDriver,
+)
 from sut.server.regressions import Regressions
 from sut.server.request_queue import RequestDeniedError, RequestKind
 from sut.server.states import InstanceState as S
@@ -135,6 +141,23 @@ def test_blocking_start_regression_reads_no_request_during_activation() -> None:
         assert h.current() is S.DESTROYED
         with pytest.raises(InstanceGoneError):
             await replacement
+        assert "shutdown" in h.vm.calls
+
+    run(body)
+
+
+@pytest.mark.parametrize("regression", ["blocking-start", "stop-ignored-while-starting"])
+def test_a_driver_reading_no_stop_is_shut_down_without_waiting_for_it(regression: str) -> None:
+    """A server process ending while its driver reads no stop (its activation never ends) cancels
+    it after a short grace, STOPS_UNREAD_GRACE_S: waiting the whole timeout for a stop that is
+    not read only delays teardown."""
+    async def body() -> None:
+        h = Harness(regression)
+        h.driver.request_state(RequestKind.START)
+        await h.wait_state(S.STARTING)
+        # the grace plus what cancelling takes, far below the 60 s asked for
+        await asyncio.wait_for(h.driver.shutdown(timeout_s=60.0), STOPS_UNREAD_GRACE_S + 3.0)
+        assert h.current() is S.DESTROYED
         assert "shutdown" in h.vm.calls
 
     run(body)

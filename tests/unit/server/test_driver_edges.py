@@ -45,9 +45,9 @@ class OrderedBackend(FakeBackend):
 class CancelRaisingBackend(OrderedBackend):
     """An activation that fails while it is being cancelled (a connection torn down under it)."""
 
-    async def activate(self) -> None:
+    async def activate(self, *, handover: bool = False) -> None:
         try:
-            await super().activate()
+            await super().activate(handover=handover)
         except asyncio.CancelledError:
             raise RuntimeError("activation broke while cancelled") from None
 
