@@ -361,6 +361,11 @@ REAL_DOWNSTAIRS = os.environ.get("PHD_DOWNSTAIRS_BINARY", "")
 # wait on wall-clock deadlines much of the time (the CPU was 40-99 % idle in them), the suite's
 # TCG guests keep both cores busy; side by side each fills the other's idle time.
 SIDE_LANE = "side"
+# Bytecode may be written in the pytest stages (PYTHONDONTWRITEBYTECODE, set on CI machines, is
+# cleared): pytest keeps its assertion-rewritten test modules only as .pyc files, so without
+# it every session and every xdist worker rewrites and compiles all of tests/ again (ci.regressions
+# clears it for its sessions for the same reason). __pycache__ is git-ignored.
+WRITE_BYTECODE = {"PYTHONDONTWRITEBYTECODE": ""}
 
 
 def test_stages(extra: list[str]) -> list[Stage]:
@@ -382,10 +387,10 @@ def test_stages(extra: list[str]) -> list[Stage]:
         Stage("tests", [*PYTEST, "tests", "--ignore=tests/suite",
                         "--ignore=tests/meta/test_regressions_caught.py", "-m", PR_SELECTION, "-n", "2",
                         f"--junitxml={RESULTS / 'junit-tests.xml'}", allure, *extra],
-              junit=RESULTS / "junit-tests.xml", empty_ok=narrowed, lane=SIDE_LANE),
+              junit=RESULTS / "junit-tests.xml", empty_ok=narrowed, lane=SIDE_LANE, env=WRITE_BYTECODE),
         Stage("suite", [*PYTEST, "tests/suite", "--phd-guests", PR_SUITE_GUESTS, "-m", PR_SELECTION,
                         "-n", "2", f"--junitxml={RESULTS / 'junit-suite.xml'}", allure, *extra],
-              junit=RESULTS / "junit-suite.xml", empty_ok=narrowed),
+              junit=RESULTS / "junit-suite.xml", empty_ok=narrowed, env=WRITE_BYTECODE),
         # The suite's Crucible tests on three REAL crucible-downstairs containers (issue 13), when
         # CI names the binary (.ci/run does when ../shared/crucible/crucible-downstairs exists).
         # Only the tests marked crucible: the others start no downstairs, so a second run of
@@ -393,19 +398,20 @@ def test_stages(extra: list[str]) -> list[Stage]:
         *([Stage("suite-real", [*PYTEST, "tests/suite", "--phd-downstairs-binary", REAL_DOWNSTAIRS,
                                 "-m", f"crucible and ({PR_SELECTION})", "-n", "2",
                                 f"--junitxml={RESULTS / 'junit-suite-real.xml'}", allure, *extra],
-                 junit=RESULTS / "junit-suite-real.xml", empty_ok=narrowed)] if REAL_DOWNSTAIRS else []),
+                 junit=RESULTS / "junit-suite-real.xml", empty_ok=narrowed, env=WRITE_BYTECODE)]
+          if REAL_DOWNSTAIRS else []),
         # Every switch proven caught by the tests that must catch it, with the failure text the
         # table names (--catchers); the whole suite under every switch is the nightly's
         # (ci/nightly). It writes results/junit-regression-<switch>.xml itself.
         # --jobs 2: two one-process sessions side by side (each switch's catchers are one or two
         # tests, so -n 2 inside a session left a core idle for much of it).
-        Stage("regressions", [sys.executable, "-m", "ci.regressions", "--catchers", "--jobs", "2",
+        Stage("regressions", [sys.executable, "-m", "ci.regressions", "--catchers", "--jobs", "4",
                               "-m", PR_SELECTION, *extra], on_sigterm=signal.SIGTERM, lane=SIDE_LANE),
         # The storage switches are bugs of the upstairs: caught whichever downstairs run, so
         # proven again on three real crucible-downstairs when CI names the binary.
         *([Stage("regressions-real", [sys.executable, "-m", "ci.regressions", "--catchers", "--switches",
                                       "storage", "--tag", "real", "--phd-downstairs-binary", REAL_DOWNSTAIRS,
-                                      "--jobs", "2", "-m", PR_SELECTION, *extra], on_sigterm=signal.SIGTERM,
+                                      "--jobs", "4", "-m", PR_SELECTION, *extra], on_sigterm=signal.SIGTERM,
                                 lane=SIDE_LANE)]
           if REAL_DOWNSTAIRS else []),
     ]
