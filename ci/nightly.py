@@ -61,6 +61,7 @@ from phd.plugin import parse_shard
 
 NIGHTLY = RESULTS / "nightly"
 MANIFEST = ROOT / "artifacts" / "artifacts.toml"
+NIGHTLY_FUZZ_EXAMPLES = "200"  # tests/integration/server/test_fuzz.py; a PR run takes 10
 
 
 def all_guests() -> list[str]:
@@ -86,7 +87,8 @@ def stages(guests: list[str], repeat: int, shard: str | None, extra: list[str]) 
                 Stage("mutation", [sys.executable, "ci/mutation.py"])]
     junit = NIGHTLY / "junit-tests.xml"
     out.append(Stage("tests", [*PYTEST, "tests", "--ignore=tests/suite", *matrix, "-n", "2", *sharded,
-                               f"--junitxml={junit}", allure, *extra], junit=junit, empty_ok=narrowed))
+                               f"--junitxml={junit}", allure, *extra], junit=junit, empty_ok=narrowed,
+                     env={"PHD_FUZZ_EXAMPLES": NIGHTLY_FUZZ_EXAMPLES}))
     for k in range(1, repeat + 1):
         junit = NIGHTLY / f"junit-suite-{k}.xml"
         out.append(Stage(f"suite-{k}", [*PYTEST, "tests/suite", *matrix, "-n", "2", *sharded,
