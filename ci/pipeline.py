@@ -385,7 +385,7 @@ def test_stages(extra: list[str]) -> list[Stage]:
         # seed tests) under it; the regressions stage below runs the whole suite under every
         # switch and checks the same failure texts.
         Stage("tests", [*PYTEST, "tests", "--ignore=tests/suite",
-                        "--ignore=tests/meta/test_regressions_caught.py", "-m", PR_SELECTION, "-n", "2",
+                        "--ignore=tests/meta/test_regressions_caught.py", "-m", PR_SELECTION, "-n", "3",
                         f"--junitxml={RESULTS / 'junit-tests.xml'}", allure, *extra],
               junit=RESULTS / "junit-tests.xml", empty_ok=narrowed, lane=SIDE_LANE, env=WRITE_BYTECODE),
         Stage("suite", [*PYTEST, "tests/suite", "--phd-guests", PR_SUITE_GUESTS, "-m", PR_SELECTION,
