@@ -370,7 +370,9 @@ WRITE_BYTECODE = {"PYTHONDONTWRITEBYTECODE": ""}
 
 def test_stages(extra: list[str]) -> list[Stage]:
     """ci/test: what CI runs on every change. Main lane: ruff, mypy, actionlint, suite,
-    suite-real (streamed); side lane: tests, regressions, regressions-real (logs)."""
+    suite-real, regressions (streamed); side lane: tests, regressions-real (logs). Measured:
+    the suite and suite-real took 11.5 min, the tests stage 12.6 min beside them, so the
+    regression matrix (2 min, mostly waiting) goes after suite-real, beside the tests' tail."""
     allure = f"--alluredir={ALLURE}"
     # A -k/-m of the caller's may leave a stage empty; that is not a failure then.
     narrowed = bool(extra) or bool(os.environ.get("PHD_SHARD"))
@@ -406,7 +408,7 @@ def test_stages(extra: list[str]) -> list[Stage]:
         # --jobs 2: two one-process sessions side by side (each switch's catchers are one or two
         # tests, so -n 2 inside a session left a core idle for much of it).
         Stage("regressions", [sys.executable, "-m", "ci.regressions", "--catchers", "--jobs", "4",
-                              "-m", PR_SELECTION, *extra], on_sigterm=signal.SIGTERM, lane=SIDE_LANE),
+                              "-m", PR_SELECTION, *extra], on_sigterm=signal.SIGTERM),
         # The storage switches are bugs of the upstairs: caught whichever downstairs run, so
         # proven again on three real crucible-downstairs when CI names the binary.
         *([Stage("regressions-real", [sys.executable, "-m", "ci.regressions", "--catchers", "--switches",

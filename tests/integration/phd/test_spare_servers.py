@@ -1,7 +1,7 @@
 """Spare servers (phd.vm.spares) with the real reference server and real tiny guests: the next
 VM like the last one takes a server that was spawned while the last one ran; a VM of another
-shape, a dead spare and `--phd-spare-servers off` get a server of their own; the session's
-close stops the spare and frees what it held."""
+shape, a dead spare and `--phd-spare-servers off` get a server of their own; closing a pool
+stops its spare and frees what it held."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def _spare_pid(spares: SpareServers) -> int | None:
 
 
 def test_the_next_vm_takes_the_spare_and_it_is_wholly_its_own(
-        vm_factory: VmFactory, spares: SpareServers, phd_test_dir: Path) -> None:
+        phd_framework: Framework, vm_factory: VmFactory, spares: SpareServers, phd_test_dir: Path,
+        tmp_path: Path) -> None:
     if not spares.enabled:
         pytest.skip("--phd-spare-servers off")
     first = vm_factory.new_vm("first", guest="tiny")
@@ -59,6 +60,23 @@ def test_the_next_vm_takes_the_spare_and_it_is_wholly_its_own(
     assert first.server.alive() and first.server.port != second.server.port
     # And there is a spare for a third.
     assert _spare_pid(spares) not in (None, first.server.pid, second.server.pid)
+
+    # Closing the session stops its spare and frees what it held (a spare pool of this test's
+    # own, of the same shape, so the session's stays for the tests after this one).
+    session_spare = spares.spare
+    assert session_spare is not None
+    own = SpareServers(phd_framework.ports, phd_framework.session_id, tmp_path, enabled=True)
+    own.prepare(session_spare.shape)
+    spare = own.spare
+    assert spare is not None and spare.server.alive()
+    log = spare.server.log_path
+    assert log is not None and log.parent == tmp_path
+    own.close()
+    assert not spare.server.alive()
+    assert not spare.server.data_dir.exists()
+    assert not log.exists(), "an unused spare's log is noise: it goes with it"
+    assert spare.port not in phd_framework.ports._given  # freed for the next VM
+    own.close()  # idempotent
 
 
 def test_another_shape_a_dead_spare_and_off_get_their_own_server(
@@ -93,27 +111,6 @@ def test_another_shape_a_dead_spare_and_off_get_their_own_server(
     off = SpareServers(phd_framework.ports, phd_framework.session_id, None, enabled=False)
     off.prepare(spare.shape)
     assert off.take(spare.shape) is None
-
-
-def test_closing_the_session_stops_the_spare_and_frees_its_port(
-        phd_framework: Framework, vm_factory: VmFactory, spares: SpareServers, tmp_path: Path) -> None:
-    vm = vm_factory.new_vm("one", guest="tiny")
-    vm.launch()
-    vm.close()  # the session's spare now has this VM's shape
-    session_spare = spares.spare
-    assert session_spare is not None
-    own = SpareServers(phd_framework.ports, phd_framework.session_id, tmp_path, enabled=True)
-    own.prepare(session_spare.shape)
-    spare = own.spare
-    assert spare is not None and spare.server.alive()
-    log = spare.server.log_path
-    assert log is not None and log.parent == tmp_path
-    own.close()
-    assert not spare.server.alive()
-    assert not spare.server.data_dir.exists()
-    assert not log.exists(), "an unused spare's log is noise: it goes with it"
-    assert spare.port not in phd_framework.ports._given  # freed for the next VM
-    own.close()  # idempotent
 
 
 def _alive(pid: int) -> bool:
