@@ -260,6 +260,8 @@ class DownstairsClient:
         self.connect_attempts = 0
         self.failed_attempts = 0
         self.last_error: str | None = None
+        # Why it was last faulted: kept when later reconnect attempts overwrite last_error.
+        self.last_fault: str | None = None
         self.fatal_error: StorageFatalError | None = None
         self.taken_over = False
         # Set by the upstairs for a hand-over activation: this many refused promotes in a row
@@ -323,7 +325,7 @@ class DownstairsClient:
         if self.state is ClientState.DISABLED:
             return
         self._log.warning("downstairs %s faulted: %s", self.target, reason)
-        self.last_error = reason
+        self.last_error = self.last_fault = reason
         self.fault_count += 1
         self._close_socket(reason)
         self._fail_jobs(reason, keep_replayable=False)
@@ -352,6 +354,7 @@ class DownstairsClient:
             "connect_attempts": self.connect_attempts,
             "failed_attempts": self.failed_attempts,
             "last_error": self.last_error,
+            "last_fault": self.last_fault,
             "backlog": len(self._jobs),
             "unflushed": len(self._unflushed),
             "offline_count": self.offline_count,
@@ -547,7 +550,7 @@ class DownstairsClient:
             # drop the backlog and let the upstairs repair it like any new downstairs.
             reason = f"came back with region {d.uuid}, not {self.region_uuid}: repaired instead of replayed"
             self._log.warning("downstairs %s %s", self.target, reason)
-            self.last_error = reason
+            self.last_error = self.last_fault = reason
             self.fault_count += 1
             self._holding = False
             self._fail_jobs(reason, keep_replayable=False)
