@@ -22,15 +22,19 @@ def log(msg: str) -> None:
 
 
 def framework(downstairs: str, tmp: Path, guests: tuple[str, ...] = ("tiny",)) -> Framework:
-    """The reference server and downstairs, the repo's manifest, PHD_ARTIFACT_DIR / PHD_ACCEL
-    honoured as in pytest runs."""
+    """The reference server and downstairs, the repo's manifest, PHD_ARTIFACT_DIR / PHD_ACCEL /
+    PHD_SPARE_SERVERS honoured as in pytest runs."""
+    spares = os.environ.get("PHD_SPARE_SERVERS", "on")
+    if spares not in ("on", "off"):
+        raise SystemExit(f"PHD_SPARE_SERVERS is {spares!r}: set it to on or off (or unset it)")
     config = PhdConfig(
         server_cmd=(sys.executable, "-m", "sut.server"),
         manifest=REPO / "artifacts" / "artifacts.toml",
         artifact_dir=Path(os.environ.get("PHD_ARTIFACT_DIR", Path.home() / ".cache" / "phd" / "artifacts")),
         tmp_dir=tmp, default_guest="tiny", guests=guests, downstairs=downstairs,
         downstairs_cmd=tuple(default_process_cmd()), output_mode="file", keep_on_failure=False,
-        accel=os.environ.get("PHD_ACCEL", "tcg"), regressions=(), repo_root=REPO)
+        accel=os.environ.get("PHD_ACCEL", "tcg"), regressions=(), repo_root=REPO,
+        spare_servers=spares == "on")
     return Framework(config, f"bench{uuid.uuid4().hex[:6]}")
 
 
