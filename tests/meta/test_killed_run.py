@@ -81,7 +81,10 @@ def _containers(fw: Framework, config: PhdConfig) -> list[str]:
     if config.downstairs != "docker":
         return []
     ours = []
-    for container in fw.docker().containers.list(all=True, filters={"label": "phd.session"}):
+    # ignore_removed: another session (a stage beside this one) may remove one of its containers
+    # between the list and its inspect
+    for container in fw.docker().containers.list(all=True, filters={"label": "phd.session"},
+                                                ignore_removed=True):
         labels = container.labels or {}
         if labels.get("phd.session") == fw.session_id:
             continue

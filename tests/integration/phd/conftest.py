@@ -140,6 +140,7 @@ def processes_under(root: Path) -> list[str]:
 
 def docker_leftovers(client: Any, label: str) -> list[str]:
     """Containers and volumes that carry `label` (e.g. phd.dsc=<tag>)."""
-    names = [f"container {c.name}" for c in client.containers.list(all=True, filters={"label": label})]
+    names = [f"container {c.name}" for c in client.containers.list(all=True, filters={"label": label},
+                                                                   ignore_removed=True)]
     names += [f"volume {v.name}" for v in client.volumes.list(filters={"label": label})]
     return names

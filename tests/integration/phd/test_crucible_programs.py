@@ -421,7 +421,7 @@ def test_disk_factory_runs_the_program(
     assert processes_under(pytester.path) == []
     if flavour == "docker":
         # every container of that inner session is gone
-        names = [c.name for c in phd_framework.docker().containers.list(all=True)
+        names = [c.name for c in phd_framework.docker().containers.list(all=True, ignore_removed=True)
                  if c.labels.get("phd.test", "").startswith("test_disk_factory_runs")
                  and c.labels.get("phd.session") != phd_framework.session_id]
         assert names == []

@@ -50,7 +50,11 @@ def test_children_of_a_dead_owner_are_stopped_and_its_dirs_removed(
     tmp_path: Path, procs: list[subprocess.Popen[bytes]]
 ) -> None:
     book = dead_owner_ledger(tmp_path, procs)
-    children = [spawn(), spawn("trap '' TERM; while :; do sleep 1; done")]  # the 2nd ignores SIGTERM
+    # The 2nd ignores SIGTERM - once its shell has set the trap: it says so in a file, and the
+    # test waits for that (on a loaded machine the SIGTERM could come before the trap).
+    trapped = tmp_path / "trapped"
+    children = [spawn(), spawn(f"trap '' TERM; : > {trapped}; while :; do sleep 1; done")]
+    wait_until(trapped.exists, lambda ok: ok, what="the child to ignore SIGTERM", timeout_s=30.0)
     paused = spawn()
     paused.send_signal(signal.SIGSTOP)
     procs.extend([*children, paused])
