@@ -127,13 +127,10 @@ class ServerProcess:
     def ensure_started(self) -> None:
         """Started and answering: start it if new, finish a spawned start; no-op if running.
         A server that was started and has since ended raises (it has one life)."""
-        state = self.process.state
-        if state is ProcessState.NEW:
+        if self.process.state is ProcessState.NEW:
             self.start()
-        elif state is ProcessState.STARTING:
-            self.process.finish_start()
-        elif state is not ProcessState.RUNNING:
-            self.process.finish_start()  # raises, naming the state
+        else:
+            self.process.finish_start()  # waits if starting, returns if running, else raises
 
     def move_log(self, path: Path) -> None:
         self.process.move_log(path)
