@@ -26,6 +26,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from phd.vm.conformance import LOG_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
 ALLURE = RESULTS / "allure"
@@ -366,6 +368,7 @@ SIDE_LANE = "side"
 # it every session and every xdist worker rewrites and compiles all of tests/ again (ci.regressions
 # clears it for its sessions for the same reason). __pycache__ is git-ignored.
 WRITE_BYTECODE = {"PYTHONDONTWRITEBYTECODE": ""}
+SUITE_REQUESTS = RESULTS / "requests-suite.jsonl"
 
 
 def test_stages(extra: list[str]) -> list[Stage]:
@@ -390,9 +393,15 @@ def test_stages(extra: list[str]) -> list[Stage]:
                         "--ignore=tests/meta/test_regressions_caught.py", "-m", PR_SELECTION, "-n", "3",
                         f"--junitxml={RESULTS / 'junit-tests.xml'}", allure, *extra],
               junit=RESULTS / "junit-tests.xml", empty_ok=narrowed, lane=SIDE_LANE, env=WRITE_BYTECODE),
+        # Every request of the suite's clients is recorded (and checked as it is sent); the
+        # conformance stage checks the whole log: what a nested run of six suite tests in the
+        # tests stage proved before, now for every request of the suite (that test is nightly).
         Stage("suite", [*PYTEST, "tests/suite", "--phd-guests", PR_SUITE_GUESTS, "-m", PR_SELECTION,
                         "-n", "2", f"--junitxml={RESULTS / 'junit-suite.xml'}", allure, *extra],
-              junit=RESULTS / "junit-suite.xml", empty_ok=narrowed, env=WRITE_BYTECODE),
+              junit=RESULTS / "junit-suite.xml", empty_ok=narrowed,
+              env={**WRITE_BYTECODE, LOG_ENV: str(SUITE_REQUESTS)}),
+        Stage("conformance", [sys.executable, "-m", "ci.conformance", str(SUITE_REQUESTS),
+                              *(["--partial"] if narrowed else [])]),
         # The suite's Crucible tests on three REAL crucible-downstairs containers (issue 13), when
         # CI names the binary (.ci/run does when ../shared/crucible/crucible-downstairs exists).
         # Only the tests marked crucible: the others start no downstairs, so a second run of
@@ -423,6 +432,8 @@ def main_test(argv: list[str]) -> int:
     own, extra = split_own_args(argv, ["--stages"])
     stages = select_stages(test_stages(extra), own.get("--stages"))
     RESULTS.mkdir(exist_ok=True)
+    if any(stage.name == "suite" for stage in stages):
+        SUITE_REQUESTS.unlink(missing_ok=True)  # the log of this run's suite only (it appends)
     fresh_allure_dir()
     results, wall = run_pipeline("ci/test", stages, RESULTS / "pipeline-test.json", summary=False)
     results.append(run_stage(report_stage()))  # results/report.html

@@ -32,8 +32,8 @@ from typing import Any
 
 from phd.core.errors import HarnessError
 
-__all__ = ["DOC_ENV", "DOC_NAME", "HOW_TO", "LOG_ENV", "ApiDocument", "NoBody", "RequestLog",
-           "find_document"]
+__all__ = ["DOC_ENV", "DOC_NAME", "HOW_TO", "LOG_ENV", "ApiDocument", "LogCheck", "NoBody", "RequestLog",
+           "check_log", "find_document"]
 
 DOC_NAME = "propolis-server-5.0.0.json"
 DOC_ENV = "PHD_PROPOLIS_OPENAPI"
@@ -189,6 +189,48 @@ class ApiDocument:
         return [f"body {e}" for e in self._errors(content[media]["schema"], body)]
 
 
+@dataclass
+class LogCheck:
+    """What :func:`check_log` found in a request log."""
+
+    requests: int
+    per_operation: dict[str, int]
+    violations: list[str]
+    unreadable: list[str]
+
+    def missing(self, expected: set[str]) -> list[str]:
+        return sorted(expected - set(self.per_operation))
+
+
+def check_log(document: ApiDocument, lines: Iterator[str]) -> LogCheck:
+    """Every record of a request log (``PHD_REQUEST_LOG``'s JSON lines) against the document:
+    the operation each is, and every violation named with its operation. A line that is not a
+    record (a torn or foreign line) is listed, not fatal, so one bad line cannot hide the rest."""
+    per_operation: dict[str, int] = {}
+    violations: list[str] = []
+    unreadable: list[str] = []
+    requests = 0
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            method, where, query = str(record["method"]), str(record["path"]), record.get("query") or {}
+            if not isinstance(query, dict):
+                raise TypeError("query is not an object")
+        except (ValueError, KeyError, TypeError) as exc:
+            unreadable.append(f"line {number}: {exc}: {line[:120]!r}")
+            continue
+        requests += 1
+        op = document.operation(method, where)
+        label = op.label if op else f"{method} {where}"
+        key = op.operation_id if op else label
+        per_operation[key] = per_operation.get(key, 0) + 1
+        for problem in document.request_violations(method, where, query, record.get("body", NO_BODY)):
+            violations.append(f"{label}: {problem}")
+    return LogCheck(requests, per_operation, violations, unreadable)
+
+
 class RequestLog:
     """Checks (and optionally records) every request of the framework's clients."""
 
@@ -214,8 +256,15 @@ class RequestLog:
             record: dict[str, object] = {"method": method, "path": path, "query": dict(query or {})}
             if not isinstance(body, NoBody):
                 record["body"] = body
-            with self._lock, self.log_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            # One write() of the whole line on an O_APPEND descriptor: several processes (xdist
+            # workers of one stage) may share the file, and such appends do not interleave.
+            data = (json.dumps(record) + "\n").encode()
+            with self._lock:
+                fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                try:
+                    os.write(fd, data)
+                finally:
+                    os.close(fd)
         if self.document is None:
             return
         violations = self.document.request_violations(method, path, query, body)

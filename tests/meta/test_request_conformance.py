@@ -6,26 +6,27 @@ live migration)
 records every request its clients send (``PHD_REQUEST_LOG``); each is then checked against the
 document: its operation exists, its query parameters are declared and typed, its body matches
 the operation's schema. The client also checks each request as it sends it, so a violation
-fails the nested test at once; this test names every violation with its operation. Without the
+fails the nested test at once; this test names every violation with its operation. Nightly: per
+PR, ci/test's suite stage records every request of the whole suite and its conformance stage
+checks that log the same way (ci/conformance.py). Without the
 document (../shared/propolis/ beside the checkout, or PHD_PROPOLIS_OPENAPI) it skips with the
 how-to.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from ci.conformance import SUITE_OPERATIONS
 from phd.config import PhdConfig
-from phd.vm.conformance import DOC_ENV, HOW_TO, LOG_ENV, NO_BODY, ApiDocument, find_document
+from phd.vm.conformance import DOC_ENV, HOW_TO, LOG_ENV, ApiDocument, check_log, find_document
 
-pytestmark = [pytest.mark.vm, pytest.mark.crucible]
+pytestmark = [pytest.mark.vm, pytest.mark.crucible, pytest.mark.nightly]
 
 SUITE_TESTS = [
     "tests/suite/test_smoke.py::test_boot_to_shell_and_run_commands",
@@ -35,10 +36,6 @@ SUITE_TESTS = [
     "tests/suite/test_server_state_machine.py::test_vcr_replacement_after_a_queued_stop_is_queued",
     "tests/suite/test_migrate.py::test_smoke",
 ]
-# What the framework must have exercised for the check to mean something.
-EXPECTED_OPERATIONS = {"instance_ensure", "instance_state_put", "instance_state_monitor", "instance_serial",
-                       "instance_issue_crucible_vcr_request", "disk_volume_status",
-                       "instance_migrate_status"}
 
 
 def test_every_request_of_a_suite_run_conforms(phd_config: PhdConfig, tmp_path: Path) -> None:
@@ -60,18 +57,12 @@ def test_every_request_of_a_suite_run_conforms(phd_config: PhdConfig, tmp_path: 
                           capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, f"the nested suite run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
 
-    records = [json.loads(line) for line in log.read_text().splitlines()]
-    per_operation: Counter[str] = Counter()
-    violations = []
-    for record in records:
-        method, where = record["method"], record["path"]
-        op = document.operation(method, where)
-        per_operation[op.operation_id if op else f"{method} {where}"] += 1
-        body = record.get("body", NO_BODY)
-        for problem in document.request_violations(method, where, record["query"], body):
-            label = op.label if op else f"{method} {where}"
-            violations.append(f"{label}: {problem}")
-    print(f"{len(records)} requests checked against propolis-server {document.version}:", dict(per_operation))
-    assert not violations, f"{len(violations)} requests violate the document:\n" + "\n".join(violations[:50])
-    missing = EXPECTED_OPERATIONS - set(per_operation)
-    assert not missing, f"the run never exercised {sorted(missing)}: {dict(per_operation)}"
+    with log.open() as lines:
+        found = check_log(document, lines)
+    print(f"{found.requests} requests checked against propolis-server {document.version}:",
+          found.per_operation)
+    assert not found.unreadable, found.unreadable[:10]
+    assert not found.violations, (f"{len(found.violations)} requests violate the document:\n"
+                                  + "\n".join(found.violations[:50]))
+    missing = found.missing(SUITE_OPERATIONS)
+    assert not missing, f"the run never exercised {missing}: {found.per_operation}"

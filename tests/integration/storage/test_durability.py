@@ -663,6 +663,14 @@ def test_flush_ack_is_sent_only_after_fsync_strace(downstairs: DownstairsFactory
                 session.close()
 
         run_bounded(main(), 30)
+        # The FlushAck reached us while strace may still be inside that sendto (its return not
+        # logged yet): detaching now would leave the line "<detached ...>", which the parser
+        # (rightly) skips. Wait until strace has logged the call's return.
+        deadline = time.monotonic() + 10
+        while not any(c.fd_path.startswith("socket:") and c.name.startswith(("send", "write"))
+                      and c.variant == _VARIANT["FlushAck"] for c in parse_strace(trace.read_text())):
+            assert time.monotonic() < deadline, "strace never logged the FlushAck's sendto returning"
+            time.sleep(0.05)  # poll interval of a deadline-bounded wait
     finally:
         tracer.send_signal(signal.SIGINT)  # detaches from the downstairs, which keeps running
         tracer.wait(10)

@@ -4,6 +4,8 @@ the request log that checks (and records) every request a client sends."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ import pytest
 from phd.artifacts.store import GuestArtifact
 from phd.core.errors import HarnessError
 from phd.storage.crucible import CrucibleDisk
-from phd.vm.conformance import HOW_TO, NO_BODY, ApiDocument, RequestLog, find_document
+from phd.vm.conformance import HOW_TO, NO_BODY, ApiDocument, RequestLog, check_log, find_document
 from phd.vm.server import ServerProcess
 from phd.vm.testvm import FileDisk, TestVm, VmConfig
 
@@ -97,3 +99,60 @@ def test_the_request_log_records_and_refuses_with_the_operation(tmp_path: Path) 
                        {"method": "PUT", "path": "/thing/7", "query": {}, "body": {"n": "one"}}]
     # Without a document nothing is checked (and the suite runs as before).
     RequestLog(None).sent("PUT", "/thing/7", None, {"n": "one"})
+
+
+def _thing_document() -> ApiDocument:
+    return ApiDocument({"info": {"version": "9.9.9"}, "paths": {"/thing/{id}": {"put": {
+        "operationId": "thing_put", "requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"type": "object", "required": ["n"], "properties": {"n": {"type": "integer"}}}}}}}}}})
+
+
+def test_a_log_check_counts_operations_and_names_violations_and_torn_lines() -> None:
+    lines = [json.dumps({"method": "PUT", "path": "/thing/1", "query": {}, "body": {"n": 1}}),
+             json.dumps({"method": "PUT", "path": "/thing/2", "query": {}, "body": {"n": "two"}}),
+             json.dumps({"method": "GET", "path": "/nowhere", "query": {}}),
+             "",
+             '{"method": "PUT", "pa',  # torn
+             json.dumps([1, 2]),  # not a record
+             json.dumps({"method": "PUT", "path": "/thing/3", "query": "x=1"}),  # query not an object
+             json.dumps({"method": "PUT", "path": "/thing/4", "query": {}, "body": {"n": 10**40}})]
+    found = check_log(_thing_document(), iter(lines))
+    assert found.requests == 4
+    assert found.per_operation == {"thing_put": 3, "GET /nowhere": 1}
+    assert [v.split(":")[0] for v in found.violations] == ["PUT /thing/{id} (thing_put)", "GET /nowhere"]
+    assert [u.split(":")[0] for u in found.unreadable] == ["line 5", "line 6", "line 7"]
+    assert found.missing({"thing_put", "thing_get"}) == ["thing_get"]
+
+
+def test_processes_appending_to_one_log_never_tear_a_line(tmp_path: Path) -> None:
+    # xdist workers of one stage share the log: each record is one O_APPEND write.
+    log = tmp_path / "requests.jsonl"
+    script = ("import sys; from pathlib import Path; from phd.vm.conformance import RequestLog\n"
+              "r = RequestLog(None, Path(sys.argv[1]))\n"
+              "for i in range(300):\n"
+              "    r.sent('PUT', f'/thing/{i}', None, {'n': i, 'pad': sys.argv[2] * 3000})\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(log), c]) for c in "abc"]
+    assert [p.wait(timeout=60) for p in procs] == [0, 0, 0]
+    found = check_log(_thing_document(), iter(log.read_text().splitlines()))
+    assert found.unreadable == [] and found.requests == 900 and found.violations == []
+
+
+def test_the_conformance_stage_fails_on_a_violation_a_missing_operation_or_no_log(
+        tmp_path: Path, document: ApiDocument, capsys: pytest.CaptureFixture[str]) -> None:
+    from ci.conformance import SUITE_OPERATIONS, main
+
+    assert main([str(tmp_path / "absent.jsonl")]) == 1
+    assert "does not exist" in capsys.readouterr().out
+    log = tmp_path / "requests.jsonl"
+    ensure = {"method": "PUT", "path": "/instance", "query": {}, "body": {"bogus": 1}}
+    log.write_text(json.dumps(ensure) + "\n")
+    assert main([str(log), "--partial"]) == 1
+    out = capsys.readouterr().out
+    assert "2 violations of the document" in out and "init" in out and "instance_ensure" in out
+    log.write_text(json.dumps({"method": "GET", "path": "/instance/state-monitor", "query": {},
+                               "body": {"gen": 0}}) + "\n")
+    assert main([str(log), "--partial"]) == 0
+    assert main([str(log)]) == 1
+    out = capsys.readouterr().out
+    assert "the suite never sent" in out
+    assert all(op in out for op in SUITE_OPERATIONS - {"instance_state_monitor"})
