@@ -62,6 +62,8 @@ from phd.plugin import parse_shard
 NIGHTLY = RESULTS / "nightly"
 MANIFEST = ROOT / "artifacts" / "artifacts.toml"
 NIGHTLY_FUZZ_EXAMPLES = "200"  # tests/integration/server/test_fuzz.py; a PR run takes 10
+# tests/integration/storage/test_fault_runs.py: both flavours, each seed (a PR run: one seed each)
+NIGHTLY_FAULT_SEEDS = "1,2,3"
 
 
 def all_guests() -> list[str]:
@@ -88,7 +90,8 @@ def stages(guests: list[str], repeat: int, shard: str | None, extra: list[str]) 
     junit = NIGHTLY / "junit-tests.xml"
     out.append(Stage("tests", [*PYTEST, "tests", "--ignore=tests/suite", *matrix, "-n", "2", *sharded,
                                f"--junitxml={junit}", allure, *extra], junit=junit, empty_ok=narrowed,
-                     env={"PHD_FUZZ_EXAMPLES": NIGHTLY_FUZZ_EXAMPLES}))
+                     env={"PHD_FUZZ_EXAMPLES": NIGHTLY_FUZZ_EXAMPLES,
+                          "PHD_FAULT_SEEDS": NIGHTLY_FAULT_SEEDS}))
     for k in range(1, repeat + 1):
         junit = NIGHTLY / f"junit-suite-{k}.xml"
         out.append(Stage(f"suite-{k}", [*PYTEST, "tests/suite", *matrix, "-n", "2", *sharded,
