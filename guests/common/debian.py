@@ -7,14 +7,19 @@ packages are only downloaded and unpacked into a work directory.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
     "DebianError",
     "Package",
+    "apt_cache",
     "candidate_version",
     "download",
     "installed_version",
@@ -66,6 +71,81 @@ def run_tool(argv: list[str], *, hint: str, cwd: Path | None = None, stdin_text:
     return done.stdout
 
 
+# What apt-cache's answers depend on: its configuration and sources, the package lists
+# 'apt-get update' fetched, the binary caches built from them, and dpkg's record of what is
+# installed (policy shows it, and pins may depend on it).
+APT_STATE = (Path("/etc/apt"), Path("/var/lib/apt/lists"), Path("/var/cache/apt/pkgcache.bin"),
+             Path("/var/cache/apt/srcpkgcache.bin"), Path("/var/lib/dpkg/status"))
+# Answers are kept per user (each is a few KiB; a new apt state gets new keys, so stale ones
+# are never read, and any file older than a week is removed when an answer is written).
+ANSWER_DIR_ENV = "PHD_APT_ANSWERS"
+ANSWER_MAX_AGE_S = 7 * 24 * 3600
+
+
+def _answer_dir() -> Path:
+    explicit = os.environ.get(ANSWER_DIR_ENV)
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "phd" / "apt-answers"
+
+
+def apt_state(roots: tuple[Path, ...] | None = None) -> str:
+    """A fingerprint of everything apt-cache reads: path, size, mtime and inode of each file
+    under ``roots`` (missing ones count as missing). Any apt-get update, install or
+    sources edit changes it; reading it costs a few stat calls, not apt-cache's 0.5 s."""
+    entries: list[str] = [os.environ.get("APT_CONFIG", "")]
+    for root in APT_STATE if roots is None else roots:
+        paths = [root]
+        if root.is_dir():
+            paths += sorted(p for p in root.rglob("*"))
+        for path in paths:
+            try:
+                st = path.lstat()
+            except OSError:
+                entries.append(f"{path} missing")
+                continue
+            entries.append(f"{path} {st.st_size} {st.st_mtime_ns} {st.st_ino}")
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
+
+
+def apt_cache(args: list[str], *, hint: str) -> str:
+    """``apt-cache ARGS``'s output, answered from the per-user store when apt's state
+    (:func:`apt_state`) is the one it was recorded in. Every session checks whether each guest
+    build is up to date, and apt-cache, loading its whole cache for each call, was most of that
+    check (1-6 s per guest and session on a loaded CI machine). A store that cannot be written
+    only costs the memo."""
+    argv = ["apt-cache", *args]
+    key = hashlib.sha256(json.dumps([argv, apt_state()]).encode()).hexdigest()
+    folder = _answer_dir()
+    stored = folder / f"{key}.txt"
+    try:
+        return stored.read_text()
+    except (OSError, UnicodeDecodeError):
+        pass
+    out = run_tool(argv, hint=hint)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".answer-")
+        with os.fdopen(fd, "w") as f:
+            f.write(out)
+        os.replace(tmp, stored)  # whole or absent, whoever reads it meanwhile
+        _forget_old_answers(folder)
+    except OSError:
+        pass
+    return out
+
+
+def _forget_old_answers(folder: Path) -> None:
+    cutoff = time.time() - ANSWER_MAX_AGE_S
+    for path in folder.iterdir():
+        try:
+            if path.lstat().st_mtime < cutoff:
+                path.unlink()
+        except OSError:
+            pass
+
+
 def parse_depends(text: str, prefix: str) -> str:
     """The first ``Depends:`` target of ``apt-cache depends`` output starting with ``prefix``."""
     for line in text.splitlines():
@@ -96,13 +176,13 @@ def parse_candidate(text: str, name: str) -> str:
 def kernel_package() -> Package:
     """The versioned kernel package ``linux-image-amd64`` currently depends on."""
     hint = "run 'apt-get update' (apt-cache needs package lists)"
-    depends = run_tool(["apt-cache", "depends", KERNEL_METAPACKAGE], hint=hint)
+    depends = apt_cache(["depends", KERNEL_METAPACKAGE], hint=hint)
     name = parse_depends(depends, "linux-image-")
     return Package(name, candidate_version(name))
 
 
 def candidate_version(name: str) -> str:
-    policy = run_tool(["apt-cache", "policy", name], hint="run 'apt-get update'")
+    policy = apt_cache(["policy", name], hint="run 'apt-get update'")
     return parse_candidate(policy, name)
 
 

@@ -117,13 +117,13 @@ def input_hash(packages: Sequence[debian.Package], recipe: str) -> str:
 
 def resolve_inputs() -> tuple[debian.Package, ...]:
     """Pin every named package, and the kernel, to the version apt would install now."""
-    depends = debian.run_tool(["apt-cache", "depends", KERNEL_METAPACKAGE],
-                              hint="run 'apt-get update' (apt-cache needs package lists)")
+    depends = debian.apt_cache(["depends", KERNEL_METAPACKAGE],
+                               hint="run 'apt-get update' (apt-cache needs package lists)")
     kernel = debian.parse_depends(depends, "linux-image-")
     names = (*PACKAGES, kernel)
     # One apt-cache call for all of them: each call costs about half a second, and this
     # runs on every cache check.
-    policy = debian.run_tool(["apt-cache", "policy", *names], hint="run 'apt-get update'")
+    policy = debian.apt_cache(["policy", *names], hint="run 'apt-get update'")
     sections = split_policy(policy)
     return tuple(debian.Package(name, debian.parse_candidate(sections.get(name, ""), name)) for name in names)
 
