@@ -43,6 +43,7 @@ from pipeline import (
     PYTEST,
     RESULTS,
     ROOT,
+    SUITE_PYTEST,
     Case,
     Stage,
     fresh_allure_dir,
@@ -94,7 +95,7 @@ def stages(guests: list[str], repeat: int, shard: str | None, extra: list[str]) 
                           "PHD_FAULT_SEEDS": NIGHTLY_FAULT_SEEDS}))
     for k in range(1, repeat + 1):
         junit = NIGHTLY / f"junit-suite-{k}.xml"
-        out.append(Stage(f"suite-{k}", [*PYTEST, "tests/suite", *matrix, "-n", "2", *sharded,
+        out.append(Stage(f"suite-{k}", [*SUITE_PYTEST, "tests/suite", *matrix, "-n", "2", *sharded,
                                         f"--junitxml={junit}", allure, *extra],
                          junit=junit, empty_ok=narrowed))
     # The initramfs guests boot directly by default (--phd-boot auto); once a night they boot
@@ -102,7 +103,7 @@ def stages(guests: list[str], repeat: int, shard: str | None, extra: list[str]) 
     # run its own column ("firmware", from the file name); in nightly.json it counts as one
     # more run of those tests.
     junit = NIGHTLY / "junit-suite-firmware.xml"
-    out.append(Stage("suite-firmware", [*PYTEST, "tests/suite", "--phd-guests", "tiny", "--phd-boot",
+    out.append(Stage("suite-firmware", [*SUITE_PYTEST, "tests/suite", "--phd-guests", "tiny", "--phd-boot",
                                         "firmware", "-n", "2", *sharded, f"--junitxml={junit}", allure,
                                         *extra], junit=junit, empty_ok=narrowed))
     regress = ["--shard", shard] if shard else []

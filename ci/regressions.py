@@ -64,9 +64,9 @@ import pytest
 
 from ci.pipeline import (
     NO_TESTS,
-    PYTEST,
     RESULTS,
     ROOT,
+    SUITE_PYTEST,
     Case,
     junit_cases,
     let_clean_up,
@@ -159,11 +159,12 @@ def plan(switch: str | None, extra: list[str], *, catchers: bool = False, tag: s
         shutil.rmtree(kept, ignore_errors=True)
         tail.insert(0, f"--phd-tmp-dir={kept}")
     if not (catchers and switch):
-        return [Planned(switch, [*PYTEST, "tests/suite", "-q", f"--junitxml={junit}", *extra, *tail], junit,
+        return [Planned(switch, [*SUITE_PYTEST, "tests/suite", "-q", f"--junitxml={junit}", *extra, *tail],
+                        junit,
                         expected_s=_expected(last, None, fallback=1000.0))]
     tests = catching_tests(switch)
     if len(tests) == 1:
-        return [Planned(switch, [*PYTEST, *tests, "-q", f"--junitxml={junit}", *extra, *tail], junit,
+        return [Planned(switch, [*SUITE_PYTEST, *tests, "-q", f"--junitxml={junit}", *extra, *tail], junit,
                         expected_s=_expected(last, tests, fallback=1.0))]
     parts_dir = RESULTS / "regression-runs" / (f"{tag}-parts" if tag else "parts")
     planned = []
@@ -171,7 +172,7 @@ def plan(switch: str | None, extra: list[str], *, catchers: bool = False, tag: s
         part = part_name(test)
         part_junit = parts_dir / f"{name}--{part}.xml"
         part_junit.unlink(missing_ok=True)
-        planned.append(Planned(switch, [*PYTEST, test, "-q", f"--junitxml={part_junit}", *extra, *tail],
+        planned.append(Planned(switch, [*SUITE_PYTEST, test, "-q", f"--junitxml={part_junit}", *extra, *tail],
                                part_junit, part=part, expected_s=_expected(last, [test], fallback=1.0),
                                row_junit=junit))
     parts_dir.mkdir(parents=True, exist_ok=True)

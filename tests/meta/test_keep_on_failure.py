@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ci.pipeline import LEAN
 from phd.core.reaper import reap_dead_owners
 from phd.core.wait import wait_until
 from phd.framework import PhdConfig
@@ -45,7 +46,7 @@ def test_failed_vm_is_left_running_and_reachable(phd_config: PhdConfig, tmp_path
     env = dict(os.environ, TMPDIR=str(tmp))
     env.pop("PYTEST_XDIST_WORKER", None)
     env.pop("PHD_PORT_BASE", None)  # the nested session claims a port slot of its own (phd.core.ports)
-    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q",
+    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", *LEAN, "-q",
             "--phd-keep-on-failure", f"--phd-artifact-dir={phd_config.artifact_dir}",
             f"--phd-tmp-dir={tmp / 'results'}", "test_kept.py"]
     try:

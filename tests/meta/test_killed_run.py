@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from ci.pipeline import LEAN
 from phd.core.reaper import reap_dead_owners, start_time
 from phd.core.wait import wait_until
 from phd.framework import Framework, PhdConfig
@@ -39,7 +40,7 @@ def test_sigkilled_run_is_cleaned_up_by_the_next(
     env = dict(os.environ, TMPDIR=str(tmp))
     env.pop("PYTEST_XDIST_WORKER", None)
     env.pop("PHD_PORT_BASE", None)  # the nested session claims a port slot of its own (phd.core.ports)
-    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q",
+    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", *LEAN, "-q",
             f"--phd-downstairs={phd_config.downstairs}", f"--phd-artifact-dir={phd_config.artifact_dir}",
             f"--phd-tmp-dir={tmp / 'results'}", TEST]
     with (tmp_path / "nested.log").open("wb") as log:

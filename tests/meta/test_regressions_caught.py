@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from ci.pipeline import LEAN
 from phd.framework import PhdConfig
 from sut.regressions import (
     BLOCKING_START,
@@ -99,7 +100,7 @@ def _run_nested(regression: str, phd_config: PhdConfig, tmp_path: Path) -> dict[
     # No PHD_PORT_BASE: the nested session claims a port slot of its own (phd.core.ports), clear of
     # every worker of the outer run, as any second session on this machine does.
     env.pop("PHD_PORT_BASE", None)
-    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q",
+    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", *LEAN, "-q",
             f"--junitxml={junit}", f"--phd-regression={regression}",
             f"--phd-downstairs={phd_config.downstairs}", f"--phd-artifact-dir={phd_config.artifact_dir}",
             f"--phd-tmp-dir={tmp_path / 'phd'}", *sorted({*SEED_TESTS, *EXPECTED_FAILURES[regression]})]

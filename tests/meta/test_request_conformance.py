@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from ci.conformance import SUITE_OPERATIONS
+from ci.pipeline import LEAN
 from phd.config import PhdConfig
 from phd.vm.conformance import DOC_ENV, HOW_TO, LOG_ENV, ApiDocument, check_log, find_document
 
@@ -49,7 +50,7 @@ def test_every_request_of_a_suite_run_conforms(phd_config: PhdConfig, tmp_path: 
     env.pop("PHD_PORT_BASE", None)  # the nested session claims a port slot of its own
     env[LOG_ENV] = str(log)
     env[DOC_ENV] = str(path)
-    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q",
+    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", *LEAN, "-q",
             "--phd-guests=tiny", f"--phd-downstairs={phd_config.downstairs}",
             f"--phd-artifact-dir={phd_config.artifact_dir}", f"--phd-tmp-dir={tmp_path / 'phd'}",
             *SUITE_TESTS]

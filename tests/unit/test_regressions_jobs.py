@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ci import regressions
-from ci.pipeline import PYTEST, junit_cases
+from ci.pipeline import SUITE_PYTEST, junit_cases
 from ci.regressions import Planned, main, run_concurrently
 from sut.regressions import BLOCKING_START, NO_REPLAY, VCR_DENIED_WHILE_STARTING
 
@@ -108,7 +108,7 @@ def test_catchers_split_a_switch_into_one_session_per_catching_test(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(regressions, "RESULTS", tmp_path)
     several = regressions.plan(BLOCKING_START, ["-m", "not nightly"], catchers=True, tag="real")
-    assert sorted(p.argv[len(PYTEST)] for p in several) == regressions.catching_tests(BLOCKING_START)
+    assert sorted(p.argv[len(SUITE_PYTEST)] for p in several) == regressions.catching_tests(BLOCKING_START)
     assert len({p.name for p in several}) == len(several)  # each its own log
     assert len({p.junit for p in several}) == len(several)  # and its own report
     for p in several:
@@ -139,7 +139,7 @@ def test_sessions_are_ordered_by_how_long_their_tests_took_last_time(
         f'<testcase classname="tests.suite.test_firmware" name="{fw_name}[tiny]" time="3"/>'
         '</testsuite></testsuites>')
     planned = regressions.plan(VCR_DENIED_WHILE_STARTING, [], catchers=True)
-    assert {p.argv[len(PYTEST)]: p.expected_s for p in planned} == {vcr: 18.0, firmware: 3.0}
+    assert {p.argv[len(SUITE_PYTEST)]: p.expected_s for p in planned} == {vcr: 18.0, firmware: 3.0}
     assert not last.exists()  # read, then cleared: a crashed run is never last time's report
 
 

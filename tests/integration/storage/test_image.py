@@ -144,6 +144,22 @@ def region_info(port: int) -> tuple[int, str]:
         conn.close()
 
 
+# Prints the sut modules the downstairs imports whose cached bytecode is missing or stale.
+UNCOMPILED_IMPORTS = """
+import importlib.util, os, sys
+import sut.storage.downstairs
+bad = []
+for name, module in sorted(sys.modules.items()):
+    source = getattr(module, "__file__", None) or ""
+    if not name.startswith("sut") or not source.endswith(".py"):
+        continue
+    cached = importlib.util.cache_from_source(source)
+    if not os.path.exists(cached) or os.path.getmtime(cached) < os.path.getmtime(source):
+        bad.append(name)
+print(bad)
+"""
+
+
 def test_image_runs_downstairs_with_read_only_root(
     image_tag: str, session_label: str, port_pairs: list[int], tmp_path: Path
 ) -> None:
@@ -151,6 +167,11 @@ def test_image_runs_downstairs_with_read_only_root(
     assert labels["phd.image"] == "downstairs"
     assert labels["phd.downstairs.program"] == "ours"
     assert docker("image", "inspect", "--format", "{{.Config.User}}", image_tag) != ""
+    # Every module the downstairs imports comes from bytecode compiled into the image (the
+    # root is read-only, so without it each container start compiles them all again).
+    uncompiled = docker("run", "--rm", "--read-only", "--label", session_label, "--entrypoint", "python3",
+                        image_tag, "-c", UNCOMPILED_IMPORTS)
+    assert uncompiled == "[]", f"modules the downstairs imports without bytecode in the image: {uncompiled}"
     suffix = session_label.rsplit("-", 1)[1]
     regions = [uuid.uuid4() for _ in port_pairs]
     targets = [
