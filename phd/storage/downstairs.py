@@ -276,6 +276,17 @@ def _region_args(uuid: str, block_size: int, extent_size: int, extent_count: int
             *(["--encrypted"] if encrypted else [])]
 
 
+_ENTRYPOINTS: dict[str, list[str]] = {}
+
+
+def _entrypoint(client: Any, image: str) -> list[str]:
+    """The image's entrypoint (asked of Docker once per image and process)."""
+    if image not in _ENTRYPOINTS:
+        config = client.images.get(image).attrs.get("Config") or {}
+        _ENTRYPOINTS[image] = list(config.get("Entrypoint") or [])
+    return _ENTRYPOINTS[image]
+
+
 def _listening_count(log_text: str) -> int:
     """How many times the downstairs has reported that it listens (once per start)."""
     count = 0
@@ -440,6 +451,8 @@ class DockerDownstairs(_Lifecycle):
         self.volume_name = f"{name}-data"
         self._container: Any = None
         self._volume: Any = None
+        self._entrypoint: list[str] = []
+        self._pending_create: list[str] | None = None  # create argv its first start runs
 
     def _common(self) -> dict[str, Any]:
         extra: dict[str, Any] = {"network_mode": "host"}
@@ -495,13 +508,31 @@ class DockerDownstairs(_Lifecycle):
         import docker.errors
 
         self._volume = self.client.volumes.create(self.volume_name, labels=self.labels)
+        create = _region_args(uuid, block_size, extent_size, extent_count, "/data", encrypted)
+        self._entrypoint = _entrypoint(self.client, self.image)
+        if self._entrypoint:
+            # Created by the first start's container, before it runs (see _run_command): a
+            # container of its own cost 0.3-0.4 s of CPU (Docker's part of a container's life
+            # and the program's start-up), once per downstairs.
+            self._pending_create = create
+            return
         try:
-            self.client.containers.run(
-                self.image, _region_args(uuid, block_size, extent_size, extent_count, "/data", encrypted),
-                name=f"{self.name}-create", remove=True, detach=False, **self._common())
+            self.client.containers.run(self.image, create, name=f"{self.name}-create", remove=True,
+                                       detach=False, **self._common())
         except docker.errors.ContainerError as exc:
             raise SutError(f"downstairs create in {self.name} failed (exit {exc.exit_status}): "
                            f"{(exc.stderr or b'').decode(errors='replace')[-1500:]}") from exc
+
+    def _run_command(self) -> dict[str, Any]:
+        """The container's command: ``run ...``; with a region still to create, a shell that
+        runs the image's entrypoint with ``create ...`` unless /data already holds a region
+        (a later start of the same container), then execs it with ``run ...`` (so the
+        program is the container's process, as without the shell)."""
+        if self._pending_create is None:
+            return {"command": self._run_argv()}
+        script = ('if [ ! -e /data/region.json ]; then "$@" ' + shlex.join(self._pending_create)
+                  + ' || exit $?; fi; exec "$@" ' + shlex.join(self._run_argv()))
+        return {"entrypoint": ["/bin/sh", "-c", script, "sh", *self._entrypoint], "command": []}
 
     def _docker_status(self) -> str:
         """Docker's status of our container, or "missing" when it is gone (removed by hand)."""
@@ -532,11 +563,15 @@ class DockerDownstairs(_Lifecycle):
             # create, then start: if the start fails the container is already ours to
             # remove, where `containers.run` would leak it.
             self._container = self.client.containers.create(
-                self.image, self._run_argv(), name=self.name, **self._common())
+                self.image, name=self.name, **self._run_command(), **self._common())
             seen = 0
         try:
             self._container.start()
         except docker.errors.APIError as exc:
+            if self._pending_create is not None and "/bin/sh" in str(exc):
+                raise HarnessError(f"Docker cannot start downstairs container {self.name}: {exc}; "
+                                   f"image {self.image} needs /bin/sh (the first start creates the "
+                                   "region through it)") from exc
             raise HarnessError(f"Docker cannot start downstairs container {self.name} on "
                                f"{self.address}: {exc.explanation or exc}; if the port is taken, "
                                "use another one") from exc

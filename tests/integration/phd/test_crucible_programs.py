@@ -22,7 +22,7 @@ from typing import Any, cast
 
 import pytest
 
-from phd.core.errors import ArtifactUnavailable
+from phd.core.errors import ArtifactUnavailable, SutError
 from phd.framework import Framework
 from phd.storage.downstairs import (
     OURS,
@@ -226,6 +226,23 @@ def read_back(ds: Downstairs, generation: int) -> tuple[uuid.UUID, tuple[int, ..
 
 
 # --- the tests ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("kind", PROGRAMS)
+def test_a_region_the_program_refuses_fails_with_its_own_words(made: Made, kind: str, flavour: str) -> None:
+    # A container creates its region in its first start (phd.storage.downstairs._run_command),
+    # a process before it: either way the program's refusal reaches the caller, and nothing runs.
+    ds = made.make(program_for(kind, flavour), flavour)
+
+    def create_and_start() -> None:
+        ds.create_region(str(uuid.uuid4()), 100, EXTENT_SIZE, EXTENT_COUNT)
+        ds.start()
+
+    with pytest.raises(SutError) as failed:
+        create_and_start()
+    assert "block size" in str(failed.value), failed.value
+    assert ds.state is not DsState.RUNNING
+
+
 @pytest.mark.parametrize("flavour", FLAVOURS)
 @pytest.mark.parametrize("kind", PROGRAMS)
 def test_answers_here_i_am_with_its_repair_address_and_keeps_its_region(
