@@ -26,6 +26,7 @@ from typing import Any
 
 from guests.alpine.assemble import Assembled, AssemblyError, assemble
 from guests.common import debian, efi, kmods
+from guests.common.kernel import FAST_BOOT_ARGS
 from guests.common.recipe import (
     COMMON_DIR,
     LOCK_TIMEOUT_S,
@@ -64,7 +65,7 @@ LOGIN_USER = "root"
 SHELL_PROMPT = "localhost:~# "  # Alpine's /etc/profile: PS1='\h:\w\$ '
 # rdinit: busybox init straight from the initramfs (the minirootfs has no /init).
 # quiet keeps the console short; panic=-1 ends QEMU (-no-reboot) on a panic.
-CMDLINE = "console=ttyS0 rdinit=/sbin/init quiet panic=-1"
+CMDLINE = f"console=ttyS0 rdinit=/sbin/init quiet panic=-1 {FAST_BOOT_ARGS}"
 OUTPUT_FILES = ("vmlinuz", "initrd.img", "cmdline", "boot.raw", "guest.json")
 
 

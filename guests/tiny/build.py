@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from guests.common import debian, efi
+from guests.common.kernel import FAST_BOOT_ARGS
 from guests.common.recipe import (
     COMMON_DIR,
     LOCK_TIMEOUT_S,
@@ -73,7 +74,7 @@ LOGIN_USER = "root"
 SHELL_PROMPT = "root@tiny:~# "
 # quiet keeps the console short (the banner and getty still print); panic=-1
 # reboots at once on a panic, which ends QEMU when it runs with -no-reboot.
-CMDLINE = "console=ttyS0 quiet panic=-1"
+CMDLINE = f"console=ttyS0 quiet panic=-1 {FAST_BOOT_ARGS}"
 OUTPUT_FILES = ("vmlinuz", "initrd.img", "cmdline", "boot.raw", "guest.json")
 
 
