@@ -374,6 +374,7 @@ SIDE_LANE = "side"
 # clears it for its sessions for the same reason). __pycache__ is git-ignored.
 WRITE_BYTECODE = {"PYTHONDONTWRITEBYTECODE": ""}
 SUITE_REQUESTS = RESULTS / "requests-suite.jsonl"
+REGRESSION_JOBS = "6"
 
 
 def test_stages(extra: list[str]) -> list[Stage]:
@@ -419,15 +420,18 @@ def test_stages(extra: list[str]) -> list[Stage]:
         # Every switch proven caught by the tests that must catch it, with the failure text the
         # table names (--catchers); the whole suite under every switch is the nightly's
         # (ci/nightly). It writes results/junit-regression-<switch>.xml itself.
-        # --jobs 2: two one-process sessions side by side (each switch's catchers are one or two
-        # tests, so -n 2 inside a session left a core idle for much of it).
-        Stage("regressions", [sys.executable, "-m", "ci.regressions", "--catchers", "--jobs", "4",
+        # --jobs 6: six one-process sessions side by side. They are the run's tail and mostly wait
+        # (a caught bug often shows as a deadline passing: the longest sessions are 60-70 s of
+        # 15-20 s timeouts); measured with 4, the last minute of the run had 20-90 % of the CPU
+        # idle.
+        Stage("regressions", [sys.executable, "-m", "ci.regressions", "--catchers", "--jobs", REGRESSION_JOBS,
                               "-m", PR_SELECTION, *extra], on_sigterm=signal.SIGTERM),
         # The storage switches are bugs of the upstairs: caught whichever downstairs run, so
         # proven again on three real crucible-downstairs when CI names the binary.
         *([Stage("regressions-real", [sys.executable, "-m", "ci.regressions", "--catchers", "--switches",
                                       "storage", "--tag", "real", "--phd-downstairs-binary", REAL_DOWNSTAIRS,
-                                      "--jobs", "4", "-m", PR_SELECTION, *extra], on_sigterm=signal.SIGTERM,
+                                      "--jobs", REGRESSION_JOBS, "-m", PR_SELECTION, *extra],
+                                on_sigterm=signal.SIGTERM,
                                 lane=SIDE_LANE)]
           if REAL_DOWNSTAIRS else []),
     ]
