@@ -451,7 +451,6 @@ class DockerDownstairs(_Lifecycle):
         self.volume_name = f"{name}-data"
         self._container: Any = None
         self._volume: Any = None
-        self._entrypoint: list[str] = []
         self._pending_create: list[str] | None = None  # create argv its first start runs
 
     def _common(self) -> dict[str, Any]:
@@ -509,8 +508,7 @@ class DockerDownstairs(_Lifecycle):
 
         self._volume = self.client.volumes.create(self.volume_name, labels=self.labels)
         create = _region_args(uuid, block_size, extent_size, extent_count, "/data", encrypted)
-        self._entrypoint = _entrypoint(self.client, self.image)
-        if self._entrypoint:
+        if _entrypoint(self.client, self.image):
             # Created by the first start's container, before it runs (see _run_command): a
             # container of its own cost 0.3-0.4 s of CPU (Docker's part of a container's life
             # and the program's start-up), once per downstairs.
@@ -532,7 +530,8 @@ class DockerDownstairs(_Lifecycle):
             return {"command": self._run_argv()}
         script = ('if [ ! -e /data/region.json ]; then "$@" ' + shlex.join(self._pending_create)
                   + ' || exit $?; fi; exec "$@" ' + shlex.join(self._run_argv()))
-        return {"entrypoint": ["/bin/sh", "-c", script, "sh", *self._entrypoint], "command": []}
+        return {"entrypoint": ["/bin/sh", "-c", script, "sh", *_entrypoint(self.client, self.image)],
+                "command": []}
 
     def _docker_status(self) -> str:
         """Docker's status of our container, or "missing" when it is gone (removed by hand)."""
