@@ -49,6 +49,7 @@ from pipeline import (
     fresh_allure_dir,
     junit_cases,
     print_summary,
+    regression_problems,
     report_stage,
     run_pipeline,
     run_stage,
@@ -108,7 +109,8 @@ def stages(guests: list[str], repeat: int, shard: str | None, extra: list[str]) 
                                         *extra], junit=junit, empty_ok=narrowed))
     regress = ["--shard", shard] if shard else []
     out.append(Stage("regressions", [sys.executable, "-m", "ci.regressions", *regress,
-                                     "-n", "2", *extra], on_sigterm=signal.SIGTERM))
+                                     "-n", "2", *extra], on_sigterm=signal.SIGTERM,
+                     reasons=regression_problems()))
     return out
 
 

@@ -90,12 +90,22 @@ def counts(cases: Iterable[Case]) -> dict[str, int]:
     return {k: c[k] for k in ("passed", "failed", "error", "skipped") if c[k]}
 
 
+def regression_problems(tag: str = "") -> Path:
+    """Where ci/regressions writes why it failed, a line per problem (the pipelines' summaries
+    repeat them); absent after a run that found none."""
+    return RESULTS / (f"regressions-{tag}-problems.txt" if tag else "regressions-problems.txt")
+
+
 # --- stages ------------------------------------------------------------------------------------
 @dataclass
 class Stage:
     name: str
     argv: list[str]
     junit: Path | None = None  # the stage's JUnit XML, read for the summary
+    # A file the stage writes when it fails, a line per reason (ci/regressions' problems): the
+    # summary repeats them, as it repeats a pytest stage's failed tests, so that the end of a
+    # CI log (often all a reader sees of it) says why, not only that.
+    reasons: Path | None = None
     # pytest's "no tests collected" is fine when a selection (-k, --phd-shard) may leave a
     # stage nothing; otherwise it means the stage ran nothing and fails.
     empty_ok: bool = False
@@ -115,6 +125,7 @@ class StageResult:
     rc: int | None
     counts: dict[str, int]
     command: str
+    why: list[str] = field(default_factory=list)  # see Stage.reasons (empty when it passed)
 
     @property
     def ok(self) -> bool:
@@ -159,17 +170,36 @@ def let_clean_up(procs: Iterable[subprocess.Popen[bytes]], grace_s: float = 300.
             proc.wait()
 
 
+MAX_WHY = 12  # reasons shown per failed stage; the stage's own output has them all
+
+
+def forget_last_run(stage: Stage) -> None:
+    """A crashed stage must not show the last run's counts or reasons."""
+    for path in (stage.junit, stage.reasons):
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+
+def stage_result(stage: Stage, status: str, duration_s: float, rc: int | None) -> StageResult:
+    cases = junit_cases(stage.junit) if stage.junit is not None and stage.junit.is_file() else []
+    why: list[str] = []
+    if status != "pass":
+        if stage.reasons is not None and stage.reasons.is_file():
+            why = [line for line in stage.reasons.read_text(errors="replace").splitlines() if line.strip()]
+        why += [f"{c.id}: {c.outcome}: {c.message}" for c in cases if c.outcome in ("failed", "error")]
+        if len(why) > MAX_WHY:
+            why = [*why[:MAX_WHY], f"... and {len(why) - MAX_WHY} more (see the stage's output)"]
+    return StageResult(stage.name, status, round(duration_s, 1), rc, counts(cases), shlex.join(stage.argv),
+                       why)
+
+
 def run_stage(stage: Stage) -> StageResult:
     print(f"\n===== {stage.name}: {shlex.join(stage.argv)}", flush=True)
-    if stage.junit is not None:
-        stage.junit.unlink(missing_ok=True)  # a crashed stage must not show last run's counts
+    forget_last_run(stage)
     t0 = time.monotonic()
     rc = run_child(stage.argv, stage.env, on_sigterm=stage.on_sigterm)
-    duration = time.monotonic() - t0
-    found = counts(junit_cases(stage.junit)) if stage.junit is not None and stage.junit.is_file() else {}
     ok = rc == 0 or (rc == NO_TESTS and stage.empty_ok)
-    return StageResult(stage.name, "pass" if ok else "FAIL", round(duration, 1), rc, found,
-                       shlex.join(stage.argv))
+    return stage_result(stage, "pass" if ok else "FAIL", time.monotonic() - t0, rc)
 
 
 def run_pipeline(name: str, stages: Sequence[Stage], out: Path, *,
@@ -257,8 +287,7 @@ class Lanes:
             self.results[stage.name] = self._run(stage, streams)
 
     def _run(self, stage: Stage, streams: bool) -> StageResult:
-        if stage.junit is not None:
-            stage.junit.unlink(missing_ok=True)  # a crashed stage must not show last run's counts
+        forget_last_run(stage)
         log = None if streams else self.log_dir / f"{stage.name}.log"
         where = "" if log is None else f" (lane {stage.lane}, side by side; output in {log})"
         print(f"\n===== {stage.name}: {shlex.join(stage.argv)}{where}", flush=True)
@@ -276,7 +305,8 @@ class Lanes:
                         stderr=None if out is None else subprocess.STDOUT, env={**os.environ, **stage.env})
                 except OSError as exc:  # no such program: this stage fails, the lane goes on
                     print(f"\n===== {stage.name}: cannot run {stage.argv[0]!r}: {exc}", flush=True)
-                    return StageResult(stage.name, "FAIL", 0.0, None, {}, shlex.join(stage.argv))
+                    return StageResult(stage.name, "FAIL", 0.0, None, {}, shlex.join(stage.argv),
+                                       [f"cannot run {stage.argv[0]!r}: {exc}"])
                 self.running[stage.name] = (stage, proc, t0)
             rc = proc.wait()
             with self.lock:
@@ -288,12 +318,11 @@ class Lanes:
             print(f"\n===== {stage.name} ended: exit {rc} after {_fmt_duration(duration)} (output in {log})",
                   flush=True)
             self.logs.append((stage.name, log))
-        found = counts(junit_cases(stage.junit)) if stage.junit is not None and stage.junit.is_file() else {}
         if self.stopping.is_set() and rc != 0:
             status = "interrupted"
         else:
             status = "pass" if rc == 0 or (rc == NO_TESTS and stage.empty_ok) else "FAIL"
-        return StageResult(stage.name, status, round(duration, 1), rc, found, shlex.join(stage.argv))
+        return stage_result(stage, status, duration, rc)
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -313,6 +342,11 @@ def print_summary(name: str, results: Sequence[StageResult], wall_s: float) -> N
     failed = [r.name for r in results if not r.ok]
     print(f"{'total':<{width}}  {'FAIL' if failed else 'pass':<11}  {_fmt_duration(wall_s):>8}"
           + (f"  failed/not run: {', '.join(failed)}" if failed else ""))
+    for r in results:
+        if r.why:
+            print(f"\nwhy {r.name} failed:")
+            for line in r.why:
+                print(f"  {line[:300]}")
 
 
 def report_stage() -> Stage:
@@ -425,13 +459,14 @@ def test_stages(extra: list[str]) -> list[Stage]:
         # 15-20 s timeouts); measured with 4, the last minute of the run had 20-90 % of the CPU
         # idle.
         Stage("regressions", [sys.executable, "-m", "ci.regressions", "--catchers", "--jobs", REGRESSION_JOBS,
-                              "-m", PR_SELECTION, *extra], on_sigterm=signal.SIGTERM),
+                              "-m", PR_SELECTION, *extra], on_sigterm=signal.SIGTERM,
+              reasons=regression_problems()),
         # The storage switches are bugs of the upstairs: caught whichever downstairs run, so
         # proven again on three real crucible-downstairs when CI names the binary.
         *([Stage("regressions-real", [sys.executable, "-m", "ci.regressions", "--catchers", "--switches",
                                       "storage", "--tag", "real", "--phd-downstairs-binary", REAL_DOWNSTAIRS,
                                       "--jobs", REGRESSION_JOBS, "-m", PR_SELECTION, *extra],
-                                on_sigterm=signal.SIGTERM,
+                                on_sigterm=signal.SIGTERM, reasons=regression_problems("real"),
                                 lane=SIDE_LANE)]
           if REAL_DOWNSTAIRS else []),
     ]

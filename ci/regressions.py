@@ -70,6 +70,7 @@ from ci.pipeline import (
     Case,
     junit_cases,
     let_clean_up,
+    regression_problems,
     run_child,
     split_own_args,
 )
@@ -397,6 +398,10 @@ def main(argv: list[str]) -> int:
         problems += unexpected(r)
     for p in problems:
         print(f"FAIL: {p}")
+    if problems:
+        regression_problems(tag).write_text("".join(f"{p}\n" for p in problems))
+    else:
+        regression_problems(tag).unlink(missing_ok=True)
     return 1 if problems else 0
 
 

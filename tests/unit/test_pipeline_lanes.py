@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ci.pipeline import ROOT, Lanes, Stage
+from ci.pipeline import ROOT, Lanes, Stage, print_summary
 
 
 def py(code: str) -> list[str]:
@@ -106,3 +106,35 @@ def test_a_stage_whose_program_is_missing_fails_and_its_lane_goes_on(tmp_path: P
     stages = [Stage("missing", [str(tmp_path / "no-such-program")]), Stage("next", py("print('next')"))]
     results = Lanes(stages, log_dir=tmp_path / "logs").run()
     assert [(r.name, r.status) for r in results] == [("missing", "FAIL"), ("next", "pass")]
+
+
+def test_the_summary_says_why_a_stage_failed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A failed stage's reasons file and its JUnit failures are repeated under the summary (the
+    end of a CI log is often all a reader sees); a passing stage's leftovers are not, and a
+    reasons file from an earlier run is gone before the stage starts."""
+    reasons, junit = tmp_path / "problems.txt", tmp_path / "junit.xml"
+    stale = tmp_path / "stale.txt"
+    stale.write_text("from the last run\n")
+    junit_text = ('<testsuites><testsuite><testcase classname="tests.x" name="test_a">'
+                  '<failure message="AssertionError: the disk rolled back&#10;more"/></testcase>'
+                  '<testcase classname="tests.x" name="test_b"/></testsuite></testsuites>')
+    writes_both = f"""
+        import pathlib
+        pathlib.Path({str(reasons)!r}).write_text("no-replay: not caught by any test\\n\\n")
+        pathlib.Path({str(junit)!r}).write_text({junit_text!r})
+        raise SystemExit(1)
+    """
+    stages = [Stage("regress", py(writes_both), junit=junit, reasons=reasons),
+              Stage("quiet", py("raise SystemExit(2)"), reasons=stale),
+              Stage("fine", py("print('ok')"), reasons=tmp_path / "never.txt")]
+    results = Lanes(stages, log_dir=tmp_path / "logs").run()
+    assert [r.why for r in results] == [
+        ["no-replay: not caught by any test",
+         "tests.x::test_a: failed: AssertionError: the disk rolled back"],
+        [], []]
+    assert not stale.exists()
+    print_summary("t", results, 1.0)
+    out = capsys.readouterr().out
+    tail = out[out.index("===== t summary"):]
+    assert "why regress failed:\n  no-replay: not caught by any test\n  tests.x::test_a: failed:" in tail
+    assert "why quiet" not in tail and "why fine" not in tail
