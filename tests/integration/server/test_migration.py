@@ -78,8 +78,10 @@ def test_migration_moves_the_running_guest(servers: tuple[ServerProcess, ServerP
     with source.client(timeout=30) as src, target.client(timeout=60) as dst:
         guest = boot_source(src, source.base_url)
         guest.run("echo kept-in-ram > /tmp/marker")
-        # A counter that runs through the migration: its value can only grow.
-        guest.run("(i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done) &")
+        # A counter that runs through the migration: its value can only grow. Each value is
+        # renamed into place: `echo > /tmp/count` truncates first, so a read could see "".
+        guest.run("echo 0 > /tmp/count; (i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; "
+                  "mv /tmp/count.new /tmp/count; sleep 0.2; done) &")
         before = int(guest.run("cat /tmp/count").output)
         history_before = src.get("/instance/serial/history", params={"from_start": 0}).json()
         guest.console.close()
