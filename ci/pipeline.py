@@ -431,6 +431,7 @@ def test_stages(extra: list[str]) -> list[Stage]:
         # switch and checks the same failure texts.
         Stage("tests", [*PYTEST, "tests", "--ignore=tests/suite",
                         "--ignore=tests/meta/test_regressions_caught.py", "-m", PR_SELECTION, "-n", "3",
+                        "--maxschedchunk", "16",
                         f"--junitxml={RESULTS / 'junit-tests.xml'}", allure, *extra],
               junit=RESULTS / "junit-tests.xml", empty_ok=narrowed, lane=SIDE_LANE, env=WRITE_BYTECODE),
         # Every request of the suite's clients is recorded (and checked as it is sent); the
