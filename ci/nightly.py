@@ -13,6 +13,9 @@ Stages (all run, whatever fails; summary and exit status as in ci/test):
                     (default 3): the runs give each test a pass rate
   suite-firmware    the whole suite on tiny booted through firmware (--phd-boot firmware; the
                     PR run boots tiny directly, debian through firmware)
+  suite-real        every Crucible test (-m crucible) on three real crucible-downstairs, when
+                    PHD_DOWNSTAIRS_BINARY names the binary (ci/test's suite-real leaves out the
+                    tests marked real_nightly)
   regressions       ci/regressions over the whole suite on the default guest
 Every guest key of the manifest (`kind = { guest_os = ... }`) is passed, available here or
 not: a guest that cannot be had (alpine offline) makes its tests SKIP with the reason, so the
@@ -41,6 +44,7 @@ from typing import Any
 from pipeline import (
     ALLURE,
     PYTEST,
+    REAL_DOWNSTAIRS,
     RESULTS,
     ROOT,
     SUITE_PYTEST,
@@ -107,6 +111,14 @@ def stages(guests: list[str], repeat: int, shard: str | None, extra: list[str]) 
     out.append(Stage("suite-firmware", [*SUITE_PYTEST, "tests/suite", "--phd-guests", "tiny", "--phd-boot",
                                         "firmware", "-n", "2", *sharded, f"--junitxml={junit}", allure,
                                         *extra], junit=junit, empty_ok=narrowed))
+    if REAL_DOWNSTAIRS:
+        # every Crucible test on three real crucible-downstairs (ci/test's suite-real leaves out
+        # those marked real_nightly), on the guests of the PR run
+        junit = NIGHTLY / "junit-suite-real.xml"
+        out.append(Stage("suite-real", [*SUITE_PYTEST, "tests/suite", "--phd-downstairs-binary",
+                                        REAL_DOWNSTAIRS, "-m", "crucible", "-n", "2", *sharded,
+                                        f"--junitxml={junit}", allure, *extra],
+                         junit=junit, empty_ok=narrowed))
     regress = ["--shard", shard] if shard else []
     out.append(Stage("regressions", [sys.executable, "-m", "ci.regressions", *regress,
                                      "-n", "2", *extra], on_sigterm=signal.SIGTERM,

@@ -142,6 +142,7 @@ def test_boot_from_a_crucible_disk_with_the_guest_image_as_read_only_parent(
         f"the guest's writes reached the shared image {image}"
 
 
+@pytest.mark.real_nightly
 def test_read_only_parent_shows_through_unwritten_blocks(
         vm_factory: VmFactory, disk_factory: DiskFactory, phd_test_dir: Path) -> None:
     """A data disk over a parent image: reads show the parent until the guest writes, the
@@ -243,6 +244,7 @@ def test_replace_while_running_repairs_live_without_interrupting_guest_io(
             "the repaired copy lacks what the guest wrote during the repair"
 
 
+@pytest.mark.real_nightly
 def test_downstairs_killed_while_running_then_replaced(vm_factory: VmFactory,
                                                        disk_factory: DiskFactory) -> None:
     """A downstairs killed (SIGKILL) under a running VM: the VM keeps running and writing on
@@ -340,6 +342,7 @@ def test_a_stale_generation_cannot_activate(vm_factory: VmFactory, disk_factory:
         "is missing, so a stale VCR can roll the disk back")
 
 
+@pytest.mark.real_nightly
 def test_a_successor_fences_its_running_predecessor(vm_factory: VmFactory,
                                                     disk_factory: DiskFactory) -> None:
     """A successor at a higher generation takes the downstairs over: the old VM's writes
@@ -413,6 +416,7 @@ def test_a_corrupted_block_on_one_copy_is_never_served(vm_factory: VmFactory,
     wait_all_active(vm, disk)  # faulted, then live-repaired
 
 
+@pytest.mark.real_nightly
 @pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
 def test_an_encrypted_disk_round_trips_and_stores_no_plaintext(
         vm_factory: VmFactory, disk_factory: DiskFactory, phd_test_dir: Path, encrypted: bool) -> None:

@@ -253,6 +253,7 @@ def _handover(log_text: str, old: int, new: int) -> str:
 
 
 @pytest.mark.crucible
+@pytest.mark.real_nightly
 def test_crucible_under_guest_writes(vm_factory: VmFactory, disk_factory: DiskFactory, phd_guest: str,
                                      phd_config: PhdConfig) -> None:
     """A writer in the guest runs through the migration: sector i gets the number i, and the
