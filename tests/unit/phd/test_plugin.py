@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from ci.pipeline import LEAN  # nested sessions start without plugins they do not use
+
 pytest_plugins = ["pytester"]
 
 REPO = Path(__file__).resolve().parents[3]
@@ -85,7 +87,7 @@ def test_xdist_workers_share_one_session_and_get_distinct_ports(pytester: pytest
                 assert time.monotonic() < deadline, "the other worker never allocated"
                 time.sleep(0.05)  # poll interval of a deadline-bounded wait
     """)
-    result = pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider",
+    result = pytester.runpytest_subprocess(*LEAN, "-n", "2", "-p", "no:cacheprovider",
                                            f"--phd-manifest={MANIFEST}",
                                            f"--basetemp={pytester.path / 'bt'}")
     result.assert_outcomes(passed=4)
@@ -111,7 +113,7 @@ def test_failure_report_names_the_results_dir_in_terminal_junit_and_allure(
     tmp = pytester.path / "phd-tmp"
     # In a subprocess: in-process, this run's allure plugin would clash with the outer run's
     # when that one records allure results too (ci/test does).
-    result = pytester.runpytest_subprocess(f"--phd-manifest={MANIFEST}", f"--phd-tmp-dir={tmp}",
+    result = pytester.runpytest_subprocess(*LEAN, f"--phd-manifest={MANIFEST}", f"--phd-tmp-dir={tmp}",
                                            "--junitxml=junit.xml", "--alluredir=allure")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*phd results*", f"{tmp}/*test_fails*"])

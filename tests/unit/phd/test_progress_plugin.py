@@ -7,6 +7,8 @@ import re
 
 import pytest
 
+from ci.pipeline import LEAN  # nested sessions start without plugins they do not use
+
 pytest_plugins = ["pytester"]
 
 # Counts its steps ("[1/2]") like the image build's "Step 1/6", so the lines carry a percentage;
@@ -69,7 +71,7 @@ def run(pytester: pytest.Pytester, *args: str) -> tuple[pytest.RunResult, list[s
     # to one worker, and nobody would wait); the recipe holds its build until one waits.
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SLOW_RECIPE_AWAIT_WAITER", str(pytester.path / "results"))
-        result = pytester.runpytest_subprocess(*project(pytester), "-n", "2", "--dist", "each", *args,
+        result = pytester.runpytest_subprocess(*LEAN, *project(pytester), "-n", "2", "--dist", "each", *args,
                                                timeout=180)
     logs = list((pytester.path / "results").glob("*/progress.log"))
     assert len(logs) == 1, logs  # one log for the session, shared by its workers
@@ -114,7 +116,7 @@ def test_quiet_keeps_the_terminal_clear_and_the_log_full(pytester: pytest.Pytest
 
 def test_without_xdist_the_build_shows_between_the_file_name_and_its_results(
         pytester: pytest.Pytester) -> None:
-    result = pytester.runpytest_subprocess(*project(pytester), "-p", "no:xdist", timeout=120)
+    result = pytester.runpytest_subprocess(*LEAN, *project(pytester), "-p", "no:xdist", timeout=120)
     result.assert_outcomes(passed=2)
     result.stdout.re_match_lines([
         r"test_slow\.py $",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from ci.pipeline import LEAN  # nested sessions start without plugins they do not use
 from phd.plugin import parse_shard, shard_of
 
 pytest_plugins = ["pytester"]
@@ -84,7 +85,7 @@ def test_shards_hold_under_xdist(pytester: pytest.Pytester) -> None:
     # exactly the shard's items.
     pytester.makepyfile(TEST_FILE)
     expected = len(_collected(pytester, "--phd-shard", "2/2"))
-    result = pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider", "--phd-shard", "2/2")
+    result = pytester.runpytest_subprocess(*LEAN, "-n", "2", "-p", "no:cacheprovider", "--phd-shard", "2/2")
     result.assert_outcomes(passed=expected)
 
 
