@@ -90,10 +90,10 @@ def counts(cases: Iterable[Case]) -> dict[str, int]:
     return {k: c[k] for k in ("passed", "failed", "error", "skipped") if c[k]}
 
 
-def regression_problems(tag: str = "") -> Path:
+def regression_problems(tag: str = "", results: Path = RESULTS) -> Path:
     """Where ci/regressions writes why it failed, a line per problem (the pipelines' summaries
     repeat them); absent after a run that found none."""
-    return RESULTS / (f"regressions-{tag}-problems.txt" if tag else "regressions-problems.txt")
+    return results / (f"regressions-{tag}-problems.txt" if tag else "regressions-problems.txt")
 
 
 # --- stages ------------------------------------------------------------------------------------

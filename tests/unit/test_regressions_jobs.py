@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ci import regressions
-from ci.pipeline import SUITE_PYTEST, junit_cases
+from ci.pipeline import SUITE_PYTEST, Case, junit_cases
 from ci.regressions import Planned, main, run_concurrently
 from sut.regressions import BLOCKING_START, NO_REPLAY, VCR_DENIED_WHILE_STARTING
 
@@ -174,3 +174,50 @@ def test_a_split_row_is_broken_when_one_of_its_sessions_is(
                               (other, regressions.finished(other, rc, 1.0))], tmp_path / "row.xml")
     assert row.broken is broken
     assert row.rc == (rc if broken else 1)
+
+
+# --- a catcher that failed for another reason is run once more ------------------------------
+
+def _row(outcome: str, message: str) -> regressions.Run:
+    [test] = regressions.catching_tests(NO_REPLAY)
+    case = Case(test, outcome, message.splitlines()[0] if message else "", 1.0, message)
+    return regressions.Run(NO_REPLAY, [case], 0 if outcome == "passed" else 1, 1.0)
+
+
+CAUGHT = "AssertionError: its backlog was not replayed after LastFlush"
+OTHER = "WaitTimeout: the guest did not log in within 60 s"
+
+
+@pytest.mark.parametrize(("tries", "rc", "said"), [
+    # another reason, then caught as the table says: proven, and the run says it retried
+    ([OTHER, CAUGHT], 0, ["RETRIED (first try): no-replay: tests/suite/"]),
+    # another reason twice: not proven
+    ([OTHER, OTHER], 1, ["RETRIED (first try)", "FAIL: no-replay: tests/suite/"]),
+    # the catcher PASSED against the bug: that is the finding, no second chance
+    (["", CAUGHT], 1, ["FAIL: no-replay: not caught by any test"]),
+    # caught at once: one try
+    ([CAUGHT], 0, []),
+])
+def test_a_catcher_that_failed_for_another_reason_gets_one_more_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        tries: list[str], rc: int, said: list[str]) -> None:
+    monkeypatch.setattr(regressions, "RESULTS", tmp_path)
+    calls: list[list[str]] = []
+
+    def execute(entries: list[str], extra: list[str], **kw: object) -> list[regressions.Run]:
+        message = tries[len(calls)]
+        calls.append(entries)
+        return [_row("failed" if message else "passed", message)]
+
+    monkeypatch.setattr(regressions, "execute", execute)
+    (tmp_path / "regression-runs" / NO_REPLAY).mkdir(parents=True)
+    assert main(["--catchers", "--switches", NO_REPLAY]) == rc
+    out = capsys.readouterr().out
+    for text in said:
+        assert text in out
+    expected_calls = 2 if tries[0] == OTHER else 1
+    assert calls == [[NO_REPLAY]] * expected_calls
+    # the first try's results stay beside the retry's
+    assert (tmp_path / "regression-runs" / f"{NO_REPLAY}.first-try").is_dir() == (expected_calls == 2)
+    problems = tmp_path / "regressions-problems.txt"
+    assert problems.exists() == (rc == 1)
