@@ -13,7 +13,8 @@ behaviour.
 Exit status 1 when the run without a switch has failures, when a switch is caught by no test
 (the suite stays green against a known bug, so it proves nothing about it), when a test that
 tests/meta/test_regressions_caught.py expects to catch a switch ran but did not fail with the
-text it names, or when a run produced no report; 0 otherwise.
+text it names, or when a run produced no report; 0 otherwise. With --catchers a row whose
+catcher failed for another reason, or whose session broke, is run once more first (see main).
 
 --switches runs only the named entries ("none" is the run without a switch): with a -k that
 selects a switch's catching test it checks one row of the table in minutes.
