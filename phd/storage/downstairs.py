@@ -490,9 +490,9 @@ class DockerDownstairs(_Lifecycle):
 
         Every 50 ms costs only a connect to the port (the container shares the host's network);
         Docker is asked (the log, the container's status) once the port answers, and otherwise
-        every DOCKER_POLL_S. Asked every 50 ms (two API calls each time), the Docker daemon took
-        23 % more CPU over four of the suite's Crucible tests (1.28 -> 0.99 CPU-s, quiet machine;
-        a start waits longer, and so asks more often, on a loaded one).
+        every DOCKER_POLL_S. Asked every 50 ms (two API calls each time), the Docker daemon used
+        1.28 CPU-s over four of the suite's Crucible tests, 0.99 now (quiet machine; a start
+        waits longer, and so asks more often, on a loaded one).
         """
         last_docker = [0.0]
 
@@ -517,15 +517,16 @@ class DockerDownstairs(_Lifecycle):
             if how is not None:
                 raise SutError(f"downstairs {self.name} {how}; log tail:\n{self.logs()[-1500:]}")
 
+        what = f"downstairs {self.name} to listen on {self.address}"
         try:
-            wait_until(listening, lambda yes: yes, what=f"downstairs {self.name} to listen on "
-                       f"{self.address}", timeout_s=START_TIMEOUT_S, interval_s=0.05, fatal=died,
-                       timeout_error=SutTimeout)
+            wait_until(listening, lambda yes: yes, what=what, timeout_s=START_TIMEOUT_S, interval_s=0.05,
+                       fatal=died, timeout_error=SutTimeout)
         except SutTimeout as exc:
-            raise SutTimeout(f"downstairs {self.name} to listen on {self.address} (the port "
-                             f"{'answers' if self._answers() else 'does not answer'}, Docker says "
-                             f"the container is {self._docker_status()}; log tail:\n"
-                             f"{self.logs()[-1500:]})", exc.timeout_s, exc.last_seen) from None
+            # what the wait saw last is only False: say what the port and Docker show now
+            port = "answers" if self._answers() else "does not answer"
+            raise SutTimeout(f"{what} (the port {port}, Docker says the container is "
+                             f"{self._docker_status()}; log tail:\n{self.logs()[-1500:]})",
+                             exc.timeout_s, exc.last_seen) from None
 
     def _run_argv(self) -> list[str]:
         return ["run", "-d", "/data", "-a", "127.0.0.1", "-p", str(self.host_port)]
